@@ -1,0 +1,3 @@
+fn main() {
+    println!("onehead {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,1 @@
+//! Task metrics: mIoU (confusion matrix), COCO-style mAP, Top-k accuracy.

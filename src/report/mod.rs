@@ -1,0 +1,1 @@
+//! Run outputs: run directories, per-epoch CSV, summary.

@@ -1,0 +1,3 @@
+//! Training: the engine (stages, strategies as plug-ins), losses, optimisers and schedules.
+
+pub mod losses;

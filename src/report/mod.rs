@@ -1,1 +1,131 @@
-//! Run outputs: run directories, per-epoch CSV, summary.
+//! Run outputs: run directories that are never overwritten, files written atomically,
+//! the per-epoch CSV (flushed every epoch) and the summary.
+
+pub mod csv_log;
+pub mod summary;
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+
+pub use csv_log::{EpochRow, EpochsCsv};
+pub use summary::{RunSummary, TaskVerdict};
+
+/// The git commit the binary was built from (`-dirty` if the tree had changes).
+pub const GIT_COMMIT: &str = env!("ONEHEAD_GIT_COMMIT");
+
+/// Write `bytes` to `path` atomically: a temporary file in the same folder, then rename,
+/// so a reader (or a crash) never sees half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// UTC time as `YYYYMMDD-HHMMSS` (sortable), from seconds since the Unix epoch.
+pub fn utc_stamp(secs: u64) -> String {
+    let (y, mo, d, h, mi, s) = civil(secs);
+    format!("{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}")
+}
+
+/// UTC time as RFC 3339 (`2026-11-24T05:22:58Z`).
+pub fn utc_rfc3339(secs: u64) -> String {
+    let (y, mo, d, h, mi, s) = civil(secs);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Days-to-civil (Howard Hinnant's algorithm): no date crate needed for a timestamp.
+fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (
+        y,
+        m,
+        d,
+        (rem / 3600) as u32,
+        ((rem % 3600) / 60) as u32,
+        (rem % 60) as u32,
+    )
+}
+
+/// A fresh run directory `<results>/<name>/<YYYYMMDD-HHMMSS>[-N]`. Creation is exclusive
+/// (`create_dir`, not `create_dir_all`), so an existing run is never reused or overwritten.
+pub fn create_run_dir(results_dir: &Path, name: &str) -> Result<PathBuf> {
+    let parent = results_dir.join(name);
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("creating results folder {}", parent.display()))?;
+    let stamp = utc_stamp(now_secs());
+    for n in 0..1000 {
+        let id = if n == 0 {
+            stamp.clone()
+        } else {
+            format!("{stamp}-{n}")
+        };
+        let dir = parent.join(id);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating run folder {}", dir.display()))
+            }
+        }
+    }
+    anyhow::bail!("could not find a free run folder name under {}", parent.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_time_is_right() {
+        // 2026-11-24T05:22:58Z, checked with `date -u -d @1795497778`.
+        assert_eq!(utc_rfc3339(1_795_497_778), "2026-11-24T05:22:58Z");
+        assert_eq!(utc_stamp(0), "19700101-000000");
+        // A leap day.
+        assert_eq!(utc_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn run_dirs_are_never_reused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = create_run_dir(tmp.path(), "exp").unwrap();
+        let b = create_run_dir(tmp.path(), "exp").unwrap();
+        assert_ne!(a, b);
+        assert!(a.is_dir() && b.is_dir());
+        // Sortable: the second sorts after the first.
+        assert!(b.file_name().unwrap() > a.file_name().unwrap());
+    }
+
+    #[test]
+    fn atomic_write_replaces_whole_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("x.json");
+        write_atomic(&p, b"first").unwrap();
+        write_atomic(&p, b"second").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"second");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+}

@@ -3,6 +3,7 @@
 //! channels are split into segmentation, detection and classification outputs.
 
 pub mod detect;
+pub mod init;
 
 use candle_core::Tensor;
 

@@ -1,5 +1,8 @@
 //! Training: the engine (stages, strategies as plug-ins), losses, optimisers and schedules.
 
+pub mod engine;
 pub mod losses;
 pub mod optim;
 pub mod schedule;
+pub mod strategy;
+pub mod tasks;

@@ -1,0 +1,519 @@
+//! The training loop: stages in order, strategies as hooks, evaluation of every task seen so
+//! far after each epoch, `epochs.csv` flushed per epoch, a checkpoint per stage and the
+//! verdict on forgetting at the end.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::{DataSource, Experiment, Freeze};
+use crate::data::{self, Split, TaskDataset};
+use crate::model::detect::DecodeParams;
+use crate::model::weights::{self, WeightsSpec};
+use crate::model::{init, OneHead, OneHeadConfig};
+use crate::report::summary::ParamSummary;
+use crate::report::{self, EpochRow, EpochsCsv, RunSummary, TaskVerdict};
+use crate::train::optim::{trainable_params, Optimizer};
+use crate::train::schedule::LrSchedule;
+use crate::train::strategy::{strategies_for, StepContext};
+use crate::train::tasks::{evaluate, slice_rows, task_loss, EvalSettings, TaskMetrics};
+use crate::TaskKind;
+
+/// How a run is launched (things that are not part of the experiment itself).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Hide progress bars (tests, sweeps in the background).
+    pub quiet: bool,
+}
+
+/// What a finished run leaves behind.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub run_dir: PathBuf,
+    pub summary: RunSummary,
+}
+
+/// `auto` → CUDA device 0 when compiled with CUDA and one is present, else CPU.
+pub fn select_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim();
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if candle_core::utils::cuda_is_available() {
+                Ok(Device::new_cuda(0)?)
+            } else {
+                Ok(Device::Cpu)
+            }
+        }
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = s
+                .strip_prefix("cuda:")
+                .map(|n| n.parse())
+                .transpose()
+                .with_context(|| format!("device '{s}': expected cuda:<N>"))?
+                .unwrap_or(0);
+            if !candle_core::utils::cuda_is_available() {
+                anyhow::bail!(
+                    "device '{s}' asked for, but this build has no CUDA support (rebuild with `--features cuda`) or no GPU is present; use device = \"cpu\" or \"auto\""
+                );
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        other => anyhow::bail!("device '{other}': expected auto, cpu, cuda or cuda:N"),
+    }
+}
+
+/// The data root of `exp`, generating the built-in benchmark on first use. Generation goes
+/// to a temporary sibling folder that is renamed into place, so an interrupted generation
+/// never leaves a half-written dataset behind.
+pub fn ensure_data(exp: &Experiment) -> Result<PathBuf> {
+    let root = exp.data.resolved_root();
+    if exp.data.source == DataSource::Disk || root.exists() {
+        return Ok(root);
+    }
+    let d = &exp.data;
+    tracing::info!("generating the built-in benchmark into {}", root.display());
+    if let Some(parent) = root.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let tmp = root.with_extension(format!("partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    data::synth::generate(
+        &tmp,
+        &data::synth::SynthOptions {
+            seed: d.synth_seed,
+            train: d.synth_train,
+            val: d.synth_val,
+            size: d.synth_size,
+        },
+    )
+    .with_context(|| format!("generating the synthetic benchmark in {}", tmp.display()))?;
+    match std::fs::rename(&tmp, &root) {
+        Ok(()) => {}
+        // Another process generated it meanwhile: same seed, same bytes; keep theirs.
+        Err(_) if root.exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        Err(e) => return Err(e).with_context(|| format!("moving data to {}", root.display())),
+    }
+    Ok(root)
+}
+
+/// Train and val sets of every task the experiment uses.
+pub struct Datasets {
+    pub train: Vec<(TaskKind, TaskDataset)>,
+    pub val: Vec<(TaskKind, TaskDataset)>,
+}
+
+impl Datasets {
+    pub fn open(exp: &Experiment, root: &Path) -> Result<Self> {
+        let mut train = Vec::new();
+        let mut val = Vec::new();
+        for task in exp.tasks_in_order() {
+            let size = exp.model.image_size;
+            let tr = TaskDataset::open(task, root, Split::Train, size)?;
+            let va = TaskDataset::open(task, root, Split::Val, size)?;
+            if tr.class_names != va.class_names {
+                anyhow::bail!(
+                    "{task}: the train and val splits under {} have different classes ({} vs {})",
+                    root.display(),
+                    tr.num_classes(),
+                    va.num_classes()
+                );
+            }
+            if tr.is_empty() || va.is_empty() {
+                anyhow::bail!("{task}: empty split under {}", root.display());
+            }
+            train.push((task, tr));
+            val.push((task, va));
+        }
+        Ok(Self { train, val })
+    }
+
+    fn get<'a>(sets: &'a [(TaskKind, TaskDataset)], task: TaskKind) -> &'a TaskDataset {
+        &sets
+            .iter()
+            .find(|(t, _)| *t == task)
+            .expect("every staged task is loaded")
+            .1
+    }
+
+    /// Head configuration with class counts from the data (21/10/10 for unused tasks).
+    pub fn head_config(&self, fpn_channels: usize) -> OneHeadConfig {
+        let count = |task: TaskKind, default: usize| {
+            self.train
+                .iter()
+                .find(|(t, _)| *t == task)
+                .map(|(_, d)| d.num_classes())
+                .unwrap_or(default)
+        };
+        OneHeadConfig {
+            fpn_channels,
+            seg_classes: count(TaskKind::Seg, 21),
+            det_classes: count(TaskKind::Det, 10),
+            cls_classes: count(TaskKind::Cls, 10),
+        }
+    }
+}
+
+/// Build the model with seeded init, then load pretrained backbone weights if asked.
+pub fn build_model(
+    exp: &Experiment,
+    cfg: &OneHeadConfig,
+    device: &Device,
+    rng: &mut ChaCha8Rng,
+) -> Result<(VarMap, OneHead)> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let model = OneHead::new(cfg, vb)?;
+    // Objectness is channel 4 of the detection block, which follows the seg channels.
+    init::init_all(&varmap, rng, Some(cfg.seg_classes + 4))?;
+    let spec: WeightsSpec = exp
+        .model
+        .weights
+        .parse()
+        .with_context(|| format!("model.weights = '{}'", exp.model.weights))?;
+    if let Some(path) = weights::resolve(&spec, exp.model.pin_dir.as_deref())? {
+        let report = weights::load_backbone(&varmap, &path, "backbone.")
+            .with_context(|| format!("loading pretrained weights {}", path.display()))?;
+        tracing::info!("pretrained backbone from {}: {report}", path.display());
+    }
+    Ok((varmap, model))
+}
+
+/// Median per-image inference latency (batch 1, after warm-up), milliseconds.
+pub fn median_latency_ms(model: &OneHead, image_size: usize, device: &Device) -> Result<f64> {
+    let x = Tensor::zeros((1, 3, image_size, image_size), DType::F32, device)?;
+    let mut times = Vec::new();
+    for i in 0..13 {
+        let t = Instant::now();
+        let out = model.forward_t(&x, false)?;
+        out.cls.to_device(&Device::Cpu)?; // synchronise (CUDA is asynchronous)
+        if i >= 3 {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn progress(quiet: bool, len: usize, prefix: String) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len} {msg} ({elapsed})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix);
+    pb
+}
+
+/// Run one experiment from start to finish in a fresh run directory.
+pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<RunOutcome> {
+    let started = report::now_secs();
+    let device = select_device(&exp.device)?;
+    let root = ensure_data(exp)?;
+    let data = Datasets::open(exp, &root)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(exp.seed);
+    let head_cfg = data.head_config(exp.model.fpn_channels);
+    let (varmap, model) = build_model(exp, &head_cfg, &device, &mut rng)?;
+
+    let run_dir = report::create_run_dir(&exp.results_dir, &exp.name)?;
+    report::write_atomic(&run_dir.join("config.toml"), exp.to_toml().as_bytes())?;
+    let meta = serde_json::json!({
+        "name": exp.name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "git_commit": report::GIT_COMMIT,
+        "started_at": report::utc_rfc3339(started),
+        "device": format!("{device:?}"),
+        "data_root": root.display().to_string(),
+        "command": std::env::args().collect::<Vec<_>>(),
+    });
+    report::write_atomic(
+        &run_dir.join("meta.json"),
+        serde_json::to_string_pretty(&meta)?.as_bytes(),
+    )?;
+    let ckpt_dir = run_dir.join("checkpoints");
+    std::fs::create_dir_all(&ckpt_dir)?;
+    let mut csv = EpochsCsv::create(&run_dir.join("epochs.csv"))?;
+    tracing::info!("run folder {}", run_dir.display());
+
+    let eval_settings = EvalSettings {
+        batch_size: exp.eval.batch_size,
+        decode: DecodeParams {
+            score_threshold: exp.eval.score_threshold as f32,
+            nms_iou: exp.eval.nms_iou as f32,
+            ..DecodeParams::default()
+        },
+    };
+    let mut strategies = strategies_for(exp);
+    let mut baselines: BTreeMap<TaskKind, f64> = BTreeMap::new();
+    let mut latest: BTreeMap<TaskKind, TaskMetrics> = BTreeMap::new();
+    let mut global_epoch = 0usize;
+    let train_start = Instant::now();
+
+    for (si, stage) in exp.stages.iter().enumerate() {
+        for s in strategies.iter_mut() {
+            s.before_stage(si, exp)?;
+        }
+        let ds = Datasets::get(&data.train, stage.task);
+        // A fixed, seeded subset when the stage trains on fewer images than the split has.
+        let mut pool: Vec<usize> = (0..ds.len()).collect();
+        if stage.train_limit > 0 && stage.train_limit < pool.len() {
+            pool.shuffle(&mut rng);
+            pool.truncate(stage.train_limit);
+        }
+        let bs = stage.batch_size.min(pool.len());
+        // Drop the last incomplete batch: a batch of 1 would wreck BatchNorm statistics.
+        let steps = (pool.len() / bs).max(1);
+        let schedule = LrSchedule::for_stage(stage, steps);
+        let frozen: Vec<&str> = match stage.freeze {
+            Freeze::Backbone => vec!["backbone."],
+            _ => vec![],
+        };
+        let backbone_train = stage.freeze == Freeze::None;
+        let mut opt = Optimizer::new(
+            stage.optimizer,
+            trainable_params(&varmap, &frozen),
+            stage.weight_decay,
+            stage.momentum,
+        );
+        let seen: Vec<TaskKind> = {
+            let mut v: Vec<TaskKind> = Vec::new();
+            for s in &exp.stages[..=si] {
+                if !v.contains(&s.task) {
+                    v.push(s.task);
+                }
+            }
+            v
+        };
+
+        for epoch in 1..=stage.epochs {
+            global_epoch += 1;
+            let t0 = Instant::now();
+            let mut order = pool.clone();
+            order.shuffle(&mut rng);
+            let pb = progress(
+                opts.quiet,
+                steps,
+                format!(
+                    "stage {}/{} {} epoch {}/{}",
+                    si + 1,
+                    exp.stages.len(),
+                    stage.task,
+                    epoch,
+                    stage.epochs
+                ),
+            );
+            let (mut sum_new, mut sum_replay, mut sum_total) = (0f64, 0f64, 0f64);
+            let mut lr = 0.0;
+            for step in 0..steps {
+                let idx = &order[step * bs..(step + 1) * bs];
+                let flips: Vec<bool> = idx
+                    .iter()
+                    .map(|_| exp.data.flip && rng.random_bool(0.5))
+                    .collect();
+                let batch = ds.batch(idx, &flips, &device)?;
+                let ctx = StepContext {
+                    stage: si,
+                    task: stage.task,
+                    device: &device,
+                    train_sets: &data.train,
+                    flip: exp.data.flip,
+                };
+                let mut extras = Vec::new();
+                for s in strategies.iter_mut() {
+                    extras.extend(s.extra_batches(&ctx, &mut rng)?);
+                }
+                let images = if extras.is_empty() {
+                    batch.images.clone()
+                } else {
+                    let mut all = vec![batch.images.clone()];
+                    all.extend(extras.iter().map(|w| w.batch.images.clone()));
+                    Tensor::cat(&all, 0)?
+                };
+                // One forward pass over the stage's batch and the replayed samples together.
+                let out = model.forward_parts(&images, backbone_train, true)?;
+                let new = task_loss(&slice_rows(&out, 0, idx.len())?, &batch, &device)?;
+                let mut total = new.total.clone();
+                let mut replay_term: Option<Tensor> = None;
+                let mut offset = idx.len();
+                for w in &extras {
+                    let n = w.batch.targets.len();
+                    let l = task_loss(&slice_rows(&out, offset, n)?, &w.batch, &device)?;
+                    let term = (l.total * w.weight)?;
+                    replay_term = Some(match replay_term {
+                        Some(r) => (r + &term)?,
+                        None => term,
+                    });
+                    offset += n;
+                }
+                if let Some(r) = &replay_term {
+                    total = (total + r)?;
+                }
+                for s in strategies.iter_mut() {
+                    if let Some(extra) = s.extra_loss(&ctx, &model, &images, &out)? {
+                        total = (total + extra)?;
+                    }
+                }
+                let total_v = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !total_v.is_finite() {
+                    anyhow::bail!(
+                        "loss became {total_v} at stage {} ({}), epoch {epoch}, step {step}: lower the learning rate (lr = {}) or set grad_clip_norm",
+                        si + 1,
+                        stage.task,
+                        stage.lr
+                    );
+                }
+                let grads = total.backward()?;
+                let scale = if stage.grad_clip_norm > 0.0 {
+                    let norm = opt.grad_norm(&grads)?;
+                    if norm > stage.grad_clip_norm {
+                        stage.grad_clip_norm / norm
+                    } else {
+                        1.0
+                    }
+                } else {
+                    1.0
+                };
+                lr = schedule.lr((epoch - 1) * steps + step);
+                opt.step(&grads, lr, scale)?;
+
+                let new_v = new.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let replay_v = match &replay_term {
+                    Some(r) => r.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                    None => 0.0,
+                };
+                sum_new += new_v;
+                sum_replay += replay_v;
+                sum_total += total_v;
+                pb.inc(1);
+                pb.set_message(format!(
+                    "loss {:.4} (new {:.4}, replay {:.4})",
+                    sum_total / (step + 1) as f64,
+                    sum_new / (step + 1) as f64,
+                    sum_replay / (step + 1) as f64
+                ));
+            }
+            pb.finish_and_clear();
+
+            let mut row = EpochRow {
+                stage: si,
+                task: stage.task.name().into(),
+                epoch,
+                global_epoch,
+                lr,
+                loss_new: sum_new / steps as f64,
+                loss_replay: sum_replay / steps as f64,
+                loss_total: sum_total / steps as f64,
+                ..Default::default()
+            };
+            if epoch % exp.eval.every == 0 || epoch == stage.epochs {
+                for &task in &seen {
+                    let m = evaluate(
+                        &model,
+                        Datasets::get(&data.val, task),
+                        &eval_settings,
+                        &device,
+                    )?;
+                    for (k, v) in &m {
+                        row.metrics.insert((task, k.clone()), *v);
+                    }
+                    latest.insert(task, m);
+                }
+            }
+            row.seconds = t0.elapsed().as_secs_f64();
+            csv.append(&row)?;
+            let metrics_text: Vec<String> = seen
+                .iter()
+                .filter_map(|t| {
+                    row.metrics
+                        .get(&(*t, t.metric_name().to_string()))
+                        .map(|v| format!("{} {} {:.4}", t, t.metric_name(), v))
+                })
+                .collect();
+            tracing::info!(
+                "stage {}/{} {} epoch {}/{}: loss {:.4} (new {:.4}, replay {:.4}) · {} · {:.1} s",
+                si + 1,
+                exp.stages.len(),
+                stage.task,
+                epoch,
+                stage.epochs,
+                row.loss_total,
+                row.loss_new,
+                row.loss_replay,
+                metrics_text.join(" · "),
+                row.seconds
+            );
+        }
+        let base = latest
+            .get(&stage.task)
+            .and_then(|m| m.get(stage.task.metric_name()))
+            .copied()
+            .context("the last epoch of a stage is always evaluated")?;
+        baselines.insert(stage.task, base);
+        let ckpt = ckpt_dir.join(format!("stage{}-{}.safetensors", si + 1, stage.task));
+        let tmp = ckpt.with_extension("safetensors.tmp");
+        varmap.save(&tmp)?;
+        std::fs::rename(&tmp, &ckpt)?;
+        for s in strategies.iter_mut() {
+            s.after_stage(si)?;
+        }
+    }
+    let train_seconds = train_start.elapsed().as_secs_f64();
+
+    let mut tasks = Vec::new();
+    let mut final_metrics = BTreeMap::new();
+    for task in exp.tasks_in_order() {
+        let fin = &latest[&task];
+        for (k, v) in fin {
+            final_metrics.insert(format!("{task}_{k}"), *v);
+        }
+        tasks.push(TaskVerdict::new(
+            task,
+            baselines[&task],
+            fin[task.metric_name()],
+            exp.eval.tolerance,
+        ));
+    }
+    let counts = crate::model::count_params(&varmap);
+    let summary = RunSummary {
+        name: exp.name.clone(),
+        run_dir: run_dir.display().to_string(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        git_commit: report::GIT_COMMIT.into(),
+        seed: exp.seed,
+        device: format!("{device:?}"),
+        tolerance: exp.eval.tolerance,
+        pass: tasks.iter().all(|t| t.pass),
+        tasks,
+        final_metrics,
+        params: ParamSummary {
+            total: counts.total,
+            backbone: counts.backbone,
+            neck: counts.neck,
+            head: counts.head,
+        },
+        latency_ms: median_latency_ms(&model, exp.model.image_size, &device)?,
+        train_seconds,
+        started_at: report::utc_rfc3339(started),
+        finished_at: report::utc_rfc3339(report::now_secs()),
+    };
+    report::write_atomic(
+        &run_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    Ok(RunOutcome { run_dir, summary })
+}

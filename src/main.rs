@@ -1,3 +1,232 @@
-fn main() {
-    println!("onehead {}", env!("CARGO_PKG_VERSION"));
+//! The `onehead` command line: parses arguments and dispatches to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use onehead::config::Experiment;
+use onehead::train::engine::{self, RunOptions};
+use onehead::train::sweep::{self, GridAxis, SweepOptions};
+
+#[derive(Parser)]
+#[command(name = "onehead", version, about = "Sequential multi-task learning experiments with one small model")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one experiment file.
+    Run {
+        /// The experiment TOML file.
+        file: PathBuf,
+        /// Override any field, e.g. `--set stages.*.epochs=2 --set replay.enabled=false`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Run several experiment files and/or a grid of overrides, one after another.
+    Sweep {
+        /// Experiment TOML files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// A grid axis `KEY=V1,V2,…` (repeat for a Cartesian product).
+        #[arg(long = "set", value_name = "KEY=V1,V2")]
+        grid: Vec<GridAxis>,
+        /// Sweep name: results go to `<results>/<name>/`, with `index.csv`.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Write the built-in synthetic benchmark (same formats as the course sets).
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 240)]
+        train: usize,
+        #[arg(long, default_value_t = 60)]
+        val: usize,
+        /// Side of the generated images in pixels.
+        #[arg(long, default_value_t = 160)]
+        size: usize,
+    },
+    /// Download and sample the real course sets (Imagenette, VOC 2012, COCO 2017).
+    Prepare {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Fetch every archive as `<MIRROR>/<archive file name>` instead of the official URLs.
+        #[arg(long)]
+        mirror: Option<String>,
+    },
+    /// Parameter counts, output shapes and inference latency of the model.
+    Info {
+        /// Take image size, FPN width and device from this experiment.
+        file: Option<PathBuf>,
+        #[arg(long)]
+        image_size: Option<usize>,
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Time training steps (forward + backward + AdamW) and inference.
+    Bench {
+        /// Square input sizes to time.
+        #[arg(long, value_delimiter = ',', default_value = "160,224")]
+        sizes: Vec<usize>,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match dispatch(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run { file, set, quiet } => {
+            let exp = Experiment::load(&file, &set)?;
+            let outcome = engine::run(&exp, &RunOptions { quiet })?;
+            println!("\n{}", outcome.summary.table());
+            println!("results: {}", outcome.run_dir.display());
+            Ok(if outcome.summary.pass {
+                ExitCode::SUCCESS
+            } else {
+                // Forgetting beyond tolerance is a result, not a crash: distinct exit code.
+                ExitCode::from(1)
+            })
+        }
+        Command::Sweep {
+            files,
+            grid,
+            name,
+            results,
+            quiet,
+        } => {
+            let runs = sweep::plan(&files, &grid);
+            let name = name.unwrap_or_else(|| {
+                format!(
+                    "sweep-{}",
+                    onehead::report::utc_stamp(onehead::report::now_secs())
+                )
+            });
+            let index = sweep::run_sweep(
+                &runs,
+                &grid,
+                &SweepOptions {
+                    name,
+                    results_dir: results,
+                    overrides: vec![],
+                    quiet,
+                },
+            )?;
+            println!("sweep index: {}", index.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Synth {
+            out,
+            seed,
+            train,
+            val,
+            size,
+        } => {
+            let t = std::time::Instant::now();
+            onehead::data::synth::generate(
+                &out,
+                &onehead::data::synth::SynthOptions {
+                    seed,
+                    train,
+                    val,
+                    size,
+                },
+            )
+            .with_context(|| format!("writing the synthetic benchmark to {}", out.display()))?;
+            println!(
+                "wrote the synthetic benchmark to {} in {:.1} s",
+                out.display(),
+                t.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Prepare { out, seed, mirror } => {
+            let opts = onehead::data::prepare::PrepareOptions {
+                out: out.clone(),
+                seed,
+                mirror,
+                ..onehead::data::prepare::PrepareOptions::default()
+            };
+            onehead::data::prepare::prepare(&opts)?;
+            println!("course sets ready under {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Info {
+            file,
+            image_size,
+            device,
+        } => {
+            let exp = match &file {
+                Some(f) => Some(Experiment::load(f, &[])?),
+                None => None,
+            };
+            let size = image_size
+                .or(exp.as_ref().map(|e| e.model.image_size))
+                .unwrap_or(224);
+            let fpn = exp.as_ref().map(|e| e.model.fpn_channels).unwrap_or(128);
+            let device = engine::select_device(
+                device
+                    .as_deref()
+                    .or(exp.as_ref().map(|e| e.device.as_str()))
+                    .unwrap_or("auto"),
+            )?;
+            let cfg = onehead::model::OneHeadConfig {
+                fpn_channels: fpn,
+                seg_classes: 21,
+                det_classes: 10,
+                cls_classes: 10,
+            };
+            println!("{}", onehead::model::info_report(&cfg, size, &device)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            sizes,
+            batch,
+            steps,
+            device,
+        } => {
+            let device = engine::select_device(&device)?;
+            for size in sizes {
+                let r = onehead::bench::bench_train_step(size, batch, steps, &device)?;
+                println!("{size}x{size} batch {batch}: {r}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

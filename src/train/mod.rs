@@ -5,4 +5,5 @@ pub mod losses;
 pub mod optim;
 pub mod schedule;
 pub mod strategy;
+pub mod sweep;
 pub mod tasks;

@@ -1,0 +1,168 @@
+//! End-to-end runs of the engine on a tiny synthetic benchmark: the run folder's contents,
+//! the per-epoch CSV, the verdict, determinism and sweeps.
+
+use std::path::{Path, PathBuf};
+
+use onehead::config::Experiment;
+use onehead::train::engine::{run, RunOptions};
+use onehead::train::sweep::{plan, run_sweep, GridAxis, SweepOptions};
+
+fn tiny_experiment(dir: &Path, replay: bool) -> Experiment {
+    let text = format!(
+        r#"
+name = "tiny"
+seed = 3
+device = "cpu"
+results_dir = "{results}"
+[model]
+weights = "none"
+image_size = 64
+fpn_channels = 16
+[data]
+source = "synthetic"
+root = "{data}"
+synth_train = 8
+synth_val = 4
+synth_size = 64
+[[stages]]
+task = "seg"
+epochs = 2
+batch_size = 4
+[[stages]]
+task = "det"
+epochs = 1
+batch_size = 4
+[[stages]]
+task = "cls"
+epochs = 1
+batch_size = 4
+[replay]
+enabled = {replay}
+images_per_batch = 2
+[eval]
+batch_size = 4
+"#,
+        results = dir.join("results").display(),
+        data = dir.join("data").display(),
+    );
+    let p = dir.join("tiny.toml");
+    std::fs::write(&p, text).unwrap();
+    Experiment::load(&p, &[]).unwrap()
+}
+
+fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut r = csv::Reader::from_path(path).unwrap();
+    let h = r.headers().unwrap().iter().map(String::from).collect();
+    let rows = r
+        .records()
+        .map(|x| x.unwrap().iter().map(String::from).collect())
+        .collect();
+    (h, rows)
+}
+
+#[test]
+fn a_run_leaves_config_csv_summary_and_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = tiny_experiment(tmp.path(), true);
+    let out = run(&exp, &RunOptions { quiet: true }).unwrap();
+    let dir = &out.run_dir;
+    for f in ["config.toml", "meta.json", "epochs.csv", "summary.json"] {
+        assert!(dir.join(f).is_file(), "missing {f}");
+    }
+    // The stored config is the exact config that ran.
+    let stored = Experiment::load(&dir.join("config.toml"), &[]).unwrap();
+    assert_eq!(stored, exp);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["version"], env!("CARGO_PKG_VERSION"));
+    assert!(!meta["git_commit"].as_str().unwrap().is_empty());
+    for ck in ["stage1-seg", "stage2-det", "stage3-cls"] {
+        assert!(dir.join("checkpoints").join(format!("{ck}.safetensors")).is_file());
+    }
+
+    let (h, rows) = read_csv(&dir.join("epochs.csv"));
+    assert_eq!(rows.len(), 4, "2 + 1 + 1 epochs");
+    let col = |name: &str| h.iter().position(|c| c == name).unwrap();
+    // Stage 1 knows only segmentation; stage 3 evaluates all three tasks.
+    assert!(!rows[0][col("seg_miou")].is_empty());
+    assert!(rows[0][col("det_map50")].is_empty());
+    assert!(rows[0][col("cls_top1")].is_empty());
+    assert!(!rows[3][col("det_map50")].is_empty() && !rows[3][col("cls_top1")].is_empty());
+    assert_eq!(rows[3][col("global_epoch")], "4");
+    // Replay adds a loss term from stage 2 on, never in stage 1.
+    assert_eq!(rows[0][col("loss_replay")].parse::<f64>().unwrap(), 0.0);
+    assert!(rows[2][col("loss_replay")].parse::<f64>().unwrap() > 0.0);
+
+    // Baselines are the metric at the end of each task's own stage.
+    let s = &out.summary;
+    let seg = s.tasks.iter().find(|t| t.task == onehead::TaskKind::Seg).unwrap();
+    let at_end_of_stage1: f64 = rows[1][col("seg_miou")].parse().unwrap();
+    assert!((seg.baseline - at_end_of_stage1).abs() < 1e-5);
+    let seg_final: f64 = rows[3][col("seg_miou")].parse().unwrap();
+    assert!((seg.final_value - seg_final).abs() < 1e-5);
+    assert_eq!(s.pass, s.tasks.iter().all(|t| t.pass));
+    assert!(s.params.total > 100_000 && s.latency_ms > 0.0);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(json["tasks"].as_array().unwrap().len(), 3);
+
+    // A second run never reuses the folder.
+    let again = run(&exp, &RunOptions { quiet: true }).unwrap();
+    assert_ne!(again.run_dir, out.run_dir);
+    // Same seed, same device: the same losses and metrics (only the timing column differs).
+    let (_, rows2) = read_csv(&again.run_dir.join("epochs.csv"));
+    let secs = col("seconds");
+    for (a, b) in rows.iter().zip(&rows2) {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            if i != secs {
+                assert_eq!(x, y, "column {} differs between identical runs", h[i]);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_sweep_writes_one_index_row_per_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = tiny_experiment(tmp.path(), false);
+    let file = tmp.path().join("tiny.toml");
+    let _ = exp;
+    let grid = vec!["replay.enabled=false,true".parse::<GridAxis>().unwrap()];
+    let runs = plan(&[file], &grid);
+    let index = run_sweep(
+        &runs,
+        &grid,
+        &SweepOptions {
+            name: "sw".into(),
+            results_dir: tmp.path().join("results"),
+            overrides: vec!["stages.*.epochs=1".into()],
+            quiet: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(index, tmp.path().join("results/sw/index.csv"));
+    let (h, rows) = read_csv(&index);
+    assert_eq!(rows.len(), 2);
+    let col = |name: &str| h.iter().position(|c| c == name).unwrap();
+    assert_eq!(rows[0][col("replay.enabled")], "false");
+    assert_eq!(rows[1][col("replay.enabled")], "true");
+    for r in &rows {
+        assert_eq!(r[col("status")], "ok");
+        assert!(PathBuf::from(&r[col("run")]).join("summary.json").is_file());
+        assert!(!r[col("seg_miou_final")].is_empty());
+    }
+}
+
+#[test]
+fn cli_reports_a_typo_with_file_line_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("bad.toml");
+    std::fs::write(&p, "name = \"x\"\n[[stages]]\ntask = \"seg\"\nepohcs = 2\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_onehead"))
+        .args(["run", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("line 4") && err.contains("epohcs"), "{err}");
+}

@@ -6,13 +6,21 @@
 
 /// Area of a box; 0 for degenerate or inverted boxes.
 pub fn area(b: &[f32; 4]) -> f32 {
-    (b[2] - b[0]).max(0.0) * (b[3] - b[1]).max(0.0)
+    area_f64(b) as f32
 }
 
-/// Intersection area of two boxes.
-pub fn intersection(a: &[f32; 4], b: &[f32; 4]) -> f32 {
-    let w = a[2].min(b[2]) - a[0].max(b[0]);
-    let h = a[3].min(b[3]) - a[1].max(b[1]);
+/// [`area`] computed in f64.
+pub fn area_f64(b: &[f32; 4]) -> f64 {
+    let w = (b[2] as f64 - b[0] as f64).max(0.0);
+    let h = (b[3] as f64 - b[1] as f64).max(0.0);
+    w * h
+}
+
+/// Intersection area of two boxes, in f64 (like pycocotools, so IoUs that land exactly on
+/// an evaluation threshold compare the same way).
+pub fn intersection_f64(a: &[f32; 4], b: &[f32; 4]) -> f64 {
+    let w = (a[2] as f64).min(b[2] as f64) - (a[0] as f64).max(b[0] as f64);
+    let h = (a[3] as f64).min(b[3] as f64) - (a[1] as f64).max(b[1] as f64);
     if w <= 0.0 || h <= 0.0 {
         0.0
     } else {
@@ -20,10 +28,16 @@ pub fn intersection(a: &[f32; 4], b: &[f32; 4]) -> f32 {
     }
 }
 
-/// Intersection over union; 0 when the union is empty.
-pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
-    let inter = intersection(a, b);
-    let union = area(a) + area(b) - inter;
+/// Intersection area of two boxes.
+pub fn intersection(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+    intersection_f64(a, b) as f32
+}
+
+/// Intersection over union computed in f64 (used by the mAP evaluator); 0 when the union
+/// is empty.
+pub fn iou_f64(a: &[f32; 4], b: &[f32; 4]) -> f64 {
+    let inter = intersection_f64(a, b);
+    let union = area_f64(a) + area_f64(b) - inter;
     if union <= 0.0 {
         0.0
     } else {
@@ -31,15 +45,25 @@ pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
     }
 }
 
-/// COCO's IoU against a crowd ground truth: intersection / area of the *detection*
-/// (a detection lying inside a crowd region scores 1 whatever the region's size).
-pub fn crowd_iou(det: &[f32; 4], crowd_gt: &[f32; 4]) -> f32 {
-    let a = area(det);
+/// Intersection over union (used by NMS); 0 when the union is empty.
+pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+    iou_f64(a, b) as f32
+}
+
+/// COCO's IoU against a crowd ground truth, in f64: intersection / area of the
+/// *detection* (a detection lying inside a crowd region scores 1 whatever its size).
+pub fn crowd_iou_f64(det: &[f32; 4], crowd_gt: &[f32; 4]) -> f64 {
+    let a = area_f64(det);
     if a <= 0.0 {
         0.0
     } else {
-        intersection(det, crowd_gt) / a
+        intersection_f64(det, crowd_gt) / a
     }
+}
+
+/// [`crowd_iou_f64`] as f32.
+pub fn crowd_iou(det: &[f32; 4], crowd_gt: &[f32; 4]) -> f32 {
+    crowd_iou_f64(det, crowd_gt) as f32
 }
 
 /// Generalised IoU: `iou − (enclosing − union) / enclosing`, in `[-1, 1]`.

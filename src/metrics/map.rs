@@ -154,9 +154,9 @@ impl MapEvaluator {
                 g.iter()
                     .map(|gt| {
                         if gt.crowd {
-                            boxes::crowd_iou(&det.bbox, &gt.bbox) as f64
+                            boxes::crowd_iou_f64(&det.bbox, &gt.bbox)
                         } else {
-                            boxes::iou(&det.bbox, &gt.bbox) as f64
+                            boxes::iou_f64(&det.bbox, &gt.bbox)
                         }
                     })
                     .collect()

@@ -5,7 +5,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use onehead::data::DetBox;
 use onehead::metrics::boxes;
-use onehead::model::detect::{decode, decode_boxes, encode_box, nms_per_class, DecodeParams, Detection};
+use onehead::model::detect::{
+    decode, decode_boxes, encode_box, nms_per_class, DecodeParams, Detection,
+};
 use onehead::train::det_loss::{assign, det_loss, DetLossParams};
 use onehead::train::losses::{
     cls_cross_entropy, giou, seg_cross_entropy, sigmoid_focal_loss, stable_bce_with_logits,
@@ -62,14 +64,22 @@ fn seg_ce_hand_computed_and_ignored_pixels_get_zero_grad() {
         .unwrap();
     assert_eq!(l0, 0.0);
     // Shape mismatch is an error.
-    assert!(seg_cross_entropy(logits.as_tensor(), &Tensor::zeros((1, 1, 2), DType::U32, &CPU).unwrap(), 255).is_err());
+    assert!(seg_cross_entropy(
+        logits.as_tensor(),
+        &Tensor::zeros((1, 1, 2), DType::U32, &CPU).unwrap(),
+        255
+    )
+    .is_err());
 }
 
 #[test]
 fn cls_ce_hand_computed() {
     let logits = Tensor::new(&[[0.0f32, 0.0], [2.0, 0.0]], &CPU).unwrap();
     let labels = Tensor::new(&[1u32, 0], &CPU).unwrap();
-    let got = cls_cross_entropy(&logits, &labels).unwrap().to_scalar::<f32>().unwrap();
+    let got = cls_cross_entropy(&logits, &labels)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     let expected = (2f32.ln() + (1.0 + (-2f32).exp()).ln()) / 2.0;
     assert!(close(got, expected, 1e-6));
     assert!(cls_cross_entropy(&logits, &Tensor::new(&[1u32], &CPU).unwrap()).is_err());
@@ -77,10 +87,14 @@ fn cls_ce_hand_computed() {
 
 #[test]
 fn bce_and_focal_are_finite_at_extreme_logits() {
-    let x = Var::from_tensor(&Tensor::new(&[-100f32, -30.0, 0.0, 30.0, 100.0], &CPU).unwrap()).unwrap();
+    let x =
+        Var::from_tensor(&Tensor::new(&[-100f32, -30.0, 0.0, 30.0, 100.0], &CPU).unwrap()).unwrap();
     for tv in [0f32, 1.0] {
         let t = Tensor::new(&[tv; 5], &CPU).unwrap();
-        let l = stable_bce_with_logits(x.as_tensor(), &t).unwrap().to_vec1::<f32>().unwrap();
+        let l = stable_bce_with_logits(x.as_tensor(), &t)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(l.iter().all(|v| v.is_finite()), "{l:?}");
         // hand values: x=0 -> ln 2; wrong-side 100 -> 100; right-side -> ~0
         assert!(close(l[2], 2f32.ln(), 1e-6));
@@ -95,25 +109,53 @@ fn bce_and_focal_are_finite_at_extreme_logits() {
         let g = f.sum_all().unwrap().backward().unwrap();
         let gv = g.get(&x).unwrap().to_vec1::<f32>().unwrap();
         assert!(gv.iter().all(|v| v.is_finite()), "{gv:?}");
-        let gb = stable_bce_with_logits_mean(x.as_tensor(), &t).unwrap().backward().unwrap();
-        assert!(gb.get(&x).unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
+        let gb = stable_bce_with_logits_mean(x.as_tensor(), &t)
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(gb
+            .get(&x)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| v.is_finite()));
     }
     // gamma = 0, alpha < 0 is exactly BCE
     let t = Tensor::new(&[1f32, 0.0, 1.0, 0.0, 1.0], &CPU).unwrap();
-    let a = sigmoid_focal_loss(x.as_tensor(), &t, -1.0, 0.0).unwrap().to_vec1::<f32>().unwrap();
-    let b = stable_bce_with_logits(x.as_tensor(), &t).unwrap().to_vec1::<f32>().unwrap();
+    let a = sigmoid_focal_loss(x.as_tensor(), &t, -1.0, 0.0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = stable_bce_with_logits(x.as_tensor(), &t)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(a, b);
 }
 
 #[test]
 fn tensor_giou_matches_plain_giou() {
-    let a = [[0f32, 0.0, 2.0, 2.0], [0.0, 0.0, 2.0, 2.0], [5.0, 5.0, 9.0, 8.0]];
-    let b = [[1f32, 1.0, 3.0, 3.0], [4.0, 0.0, 6.0, 2.0], [5.0, 5.0, 9.0, 8.0]];
+    let a = [
+        [0f32, 0.0, 2.0, 2.0],
+        [0.0, 0.0, 2.0, 2.0],
+        [5.0, 5.0, 9.0, 8.0],
+    ];
+    let b = [
+        [1f32, 1.0, 3.0, 3.0],
+        [4.0, 0.0, 6.0, 2.0],
+        [5.0, 5.0, 9.0, 8.0],
+    ];
     let ta = Tensor::new(&a, &CPU).unwrap();
     let tb = Tensor::new(&b, &CPU).unwrap();
     let g = giou(&ta, &tb).unwrap().to_vec1::<f32>().unwrap();
     for i in 0..3 {
-        assert!(close(g[i], boxes::giou(&a[i], &b[i]), 1e-5), "{i}: {} vs {}", g[i], boxes::giou(&a[i], &b[i]));
+        assert!(
+            close(g[i], boxes::giou(&a[i], &b[i]), 1e-5),
+            "{i}: {} vs {}",
+            g[i],
+            boxes::giou(&a[i], &b[i])
+        );
     }
 }
 
@@ -168,8 +210,8 @@ fn decode_hand_set_outputs() {
     assert_eq!(d[0].class, 1);
     assert!(d[0].score > 0.99);
     let e = [14.0, 20.0, 30.0, 28.0];
-    for k in 0..4 {
-        assert!(close(d[0].bbox[k], e[k], 1e-4), "{:?}", d[0].bbox);
+    for (got, want) in d[0].bbox.iter().zip(e) {
+        assert!(close(*got, want, 1e-4), "{:?}", d[0].bbox);
     }
     assert_eq!(d[1].class, 2);
     assert!(close(d[1].score, 0.25, 1e-6));
@@ -190,7 +232,10 @@ fn encode_decode_round_trip() {
     let raw = encode_box(&b, 3, 2, S);
     let t = Tensor::new(&[raw], &CPU).unwrap();
     let cells = Tensor::new(&[[3f32, 2.0]], &CPU).unwrap();
-    let d = decode_boxes(&t, &cells, S).unwrap().to_vec2::<f32>().unwrap();
+    let d = decode_boxes(&t, &cells, S)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     for k in 0..4 {
         assert!(close(d[0][k], b[k], 1e-4), "{:?}", d[0]);
     }
@@ -198,7 +243,11 @@ fn encode_decode_round_trip() {
 
 #[test]
 fn nms_suppresses_same_class_only() {
-    let d = |b: [f32; 4], score: f32, class: usize| Detection { bbox: b, score, class };
+    let d = |b: [f32; 4], score: f32, class: usize| Detection {
+        bbox: b,
+        score,
+        class,
+    };
     let a = [0.0, 0.0, 10.0, 10.0];
     let a2 = [1.0, 0.0, 11.0, 10.0]; // IoU 9/11 with a
     let far = [30.0, 30.0, 40.0, 40.0];
@@ -208,11 +257,20 @@ fn nms_suppresses_same_class_only() {
     let kept = nms_per_class(vec![d(a2, 0.8, 1), d(a, 0.9, 0)], 0.5, 100);
     assert_eq!(kept.len(), 2);
     // max_keep
-    assert_eq!(nms_per_class(vec![d(a, 0.9, 0), d(far, 0.7, 0)], 0.5, 1).len(), 1);
+    assert_eq!(
+        nms_per_class(vec![d(a, 0.9, 0), d(far, 0.7, 0)], 0.5, 1).len(),
+        1
+    );
     // IoU exactly below the threshold survives
     let half = [5.0, 0.0, 15.0, 10.0]; // IoU 1/3 with a
-    assert_eq!(nms_per_class(vec![d(a, 0.9, 0), d(half, 0.8, 0)], 0.34, 10).len(), 2);
-    assert_eq!(nms_per_class(vec![d(a, 0.9, 0), d(half, 0.8, 0)], 0.33, 10).len(), 1);
+    assert_eq!(
+        nms_per_class(vec![d(a, 0.9, 0), d(half, 0.8, 0)], 0.34, 10).len(),
+        2
+    );
+    assert_eq!(
+        nms_per_class(vec![d(a, 0.9, 0), d(half, 0.8, 0)], 0.33, 10).len(),
+        1
+    );
 }
 
 #[test]
@@ -245,22 +303,28 @@ fn assignment_centre_sampling_smallest_box_and_crowd() {
 
 #[test]
 fn det_loss_near_zero_on_exact_encoding_and_large_otherwise() {
-    let boxes_ = vec![gt([10.0, 12.0, 34.0, 40.0], 1), gt([40.0, 40.0, 60.0, 52.0], 2)];
+    let boxes_ = vec![
+        gt([10.0, 12.0, 34.0, 40.0], 1),
+        gt([40.0, 40.0, 60.0, 52.0], 2),
+    ];
     let p = DetLossParams {
         l1_weight: 1.0,
         ..DetLossParams::default()
     };
     let exact = encode_targets(&boxes_, 20.0);
-    let l = det_loss(&exact, GRID, S, &[boxes_.clone()], &p).unwrap();
+    let l = det_loss(&exact, GRID, S, std::slice::from_ref(&boxes_), &p).unwrap();
     let total = l.total.to_scalar::<f32>().unwrap();
     assert!(l.num_pos > 2);
     assert!(total < 1e-3, "total {total} {l:?}");
     // all-zero outputs: large
     let zeros = Tensor::zeros((1, 64, 5 + C), DType::F32, &CPU).unwrap();
-    let l0 = det_loss(&zeros, GRID, S, &[boxes_.clone()], &p).unwrap();
+    let l0 = det_loss(&zeros, GRID, S, std::slice::from_ref(&boxes_), &p).unwrap();
     assert!(l0.total.to_scalar::<f32>().unwrap() > 1.0, "{l0:?}");
     // wrong classes: cls term large
-    let swapped = vec![gt([10.0, 12.0, 34.0, 40.0], 2), gt([40.0, 40.0, 60.0, 52.0], 1)];
+    let swapped = vec![
+        gt([10.0, 12.0, 34.0, 40.0], 2),
+        gt([40.0, 40.0, 60.0, 52.0], 1),
+    ];
     let ls = det_loss(&exact, GRID, S, &[swapped], &p).unwrap();
     assert!(ls.cls > 10.0 && ls.bbox < 1e-3, "{ls:?}");
     // no boxes: only objectness; all-negative outputs give ~0, finite
@@ -268,18 +332,27 @@ fn det_loss_near_zero_on_exact_encoding_and_large_otherwise() {
     assert_eq!(ln.num_pos, 0);
     assert!(ln.total.to_scalar::<f32>().unwrap() < 1e-3);
     // shape errors
-    assert!(det_loss(&exact, (4, 4), S, &[boxes_.clone()], &p).is_err());
+    assert!(det_loss(&exact, (4, 4), S, std::slice::from_ref(&boxes_), &p).is_err());
     assert!(det_loss(&exact, GRID, S, &[], &p).is_err());
 }
 
 #[test]
 fn det_loss_is_finite_with_finite_gradient_at_extremes() {
-    let boxes_ = vec![gt([10.0, 12.0, 34.0, 40.0], 1), DetBox {
-        bbox: [0.0, 0.0, 20.0, 20.0],
-        class: 0,
-        crowd: true,
-    }];
-    for (v, gamma) in [(100f32, 0.0), (-100.0, 0.0), (100.0, 2.0), (-100.0, 2.0), (1e4, 0.0)] {
+    let boxes_ = vec![
+        gt([10.0, 12.0, 34.0, 40.0], 1),
+        DetBox {
+            bbox: [0.0, 0.0, 20.0, 20.0],
+            class: 0,
+            crowd: true,
+        },
+    ];
+    for (v, gamma) in [
+        (100f32, 0.0),
+        (-100.0, 0.0),
+        (100.0, 2.0),
+        (-100.0, 2.0),
+        (1e4, 0.0),
+    ] {
         let x = Var::from_tensor(&Tensor::full(v, (2, 64, 5 + C), &CPU).unwrap()).unwrap();
         let p = DetLossParams {
             focal_gamma: gamma,

@@ -71,7 +71,8 @@ pub fn crowd_iou(det: &[f32; 4], crowd_gt: &[f32; 4]) -> f32 {
 pub fn giou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
     let inter = intersection(a, b);
     let union = area(a) + area(b) - inter;
-    let enclosing = (a[2].max(b[2]) - a[0].min(b[0])).max(0.0) * (a[3].max(b[3]) - a[1].min(b[1])).max(0.0);
+    let enclosing =
+        (a[2].max(b[2]) - a[0].min(b[0])).max(0.0) * (a[3].max(b[3]) - a[1].min(b[1])).max(0.0);
     if enclosing <= 0.0 {
         return 0.0;
     }
@@ -109,10 +110,16 @@ mod tests {
         assert_eq!(iou(&a, &c), 0.0);
         assert!((giou(&a, &c) - (0.0 - (12.0 - 8.0) / 12.0)).abs() < 1e-7);
         // crowd iou: det fully inside the crowd box -> 1
-        assert_eq!(crowd_iou(&[1.0, 1.0, 2.0, 2.0], &[0.0, 0.0, 10.0, 10.0]), 1.0);
+        assert_eq!(
+            crowd_iou(&[1.0, 1.0, 2.0, 2.0], &[0.0, 0.0, 10.0, 10.0]),
+            1.0
+        );
         // degenerate boxes
         assert_eq!(iou(&[1.0, 1.0, 1.0, 1.0], &[1.0, 1.0, 1.0, 1.0]), 0.0);
         assert_eq!(area(&[3.0, 3.0, 1.0, 1.0]), 0.0);
-        assert_eq!(clip(&[-5.0, -1.0, 50.0, 8.0], (10, 20)), [0.0, 0.0, 20.0, 8.0]);
+        assert_eq!(
+            clip(&[-5.0, -1.0, 50.0, 8.0], (10, 20)),
+            [0.0, 0.0, 20.0, 8.0]
+        );
     }
 }

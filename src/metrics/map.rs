@@ -135,7 +135,10 @@ impl MapEvaluator {
 
     fn evaluate_image(dets: &[Detection], gts: &[DetBox], class: usize) -> Option<ImageEval> {
         // Ground truths: non-crowd first, stable (COCO sorts by the ignore flag).
-        let mut g: Vec<&DetBox> = gts.iter().filter(|b| b.class == class && !b.crowd).collect();
+        let mut g: Vec<&DetBox> = gts
+            .iter()
+            .filter(|b| b.class == class && !b.crowd)
+            .collect();
         let num_gt = g.len();
         g.extend(gts.iter().filter(|b| b.class == class && b.crowd));
         let mut d: Vec<&Detection> = dets.iter().filter(|x| x.class == class).collect();
@@ -145,7 +148,8 @@ impl MapEvaluator {
         // Stable sort by descending score; NaN scores sort last.
         d.sort_by(|a, b| {
             let (sa, sb) = (a.score as f64, b.score as f64);
-            sb.partial_cmp(&sa).unwrap_or_else(|| sa.is_nan().cmp(&sb.is_nan()))
+            sb.partial_cmp(&sa)
+                .unwrap_or_else(|| sa.is_nan().cmp(&sb.is_nan()))
         });
         d.truncate(MAX_DETS);
         let ious: Vec<Vec<f64>> = d
@@ -347,7 +351,9 @@ mod tests {
         let nothing = MapEvaluator::new(2).summarize();
         assert_eq!(nothing.map50, 0.0);
         assert_eq!(nothing.num_classes_with_gt, 0);
-        assert!(MapEvaluator::new(2).add_image(&[det(A, 1.0, 2)], &[]).is_err());
+        assert!(MapEvaluator::new(2)
+            .add_image(&[det(A, 1.0, 2)], &[])
+            .is_err());
     }
 
     #[test]
@@ -405,8 +411,11 @@ mod tests {
         assert_eq!(e.summarize().per_class_ap50, vec![None]);
         // A real gt is preferred over a crowd with higher IoU.
         let mut e = MapEvaluator::new(1);
-        e.add_image(&[det(A, 0.9, 0)], &[crowd(A, 0), gt([10.0, 10.0, 50.0, 41.0], 0)])
-            .unwrap();
+        e.add_image(
+            &[det(A, 0.9, 0)],
+            &[crowd(A, 0), gt([10.0, 10.0, 50.0, 41.0], 0)],
+        )
+        .unwrap();
         // IoU with the real gt = 31/40 = 0.775 -> TP at 0.50..0.75 (6 thresholds), crowd above
         // (ignored there: no TP, no FP, gt missed -> AP 0).
         let s = e.summarize();
@@ -418,11 +427,13 @@ mod tests {
     fn score_ties_are_stable_by_input_order() {
         // Two dets with equal score in one image: FP listed first stays first.
         let mut e = MapEvaluator::new(1);
-        e.add_image(&[det(FAR, 0.5, 0), det(A, 0.5, 0)], &[gt(A, 0)]).unwrap();
+        e.add_image(&[det(FAR, 0.5, 0), det(A, 0.5, 0)], &[gt(A, 0)])
+            .unwrap();
         // rc = [0, 1], pr = [0, .5] -> envelope .5 -> AP .5
         assert!((e.summarize().map50 - 0.5).abs() < 1e-9);
         let mut e = MapEvaluator::new(1);
-        e.add_image(&[det(A, 0.5, 0), det(FAR, 0.5, 0)], &[gt(A, 0)]).unwrap();
+        e.add_image(&[det(A, 0.5, 0), det(FAR, 0.5, 0)], &[gt(A, 0)])
+            .unwrap();
         assert!((e.summarize().map50 - 1.0).abs() < 1e-9);
         // Across images: ties keep image order.
         let mut e = MapEvaluator::new(1);
@@ -456,7 +467,8 @@ mod tests {
     fn one_det_cannot_match_two_gts_and_max_dets() {
         // Two identical gts, one det: recall 0.5 -> AP = 51/101.
         let mut e = MapEvaluator::new(1);
-        e.add_image(&[det(A, 0.9, 0)], &[gt(A, 0), gt(A, 0)]).unwrap();
+        e.add_image(&[det(A, 0.9, 0)], &[gt(A, 0), gt(A, 0)])
+            .unwrap();
         assert!((e.summarize().map50 - 51.0 / 101.0).abs() < 1e-12);
         // 100 FPs scored above the TP: the TP is cut by maxDets=100 -> AP 0.
         let mut dets: Vec<Detection> = (0..100).map(|_| det(FAR, 0.9, 0)).collect();

@@ -221,7 +221,11 @@ mod tests {
     #[test]
     fn argmax_of_logits() {
         // B=1, C=3, H=1, W=2
-        let t = Tensor::new(&[[[[0.1f32, 5.0]], [[2.0, 0.0]], [[1.0, 0.0]]]], &Device::Cpu).unwrap();
+        let t = Tensor::new(
+            &[[[[0.1f32, 5.0]], [[2.0, 0.0]], [[1.0, 0.0]]]],
+            &Device::Cpu,
+        )
+        .unwrap();
         assert_eq!(argmax_masks(&t).unwrap(), vec![vec![1u8, 0]]);
         assert!(argmax_masks(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap()).is_err());
     }

@@ -153,7 +153,7 @@ mod tests {
         t.add(&[1.0, 1.0, 1.0], 1).unwrap();
         assert!((t.top1() - 0.5).abs() < 1e-12);
         assert_eq!(t.top5(), None); // 3 classes
-        // NaN counts as -inf
+                                    // NaN counts as -inf
         let mut n = TopK::new();
         n.add(&[f32::NAN, 0.0], 1).unwrap();
         n.add(&[f32::NAN, 0.0], 0).unwrap();

@@ -122,7 +122,11 @@ fn sigmoid(x: f32) -> f32 {
 /// Greedy per-class NMS: candidates sorted by descending score (stable for ties), a box is
 /// dropped if its IoU with an already kept box **of the same class** is `> iou_threshold`;
 /// at most `max_keep` are returned, best first.
-pub fn nms_per_class(mut cands: Vec<Detection>, iou_threshold: f32, max_keep: usize) -> Vec<Detection> {
+pub fn nms_per_class(
+    mut cands: Vec<Detection>,
+    iou_threshold: f32,
+    max_keep: usize,
+) -> Vec<Detection> {
     cands.sort_by(|a, b| b.score.total_cmp(&a.score));
     let mut kept: Vec<Detection> = Vec::new();
     for c in cands {
@@ -184,7 +188,11 @@ pub fn decode(
             for c in 0..num_classes {
                 let score = obj * sigmoid(row[5 + c]);
                 if score > p.score_threshold {
-                    cands.push(Detection { bbox, score, class: c });
+                    cands.push(Detection {
+                        bbox,
+                        score,
+                        class: c,
+                    });
                 }
             }
         }

@@ -243,8 +243,8 @@ pub fn det_loss(
         let pred = decode_boxes(&raw, &cells, stride)?;
         let bbox = ((1.0 - giou(&pred, &gt)?)?.sum_all()? / norm)?;
         let cls_t = Tensor::from_vec(pos_cls, (num_pos, num_classes), device)?.to_dtype(dtype)?;
-        let cls = (stable_bce_with_logits(&pos.narrow(1, 5, num_classes)?, &cls_t)?.sum_all()?
-            / norm)?;
+        let cls =
+            (stable_bce_with_logits(&pos.narrow(1, 5, num_classes)?, &cls_t)?.sum_all()? / norm)?;
         let l1 = if p.l1_weight > 0.0 {
             let raw_t = Tensor::from_vec(pos_raw, (num_pos, 4), device)?.to_dtype(dtype)?;
             ((raw - raw_t)?.abs()?.sum_all()? / norm)?

@@ -27,7 +27,10 @@ pub fn seg_cross_entropy(logits: &Tensor, masks: &Tensor, ignore: u32) -> Result
         );
     }
     if masks.dtype() != DType::U32 {
-        bail!("seg_cross_entropy: masks must be u32, got {:?}", masks.dtype());
+        bail!(
+            "seg_cross_entropy: masks must be u32, got {:?}",
+            masks.dtype()
+        );
     }
     let logp = candle_nn::ops::log_softmax(logits, 1)?;
     let valid = masks.ne(ignore)?; // u8
@@ -103,7 +106,11 @@ pub fn sigmoid_focal_loss(x: &Tensor, t: &Tensor, alpha: f64, gamma: f64) -> Res
 /// [`crate::metrics::boxes::giou`].
 pub fn giou(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.dims() != b.dims() || a.dims().last() != Some(&4) {
-        bail!("giou: boxes must be (…, 4) of equal shapes, got {:?} and {:?}", a.dims(), b.dims());
+        bail!(
+            "giou: boxes must be (…, 4) of equal shapes, got {:?} and {:?}",
+            a.dims(),
+            b.dims()
+        );
     }
     let col = |t: &Tensor, i: usize| t.narrow(D::Minus1, i, 1)?.squeeze(D::Minus1);
     let (ax0, ay0, ax1, ay1) = (col(a, 0)?, col(a, 1)?, col(a, 2)?, col(a, 3)?);

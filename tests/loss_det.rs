@@ -396,3 +396,62 @@ fn optimising_raw_outputs_recovers_the_box() {
     let strong: Vec<_> = out[0].iter().filter(|d| d.score > 0.3).collect();
     assert_eq!(strong.len(), 1, "{strong:?}");
 }
+
+#[test]
+fn det_loss_gradient_matches_finite_differences() {
+    // f64 so that central differences are accurate; every term on (focal obj, L1).
+    let boxes_ = vec![
+        gt([10.0, 12.0, 34.0, 40.0], 1),
+        gt([40.0, 40.0, 60.0, 52.0], 2),
+    ];
+    let p = DetLossParams {
+        l1_weight: 1.0,
+        focal_gamma: 2.0,
+        ..DetLossParams::default()
+    };
+    let n = 64 * (5 + C);
+    // deterministic pseudo-random values in [-1, 1]
+    let v: Vec<f64> = (0..n)
+        .map(|i| ((i as f64 * 12.9898).sin() * 43758.5453).fract())
+        .collect();
+    let x = Var::from_tensor(&Tensor::from_vec(v.clone(), (1, 64, 5 + C), &CPU).unwrap()).unwrap();
+    let loss = |t: &Tensor| {
+        det_loss(t, GRID, S, std::slice::from_ref(&boxes_), &p)
+            .unwrap()
+            .total
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let l = det_loss(x.as_tensor(), GRID, S, std::slice::from_ref(&boxes_), &p).unwrap();
+    let g: Vec<f64> = l
+        .total
+        .backward()
+        .unwrap()
+        .get(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    // positive cells of box 0 around (22, 26) -> cell (2, 3) = 26; a negative cell 63.
+    let a = assign(GRID, S, &boxes_, 2.5);
+    assert!(a.positive[3 * 8 + 2].is_some() && a.positive[63].is_none());
+    let eps = 1e-6;
+    for cell in [3 * 8 + 2, 63] {
+        for ch in 0..5 + C {
+            let i = cell * (5 + C) + ch;
+            let mut plus = v.clone();
+            plus[i] += eps;
+            let mut minus = v.clone();
+            minus[i] -= eps;
+            let tp = Tensor::from_vec(plus, (1, 64, 5 + C), &CPU).unwrap();
+            let tm = Tensor::from_vec(minus, (1, 64, 5 + C), &CPU).unwrap();
+            let fd = (loss(&tp) - loss(&tm)) / (2.0 * eps);
+            assert!(
+                (fd - g[i]).abs() < 1e-5 * (1.0 + fd.abs()),
+                "cell {cell} ch {ch}: autograd {} vs finite difference {fd}",
+                g[i]
+            );
+        }
+    }
+}

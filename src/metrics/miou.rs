@@ -141,8 +141,8 @@ impl ConfusionMatrix {
 
 /// Per-image predicted masks from segmentation logits `(B, C, H, W)` (any float dtype, any
 /// device): argmax over C, returned as `B` row-major `H·W` vectors of class ids. Upsample the
-/// logits to the mask size first (the caller's job). Ties go to whichever index candle's
-/// argmax returns (the first maximum on CPU).
+/// logits to the mask size first (the caller's job). Exact ties go to whichever index
+/// candle's `argmax` returns (not specified here).
 pub fn argmax_masks(logits: &Tensor) -> candle_core::Result<Vec<Vec<u8>>> {
     let (_b, c, _h, _w) = match logits.dims() {
         &[b, c, h, w] => (b, c, h, w),

@@ -1,1 +1,28 @@
-//! Task metrics: mIoU (confusion matrix), COCO-style mAP, Top-k accuracy.
+//! Task metrics: mIoU (confusion matrix), COCO-style mAP, Top-k accuracy, and the plain
+//! `[f32; 4]` box operations shared by the mAP evaluator and detection NMS.
+
+pub mod boxes;
+pub mod map;
+pub mod miou;
+pub mod topk;
+
+pub use map::{MapEvaluator, MapSummary};
+pub use miou::{argmax_masks, ConfusionMatrix};
+pub use topk::TopK;
+
+/// Invalid input to a metric accumulator (wrong lengths, labels out of range).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetricError {
+    #[error("length mismatch: {what}: {left} vs {right}")]
+    LengthMismatch {
+        what: &'static str,
+        left: usize,
+        right: usize,
+    },
+    #[error("{what} value {value} out of range for {num_classes} classes")]
+    OutOfRange {
+        what: &'static str,
+        value: usize,
+        num_classes: usize,
+    },
+}

@@ -1,5 +1,6 @@
 //! Training: the engine (stages, strategies as plug-ins), losses, optimisers and schedules.
 
+pub mod det_loss;
 pub mod engine;
 pub mod losses;
 pub mod optim;

@@ -13,7 +13,8 @@ use crate::metrics::topk::TopK;
 use crate::model::detect::{decode, DecodeParams};
 use crate::model::{HeadOutputs, OneHead, OUTPUT_STRIDE};
 use crate::ops::resize::resize_bilinear;
-use crate::train::losses::{cls_cross_entropy, det_loss, seg_cross_entropy, DetLossParams};
+use crate::train::det_loss::{det_loss, DetLossParams};
+use crate::train::losses::{cls_cross_entropy, seg_cross_entropy};
 use crate::TaskKind;
 
 /// Rows `start..start+len` of every output (one forward pass serves several batches).
@@ -111,7 +112,7 @@ pub fn evaluate(
     let no_flips = vec![false; settings.batch_size];
     let mut cm = ConfusionMatrix::new(ds.num_classes());
     let mut map = MapEvaluator::new(ds.num_classes());
-    let mut topk = TopK::default();
+    let mut topk = TopK::new();
     for start in (0..n).step_by(settings.batch_size) {
         let idx: Vec<usize> = (start..(start + settings.batch_size).min(n)).collect();
         let batch = ds.batch(&idx, &no_flips[..idx.len()], device)?;
@@ -122,7 +123,7 @@ pub fn evaluate(
                 let preds = argmax_masks(&logits)?;
                 for (p, t) in preds.iter().zip(&batch.targets) {
                     if let Target::Seg(gt) = t {
-                        cm.add(p, gt);
+                        cm.add(p, gt)?;
                     }
                 }
             }
@@ -130,7 +131,7 @@ pub fn evaluate(
                 let dets = decode(&out.det, out.grid, OUTPUT_STRIDE, (s, s), &settings.decode)?;
                 for (d, t) in dets.iter().zip(&batch.targets) {
                     if let Target::Det(gt) = t {
-                        map.add_image(d, gt);
+                        map.add_image(d, gt)?;
                     }
                 }
             }
@@ -138,7 +139,7 @@ pub fn evaluate(
                 let logits = out.cls.to_dtype(DType::F32)?.to_vec2::<f32>()?;
                 for (row, t) in logits.iter().zip(&batch.targets) {
                     if let Target::Cls(c) = t {
-                        topk.add(row, *c);
+                        topk.add(row, *c)?;
                     }
                 }
             }

@@ -1,0 +1,1 @@
+pub struct PrepareOptions; pub struct PrepareSummary; pub struct ArchiveSpec; pub fn prepare(_o:&PrepareOptions)->anyhow::Result<PrepareSummary>{todo!()}

@@ -167,3 +167,39 @@ fn synth_default_timing() {
     let s = generate(Path::new(&out), &SynthOptions::default()).unwrap();
     eprintln!("generated {s:?} in {:.2} s", t.elapsed().as_secs_f64());
 }
+
+/// Write a PNG contact sheet of generated images (for eyeballing the benchmark; not a test):
+/// `ONEHEAD_SYNTH_OUT=/tmp/x cargo test --test data_synth -- --ignored synth_contact_sheet`.
+#[test]
+#[ignore]
+fn synth_contact_sheet() {
+    let out = std::env::var("ONEHEAD_SYNTH_OUT").unwrap_or_else(|_| "/tmp/onehead_synth".into());
+    let root = Path::new(&out);
+    let s = 128usize;
+    let mut sheet = image::RgbImage::new((s * 8) as u32, (s * 3) as u32);
+    for (row, task) in [TaskKind::Seg, TaskKind::Det, TaskKind::Cls].into_iter().enumerate() {
+        let ds = TaskDataset::open(task, root, Split::Val, s).unwrap();
+        for col in 0..8 {
+            let i = (col * 7) % ds.len();
+            let px = ds.pixels(i);
+            for y in 0..s {
+                for x in 0..s {
+                    let p = (y * s + x) * 3;
+                    let mut c = [px[p], px[p + 1], px[p + 2]];
+                    if let Target::Det(boxes) = ds.target(i) {
+                        for b in boxes {
+                            let (xf, yf) = (x as f32, y as f32);
+                            let on_x = (xf - b.bbox[0]).abs() < 1.0 || (xf - b.bbox[2]).abs() < 1.0;
+                            let on_y = (yf - b.bbox[1]).abs() < 1.0 || (yf - b.bbox[3]).abs() < 1.0;
+                            if (on_x && yf >= b.bbox[1] && yf <= b.bbox[3]) || (on_y && xf >= b.bbox[0] && xf <= b.bbox[2]) {
+                                c = [255, 0, 255];
+                            }
+                        }
+                    }
+                    sheet.put_pixel((col * s + x) as u32, (row * s + y) as u32, image::Rgb(c));
+                }
+            }
+        }
+    }
+    sheet.save(root.join("contact_sheet.png")).unwrap();
+}

@@ -639,7 +639,7 @@ fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
 
 /// Place `n` objects of the given classes with radii drawn by `radius`, rejecting placements
 /// that overlap an earlier one by more than `max_iou` (after 20 tries the last is kept: some
-/// heavy overlap is wanted too).
+/// heavy overlap is wanted too). Centres stay `margin` (fraction of the side) from the border.
 fn place(
     rng: &mut ChaCha8Rng,
     w: usize,
@@ -647,14 +647,15 @@ fn place(
     classes: &[usize],
     radius: &dyn Fn(&mut ChaCha8Rng) -> f32,
     max_iou: f32,
+    margin: f32,
     placed: &mut Vec<Obj>,
 ) {
     for &class in classes {
         let mut obj = None;
         for _ in 0..20 {
             let r = radius(rng);
-            let cx = rng.random_range(0.05..0.95) * w as f32;
-            let cy = rng.random_range(0.05..0.95) * h as f32;
+            let cx = rng.random_range(margin..1.0 - margin) * w as f32;
+            let cy = rng.random_range(margin..1.0 - margin) * h as f32;
             let o = Obj::random(rng, class, cx, cy, r);
             let ok = placed.iter().all(|p| iou(p.extent(), o.extent()) <= max_iou);
             obj = Some(o);
@@ -689,7 +690,7 @@ fn render_seg(rng: &mut ChaCha8Rng, size: usize) -> (Rendered, Vec<u8>) {
     let m = w.min(h) as f32;
     let classes: Vec<usize> = (0..rng.random_range(1..=4)).map(|_| rng.random_range(1..=20)).collect();
     let mut objs = Vec::new();
-    place(rng, w, h, &classes, &|r| log_uniform(r, 0.1 * m, 0.38 * m), 0.5, &mut objs);
+    place(rng, w, h, &classes, &|r| log_uniform(r, 0.1 * m, 0.38 * m), 0.5, 0.05, &mut objs);
     for (k, o) in objs.iter().enumerate() {
         c.draw(o, k as u16 + 1);
     }
@@ -727,9 +728,9 @@ fn render_det(rng: &mut ChaCha8Rng, size: usize) -> (Rendered, Vec<(u64, [f64; 4
     let distract: Vec<usize> = (0..nd).map(|_| others[rng.random_range(0..others.len())]).collect();
     let mut objs = Vec::new();
     let radius = |r: &mut ChaCha8Rng| log_uniform(r, 0.06 * m, 0.3 * m);
-    place(rng, w, h, &det_types, &radius, 0.4, &mut objs);
+    place(rng, w, h, &det_types, &radius, 0.4, 0.05, &mut objs);
     let n_annot = objs.len();
-    place(rng, w, h, &distract, &radius, 0.4, &mut objs);
+    place(rng, w, h, &distract, &radius, 0.4, 0.05, &mut objs);
     // Random drawing order: distractors may occlude annotated objects and vice versa.
     let mut order: Vec<usize> = (0..objs.len()).collect();
     for i in (1..order.len()).rev() {
@@ -781,7 +782,7 @@ fn render_cls(rng: &mut ChaCha8Rng, size: usize, dominant: usize) -> Rendered {
     let m = w.min(h) as f32;
     let ndom = if rng.random_bool(0.3) { 2 } else { 1 };
     let mut objs = Vec::new();
-    place(rng, w, h, &vec![dominant; ndom], &|r| r.random_range(0.18 * m..0.34 * m), 0.3, &mut objs);
+    place(rng, w, h, &vec![dominant; ndom], &|r| r.random_range(0.18 * m..0.34 * m), 0.3, 0.25, &mut objs);
     let twin = if dominant % 2 == 1 { dominant + 1 } else { dominant - 1 };
     let distract: Vec<usize> = (0..rng.random_range(1..=3))
         .map(|_| {
@@ -796,7 +797,7 @@ fn render_cls(rng: &mut ChaCha8Rng, size: usize, dominant: usize) -> Rendered {
             }
         })
         .collect();
-    place(rng, w, h, &distract, &|r| r.random_range(0.06 * m..0.16 * m), 0.3, &mut objs);
+    place(rng, w, h, &distract, &|r| r.random_range(0.06 * m..0.16 * m), 0.3, 0.05, &mut objs);
     for (k, o) in objs.iter().enumerate() {
         c.draw(o, k as u16 + 1);
     }

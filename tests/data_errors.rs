@@ -27,7 +27,8 @@ fn open_err(task: TaskKind, root: &Path) -> (anyhow::Error, String) {
 }
 
 fn data_err(e: &anyhow::Error) -> &DataError {
-    e.downcast_ref::<DataError>().unwrap_or_else(|| panic!("not a DataError: {e:#}"))
+    e.downcast_ref::<DataError>()
+        .unwrap_or_else(|| panic!("not a DataError: {e:#}"))
 }
 
 #[test]
@@ -37,8 +38,14 @@ fn missing_dataset_names_the_commands() {
         let (e, msg) = open_err(task, d.path());
         assert!(matches!(data_err(&e), DataError::MissingDataset { .. }));
         let root = d.path().display().to_string();
-        assert!(msg.contains(&format!("onehead synth --out {root}")), "{msg}");
-        assert!(msg.contains(&format!("onehead prepare --out {root}")), "{msg}");
+        assert!(
+            msg.contains(&format!("onehead synth --out {root}")),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&format!("onehead prepare --out {root}")),
+            "{msg}"
+        );
         assert!(msg.contains("train"), "{msg}");
     }
     // Detection images present but the JSON missing: the JSON path is named.
@@ -52,7 +59,9 @@ fn missing_dataset_names_the_commands() {
 fn corrupt_images_are_named() {
     let d = tempfile::tempdir().unwrap();
     synth(d.path());
-    let bad = d.path().join("imagenette_160/train/n02102040/synth_train_000001.JPEG");
+    let bad = d
+        .path()
+        .join("imagenette_160/train/n02102040/synth_train_000001.JPEG");
     std::fs::write(&bad, b"definitely not a jpeg").unwrap();
     let (e, msg) = open_err(TaskKind::Cls, d.path());
     assert!(matches!(data_err(&e), DataError::CorruptImage { .. }));
@@ -62,7 +71,10 @@ fn corrupt_images_are_named() {
     let bytes = std::fs::read(&bad).unwrap();
     std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap(); // truncated JPEG
     let (e, msg) = open_err(TaskKind::Seg, d.path());
-    assert!(matches!(data_err(&e), DataError::CorruptImage { .. }), "{msg}");
+    assert!(
+        matches!(data_err(&e), DataError::CorruptImage { .. }),
+        "{msg}"
+    );
     assert!(msg.contains("synth_train_000004.jpg"), "{msg}");
 }
 
@@ -74,8 +86,21 @@ fn bad_masks_are_named() {
     // Wrong size.
     std::fs::write(&mask, encode_mask_png(7, 5, &[0; 35]).unwrap()).unwrap();
     let (e, msg) = open_err(TaskKind::Seg, d.path());
-    assert!(matches!(data_err(&e), DataError::MaskSizeMismatch { mask_w: 7, mask_h: 5, .. }), "{msg}");
-    assert!(msg.contains("synth_train_000002.png") && msg.contains("synth_train_000002.jpg"), "{msg}");
+    assert!(
+        matches!(
+            data_err(&e),
+            DataError::MaskSizeMismatch {
+                mask_w: 7,
+                mask_h: 5,
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("synth_train_000002.png") && msg.contains("synth_train_000002.jpg"),
+        "{msg}"
+    );
 
     // Right size, but an id outside 0..=20 / 255.
     let img = image::open(d.path().join("mini_voc_seg/train/synth_train_000002.jpg")).unwrap();
@@ -85,7 +110,10 @@ fn bad_masks_are_named() {
     std::fs::write(&mask, encode_mask_png(w, h, &data).unwrap()).unwrap();
     let (e, msg) = open_err(TaskKind::Seg, d.path());
     assert!(matches!(data_err(&e), DataError::BadMask { .. }), "{msg}");
-    assert!(msg.contains("77") && msg.contains("synth_train_000002.png"), "{msg}");
+    assert!(
+        msg.contains("77") && msg.contains("synth_train_000002.png"),
+        "{msg}"
+    );
 
     // An RGB PNG (colours, not indices).
     image::RgbImage::new(w, h).save(&mask).unwrap();
@@ -103,7 +131,9 @@ fn bad_masks_are_named() {
 fn bad_coco_annotations_are_named() {
     let d = tempfile::tempdir().unwrap();
     synth(d.path());
-    let json = d.path().join("mini_coco_det/annotations/instances_train.json");
+    let json = d
+        .path()
+        .join("mini_coco_det/annotations/instances_train.json");
     let good = CocoFile::read(&json).unwrap();
 
     let mut c = good.clone();
@@ -111,20 +141,38 @@ fn bad_coco_annotations_are_named() {
     let ann_id = c.annotations[0].id;
     c.write(&json).unwrap();
     let (e, msg) = open_err(TaskKind::Det, d.path());
-    assert!(matches!(data_err(&e), DataError::UnknownImage { image_id: 9999, .. }), "{msg}");
-    assert!(msg.contains("instances_train.json") && msg.contains(&format!("annotation {ann_id}")), "{msg}");
+    assert!(
+        matches!(data_err(&e), DataError::UnknownImage { image_id: 9999, .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("instances_train.json") && msg.contains(&format!("annotation {ann_id}")),
+        "{msg}"
+    );
 
     let mut c = good.clone();
     c.annotations[1].category_id = 4; // motorcycle: real COCO id, not among the 10
     c.write(&json).unwrap();
     let (e, msg) = open_err(TaskKind::Det, d.path());
-    assert!(matches!(data_err(&e), DataError::UnknownCategory { category_id: 4, .. }), "{msg}");
+    assert!(
+        matches!(
+            data_err(&e),
+            DataError::UnknownCategory { category_id: 4, .. }
+        ),
+        "{msg}"
+    );
 
     good.write(&json).unwrap();
-    let gone = d.path().join("mini_coco_det/train").join(&good.images[3].file_name);
+    let gone = d
+        .path()
+        .join("mini_coco_det/train")
+        .join(&good.images[3].file_name);
     std::fs::remove_file(&gone).unwrap();
     let (e, msg) = open_err(TaskKind::Det, d.path());
-    assert!(matches!(data_err(&e), DataError::MissingImageFile { .. }), "{msg}");
+    assert!(
+        matches!(data_err(&e), DataError::MissingImageFile { .. }),
+        "{msg}"
+    );
     assert!(msg.contains(&good.images[3].file_name), "{msg}");
 
     std::fs::write(&json, b"{ not json").unwrap();
@@ -139,7 +187,10 @@ fn empty_class_folder_is_named() {
     let empty = d.path().join("imagenette_160/train/n99999999");
     std::fs::create_dir_all(&empty).unwrap();
     let (e, msg) = open_err(TaskKind::Cls, d.path());
-    assert!(matches!(data_err(&e), DataError::EmptyFolder { .. }), "{msg}");
+    assert!(
+        matches!(data_err(&e), DataError::EmptyFolder { .. }),
+        "{msg}"
+    );
     assert!(msg.contains("n99999999"), "{msg}");
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use onehead::data::coco::CocoFile;
 use onehead::data::imageio::{encode_jpeg, encode_mask_png};
-use onehead::data::{prepare, DataError, PrepareOptions, Split, TaskDataset, Target};
+use onehead::data::{prepare, DataError, PrepareOptions, Split, Target, TaskDataset};
 use onehead::TaskKind;
 
 /// A request the server saw: (path, `Range` start if any).
@@ -62,7 +62,8 @@ fn serve(files: BTreeMap<String, Vec<u8>>) -> Server {
             let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
             let range: Option<u64> = text.lines().find_map(|l| {
                 let l = l.to_ascii_lowercase();
-                l.strip_prefix("range: bytes=").and_then(|r| r.trim_end_matches('-').trim().parse().ok())
+                l.strip_prefix("range: bytes=")
+                    .and_then(|r| r.trim_end_matches('-').trim().parse().ok())
             });
             log2.lock().unwrap().push((path.clone(), range));
             let (head, body): (String, &[u8]) = match files.get(&path) {
@@ -83,7 +84,12 @@ fn serve(files: BTreeMap<String, Vec<u8>>) -> Server {
                     None => (format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n", data.len()), &data[..]),
                 },
             };
-            let _ = conn.write_all(format!("{head}Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n").as_bytes());
+            let _ = conn.write_all(
+                format!(
+                    "{head}Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            );
             let _ = conn.write_all(body);
             let _ = conn.flush();
         }
@@ -93,7 +99,9 @@ fn serve(files: BTreeMap<String, Vec<u8>>) -> Server {
 
 fn jpeg(seed: u8) -> Vec<u8> {
     let (w, h) = (24u32, 20u32);
-    let px: Vec<u8> = (0..w * h * 3).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed)).collect();
+    let px: Vec<u8> = (0..w * h * 3)
+        .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed))
+        .collect();
     encode_jpeg(w, h, &px, 90).unwrap()
 }
 
@@ -112,7 +120,8 @@ fn tar_of(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
 fn zip_of(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     for (name, data) in entries {
-        z.start_file(name.as_str(), zip::write::SimpleFileOptions::default()).unwrap();
+        z.start_file(name.as_str(), zip::write::SimpleFileOptions::default())
+            .unwrap();
         z.write_all(data).unwrap();
     }
     z.finish().unwrap().into_inner()
@@ -128,7 +137,10 @@ fn archives() -> BTreeMap<String, Vec<u8>> {
     for (c, wnid) in WNIDS.iter().enumerate() {
         for (split, n) in [("train", 3), ("val", 2)] {
             for k in 0..n {
-                e.push((format!("imagenette2-160/{split}/{wnid}/{wnid}_{k}.JPEG"), jpeg((c * 10 + k + 1) as u8)));
+                e.push((
+                    format!("imagenette2-160/{split}/{wnid}/{wnid}_{k}.JPEG"),
+                    jpeg((c * 10 + k + 1) as u8),
+                ));
             }
         }
     }
@@ -142,14 +154,26 @@ fn archives() -> BTreeMap<String, Vec<u8>> {
         let id = format!("2007_{k:06}");
         e.push((format!("{v}/JPEGImages/{id}.jpg"), jpeg(k as u8 + 3)));
         if k < 10 {
-            let mask: Vec<u8> = (0..24 * 20).map(|i| if i % 24 < 4 { 255 } else { (k % 21) as u8 }).collect();
-            e.push((format!("{v}/SegmentationClass/{id}.png"), encode_mask_png(24, 20, &mask).unwrap()));
+            let mask: Vec<u8> = (0..24 * 20)
+                .map(|i| if i % 24 < 4 { 255 } else { (k % 21) as u8 })
+                .collect();
+            e.push((
+                format!("{v}/SegmentationClass/{id}.png"),
+                encode_mask_png(24, 20, &mask).unwrap(),
+            ));
         }
     }
-    let list = |r: std::ops::Range<usize>| r.map(|k| format!("2007_{k:06}\n")).collect::<String>().into_bytes();
+    let list = |r: std::ops::Range<usize>| {
+        r.map(|k| format!("2007_{k:06}\n"))
+            .collect::<String>()
+            .into_bytes()
+    };
     e.push((format!("{v}/ImageSets/Segmentation/train.txt"), list(0..7)));
     e.push((format!("{v}/ImageSets/Segmentation/val.txt"), list(7..10)));
-    e.push((format!("{v}/ImageSets/Segmentation/trainval.txt"), list(0..10)));
+    e.push((
+        format!("{v}/ImageSets/Segmentation/trainval.txt"),
+        list(0..10),
+    ));
     out.insert("VOCtrainval_11-May-2012.tar".into(), tar_of(&e));
     // COCO: 12 images; 0..10 hold chosen categories (one crowd), 10..12 only others.
     let mut e = Vec::new();
@@ -174,11 +198,15 @@ fn archives() -> BTreeMap<String, Vec<u8>> {
         .collect();
     cats.push(serde_json::json!({"id": 5, "name": "airplane", "supercategory": "vehicle"}));
     cats.push(serde_json::json!({"id": 90, "name": "toothbrush", "supercategory": "indoor"}));
-    let full = serde_json::json!({"info": {}, "images": images, "annotations": anns, "categories": cats});
+    let full =
+        serde_json::json!({"info": {}, "images": images, "annotations": anns, "categories": cats});
     out.insert("val2017.zip".into(), zip_of(&e));
     out.insert(
         "annotations_trainval2017.zip".into(),
-        zip_of(&[("annotations/instances_val2017.json".into(), serde_json::to_vec(&full).unwrap())]),
+        zip_of(&[(
+            "annotations/instances_val2017.json".into(),
+            serde_json::to_vec(&full).unwrap(),
+        )]),
     );
     out
 }
@@ -195,14 +223,21 @@ fn options(out: &Path, mirror: &str) -> PrepareOptions {
 #[test]
 fn prepare_end_to_end_with_resume() {
     let files = archives();
-    let served: BTreeMap<String, Vec<u8>> = files.iter().map(|(k, v)| (format!("/mirror/{k}"), v.clone())).collect();
+    let served: BTreeMap<String, Vec<u8>> = files
+        .iter()
+        .map(|(k, v)| (format!("/mirror/{k}"), v.clone()))
+        .collect();
     let server = serve(served);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("data");
     // An interrupted earlier download: the first half of the VOC archive.
     let voc = &files["VOCtrainval_11-May-2012.tar"];
     std::fs::create_dir_all(out.join("downloads")).unwrap();
-    std::fs::write(out.join("downloads/VOCtrainval_11-May-2012.tar.part"), &voc[..voc.len() / 2]).unwrap();
+    std::fs::write(
+        out.join("downloads/VOCtrainval_11-May-2012.tar.part"),
+        &voc[..voc.len() / 2],
+    )
+    .unwrap();
 
     let opts = options(&out, &format!("{}/mirror/", server.base));
     let sum = prepare(&opts).unwrap();
@@ -214,10 +249,18 @@ fn prepare_end_to_end_with_resume() {
     {
         let log = server.log.lock().unwrap();
         assert_eq!(log.len(), 4, "{log:?}");
-        assert!(log.contains(&("/mirror/VOCtrainval_11-May-2012.tar".into(), Some(voc.len() as u64 / 2))));
+        assert!(log.contains(&(
+            "/mirror/VOCtrainval_11-May-2012.tar".into(),
+            Some(voc.len() as u64 / 2)
+        )));
     }
-    assert_eq!(std::fs::read(out.join("downloads/VOCtrainval_11-May-2012.tar")).unwrap(), *voc);
-    assert!(!out.join("downloads/VOCtrainval_11-May-2012.tar.part").exists());
+    assert_eq!(
+        std::fs::read(out.join("downloads/VOCtrainval_11-May-2012.tar")).unwrap(),
+        *voc
+    );
+    assert!(!out
+        .join("downloads/VOCtrainval_11-May-2012.tar.part")
+        .exists());
     assert!(!out.join("tmp").exists(), "the temp area must be deleted");
 
     // The datasets load.
@@ -228,10 +271,16 @@ fn prepare_end_to_end_with_resume() {
     assert_eq!(seg.len(), 3);
     // Val comes from VOC's val.txt (ids 7..10), masks read as indices.
     for i in 0..3 {
-        let stem = seg.files[i].file_stem().unwrap().to_string_lossy().to_string();
+        let stem = seg.files[i]
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
         let k: u8 = stem[5..].parse().unwrap();
         assert!((7..10).contains(&k));
-        let Target::Seg(m) = seg.target(i) else { panic!() };
+        let Target::Seg(m) = seg.target(i) else {
+            panic!()
+        };
         assert!(m.iter().all(|&v| v == k || v == 255));
     }
     let det = TaskDataset::open(TaskKind::Det, &out, Split::Train, 16).unwrap();
@@ -239,15 +288,24 @@ fn prepare_end_to_end_with_resume() {
     assert_eq!(det.num_classes(), 10);
     let json = CocoFile::read(&out.join("mini_coco_det/annotations/instances_train.json")).unwrap();
     assert_eq!(json.categories.len(), 10);
-    assert!(json.annotations.iter().all(|a| a.category_id == 1 || a.category_id == 18));
+    assert!(json
+        .annotations
+        .iter()
+        .all(|a| a.category_id == 1 || a.category_id == 18));
     let crowd = json.images.iter().any(|im| im.id == 1000);
     assert_eq!(json.annotations.iter().any(|a| a.iscrowd == 1), crowd);
 
     // A rerun downloads nothing and, with the same seed, selects the same files.
-    let before: Vec<_> = std::fs::read_dir(out.join("mini_voc_seg/train")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let before: Vec<_> = std::fs::read_dir(out.join("mini_voc_seg/train"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     prepare(&opts).unwrap();
     assert_eq!(server.log.lock().unwrap().len(), 4);
-    let after: Vec<_> = std::fs::read_dir(out.join("mini_voc_seg/train")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let after: Vec<_> = std::fs::read_dir(out.join("mini_voc_seg/train"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     let (mut b, mut a) = (before, after);
     b.sort();
     a.sort();
@@ -260,15 +318,30 @@ fn prepare_reports_http_404_and_bad_checksum() {
     let dir = tempfile::tempdir().unwrap();
     let err = prepare(&options(dir.path(), &server.base)).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("404") && msg.contains("imagenette2-160.tgz"), "{msg}");
-    assert!(matches!(err.downcast_ref::<DataError>(), Some(DataError::Http { status: 404, .. })));
+    assert!(
+        msg.contains("404") && msg.contains("imagenette2-160.tgz"),
+        "{msg}"
+    );
+    assert!(matches!(
+        err.downcast_ref::<DataError>(),
+        Some(DataError::Http { status: 404, .. })
+    ));
 
     let files = archives();
-    let served: BTreeMap<String, Vec<u8>> = files.iter().map(|(k, v)| (format!("/{k}"), v.clone())).collect();
+    let served: BTreeMap<String, Vec<u8>> = files
+        .iter()
+        .map(|(k, v)| (format!("/{k}"), v.clone()))
+        .collect();
     let server = serve(served);
     let mut opts = options(dir.path(), &server.base);
     opts.archives[0].sha256 = Some("00".repeat(32));
     let err = prepare(&opts).unwrap_err();
-    assert!(matches!(err.downcast_ref::<DataError>(), Some(DataError::ChecksumMismatch { .. })), "{err:#}");
+    assert!(
+        matches!(
+            err.downcast_ref::<DataError>(),
+            Some(DataError::ChecksumMismatch { .. })
+        ),
+        "{err:#}"
+    );
     assert!(!dir.path().join("downloads/imagenette2-160.tgz").exists());
 }

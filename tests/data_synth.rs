@@ -7,7 +7,7 @@ use candle_core::{Device, IndexOp};
 use onehead::data::coco::CocoFile;
 use onehead::data::imageio::read_mask;
 use onehead::data::{
-    generate, SynthOptions, Split, TaskDataset, Target, COCO_CATEGORIES, IGNORE_INDEX, SEG_DIR,
+    generate, Split, SynthOptions, Target, TaskDataset, COCO_CATEGORIES, IGNORE_INDEX, SEG_DIR,
 };
 use onehead::TaskKind;
 
@@ -28,7 +28,10 @@ fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             if p.is_dir() {
                 walk(base, &p, out);
             } else {
-                out.push((p.strip_prefix(base).unwrap().to_path_buf(), std::fs::read(&p).unwrap()));
+                out.push((
+                    p.strip_prefix(base).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                ));
             }
         }
     }
@@ -40,7 +43,11 @@ fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 #[test]
 fn same_seed_identical_bytes_different_seed_differs() {
-    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b, c) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
     generate(a.path(), &small(7)).unwrap();
     generate(b.path(), &small(7)).unwrap();
     generate(c.path(), &small(8)).unwrap();
@@ -49,7 +56,10 @@ fn same_seed_identical_bytes_different_seed_differs() {
     assert_eq!(ta.len(), 60 + 20 + 2 + 3);
     assert!(ta == tb, "same seed must give byte-identical files");
     let differing = ta.iter().zip(&tc).filter(|(x, y)| x.1 != y.1).count();
-    assert!(differing > 70, "a different seed must change nearly every file ({differing})");
+    assert!(
+        differing > 70,
+        "a different seed must change nearly every file ({differing})"
+    );
     // Re-generating over an earlier output replaces it (marker present).
     generate(a.path(), &small(7)).unwrap();
     assert!(tree(a.path()) == tb);
@@ -61,7 +71,10 @@ fn refuses_to_overwrite_foreign_folder() {
     std::fs::create_dir_all(d.path().join(SEG_DIR)).unwrap();
     std::fs::write(d.path().join(SEG_DIR).join("mine.txt"), "x").unwrap();
     let err = generate(d.path(), &small(1)).unwrap_err();
-    assert!(format!("{err:#}").contains("refusing to overwrite"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("refusing to overwrite"),
+        "{err:#}"
+    );
 }
 
 #[test]
@@ -82,12 +95,20 @@ fn loaders_round_trip_synth() {
     }
     assert!(raw_values.contains(&IGNORE_INDEX) && raw_values.contains(&0));
     assert!(raw_values.iter().all(|&v| v <= 20 || v == IGNORE_INDEX));
-    assert!(raw_values.iter().filter(|&&v| (1..=20).contains(&v)).count() >= 3);
+    assert!(
+        raw_values
+            .iter()
+            .filter(|&&v| (1..=20).contains(&v))
+            .count()
+            >= 3
+    );
     let seg = TaskDataset::open(TaskKind::Seg, d.path(), Split::Train, 32).unwrap();
     assert_eq!((seg.len(), seg.num_classes()), (10, 21));
     let mut loaded_values = BTreeSet::new();
     for i in 0..seg.len() {
-        let Target::Seg(m) = seg.target(i) else { panic!() };
+        let Target::Seg(m) = seg.target(i) else {
+            panic!()
+        };
         assert_eq!(m.len(), 32 * 32);
         loaded_values.extend(m.iter().copied());
     }
@@ -99,9 +120,18 @@ fn loaders_round_trip_synth() {
     assert_eq!(b.images.dims(), &[2, 3, 32, 32]);
     let plain = b.images.i(0).unwrap().flip(&[2]).unwrap();
     let flipped = b.images.i(1).unwrap();
-    let diff = (plain - flipped).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (plain - flipped)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(diff, 0.0);
-    let (Target::Seg(m0), Target::Seg(m1)) = (&b.targets[0], &b.targets[1]) else { panic!() };
+    let (Target::Seg(m0), Target::Seg(m1)) = (&b.targets[0], &b.targets[1]) else {
+        panic!()
+    };
     for y in 0..32 {
         for x in 0..32 {
             assert_eq!(m0[y * 32 + x], m1[y * 32 + 31 - x]);
@@ -109,12 +139,25 @@ fn loaders_round_trip_synth() {
     }
     let masks = onehead::data::seg_masks(&b, &dev).unwrap();
     assert_eq!(masks.dims(), &[2, 32, 32]);
-    assert_eq!(masks.i((1, 0, 31)).unwrap().to_scalar::<u32>().unwrap(), m0[0] as u32);
+    assert_eq!(
+        masks.i((1, 0, 31)).unwrap().to_scalar::<u32>().unwrap(),
+        m0[0] as u32
+    );
 
     // Detection: COCO ids are the real (non-contiguous) ones, remapped to 0..10 sorted by id.
-    let json = CocoFile::read(&d.path().join("mini_coco_det/annotations/instances_val.json")).unwrap();
+    let json = CocoFile::read(
+        &d.path()
+            .join("mini_coco_det/annotations/instances_val.json"),
+    )
+    .unwrap();
     let ids: Vec<u64> = json.categories.iter().map(|c| c.id).collect();
-    assert_eq!(ids, COCO_CATEGORIES.iter().map(|c| c.0 as u64).collect::<Vec<_>>());
+    assert_eq!(
+        ids,
+        COCO_CATEGORIES
+            .iter()
+            .map(|c| c.0 as u64)
+            .collect::<Vec<_>>()
+    );
     let det = TaskDataset::open(TaskKind::Det, d.path(), Split::Val, 64).unwrap();
     assert_eq!(det.num_classes(), 10);
     assert_eq!(det.class_names[0], "person");
@@ -122,23 +165,43 @@ fn loaders_round_trip_synth() {
     let mut n_boxes = 0;
     for (i, im) in json.images.iter().enumerate() {
         assert_eq!(det.image_ids[i], im.id);
-        let Target::Det(boxes) = det.target(i) else { panic!() };
-        let anns: Vec<_> = json.annotations.iter().filter(|a| a.image_id == im.id).collect();
+        let Target::Det(boxes) = det.target(i) else {
+            panic!()
+        };
+        let anns: Vec<_> = json
+            .annotations
+            .iter()
+            .filter(|a| a.image_id == im.id)
+            .collect();
         assert_eq!(boxes.len(), anns.len());
         assert!((1..=6).contains(&anns.len()) || anns.is_empty());
         let (sx, sy) = (64.0 / im.width as f32, 64.0 / im.height as f32);
         for (b, a) in boxes.iter().zip(&anns) {
             assert_eq!(det.category_ids[b.class], a.category_id);
-            let want = [a.bbox[0] as f32 * sx, a.bbox[1] as f32 * sy, (a.bbox[0] + a.bbox[2]) as f32 * sx, (a.bbox[1] + a.bbox[3]) as f32 * sy];
+            let want = [
+                a.bbox[0] as f32 * sx,
+                a.bbox[1] as f32 * sy,
+                (a.bbox[0] + a.bbox[2]) as f32 * sx,
+                (a.bbox[1] + a.bbox[3]) as f32 * sy,
+            ];
             for k in 0..4 {
-                assert!((b.bbox[k] - want[k]).abs() < 1e-3, "{:?} vs {want:?}", b.bbox);
+                assert!(
+                    (b.bbox[k] - want[k]).abs() < 1e-3,
+                    "{:?} vs {want:?}",
+                    b.bbox
+                );
             }
             n_boxes += 1;
         }
         let fb = det.batch(&[i], &[true], &dev).unwrap();
-        let Target::Det(fl) = &fb.targets[0] else { panic!() };
+        let Target::Det(fl) = &fb.targets[0] else {
+            panic!()
+        };
         for (f, b) in fl.iter().zip(boxes) {
-            assert_eq!(f.bbox, [64.0 - b.bbox[2], b.bbox[1], 64.0 - b.bbox[0], b.bbox[3]]);
+            assert_eq!(
+                f.bbox,
+                [64.0 - b.bbox[2], b.bbox[1], 64.0 - b.bbox[0], b.bbox[3]]
+            );
             assert_eq!(f.class, b.class);
         }
     }
@@ -177,7 +240,10 @@ fn synth_contact_sheet() {
     let root = Path::new(&out);
     let s = 128usize;
     let mut sheet = image::RgbImage::new((s * 8) as u32, (s * 3) as u32);
-    for (row, task) in [TaskKind::Seg, TaskKind::Det, TaskKind::Cls].into_iter().enumerate() {
+    for (row, task) in [TaskKind::Seg, TaskKind::Det, TaskKind::Cls]
+        .into_iter()
+        .enumerate()
+    {
         let ds = TaskDataset::open(task, root, Split::Val, s).unwrap();
         for col in 0..8 {
             let i = (col * 7) % ds.len();
@@ -191,7 +257,9 @@ fn synth_contact_sheet() {
                             let (xf, yf) = (x as f32, y as f32);
                             let on_x = (xf - b.bbox[0]).abs() < 1.0 || (xf - b.bbox[2]).abs() < 1.0;
                             let on_y = (yf - b.bbox[1]).abs() < 1.0 || (yf - b.bbox[3]).abs() < 1.0;
-                            if (on_x && yf >= b.bbox[1] && yf <= b.bbox[3]) || (on_y && xf >= b.bbox[0] && xf <= b.bbox[2]) {
+                            if (on_x && yf >= b.bbox[1] && yf <= b.bbox[3])
+                                || (on_y && xf >= b.bbox[0] && xf <= b.bbox[2])
+                            {
                                 c = [255, 0, 255];
                             }
                         }

@@ -55,7 +55,8 @@ impl CocoFile {
     /// Parse a COCO instances JSON file.
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_slice(&bytes).with_context(|| format!("parsing COCO JSON {}", path.display()))
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing COCO JSON {}", path.display()))
     }
 
     /// Write as pretty JSON (field order fixed by the structs, so output is deterministic).

@@ -123,7 +123,11 @@ impl TaskDataset {
         let mut images: BTreeMap<String, PathBuf> = BTreeMap::new();
         let mut masks: BTreeMap<String, PathBuf> = BTreeMap::new();
         for f in files.into_iter().filter(|f| is_image(f)) {
-            let stem = f.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            let stem = f
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             if is_jpeg(&f) {
                 images.insert(stem, f);
             } else {
@@ -249,7 +253,11 @@ impl TaskDataset {
             };
             per_image[ii].push((ci, a.bbox, a.iscrowd != 0));
         }
-        let paths: Vec<PathBuf> = coco.images.iter().map(|im| dir.join(&im.file_name)).collect();
+        let paths: Vec<PathBuf> = coco
+            .images
+            .iter()
+            .map(|im| dir.join(&im.file_name))
+            .collect();
         for p in &paths {
             if !p.is_file() {
                 return Err(DataError::MissingImageFile {
@@ -271,8 +279,11 @@ impl TaskDataset {
             .collect::<Result<_>>()?;
         self.class_names = coco.categories.iter().map(|c| c.name.clone()).collect();
         self.category_ids = coco.categories.iter().map(|c| c.id).collect();
-        for (((p, (px, w, h)), anns), im) in
-            paths.into_iter().zip(loaded).zip(per_image).zip(&coco.images)
+        for (((p, (px, w, h)), anns), im) in paths
+            .into_iter()
+            .zip(loaded)
+            .zip(per_image)
+            .zip(&coco.images)
         {
             // Scale with the decoded size (the JSON's width/height may be absent or stale).
             let (sx, sy) = (size / w as f32, size / h as f32);
@@ -310,13 +321,20 @@ impl TaskDataset {
         }
         let mut items = Vec::new();
         for (label, cd) in class_dirs.iter().enumerate() {
-            let files: Vec<PathBuf> = sorted_files(cd)?.into_iter().filter(|f| is_image(f)).collect();
+            let files: Vec<PathBuf> = sorted_files(cd)?
+                .into_iter()
+                .filter(|f| is_image(f))
+                .collect();
             if files.is_empty() {
                 return Err(DataError::EmptyFolder { path: cd.clone() }.into());
             }
             items.extend(files.into_iter().map(|f| (f, label)));
-            self.class_names
-                .push(cd.file_name().unwrap_or_default().to_string_lossy().into_owned());
+            self.class_names.push(
+                cd.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
         let loaded: Vec<(Vec<u8>, u32, u32)> = items
             .par_iter()
@@ -450,10 +468,18 @@ pub fn seg_masks(batch: &Batch, device: &Device) -> Result<Tensor> {
     for t in &batch.targets {
         match t {
             Target::Seg(m) => {
-                anyhow::ensure!(m.len() == h * w, "seg_masks: mask of {} pixels, expected {}", m.len(), h * w);
+                anyhow::ensure!(
+                    m.len() == h * w,
+                    "seg_masks: mask of {} pixels, expected {}",
+                    m.len(),
+                    h * w
+                );
                 v.extend(m.iter().map(|&x| x as u32));
             }
-            _ => anyhow::bail!("seg_masks: batch of task {} is not a segmentation batch", batch.task),
+            _ => anyhow::bail!(
+                "seg_masks: batch of task {} is not a segmentation batch",
+                batch.task
+            ),
         }
     }
     Ok(Tensor::from_vec(v, (b, h, w), device)?)

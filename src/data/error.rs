@@ -37,10 +37,18 @@ pub enum DataError {
     Unpaired { path: PathBuf, what: &'static str },
     /// A COCO annotation whose `image_id` is not among the JSON's `images`.
     #[error("{}: annotation {ann_id} refers to image id {image_id}, which is not listed in `images`", json.display())]
-    UnknownImage { json: PathBuf, ann_id: u64, image_id: u64 },
+    UnknownImage {
+        json: PathBuf,
+        ann_id: u64,
+        image_id: u64,
+    },
     /// A COCO annotation whose `category_id` is not among the JSON's `categories`.
     #[error("{}: annotation {ann_id} has category id {category_id}, which is not listed in `categories`", json.display())]
-    UnknownCategory { json: PathBuf, ann_id: u64, category_id: u64 },
+    UnknownCategory {
+        json: PathBuf,
+        ann_id: u64,
+        category_id: u64,
+    },
     /// An image listed in a COCO JSON whose file does not exist.
     #[error("{}: image {} listed in the annotations does not exist", json.display(), path.display())]
     MissingImageFile { json: PathBuf, path: PathBuf },
@@ -52,10 +60,18 @@ pub enum DataError {
     Http { url: String, status: u16 },
     /// A downloaded file whose size is not the expected one.
     #[error("{}: {got} bytes, expected {expected}", path.display())]
-    SizeMismatch { path: PathBuf, got: u64, expected: u64 },
+    SizeMismatch {
+        path: PathBuf,
+        got: u64,
+        expected: u64,
+    },
     /// A downloaded file whose SHA-256 is not the expected one.
     #[error("{}: sha256 {got}, expected {expected}", path.display())]
-    ChecksumMismatch { path: PathBuf, got: String, expected: String },
+    ChecksumMismatch {
+        path: PathBuf,
+        got: String,
+        expected: String,
+    },
     /// An output folder that onehead did not create and will not overwrite.
     #[error("refusing to overwrite {} (it was not written by onehead); remove it or pick another --out", path.display())]
     WouldOverwrite { path: PathBuf },

@@ -88,7 +88,9 @@ pub fn resize_rgb(img: &RgbImage, size: usize) -> Vec<u8> {
 /// Nearest-neighbour resize of a `w x h` label map to `size x size` (labels must never be
 /// interpolated). Pixel centres are mapped: `src = floor((dst + 0.5) * w / size)`.
 pub fn resize_mask(mask: &[u8], w: usize, h: usize, size: usize) -> Vec<u8> {
-    let xs: Vec<usize> = (0..size).map(|x| ((2 * x + 1) * w / (2 * size)).min(w - 1)).collect();
+    let xs: Vec<usize> = (0..size)
+        .map(|x| ((2 * x + 1) * w / (2 * size)).min(w - 1))
+        .collect();
     let mut out = Vec::with_capacity(size * size);
     for y in 0..size {
         let sy = ((2 * y + 1) * h / (2 * size)).min(h - 1);
@@ -120,7 +122,9 @@ pub fn read_mask(path: &Path) -> Result<Mask> {
         .output_buffer_size()
         .ok_or_else(|| bad("image too large".into()))?;
     let mut buf = vec![0u8; size];
-    let info = reader.next_frame(&mut buf).map_err(|e| bad(e.to_string()))?;
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| bad(e.to_string()))?;
     if info.bit_depth != png::BitDepth::Eight
         || !matches!(
             info.color_type,
@@ -152,7 +156,7 @@ pub fn voc_palette() -> Vec<u8> {
         let (mut r, mut g, mut b) = (0u8, 0u8, 0u8);
         let mut c = i;
         for j in 0..8 {
-            r |= (((c >> 0) & 1) as u8) << (7 - j);
+            r |= ((c & 1) as u8) << (7 - j);
             g |= (((c >> 1) & 1) as u8) << (7 - j);
             b |= (((c >> 2) & 1) as u8) << (7 - j);
             c >>= 3;

@@ -139,8 +139,8 @@ pub use crate::data::error::DataError;
 pub use crate::data::prepare::{prepare, ArchiveSpec, PrepareOptions, PrepareSummary};
 pub use crate::data::synth::{generate, SynthOptions, SynthSummary};
 
-pub mod dataset;
 pub mod coco;
+pub mod dataset;
 pub mod error;
 pub mod imageio;
 pub mod prepare;

@@ -68,10 +68,22 @@ pub const COCO_ANNOTATIONS: usize = 3;
 /// Every download is still checked against the server's Content-Length, and a value filled in
 /// here is enforced.
 pub const ARCHIVES: [(&str, Option<u64>, Option<&str>); 4] = [
-    ("https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz", None, None),
-    ("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar", None, None),
+    (
+        "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz",
+        None,
+        None,
+    ),
+    (
+        "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
+        None,
+        None,
+    ),
     ("http://images.cocodataset.org/zips/val2017.zip", None, None),
-    ("http://images.cocodataset.org/annotations/annotations_trainval2017.zip", None, None),
+    (
+        "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",
+        None,
+        None,
+    ),
 ];
 
 /// [`ARCHIVES`] as owned specs.
@@ -139,10 +151,17 @@ impl Drop for TempArea {
 /// Download, extract, sample and write the three course datasets (Steps 1–4).
 pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary> {
     let out = &opts.out;
-    anyhow::ensure!(opts.train > 0 && opts.val > 0, "prepare: train and val sizes must be positive");
+    anyhow::ensure!(
+        opts.train > 0 && opts.val > 0,
+        "prepare: train and val sizes must be positive"
+    );
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let downloads = opts.downloads.clone().unwrap_or_else(|| out.join("downloads"));
-    std::fs::create_dir_all(&downloads).with_context(|| format!("creating {}", downloads.display()))?;
+    let downloads = opts
+        .downloads
+        .clone()
+        .unwrap_or_else(|| out.join("downloads"));
+    std::fs::create_dir_all(&downloads)
+        .with_context(|| format!("creating {}", downloads.display()))?;
 
     // Step 2a: downloads (all first, so a network failure leaves nothing half-written).
     let mut files = Vec::new();
@@ -155,7 +174,11 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary> {
     if tmp.0.exists() {
         std::fs::remove_dir_all(&tmp.0).with_context(|| format!("clearing {}", tmp.0.display()))?;
     }
-    let (t_cls, t_voc, t_coco) = (tmp.0.join("imagenette"), tmp.0.join("voc"), tmp.0.join("coco"));
+    let (t_cls, t_voc, t_coco) = (
+        tmp.0.join("imagenette"),
+        tmp.0.join("voc"),
+        tmp.0.join("coco"),
+    );
     extract(&files[IMAGENETTE], &t_cls)?;
     extract(&files[VOC], &t_voc)?;
     extract(&files[COCO_IMAGES], &t_coco)?;
@@ -163,8 +186,18 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary> {
 
     // Step 3: sampling. One RNG, used in a fixed order, so the seed fixes the selection.
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    let cls_images = sample_imagenette(&t_cls.join("imagenette2-160"), &out.join(CLS_DIR), opts, &mut rng)?;
-    let seg_images = sample_voc(&t_voc.join("VOCdevkit").join("VOC2012"), &out.join(SEG_DIR), opts, &mut rng)?;
+    let cls_images = sample_imagenette(
+        &t_cls.join("imagenette2-160"),
+        &out.join(CLS_DIR),
+        opts,
+        &mut rng,
+    )?;
+    let seg_images = sample_voc(
+        &t_voc.join("VOCdevkit").join("VOC2012"),
+        &out.join(SEG_DIR),
+        opts,
+        &mut rng,
+    )?;
     let (det_images, det_annotations) = sample_coco(&t_coco, &out.join(DET_DIR), opts, &mut rng)?;
 
     // Step 4.
@@ -202,7 +235,12 @@ pub fn download(spec: &ArchiveSpec, mirror: Option<&str>, dir: &Path) -> Result<
     }
     let resp = req.call().with_context(|| format!("downloading {url}"))?;
     let status = resp.status().as_u16();
-    let header = |k: &str| resp.headers().get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let header = |k: &str| {
+        resp.headers()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let length: Option<u64> = header("content-length").and_then(|v| v.trim().parse().ok());
     let (mut file, start, total) = match status {
         206 if have > 0 => {
@@ -216,12 +254,23 @@ pub fn download(spec: &ArchiveSpec, mirror: Option<&str>, dir: &Path) -> Result<
                 from == Some(have),
                 "downloading {url}: asked to resume at byte {have}, server answered Content-Range '{cr}'"
             );
-            let total = cr.rsplit('/').next().and_then(|t| t.trim().parse().ok()).or(length.map(|l| l + have));
-            let f = OpenOptions::new().append(true).open(&part).with_context(|| format!("opening {}", part.display()))?;
+            let total = cr
+                .rsplit('/')
+                .next()
+                .and_then(|t| t.trim().parse().ok())
+                .or(length.map(|l| l + have));
+            let f = OpenOptions::new()
+                .append(true)
+                .open(&part)
+                .with_context(|| format!("opening {}", part.display()))?;
             (f, have, total)
         }
         // A full answer (the server ignored the range, or there was none): start over.
-        200 => (File::create(&part).with_context(|| format!("creating {}", part.display()))?, 0, length),
+        200 => (
+            File::create(&part).with_context(|| format!("creating {}", part.display()))?,
+            0,
+            length,
+        ),
         416 if have > 0 => {
             // The part is not a prefix of the file on the server: drop it and retry once.
             std::fs::remove_file(&part)?;
@@ -234,9 +283,11 @@ pub fn download(spec: &ArchiveSpec, mirror: Option<&str>, dir: &Path) -> Result<
     }
     let pb = indicatif::ProgressBar::new(total.unwrap_or(0));
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     pb.set_message(name.to_string());
     pb.set_position(start);
@@ -244,12 +295,16 @@ pub fn download(spec: &ArchiveSpec, mirror: Option<&str>, dir: &Path) -> Result<
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = body.read(&mut buf).with_context(|| {
-            format!("downloading {url} (the partial file {} is kept; run again to resume)", part.display())
+            format!(
+                "downloading {url} (the partial file {} is kept; run again to resume)",
+                part.display()
+            )
         })?;
         if n == 0 {
             break;
         }
-        file.write_all(&buf[..n]).with_context(|| format!("writing {}", part.display()))?;
+        file.write_all(&buf[..n])
+            .with_context(|| format!("writing {}", part.display()))?;
         pb.inc(n as u64);
     }
     file.flush()?;
@@ -258,10 +313,16 @@ pub fn download(spec: &ArchiveSpec, mirror: Option<&str>, dir: &Path) -> Result<
     let got = part.metadata()?.len();
     if let Some(t) = total {
         if got != t {
-            return Err(DataError::SizeMismatch { path: part, got, expected: t }.into());
+            return Err(DataError::SizeMismatch {
+                path: part,
+                got,
+                expected: t,
+            }
+            .into());
         }
     }
-    std::fs::rename(&part, &dest).with_context(|| format!("renaming {} to {}", part.display(), dest.display()))?;
+    std::fs::rename(&part, &dest)
+        .with_context(|| format!("renaming {} to {}", part.display(), dest.display()))?;
     if let Err(e) = verify(&dest, spec) {
         // A wrong file must not be mistaken for a finished download next time.
         let _ = std::fs::remove_file(&dest);
@@ -272,10 +333,18 @@ pub fn download(spec: &ArchiveSpec, mirror: Option<&str>, dir: &Path) -> Result<
 
 /// Check a finished download against the known size and SHA-256 of `spec`.
 fn verify(path: &Path, spec: &ArchiveSpec) -> Result<()> {
-    let got = path.metadata().with_context(|| format!("reading {}", path.display()))?.len();
+    let got = path
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
     if let Some(expected) = spec.size {
         if got != expected {
-            return Err(DataError::SizeMismatch { path: path.to_path_buf(), got, expected }.into());
+            return Err(DataError::SizeMismatch {
+                path: path.to_path_buf(),
+                got,
+                expected,
+            }
+            .into());
         }
     }
     if let Some(expected) = &spec.sha256 {
@@ -284,7 +353,12 @@ fn verify(path: &Path, spec: &ArchiveSpec) -> Result<()> {
         std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
         let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
         if &got != expected {
-            return Err(DataError::ChecksumMismatch { path: path.to_path_buf(), got, expected: expected.clone() }.into());
+            return Err(DataError::ChecksumMismatch {
+                path: path.to_path_buf(),
+                got,
+                expected: expected.clone(),
+            }
+            .into());
         }
     }
     Ok(())
@@ -293,17 +367,29 @@ fn verify(path: &Path, spec: &ArchiveSpec) -> Result<()> {
 /// Extract a `.zip`, `.tar`, `.tgz` or `.tar.gz` archive into `dest`.
 pub fn extract(archive: &Path, dest: &Path) -> Result<()> {
     std::fs::create_dir_all(dest)?;
-    let name = archive.file_name().unwrap_or_default().to_string_lossy().to_ascii_lowercase();
+    let name = archive
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_ascii_lowercase();
     let ctx = || format!("extracting {} into {}", archive.display(), dest.display());
     let file = File::open(archive).with_context(ctx)?;
     if name.ends_with(".zip") {
-        zip::ZipArchive::new(file).with_context(ctx)?.extract(dest).with_context(ctx)?;
+        zip::ZipArchive::new(file)
+            .with_context(ctx)?
+            .extract(dest)
+            .with_context(ctx)?;
     } else if name.ends_with(".tgz") || name.ends_with(".tar.gz") {
-        tar::Archive::new(flate2::read::GzDecoder::new(file)).unpack(dest).with_context(ctx)?;
+        tar::Archive::new(flate2::read::GzDecoder::new(file))
+            .unpack(dest)
+            .with_context(ctx)?;
     } else if name.ends_with(".tar") {
         tar::Archive::new(file).unpack(dest).with_context(ctx)?;
     } else {
-        anyhow::bail!("{}: unknown archive type (expected .zip, .tar, .tgz or .tar.gz)", archive.display());
+        anyhow::bail!(
+            "{}: unknown archive type (expected .zip, .tar, .tgz or .tar.gz)",
+            archive.display()
+        );
     }
     Ok(())
 }
@@ -318,7 +404,8 @@ fn expect_dir(path: &Path, archive: &str) -> Result<()> {
 }
 
 fn copy(from: &Path, to: &Path) -> Result<()> {
-    std::fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    std::fs::copy(from, to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     Ok(())
 }
 
@@ -328,11 +415,19 @@ fn file_name(p: &Path) -> &std::ffi::OsStr {
 
 /// Imagenette: stratified per class (class c gets `n / C` images, plus one for the first
 /// `n % C` classes), train from Imagenette's train split and val from its val split.
-fn sample_imagenette(src: &Path, out: &Path, opts: &PrepareOptions, rng: &mut ChaCha8Rng) -> Result<[usize; 2]> {
+fn sample_imagenette(
+    src: &Path,
+    out: &Path,
+    opts: &PrepareOptions,
+    rng: &mut ChaCha8Rng,
+) -> Result<[usize; 2]> {
     let archive = opts.archives[IMAGENETTE].file_name().to_string();
     let out = fresh_dataset_dir(out, "prepare")?;
     let mut counts = [0; 2];
-    for (si, (split, n)) in [(Split::Train, opts.train), (Split::Val, opts.val)].into_iter().enumerate() {
+    for (si, (split, n)) in [(Split::Train, opts.train), (Split::Val, opts.val)]
+        .into_iter()
+        .enumerate()
+    {
         let sdir = src.join(split.name());
         expect_dir(&sdir, &archive)?;
         let classes = sorted_dirs(&sdir)?;
@@ -340,7 +435,10 @@ fn sample_imagenette(src: &Path, out: &Path, opts: &PrepareOptions, rng: &mut Ch
         let nc = classes.len();
         for (c, cdir) in classes.iter().enumerate() {
             let quota = n / nc + usize::from(c < n % nc);
-            let mut files: Vec<PathBuf> = sorted_files(cdir)?.into_iter().filter(|f| is_image(f)).collect();
+            let mut files: Vec<PathBuf> = sorted_files(cdir)?
+                .into_iter()
+                .filter(|f| is_image(f))
+                .collect();
             anyhow::ensure!(
                 files.len() >= quota.max(1),
                 "{}: {} images, but {quota} are needed for the {} split",
@@ -362,19 +460,32 @@ fn sample_imagenette(src: &Path, out: &Path, opts: &PrepareOptions, rng: &mut Ch
 
 /// VOC: only images with a `SegmentationClass` mask; the official segmentation train/val
 /// lists separate the splits when present, else one pool is shuffled and cut.
-fn sample_voc(src: &Path, out: &Path, opts: &PrepareOptions, rng: &mut ChaCha8Rng) -> Result<[usize; 2]> {
+fn sample_voc(
+    src: &Path,
+    out: &Path,
+    opts: &PrepareOptions,
+    rng: &mut ChaCha8Rng,
+) -> Result<[usize; 2]> {
     let archive = opts.archives[VOC].file_name().to_string();
     let (jpegs, masks) = (src.join("JPEGImages"), src.join("SegmentationClass"));
     expect_dir(&jpegs, &archive)?;
     expect_dir(&masks, &archive)?;
-    let has_pair = |id: &str| masks.join(format!("{id}.png")).is_file() && jpegs.join(format!("{id}.jpg")).is_file();
+    let has_pair = |id: &str| {
+        masks.join(format!("{id}.png")).is_file() && jpegs.join(format!("{id}.jpg")).is_file()
+    };
     let read_list = |name: &str| -> Result<Option<Vec<String>>> {
         let p = src.join("ImageSets").join("Segmentation").join(name);
         if !p.is_file() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        let mut ids: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty() && has_pair(l)).map(String::from).collect();
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let mut ids: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && has_pair(l))
+            .map(String::from)
+            .collect();
         ids.sort();
         ids.dedup();
         Ok(Some(ids))
@@ -402,8 +513,12 @@ fn sample_voc(src: &Path, out: &Path, opts: &PrepareOptions, rng: &mut ChaCha8Rn
     };
     let out = fresh_dataset_dir(out, "prepare")?;
     let mut counts = [0; 2];
-    for (si, (split, ids, n)) in
-        [(Split::Train, &mut train_ids, opts.train), (Split::Val, &mut val_ids, opts.val)].into_iter().enumerate()
+    for (si, (split, ids, n)) in [
+        (Split::Train, &mut train_ids, opts.train),
+        (Split::Val, &mut val_ids, opts.val),
+    ]
+    .into_iter()
+    .enumerate()
     {
         ids.shuffle(rng);
         anyhow::ensure!(
@@ -416,8 +531,14 @@ fn sample_voc(src: &Path, out: &Path, opts: &PrepareOptions, rng: &mut ChaCha8Rn
         let odir = out.join(split.name());
         std::fs::create_dir_all(&odir)?;
         for id in ids.iter().take(n) {
-            copy(&jpegs.join(format!("{id}.jpg")), &odir.join(format!("{id}.jpg")))?;
-            copy(&masks.join(format!("{id}.png")), &odir.join(format!("{id}.png")))?;
+            copy(
+                &jpegs.join(format!("{id}.jpg")),
+                &odir.join(format!("{id}.jpg")),
+            )?;
+            copy(
+                &masks.join(format!("{id}.png")),
+                &odir.join(format!("{id}.png")),
+            )?;
         }
         counts[si] = n;
     }
@@ -426,7 +547,12 @@ fn sample_voc(src: &Path, out: &Path, opts: &PrepareOptions, rng: &mut ChaCha8Rn
 
 /// COCO val2017: images with at least one annotation of the chosen categories; only those
 /// annotations (crowd included); one lightweight JSON per split.
-fn sample_coco(src: &Path, out: &Path, opts: &PrepareOptions, rng: &mut ChaCha8Rng) -> Result<([usize; 2], [usize; 2])> {
+fn sample_coco(
+    src: &Path,
+    out: &Path,
+    opts: &PrepareOptions,
+    rng: &mut ChaCha8Rng,
+) -> Result<([usize; 2], [usize; 2])> {
     let images_dir = src.join("val2017");
     expect_dir(&images_dir, opts.archives[COCO_IMAGES].file_name())?;
     let json = src.join("annotations").join("instances_val2017.json");
@@ -438,7 +564,12 @@ fn sample_coco(src: &Path, out: &Path, opts: &PrepareOptions, rng: &mut ChaCha8R
     );
     let full = CocoFile::read(&json)?;
     let chosen: Vec<u64> = COCO_CATEGORIES.iter().map(|c| c.0 as u64).collect();
-    let mut categories: Vec<_> = full.categories.iter().filter(|c| chosen.contains(&c.id)).cloned().collect();
+    let mut categories: Vec<_> = full
+        .categories
+        .iter()
+        .filter(|c| chosen.contains(&c.id))
+        .cloned()
+        .collect();
     categories.sort_by_key(|c| c.id);
     for &(id, name, _) in &COCO_CATEGORIES {
         anyhow::ensure!(
@@ -447,11 +578,19 @@ fn sample_coco(src: &Path, out: &Path, opts: &PrepareOptions, rng: &mut ChaCha8R
             json.display()
         );
     }
-    let anns: Vec<CocoAnnotation> = full.annotations.into_iter().filter(|a| chosen.contains(&a.category_id)).collect();
+    let anns: Vec<CocoAnnotation> = full
+        .annotations
+        .into_iter()
+        .filter(|a| chosen.contains(&a.category_id))
+        .collect();
     let mut keep: Vec<u64> = anns.iter().map(|a| a.image_id).collect();
     keep.sort_unstable();
     keep.dedup();
-    let mut images: Vec<_> = full.images.into_iter().filter(|im| keep.binary_search(&im.id).is_ok()).collect();
+    let mut images: Vec<_> = full
+        .images
+        .into_iter()
+        .filter(|im| keep.binary_search(&im.id).is_ok())
+        .collect();
     images.sort_by_key(|im| im.id);
     anyhow::ensure!(
         images.len() >= opts.train + opts.val,
@@ -466,20 +605,33 @@ fn sample_coco(src: &Path, out: &Path, opts: &PrepareOptions, rng: &mut ChaCha8R
     let out = fresh_dataset_dir(out, "prepare")?;
     std::fs::create_dir_all(out.join("annotations"))?;
     let mut counts = ([0; 2], [0; 2]);
-    for (si, (split, mut imgs)) in [(Split::Train, images), (Split::Val, val_images)].into_iter().enumerate() {
+    for (si, (split, mut imgs)) in [(Split::Train, images), (Split::Val, val_images)]
+        .into_iter()
+        .enumerate()
+    {
         imgs.sort_by_key(|im| im.id);
         let odir = out.join(split.name());
         std::fs::create_dir_all(&odir)?;
         for im in &imgs {
             copy(&images_dir.join(&im.file_name), &odir.join(&im.file_name))?;
         }
-        let mut split_anns: Vec<CocoAnnotation> =
-            anns.iter().filter(|a| imgs.binary_search_by_key(&a.image_id, |im| im.id).is_ok()).cloned().collect();
+        let mut split_anns: Vec<CocoAnnotation> = anns
+            .iter()
+            .filter(|a| imgs.binary_search_by_key(&a.image_id, |im| im.id).is_ok())
+            .cloned()
+            .collect();
         split_anns.sort_by_key(|a| a.id);
         counts.0[si] = imgs.len();
         counts.1[si] = split_anns.len();
-        CocoFile { images: imgs, annotations: split_anns, categories: categories.clone() }
-            .write(&out.join("annotations").join(format!("instances_{}.json", split.name())))?;
+        CocoFile {
+            images: imgs,
+            annotations: split_anns,
+            categories: categories.clone(),
+        }
+        .write(
+            &out.join("annotations")
+                .join(format!("instances_{}.json", split.name())),
+        )?;
     }
     Ok(counts)
 }

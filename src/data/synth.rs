@@ -26,7 +26,9 @@ use rayon::prelude::*;
 
 use super::coco::{chosen_categories, CocoAnnotation, CocoFile, CocoImage};
 use super::imageio::{encode_jpeg, encode_mask_png, MARKER};
-use super::{DataError, Split, CLS_DIR, COCO_CATEGORIES, DET_DIR, IGNORE_INDEX, IMAGENETTE_CLASSES, SEG_DIR};
+use super::{
+    DataError, Split, CLS_DIR, COCO_CATEGORIES, DET_DIR, IGNORE_INDEX, IMAGENETTE_CLASSES, SEG_DIR,
+};
 use crate::TaskKind;
 
 /// Options of [`generate`].
@@ -73,7 +75,11 @@ pub struct SynthSummary {
 /// layout). Dataset folders already present are replaced only if onehead wrote them
 /// (they carry a `.onehead` marker); otherwise this fails with [`DataError::WouldOverwrite`].
 pub fn generate(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
-    anyhow::ensure!(opts.size >= 32, "synth: --size must be at least 32 (got {})", opts.size);
+    anyhow::ensure!(
+        opts.size >= 32,
+        "synth: --size must be at least 32 (got {})",
+        opts.size
+    );
     anyhow::ensure!(
         opts.train >= 10 && opts.val >= 10,
         "synth: --train and --val must each be at least 10 (one image per class), got {} and {}",
@@ -91,7 +97,10 @@ pub fn generate(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
         det_annotations: [0; 2],
         cls_images: [0; 2],
     };
-    for (si, (split, n)) in [(Split::Train, opts.train), (Split::Val, opts.val)].into_iter().enumerate() {
+    for (si, (split, n)) in [(Split::Train, opts.train), (Split::Val, opts.val)]
+        .into_iter()
+        .enumerate()
+    {
         // Segmentation.
         let dir = seg_root.join(split.name());
         std::fs::create_dir_all(&dir)?;
@@ -100,7 +109,10 @@ pub fn generate(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
             let (img, mask) = render_seg(&mut rng, opts.size);
             let stem = format!("synth_{}_{i:06}", split.name());
             write(&dir.join(format!("{stem}.jpg")), &img.jpeg(&mut rng)?)?;
-            write(&dir.join(format!("{stem}.png")), &encode_mask_png(img.w as u32, img.h as u32, &mask)?)
+            write(
+                &dir.join(format!("{stem}.png")),
+                &encode_mask_png(img.w as u32, img.h as u32, &mask)?,
+            )
         })?;
         summary.seg_images[si] = n;
 
@@ -149,7 +161,11 @@ pub fn generate(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
         }
         summary.det_images[si] = n;
         summary.det_annotations[si] = coco.annotations.len();
-        coco.write(&det_root.join("annotations").join(format!("instances_{}.json", split.name())))?;
+        coco.write(
+            &det_root
+                .join("annotations")
+                .join(format!("instances_{}.json", split.name())),
+        )?;
 
         // Classification: balanced, class = index mod 10.
         let dir = cls_root.join(split.name());
@@ -192,7 +208,10 @@ pub(crate) fn fresh_dataset_dir(dir: &Path, writer: &str) -> Result<PathBuf> {
         }
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write(&dir.join(MARKER), format!("written by onehead {writer}\n").as_bytes())?;
+    write(
+        &dir.join(MARKER),
+        format!("written by onehead {writer}\n").as_bytes(),
+    )?;
     Ok(dir.to_path_buf())
 }
 
@@ -266,26 +285,26 @@ const TEXTURES: [Texture; 9] = [
 /// `STYLES[c - 1]` = (shape, texture, base hue in degrees) of VOC class `c` (1..=20).
 /// Classes 2k+1 and 2k+2 share a shape (the hard pairs).
 const STYLES: [(Shape, Texture, f32); 20] = [
-    (Shape::Disk, Texture::Stripes(0.0), 210.0),     // 1 aeroplane
-    (Shape::Disk, Texture::Dots, 30.0),              // 2 bicycle
-    (Shape::Square, Texture::Checker, 55.0),         // 3 bird
-    (Shape::Square, Texture::Stripes(45.0), 190.0),  // 4 boat
-    (Shape::Triangle, Texture::Solid, 120.0),        // 5 bottle
-    (Shape::Triangle, Texture::Stripes(0.0), 95.0),  // 6 bus
-    (Shape::Hexagon, Texture::Dots, 0.0),            // 7 car
-    (Shape::Hexagon, Texture::Checker, 20.0),        // 8 cat
-    (Shape::Star, Texture::Solid, 280.0),            // 9 chair
-    (Shape::Star, Texture::Grid, 40.0),              // 10 cow
-    (Shape::Cross, Texture::Waves, 160.0),           // 11 diningtable
-    (Shape::Cross, Texture::Concentric, 175.0),      // 12 dog
-    (Shape::Ring, Texture::Solid, 330.0),            // 13 horse
-    (Shape::Ring, Texture::Stripes(90.0), 240.0),    // 14 motorbike
+    (Shape::Disk, Texture::Stripes(0.0), 210.0), // 1 aeroplane
+    (Shape::Disk, Texture::Dots, 30.0),          // 2 bicycle
+    (Shape::Square, Texture::Checker, 55.0),     // 3 bird
+    (Shape::Square, Texture::Stripes(45.0), 190.0), // 4 boat
+    (Shape::Triangle, Texture::Solid, 120.0),    // 5 bottle
+    (Shape::Triangle, Texture::Stripes(0.0), 95.0), // 6 bus
+    (Shape::Hexagon, Texture::Dots, 0.0),        // 7 car
+    (Shape::Hexagon, Texture::Checker, 20.0),    // 8 cat
+    (Shape::Star, Texture::Solid, 280.0),        // 9 chair
+    (Shape::Star, Texture::Grid, 40.0),          // 10 cow
+    (Shape::Cross, Texture::Waves, 160.0),       // 11 diningtable
+    (Shape::Cross, Texture::Concentric, 175.0),  // 12 dog
+    (Shape::Ring, Texture::Solid, 330.0),        // 13 horse
+    (Shape::Ring, Texture::Stripes(90.0), 240.0), // 14 motorbike
     (Shape::Crescent, Texture::Stripes(45.0), 15.0), // 15 person
-    (Shape::Crescent, Texture::Dots, 130.0),         // 16 pottedplant
-    (Shape::Ellipse, Texture::Checker, 250.0),       // 17 sheep
-    (Shape::Ellipse, Texture::Waves, 300.0),         // 18 sofa
-    (Shape::Heart, Texture::Grid, 350.0),            // 19 train
-    (Shape::Heart, Texture::Stripes(90.0), 200.0),   // 20 tvmonitor
+    (Shape::Crescent, Texture::Dots, 130.0),     // 16 pottedplant
+    (Shape::Ellipse, Texture::Checker, 250.0),   // 17 sheep
+    (Shape::Ellipse, Texture::Waves, 300.0),     // 18 sofa
+    (Shape::Heart, Texture::Grid, 350.0),        // 19 train
+    (Shape::Heart, Texture::Stripes(90.0), 200.0), // 20 tvmonitor
 ];
 
 /// The VOC object type dominating each Imagenette class's scenes (index = class folder order).
@@ -314,7 +333,7 @@ fn inside(shape: Shape, u: f32, v: f32) -> bool {
     match shape {
         Shape::Disk => rho <= 1.0,
         Shape::Square => u.abs().max(v.abs()) <= 0.8,
-        Shape::Triangle => v <= 0.65 && v >= -0.95 && u.abs() <= (v + 0.95) * 0.6,
+        Shape::Triangle => (-0.95..=0.65).contains(&v) && u.abs() <= (v + 0.95) * 0.6,
         Shape::Hexagon => polygon_radius(6, u, v) * 0.95 >= rho,
         Shape::Star => {
             let a = v.atan2(u) + PI / 2.0;
@@ -356,14 +375,24 @@ fn texture(tex: Texture, u: f32, v: f32, p: f32, phase: f32) -> f32 {
         Texture::Dots => {
             let fu = (u / p + phase).rem_euclid(1.0) - 0.5;
             let fv = (v / p).rem_euclid(1.0) - 0.5;
-            if fu * fu + fv * fv < 0.09 { 1.0 } else { 0.0 }
+            if fu * fu + fv * fv < 0.09 {
+                1.0
+            } else {
+                0.0
+            }
         }
-        Texture::Waves => soft((tau * (v + 0.25 * p * (tau * u / (1.5 * p)).sin()) / p + phase).sin()),
+        Texture::Waves => {
+            soft((tau * (v + 0.25 * p * (tau * u / (1.5 * p)).sin()) / p + phase).sin())
+        }
         Texture::Concentric => soft((tau * (u * u + v * v).sqrt() / p + phase).sin()),
         Texture::Grid => {
             let fu = (u / p + phase).rem_euclid(1.0);
             let fv = (v / p).rem_euclid(1.0);
-            if fu < 0.22 || fv < 0.22 { 1.0 } else { 0.0 }
+            if fu < 0.22 || fv < 0.22 {
+                1.0
+            } else {
+                0.0
+            }
         }
     }
 }
@@ -400,7 +429,11 @@ impl Obj {
         let s = rng.random_range(0.45..0.95);
         let v = rng.random_range(0.45..1.0);
         let col1 = hsv(hue, s, v);
-        let col2 = hsv(hue + rng.random_range(20.0..60.0), s * rng.random_range(0.6..1.0), v * rng.random_range(0.25..0.55));
+        let col2 = hsv(
+            hue + rng.random_range(20.0..60.0),
+            s * rng.random_range(0.6..1.0),
+            v * rng.random_range(0.25..0.55),
+        );
         let rot: f32 = rng.random_range(-0.45..0.45);
         let asp: f32 = rng.random_range(0.85..1.18);
         Obj {
@@ -439,15 +472,28 @@ impl Canvas {
 
     /// Gradient + low-frequency waves + (sometimes) a faint vocabulary texture.
     fn background(&mut self, rng: &mut ChaCha8Rng) {
-        let ca = hsv(rng.random_range(0.0..360.0), rng.random_range(0.0..0.6), rng.random_range(0.2..0.9));
-        let cb = hsv(rng.random_range(0.0..360.0), rng.random_range(0.0..0.6), rng.random_range(0.2..0.9));
+        let ca = hsv(
+            rng.random_range(0.0..360.0),
+            rng.random_range(0.0..0.6),
+            rng.random_range(0.2..0.9),
+        );
+        let cb = hsv(
+            rng.random_range(0.0..360.0),
+            rng.random_range(0.0..0.6),
+            rng.random_range(0.2..0.9),
+        );
         let ga: f32 = rng.random_range(0.0..2.0 * PI);
         let (gx, gy) = (ga.cos(), ga.sin());
         let waves: Vec<(f32, f32, f32, f32)> = (0..3)
             .map(|_| {
                 let a: f32 = rng.random_range(0.0..2.0 * PI);
                 let f = rng.random_range(1.0..6.0) * 2.0 * PI / self.w.max(self.h) as f32;
-                (a.cos() * f, a.sin() * f, rng.random_range(0.0..2.0 * PI), rng.random_range(0.03..0.12))
+                (
+                    a.cos() * f,
+                    a.sin() * f,
+                    rng.random_range(0.0..2.0 * PI),
+                    rng.random_range(0.03..0.12),
+                )
             })
             .collect();
         let tex = if rng.random_bool(0.35) {
@@ -455,7 +501,11 @@ impl Canvas {
                 TEXTURES[rng.random_range(0..TEXTURES.len())],
                 rng.random_range(0.08..0.25),
                 rng.random_range(0.05..0.2),
-                hsv(rng.random_range(0.0..360.0), rng.random_range(0.2..0.8), rng.random_range(0.2..0.9)),
+                hsv(
+                    rng.random_range(0.0..360.0),
+                    rng.random_range(0.2..0.8),
+                    rng.random_range(0.2..0.9),
+                ),
             ))
         } else {
             None
@@ -488,19 +538,39 @@ impl Canvas {
     fn clutter(&mut self, rng: &mut ChaCha8Rng, n: usize) {
         let m = self.w.min(self.h) as f32;
         for _ in 0..n {
-            let col = hsv(rng.random_range(0.0..360.0), rng.random_range(0.0..0.9), rng.random_range(0.1..1.0));
+            let col = hsv(
+                rng.random_range(0.0..360.0),
+                rng.random_range(0.0..0.9),
+                rng.random_range(0.1..1.0),
+            );
             let cx = rng.random_range(0.0..self.w as f32);
             let cy = rng.random_range(0.0..self.h as f32);
             match rng.random_range(0..3) {
                 0 => {
                     // Irregular blob.
                     let r0 = rng.random_range(0.02..0.08) * m;
-                    let (k1, p1, k2, p2) = (rng.random_range(2..5) as f32, rng.random_range(0.0..6.3), rng.random_range(3..7) as f32, rng.random_range(0.0..6.3));
-                    self.fill(cx - 1.6 * r0, cy - 1.6 * r0, cx + 1.6 * r0, cy + 1.6 * r0, col, 0, 0, |x, y| {
-                        let (dx, dy) = (x - cx, y - cy);
-                        let a = dy.atan2(dx);
-                        (dx * dx + dy * dy).sqrt() <= r0 * (1.0 + 0.35 * (k1 * a + p1).sin() + 0.2 * (k2 * a + p2).sin())
-                    });
+                    let (k1, p1, k2, p2) = (
+                        rng.random_range(2..5) as f32,
+                        rng.random_range(0.0..6.3),
+                        rng.random_range(3..7) as f32,
+                        rng.random_range(0.0..6.3),
+                    );
+                    self.fill(
+                        cx - 1.6 * r0,
+                        cy - 1.6 * r0,
+                        cx + 1.6 * r0,
+                        cy + 1.6 * r0,
+                        col,
+                        0,
+                        0,
+                        |x, y| {
+                            let (dx, dy) = (x - cx, y - cy);
+                            let a = dy.atan2(dx);
+                            (dx * dx + dy * dy).sqrt()
+                                <= r0
+                                    * (1.0 + 0.35 * (k1 * a + p1).sin() + 0.2 * (k2 * a + p2).sin())
+                        },
+                    );
                 }
                 1 => {
                     let len = m * rng.random_range(0.1..0.5);
@@ -508,7 +578,10 @@ impl Canvas {
                     self.segment(rng, cx, cy, len, hw, col, 0)
                 }
                 _ => {
-                    let (hw, hh) = (rng.random_range(0.01..0.06) * m, rng.random_range(0.01..0.06) * m);
+                    let (hw, hh) = (
+                        rng.random_range(0.01..0.06) * m,
+                        rng.random_range(0.01..0.06) * m,
+                    );
                     self.fill(cx - hw, cy - hh, cx + hw, cy + hh, col, 0, 0, |_, _| true);
                 }
             }
@@ -517,23 +590,57 @@ impl Canvas {
 
     /// A straight segment of half-width `hw` from (cx, cy), random direction, writing `label`.
     #[allow(clippy::too_many_arguments)]
-    fn segment(&mut self, rng: &mut ChaCha8Rng, cx: f32, cy: f32, len: f32, hw: f32, col: [f32; 3], label: u8) {
+    fn segment(
+        &mut self,
+        rng: &mut ChaCha8Rng,
+        cx: f32,
+        cy: f32,
+        len: f32,
+        hw: f32,
+        col: [f32; 3],
+        label: u8,
+    ) {
         let a: f32 = rng.random_range(0.0..PI);
         let (dx, dy) = (a.cos(), a.sin());
         let (ex, ey) = (cx + dx * len, cy + dy * len);
-        self.fill(cx.min(ex) - hw, cy.min(ey) - hw, cx.max(ex) + hw, cy.max(ey) + hw, col, label, 0, |x, y| {
-            let (px, py) = (x - cx, y - cy);
-            let t = (px * dx + py * dy).clamp(0.0, len);
-            let (qx, qy) = (px - t * dx, py - t * dy);
-            qx * qx + qy * qy <= hw * hw
-        });
+        self.fill(
+            cx.min(ex) - hw,
+            cy.min(ey) - hw,
+            cx.max(ex) + hw,
+            cy.max(ey) + hw,
+            col,
+            label,
+            0,
+            |x, y| {
+                let (px, py) = (x - cx, y - cy);
+                let t = (px * dx + py * dy).clamp(0.0, len);
+                let (qx, qy) = (px - t * dx, py - t * dy);
+                qx * qx + qy * qy <= hw * hw
+            },
+        );
     }
 
     /// Paint a flat colour where `test(x, y)` holds, within a box.
     #[allow(clippy::too_many_arguments)]
-    fn fill(&mut self, x0: f32, y0: f32, x1: f32, y1: f32, col: [f32; 3], label: u8, inst: u16, test: impl Fn(f32, f32) -> bool) {
-        let (xa, xb) = (x0.floor().max(0.0) as usize, (x1.ceil().max(0.0) as usize).min(self.w));
-        let (ya, yb) = (y0.floor().max(0.0) as usize, (y1.ceil().max(0.0) as usize).min(self.h));
+    fn fill(
+        &mut self,
+        x0: f32,
+        y0: f32,
+        x1: f32,
+        y1: f32,
+        col: [f32; 3],
+        label: u8,
+        inst: u16,
+        test: impl Fn(f32, f32) -> bool,
+    ) {
+        let (xa, xb) = (
+            x0.floor().max(0.0) as usize,
+            (x1.ceil().max(0.0) as usize).min(self.w),
+        );
+        let (ya, yb) = (
+            y0.floor().max(0.0) as usize,
+            (y1.ceil().max(0.0) as usize).min(self.h),
+        );
         for y in ya..yb {
             for x in xa..xb {
                 if test(x as f32 + 0.5, y as f32 + 0.5) {
@@ -550,8 +657,14 @@ impl Canvas {
     fn draw(&mut self, o: &Obj, inst: u16) -> usize {
         let (shape, tex, _) = STYLES[o.class - 1];
         let [x0, y0, x1, y1] = o.extent();
-        let (xa, xb) = (x0.floor().max(0.0) as usize, (x1.ceil().max(0.0) as usize).min(self.w));
-        let (ya, yb) = (y0.floor().max(0.0) as usize, (y1.ceil().max(0.0) as usize).min(self.h));
+        let (xa, xb) = (
+            x0.floor().max(0.0) as usize,
+            (x1.ceil().max(0.0) as usize).min(self.w),
+        );
+        let (ya, yb) = (
+            y0.floor().max(0.0) as usize,
+            (y1.ceil().max(0.0) as usize).min(self.h),
+        );
         let mut count = 0;
         for y in ya..yb {
             for x in xa..xb {
@@ -581,7 +694,11 @@ impl Canvas {
     fn finish(&self, rng: &mut ChaCha8Rng) -> Vec<u8> {
         let gain = rng.random_range(0.65..1.3);
         let bias = rng.random_range(-0.08..0.08);
-        let cast = [rng.random_range(0.85..1.15), rng.random_range(0.85..1.15), rng.random_range(0.85..1.15)];
+        let cast = [
+            rng.random_range(0.85..1.15),
+            rng.random_range(0.85..1.15),
+            rng.random_range(0.85..1.15),
+        ];
         let la: f32 = rng.random_range(0.0..2.0 * PI);
         let ls = rng.random_range(0.0..0.5);
         let sigma = rng.random_range(0.015..0.06);
@@ -589,10 +706,14 @@ impl Canvas {
         let mut out = Vec::with_capacity(self.w * self.h * 3);
         for y in 0..self.h {
             for x in 0..self.w {
-                let l = 1.0 + ls * ((x as f32 / n - 0.5) * la.cos() + (y as f32 / n - 0.5) * la.sin());
+                let l =
+                    1.0 + ls * ((x as f32 / n - 0.5) * la.cos() + (y as f32 / n - 0.5) * la.sin());
                 let c = self.rgb[y * self.w + x];
                 for k in 0..3 {
-                    let noise = (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5) * 2.0 * sigma;
+                    let noise = (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>()
+                        - 1.5)
+                        * 2.0
+                        * sigma;
                     let val = c[k] * gain * cast[k] * l + bias + noise;
                     out.push((val.clamp(0.0, 1.0) * 255.0 + 0.5) as u8);
                 }
@@ -611,7 +732,12 @@ struct Rendered {
 
 impl Rendered {
     fn jpeg(&self, rng: &mut ChaCha8Rng) -> Result<Vec<u8>> {
-        encode_jpeg(self.w as u32, self.h as u32, &self.rgb, rng.random_range(80..=95))
+        encode_jpeg(
+            self.w as u32,
+            self.h as u32,
+            &self.rgb,
+            rng.random_range(80..=95),
+        )
     }
 }
 
@@ -640,6 +766,7 @@ fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
 /// Place `n` objects of the given classes with radii drawn by `radius`, rejecting placements
 /// that overlap an earlier one by more than `max_iou` (after 20 tries the last is kept: some
 /// heavy overlap is wanted too). Centres stay `margin` (fraction of the side) from the border.
+#[allow(clippy::too_many_arguments)]
 fn place(
     rng: &mut ChaCha8Rng,
     w: usize,
@@ -657,7 +784,9 @@ fn place(
             let cx = rng.random_range(margin..1.0 - margin) * w as f32;
             let cy = rng.random_range(margin..1.0 - margin) * h as f32;
             let o = Obj::random(rng, class, cx, cy, r);
-            let ok = placed.iter().all(|p| iou(p.extent(), o.extent()) <= max_iou);
+            let ok = placed
+                .iter()
+                .all(|p| iou(p.extent(), o.extent()) <= max_iou);
             obj = Some(o);
             if ok {
                 break;
@@ -671,8 +800,15 @@ fn place(
 fn occluders(c: &mut Canvas, rng: &mut ChaCha8Rng) {
     let m = c.w.min(c.h) as f32;
     for _ in 0..rng.random_range(0..=2) {
-        let col = hsv(rng.random_range(0.0..360.0), rng.random_range(0.0..0.5), rng.random_range(0.1..0.9));
-        let (cx, cy) = (rng.random_range(0.0..c.w as f32), rng.random_range(0.0..c.h as f32));
+        let col = hsv(
+            rng.random_range(0.0..360.0),
+            rng.random_range(0.0..0.5),
+            rng.random_range(0.1..0.9),
+        );
+        let (cx, cy) = (
+            rng.random_range(0.0..c.w as f32),
+            rng.random_range(0.0..c.h as f32),
+        );
         let len = m * rng.random_range(0.3..0.8);
         let hw = rng.random_range(0.8..2.2);
         c.segment(rng, cx, cy, len, hw, col, 0);
@@ -688,9 +824,20 @@ fn render_seg(rng: &mut ChaCha8Rng, size: usize) -> (Rendered, Vec<u8>) {
     let nclut = rng.random_range(3..=10);
     c.clutter(rng, nclut);
     let m = w.min(h) as f32;
-    let classes: Vec<usize> = (0..rng.random_range(1..=4)).map(|_| rng.random_range(1..=20)).collect();
+    let classes: Vec<usize> = (0..rng.random_range(1..=4))
+        .map(|_| rng.random_range(1..=20))
+        .collect();
     let mut objs = Vec::new();
-    place(rng, w, h, &classes, &|r| log_uniform(r, 0.1 * m, 0.38 * m), 0.5, 0.05, &mut objs);
+    place(
+        rng,
+        w,
+        h,
+        &classes,
+        &|r| log_uniform(r, 0.1 * m, 0.38 * m),
+        0.5,
+        0.05,
+        &mut objs,
+    );
     for (k, o) in objs.iter().enumerate() {
         c.draw(o, k as u16 + 1);
     }
@@ -700,8 +847,9 @@ fn render_seg(rng: &mut ChaCha8Rng, size: usize) -> (Rendered, Vec<u8>) {
     for y in 0..h {
         for x in 0..w {
             let l = c.label[y * w + x];
-            let differs = (y.saturating_sub(1)..(y + 2).min(h))
-                .any(|yy| (x.saturating_sub(1)..(x + 2).min(w)).any(|xx| c.label[yy * w + xx] != l));
+            let differs = (y.saturating_sub(1)..(y + 2).min(h)).any(|yy| {
+                (x.saturating_sub(1)..(x + 2).min(w)).any(|xx| c.label[yy * w + xx] != l)
+            });
             if differs {
                 mask[y * w + x] = IGNORE_INDEX;
             }
@@ -722,10 +870,16 @@ fn render_det(rng: &mut ChaCha8Rng, size: usize) -> (Rendered, Vec<(u64, [f64; 4
     c.clutter(rng, nclut);
     let m = w.min(h) as f32;
     let n = rng.random_range(1..=6);
-    let det_types: Vec<usize> = (0..n).map(|_| COCO_CATEGORIES[rng.random_range(0..10)].2).collect();
-    let others: Vec<usize> = (1..=20).filter(|v| !COCO_CATEGORIES.iter().any(|c| c.2 == *v)).collect();
+    let det_types: Vec<usize> = (0..n)
+        .map(|_| COCO_CATEGORIES[rng.random_range(0..10)].2)
+        .collect();
+    let others: Vec<usize> = (1..=20)
+        .filter(|v| !COCO_CATEGORIES.iter().any(|c| c.2 == *v))
+        .collect();
     let nd = rng.random_range(0..=2);
-    let distract: Vec<usize> = (0..nd).map(|_| others[rng.random_range(0..others.len())]).collect();
+    let distract: Vec<usize> = (0..nd)
+        .map(|_| others[rng.random_range(0..others.len())])
+        .collect();
     let mut objs = Vec::new();
     let radius = |r: &mut ChaCha8Rng| log_uniform(r, 0.06 * m, 0.3 * m);
     place(rng, w, h, &det_types, &radius, 0.4, 0.05, &mut objs);
@@ -763,8 +917,16 @@ fn render_det(rng: &mut ChaCha8Rng, size: usize) -> (Rendered, Vec<(u64, [f64; 4
         if count == 0 || (count as f32) < 0.3 * drawn[k] as f32 || count < 6 {
             continue;
         }
-        let cat = COCO_CATEGORIES.iter().find(|c| c.2 == objs[k].class).map(|c| c.0).unwrap_or(0);
-        anns.push((cat as u64, [x0 as f64, y0 as f64, (x1 - x0) as f64, (y1 - y0) as f64], count as f64));
+        let cat = COCO_CATEGORIES
+            .iter()
+            .find(|c| c.2 == objs[k].class)
+            .map(|c| c.0)
+            .unwrap_or(0);
+        anns.push((
+            cat as u64,
+            [x0 as f64, y0 as f64, (x1 - x0) as f64, (y1 - y0) as f64],
+            count as f64,
+        ));
     }
     (Rendered { w, h, rgb }, anns)
 }
@@ -774,7 +936,11 @@ fn render_det(rng: &mut ChaCha8Rng, size: usize) -> (Rendered, Vec<(u64, [f64; 4
 fn render_cls(rng: &mut ChaCha8Rng, size: usize, dominant: usize) -> Rendered {
     let short = size;
     let long = ((size as f32) * rng.random_range(1.0..1.33)).round() as usize;
-    let (w, h) = if rng.random_bool(0.7) { (long, short) } else { (short, long) };
+    let (w, h) = if rng.random_bool(0.7) {
+        (long, short)
+    } else {
+        (short, long)
+    };
     let mut c = Canvas::new(w, h);
     c.background(rng);
     let nclut = rng.random_range(3..=10);
@@ -782,8 +948,21 @@ fn render_cls(rng: &mut ChaCha8Rng, size: usize, dominant: usize) -> Rendered {
     let m = w.min(h) as f32;
     let ndom = if rng.random_bool(0.3) { 2 } else { 1 };
     let mut objs = Vec::new();
-    place(rng, w, h, &vec![dominant; ndom], &|r| r.random_range(0.18 * m..0.34 * m), 0.3, 0.25, &mut objs);
-    let twin = if dominant % 2 == 1 { dominant + 1 } else { dominant - 1 };
+    place(
+        rng,
+        w,
+        h,
+        &vec![dominant; ndom],
+        &|r| r.random_range(0.18 * m..0.34 * m),
+        0.3,
+        0.25,
+        &mut objs,
+    );
+    let twin = if dominant % 2 == 1 {
+        dominant + 1
+    } else {
+        dominant - 1
+    };
     let distract: Vec<usize> = (0..rng.random_range(1..=3))
         .map(|_| {
             if rng.random_bool(0.3) {
@@ -797,7 +976,16 @@ fn render_cls(rng: &mut ChaCha8Rng, size: usize, dominant: usize) -> Rendered {
             }
         })
         .collect();
-    place(rng, w, h, &distract, &|r| r.random_range(0.06 * m..0.16 * m), 0.3, 0.05, &mut objs);
+    place(
+        rng,
+        w,
+        h,
+        &distract,
+        &|r| r.random_range(0.06 * m..0.16 * m),
+        0.3,
+        0.05,
+        &mut objs,
+    );
     for (k, o) in objs.iter().enumerate() {
         c.draw(o, k as u16 + 1);
     }

@@ -229,7 +229,9 @@ pub fn download(spec: &ArchiveSpec, mirror: Option<&str>, dir: &Path) -> Result<
         .timeout_connect(Some(Duration::from_secs(30)))
         .build()
         .into();
-    let mut req = agent.get(&url);
+    // Ask for the bytes as stored: a transparently decompressed body would not match the
+    // archive's size, its checksum or a byte offset to resume from.
+    let mut req = agent.get(&url).header("Accept-Encoding", "identity");
     if have > 0 {
         req = req.header("Range", format!("bytes={have}-"));
     }

@@ -271,3 +271,45 @@ fn synth_contact_sheet() {
     }
     sheet.save(root.join("contact_sheet.png")).unwrap();
 }
+
+#[test]
+fn coco_categories_sorted_by_id_and_png_images_accepted() {
+    let d = tempfile::tempdir().unwrap();
+    generate(d.path(), &small(11)).unwrap();
+    // Categories listed out of order in the JSON: indices still follow increasing id.
+    let json = d
+        .path()
+        .join("mini_coco_det/annotations/instances_train.json");
+    let mut c = CocoFile::read(&json).unwrap();
+    c.categories.reverse();
+    c.write(&json).unwrap();
+    let det = TaskDataset::open(TaskKind::Det, d.path(), Split::Train, 32).unwrap();
+    let names: Vec<&str> = COCO_CATEGORIES.iter().map(|c| c.1).collect();
+    assert_eq!(det.class_names, names);
+    let a = &c.annotations[0];
+    let i = det
+        .image_ids
+        .iter()
+        .position(|&id| id == a.image_id)
+        .unwrap();
+    let Target::Det(boxes) = det.target(i) else {
+        panic!()
+    };
+    let first = c
+        .annotations
+        .iter()
+        .find(|x| x.image_id == a.image_id)
+        .unwrap();
+    assert_eq!(det.category_ids[boxes[0].class], first.category_id);
+
+    // A .png image in a class folder is read like a JPEG.
+    let dir = d.path().join("imagenette_160/train/n01440764");
+    let jpg = dir.join("synth_train_000000.JPEG");
+    image::open(&jpg)
+        .unwrap()
+        .save(dir.join("extra.png"))
+        .unwrap();
+    let cls = TaskDataset::open(TaskKind::Cls, d.path(), Split::Train, 16).unwrap();
+    assert_eq!(cls.len(), 11);
+    assert!(cls.files.iter().any(|f| f.ends_with("extra.png")));
+}

@@ -9,6 +9,11 @@
 //! ROOT/mini_coco_det/annotations/instances_{train,val}.json
 //! ROOT/imagenette_160/{train,val}/<class-folder>/*.JPEG
 //! ```
+//!
+//! Writers: [`generate`] (`onehead synth --out ROOT`) draws the synthetic benchmark;
+//! [`prepare`] (`onehead prepare --out ROOT`) downloads and samples the real course sets.
+//! Both mark the dataset folders they write with a `.onehead` file and only ever replace
+//! folders carrying that marker. Readers: [`TaskDataset::open`], errors as [`DataError`].
 
 use candle_core::Tensor;
 
@@ -74,6 +79,74 @@ pub struct Batch {
     pub targets: Vec<Target>,
 }
 
-pub use crate::data::dataset::TaskDataset;
+/// The 21 segmentation classes (index = mask value), PASCAL VOC order; 0 is background.
+/// The synthetic benchmark draws one object type per foreground class.
+pub const VOC_CLASSES: [&str; 21] = [
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+];
 
+/// The 10 detection categories: `(COCO category id, name, VOC class index)`, sorted by COCO id.
+///
+/// This is the ONE place where the detection class list lives: `prepare` keeps exactly these
+/// categories of COCO 2017, and `synth` writes exactly these ids (real COCO ids, not 0-based,
+/// so that loaders must remap them) and draws each one with the visual signature of the VOC
+/// class in the third column (the same object type the segmentation set uses).
+pub const COCO_CATEGORIES: [(u32, &str, usize); 10] = [
+    (1, "person", 15),
+    (2, "bicycle", 2),
+    (3, "car", 7),
+    (6, "bus", 6),
+    (16, "bird", 3),
+    (17, "cat", 8),
+    (18, "dog", 12),
+    (19, "horse", 13),
+    (44, "bottle", 5),
+    (62, "chair", 9),
+];
+
+/// Imagenette's 10 classes: `(folder name = WordNet id, readable name)`, sorted by folder name
+/// (which is the label order of the class-folder loader).
+pub const IMAGENETTE_CLASSES: [(&str, &str); 10] = [
+    ("n01440764", "tench"),
+    ("n02102040", "English springer"),
+    ("n02979186", "cassette player"),
+    ("n03000684", "chain saw"),
+    ("n03028079", "church"),
+    ("n03394916", "French horn"),
+    ("n03417042", "garbage truck"),
+    ("n03425413", "gas pump"),
+    ("n03445777", "golf ball"),
+    ("n03888605", "parachute"),
+];
+
+pub use crate::data::dataset::{seg_masks, TaskDataset};
+pub use crate::data::error::DataError;
+pub use crate::data::prepare::{prepare, ArchiveSpec, PrepareOptions, PrepareSummary};
+pub use crate::data::synth::{generate, SynthOptions, SynthSummary};
+
+pub mod coco;
 pub mod dataset;
+pub mod error;
+pub mod imageio;
+pub mod prepare;
+pub mod synth;

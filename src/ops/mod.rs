@@ -1,1 +1,7 @@
 //! Kernels candle lacks or gets slow/wrong for this model (see shared/CANDLE_NOTES.md).
+
+pub mod depthwise;
+pub mod resize;
+
+pub use depthwise::depthwise_conv2d;
+pub use resize::{resize_bilinear, subsample2, upsample_nearest2x};

@@ -83,6 +83,9 @@ fn depthwise_matches_grouped_conv_k3_stride2_odd_sizes() {
 fn depthwise_matches_grouped_conv_k5() {
     check_depthwise(2, 3, 13, 10, 5, 1);
     check_depthwise(1, 2, 7, 9, 5, 2);
+    // Maps smaller than the kernel (the stride-32 level of a 32x32 input).
+    check_depthwise(2, 3, 1, 1, 5, 1);
+    check_depthwise(1, 3, 3, 1, 5, 2);
     check_depthwise(2, 5, 16, 16, 5, 2);
 }
 

@@ -59,7 +59,7 @@ impl Geom {
         let s = self.stride;
         // o*s + tap >= pad
         let first = if self.pad > tap {
-            (self.pad - tap).div_ceil(s)
+            (self.pad - tap).div_ceil(s).min(out)
         } else {
             0
         };
@@ -169,6 +169,9 @@ fn fwd_plane(g: &Geom, x: &[f32], w: &[f32], o: &mut [f32]) {
         for kx in 0..g.k {
             let wv = w[ky * g.k + kx];
             let (ox0, ox1) = g.valid(kx, g.w, g.wo);
+            if ox0 == ox1 {
+                continue; // tap entirely in the padding (map smaller than the kernel)
+            }
             for oy in oy0..oy1 {
                 let iy = oy * g.stride + ky - g.pad;
                 let xrow = &x[iy * g.w..(iy + 1) * g.w];
@@ -227,6 +230,9 @@ impl CustomOp2 for DepthwiseBwdInput {
                     for kx in 0..k {
                         let wv = wp[ky * k + kx];
                         let (ox0, ox1) = g.valid(kx, g.w, g.wo);
+                        if ox0 == ox1 {
+                            continue; // tap entirely in the padding (map smaller than the kernel)
+                        }
                         for oy in oy0..oy1 {
                             let iy = oy * g.stride + ky - g.pad;
                             let grow = &gyp[oy * g.wo..(oy + 1) * g.wo];
@@ -284,6 +290,9 @@ impl CustomOp2 for DepthwiseBwdKernel {
                     let (oy0, oy1) = g.valid(ky, g.h, g.ho);
                     for kx in 0..k {
                         let (ox0, ox1) = g.valid(kx, g.w, g.wo);
+                        if ox0 == ox1 {
+                            continue; // tap entirely in the padding (map smaller than the kernel)
+                        }
                         // f64 accumulator: sums run over N·Ho·Wo terms.
                         let mut acc = 0f64;
                         for oy in oy0..oy1 {

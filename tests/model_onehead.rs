@@ -50,11 +50,26 @@ fn tensor_names_and_shapes_are_timm_and_torchvision() {
         ("backbone.blocks.1.1.conv_pwl.weight", &[24, 88, 1, 1]),
         ("backbone.blocks.2.0.conv_dw.weight", &[96, 1, 5, 5]),
         ("backbone.blocks.2.0.se.conv_reduce.weight", &[24, 96, 1, 1]),
-        ("backbone.blocks.2.2.se.conv_reduce.weight", &[64, 240, 1, 1]),
-        ("backbone.blocks.3.0.se.conv_reduce.weight", &[32, 120, 1, 1]),
-        ("backbone.blocks.3.1.se.conv_reduce.weight", &[40, 144, 1, 1]),
-        ("backbone.blocks.4.0.se.conv_reduce.weight", &[72, 288, 1, 1]),
-        ("backbone.blocks.4.2.se.conv_expand.weight", &[576, 144, 1, 1]),
+        (
+            "backbone.blocks.2.2.se.conv_reduce.weight",
+            &[64, 240, 1, 1],
+        ),
+        (
+            "backbone.blocks.3.0.se.conv_reduce.weight",
+            &[32, 120, 1, 1],
+        ),
+        (
+            "backbone.blocks.3.1.se.conv_reduce.weight",
+            &[40, 144, 1, 1],
+        ),
+        (
+            "backbone.blocks.4.0.se.conv_reduce.weight",
+            &[72, 288, 1, 1],
+        ),
+        (
+            "backbone.blocks.4.2.se.conv_expand.weight",
+            &[576, 144, 1, 1],
+        ),
         ("backbone.blocks.4.2.bn3.weight", &[96]),
         ("backbone.blocks.5.0.conv.weight", &[576, 96, 1, 1]),
         ("backbone.blocks.5.0.bn1.bias", &[576]),
@@ -70,10 +85,12 @@ fn tensor_names_and_shapes_are_timm_and_torchvision() {
         assert_eq!(var(&varmap, name).dims(), *dims, "{name}");
     }
     let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
-    assert!(names.iter().all(|n| n.starts_with("backbone.")
-        || n.starts_with("fpn.")
-        || n.starts_with("head.")));
-    assert!(!names.iter().any(|n| n.contains("conv_head") || n.contains("classifier")));
+    assert!(names
+        .iter()
+        .all(|n| n.starts_with("backbone.") || n.starts_with("fpn.") || n.starts_with("head.")));
+    assert!(!names
+        .iter()
+        .any(|n| n.contains("conv_head") || n.contains("classifier")));
     // SE widths follow make_divisible(mid/4, 8).
     assert_eq!(make_divisible(16.0 / 4.0, 8), 8);
     assert_eq!(make_divisible(240.0 / 4.0, 8), 64);
@@ -136,7 +153,10 @@ fn batchnorm_modes_and_frozen_backbone_stats() {
     assert_eq!(var(&varmap, name).to_vec1::<f32>().unwrap(), before);
     model.forward_t(&x, true).unwrap();
     let after = var(&varmap, name).to_vec1::<f32>().unwrap();
-    assert_ne!(after, before, "training mode must update running statistics");
+    assert_ne!(
+        after, before,
+        "training mode must update running statistics"
+    );
     // Eval output is deterministic; train output differs (batch statistics).
     let a = model.forward_t(&x, false).unwrap().cls;
     let b = model.forward_t(&x, false).unwrap().cls;
@@ -168,9 +188,17 @@ fn gradients_reach_every_trainable_part() {
         let g = grads
             .get(&var(&varmap, name))
             .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let n = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(n.is_finite() && n > 0.0, "{name}: grad norm² {n}");
     }
     // Only the stride-8 FPN output feeds the head.
-    assert!(grads.get(&var(&varmap, "fpn.layer_blocks.2.0.weight")).is_none());
+    assert!(grads
+        .get(&var(&varmap, "fpn.layer_blocks.2.0.weight"))
+        .is_none());
 }

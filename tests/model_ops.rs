@@ -227,3 +227,140 @@ fn subsample2_matches_maxpool_k1s2_with_gradient() {
         }
     }
 }
+
+fn rel_close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
+    let d = max_abs_diff(a, b);
+    let s = max_abs(b).max(1.0);
+    assert!(d / s < tol, "{what}: rel diff {}", d / s);
+}
+
+#[test]
+fn channel_affine_and_scale_match_broadcast_ops_with_grads() {
+    use onehead::ops::channel::{channel_affine, channel_bias, channel_scale};
+    let dev = Device::Cpu;
+    let x = Var::randn(0f32, 1f32, (2, 3, 5, 4), &dev).unwrap();
+    let s = Var::randn(0f32, 1f32, 3, &dev).unwrap();
+    let t = Var::randn(0f32, 1f32, 3, &dev).unwrap();
+    let g = Var::randn(0f32, 1f32, (2, 3), &dev).unwrap();
+    let r = Tensor::randn(0f32, 1f32, (2, 3, 5, 4), &dev).unwrap();
+    let bc = |v: &Tensor| v.reshape((1, 3, 1, 1)).unwrap();
+    let cases: Vec<(Tensor, Tensor)> = vec![
+        (
+            channel_affine(&x, &s, &t).unwrap(),
+            x.broadcast_mul(&bc(&s))
+                .unwrap()
+                .broadcast_add(&bc(&t))
+                .unwrap(),
+        ),
+        (
+            channel_scale(&x, &g).unwrap(),
+            x.broadcast_mul(&g.reshape((2, 3, 1, 1)).unwrap()).unwrap(),
+        ),
+        (
+            channel_bias(&x, &t).unwrap(),
+            x.broadcast_add(&bc(&t)).unwrap(),
+        ),
+    ];
+    for (i, (ours, reference)) in cases.iter().enumerate() {
+        rel_close(ours, reference, 1e-6, &format!("case {i} forward"));
+        let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (reference * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [x.as_tensor(), s.as_tensor(), t.as_tensor(), g.as_tensor()] {
+            match (ga.get(v), gb.get(v)) {
+                (Some(a), Some(b)) => rel_close(a, b, 1e-5, &format!("case {i} grad")),
+                (None, None) => {}
+                (a, b) => panic!(
+                    "case {i}: grad presence differs {} {}",
+                    a.is_some(),
+                    b.is_some()
+                ),
+            }
+        }
+    }
+}
+
+#[test]
+fn batchnorm_matches_candle_nn_train_and_eval_with_grads() {
+    use candle_core::ModuleT;
+    use candle_nn::{VarBuilder, VarMap};
+    let dev = Device::Cpu;
+    let (vm_a, vm_b) = (VarMap::new(), VarMap::new());
+    let ours =
+        onehead::model::layers::batch_norm(3, VarBuilder::from_varmap(&vm_a, DType::F32, &dev))
+            .unwrap();
+    let cfg = candle_nn::BatchNormConfig {
+        eps: 1e-5,
+        remove_mean: true,
+        affine: true,
+        momentum: 0.1,
+    };
+    let theirs =
+        candle_nn::batch_norm(3, cfg, VarBuilder::from_varmap(&vm_b, DType::F32, &dev)).unwrap();
+    // Non-trivial affine parameters, same in both.
+    for vm in [&vm_a, &vm_b] {
+        let data = vm.data().lock().unwrap();
+        data["weight"]
+            .set(&Tensor::new(&[0.5f32, 2.0, -1.0], &dev).unwrap())
+            .unwrap();
+        data["bias"]
+            .set(&Tensor::new(&[0.1f32, -0.3, 0.7], &dev).unwrap())
+            .unwrap();
+    }
+    let x = Var::randn(1f32, 3f32, (2, 3, 5, 7), &dev).unwrap();
+    let r = Tensor::randn(0f32, 1f32, (2, 3, 5, 7), &dev).unwrap();
+    for train in [true, false] {
+        let ya = ours.forward_t(&x, train).unwrap();
+        let yb = theirs.forward_t(&x, train).unwrap();
+        rel_close(&ya, &yb, 1e-5, &format!("forward train={train}"));
+        let ga = (&ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        rel_close(
+            ga.get(&x).unwrap(),
+            gb.get(&x).unwrap(),
+            1e-4,
+            &format!("dx train={train}"),
+        );
+        for name in ["weight", "bias"] {
+            let va = vm_a.data().lock().unwrap()[name].as_tensor().clone();
+            let vb = vm_b.data().lock().unwrap()[name].as_tensor().clone();
+            rel_close(
+                ga.get(&va).unwrap(),
+                gb.get(&vb).unwrap(),
+                1e-4,
+                &format!("d{name} train={train}"),
+            );
+        }
+        for name in ["running_mean", "running_var"] {
+            let va = vm_a.data().lock().unwrap()[name].as_tensor().clone();
+            let vb = vm_b.data().lock().unwrap()[name].as_tensor().clone();
+            rel_close(&va, &vb, 1e-5, name);
+        }
+    }
+}
+
+#[test]
+fn hard_activations_match_formula_with_grads() {
+    use onehead::ops::channel::{hard_sigmoid, hard_swish};
+    let dev = Device::Cpu;
+    let v: Vec<f32> = (-50..50).map(|i| i as f32 * 0.13 + 0.005).collect();
+    let x = Var::from_vec(v, 100, &dev).unwrap();
+    let hs_ref = ((x.as_tensor() + 3.0).unwrap().clamp(0f32, 6f32).unwrap() / 6.0).unwrap();
+    let sw_ref = (x.as_tensor() * &hs_ref).unwrap();
+    let hs = hard_sigmoid(&x).unwrap();
+    let sw = hard_swish(&x).unwrap();
+    rel_close(&hs, &hs_ref, 1e-6, "hard_sigmoid");
+    rel_close(&sw, &sw_ref, 1e-6, "hard_swish");
+    for (a, b, what) in [
+        (&hs, &hs_ref, "hard_sigmoid grad"),
+        (&sw, &sw_ref, "hard_swish grad"),
+    ] {
+        let ga = a.sum_all().unwrap().backward().unwrap();
+        let gb = b.sum_all().unwrap().backward().unwrap();
+        rel_close(ga.get(&x).unwrap(), gb.get(&x).unwrap(), 1e-5, what);
+    }
+}

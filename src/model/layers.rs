@@ -3,11 +3,14 @@
 //! Tensor names follow PyTorch (`weight`, `bias`, `running_mean`, `running_var`) so timm and
 //! torchvision checkpoints load by name.
 
-use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
-use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
+use crate::ops::channel::{channel_affine, channel_bias, channel_mean_var, hard_swish};
 use crate::ops::depthwise_conv2d;
+
+pub use crate::ops::channel::hard_sigmoid;
 
 /// torchvision's MobileNetV3 init for conv weights: Kaiming-normal, fan_out, ReLU gain.
 pub const KAIMING_NORMAL_FAN_OUT: Init = Init::Kaiming {
@@ -106,24 +109,83 @@ impl Module for Conv {
         };
         match &self.bias {
             None => Ok(y),
-            Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?),
+            // Fused per-channel add: candle's broadcast_add is slow on CPU.
+            Some(bias) => channel_bias(&y, bias),
         }
     }
 }
 
-/// BatchNorm2d as in timm/PyTorch: eps 1e-5, momentum 0.1, affine; running stats are Vars
-/// named `running_mean` / `running_var` (updated in training mode, used in eval mode).
-pub fn batch_norm(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
-    candle_nn::batch_norm(
-        c,
-        BatchNormConfig {
+/// BatchNorm2d as in timm/PyTorch: eps 1e-5, momentum 0.1, affine. Running statistics are
+/// Vars named `running_mean` / `running_var`, updated in training mode (unbiased variance, as
+/// PyTorch) and used in eval mode.
+///
+/// Not `candle_nn::BatchNorm`: its training path transposes and copies the input and runs
+/// about ten broadcast ops, each slow on CPU. Here: one fused statistics pass and one fused
+/// per-channel affine pass, both with direct backward kernels (see `ops::channel`).
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm2d {
+    pub fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        let running_mean = vb.get_with_hints(c, "running_mean", Init::Const(0.0))?;
+        let running_var = vb.get_with_hints(c, "running_var", Init::Const(1.0))?;
+        Ok(Self {
+            weight: vb.get_with_hints(c, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(c, "bias", Init::Const(0.0))?,
+            // Shares storage with the VarMap's variable (it is one already).
+            running_mean: Var::from_tensor(&running_mean)?,
+            running_var: Var::from_tensor(&running_var)?,
             eps: 1e-5,
-            remove_mean: true,
-            affine: true,
             momentum: 0.1,
-        },
-        vb,
-    )
+        })
+    }
+
+    pub fn running_mean(&self) -> &Tensor {
+        self.running_mean.as_tensor()
+    }
+
+    pub fn running_var(&self) -> &Tensor {
+        self.running_var.as_tensor()
+    }
+}
+
+impl ModuleT for BatchNorm2d {
+    /// `(B, C, H, W) -> (B, C, H, W)`.
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (mean, var) = if train {
+            let (mean, var) = channel_mean_var(x)?;
+            let m = (x.elem_count() / x.dim(1)?) as f64;
+            let k = self.momentum;
+            let unbiased = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
+            let rm =
+                ((self.running_mean.as_detached_tensor() * (1.0 - k))? + (mean.detach() * k)?)?;
+            let rv = ((self.running_var.as_detached_tensor() * (1.0 - k))?
+                + (var.detach() * (k * unbiased))?)?;
+            self.running_mean.set(&rm)?;
+            self.running_var.set(&rv)?;
+            (mean, var)
+        } else {
+            (
+                self.running_mean.as_detached_tensor(),
+                self.running_var.as_detached_tensor(),
+            )
+        };
+        let scale = (&self.weight * (var + self.eps)?.sqrt()?.recip()?)?;
+        let shift = (&self.bias - (mean * &scale)?)?;
+        channel_affine(x, &scale, &shift)
+    }
+}
+
+/// [`BatchNorm2d`] at `vb` (`weight`, `bias`, `running_mean`, `running_var`).
+pub fn batch_norm(c: usize, vb: VarBuilder) -> Result<BatchNorm2d> {
+    BatchNorm2d::new(c, vb)
 }
 
 /// Activations of MobileNetV3.
@@ -139,26 +201,21 @@ impl Act {
         match self {
             Act::None => Ok(x.clone()),
             Act::Relu => x.relu(),
-            Act::HardSwish => x * hard_sigmoid(x)?,
+            Act::HardSwish => hard_swish(x),
         }
     }
-}
-
-/// `relu6(x + 3) / 6`, as timm's `hard_sigmoid` and PyTorch's `Hardsigmoid`.
-pub fn hard_sigmoid(x: &Tensor) -> Result<Tensor> {
-    (x + 3.0)?.clamp(0f32, 6f32)? / 6.0
 }
 
 /// conv → BN → activation, the unit every block is made of.
 #[derive(Debug, Clone)]
 pub struct ConvBnAct {
     conv: Conv,
-    bn: BatchNorm,
+    bn: BatchNorm2d,
     act: Act,
 }
 
 impl ConvBnAct {
-    pub fn new(conv: Conv, bn: BatchNorm, act: Act) -> Self {
+    pub fn new(conv: Conv, bn: BatchNorm2d, act: Act) -> Self {
         Self { conv, bn, act }
     }
 }

@@ -6,10 +6,12 @@
 //! candle-transformers' `mobilenetv4.rs` and timm's block strings).
 
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, Init, VarBuilder};
+use candle_nn::{Init, VarBuilder};
+
+use crate::ops::channel::channel_scale;
 
 use super::layers::{
-    batch_norm, hard_sigmoid, Act, Conv, ConvBnAct, ConvKind, KAIMING_NORMAL_FAN_OUT,
+    batch_norm, hard_sigmoid, Act, BatchNorm2d, Conv, ConvBnAct, ConvKind, KAIMING_NORMAL_FAN_OUT,
 };
 
 /// One block of the table.
@@ -119,7 +121,9 @@ impl Module for SqueezeExcite {
         let s = x.mean_keepdim(3)?.mean_keepdim(2)?;
         let s = self.reduce.forward(&s)?.relu()?;
         let gate = hard_sigmoid(&self.expand.forward(&s)?)?;
-        x.broadcast_mul(&gate)
+        let (b, c, _, _) = x.dims4()?;
+        // Fused per-plane scale: candle's broadcast_mul is slow on CPU.
+        channel_scale(x, &gate.reshape((b, c))?)
     }
 }
 
@@ -157,11 +161,11 @@ fn pointwise_or_dense(k: usize) -> ConvKind {
 pub enum Block {
     Ds {
         conv_dw: Conv,
-        bn1: BatchNorm,
+        bn1: BatchNorm2d,
         act: Act,
         se: Option<SqueezeExcite>,
         conv_pw: Conv,
-        bn2: BatchNorm,
+        bn2: BatchNorm2d,
         skip: bool,
     },
     Ir {
@@ -169,7 +173,7 @@ pub enum Block {
         conv_dw: ConvBnAct,
         se: Option<SqueezeExcite>,
         conv_pwl: Conv,
-        bn3: BatchNorm,
+        bn3: BatchNorm2d,
         skip: bool,
     },
     Cba(ConvBnAct),

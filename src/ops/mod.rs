@@ -1,5 +1,6 @@
 //! Kernels candle lacks or gets slow/wrong for this model (see shared/CANDLE_NOTES.md).
 
+pub mod channel;
 pub mod depthwise;
 pub mod resize;
 

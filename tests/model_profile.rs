@@ -1,0 +1,84 @@
+//! Per-op timings on the model's real shapes (batch 16, 224), ignored by default:
+//! `cargo test --release --test model_profile -- --ignored --nocapture`.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use onehead::ops::depthwise_conv2d;
+
+fn time<F: FnMut() -> Tensor>(name: &str, mut f: F) {
+    let _ = f();
+    let t0 = Instant::now();
+    let n = 3;
+    for _ in 0..n {
+        let y = f();
+        let _ = y.sum_all().unwrap().to_scalar::<f32>().unwrap();
+    }
+    println!(
+        "{name:<48} {:8.2} ms",
+        t0.elapsed().as_secs_f64() * 1e3 / n as f64
+    );
+}
+
+#[test]
+#[ignore = "profiling"]
+fn profile_ops() {
+    let dev = Device::Cpu;
+    let b = 16;
+    let r = |s: &[usize]| Tensor::randn(0f32, 1f32, s, &dev).unwrap();
+    let x = r(&[b, 3, 224, 224]);
+    let w = r(&[16, 3, 3, 3]);
+    time("stem conv2d 3->16 k3 s2 @224", || {
+        x.conv2d(&w, 1, 2, 1, 1).unwrap()
+    });
+    let x = r(&[b, 72, 56, 56]);
+    let w = r(&[72, 1, 3, 3]);
+    time("dw k3 s2 72 @56", || {
+        depthwise_conv2d(&x, &w, 2, 1).unwrap()
+    });
+    let x = r(&[b, 240, 14, 14]);
+    let w = r(&[240, 1, 5, 5]);
+    time("dw k5 s1 240 @14", || {
+        depthwise_conv2d(&x, &w, 1, 2).unwrap()
+    });
+    let x = r(&[b, 16, 56, 56]);
+    let w = r(&[72, 16]);
+    time("pw matmul 16->72 @56", || {
+        w.broadcast_matmul(&x.reshape((b, 16, 56 * 56)).unwrap())
+            .unwrap()
+    });
+    let w4 = r(&[72, 16, 1, 1]);
+    time("pw conv2d 16->72 @56", || {
+        x.conv2d(&w4, 0, 1, 1, 1).unwrap()
+    });
+    let x = r(&[b, 96, 7, 7]);
+    let w = r(&[576, 96]);
+    time("pw matmul 96->576 @7", || {
+        w.broadcast_matmul(&x.reshape((b, 96, 49)).unwrap())
+            .unwrap()
+    });
+    let x = r(&[b, 128, 28, 28]);
+    let w = r(&[128, 128, 3, 3]);
+    time("conv2d 128->128 k3 @28", || {
+        x.conv2d(&w, 1, 1, 1, 1).unwrap()
+    });
+    let x = r(&[b, 72, 56, 56]);
+    time("hardswish 72 @56", || {
+        (&x * ((&x + 3.0).unwrap().clamp(0f32, 6f32).unwrap() / 6.0).unwrap()).unwrap()
+    });
+    let m = r(&[72]);
+    time("bn-eval-like affine 72 @56", || {
+        x.broadcast_sub(&m.reshape((1, 72, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_div(&m.reshape((1, 72, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_mul(&m.reshape((1, 72, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&m.reshape((1, 72, 1, 1)).unwrap())
+            .unwrap()
+    });
+    time("relu 72 @56", || x.relu().unwrap());
+    time("mean_keepdim(3).mean_keepdim(2) 72 @56", || {
+        x.mean_keepdim(3).unwrap().mean_keepdim(2).unwrap()
+    });
+}

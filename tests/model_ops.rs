@@ -364,3 +364,38 @@ fn hard_activations_match_formula_with_grads() {
         rel_close(ga.get(&x).unwrap(), gb.get(&x).unwrap(), 1e-5, what);
     }
 }
+
+#[test]
+fn conv2d_im2col_matches_candle_conv2d_with_grads() {
+    use onehead::ops::conv2d_im2col;
+    let dev = Device::Cpu;
+    // (n, c, o, h, w, k, stride); the reference's stride-2 backward needs equal H/W parity.
+    for (n, c, o, h, w, k, s) in [
+        (2, 3, 4, 13, 10, 3, 1),
+        (1, 2, 5, 7, 9, 3, 2),
+        (2, 3, 2, 8, 8, 3, 2),
+        (1, 2, 3, 9, 7, 5, 1),
+        (1, 3, 2, 2, 2, 3, 1),
+    ] {
+        let x = Var::randn(0f32, 1f32, (n, c, h, w), &dev).unwrap();
+        let wt = Var::randn(0f32, 1f32, (o, c, k, k), &dev).unwrap();
+        let ours = conv2d_im2col(&x, &wt, s, k / 2).unwrap();
+        let reference = x.conv2d(&wt, k / 2, s, 1, 1).unwrap();
+        rel_close(&ours, &reference, 1e-5, "im2col forward");
+        let r = Tensor::randn(0f32, 1f32, ours.dims(), &dev).unwrap();
+        let ga = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&reference * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        rel_close(ga.get(&x).unwrap(), gb.get(&x).unwrap(), 1e-4, "im2col dx");
+        rel_close(
+            ga.get(&wt).unwrap(),
+            gb.get(&wt).unwrap(),
+            1e-4,
+            "im2col dw",
+        );
+    }
+}

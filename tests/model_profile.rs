@@ -82,3 +82,78 @@ fn profile_ops() {
         x.mean_keepdim(3).unwrap().mean_keepdim(2).unwrap()
     });
 }
+
+fn ms(t0: Instant) -> f64 {
+    t0.elapsed().as_secs_f64() * 1e3
+}
+
+#[test]
+#[ignore = "profiling"]
+fn profile_train_step_parts() {
+    use candle_core::{DType, Var};
+    use candle_nn::{VarBuilder, VarMap};
+    use onehead::bench::seg_cross_entropy;
+    use onehead::model::{OneHead, OneHeadConfig};
+    use onehead::ops::resize_bilinear;
+    let dev = Device::Cpu;
+    let (b, s) = (16, 224);
+    let varmap = VarMap::new();
+    let model = OneHead::new(
+        &OneHeadConfig::default(),
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+    )
+    .unwrap();
+    let x = Tensor::randn(0f32, 1f32, (b, 3, s, s), &dev).unwrap();
+    let seg_t = Tensor::zeros((b, s, s), DType::U32, &dev).unwrap();
+    for rep in 0..2 {
+        let t0 = Instant::now();
+        let out = model.forward_t(&x, true).unwrap();
+        let f = ms(t0);
+        let t0 = Instant::now();
+        let loss_simple = (out.seg.sqr().unwrap().mean_all().unwrap()
+            + out.det.sqr().unwrap().mean_all().unwrap()
+            + out.cls.sqr().unwrap().mean_all().unwrap())
+        .unwrap();
+        let l = ms(t0);
+        let t0 = Instant::now();
+        let _g = loss_simple.backward().unwrap();
+        let bw = ms(t0);
+        println!(
+            "rep {rep}: model forward(train) {f:.1} ms, simple loss {l:.1} ms, backward {bw:.1} ms"
+        );
+    }
+    // The benchmark's segmentation loss on its own.
+    let logits = Var::randn(0f32, 1f32, (b, 21, s / 8, s / 8), &dev).unwrap();
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        let up = resize_bilinear(&logits, s, s).unwrap();
+        let t1 = ms(t0);
+        let loss = seg_cross_entropy(&up, &seg_t).unwrap();
+        let t2 = ms(t0);
+        let _g = loss.backward().unwrap();
+        println!(
+            "seg loss: resize {t1:.1} ms, +CE {:.1} ms, +backward {:.1} ms",
+            t2 - t1,
+            ms(t0) - t2
+        );
+    }
+    // Dense 3x3 128->128 @28 forward + backward.
+    let xx = Var::randn(0f32, 1f32, (b, 128, 28, 28), &dev).unwrap();
+    let w = Var::randn(0f32, 1f32, (128, 128, 3, 3), &dev).unwrap();
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        let y = xx.conv2d(&w, 1, 1, 1, 1).unwrap();
+        let t1 = ms(t0);
+        let _g = y.sum_all().unwrap().backward().unwrap();
+        println!("conv3x3 128 @28: fwd {t1:.1} ms, bwd {:.1} ms", ms(t0) - t1);
+    }
+    let xs = Tensor::randn(0f32, 1f32, (b, 3, s, s), &dev).unwrap();
+    let ws = Var::randn(0f32, 1f32, (16, 3, 3, 3), &dev).unwrap();
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        let y = xs.conv2d(&ws, 1, 2, 1, 1).unwrap();
+        let t1 = ms(t0);
+        let _g = y.sum_all().unwrap().backward().unwrap();
+        println!("stem conv: fwd {t1:.1} ms, bwd {:.1} ms", ms(t0) - t1);
+    }
+}

@@ -8,7 +8,7 @@ use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
 
 use crate::ops::channel::{channel_affine, channel_bias, channel_mean_var, hard_swish};
-use crate::ops::depthwise_conv2d;
+use crate::ops::{conv2d_im2col, depthwise_conv2d};
 
 pub use crate::ops::channel::hard_sigmoid;
 
@@ -39,7 +39,8 @@ pub fn torch_default_init(fan_in: usize) -> Init {
 /// How a convolution is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvKind {
-    /// candle's `conv2d` (im2col + gemm). Stride 2 only with even H and W (backward trap).
+    /// im2col + gemm ([`conv2d_im2col`] on CPU; candle's `conv2d` elsewhere, whose stride-2
+    /// backward needs H and W of equal parity).
     Dense,
     /// `groups = C`: [`depthwise_conv2d`] (direct kernel on CPU).
     Depthwise,
@@ -97,7 +98,7 @@ impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = self.weight.dim(2)?;
         let y = match self.kind {
-            ConvKind::Dense => x.conv2d(&self.weight, k / 2, self.stride, 1, 1)?,
+            ConvKind::Dense => conv2d_im2col(x, &self.weight, self.stride, k / 2)?,
             ConvKind::Depthwise => depthwise_conv2d(x, &self.weight, self.stride, k / 2)?,
             ConvKind::Pointwise => {
                 let (b, c, h, w) = x.dims4()?;

@@ -8,7 +8,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
 use crate::model::info::{is_running_stat, median};
 use crate::model::{OneHead, OneHeadConfig};
-use crate::ops::resize_bilinear;
+use crate::ops::{pixel_cross_entropy, resize_bilinear};
 
 /// Median time per step and the images/s it implies.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,8 +51,7 @@ fn result(times_ms: &[f64], batch: usize, image_size: usize) -> BenchResult {
 
 /// Pixel-wise cross-entropy: `logits (B,C,H,W)`, `targets (B,H,W)` u32 -> scalar mean.
 pub fn seg_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    let logp = candle_nn::ops::log_softmax(logits, 1)?;
-    logp.gather(&targets.unsqueeze(1)?, 1)?.mean_all()?.neg()
+    pixel_cross_entropy(logits, targets, Some(255))
 }
 
 /// The benchmark loss of BENCHMARKS.md: `CE(seg upsampled bilinearly to the input size) +

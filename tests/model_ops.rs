@@ -1,6 +1,7 @@
 //! Custom ops against candle's own (slow or gradient-less) references.
 
 use candle_core::{DType, Device, Tensor, Var};
+use onehead::ops::resize::resize_bilinear_matmul;
 use onehead::ops::{depthwise_conv2d, resize_bilinear, subsample2, upsample_nearest2x};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -144,10 +145,14 @@ fn bilinear_matches_candle_forward_up_and_down() {
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1f32, (2, 3, 7, 5), &dev).unwrap();
     for (oh, ow) in [(14, 10), (56, 40), (13, 11), (4, 3)] {
-        let ours = resize_bilinear(&x, oh, ow).unwrap();
         let reference = x.upsample_bilinear2d(oh, ow, false).unwrap();
-        let d = max_abs_diff(&ours, &reference);
-        assert!(d < 1e-5, "bilinear {oh}x{ow}: diff {d}");
+        for ours in [
+            resize_bilinear(&x, oh, ow).unwrap(),
+            resize_bilinear_matmul(&x, oh, ow).unwrap(),
+        ] {
+            let d = max_abs_diff(&ours, &reference);
+            assert!(d < 1e-5, "bilinear {oh}x{ow}: diff {d}");
+        }
     }
 }
 
@@ -398,4 +403,58 @@ fn conv2d_im2col_matches_candle_conv2d_with_grads() {
             "im2col dw",
         );
     }
+}
+
+#[test]
+fn bilinear_direct_gradient_matches_matmul_gradient() {
+    let dev = Device::Cpu;
+    let x = Var::randn(0f32, 1f32, (2, 3, 5, 7), &dev).unwrap();
+    for (oh, ow) in [(40, 56), (13, 11), (3, 4)] {
+        let r = Tensor::randn(0f32, 1f32, (2, 3, oh, ow), &dev).unwrap();
+        let a = resize_bilinear(&x, oh, ow).unwrap();
+        let b = resize_bilinear_matmul(&x, oh, ow).unwrap();
+        let ga = (&a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        rel_close(
+            ga.get(&x).unwrap(),
+            gb.get(&x).unwrap(),
+            1e-5,
+            "bilinear grad",
+        );
+    }
+}
+
+#[test]
+fn pixel_cross_entropy_matches_composed_reference_with_ignore() {
+    use onehead::ops::pixel_cross_entropy;
+    let dev = Device::Cpu;
+    let (b, c, h, w) = (2, 4, 3, 5);
+    let logits = Var::randn(0f32, 2f32, (b, c, h, w), &dev).unwrap();
+    let t: Vec<u32> = (0..b * h * w)
+        .map(|i| if i % 7 == 3 { 255 } else { (i % c) as u32 })
+        .collect();
+    let targets = Tensor::from_vec(t.clone(), (b, h, w), &dev).unwrap();
+    let ours = pixel_cross_entropy(&logits, &targets, Some(255)).unwrap();
+    // Reference: log-softmax, gather (ignored -> 0), mask, mean over valid pixels.
+    let logp = candle_nn::ops::log_softmax(&logits, 1).unwrap();
+    let valid: Vec<f32> = t
+        .iter()
+        .map(|&v| if v == 255 { 0.0 } else { 1.0 })
+        .collect();
+    let safe: Vec<u32> = t.iter().map(|&v| if v == 255 { 0 } else { v }).collect();
+    let safe = Tensor::from_vec(safe, (b, 1, h, w), &dev).unwrap();
+    let valid = Tensor::from_vec(valid.clone(), (b, h, w), &dev).unwrap();
+    let n = valid.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let picked = logp.gather(&safe, 1).unwrap().squeeze(1).unwrap();
+    let reference = ((picked * &valid).unwrap().sum_all().unwrap().neg().unwrap() / n).unwrap();
+    rel_close(&ours, &reference, 1e-5, "pixel CE forward");
+    let ga = (&ours * 3.0).unwrap().backward().unwrap();
+    let gb = (&reference * 3.0).unwrap().backward().unwrap();
+    let (da, db) = (ga.get(&logits).unwrap(), gb.get(&logits).unwrap());
+    rel_close(da, db, 1e-5, "pixel CE grad");
+    // Ignored pixels get zero gradient (pixel 3 of batch 0 is ignored).
+    let g00 = da.get(0).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(g00[0][3], 0.0);
+    let bad = Tensor::from_vec(vec![9u32; b * h * w], (b, h, w), &dev).unwrap();
+    assert!(pixel_cross_entropy(&logits, &bad, Some(255)).is_err());
 }

@@ -157,3 +157,55 @@ fn profile_train_step_parts() {
         println!("stem conv: fwd {t1:.1} ms, bwd {:.1} ms", ms(t0) - t1);
     }
 }
+
+#[test]
+#[ignore = "profiling"]
+fn profile_fwd_bwd_blocks() {
+    use candle_core::{DType, ModuleT, Var};
+    use candle_nn::{VarBuilder, VarMap};
+    use onehead::ops::channel::hard_swish;
+    use onehead::ops::conv2d_im2col;
+    let dev = Device::Cpu;
+    let b = 16;
+    let fb = |name: &str, x: &Var, f: &dyn Fn(&Tensor) -> Tensor| {
+        let _ = f(x);
+        let t0 = Instant::now();
+        let y = f(x);
+        let t1 = ms(t0);
+        let _g = y.sum_all().unwrap().backward().unwrap();
+        println!("{name:<40} fwd {t1:7.1} ms  bwd {:7.1} ms", ms(t0) - t1);
+    };
+    let x = Var::randn(0f32, 1f32, (b, 72, 56, 56), &dev).unwrap();
+    let vm = VarMap::new();
+    let bn = onehead::model::layers::batch_norm(72, VarBuilder::from_varmap(&vm, DType::F32, &dev))
+        .unwrap();
+    fb("bn train 72@56", &x, &|t| bn.forward_t(t, true).unwrap());
+    fb("hardswish 72@56", &x, &|t| hard_swish(t).unwrap());
+    fb("relu 72@56", &x, &|t| t.relu().unwrap());
+    let k = Var::randn(0f32, 1f32, (72, 1, 3, 3), &dev).unwrap();
+    fb("dw k3 s2 72@56", &x, &|t| {
+        onehead::ops::depthwise_conv2d(t, &k, 2, 1).unwrap()
+    });
+    let w = Var::randn(0f32, 1f32, (24, 72), &dev).unwrap();
+    fb("pw 72->24 @56", &x, &|t| {
+        w.broadcast_matmul(&t.reshape((b, 72, 56 * 56)).unwrap())
+            .unwrap()
+    });
+    let x2 = Var::randn(0f32, 1f32, (b, 128, 28, 28), &dev).unwrap();
+    let w2 = Var::randn(0f32, 1f32, (128, 128, 3, 3), &dev).unwrap();
+    fb("im2col conv 128 k3 @28", &x2, &|t| {
+        conv2d_im2col(t, &w2, 1, 1).unwrap()
+    });
+    let x3 = Var::randn(0f32, 1f32, (b, 3, 224, 224), &dev).unwrap();
+    let w3 = Var::randn(0f32, 1f32, (16, 3, 3, 3), &dev).unwrap();
+    fb("im2col stem 3->16 s2 @224", &x3, &|t| {
+        conv2d_im2col(t, &w3, 2, 1).unwrap()
+    });
+    let x4 = Var::randn(0f32, 1f32, (b, 16, 112, 112), &dev).unwrap();
+    let vm4 = VarMap::new();
+    let bn4 =
+        onehead::model::layers::batch_norm(16, VarBuilder::from_varmap(&vm4, DType::F32, &dev))
+            .unwrap();
+    fb("bn train 16@112", &x4, &|t| bn4.forward_t(t, true).unwrap());
+    fb("hardswish 16@112", &x4, &|t| hard_swish(t).unwrap());
+}

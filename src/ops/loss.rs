@@ -170,7 +170,7 @@ impl CustomOp2 for PixelCeGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let l = logits_slice(s1, l1)?;
         let t = targets_slice(s2, l2)?;
-        let (b, c, h, w) = l1.shape().dims4()?;
+        let (_b, c, h, w) = l1.shape().dims4()?;
         let ce = PixelCe {
             ignore: self.ignore,
         };

@@ -7,7 +7,7 @@ use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
 
-use crate::ops::channel::{channel_affine, channel_bias, channel_mean_var, hard_swish};
+use crate::ops::channel::{batch_norm_train, channel_affine, channel_bias, hard_swish};
 use crate::ops::{conv2d_im2col, depthwise_conv2d};
 
 pub use crate::ops::channel::hard_sigmoid;
@@ -160,24 +160,20 @@ impl BatchNorm2d {
 impl ModuleT for BatchNorm2d {
     /// `(B, C, H, W) -> (B, C, H, W)`.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (mean, var) = if train {
-            let (mean, var) = channel_mean_var(x)?;
+        if train {
+            let (y, mean, var) = batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
             let m = (x.elem_count() / x.dim(1)?) as f64;
             let k = self.momentum;
             let unbiased = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
-            let rm =
-                ((self.running_mean.as_detached_tensor() * (1.0 - k))? + (mean.detach() * k)?)?;
-            let rv = ((self.running_var.as_detached_tensor() * (1.0 - k))?
-                + (var.detach() * (k * unbiased))?)?;
+            let rm = ((self.running_mean.as_detached_tensor() * (1.0 - k))? + (mean * k)?)?;
+            let rv =
+                ((self.running_var.as_detached_tensor() * (1.0 - k))? + (var * (k * unbiased))?)?;
             self.running_mean.set(&rm)?;
             self.running_var.set(&rv)?;
-            (mean, var)
-        } else {
-            (
-                self.running_mean.as_detached_tensor(),
-                self.running_var.as_detached_tensor(),
-            )
-        };
+            return Ok(y);
+        }
+        let mean = self.running_mean.as_detached_tensor();
+        let var = self.running_var.as_detached_tensor();
         let scale = (&self.weight * (var + self.eps)?.sqrt()?.recip()?)?;
         let shift = (&self.bias - (mean * &scale)?)?;
         channel_affine(x, &scale, &shift)

@@ -382,3 +382,158 @@ pub fn hard_sigmoid(x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::hard_sigmoid(x)
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fused BatchNorm (training mode): one normalisation pass forward, two passes backward.
+
+/// `(x (B,C,…), params (4,C) = [weight; bias; mean; var]) -> (B,C,…)` with batch statistics
+/// `mean`/`var` computed beforehand (treated as functions of x in the backward).
+struct BnTrain {
+    eps: f64,
+}
+
+impl CustomOp2 for BnTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "batch-norm")?;
+        let p = f32_slice(s2, l2, "batch-norm params")?;
+        let (_, c, hw) = planes(l1)?;
+        let (scale, shift) = bn_scale_shift(p, c, self.eps);
+        let mut out = vec![0f32; x.len()];
+        if hw > 0 {
+            out.par_chunks_mut(hw)
+                .zip(x.par_chunks(hw))
+                .enumerate()
+                .for_each(|(q, (o, xs))| {
+                    let (s, t) = (scale[q % c], shift[q % c]);
+                    for (ov, xv) in o.iter_mut().zip(xs) {
+                        *ov = xv * s + t;
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    /// With `x̂ = (x − μ)·σ⁻¹`, `M` values per channel, `S₁ = Σ dy`, `Sₓ = Σ dy·x̂`:
+    /// `dγ = Sₓ`, `dβ = S₁`, `dx = γσ⁻¹·(dy − S₁/M − x̂·Sₓ/M)`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let c = params.dim(1)?;
+        let m = (x.elem_count() / c) as f32;
+        let p = params.flatten_all()?.to_vec1::<f32>()?;
+        let sums = x
+            .apply_op2_no_bwd(&grad, &PlaneSums { groups: c })?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut coeffs = vec![0f32; 3 * c];
+        let mut dparams = vec![0f32; 4 * c];
+        for ch in 0..c {
+            let (w, mean, var) = (p[ch], p[2 * c + ch], p[3 * c + ch]);
+            let inv = 1.0 / (var as f64 + self.eps).sqrt() as f32;
+            let (sgx, s1) = (sums[ch], sums[c + ch]);
+            let sxh = inv * (sgx - mean * s1);
+            let a = w * inv;
+            let bx = -a * inv * sxh / m;
+            coeffs[ch] = a;
+            coeffs[c + ch] = bx;
+            coeffs[2 * c + ch] = -a * s1 / m - bx * mean;
+            dparams[ch] = sxh;
+            dparams[c + ch] = s1;
+        }
+        let dev = x.device();
+        let coeffs = Tensor::from_vec(coeffs, (3, c), dev)?;
+        let dx = grad.apply_op2_no_bwd(x, &LinComb { coeffs })?;
+        let dp = Tensor::from_vec(dparams, (4, c), dev)?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+fn bn_scale_shift(p: &[f32], c: usize, eps: f64) -> (Vec<f32>, Vec<f32>) {
+    let mut scale = vec![0f32; c];
+    let mut shift = vec![0f32; c];
+    for ch in 0..c {
+        let (w, b, mean, var) = (p[ch], p[c + ch], p[2 * c + ch], p[3 * c + ch]);
+        let s = w / (var as f64 + eps).sqrt() as f32;
+        scale[ch] = s;
+        shift[ch] = b - mean * s;
+    }
+    (scale, shift)
+}
+
+/// `(dy, x) -> a[c]·dy + b[c]·x + k[c]` with `coeffs (3,C) = [a; b; k]`.
+struct LinComb {
+    coeffs: Tensor,
+}
+
+impl CustomOp2 for LinComb {
+    fn name(&self) -> &'static str {
+        "channel-lincomb"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dy = f32_slice(s1, l1, "lincomb")?;
+        let x = f32_slice(s2, l2, "lincomb")?;
+        let (_, c, hw) = planes(l1)?;
+        let k = self.coeffs.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; x.len()];
+        if hw > 0 {
+            out.par_chunks_mut(hw)
+                .zip(dy.par_chunks(hw).zip(x.par_chunks(hw)))
+                .enumerate()
+                .for_each(|(q, (o, (gs, xs)))| {
+                    let ch = q % c;
+                    let (a, b, kk) = (k[ch], k[c + ch], k[2 * c + ch]);
+                    for ((ov, gv), xv) in o.iter_mut().zip(gs).zip(xs) {
+                        *ov = a * gv + b * xv + kk;
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// BatchNorm with batch statistics: `x (B,C,…)`, `weight`, `bias` `(C,)` ->
+/// `(y, mean, biased var)`; `mean`/`var` are detached (for the running statistics).
+/// Differentiable in x, weight and bias. CPU f32: fused kernels; elsewhere composed ops.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if use_cpu_kernels(x) {
+        let x = x.contiguous()?;
+        let stats = x.apply_op1_no_bwd(&ChannelStats)?;
+        let (mean, var) = (stats.get(0)?, stats.get(1)?);
+        let params = Tensor::stack(&[weight, bias, &mean, &var], 0)?.contiguous()?;
+        let y = x.apply_op2(&params, BnTrain { eps })?;
+        Ok((y, mean, var))
+    } else {
+        let (mean, var) = channel_mean_var(x)?;
+        let scale = (weight * (&var + eps)?.sqrt()?.recip()?)?;
+        let shift = (bias - (&mean * &scale)?)?;
+        let y = channel_affine(x, &scale, &shift)?;
+        Ok((y, mean.detach(), var.detach()))
+    }
+}

@@ -6,6 +6,7 @@
 //! `train` (engine, strategies, losses, optimisers), `metrics`, `report` (CSV, summaries),
 //! `config` (the TOML experiment schema).
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod metrics;

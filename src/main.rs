@@ -177,14 +177,22 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Prepare { out, seed, mirror } => {
-            let opts = onehead::data::prepare::PrepareOptions {
-                out: out.clone(),
-                seed,
-                mirror,
-                ..onehead::data::prepare::PrepareOptions::default()
-            };
-            onehead::data::prepare::prepare(&opts)?;
-            println!("course sets ready under {}", out.display());
+            let mut opts = onehead::data::prepare::PrepareOptions::new(&out);
+            opts.seed = seed;
+            opts.mirror = mirror;
+            let s = onehead::data::prepare::prepare(&opts)?;
+            println!(
+                "course sets ready under {}: classification {}/{}, segmentation {}/{}, detection {}/{} images ({}/{} boxes)",
+                s.root.display(),
+                s.cls_images[0],
+                s.cls_images[1],
+                s.seg_images[0],
+                s.seg_images[1],
+                s.det_images[0],
+                s.det_images[1],
+                s.det_annotations[0],
+                s.det_annotations[1]
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Info {

@@ -1,0 +1,204 @@
+//! The assembled model: names, shapes, parameter counts, BatchNorm modes, gradients.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use onehead::model::mobilenetv3::make_divisible;
+use onehead::model::{count_params, split_head, OneHead, OneHeadConfig};
+
+fn build(cfg: &OneHeadConfig) -> (VarMap, OneHead) {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let model = OneHead::new(cfg, vb).unwrap();
+    (varmap, model)
+}
+
+fn var(varmap: &VarMap, name: &str) -> Tensor {
+    varmap
+        .data()
+        .lock()
+        .unwrap()
+        .get(name)
+        .unwrap_or_else(|| panic!("no variable {name}"))
+        .as_tensor()
+        .clone()
+}
+
+#[test]
+fn parameter_counts_match_the_report() {
+    let (varmap, _) = build(&OneHeadConfig::default());
+    let c = count_params(&varmap);
+    // Report: 1,605,602 = backbone 927,008 + FPN 525,056 + head 153,518 + unused Linear(1,10) 20.
+    assert_eq!(c.backbone, 927_008);
+    assert_eq!(c.neck, 525_056);
+    assert_eq!(c.head, 153_518);
+    assert_eq!(c.total, 1_605_582);
+}
+
+#[test]
+fn tensor_names_and_shapes_are_timm_and_torchvision() {
+    let (varmap, _) = build(&OneHeadConfig::default());
+    let want: &[(&str, &[usize])] = &[
+        ("backbone.conv_stem.weight", &[16, 3, 3, 3]),
+        ("backbone.bn1.running_var", &[16]),
+        ("backbone.blocks.0.0.conv_dw.weight", &[16, 1, 3, 3]),
+        ("backbone.blocks.0.0.se.conv_reduce.weight", &[8, 16, 1, 1]),
+        ("backbone.blocks.0.0.se.conv_reduce.bias", &[8]),
+        ("backbone.blocks.0.0.se.conv_expand.weight", &[16, 8, 1, 1]),
+        ("backbone.blocks.0.0.conv_pw.weight", &[16, 16, 1, 1]),
+        ("backbone.blocks.0.0.bn2.running_mean", &[16]),
+        ("backbone.blocks.1.0.conv_pw.weight", &[72, 16, 1, 1]),
+        ("backbone.blocks.1.1.conv_pwl.weight", &[24, 88, 1, 1]),
+        ("backbone.blocks.2.0.conv_dw.weight", &[96, 1, 5, 5]),
+        ("backbone.blocks.2.0.se.conv_reduce.weight", &[24, 96, 1, 1]),
+        (
+            "backbone.blocks.2.2.se.conv_reduce.weight",
+            &[64, 240, 1, 1],
+        ),
+        (
+            "backbone.blocks.3.0.se.conv_reduce.weight",
+            &[32, 120, 1, 1],
+        ),
+        (
+            "backbone.blocks.3.1.se.conv_reduce.weight",
+            &[40, 144, 1, 1],
+        ),
+        (
+            "backbone.blocks.4.0.se.conv_reduce.weight",
+            &[72, 288, 1, 1],
+        ),
+        (
+            "backbone.blocks.4.2.se.conv_expand.weight",
+            &[576, 144, 1, 1],
+        ),
+        ("backbone.blocks.4.2.bn3.weight", &[96]),
+        ("backbone.blocks.5.0.conv.weight", &[576, 96, 1, 1]),
+        ("backbone.blocks.5.0.bn1.bias", &[576]),
+        ("fpn.inner_blocks.0.0.weight", &[128, 24, 1, 1]),
+        ("fpn.inner_blocks.2.0.weight", &[128, 576, 1, 1]),
+        ("fpn.inner_blocks.1.0.bias", &[128]),
+        ("fpn.layer_blocks.2.0.weight", &[128, 128, 3, 3]),
+        ("head.conv.weight", &[128, 128, 3, 3]),
+        ("head.out.weight", &[46, 128, 1, 1]),
+        ("head.out.bias", &[46]),
+    ];
+    for (name, dims) in want {
+        assert_eq!(var(&varmap, name).dims(), *dims, "{name}");
+    }
+    let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+    assert!(names
+        .iter()
+        .all(|n| n.starts_with("backbone.") || n.starts_with("fpn.") || n.starts_with("head.")));
+    assert!(!names
+        .iter()
+        .any(|n| n.contains("conv_head") || n.contains("classifier")));
+    // SE widths follow make_divisible(mid/4, 8).
+    assert_eq!(make_divisible(16.0 / 4.0, 8), 8);
+    assert_eq!(make_divisible(240.0 / 4.0, 8), 64);
+    assert_eq!(make_divisible(144.0 / 4.0, 8), 40);
+}
+
+#[test]
+fn forward_shapes_and_input_check() {
+    let cfg = OneHeadConfig::default();
+    let (_, model) = build(&cfg);
+    let x = Tensor::randn(0f32, 1f32, (2, 3, 64, 96), &Device::Cpu).unwrap();
+    let out = model.forward_t(&x, false).unwrap();
+    assert_eq!(out.seg.dims(), &[2, 21, 8, 12]);
+    assert_eq!(out.det.dims(), &[2, 96, 15]);
+    assert_eq!(out.cls.dims(), &[2, 10]);
+    assert_eq!(out.grid, (8, 12));
+    let bad = Tensor::zeros((1, 3, 48, 64), DType::F32, &Device::Cpu).unwrap();
+    let err = model.forward_t(&bad, false).unwrap_err().to_string();
+    assert!(err.contains("multiples of 32"), "{err}");
+}
+
+#[test]
+fn head_split_order_is_seg_det_cls() {
+    let cfg = OneHeadConfig {
+        fpn_channels: 8,
+        seg_classes: 3,
+        det_classes: 2,
+        cls_classes: 4,
+    };
+    let ch = cfg.head_out_channels();
+    assert_eq!(ch, 3 + 7 + 4);
+    // Channel c holds the value c at every pixel; pixel (y, x) of cell n = y*w + x adds 100·n.
+    let (h, w) = (2, 3);
+    let mut v = Vec::new();
+    for c in 0..ch {
+        for n in 0..h * w {
+            v.push((c + 100 * n) as f32);
+        }
+    }
+    let y = Tensor::from_vec(v, (1, ch, h, w), &Device::Cpu).unwrap();
+    let out = split_head(&cfg, &y).unwrap();
+    assert_eq!(out.seg.dims(), &[1, 3, 2, 3]);
+    let det = out.det.get(0).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(det.len(), 6);
+    assert_eq!(det[4], vec![403., 404., 405., 406., 407., 408., 409.]);
+    let cls = out.cls.to_vec2::<f32>().unwrap();
+    assert_eq!(cls[0], vec![260., 261., 262., 263.]);
+}
+
+#[test]
+fn batchnorm_modes_and_frozen_backbone_stats() {
+    let cfg = OneHeadConfig::default();
+    let (varmap, model) = build(&cfg);
+    let name = "backbone.blocks.1.0.bn1.running_mean";
+    let x = Tensor::randn(0.5f32, 1f32, (2, 3, 32, 32), &Device::Cpu).unwrap();
+    let before = var(&varmap, name).to_vec1::<f32>().unwrap();
+    model.forward_t(&x, false).unwrap();
+    assert_eq!(var(&varmap, name).to_vec1::<f32>().unwrap(), before);
+    model.forward_parts(&x, false, true).unwrap();
+    assert_eq!(var(&varmap, name).to_vec1::<f32>().unwrap(), before);
+    model.forward_t(&x, true).unwrap();
+    let after = var(&varmap, name).to_vec1::<f32>().unwrap();
+    assert_ne!(
+        after, before,
+        "training mode must update running statistics"
+    );
+    // Eval output is deterministic; train output differs (batch statistics).
+    let a = model.forward_t(&x, false).unwrap().cls;
+    let b = model.forward_t(&x, false).unwrap().cls;
+    assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+}
+
+#[test]
+fn gradients_reach_every_trainable_part() {
+    let cfg = OneHeadConfig::default();
+    let (varmap, model) = build(&cfg);
+    let x = Tensor::randn(0f32, 1f32, (2, 3, 64, 64), &Device::Cpu).unwrap();
+    let out = model.forward_t(&x, true).unwrap();
+    let loss = (out.seg.sqr().unwrap().mean_all().unwrap()
+        + out.det.sqr().unwrap().mean_all().unwrap()
+        + out.cls.sqr().unwrap().mean_all().unwrap())
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    for name in [
+        "backbone.conv_stem.weight",
+        "backbone.blocks.0.0.conv_dw.weight",
+        "backbone.blocks.0.0.se.conv_reduce.bias",
+        "backbone.blocks.2.1.conv_dw.weight",
+        "backbone.blocks.5.0.conv.weight",
+        "fpn.inner_blocks.2.0.weight",
+        "fpn.layer_blocks.0.0.bias",
+        "head.conv.weight",
+        "head.out.bias",
+    ] {
+        let g = grads
+            .get(&var(&varmap, name))
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let n = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n.is_finite() && n > 0.0, "{name}: grad norm² {n}");
+    }
+    // Only the stride-8 FPN output feeds the head.
+    assert!(grads
+        .get(&var(&varmap, "fpn.layer_blocks.2.0.weight"))
+        .is_none());
+}

@@ -1,0 +1,211 @@
+//! Per-op timings on the model's real shapes (batch 16, 224), ignored by default:
+//! `cargo test --release --test model_profile -- --ignored --nocapture`.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use onehead::ops::depthwise_conv2d;
+
+fn time<F: FnMut() -> Tensor>(name: &str, mut f: F) {
+    let _ = f();
+    let t0 = Instant::now();
+    let n = 3;
+    for _ in 0..n {
+        let y = f();
+        let _ = y.sum_all().unwrap().to_scalar::<f32>().unwrap();
+    }
+    println!(
+        "{name:<48} {:8.2} ms",
+        t0.elapsed().as_secs_f64() * 1e3 / n as f64
+    );
+}
+
+#[test]
+#[ignore = "profiling"]
+fn profile_ops() {
+    let dev = Device::Cpu;
+    let b = 16;
+    let r = |s: &[usize]| Tensor::randn(0f32, 1f32, s, &dev).unwrap();
+    let x = r(&[b, 3, 224, 224]);
+    let w = r(&[16, 3, 3, 3]);
+    time("stem conv2d 3->16 k3 s2 @224", || {
+        x.conv2d(&w, 1, 2, 1, 1).unwrap()
+    });
+    let x = r(&[b, 72, 56, 56]);
+    let w = r(&[72, 1, 3, 3]);
+    time("dw k3 s2 72 @56", || {
+        depthwise_conv2d(&x, &w, 2, 1).unwrap()
+    });
+    let x = r(&[b, 240, 14, 14]);
+    let w = r(&[240, 1, 5, 5]);
+    time("dw k5 s1 240 @14", || {
+        depthwise_conv2d(&x, &w, 1, 2).unwrap()
+    });
+    let x = r(&[b, 16, 56, 56]);
+    let w = r(&[72, 16]);
+    time("pw matmul 16->72 @56", || {
+        w.broadcast_matmul(&x.reshape((b, 16, 56 * 56)).unwrap())
+            .unwrap()
+    });
+    let w4 = r(&[72, 16, 1, 1]);
+    time("pw conv2d 16->72 @56", || {
+        x.conv2d(&w4, 0, 1, 1, 1).unwrap()
+    });
+    let x = r(&[b, 96, 7, 7]);
+    let w = r(&[576, 96]);
+    time("pw matmul 96->576 @7", || {
+        w.broadcast_matmul(&x.reshape((b, 96, 49)).unwrap())
+            .unwrap()
+    });
+    let x = r(&[b, 128, 28, 28]);
+    let w = r(&[128, 128, 3, 3]);
+    time("conv2d 128->128 k3 @28", || {
+        x.conv2d(&w, 1, 1, 1, 1).unwrap()
+    });
+    let x = r(&[b, 72, 56, 56]);
+    time("hardswish 72 @56", || {
+        (&x * ((&x + 3.0).unwrap().clamp(0f32, 6f32).unwrap() / 6.0).unwrap()).unwrap()
+    });
+    let m = r(&[72]);
+    time("bn-eval-like affine 72 @56", || {
+        x.broadcast_sub(&m.reshape((1, 72, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_div(&m.reshape((1, 72, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_mul(&m.reshape((1, 72, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&m.reshape((1, 72, 1, 1)).unwrap())
+            .unwrap()
+    });
+    time("relu 72 @56", || x.relu().unwrap());
+    time("mean_keepdim(3).mean_keepdim(2) 72 @56", || {
+        x.mean_keepdim(3).unwrap().mean_keepdim(2).unwrap()
+    });
+}
+
+fn ms(t0: Instant) -> f64 {
+    t0.elapsed().as_secs_f64() * 1e3
+}
+
+#[test]
+#[ignore = "profiling"]
+fn profile_train_step_parts() {
+    use candle_core::{DType, Var};
+    use candle_nn::{VarBuilder, VarMap};
+    use onehead::bench::seg_cross_entropy;
+    use onehead::model::{OneHead, OneHeadConfig};
+    use onehead::ops::resize_bilinear;
+    let dev = Device::Cpu;
+    let (b, s) = (16, 224);
+    let varmap = VarMap::new();
+    let model = OneHead::new(
+        &OneHeadConfig::default(),
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+    )
+    .unwrap();
+    let x = Tensor::randn(0f32, 1f32, (b, 3, s, s), &dev).unwrap();
+    let seg_t = Tensor::zeros((b, s, s), DType::U32, &dev).unwrap();
+    for rep in 0..2 {
+        let t0 = Instant::now();
+        let out = model.forward_t(&x, true).unwrap();
+        let f = ms(t0);
+        let t0 = Instant::now();
+        let loss_simple = (out.seg.sqr().unwrap().mean_all().unwrap()
+            + out.det.sqr().unwrap().mean_all().unwrap()
+            + out.cls.sqr().unwrap().mean_all().unwrap())
+        .unwrap();
+        let l = ms(t0);
+        let t0 = Instant::now();
+        let _g = loss_simple.backward().unwrap();
+        let bw = ms(t0);
+        println!(
+            "rep {rep}: model forward(train) {f:.1} ms, simple loss {l:.1} ms, backward {bw:.1} ms"
+        );
+    }
+    // The benchmark's segmentation loss on its own.
+    let logits = Var::randn(0f32, 1f32, (b, 21, s / 8, s / 8), &dev).unwrap();
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        let up = resize_bilinear(&logits, s, s).unwrap();
+        let t1 = ms(t0);
+        let loss = seg_cross_entropy(&up, &seg_t).unwrap();
+        let t2 = ms(t0);
+        let _g = loss.backward().unwrap();
+        println!(
+            "seg loss: resize {t1:.1} ms, +CE {:.1} ms, +backward {:.1} ms",
+            t2 - t1,
+            ms(t0) - t2
+        );
+    }
+    // Dense 3x3 128->128 @28 forward + backward.
+    let xx = Var::randn(0f32, 1f32, (b, 128, 28, 28), &dev).unwrap();
+    let w = Var::randn(0f32, 1f32, (128, 128, 3, 3), &dev).unwrap();
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        let y = xx.conv2d(&w, 1, 1, 1, 1).unwrap();
+        let t1 = ms(t0);
+        let _g = y.sum_all().unwrap().backward().unwrap();
+        println!("conv3x3 128 @28: fwd {t1:.1} ms, bwd {:.1} ms", ms(t0) - t1);
+    }
+    let xs = Tensor::randn(0f32, 1f32, (b, 3, s, s), &dev).unwrap();
+    let ws = Var::randn(0f32, 1f32, (16, 3, 3, 3), &dev).unwrap();
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        let y = xs.conv2d(&ws, 1, 2, 1, 1).unwrap();
+        let t1 = ms(t0);
+        let _g = y.sum_all().unwrap().backward().unwrap();
+        println!("stem conv: fwd {t1:.1} ms, bwd {:.1} ms", ms(t0) - t1);
+    }
+}
+
+#[test]
+#[ignore = "profiling"]
+fn profile_fwd_bwd_blocks() {
+    use candle_core::{DType, ModuleT, Var};
+    use candle_nn::{VarBuilder, VarMap};
+    use onehead::ops::channel::hard_swish;
+    use onehead::ops::conv2d_im2col;
+    let dev = Device::Cpu;
+    let b = 16;
+    let fb = |name: &str, x: &Var, f: &dyn Fn(&Tensor) -> Tensor| {
+        let _ = f(x);
+        let t0 = Instant::now();
+        let y = f(x);
+        let t1 = ms(t0);
+        let _g = y.sum_all().unwrap().backward().unwrap();
+        println!("{name:<40} fwd {t1:7.1} ms  bwd {:7.1} ms", ms(t0) - t1);
+    };
+    let x = Var::randn(0f32, 1f32, (b, 72, 56, 56), &dev).unwrap();
+    let vm = VarMap::new();
+    let bn = onehead::model::layers::batch_norm(72, VarBuilder::from_varmap(&vm, DType::F32, &dev))
+        .unwrap();
+    fb("bn train 72@56", &x, &|t| bn.forward_t(t, true).unwrap());
+    fb("hardswish 72@56", &x, &|t| hard_swish(t).unwrap());
+    fb("relu 72@56", &x, &|t| t.relu().unwrap());
+    let k = Var::randn(0f32, 1f32, (72, 1, 3, 3), &dev).unwrap();
+    fb("dw k3 s2 72@56", &x, &|t| {
+        onehead::ops::depthwise_conv2d(t, &k, 2, 1).unwrap()
+    });
+    let w = Var::randn(0f32, 1f32, (24, 72), &dev).unwrap();
+    fb("pw 72->24 @56", &x, &|t| {
+        w.broadcast_matmul(&t.reshape((b, 72, 56 * 56)).unwrap())
+            .unwrap()
+    });
+    let x2 = Var::randn(0f32, 1f32, (b, 128, 28, 28), &dev).unwrap();
+    let w2 = Var::randn(0f32, 1f32, (128, 128, 3, 3), &dev).unwrap();
+    fb("im2col conv 128 k3 @28", &x2, &|t| {
+        conv2d_im2col(t, &w2, 1, 1).unwrap()
+    });
+    let x3 = Var::randn(0f32, 1f32, (b, 3, 224, 224), &dev).unwrap();
+    let w3 = Var::randn(0f32, 1f32, (16, 3, 3, 3), &dev).unwrap();
+    fb("im2col stem 3->16 s2 @224", &x3, &|t| {
+        conv2d_im2col(t, &w3, 2, 1).unwrap()
+    });
+    let x4 = Var::randn(0f32, 1f32, (b, 16, 112, 112), &dev).unwrap();
+    let vm4 = VarMap::new();
+    let bn4 =
+        onehead::model::layers::batch_norm(16, VarBuilder::from_varmap(&vm4, DType::F32, &dev))
+            .unwrap();
+    fb("bn train 16@112", &x4, &|t| bn4.forward_t(t, true).unwrap());
+    fb("hardswish 16@112", &x4, &|t| hard_swish(t).unwrap());
+}

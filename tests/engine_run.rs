@@ -21,8 +21,8 @@ fpn_channels = 16
 [data]
 source = "synthetic"
 root = "{data}"
-synth_train = 8
-synth_val = 4
+synth_train = 16
+synth_val = 10
 synth_size = 64
 [[stages]]
 task = "seg"

@@ -2,7 +2,8 @@
 //! from an RNG that cannot be seeded on CPU, so the run's seeded generator re-initialises the
 //! whole VarMap after the model is built (names in sorted order → the same seed gives the same
 //! weights everywhere). Scheme as torchvision's MobileNetV3: Kaiming-normal (fan_out) for
-//! convs, N(0, 0.01) for linear layers, zero biases, BatchNorm γ = 1, β = 0.
+//! convs, N(0, 0.01) for linear layers and the head's prediction layer, zero biases,
+//! BatchNorm γ = 1, β = 0.
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarMap;
@@ -44,6 +45,10 @@ pub fn init_all(
             vec![1.0; n]
         } else if name.ends_with("running_mean") || name.ends_with(".bias") {
             vec![0.0; n]
+        } else if name == "head.out.weight" {
+            // The prediction layer starts near zero (as FCOS/RetinaNet heads do): initial
+            // logits ≈ 0 give sane first losses (ln C for cross-entropy) on all three tasks.
+            normal(rng, n, 0.01)
         } else if dims.len() == 4 {
             let fan_out = dims[0] * dims[2] * dims[3];
             normal(rng, n, (2.0 / fan_out as f64).sqrt())

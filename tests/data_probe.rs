@@ -194,9 +194,9 @@ fn probe_seg(root: &std::path::Path, dev: &Device) -> f32 {
         }
     }
     let mut ious = Vec::new();
-    for c in 0..21 {
-        let tp = conf[c][c];
-        let fn_: usize = conf[c].iter().sum::<usize>() - tp;
+    for (c, row) in conf.iter().enumerate() {
+        let tp = row[c];
+        let fn_: usize = row.iter().sum::<usize>() - tp;
         let fp: usize = (0..21).map(|r| conf[r][c]).sum::<usize>() - tp;
         if tp + fn_ + fp > 0 {
             ious.push(tp as f32 / (tp + fn_ + fp) as f32);

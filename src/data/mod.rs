@@ -10,8 +10,8 @@
 //! ROOT/imagenette_160/{train,val}/<class-folder>/*.JPEG
 //! ```
 //!
-//! Writers: [`generate`] (`onehead synth --out ROOT`) draws the synthetic benchmark;
-//! [`prepare`] (`onehead prepare --out ROOT`) downloads and samples the real course sets.
+//! Writers: [`generate()`] (`onehead synth --out ROOT`) draws the synthetic benchmark;
+//! [`prepare()`] (`onehead prepare --out ROOT`) downloads and samples the real course sets.
 //! Both mark the dataset folders they write with a `.onehead` file and only ever replace
 //! folders carrying that marker. Readers: [`TaskDataset::open`], errors as [`DataError`].
 

@@ -389,7 +389,7 @@ impl Experiment {
             return bad("no [[stages]]: add at least one stage with a task".into());
         }
         let m = &self.model;
-        if m.image_size < 64 || m.image_size % 32 != 0 {
+        if m.image_size < 64 || !m.image_size.is_multiple_of(32) {
             return bad(format!(
                 "model.image_size = {} must be a multiple of 32 and at least 64",
                 m.image_size
@@ -409,7 +409,7 @@ impl Experiment {
             if !(s.lr > 0.0 && s.lr.is_finite()) {
                 return bad(format!("{at}: lr must be a positive number, got {}", s.lr));
             }
-            if !(s.weight_decay >= 0.0) {
+            if s.weight_decay.is_nan() || s.weight_decay < 0.0 {
                 return bad(format!("{at}: weight_decay must be >= 0"));
             }
             if !(0.0..1.0).contains(&s.momentum) {
@@ -424,7 +424,7 @@ impl Experiment {
             if !(0.0..=1.0).contains(&s.min_lr_ratio) {
                 return bad(format!("{at}: min_lr_ratio must be in [0, 1]"));
             }
-            if !(s.grad_clip_norm >= 0.0) {
+            if s.grad_clip_norm.is_nan() || s.grad_clip_norm < 0.0 {
                 return bad(format!("{at}: grad_clip_norm must be >= 0"));
             }
         }

@@ -139,7 +139,7 @@ impl Datasets {
         Ok(Self { train, val })
     }
 
-    fn get<'a>(sets: &'a [(TaskKind, TaskDataset)], task: TaskKind) -> &'a TaskDataset {
+    fn get(sets: &[(TaskKind, TaskDataset)], task: TaskKind) -> &TaskDataset {
         &sets
             .iter()
             .find(|(t, _)| *t == task)

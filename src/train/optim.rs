@@ -9,11 +9,7 @@ use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
 use candle_nn::VarMap;
 
 use crate::config::OptimizerKind;
-
-/// Names of variables that are state, not parameters (BatchNorm running statistics).
-pub fn is_buffer(name: &str) -> bool {
-    name.ends_with("running_mean") || name.ends_with("running_var")
-}
+use crate::model::info::is_running_stat;
 
 /// One trainable variable with its name.
 pub struct Param {
@@ -29,7 +25,7 @@ pub fn trainable_params(varmap: &VarMap, frozen: &[&str]) -> Vec<Param> {
     let data = varmap.data().lock().expect("varmap lock");
     let mut out: Vec<Param> = data
         .iter()
-        .filter(|(name, _)| !is_buffer(name) && !frozen.iter().any(|p| name.starts_with(p)))
+        .filter(|(name, _)| !is_running_stat(name) && !frozen.iter().any(|p| name.starts_with(p)))
         .map(|(name, var)| Param {
             name: name.clone(),
             decay: var.rank() >= 2,

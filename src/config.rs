@@ -129,6 +129,11 @@ pub struct DataConfig {
     pub synth_size: usize,
     /// Random horizontal flips of training images (and masks/boxes).
     pub flip: bool,
+    /// Random resized crops of training images (scale jitter, torchvision
+    /// `RandomResizedCrop`): `[min, max]` area fraction of the crop, which is resized back to
+    /// the model input (masks and boxes alike; aspect ratio in 3/4..4/3). `[1.0, 1.0]` (the
+    /// default) turns crops off; `[0.35, 1.0]` is the recommended setting. `0 < min <= max <= 1`.
+    pub crop_scale: [f64; 2],
 }
 
 impl Default for DataConfig {
@@ -141,6 +146,7 @@ impl Default for DataConfig {
             synth_val: 60,
             synth_size: 160,
             flip: true,
+            crop_scale: [1.0, 1.0],
         }
     }
 }
@@ -481,6 +487,12 @@ impl Experiment {
         {
             return bad("data.synth_train and data.synth_val must be > 0".into());
         }
+        let [lo, hi] = self.data.crop_scale;
+        if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
+            return bad(format!(
+                "data.crop_scale = [{lo}, {hi}] must satisfy 0 < min <= max <= 1"
+            ));
+        }
         Ok(())
     }
 
@@ -660,6 +672,9 @@ epochs = 3
         let last = format!("{MINIMAL}\n[replay]\nenabled = true\ntasks = [\"det\"]\n");
         let msg = parse(&last).unwrap_err().to_string();
         assert!(msg.contains("last stage"), "{msg}");
+
+        let crop = format!("{MINIMAL}\n[data]\ncrop_scale = [0.5, 0.2]\n");
+        assert!(parse(&crop).unwrap_err().to_string().contains("crop_scale"));
 
         let size = format!("{MINIMAL}\n[model]\nimage_size = 100\n");
         assert!(parse(&size).unwrap_err().to_string().contains("multiple of 32"));

@@ -18,6 +18,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use serde::Deserialize;
 
+use super::augment::{crop_boxes, crop_pixels, resize_crop_mask, resize_crop_rgb, Augment};
 use super::imageio::{
     decode_rgb, is_image, is_jpeg, read_mask, resize_mask, resize_rgb, sorted_dirs, sorted_files,
 };
@@ -374,11 +375,37 @@ impl TaskDataset {
     /// Build a batch from sample indices; `flips[i]` mirrors sample i horizontally
     /// (image, mask and boxes alike). Flip decisions come from the caller's seeded RNG so
     /// that the data path itself is deterministic. `flips` may be empty (no flips).
+    /// Same as [`batch_augmented`](Self::batch_augmented) with no crops.
     pub fn batch(&self, indices: &[usize], flips: &[bool], device: &Device) -> Result<Batch> {
         anyhow::ensure!(
             flips.is_empty() || flips.len() == indices.len(),
             "batch: {} flips for {} indices",
             flips.len(),
+            indices.len()
+        );
+        let augs: Vec<Augment> = (0..indices.len())
+            .map(|k| Augment::flip_only(flips.get(k).copied().unwrap_or(false)))
+            .collect();
+        self.batch_augmented(indices, &augs, device)
+    }
+
+    /// Build a batch from sample indices, sample k transformed by `augs[k]` (see
+    /// [`super::augment`]): its crop of the cached `S x S` image is resized back to `S x S`
+    /// (image bilinear, mask nearest-neighbour so 255 stays "ignore", boxes shifted, scaled,
+    /// clipped, and dropped when mostly cut off), then mirrored if `flip`. Classification
+    /// labels are unchanged. `augs` may be empty (no augmentation). The `Augment`s come from
+    /// [`AugmentConfig::draw`](super::augment::AugmentConfig::draw) on the caller's seeded
+    /// RNG; this function is deterministic.
+    pub fn batch_augmented(
+        &self,
+        indices: &[usize],
+        augs: &[Augment],
+        device: &Device,
+    ) -> Result<Batch> {
+        anyhow::ensure!(
+            augs.is_empty() || augs.len() == indices.len(),
+            "batch: {} augmentations for {} indices",
+            augs.len(),
             indices.len()
         );
         if let Some(&bad) = indices.iter().find(|&&i| i >= self.len()) {
@@ -390,7 +417,11 @@ impl TaskDataset {
         }
         let s = self.image_size;
         let plane = s * s;
-        let flip = |k: usize| flips.get(k).copied().unwrap_or(false);
+        let aug = |k: usize| augs.get(k).copied().unwrap_or_default();
+        // Crops in pixels, validated before any work.
+        let crops: Vec<Option<(f32, f32, f32, f32)>> = (0..indices.len())
+            .map(|k| aug(k).crop.map(|c| crop_pixels(c, s)).transpose())
+            .collect::<Result<_>>()?;
         // Per-channel lookup table: u8 value -> normalised f32.
         let lut: Vec<[f32; 256]> = (0..3)
             .map(|c| {
@@ -406,7 +437,13 @@ impl TaskDataset {
             .enumerate()
             .for_each(|(k, out)| {
                 let px = &self.pixels[indices[k]];
-                let f = flip(k);
+                let f = aug(k).flip;
+                if let Some(crop) = crops[k] {
+                    // Same arithmetic as the table, so integer values give identical floats.
+                    let norm = |c: usize, v: f32| (v / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+                    resize_crop_rgb(px, s, crop, f, out, norm);
+                    return;
+                }
                 for y in 0..s {
                     for x in 0..s {
                         let sx = if f { s - 1 - x } else { x };
@@ -423,13 +460,17 @@ impl TaskDataset {
             .enumerate()
             .map(|(k, &i)| {
                 let t = &self.targets[i];
-                if !flip(k) {
-                    return t.clone();
-                }
-                match t {
-                    Target::Seg(m) => Target::Seg(flip_mask(m, s)),
-                    Target::Det(b) => Target::Det(flip_boxes(b, s as f32)),
-                    Target::Cls(c) => Target::Cls(*c),
+                let f = aug(k).flip;
+                match (t, crops[k]) {
+                    (Target::Cls(c), _) => Target::Cls(*c),
+                    (_, None) if !f => t.clone(),
+                    (Target::Seg(m), None) => Target::Seg(flip_mask(m, s)),
+                    (Target::Seg(m), Some(crop)) => Target::Seg(resize_crop_mask(m, s, crop, f)),
+                    (Target::Det(b), None) => Target::Det(flip_boxes(b, s as f32)),
+                    (Target::Det(b), Some(crop)) => {
+                        let b = crop_boxes(b, s, crop);
+                        Target::Det(if f { flip_boxes(&b, s as f32) } else { b })
+                    }
                 }
             })
             .collect();

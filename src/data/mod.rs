@@ -139,11 +139,13 @@ pub const IMAGENETTE_CLASSES: [(&str, &str); 10] = [
     ("n03888605", "parachute"),
 ];
 
+pub use crate::data::augment::{Augment, AugmentConfig};
 pub use crate::data::dataset::{seg_masks, TaskDataset};
 pub use crate::data::error::DataError;
 pub use crate::data::prepare::{prepare, ArchiveSpec, PrepareOptions, PrepareSummary};
 pub use crate::data::synth::{generate, SynthOptions, SynthSummary};
 
+pub mod augment;
 pub mod coco;
 pub mod dataset;
 pub mod error;

@@ -11,11 +11,11 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{DataSource, Experiment, Freeze};
-use crate::data::{self, Split, TaskDataset};
+use crate::data::{self, Augment, AugmentConfig, Split, TaskDataset};
 use crate::model::detect::DecodeParams;
 use crate::model::weights::{self, WeightsSpec};
 use crate::model::{init, OneHead, OneHeadConfig};
@@ -258,6 +258,13 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<RunOutcome> {
             ..DecodeParams::default()
         },
     };
+    // Training-time augmentation; every draw comes from the run's RNG (crops off by default,
+    // in which case the stream is the flips-only one of earlier versions).
+    let augment = AugmentConfig {
+        flip: exp.data.flip,
+        scale: (exp.data.crop_scale[0] as f32, exp.data.crop_scale[1] as f32),
+        ..AugmentConfig::default()
+    };
     let mut strategies = strategies_for(exp);
     let mut baselines: BTreeMap<TaskKind, f64> = BTreeMap::new();
     let mut latest: BTreeMap<TaskKind, TaskMetrics> = BTreeMap::new();
@@ -321,17 +328,14 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<RunOutcome> {
             let mut lr = 0.0;
             for step in 0..steps {
                 let idx = &order[step * bs..(step + 1) * bs];
-                let flips: Vec<bool> = idx
-                    .iter()
-                    .map(|_| exp.data.flip && rng.random_bool(0.5))
-                    .collect();
-                let batch = ds.batch(idx, &flips, &device)?;
+                let augs: Vec<Augment> = idx.iter().map(|_| augment.draw(&mut rng)).collect();
+                let batch = ds.batch_augmented(idx, &augs, &device)?;
                 let ctx = StepContext {
                     stage: si,
                     task: stage.task,
                     device: &device,
                     train_sets: &data.train,
-                    flip: exp.data.flip,
+                    augment: &augment,
                 };
                 let mut extras = Vec::new();
                 for s in strategies.iter_mut() {

@@ -9,7 +9,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{Experiment, ReplaySampling};
-use crate::data::{Batch, TaskDataset};
+use crate::data::{Augment, AugmentConfig, Batch, TaskDataset};
 use crate::model::{HeadOutputs, OneHead};
 use crate::TaskKind;
 
@@ -20,8 +20,8 @@ pub struct StepContext<'a> {
     pub device: &'a Device,
     /// Training sets of every task in the experiment, by task.
     pub train_sets: &'a [(TaskKind, TaskDataset)],
-    /// Draw horizontal flips for training samples.
-    pub flip: bool,
+    /// How training samples are augmented (draw per sample from the run's RNG).
+    pub augment: &'a AugmentConfig,
 }
 
 impl StepContext<'_> {
@@ -143,8 +143,8 @@ impl Strategy for Replay {
                 .train_set(task)
                 .ok_or_else(|| anyhow::anyhow!("replay: no training set loaded for {task}"))?;
             let indices: Vec<usize> = (0..n).map(|_| rng.random_range(0..ds.len())).collect();
-            let flips: Vec<bool> = (0..n).map(|_| ctx.flip && rng.random_bool(0.5)).collect();
-            let batch = ds.batch(&indices, &flips, ctx.device)?;
+            let augs: Vec<Augment> = (0..n).map(|_| ctx.augment.draw(rng)).collect();
+            let batch = ds.batch_augmented(&indices, &augs, ctx.device)?;
             out.push(WeightedBatch {
                 batch,
                 weight: self.weight * n as f64 / self.images_per_batch as f64,

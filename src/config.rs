@@ -477,7 +477,10 @@ impl Experiment {
             return bad("eval.every and eval.batch_size must be > 0".into());
         }
         if !(0.0..1.0).contains(&e.tolerance) {
-            return bad(format!("eval.tolerance = {} must be in [0, 1)", e.tolerance));
+            return bad(format!(
+                "eval.tolerance = {} must be in [0, 1)",
+                e.tolerance
+            ));
         }
         if !(0.0..=1.0).contains(&e.nms_iou) || !(0.0..=1.0).contains(&e.score_threshold) {
             return bad("eval.nms_iou and eval.score_threshold must be in [0, 1]".into());
@@ -555,7 +558,9 @@ pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigEr
 fn parse_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&doc) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.to_string()),
     }
 }
@@ -599,7 +604,9 @@ fn set_path(node: &mut toml::Value, parts: &[&str], value: &toml::Value) -> Resu
             }
             Ok(())
         }
-        _ => Err(format!("'{head}' is inside a value that is not a table or list")),
+        _ => Err(format!(
+            "'{head}' is inside a value that is not a table or list"
+        )),
     }
 }
 
@@ -663,7 +670,10 @@ epochs = 3
     #[test]
     fn semantic_errors_are_caught() {
         let zero = MINIMAL.replace("epochs = 3", "epochs = 0");
-        assert!(parse(&zero).unwrap_err().to_string().contains("epochs must be > 0"));
+        assert!(parse(&zero)
+            .unwrap_err()
+            .to_string()
+            .contains("epochs must be > 0"));
 
         let unlearned = format!("{MINIMAL}\n[replay]\nenabled = true\ntasks = [\"cls\"]\n");
         let msg = parse(&unlearned).unwrap_err().to_string();
@@ -677,7 +687,10 @@ epochs = 3
         assert!(parse(&crop).unwrap_err().to_string().contains("crop_scale"));
 
         let size = format!("{MINIMAL}\n[model]\nimage_size = 100\n");
-        assert!(parse(&size).unwrap_err().to_string().contains("multiple of 32"));
+        assert!(parse(&size)
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of 32"));
     }
 
     #[test]

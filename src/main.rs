@@ -11,7 +11,11 @@ use onehead::train::engine::{self, RunOptions};
 use onehead::train::sweep::{self, GridAxis, SweepOptions};
 
 #[derive(Parser)]
-#[command(name = "onehead", version, about = "Sequential multi-task learning experiments with one small model")]
+#[command(
+    name = "onehead",
+    version,
+    about = "Sequential multi-task learning experiments with one small model"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

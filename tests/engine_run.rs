@@ -77,7 +77,10 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
     assert_eq!(meta["version"], env!("CARGO_PKG_VERSION"));
     assert!(!meta["git_commit"].as_str().unwrap().is_empty());
     for ck in ["stage1-seg", "stage2-det", "stage3-cls"] {
-        assert!(dir.join("checkpoints").join(format!("{ck}.safetensors")).is_file());
+        assert!(dir
+            .join("checkpoints")
+            .join(format!("{ck}.safetensors"))
+            .is_file());
     }
 
     let (h, rows) = read_csv(&dir.join("epochs.csv"));
@@ -95,7 +98,11 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
 
     // Baselines are the metric at the end of each task's own stage.
     let s = &out.summary;
-    let seg = s.tasks.iter().find(|t| t.task == onehead::TaskKind::Seg).unwrap();
+    let seg = s
+        .tasks
+        .iter()
+        .find(|t| t.task == onehead::TaskKind::Seg)
+        .unwrap();
     let at_end_of_stage1: f64 = rows[1][col("seg_miou")].parse().unwrap();
     assert!((seg.baseline - at_end_of_stage1).abs() < 1e-5);
     let seg_final: f64 = rows[3][col("seg_miou")].parse().unwrap();
@@ -164,5 +171,8 @@ fn cli_reports_a_typo_with_file_line_and_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.toml") && err.contains("line 4") && err.contains("epohcs"), "{err}");
+    assert!(
+        err.contains("bad.toml") && err.contains("line 4") && err.contains("epohcs"),
+        "{err}"
+    );
 }

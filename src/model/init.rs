@@ -79,15 +79,24 @@ mod tests {
     fn build() -> VarMap {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        vb.get_with_hints((64, 32, 3, 3), "conv.weight", Init::Const(0.0)).unwrap();
-        vb.get_with_hints(64, "bn.weight", Init::Const(0.0)).unwrap();
-        vb.get_with_hints(64, "bn.running_var", Init::Const(0.0)).unwrap();
-        vb.get_with_hints(46, "head.out.bias", Init::Const(1.0)).unwrap();
+        vb.get_with_hints((64, 32, 3, 3), "conv.weight", Init::Const(0.0))
+            .unwrap();
+        vb.get_with_hints(64, "bn.weight", Init::Const(0.0))
+            .unwrap();
+        vb.get_with_hints(64, "bn.running_var", Init::Const(0.0))
+            .unwrap();
+        vb.get_with_hints(46, "head.out.bias", Init::Const(1.0))
+            .unwrap();
         vm
     }
 
     fn get(vm: &VarMap, name: &str) -> Vec<f32> {
-        vm.data().lock().unwrap()[name].as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+        vm.data().lock().unwrap()[name]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     }
 
     #[test]

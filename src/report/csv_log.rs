@@ -63,7 +63,11 @@ impl EpochsCsv {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        h.extend(METRIC_COLUMNS.iter().map(|(t, k)| format!("{}_{k}", t.name())));
+        h.extend(
+            METRIC_COLUMNS
+                .iter()
+                .map(|(t, k)| format!("{}_{k}", t.name())),
+        );
         h.push("seconds".into());
         h
     }
@@ -129,7 +133,10 @@ mod tests {
         let mut r = csv::Reader::from_path(&p).unwrap();
         let headers = r.headers().unwrap().clone();
         let rec = r.records().next().unwrap().unwrap();
-        let col = |name: &str| rec.get(headers.iter().position(|h| h == name).unwrap()).unwrap();
+        let col = |name: &str| {
+            rec.get(headers.iter().position(|h| h == name).unwrap())
+                .unwrap()
+        };
         assert_eq!(col("seg_miou"), "0.250000");
         assert_eq!(col("det_map50"), "");
         assert_eq!(col("task"), "seg");

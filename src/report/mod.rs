@@ -92,7 +92,10 @@ pub fn create_run_dir(results_dir: &Path, name: &str) -> Result<PathBuf> {
             }
         }
     }
-    anyhow::bail!("could not find a free run folder name under {}", parent.display())
+    anyhow::bail!(
+        "could not find a free run folder name under {}",
+        parent.display()
+    )
 }
 
 #[cfg(test)]

@@ -83,7 +83,11 @@ impl Optimizer {
         let mut sq = 0f64;
         for p in &self.params {
             if let Some(g) = grads.get(p.var.as_tensor()) {
-                sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                sq += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
             }
         }
         Ok(sq.sqrt())
@@ -185,8 +189,8 @@ mod tests {
     use candle_core::Device;
 
     fn param(name: &str, values: &[f32], shape: &[usize]) -> Param {
-        let var = Var::from_tensor(&Tensor::from_slice(values, shape, &Device::Cpu).unwrap())
-            .unwrap();
+        let var =
+            Var::from_tensor(&Tensor::from_slice(values, shape, &Device::Cpu).unwrap()).unwrap();
         Param {
             name: name.into(),
             decay: var.rank() >= 2,
@@ -205,7 +209,13 @@ mod tests {
         let grads = loss.backward().unwrap();
         let mut opt = Optimizer::new(OptimizerKind::Adamw, vec![w, b], 0.1, 0.0);
         opt.step(&grads, 0.01, 1.0).unwrap();
-        let w_new = opt.params()[0].var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w_new = opt.params()[0]
+            .var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let b_new = opt.params()[1].var.as_tensor().to_vec1::<f32>().unwrap();
         let expect_w = [1.0f32, -2.0, 3.0, 0.5].map(|x| x * (1.0 - 0.01 * 0.1) - 0.01);
         for (a, e) in w_new.iter().zip(expect_w) {
@@ -244,7 +254,9 @@ mod tests {
         opt2.load_state_tensors(&state).unwrap();
         assert_eq!(opt2.steps_taken(), 1);
         let m1 = state["m.w"].to_vec1::<f32>().unwrap();
-        let m2 = opt2.state_tensors().unwrap()["m.w"].to_vec1::<f32>().unwrap();
+        let m2 = opt2.state_tensors().unwrap()["m.w"]
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(m1, m2);
     }
 }

@@ -36,7 +36,9 @@ impl LrSchedule {
                 let span = self.total_steps.saturating_sub(self.warmup_steps).max(1);
                 let progress = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
                 self.min_lr
-                    + 0.5 * (self.base_lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+                    + 0.5
+                        * (self.base_lr - self.min_lr)
+                        * (1.0 + (std::f64::consts::PI * progress).cos())
             }
         }
     }

@@ -26,7 +26,10 @@ pub struct StepContext<'a> {
 
 impl StepContext<'_> {
     pub fn train_set(&self, task: TaskKind) -> Option<&TaskDataset> {
-        self.train_sets.iter().find(|(t, _)| *t == task).map(|(_, d)| d)
+        self.train_sets
+            .iter()
+            .find(|(t, _)| *t == task)
+            .map(|(_, d)| d)
     }
 }
 

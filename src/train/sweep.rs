@@ -203,7 +203,8 @@ fn read_existing_rows(path: &Path, header: &[String]) -> Result<Vec<Vec<String>>
     if !path.exists() {
         return Ok(vec![]);
     }
-    let mut r = csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut r =
+        csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
     let old: Vec<String> = r.headers()?.iter().map(String::from).collect();
     if old != header {
         anyhow::bail!(

@@ -53,7 +53,9 @@ pub fn task_loss(out: &HeadOutputs, batch: &Batch, device: &Device) -> Result<Ta
                 .iter()
                 .map(|t| match t {
                     Target::Det(b) => Ok(b.clone()),
-                    other => anyhow::bail!("detection batch holds a non-detection target {other:?}"),
+                    other => {
+                        anyhow::bail!("detection batch holds a non-detection target {other:?}")
+                    }
                 })
                 .collect::<Result<_>>()?;
             let l = det_loss(

@@ -17,6 +17,7 @@ pub use info::{count_params, info_report, InfoReport, ParamCounts};
 pub use mobilenetv3::MobileNetV3;
 pub use weights::{load_backbone, resolve, LoadReport, WeightsSpec};
 
+use crate::ops;
 use layers::{torch_default_init, Conv, ConvKind};
 
 /// Stride of the map the unified head runs on.
@@ -110,7 +111,8 @@ impl UnifiedHead {
 impl Module for UnifiedHead {
     /// `(B, C, h, w) -> (B, head_out_channels, h, w)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward(&self.conv.forward(x)?.relu()?)
+        self.out
+            .forward(&ops::channel::relu(&self.conv.forward(x)?)?)
     }
 }
 

@@ -216,3 +216,10 @@ fn train_steps_224() {
     let r = onehead::bench::bench_train_step(224, 16, 3, &Device::Cpu).unwrap();
     println!("training {r}");
 }
+
+#[test]
+#[ignore = "profiling: run under `perf record`"]
+fn infer_b1_224() {
+    let r = onehead::bench::bench_inference(224, 1, 200, &Device::Cpu).unwrap();
+    println!("inference {r}");
+}

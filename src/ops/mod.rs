@@ -19,10 +19,18 @@ pub use resize::{resize_bilinear, subsample2, upsample_nearest2x};
 ///   whose workers and waiting caller spin; together with rayon's workers (our kernels, gemm)
 ///   that is three spinning threads on two cores. Measured 1.7x faster training steps
 ///   (224x224, batch 16) with the pool off; our kernels and gemm still use all cores.
+/// - `RAYON_NUM_THREADS` = available parallelism (unless set): saves candle re-reading
+///   `/proc/cpuinfo` on every matmul.
 /// - glibc only: keep freed activation buffers instead of returning them to the OS every step
 ///   (mmap threshold 32 MiB, trim threshold 1 GiB, top pad 256 MiB), as BENCHMARKS.md did for
 ///   PyTorch; measured another ≈ 15 %.
 pub fn tune_cpu_runtime() {
+    // candle asks for its thread count on every matmul; without RAYON_NUM_THREADS that parses
+    // /proc/cpuinfo each time (≈ 4 % of a batch-1 forward in a profile).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }

@@ -17,8 +17,10 @@ pub use resize::{resize_bilinear, subsample2, upsample_nearest2x};
 ///
 /// - `CANDLE_NUM_THREADS=1` (unless set): candle's element-wise ops run on a "barrier pool"
 ///   whose workers and waiting caller spin; together with rayon's workers (our kernels, gemm)
-///   that is three spinning threads on two cores. Measured 1.7x faster training steps
-///   (224x224, batch 16) with the pool off; our kernels and gemm still use all cores.
+///   that is three spinning threads on two cores. With other processes busy on the machine
+///   the training step (224x224, batch 16) was 1.7x faster with the pool off; on an idle
+///   machine the two settings measured within noise (≈ 5 %). Our kernels and gemm still use
+///   all cores.
 /// - `RAYON_NUM_THREADS` = available parallelism (unless set): saves candle re-reading
 ///   `/proc/cpuinfo` on every matmul.
 /// - glibc only: keep freed activation buffers instead of returning them to the OS every step

@@ -87,13 +87,16 @@ fn setup(
 }
 
 /// Time `steps` training steps (forward + backward + AdamW step, BatchNorm in training mode)
-/// at `batch × 3 × image_size²`, after 2 warm-up steps.
+/// at `batch × 3 × image_size²`, after 2 warm-up steps. Applies
+/// [`crate::ops::tune_cpu_runtime`] first (so call it in `main` too, or the engine will run
+/// slower than this measures).
 pub fn bench_train_step(
     image_size: usize,
     batch: usize,
     steps: usize,
     device: &Device,
 ) -> anyhow::Result<BenchResult> {
+    crate::ops::tune_cpu_runtime();
     let (varmap, model, x) = setup(image_size, batch, device)?;
     let cfg = model.config().clone();
     let cells = (image_size / 8) * (image_size / 8);
@@ -140,6 +143,7 @@ pub fn bench_inference(
     steps: usize,
     device: &Device,
 ) -> anyhow::Result<BenchResult> {
+    crate::ops::tune_cpu_runtime();
     let (_, model, x) = setup(image_size, batch, device)?;
     let mut times = Vec::with_capacity(steps);
     for i in 0..WARMUP_STEPS + steps.max(1) {

@@ -202,3 +202,34 @@ fn gradients_reach_every_trainable_part() {
         .get(&var(&varmap, "fpn.layer_blocks.2.0.weight"))
         .is_none());
 }
+
+#[test]
+fn param_groups_split_decay_and_skip_running_stats() {
+    use onehead::model::{build_model, param_groups};
+    let (varmap, _, report) = build_model(&OneHeadConfig::default(), &Device::Cpu, None).unwrap();
+    assert!(report.is_none());
+    let all = param_groups(&varmap, &[]);
+    let n: usize = all
+        .decay
+        .iter()
+        .chain(&all.no_decay)
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    assert_eq!(n, count_params(&varmap).total);
+    assert!(all.decay.iter().all(|(_, v)| v.rank() == 4));
+    assert!(all.no_decay.iter().any(|(n, _)| n == "backbone.bn1.weight"));
+    assert!(!all
+        .no_decay
+        .iter()
+        .any(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var")));
+    let heads = param_groups(&varmap, &["fpn.", "head."]);
+    assert!(heads
+        .decay
+        .iter()
+        .chain(&heads.no_decay)
+        .all(|(n, _)| !n.starts_with("backbone.")));
+    let names: Vec<&String> = all.decay.iter().map(|(n, _)| n).collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted);
+}

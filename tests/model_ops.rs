@@ -350,7 +350,7 @@ fn batchnorm_matches_candle_nn_train_and_eval_with_grads() {
 
 #[test]
 fn hard_activations_match_formula_with_grads() {
-    use onehead::ops::channel::{hard_sigmoid, hard_swish};
+    use onehead::ops::channel::{hard_sigmoid, hard_swish, relu};
     let dev = Device::Cpu;
     let v: Vec<f32> = (-50..50).map(|i| i as f32 * 0.13 + 0.005).collect();
     let x = Var::from_vec(v, 100, &dev).unwrap();
@@ -358,6 +358,9 @@ fn hard_activations_match_formula_with_grads() {
     let sw_ref = (x.as_tensor() * &hs_ref).unwrap();
     let hs = hard_sigmoid(&x).unwrap();
     let sw = hard_swish(&x).unwrap();
+    let re = relu(&x).unwrap();
+    let re_ref = x.relu().unwrap();
+    rel_close(&re, &re_ref, 1e-7, "relu");
     rel_close(&hs, &hs_ref, 1e-6, "hard_sigmoid");
     rel_close(&sw, &sw_ref, 1e-6, "hard_swish");
     for (a, b, what) in [

@@ -209,3 +209,17 @@ fn profile_fwd_bwd_blocks() {
     fb("bn train 16@112", &x4, &|t| bn4.forward_t(t, true).unwrap());
     fb("hardswish 16@112", &x4, &|t| hard_swish(t).unwrap());
 }
+
+#[test]
+#[ignore = "profiling: run under `perf record`"]
+fn train_steps_224() {
+    let r = onehead::bench::bench_train_step(224, 16, 3, &Device::Cpu).unwrap();
+    println!("training {r}");
+}
+
+#[test]
+#[ignore = "profiling: run under `perf record`"]
+fn infer_b1_224() {
+    let r = onehead::bench::bench_inference(224, 1, 200, &Device::Cpu).unwrap();
+    println!("inference {r}");
+}

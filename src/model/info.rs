@@ -109,6 +109,7 @@ pub fn info_report_with_runs(
     device: &Device,
     runs: usize,
 ) -> anyhow::Result<InfoReport> {
+    crate::ops::tune_cpu_runtime();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let model = OneHead::new(cfg, vb)?;

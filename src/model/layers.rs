@@ -7,7 +7,7 @@ use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
 
-use crate::ops::channel::{batch_norm_train, channel_affine, channel_bias, hard_swish};
+use crate::ops::channel::{batch_norm_train, channel_affine, channel_bias, hard_swish, relu};
 use crate::ops::{conv2d_im2col, depthwise_conv2d};
 
 pub use crate::ops::channel::hard_sigmoid;
@@ -197,7 +197,7 @@ impl Act {
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Act::None => Ok(x.clone()),
-            Act::Relu => x.relu(),
+            Act::Relu => relu(x),
             Act::HardSwish => hard_swish(x),
         }
     }

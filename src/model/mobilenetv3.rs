@@ -119,7 +119,7 @@ impl Module for SqueezeExcite {
     /// `(B,C,H,W) -> (B,C,H,W)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let s = x.mean_keepdim(3)?.mean_keepdim(2)?;
-        let s = self.reduce.forward(&s)?.relu()?;
+        let s = crate::ops::channel::relu(&self.reduce.forward(&s)?)?;
         let gate = hard_sigmoid(&self.expand.forward(&s)?)?;
         let (b, c, _, _) = x.dims4()?;
         // Fused per-plane scale: candle's broadcast_mul is slow on CPU.

@@ -8,6 +8,7 @@ pub mod info;
 pub mod init;
 pub mod layers;
 pub mod mobilenetv3;
+pub mod params;
 pub mod weights;
 
 use candle_core::{Module, Result, Tensor};
@@ -16,8 +17,10 @@ use candle_nn::VarBuilder;
 pub use fpn::Fpn;
 pub use info::{count_params, info_report, InfoReport, ParamCounts};
 pub use mobilenetv3::MobileNetV3;
+pub use params::{build_model, param_groups, ParamGroups};
 pub use weights::{load_backbone, resolve, LoadReport, WeightsSpec};
 
+use crate::ops;
 use layers::{torch_default_init, Conv, ConvKind};
 
 /// Stride of the map the unified head runs on.
@@ -111,7 +114,8 @@ impl UnifiedHead {
 impl Module for UnifiedHead {
     /// `(B, C, h, w) -> (B, head_out_channels, h, w)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward(&self.conv.forward(x)?.relu()?)
+        self.out
+            .forward(&ops::channel::relu(&self.conv.forward(x)?)?)
     }
 }
 

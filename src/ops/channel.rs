@@ -272,6 +272,7 @@ pub fn channel_mean_var(x: &Tensor) -> Result<(Tensor, Tensor)> {
 enum Hard {
     Swish,
     Sigmoid,
+    Relu,
 }
 
 impl Hard {
@@ -281,23 +282,28 @@ impl Hard {
         match self {
             Hard::Swish => x * hs,
             Hard::Sigmoid => hs,
+            Hard::Relu => x.max(0.0),
         }
     }
 
     /// Derivative (PyTorch's convention at the kinks: 0 outside (−3, 3)).
     #[inline]
     fn df(self, x: f32) -> f32 {
+        if let Hard::Relu = self {
+            return if x > 0.0 { 1.0 } else { 0.0 };
+        }
         if x <= -3.0 {
             0.0
         } else if x >= 3.0 {
             match self {
-                Hard::Swish => 1.0,
+                Hard::Swish | Hard::Relu => 1.0,
                 Hard::Sigmoid => 0.0,
             }
         } else {
             match self {
                 Hard::Swish => (2.0 * x + 3.0) / 6.0,
                 Hard::Sigmoid => 1.0 / 6.0,
+                Hard::Relu => 1.0,
             }
         }
     }
@@ -310,6 +316,7 @@ impl CustomOp1 for HardOp {
         match self.0 {
             Hard::Swish => "hard-swish",
             Hard::Sigmoid => "hard-sigmoid",
+            Hard::Relu => "relu-fused",
         }
     }
 
@@ -371,6 +378,16 @@ pub fn hard_swish(x: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op1(HardOp(Hard::Swish))
     } else {
         x * candle_nn::ops::hard_sigmoid(x)?
+    }
+}
+
+/// `max(x, 0)`, element-wise, any shape. Same as candle's `relu`, whose backward is three
+/// element-wise ops (compare, cast, multiply); this one is one pass each way.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if use_cpu_kernels(x) {
+        x.contiguous()?.apply_op1(HardOp(Hard::Relu))
+    } else {
+        x.relu()
     }
 }
 

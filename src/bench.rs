@@ -4,11 +4,14 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 
-use crate::model::info::{is_running_stat, median};
+use crate::config::OptimizerKind;
+use crate::model::info::median;
 use crate::model::{OneHead, OneHeadConfig};
-use crate::ops::{pixel_cross_entropy, resize_bilinear};
+use crate::ops::resize_bilinear;
+use crate::train::losses::seg_cross_entropy;
+use crate::train::optim::{trainable_params, Optimizer};
 
 /// Median time per step and the images/s it implies.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,11 +52,6 @@ fn result(times_ms: &[f64], batch: usize, image_size: usize) -> BenchResult {
     }
 }
 
-/// Pixel-wise cross-entropy: `logits (B,C,H,W)`, `targets (B,H,W)` u32 -> scalar mean.
-pub fn seg_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    pixel_cross_entropy(logits, targets, Some(255))
-}
-
 /// The benchmark loss of BENCHMARKS.md: `CE(seg upsampled bilinearly to the input size) +
 /// CE(cls) + MSE(det)`.
 fn bench_loss(
@@ -66,7 +64,7 @@ fn bench_loss(
     let (_, _, h, w) = x.dims4()?;
     let out = model.forward_t(x, true)?;
     let seg = resize_bilinear(&out.seg, h, w)?;
-    let l_seg = seg_cross_entropy(&seg, seg_t)?;
+    let l_seg = seg_cross_entropy(&seg, seg_t, 255)?;
     let l_cls = candle_nn::loss::cross_entropy(&out.cls, cls_t)?;
     let l_det = candle_nn::loss::mse(&out.det, det_t)?;
     (l_seg + l_cls)? + l_det
@@ -112,21 +110,20 @@ pub fn bench_train_step(
         .floor()?
         .to_dtype(DType::U32)?;
     let det_t = Tensor::randn(0f32, 1f32, (batch, cells, 5 + cfg.det_classes), device)?;
-    // BatchNorm running statistics get no gradient: keep them out of the optimiser.
-    let params: Vec<_> = varmap
-        .data()
-        .lock()
-        .expect("VarMap lock poisoned")
-        .iter()
-        .filter(|(name, _)| !is_running_stat(name))
-        .map(|(_, v)| v.clone())
-        .collect();
-    let mut opt = AdamW::new(params, ParamsAdamW::default())?;
+    // The engine's own optimiser (AdamW, decay on conv weights, running stats excluded), so
+    // the benchmark times what training runs.
+    let mut opt = Optimizer::new(
+        OptimizerKind::Adamw,
+        trainable_params(&varmap, &[]),
+        1e-4,
+        0.0,
+    );
     let mut times = Vec::with_capacity(steps);
     for i in 0..WARMUP_STEPS + steps.max(1) {
         let t0 = Instant::now();
         let loss = bench_loss(&model, &x, &seg_t, &cls_t, &det_t)?;
-        opt.backward_step(&loss)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, 1e-3, 1.0)?;
         // Reading the loss back synchronises asynchronous devices.
         let _ = loss.to_scalar::<f32>()?;
         if i >= WARMUP_STEPS {

@@ -98,6 +98,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before any tensor work: thread pools and allocator tuned for CPU training (see ops).
+    onehead::ops::tune_cpu_runtime();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -236,7 +238,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let device = engine::select_device(&device)?;
             for size in sizes {
                 let r = onehead::bench::bench_train_step(size, batch, steps, &device)?;
-                println!("{size}x{size} batch {batch}: {r}");
+                println!("training  {r}");
+                let i = onehead::bench::bench_inference(size, batch, steps, &device)?;
+                println!("inference {i}");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -204,31 +204,29 @@ fn gradients_reach_every_trainable_part() {
 }
 
 #[test]
-fn param_groups_split_decay_and_skip_running_stats() {
-    use onehead::model::{build_model, param_groups};
-    let (varmap, _, report) = build_model(&OneHeadConfig::default(), &Device::Cpu, None).unwrap();
-    assert!(report.is_none());
-    let all = param_groups(&varmap, &[]);
-    let n: usize = all
-        .decay
-        .iter()
-        .chain(&all.no_decay)
-        .map(|(_, v)| v.elem_count())
-        .sum();
+fn trainable_params_split_decay_and_skip_running_stats() {
+    use candle_core::DType;
+    use candle_nn::{VarBuilder, VarMap};
+    use onehead::model::OneHead;
+    use onehead::train::optim::trainable_params;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    OneHead::new(&OneHeadConfig::default(), vb).unwrap();
+    let all = trainable_params(&varmap, &[]);
+    let n: usize = all.iter().map(|p| p.var.elem_count()).sum();
     assert_eq!(n, count_params(&varmap).total);
-    assert!(all.decay.iter().all(|(_, v)| v.rank() == 4));
-    assert!(all.no_decay.iter().any(|(n, _)| n == "backbone.bn1.weight"));
+    // Weight decay only on conv weights; BatchNorm affine parameters are spared.
+    assert!(all.iter().filter(|p| p.decay).all(|p| p.var.rank() == 4));
+    assert!(all
+        .iter()
+        .any(|p| p.name == "backbone.bn1.weight" && !p.decay));
     assert!(!all
-        .no_decay
         .iter()
-        .any(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var")));
-    let heads = param_groups(&varmap, &["fpn.", "head."]);
-    assert!(heads
-        .decay
-        .iter()
-        .chain(&heads.no_decay)
-        .all(|(n, _)| !n.starts_with("backbone.")));
-    let names: Vec<&String> = all.decay.iter().map(|(n, _)| n).collect();
+        .any(|p| p.name.ends_with("running_mean") || p.name.ends_with("running_var")));
+    // Freezing the backbone leaves only neck and head.
+    let heads = trainable_params(&varmap, &["backbone."]);
+    assert!(!heads.is_empty() && heads.iter().all(|p| !p.name.starts_with("backbone.")));
+    let names: Vec<&String> = all.iter().map(|p| &p.name).collect();
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(names, sorted);

@@ -8,7 +8,6 @@ pub mod info;
 pub mod init;
 pub mod layers;
 pub mod mobilenetv3;
-pub mod params;
 pub mod weights;
 
 use candle_core::{Module, Result, Tensor};
@@ -17,7 +16,6 @@ use candle_nn::VarBuilder;
 pub use fpn::Fpn;
 pub use info::{count_params, info_report, InfoReport, ParamCounts};
 pub use mobilenetv3::MobileNetV3;
-pub use params::{build_model, param_groups, ParamGroups};
 pub use weights::{load_backbone, resolve, LoadReport, WeightsSpec};
 
 use crate::ops;

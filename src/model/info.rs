@@ -101,6 +101,30 @@ pub fn median(xs: &[f64]) -> f64 {
     }
 }
 
+/// Median per-image inference latency of `model` (batch 1, eval mode) over `runs` timed
+/// forwards after 3 warm-ups, in milliseconds.
+pub fn median_latency_ms(
+    model: &OneHead,
+    image_size: usize,
+    device: &Device,
+    runs: usize,
+) -> anyhow::Result<f64> {
+    let x = Tensor::randn(0f32, 1f32, (1, 3, image_size, image_size), device)?;
+    for _ in 0..3 {
+        model.forward_t(&x, false)?.cls.to_vec2::<f32>()?;
+    }
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let t0 = Instant::now();
+        let o = model.forward_t(&x, false)?;
+        // Reading the outputs back synchronises asynchronous devices.
+        o.cls.to_vec2::<f32>()?;
+        o.seg.sum_all()?.to_scalar::<f32>()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(&times))
+}
+
 /// Build a randomly initialised model on `device`, count parameters, run a `(1,3,S,S)` input
 /// and time `runs` eval forwards after 3 warm-up runs.
 pub fn info_report_with_runs(
@@ -121,26 +145,15 @@ pub fn info_report_with_runs(
         ("det".to_string(), out.det.dims().to_vec()),
         ("cls".to_string(), out.cls.dims().to_vec()),
     ];
-    for _ in 0..3 {
-        model.forward_t(&x, false)?.cls.to_vec2::<f32>()?;
-    }
-    let mut times = Vec::with_capacity(runs);
-    for _ in 0..runs.max(1) {
-        let t0 = Instant::now();
-        let o = model.forward_t(&x, false)?;
-        // Reading the outputs back synchronises asynchronous devices.
-        o.cls.to_vec2::<f32>()?;
-        o.seg.sum_all()?.to_scalar::<f32>()?;
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
+    let latency_ms = median_latency_ms(&model, image_size, device, runs)?;
     Ok(InfoReport {
         config: cfg.clone(),
         image_size,
         device: format!("{device:?}"),
         params,
         output_shapes,
-        latency_ms: median(&times),
-        latency_runs: times.len(),
+        latency_ms,
+        latency_runs: runs.max(1),
     })
 }
 

@@ -190,22 +190,6 @@ pub fn build_model(
     Ok((varmap, model))
 }
 
-/// Median per-image inference latency (batch 1, after warm-up), milliseconds.
-pub fn median_latency_ms(model: &OneHead, image_size: usize, device: &Device) -> Result<f64> {
-    let x = Tensor::zeros((1, 3, image_size, image_size), DType::F32, device)?;
-    let mut times = Vec::new();
-    for i in 0..13 {
-        let t = Instant::now();
-        let out = model.forward_t(&x, false)?;
-        out.cls.to_device(&Device::Cpu)?; // synchronise (CUDA is asynchronous)
-        if i >= 3 {
-            times.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
-}
-
 fn progress(quiet: bool, len: usize, prefix: String) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
@@ -510,7 +494,12 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<RunOutcome> {
             neck: counts.neck,
             head: counts.head,
         },
-        latency_ms: median_latency_ms(&model, exp.model.image_size, &device)?,
+        latency_ms: crate::model::info::median_latency_ms(
+            &model,
+            exp.model.image_size,
+            &device,
+            10,
+        )?,
         train_seconds,
         started_at: report::utc_rfc3339(started),
         finished_at: report::utc_rfc3339(report::now_secs()),

@@ -8,23 +8,10 @@
 //!
 //! CPU, f32 only; on other devices the functions fall back to the equivalent candle ops.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        other => candle_core::bail!(
-            "{op}: only f32 is implemented on CPU, got {:?}",
-            other.dtype()
-        ),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
-}
+use super::storage::f32_slice;
 
 /// Number of (b, c) planes and plane size of a `(B, C, ...)` layout.
 fn planes(l: &Layout) -> Result<(usize, usize, usize)> {

@@ -8,9 +8,10 @@
 //!
 //! CPU, f32 only. On other devices [`depthwise_conv2d`] falls back to candle's grouped conv.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::storage::f32_slice;
 
 /// Geometry shared by the forward and both backward kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,21 +74,6 @@ impl Geom {
     }
 }
 
-/// Borrow a contiguous f32 slice out of a CPU storage, or fail clearly.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        other => candle_core::bail!(
-            "depthwise_conv2d ({what}): only f32 is implemented on CPU, got {:?}",
-            other.dtype()
-        ),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("depthwise_conv2d ({what}): input must be contiguous"),
-    }
-}
-
 fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
     l.shape()
         .dims4()
@@ -112,8 +98,8 @@ impl CustomOp2 for DepthwiseFwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let kw = f32_slice(s2, l2, "kernel")?;
+        let x = f32_slice(s1, l1, "depthwise_conv2d input")?;
+        let kw = f32_slice(s2, l2, "depthwise_conv2d kernel")?;
         let (kc, _, k, _) = dims4(l2, "kernel")?;
         let g = Geom::new(dims4(l1, "input")?, k, self.stride, self.pad)?;
         if kc != g.c {
@@ -212,8 +198,8 @@ impl CustomOp2 for DepthwiseBwdInput {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let gy = f32_slice(s1, l1, "grad")?;
-        let kw = f32_slice(s2, l2, "kernel")?;
+        let gy = f32_slice(s1, l1, "depthwise_conv2d grad")?;
+        let kw = f32_slice(s2, l2, "depthwise_conv2d kernel")?;
         let (n, c, _, _) = dims4(l1, "grad")?;
         let k = dims4(l2, "kernel")?.2;
         let g = Geom::new((n, c, self.h, self.w), k, self.stride, self.pad)?;
@@ -276,8 +262,8 @@ impl CustomOp2 for DepthwiseBwdKernel {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let gy = f32_slice(s2, l2, "grad")?;
+        let x = f32_slice(s1, l1, "depthwise_conv2d input")?;
+        let gy = f32_slice(s2, l2, "depthwise_conv2d grad")?;
         let k = self.k;
         let g = Geom::new(dims4(l1, "input")?, k, self.stride, self.pad)?;
         let mut gk = vec![0f32; g.c * k * k];

@@ -6,9 +6,10 @@
 //! ≈ 120 ms per conv. Here both gradients are gemms (candle's matmul backward) plus one
 //! col2im scatter, and there is no stride-2 parity trap.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::storage::f32_slice;
 
 #[derive(Debug, Clone, Copy)]
 struct Im2col {
@@ -39,17 +40,6 @@ impl Im2col {
     }
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        other => candle_core::bail!("im2col: only f32 on CPU, got {:?}", other.dtype()),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("im2col: input must be contiguous"),
-    }
-}
-
 impl CustomOp1 for Im2col {
     fn name(&self) -> &'static str {
         "im2col"
@@ -57,7 +47,7 @@ impl CustomOp1 for Im2col {
 
     /// `(B,C,H,W) -> (B, C·k·k, Ho·Wo)`, row `(c·k + ky)·k + kx` (the `(O,C,k,k)` weight order).
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l)?;
+        let x = f32_slice(s, l, "im2col")?;
         let (b, c, h, w) = l.shape().dims4()?;
         let (ho, wo) = (self.out_len(h), self.out_len(w));
         let k = self.k;
@@ -114,7 +104,7 @@ impl CustomOp1 for Col2im {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let cols = f32_slice(s, l)?;
+        let cols = f32_slice(s, l, "im2col")?;
         let (b, ckk, _) = l.shape().dims3()?;
         let op = self.op;
         let k = op.k;

@@ -5,6 +5,7 @@ pub mod depthwise;
 pub mod im2col;
 pub mod loss;
 pub mod resize;
+mod storage;
 
 pub use depthwise::depthwise_conv2d;
 pub use im2col::conv2d_im2col;

@@ -1,0 +1,31 @@
+//! Borrowing typed, contiguous slices out of candle's CPU storage for the custom kernels.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result};
+
+fn contiguous<'a, T>(data: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// The f32 data of `s` under layout `l`; a clear error names `op` for other dtypes or
+/// strided layouts (the kernels only implement contiguous f32).
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => contiguous(v, l, op),
+        other => candle_core::bail!(
+            "{op}: only f32 is implemented on CPU, got {:?}",
+            other.dtype()
+        ),
+    }
+}
+
+/// As [`f32_slice`] for u32 data (class ids).
+pub(crate) fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u32]> {
+    match s {
+        CpuStorage::U32(v) => contiguous(v, l, op),
+        other => candle_core::bail!("{op}: expected u32, got {:?}", other.dtype()),
+    }
+}

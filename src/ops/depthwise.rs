@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::storage::f32_slice;
+use super::storage::{f32_slice, valid_range};
 
 /// Geometry shared by the forward and both backward kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,23 +54,8 @@ impl Geom {
         })
     }
 
-    /// Output indices `o` (along one axis of length `out`) whose input index
-    /// `o*stride + tap - pad` lies in `[0, len)`: returns `(first, end)` (end exclusive).
     fn valid(&self, tap: usize, len: usize, out: usize) -> (usize, usize) {
-        let s = self.stride;
-        // o*s + tap >= pad
-        let first = if self.pad > tap {
-            (self.pad - tap).div_ceil(s).min(out)
-        } else {
-            0
-        };
-        // o*s + tap - pad <= len - 1  <=>  o <= (len - 1 + pad - tap) / s
-        let end = if len + self.pad > tap {
-            ((len - 1 + self.pad - tap) / s + 1).min(out)
-        } else {
-            0
-        };
-        (first, end.max(first))
+        valid_range(tap, len, out, self.stride, self.pad)
     }
 }
 

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::storage::f32_slice;
+use super::storage::{f32_slice, valid_range};
 
 #[derive(Debug, Clone, Copy)]
 struct Im2col {
@@ -23,20 +23,8 @@ impl Im2col {
         (len + 2 * self.pad - self.k) / self.stride + 1
     }
 
-    /// Output positions `o` whose input index `o·s + tap − p` is in `[0, len)`.
     fn valid(&self, tap: usize, len: usize, out: usize) -> (usize, usize) {
-        let s = self.stride;
-        let first = if self.pad > tap {
-            (self.pad - tap).div_ceil(s).min(out)
-        } else {
-            0
-        };
-        let end = if len + self.pad > tap {
-            ((len - 1 + self.pad - tap) / s + 1).min(out)
-        } else {
-            0
-        };
-        (first, end.max(first))
+        valid_range(tap, len, out, self.stride, self.pad)
     }
 }
 

@@ -1,4 +1,5 @@
-//! Borrowing typed, contiguous slices out of candle's CPU storage for the custom kernels.
+//! Shared pieces of the custom CPU kernels: typed, contiguous slices out of candle's CPU
+//! storage, and the valid output range of a padded, strided window.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
@@ -28,4 +29,29 @@ pub(crate) fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&
         CpuStorage::U32(v) => contiguous(v, l, op),
         other => candle_core::bail!("{op}: expected u32, got {:?}", other.dtype()),
     }
+}
+
+/// Output positions `o` (along one axis with `out` positions) whose input index
+/// `o·stride + tap − pad` lies in `[0, len)`: `(first, end)`, end exclusive. Lets the
+/// convolution loops skip padding without a bounds test per element.
+pub(crate) fn valid_range(
+    tap: usize,
+    len: usize,
+    out: usize,
+    stride: usize,
+    pad: usize,
+) -> (usize, usize) {
+    // o·s + tap ≥ pad
+    let first = if pad > tap {
+        (pad - tap).div_ceil(stride).min(out)
+    } else {
+        0
+    };
+    // o·s + tap − pad ≤ len − 1  ⇔  o ≤ (len − 1 + pad − tap) / s
+    let end = if len + pad > tap {
+        ((len - 1 + pad - tap) / stride + 1).min(out)
+    } else {
+        0
+    };
+    (first, end.max(first))
 }

@@ -50,6 +50,14 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Evaluate a run's checkpoint on the val splits (per-class figures included).
+    Eval {
+        /// A run folder (`results/<name>/<run-id>`).
+        run_dir: PathBuf,
+        /// Checkpoint name, e.g. `stage1-seg` (default: the last stage's).
+        #[arg(long)]
+        checkpoint: Option<String>,
+    },
     /// Write the built-in synthetic benchmark (same formats as the course sets).
     Synth {
         #[arg(long)]
@@ -155,6 +163,18 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 },
             )?;
             println!("sweep index: {}", index.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval {
+            run_dir,
+            checkpoint,
+        } => {
+            for (task, metrics) in engine::evaluate_checkpoint(&run_dir, checkpoint.as_deref())? {
+                println!("{task}:");
+                for (k, v) in metrics {
+                    println!("  {k:<28} {v:.4}");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Synth {

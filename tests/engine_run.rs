@@ -113,6 +113,26 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(json["tasks"].as_array().unwrap().len(), 3);
 
+    // Checkpoints reload to the same model: evaluating them reproduces the logged metrics.
+    let at_stage1 = onehead::train::engine::evaluate_checkpoint(dir, Some("stage1-seg")).unwrap();
+    let (task, m) = &at_stage1[0];
+    assert_eq!(*task, onehead::TaskKind::Seg);
+    assert!((m["miou"] - at_end_of_stage1).abs() < 1e-5);
+    let last = onehead::train::engine::evaluate_checkpoint(dir, None).unwrap();
+    for (task, m) in &last {
+        let key = format!("{task}_{}", task.metric_name());
+        assert!(
+            (m[task.metric_name()] - s.final_metrics[&key]).abs() < 1e-9,
+            "{key}"
+        );
+    }
+    assert!(
+        onehead::train::engine::evaluate_checkpoint(dir, Some("stage9-x"))
+            .unwrap_err()
+            .to_string()
+            .contains("not found")
+    );
+
     // A second run never reuses the folder.
     let again = run(&exp, &RunOptions { quiet: true }).unwrap();
     assert_ne!(again.run_dir, out.run_dir);

@@ -16,7 +16,6 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::{DataSource, Experiment, Freeze};
 use crate::data::{self, Augment, AugmentConfig, Split, TaskDataset};
-use crate::model::detect::DecodeParams;
 use crate::model::weights::{self, WeightsSpec};
 use crate::model::{init, OneHead, OneHeadConfig};
 use crate::report::summary::ParamSummary;
@@ -190,6 +189,50 @@ pub fn build_model(
     Ok((varmap, model))
 }
 
+/// Evaluate a run's checkpoint (default: the last stage's) on the val split of every task
+/// of its experiment, with the run's own `config.toml`.
+pub fn evaluate_checkpoint(
+    run_dir: &Path,
+    checkpoint: Option<&str>,
+) -> Result<Vec<(TaskKind, TaskMetrics)>> {
+    let exp = Experiment::load(&run_dir.join("config.toml"), &[])?;
+    let ckpt_dir = run_dir.join("checkpoints");
+    let file = match checkpoint {
+        Some(name) => ckpt_dir.join(format!(
+            "{}.safetensors",
+            name.trim_end_matches(".safetensors")
+        )),
+        None => {
+            let last = exp.stages.len();
+            ckpt_dir.join(format!(
+                "stage{last}-{}.safetensors",
+                exp.stages[last - 1].task
+            ))
+        }
+    };
+    if !file.is_file() {
+        anyhow::bail!(
+            "checkpoint {} not found (the run may not have finished that stage)",
+            file.display()
+        );
+    }
+    let device = select_device(&exp.device)?;
+    let root = ensure_data(&exp)?;
+    let data = Datasets::open(&exp, &root)?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let model = OneHead::new(&data.head_config(exp.model.fpn_channels), vb)?;
+    let mut varmap = varmap;
+    varmap
+        .load(&file)
+        .with_context(|| format!("loading checkpoint {}", file.display()))?;
+    let settings = EvalSettings::from_experiment(&exp);
+    data.val
+        .iter()
+        .map(|(task, ds)| Ok((*task, evaluate(&model, ds, &settings, &device)?)))
+        .collect()
+}
+
 fn progress(quiet: bool, len: usize, prefix: String) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
@@ -234,14 +277,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<RunOutcome> {
     let mut csv = EpochsCsv::create(&run_dir.join("epochs.csv"))?;
     tracing::info!("run folder {}", run_dir.display());
 
-    let eval_settings = EvalSettings {
-        batch_size: exp.eval.batch_size,
-        decode: DecodeParams {
-            score_threshold: exp.eval.score_threshold as f32,
-            nms_iou: exp.eval.nms_iou as f32,
-            ..DecodeParams::default()
-        },
-    };
+    let eval_settings = EvalSettings::from_experiment(exp);
     // Training-time augmentation; every draw comes from the run's RNG (crops off by default,
     // in which case the stream is the flips-only one of earlier versions).
     let augment = AugmentConfig {

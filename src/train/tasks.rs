@@ -99,7 +99,21 @@ pub struct EvalSettings {
     pub decode: DecodeParams,
 }
 
-/// Validation metrics of one task, `key → value` (`miou`, `pixel_acc`, `map50`, …).
+impl EvalSettings {
+    pub fn from_experiment(exp: &crate::config::Experiment) -> Self {
+        Self {
+            batch_size: exp.eval.batch_size,
+            decode: DecodeParams {
+                score_threshold: exp.eval.score_threshold as f32,
+                nms_iou: exp.eval.nms_iou as f32,
+                ..DecodeParams::default()
+            },
+        }
+    }
+}
+
+/// Validation metrics of one task, `key → value` (`miou`, `pixel_acc`, `map50`, …, and
+/// per class `iou.<class>` / `ap50.<class>` for classes present in the split).
 pub type TaskMetrics = BTreeMap<String, f64>;
 
 /// Evaluate `model` (inference mode) on a whole split of `ds`.
@@ -152,11 +166,21 @@ pub fn evaluate(
         TaskKind::Seg => {
             m.insert("miou".into(), cm.miou());
             m.insert("pixel_acc".into(), cm.pixel_accuracy());
+            for (name, iou) in ds.class_names.iter().zip(cm.per_class_iou()) {
+                if let Some(iou) = iou {
+                    m.insert(format!("iou.{name}"), iou);
+                }
+            }
         }
         TaskKind::Det => {
             let s = map.summarize();
             m.insert("map50".into(), s.map50);
             m.insert("map50_95".into(), s.map50_95);
+            for (name, ap) in ds.class_names.iter().zip(&s.per_class_ap50) {
+                if let Some(ap) = ap {
+                    m.insert(format!("ap50.{name}"), *ap);
+                }
+            }
         }
         TaskKind::Cls => {
             m.insert("top1".into(), topk.top1());

@@ -34,6 +34,13 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Continue an interrupted run from the state saved after its last completed epoch.
+    Resume {
+        /// The run folder (`results/<name>/<run-id>`).
+        run_dir: PathBuf,
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Run several experiment files and/or a grid of overrides, one after another.
     Sweep {
         /// Experiment TOML files.
@@ -124,19 +131,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// Print a finished run's verdict; exit code 0 if every task is within tolerance, else 1
+/// (forgetting beyond tolerance is a result, not a crash: errors exit with 2).
+fn finish(outcome: &engine::RunOutcome) -> ExitCode {
+    println!("\n{}", outcome.summary.table());
+    println!("results: {}", outcome.run_dir.display());
+    if outcome.summary.pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run { file, set, quiet } => {
             let exp = Experiment::load(&file, &set)?;
-            let outcome = engine::run(&exp, &RunOptions { quiet })?;
-            println!("\n{}", outcome.summary.table());
-            println!("results: {}", outcome.run_dir.display());
-            Ok(if outcome.summary.pass {
-                ExitCode::SUCCESS
-            } else {
-                // Forgetting beyond tolerance is a result, not a crash: distinct exit code.
-                ExitCode::from(1)
-            })
+            let outcome = engine::run(
+                &exp,
+                &RunOptions {
+                    quiet,
+                    ..RunOptions::default()
+                },
+            )?;
+            Ok(finish(&outcome))
+        }
+        Command::Resume { run_dir, quiet } => {
+            let outcome = engine::resume(
+                &run_dir,
+                &RunOptions {
+                    quiet,
+                    ..RunOptions::default()
+                },
+            )?;
+            Ok(finish(&outcome))
         }
         Command::Sweep {
             files,

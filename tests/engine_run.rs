@@ -64,11 +64,20 @@ fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
 fn a_run_leaves_config_csv_summary_and_checkpoints() {
     let tmp = tempfile::tempdir().unwrap();
     let exp = tiny_experiment(tmp.path(), true);
-    let out = run(&exp, &RunOptions { quiet: true }).unwrap();
+    let out = run(
+        &exp,
+        &RunOptions {
+            quiet: true,
+            ..RunOptions::default()
+        },
+    )
+    .unwrap();
     let dir = &out.run_dir;
     for f in ["config.toml", "meta.json", "epochs.csv", "summary.json"] {
         assert!(dir.join(f).is_file(), "missing {f}");
     }
+    // The resume state is dropped once the run has finished.
+    assert!(!dir.join("state").exists());
     // The stored config is the exact config that ran.
     let stored = Experiment::load(&dir.join("config.toml"), &[]).unwrap();
     assert_eq!(stored, exp);
@@ -134,7 +143,14 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
     );
 
     // A second run never reuses the folder.
-    let again = run(&exp, &RunOptions { quiet: true }).unwrap();
+    let again = run(
+        &exp,
+        &RunOptions {
+            quiet: true,
+            ..RunOptions::default()
+        },
+    )
+    .unwrap();
     assert_ne!(again.run_dir, out.run_dir);
     // Same seed, same device: the same losses and metrics (only the timing column differs).
     let (_, rows2) = read_csv(&again.run_dir.join("epochs.csv"));
@@ -195,4 +211,73 @@ fn cli_reports_a_typo_with_file_line_and_key() {
         err.contains("bad.toml") && err.contains("line 4") && err.contains("epohcs"),
         "{err}"
     );
+}
+
+/// Every tensor of two safetensors files, compared exactly.
+fn same_tensors(a: &Path, b: &Path) {
+    let ta = candle_core::safetensors::load(a, &candle_core::Device::Cpu).unwrap();
+    let tb = candle_core::safetensors::load(b, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(ta.len(), tb.len());
+    for (name, x) in &ta {
+        let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = tb[name].flatten_all().unwrap().to_vec1().unwrap();
+        assert!(x == y, "{name} differs after resume");
+    }
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_exactly_the_same_result() {
+    use onehead::train::engine::{resume, Stopped};
+    let tmp = tempfile::tempdir().unwrap();
+    // Replay on, so the replay cursor and its RNG draws are part of what must be restored.
+    let exp = tiny_experiment(tmp.path(), true);
+    let quiet = RunOptions {
+        quiet: true,
+        ..RunOptions::default()
+    };
+    let full = run(&exp, &quiet).unwrap();
+    let (h, full_rows) = read_csv(&full.run_dir.join("epochs.csv"));
+    let secs = h.iter().position(|c| c == "seconds").unwrap();
+    // Epoch 1 is mid-stage (seg has 2 epochs), 2 ends a stage, 3 ends the detection stage.
+    for stop in [1, 2, 3] {
+        let err = run(
+            &exp,
+            &RunOptions {
+                quiet: true,
+                stop_after_epochs: Some(stop),
+            },
+        )
+        .unwrap_err();
+        let stopped = err.downcast_ref::<Stopped>().expect("a Stopped error");
+        let dir = stopped.run_dir.clone();
+        assert!(!dir.join("summary.json").exists());
+        assert!(dir.join("state/state.json").is_file());
+        if stop == 1 {
+            // A row written after the saved state (a crash right after logging) is dropped.
+            let mut text = std::fs::read_to_string(dir.join("epochs.csv")).unwrap();
+            text.push_str(&full_rows[1].join(","));
+            text.push('\n');
+            std::fs::write(dir.join("epochs.csv"), text).unwrap();
+        }
+        let resumed = resume(&dir, &quiet).unwrap();
+        assert_eq!(resumed.run_dir, dir);
+        let (_, rows) = read_csv(&dir.join("epochs.csv"));
+        assert_eq!(rows.len(), full_rows.len(), "stop after {stop}");
+        for (a, b) in rows.iter().zip(&full_rows) {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                if i != secs {
+                    assert_eq!(x, y, "stop after {stop}: column {} differs", h[i]);
+                }
+            }
+        }
+        same_tensors(
+            &dir.join("checkpoints/stage3-cls.safetensors"),
+            &full.run_dir.join("checkpoints/stage3-cls.safetensors"),
+        );
+        assert_eq!(resumed.summary.final_metrics, full.summary.final_metrics);
+        assert_eq!(resumed.summary.tasks, full.summary.tasks);
+    }
+    // A finished run is never continued (nor overwritten).
+    let msg = resume(&full.run_dir, &quiet).unwrap_err().to_string();
+    assert!(msg.contains("finished"), "{msg}");
 }

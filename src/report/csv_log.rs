@@ -80,6 +80,46 @@ impl EpochsCsv {
         Ok(Self { writer })
     }
 
+    /// Reopen the log of a resumed run: keep the rows up to `global_epoch` (a row written
+    /// after the last saved state belongs to an epoch that will be trained again), then append.
+    pub fn reopen(path: &Path, global_epoch: usize) -> Result<Self> {
+        let header = Self::header();
+        let mut reader =
+            csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
+        let old: Vec<String> = reader.headers()?.iter().map(String::from).collect();
+        if old != header {
+            anyhow::bail!(
+                "{} has other columns than this version of onehead writes",
+                path.display()
+            );
+        }
+        let col = header
+            .iter()
+            .position(|h| h == "global_epoch")
+            .expect("global_epoch is a column");
+        let mut kept = csv::Writer::from_writer(Vec::new());
+        kept.write_record(&header)?;
+        for rec in reader.records() {
+            let rec = rec.with_context(|| format!("reading {}", path.display()))?;
+            let g: usize = rec[col]
+                .parse()
+                .with_context(|| format!("{}: bad global_epoch '{}'", path.display(), &rec[col]))?;
+            if g <= global_epoch {
+                kept.write_record(&rec)?;
+            }
+        }
+        let bytes = kept.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
+        crate::report::write_atomic(path, &bytes)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let writer = csv::WriterBuilder::new()
+            .has_headers(false)
+            .from_writer(file);
+        Ok(Self { writer })
+    }
+
     pub fn append(&mut self, row: &EpochRow) -> Result<()> {
         let mut rec = vec![
             row.stage.to_string(),

@@ -22,6 +22,7 @@ use crate::report::summary::ParamSummary;
 use crate::report::{self, EpochRow, EpochsCsv, RunSummary, TaskVerdict};
 use crate::train::optim::{trainable_params, Optimizer};
 use crate::train::schedule::LrSchedule;
+use crate::train::state::{self, RunState};
 use crate::train::strategy::{strategies_for, StepContext};
 use crate::train::tasks::{evaluate, slice_rows, task_loss, EvalSettings, TaskMetrics};
 use crate::TaskKind;
@@ -31,6 +32,18 @@ use crate::TaskKind;
 pub struct RunOptions {
     /// Hide progress bars (tests, sweeps in the background).
     pub quiet: bool,
+    /// Stop after this many epochs of the whole run (counted from its start), state saved,
+    /// as if the process had been killed there: [`resume`] continues it.
+    pub stop_after_epochs: Option<usize>,
+}
+
+/// The run stopped on purpose (see [`RunOptions::stop_after_epochs`]); resume it from
+/// `run_dir`.
+#[derive(Debug, thiserror::Error)]
+#[error("run stopped after epoch {global_epoch}; continue it with `onehead resume {}`", run_dir.display())]
+pub struct Stopped {
+    pub run_dir: PathBuf,
+    pub global_epoch: usize,
 }
 
 /// What a finished run leaves behind.
@@ -170,6 +183,7 @@ pub fn build_model(
     cfg: &OneHeadConfig,
     device: &Device,
     rng: &mut ChaCha8Rng,
+    load_pretrained: bool,
 ) -> Result<(VarMap, OneHead)> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
@@ -181,6 +195,9 @@ pub fn build_model(
         .weights
         .parse()
         .with_context(|| format!("model.weights = '{}'", exp.model.weights))?;
+    if !load_pretrained {
+        return Ok((varmap, model));
+    }
     if let Some(path) = weights::resolve(&spec, exp.model.pin_dir.as_deref())? {
         let report = weights::load_backbone(&varmap, &path, "backbone.")
             .with_context(|| format!("loading pretrained weights {}", path.display()))?;
@@ -249,32 +266,69 @@ fn progress(quiet: bool, len: usize, prefix: String) -> ProgressBar {
 
 /// Run one experiment from start to finish in a fresh run directory.
 pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<RunOutcome> {
-    let started = report::now_secs();
+    train(exp, None, opts)
+}
+
+/// Continue an interrupted run in its own folder, from the state saved after its last
+/// completed epoch. A finished run (one with `summary.json`) is never touched.
+pub fn resume(run_dir: &Path, opts: &RunOptions) -> Result<RunOutcome> {
+    if run_dir.join("summary.json").exists() {
+        anyhow::bail!(
+            "{} is a finished run (it has summary.json); finished runs are never overwritten",
+            run_dir.display()
+        );
+    }
+    let exp = Experiment::load(&run_dir.join("config.toml"), &[])?;
+    train(&exp, Some(run_dir), opts)
+}
+
+/// The training loop; `resume_dir` continues that run from its saved state.
+fn train(exp: &Experiment, resume_dir: Option<&Path>, opts: &RunOptions) -> Result<RunOutcome> {
     let device = select_device(&exp.device)?;
     let root = ensure_data(exp)?;
     let data = Datasets::open(exp, &root)?;
     let mut rng = ChaCha8Rng::seed_from_u64(exp.seed);
     let head_cfg = data.head_config(exp.model.fpn_channels);
-    let (varmap, model) = build_model(exp, &head_cfg, &device, &mut rng)?;
+    let (varmap, model) = build_model(exp, &head_cfg, &device, &mut rng, resume_dir.is_none())?;
+    let mut strategies = strategies_for(exp);
 
-    let run_dir = report::create_run_dir(&exp.results_dir, &exp.name)?;
-    report::write_atomic(&run_dir.join("config.toml"), exp.to_toml().as_bytes())?;
-    let meta = serde_json::json!({
-        "name": exp.name,
-        "version": env!("CARGO_PKG_VERSION"),
-        "git_commit": report::GIT_COMMIT,
-        "started_at": report::utc_rfc3339(started),
-        "device": format!("{device:?}"),
-        "data_root": root.display().to_string(),
-        "command": std::env::args().collect::<Vec<_>>(),
-    });
-    report::write_atomic(
-        &run_dir.join("meta.json"),
-        serde_json::to_string_pretty(&meta)?.as_bytes(),
-    )?;
+    let (run_dir, saved, mut csv) = match resume_dir {
+        None => {
+            let run_dir = report::create_run_dir(&exp.results_dir, &exp.name)?;
+            report::write_atomic(&run_dir.join("config.toml"), exp.to_toml().as_bytes())?;
+            let meta = serde_json::json!({
+                "name": exp.name,
+                "version": env!("CARGO_PKG_VERSION"),
+                "git_commit": report::GIT_COMMIT,
+                "started_at": report::utc_rfc3339(report::now_secs()),
+                "device": format!("{device:?}"),
+                "data_root": root.display().to_string(),
+                "command": std::env::args().collect::<Vec<_>>(),
+            });
+            report::write_atomic(
+                &run_dir.join("meta.json"),
+                serde_json::to_string_pretty(&meta)?.as_bytes(),
+            )?;
+            let csv = EpochsCsv::create(&run_dir.join("epochs.csv"))?;
+            (run_dir, None, csv)
+        }
+        Some(dir) => {
+            let (state, optim) = state::load(dir, &varmap, &device)?;
+            rng = state.rng.clone();
+            // Rows of epochs after the saved state (written just before a crash) are dropped.
+            let csv = EpochsCsv::reopen(&dir.join("epochs.csv"), state.global_epoch)?;
+            tracing::info!(
+                "resuming {} after stage {} epoch {} (epoch {} of the run)",
+                dir.display(),
+                state.stage + 1,
+                state.epoch,
+                state.global_epoch
+            );
+            (dir.to_path_buf(), Some((state, optim)), csv)
+        }
+    };
     let ckpt_dir = run_dir.join("checkpoints");
     std::fs::create_dir_all(&ckpt_dir)?;
-    let mut csv = EpochsCsv::create(&run_dir.join("epochs.csv"))?;
     tracing::info!("run folder {}", run_dir.display());
 
     let eval_settings = EvalSettings::from_experiment(exp);
@@ -285,20 +339,43 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<RunOutcome> {
         scale: (exp.data.crop_scale[0] as f32, exp.data.crop_scale[1] as f32),
         ..AugmentConfig::default()
     };
-    let mut strategies = strategies_for(exp);
     let mut baselines: BTreeMap<TaskKind, f64> = BTreeMap::new();
     let mut latest: BTreeMap<TaskKind, TaskMetrics> = BTreeMap::new();
     let mut global_epoch = 0usize;
+    let mut started = report::now_secs();
+    let mut seconds_before = 0.0;
+    // Where the loop starts: (stage, first epoch), and the saved mid-stage state if any.
+    let mut start = (0usize, 1usize);
+    let mut mid_stage = None;
+    if let Some((st, optim)) = saved {
+        baselines = st.baselines.clone();
+        latest = st.latest.clone();
+        global_epoch = st.global_epoch;
+        started = st.started;
+        seconds_before = st.train_seconds;
+        if st.epoch >= exp.stages[st.stage].epochs {
+            start = (st.stage + 1, 1);
+        } else {
+            start = (st.stage, st.epoch + 1);
+            mid_stage = Some((st, optim));
+        }
+    }
     let train_start = Instant::now();
 
-    for (si, stage) in exp.stages.iter().enumerate() {
+    for (si, stage) in exp.stages.iter().enumerate().skip(start.0) {
         for s in strategies.iter_mut() {
             s.before_stage(si, exp)?;
         }
         let ds = Datasets::get(&data.train, stage.task);
+        let resumed = mid_stage.take();
         // A fixed, seeded subset when the stage trains on fewer images than the split has.
         let mut pool: Vec<usize> = (0..ds.len()).collect();
-        if stage.train_limit > 0 && stage.train_limit < pool.len() {
+        if let Some((st, _)) = &resumed {
+            pool = st.pool.clone();
+            for (s, v) in strategies.iter_mut().zip(&st.strategies) {
+                s.load_state(v)?;
+            }
+        } else if stage.train_limit > 0 && stage.train_limit < pool.len() {
             pool.shuffle(&mut rng);
             pool.truncate(stage.train_limit);
         }
@@ -317,6 +394,10 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<RunOutcome> {
             stage.weight_decay,
             stage.momentum,
         );
+        if let Some((_, optim)) = &resumed {
+            opt.load_state_tensors(optim)?;
+        }
+        let first_epoch = if resumed.is_some() { start.1 } else { 1 };
         let seen: Vec<TaskKind> = {
             let mut v: Vec<TaskKind> = Vec::new();
             for s in &exp.stages[..=si] {
@@ -327,7 +408,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<RunOutcome> {
             v
         };
 
-        for epoch in 1..=stage.epochs {
+        for epoch in first_epoch..=stage.epochs {
             global_epoch += 1;
             let t0 = Instant::now();
             let mut order = pool.clone();
@@ -481,22 +562,45 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<RunOutcome> {
                 metrics_text.join(" · "),
                 row.seconds
             );
-        }
-        let base = latest
-            .get(&stage.task)
-            .and_then(|m| m.get(stage.task.metric_name()))
-            .copied()
-            .context("the last epoch of a stage is always evaluated")?;
-        baselines.insert(stage.task, base);
-        let ckpt = ckpt_dir.join(format!("stage{}-{}.safetensors", si + 1, stage.task));
-        let tmp = ckpt.with_extension("safetensors.tmp");
-        varmap.save(&tmp)?;
-        std::fs::rename(&tmp, &ckpt)?;
-        for s in strategies.iter_mut() {
-            s.after_stage(si)?;
+            if epoch == stage.epochs {
+                let base = latest
+                    .get(&stage.task)
+                    .and_then(|m| m.get(stage.task.metric_name()))
+                    .copied()
+                    .context("the last epoch of a stage is always evaluated")?;
+                baselines.insert(stage.task, base);
+                let ckpt = ckpt_dir.join(format!("stage{}-{}.safetensors", si + 1, stage.task));
+                let tmp = ckpt.with_extension("safetensors.tmp");
+                varmap.save(&tmp)?;
+                std::fs::rename(&tmp, &ckpt)?;
+                for s in strategies.iter_mut() {
+                    s.after_stage(si)?;
+                }
+            }
+            let run_state = RunState {
+                stage: si,
+                epoch,
+                global_epoch,
+                rng: rng.clone(),
+                pool: pool.clone(),
+                baselines: baselines.clone(),
+                latest: latest.clone(),
+                strategies: strategies.iter().map(|s| s.state()).collect(),
+                train_seconds: seconds_before + train_start.elapsed().as_secs_f64(),
+                started,
+                tensors: format!("epoch-{global_epoch}.safetensors"),
+            };
+            state::save(&run_dir, &run_state, &varmap, &opt.state_tensors()?)?;
+            if opts.stop_after_epochs == Some(global_epoch) {
+                return Err(Stopped {
+                    run_dir,
+                    global_epoch,
+                }
+                .into());
+            }
         }
     }
-    let train_seconds = train_start.elapsed().as_secs_f64();
+    let train_seconds = seconds_before + train_start.elapsed().as_secs_f64();
 
     let mut tasks = Vec::new();
     let mut final_metrics = BTreeMap::new();
@@ -544,5 +648,8 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<RunOutcome> {
         &run_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
+    // The resume state (model + optimiser moments) is only for unfinished runs: a finished
+    // run keeps its per-stage checkpoints.
+    let _ = std::fs::remove_dir_all(run_dir.join("state"));
     Ok(RunOutcome { run_dir, summary })
 }

@@ -5,6 +5,7 @@ pub mod engine;
 pub mod losses;
 pub mod optim;
 pub mod schedule;
+pub mod state;
 pub mod strategy;
 pub mod sweep;
 pub mod tasks;

@@ -72,6 +72,16 @@ pub trait Strategy {
     fn after_stage(&mut self, _stage: usize) -> Result<()> {
         Ok(())
     }
+
+    /// State saved after every epoch for resuming (after `before_stage` of the same stage
+    /// has run again, [`Strategy::load_state`] gets it back).
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    fn load_state(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Experience replay (the report's strategy, generalised): every step of a later stage also
@@ -154,6 +164,18 @@ impl Strategy for Replay {
             });
         }
         Ok(out)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::json!({ "cursor": self.cursor })
+    }
+
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        self.cursor = state["cursor"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("replay state lacks 'cursor': {state}"))?
+            as usize;
+        Ok(())
     }
 }
 

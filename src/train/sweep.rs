@@ -148,7 +148,13 @@ pub fn run_sweep(runs: &[PlannedRun], grid: &[GridAxis], opts: &SweepOptions) ->
                 exp.name = run_name(&exp.name, &r.varied);
                 exp.results_dir = sweep_dir.clone();
                 tracing::info!("sweep run {}/{}: {}", i + 1, runs.len(), exp.name);
-                engine::run(&exp, &RunOptions { quiet: opts.quiet })
+                engine::run(
+                    &exp,
+                    &RunOptions {
+                        quiet: opts.quiet,
+                        ..RunOptions::default()
+                    },
+                )
             });
         match result {
             Ok(outcome) => {

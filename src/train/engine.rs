@@ -329,7 +329,11 @@ fn train(exp: &Experiment, resume_dir: Option<&Path>, opts: &RunOptions) -> Resu
     };
     let ckpt_dir = run_dir.join("checkpoints");
     std::fs::create_dir_all(&ckpt_dir)?;
-    tracing::info!("run folder {}", run_dir.display());
+    tracing::info!(
+        "run folder {} (if interrupted: onehead resume {})",
+        run_dir.display(),
+        run_dir.display()
+    );
 
     let eval_settings = EvalSettings::from_experiment(exp);
     // Training-time augmentation; every draw comes from the run's RNG (crops off by default,

@@ -14,7 +14,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{DataSource, Experiment, Freeze};
+use crate::config::{DataSource, Experiment, Freeze, StageConfig};
 use crate::data::{self, Augment, AugmentConfig, Split, TaskDataset};
 use crate::model::weights::{self, WeightsSpec};
 use crate::model::{init, OneHead, OneHeadConfig};
@@ -23,7 +23,7 @@ use crate::report::{self, EpochRow, EpochsCsv, RunSummary, TaskVerdict};
 use crate::train::optim::{trainable_params, Optimizer};
 use crate::train::schedule::LrSchedule;
 use crate::train::state::{self, RunState};
-use crate::train::strategy::{strategies_for, StepContext};
+use crate::train::strategy::{strategies_for, StepContext, Strategy};
 use crate::train::tasks::{evaluate, slice_rows, task_loss, EvalSettings, TaskMetrics};
 use crate::TaskKind;
 
@@ -264,6 +264,118 @@ fn progress(quiet: bool, len: usize, prefix: String) -> ProgressBar {
     pb
 }
 
+/// What a training step needs that stays fixed over a stage.
+struct StepSetup<'a> {
+    stage_index: usize,
+    stage: &'a StageConfig,
+    model: &'a OneHead,
+    device: &'a Device,
+    data: &'a Datasets,
+    augment: &'a AugmentConfig,
+    backbone_train: bool,
+}
+
+/// Mean losses of one step, for the log.
+struct StepLosses {
+    new: f64,
+    replay: f64,
+    total: f64,
+}
+
+/// One optimisation step on the samples `idx` of the stage's task, plus whatever the
+/// strategies add: draw augmentations, forward the stage's batch and the extra batches in
+/// one pass, sum `L_new + Σ weight·L_extra + strategy terms`, backward, clip, update.
+fn train_step(
+    setup: &StepSetup,
+    idx: &[usize],
+    lr: f64,
+    rng: &mut ChaCha8Rng,
+    strategies: &mut [Box<dyn Strategy>],
+    opt: &mut Optimizer,
+) -> Result<StepLosses> {
+    let StepSetup {
+        stage_index,
+        stage,
+        model,
+        device,
+        data,
+        augment,
+        backbone_train,
+    } = *setup;
+    let ds = Datasets::get(&data.train, stage.task);
+    let augs: Vec<Augment> = idx.iter().map(|_| augment.draw(rng)).collect();
+    let batch = ds.batch_augmented(idx, &augs, device)?;
+    let ctx = StepContext {
+        stage: stage_index,
+        task: stage.task,
+        device,
+        train_sets: &data.train,
+        augment,
+    };
+    let mut extras = Vec::new();
+    for s in strategies.iter_mut() {
+        extras.extend(s.extra_batches(&ctx, rng)?);
+    }
+    let images = if extras.is_empty() {
+        batch.images.clone()
+    } else {
+        let mut all = vec![batch.images.clone()];
+        all.extend(extras.iter().map(|w| w.batch.images.clone()));
+        Tensor::cat(&all, 0)?
+    };
+    // One forward pass over the stage's batch and the replayed samples together.
+    let out = model.forward_parts(&images, backbone_train, true)?;
+    let new = task_loss(&slice_rows(&out, 0, idx.len())?, &batch, device)?;
+    let mut total = new.total.clone();
+    let mut replay_term: Option<Tensor> = None;
+    let mut offset = idx.len();
+    for w in &extras {
+        let n = w.batch.targets.len();
+        let l = task_loss(&slice_rows(&out, offset, n)?, &w.batch, device)?;
+        let term = (l.total * w.weight)?;
+        replay_term = Some(match replay_term {
+            Some(r) => (r + &term)?,
+            None => term,
+        });
+        offset += n;
+    }
+    if let Some(r) = &replay_term {
+        total = (total + r)?;
+    }
+    for s in strategies.iter_mut() {
+        if let Some(extra) = s.extra_loss(&ctx, model, &images, &out)? {
+            total = (total + extra)?;
+        }
+    }
+    let total_v = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if !total_v.is_finite() {
+        anyhow::bail!(
+            "loss became {total_v}: lower the learning rate (lr = {}) or set grad_clip_norm",
+            stage.lr
+        );
+    }
+    let grads = total.backward()?;
+    let scale = if stage.grad_clip_norm > 0.0 {
+        let norm = opt.grad_norm(&grads)?;
+        if norm > stage.grad_clip_norm {
+            stage.grad_clip_norm / norm
+        } else {
+            1.0
+        }
+    } else {
+        1.0
+    };
+    opt.step(&grads, lr, scale)?;
+    Ok(StepLosses {
+        new: new.total.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        replay: match &replay_term {
+            Some(r) => r.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            None => 0.0,
+        },
+        total: total_v,
+    })
+}
+
 /// Run one experiment from start to finish in a fresh run directory.
 pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<RunOutcome> {
     train(exp, None, opts)
@@ -392,6 +504,15 @@ fn train(exp: &Experiment, resume_dir: Option<&Path>, opts: &RunOptions) -> Resu
             _ => vec![],
         };
         let backbone_train = stage.freeze == Freeze::None;
+        let setup = StepSetup {
+            stage_index: si,
+            stage,
+            model: &model,
+            device: &device,
+            data: &data,
+            augment: &augment,
+            backbone_train,
+        };
         let mut opt = Optimizer::new(
             stage.optimizer,
             trainable_params(&varmap, &frozen),
@@ -433,81 +554,18 @@ fn train(exp: &Experiment, resume_dir: Option<&Path>, opts: &RunOptions) -> Resu
             let mut lr = 0.0;
             for step in 0..steps {
                 let idx = &order[step * bs..(step + 1) * bs];
-                let augs: Vec<Augment> = idx.iter().map(|_| augment.draw(&mut rng)).collect();
-                let batch = ds.batch_augmented(idx, &augs, &device)?;
-                let ctx = StepContext {
-                    stage: si,
-                    task: stage.task,
-                    device: &device,
-                    train_sets: &data.train,
-                    augment: &augment,
-                };
-                let mut extras = Vec::new();
-                for s in strategies.iter_mut() {
-                    extras.extend(s.extra_batches(&ctx, &mut rng)?);
-                }
-                let images = if extras.is_empty() {
-                    batch.images.clone()
-                } else {
-                    let mut all = vec![batch.images.clone()];
-                    all.extend(extras.iter().map(|w| w.batch.images.clone()));
-                    Tensor::cat(&all, 0)?
-                };
-                // One forward pass over the stage's batch and the replayed samples together.
-                let out = model.forward_parts(&images, backbone_train, true)?;
-                let new = task_loss(&slice_rows(&out, 0, idx.len())?, &batch, &device)?;
-                let mut total = new.total.clone();
-                let mut replay_term: Option<Tensor> = None;
-                let mut offset = idx.len();
-                for w in &extras {
-                    let n = w.batch.targets.len();
-                    let l = task_loss(&slice_rows(&out, offset, n)?, &w.batch, &device)?;
-                    let term = (l.total * w.weight)?;
-                    replay_term = Some(match replay_term {
-                        Some(r) => (r + &term)?,
-                        None => term,
-                    });
-                    offset += n;
-                }
-                if let Some(r) = &replay_term {
-                    total = (total + r)?;
-                }
-                for s in strategies.iter_mut() {
-                    if let Some(extra) = s.extra_loss(&ctx, &model, &images, &out)? {
-                        total = (total + extra)?;
-                    }
-                }
-                let total_v = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !total_v.is_finite() {
-                    anyhow::bail!(
-                        "loss became {total_v} at stage {} ({}), epoch {epoch}, step {step}: lower the learning rate (lr = {}) or set grad_clip_norm",
-                        si + 1,
-                        stage.task,
-                        stage.lr
-                    );
-                }
-                let grads = total.backward()?;
-                let scale = if stage.grad_clip_norm > 0.0 {
-                    let norm = opt.grad_norm(&grads)?;
-                    if norm > stage.grad_clip_norm {
-                        stage.grad_clip_norm / norm
-                    } else {
-                        1.0
-                    }
-                } else {
-                    1.0
-                };
                 lr = schedule.lr((epoch - 1) * steps + step);
-                opt.step(&grads, lr, scale)?;
-
-                let new_v = new.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                let replay_v = match &replay_term {
-                    Some(r) => r.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-                    None => 0.0,
-                };
-                sum_new += new_v;
-                sum_replay += replay_v;
-                sum_total += total_v;
+                let losses = train_step(&setup, idx, lr, &mut rng, &mut strategies, &mut opt)
+                    .with_context(|| {
+                        format!(
+                            "stage {} ({}), epoch {epoch}, step {step}",
+                            si + 1,
+                            stage.task
+                        )
+                    })?;
+                sum_new += losses.new;
+                sum_replay += losses.replay;
+                sum_total += losses.total;
                 pb.inc(1);
                 pb.set_message(format!(
                     "loss {:.4} (new {:.4}, replay {:.4})",

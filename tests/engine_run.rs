@@ -281,3 +281,30 @@ fn an_interrupted_run_resumes_to_exactly_the_same_result() {
     let msg = resume(&full.run_dir, &quiet).unwrap_err().to_string();
     assert!(msg.contains("finished"), "{msg}");
 }
+
+#[test]
+fn shipped_experiments_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let exp =
+                Experiment::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            names.push(exp.name.clone());
+            // The report's schedule: seg → det → cls.
+            let tasks: Vec<_> = exp.stages.iter().map(|s| s.task.name()).collect();
+            assert_eq!(tasks, ["seg", "det", "cls"], "{}", path.display());
+        }
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "no_replay",
+            "quickstart_no_replay",
+            "quickstart_replay",
+            "replay"
+        ]
+    );
+}

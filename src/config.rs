@@ -29,7 +29,7 @@ use crate::TaskKind;
 /// Errors in an experiment file: callers may match on these.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read experiment file {path}: {source}")]
+    #[error("cannot read experiment file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,

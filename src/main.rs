@@ -33,6 +33,10 @@ enum Command {
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
+        /// Stop (state saved, exit code 3) once the run has trained this many epochs in all,
+        /// e.g. to fit a job's time limit; `onehead resume` continues.
+        #[arg(long, value_name = "N")]
+        stop_after_epochs: Option<usize>,
     },
     /// Continue an interrupted run from the state saved after its last completed epoch.
     Resume {
@@ -40,6 +44,9 @@ enum Command {
         run_dir: PathBuf,
         #[arg(long)]
         quiet: bool,
+        /// As for `run`: stop again once the run has trained this many epochs in all.
+        #[arg(long, value_name = "N")]
+        stop_after_epochs: Option<usize>,
     },
     /// Run several experiment files and/or a grid of overrides, one after another.
     Sweep {
@@ -131,40 +138,53 @@ fn main() -> ExitCode {
     }
 }
 
-/// Print a finished run's verdict; exit code 0 if every task is within tolerance, else 1
-/// (forgetting beyond tolerance is a result, not a crash: errors exit with 2).
-fn finish(outcome: &engine::RunOutcome) -> ExitCode {
+/// Print a finished run's verdict. Exit codes: 0 every task within tolerance, 1 some task
+/// forgot more (a result, not a crash), 2 an error, 3 stopped on purpose (resumable).
+fn finish(result: Result<engine::RunOutcome>) -> Result<ExitCode> {
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) => {
+            if let Some(stopped) = e.downcast_ref::<engine::Stopped>() {
+                eprintln!("{stopped}");
+                return Ok(ExitCode::from(3));
+            }
+            return Err(e);
+        }
+    };
     println!("\n{}", outcome.summary.table());
     println!("results: {}", outcome.run_dir.display());
-    if outcome.summary.pass {
+    Ok(if outcome.summary.pass {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
-    }
+    })
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run { file, set, quiet } => {
+        Command::Run {
+            file,
+            set,
+            quiet,
+            stop_after_epochs,
+        } => {
             let exp = Experiment::load(&file, &set)?;
-            let outcome = engine::run(
-                &exp,
-                &RunOptions {
-                    quiet,
-                    ..RunOptions::default()
-                },
-            )?;
-            Ok(finish(&outcome))
+            let opts = RunOptions {
+                quiet,
+                stop_after_epochs,
+            };
+            finish(engine::run(&exp, &opts))
         }
-        Command::Resume { run_dir, quiet } => {
-            let outcome = engine::resume(
-                &run_dir,
-                &RunOptions {
-                    quiet,
-                    ..RunOptions::default()
-                },
-            )?;
-            Ok(finish(&outcome))
+        Command::Resume {
+            run_dir,
+            quiet,
+            stop_after_epochs,
+        } => {
+            let opts = RunOptions {
+                quiet,
+                stop_after_epochs,
+            };
+            finish(engine::resume(&run_dir, &opts))
         }
         Command::Sweep {
             files,

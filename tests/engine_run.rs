@@ -308,3 +308,47 @@ fn shipped_experiments_are_valid() {
         ]
     );
 }
+
+#[test]
+fn cli_stops_with_code_3_and_resumes_to_a_verdict() {
+    let tmp = tempfile::tempdir().unwrap();
+    tiny_experiment(tmp.path(), false);
+    let bin = env!("CARGO_BIN_EXE_onehead");
+    let toml = tmp.path().join("tiny.toml");
+    let out = std::process::Command::new(bin)
+        .args([
+            "run",
+            toml.to_str().unwrap(),
+            "--quiet",
+            "--stop-after-epochs",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let run_dir = err
+        .lines()
+        .rev()
+        .find_map(|l| l.split("onehead resume ").nth(1))
+        .map(|d| d.trim_end_matches('`').trim().to_string())
+        .unwrap_or_else(|| panic!("no resume hint in: {err}"));
+    let out = std::process::Command::new(bin)
+        .args(["resume", &run_dir, "--quiet"])
+        .output()
+        .unwrap();
+    // 0 or 1 depending on the verdict, never an error.
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("overall:"));
+    let (_, rows) = read_csv(&PathBuf::from(&run_dir).join("epochs.csv"));
+    assert_eq!(rows.len(), 4);
+}

@@ -82,7 +82,9 @@ impl CustomOp2 for PixelCe {
             )
         }
         let n = self.count_valid(t, c)?;
-        let total: f64 = (0..b * h)
+        // Per-row sums in parallel, then one sequential sum: a parallel `sum()` would associate
+        // differently from run to run, and runs must be bit-reproducible (exact resume).
+        let rows: Vec<f64> = (0..b * h)
             .into_par_iter()
             .map(|r| {
                 let (bi, y) = (r / h, r % h);
@@ -98,7 +100,8 @@ impl CustomOp2 for PixelCe {
                 }
                 acc
             })
-            .sum();
+            .collect();
+        let total: f64 = rows.iter().sum();
         // No valid pixel: loss 0 (and zero gradient), as a masked mean with a clamped count.
         let loss = if n == 0 { 0.0 } else { total / n as f64 };
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))

@@ -235,7 +235,9 @@ pub fn download(spec: &ArchiveSpec, mirror: Option<&str>, dir: &Path) -> Result<
     if have > 0 {
         req = req.header("Range", format!("bytes={have}-"));
     }
-    let resp = req.call().with_context(|| format!("downloading {url}"))?;
+    let resp = req.call().with_context(|| {
+        format!("downloading {url} (no network here? `--mirror URL` fetches the archives from a mirror)")
+    })?;
     let status = resp.status().as_u16();
     let header = |k: &str| {
         resp.headers()

@@ -20,11 +20,10 @@
 //! weight = 0.8
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-
-use crate::TaskKind;
 
 /// Errors in an experiment file: callers may match on these.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +68,10 @@ pub struct Experiment {
     pub replay: ReplayConfig,
     #[serde(default)]
     pub eval: EvalConfig,
+    /// Task-specific settings, `[tasks.<name>]` (e.g. `[tasks.det] score_threshold`); each
+    /// task reads and checks its own table.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tasks: BTreeMap<String, toml::Value>,
 }
 
 fn default_device() -> String {
@@ -194,7 +197,8 @@ pub enum Freeze {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageConfig {
-    pub task: TaskKind,
+    /// The task this stage trains (`seg`, `det`, `cls`, or a registered task's name).
+    pub task: String,
     #[serde(default = "default_epochs")]
     pub epochs: usize,
     #[serde(default = "default_batch_size")]
@@ -258,7 +262,7 @@ pub enum ReplayTasks {
     /// `"all"`: every task learned in an earlier stage.
     Keyword(String),
     /// An explicit list, e.g. `["seg"]` (the report's setup).
-    List(Vec<TaskKind>),
+    List(Vec<String>),
 }
 
 impl Default for ReplayTasks {
@@ -301,17 +305,42 @@ impl Default for ReplayConfig {
     }
 }
 
+/// Which value of a task's metric the verdict compares the final value with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaselineKind {
+    /// The metric at the end of the stage that learned the task (its last such stage).
+    StageEnd,
+    /// The best epoch of that stage (what the original report did).
+    StageBest,
+}
+
+/// How the tolerance is read: the challenge's "≥ base − 5 %" is read both ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToleranceKind {
+    /// `(baseline − final) / baseline ≤ tolerance`.
+    Relative,
+    /// `baseline − final ≤ tolerance` in metric points.
+    Absolute,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
     /// Evaluate every N epochs (the last epoch of every stage is always evaluated).
     pub every: usize,
-    /// Largest allowed relative drop of a task's metric against its baseline.
+    /// Largest allowed drop of a task's verdict metric against its baseline.
     pub tolerance: f64,
+    pub tolerance_kind: ToleranceKind,
+    pub baseline: BaselineKind,
+    /// The verdict's metric per task, e.g. `{ det = "map50_95" }`; a task not listed is
+    /// judged on its primary metric (seg `miou`, det `map50`, cls `top1`).
+    pub metric: BTreeMap<String, String>,
+    /// A baseline must exceed the task's chance level by this many metric points, else the
+    /// task is reported as "not learned" and the run cannot pass.
+    pub chance_margin: f64,
     pub batch_size: usize,
-    /// Detections with a lower score are dropped before NMS.
-    pub score_threshold: f64,
-    pub nms_iou: f64,
 }
 
 impl Default for EvalConfig {
@@ -319,22 +348,34 @@ impl Default for EvalConfig {
         Self {
             every: 1,
             tolerance: 0.05,
+            tolerance_kind: ToleranceKind::Relative,
+            baseline: BaselineKind::StageEnd,
+            metric: BTreeMap::new(),
+            chance_margin: 0.05,
             batch_size: 32,
-            score_threshold: 0.05,
-            nms_iou: 0.5,
         }
     }
 }
 
 impl Experiment {
-    /// Read, apply `key=value` overrides, and validate.
+    /// Read, apply `key=value` overrides, and validate (tasks against the built-in ones).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        Self::load_with(path, overrides, &crate::tasks::Registry::builtin().names())
+    }
+
+    /// [`Experiment::load`] for an engine that knows the tasks `known`.
+    pub fn load_with(
+        path: &Path,
+        overrides: &[String],
+        known: &[&str],
+    ) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
         let exp = Self::from_toml_str(&text, path, overrides)?;
         exp.validate(path)?;
+        exp.validate_task_names(path, known)?;
         Ok(exp)
     }
 
@@ -482,8 +523,23 @@ impl Experiment {
                 e.tolerance
             ));
         }
-        if !(0.0..=1.0).contains(&e.nms_iou) || !(0.0..=1.0).contains(&e.score_threshold) {
-            return bad("eval.nms_iou and eval.score_threshold must be in [0, 1]".into());
+        if !(e.chance_margin >= 0.0 && e.chance_margin < 1.0) {
+            return bad(format!(
+                "eval.chance_margin = {} must be in [0, 1)",
+                e.chance_margin
+            ));
+        }
+        for t in e.metric.keys() {
+            if !self.stages.iter().any(|s| &s.task == t) {
+                return bad(format!(
+                    "eval.metric names task '{t}', but no stage learns it"
+                ));
+            }
+        }
+        for t in self.tasks.keys() {
+            if !self.stages.iter().any(|s| &s.task == t) {
+                return bad(format!("[tasks.{t}] is set, but no stage learns '{t}'"));
+            }
         }
         if self.data.source == DataSource::Synthetic
             && (self.data.synth_train == 0 || self.data.synth_val == 0)
@@ -499,31 +555,53 @@ impl Experiment {
         Ok(())
     }
 
+    /// Check every stage's task against the names a task registry knows.
+    pub fn validate_task_names(&self, path: &Path, known: &[&str]) -> Result<(), ConfigError> {
+        for (i, s) in self.stages.iter().enumerate() {
+            if !known.contains(&s.task.as_str()) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "stages[{i}]: unknown task '{}' (known: {})",
+                        s.task,
+                        known.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The verdict metric of `task` when the experiment picks one (`[eval] metric`).
+    pub fn verdict_metric(&self, task: &str) -> Option<&str> {
+        self.eval.metric.get(task).map(String::as_str)
+    }
+
     /// Tasks that stage `stage` replays (those learned in earlier stages and selected).
-    pub fn replayed_tasks(&self, stage: usize) -> Vec<TaskKind> {
+    pub fn replayed_tasks(&self, stage: usize) -> Vec<String> {
         if !self.replay.enabled {
             return vec![];
         }
-        let current = self.stages[stage].task;
-        let mut out: Vec<TaskKind> = Vec::new();
+        let current = &self.stages[stage].task;
+        let mut out: Vec<String> = Vec::new();
         for s in &self.stages[..stage] {
             let selected = match &self.replay.tasks {
                 ReplayTasks::Keyword(_) => true,
                 ReplayTasks::List(l) => l.contains(&s.task),
             };
-            if selected && s.task != current && !out.contains(&s.task) {
-                out.push(s.task);
+            if selected && &s.task != current && !out.contains(&s.task) {
+                out.push(s.task.clone());
             }
         }
         out
     }
 
     /// Tasks in the order they are first learned.
-    pub fn tasks_in_order(&self) -> Vec<TaskKind> {
-        let mut out = Vec::new();
+    pub fn tasks_in_order(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
         for s in &self.stages {
             if !out.contains(&s.task) {
-                out.push(s.task);
+                out.push(s.task.clone());
             }
         }
         out
@@ -627,6 +705,7 @@ epochs = 3
         let p = Path::new("exp.toml");
         let e = Experiment::from_toml_str(text, p, &[])?;
         e.validate(p)?;
+        e.validate_task_names(p, &["seg", "det", "cls"])?;
         Ok(e)
     }
 
@@ -713,7 +792,7 @@ epochs = 3
         assert_eq!(e.stages[1].epochs, 2);
         assert!((e.stages[1].lr - 0.01).abs() < 1e-12);
         assert!(e.replay.enabled);
-        assert_eq!(e.replay.tasks, ReplayTasks::List(vec![TaskKind::Seg]));
+        assert_eq!(e.replay.tasks, ReplayTasks::List(vec!["seg".to_string()]));
         assert_eq!(e.model.weights, "none");
         assert_eq!(e.seed, 7);
 
@@ -732,10 +811,10 @@ epochs = 3
         let text = "name = \"t\"\n[[stages]]\ntask = \"seg\"\n[[stages]]\ntask = \"det\"\n[[stages]]\ntask = \"cls\"\n[replay]\nenabled = true\n";
         let e = parse(text).unwrap();
         assert!(e.replayed_tasks(0).is_empty());
-        assert_eq!(e.replayed_tasks(1), vec![TaskKind::Seg]);
-        assert_eq!(e.replayed_tasks(2), vec![TaskKind::Seg, TaskKind::Det]);
+        assert_eq!(e.replayed_tasks(1), vec!["seg"]);
+        assert_eq!(e.replayed_tasks(2), vec!["seg", "det"]);
         let only_seg = text.replace("enabled = true", "enabled = true\ntasks = [\"seg\"]");
         let e = parse(&only_seg).unwrap();
-        assert_eq!(e.replayed_tasks(2), vec![TaskKind::Seg]);
+        assert_eq!(e.replayed_tasks(2), vec!["seg"]);
     }
 }

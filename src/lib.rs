@@ -1,19 +1,24 @@
 //! onehead: sequential multi-task learning (segmentation -> detection -> classification)
 //! with one small model (MobileNetV3-Small -> FPN -> one 2-layer head), built on candle.
 //!
-//! Layout: `data` (datasets on disk, the built-in synthetic benchmark, `prepare`),
-//! `model` (backbone, neck, head, detection decoding, weights), `ops` (kernels candle lacks),
-//! `train` (engine, strategies, losses, optimisers), `metrics`, `report` (CSV, summaries),
-//! `config` (the TOML experiment schema).
+//! Layout: `tasks` (one file per task behind the `Task` trait: data, target, head slice,
+//! loss, evaluator), `train` (the loop, one step, optimisers, resume state), `plugins`
+//! (anti-forgetting strategies around the loop), `model` (backbone, neck, head, weights),
+//! `boxes` (box geometry), `metrics` (pure metric functions), `data` (formats, the synthetic
+//! benchmark, `prepare`), `report` (run folders, CSVs, verdict), `ops` (kernels candle
+//! lacks), `config` (the TOML experiment schema).
 
 pub mod bench;
+pub mod boxes;
 pub mod config;
 pub mod data;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod plugins;
 pub mod report;
-pub mod task;
+pub mod tasks;
 pub mod train;
 
-pub use task::TaskKind;
+pub use config::Experiment;
+pub use train::{resume, run, RunOptions, RunOutcome};

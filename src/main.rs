@@ -7,8 +7,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use onehead::config::Experiment;
-use onehead::train::engine::{self, RunOptions};
+use onehead::tasks::Registry;
 use onehead::train::sweep::{self, GridAxis, SweepOptions};
+use onehead::train::{self as engine, interrupt, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -124,9 +125,11 @@ fn main() -> ExitCode {
     onehead::ops::tune_cpu_runtime();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only on a terminal: a log piped to a file stays plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     match dispatch(Cli::parse()) {
@@ -172,6 +175,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let opts = RunOptions {
                 quiet,
                 stop_after_epochs,
+                interrupt: Some(interrupt::install()?),
+                ..RunOptions::default()
             };
             finish(engine::run(&exp, &opts))
         }
@@ -183,6 +188,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let opts = RunOptions {
                 quiet,
                 stop_after_epochs,
+                interrupt: Some(interrupt::install()?),
+                ..RunOptions::default()
             };
             finish(engine::resume(&run_dir, &opts))
         }
@@ -217,7 +224,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             run_dir,
             checkpoint,
         } => {
-            for (task, metrics) in engine::evaluate_checkpoint(&run_dir, checkpoint.as_deref())? {
+            let registry = Registry::builtin();
+            for (task, metrics) in
+                engine::evaluate_checkpoint(&run_dir, checkpoint.as_deref(), &registry)?
+            {
                 println!("{task}:");
                 for (k, v) in metrics {
                     println!("  {k:<28} {v:.4}");
@@ -290,9 +300,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             )?;
             let cfg = onehead::model::OneHeadConfig {
                 fpn_channels: fpn,
-                seg_classes: 21,
-                det_classes: 10,
-                cls_classes: 10,
+                ..Default::default()
             };
             println!("{}", onehead::model::info_report(&cfg, size, &device)?);
             Ok(ExitCode::SUCCESS)

@@ -4,12 +4,15 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
+use onehead::boxes::DetBox;
 use onehead::data::{
-    generate, Augment, AugmentConfig, Batch, DetBox, Split, SynthOptions, Target, TaskDataset,
-    IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES,
+    generate, Augment, AugmentConfig, Split, SynthOptions, IGNORE_INDEX, IMAGENET_MEAN,
+    IMAGENET_STD, VOC_CLASSES,
 };
-use onehead::TaskKind;
+use onehead::tasks::cls::ClsSplit;
+use onehead::tasks::det::DetSplit;
+use onehead::tasks::seg::SegSplit;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -26,28 +29,23 @@ fn synth(dir: &Path) {
     .unwrap();
 }
 
-fn images(b: &Batch) -> Vec<f32> {
-    b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+fn images(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
-fn boxes(t: &Target) -> &[DetBox] {
-    match t {
-        Target::Det(b) => b,
-        other => panic!("not a detection target: {other:?}"),
-    }
+fn boxes(b: &[DetBox]) -> Vec<[f32; 4]> {
+    b.iter().map(|b| b.bbox).collect()
 }
 
-#[test]
-fn full_image_crop_is_identity() {
-    let dir = tempfile::tempdir().unwrap();
-    synth(dir.path());
-    let dev = Device::Cpu;
-    for task in [TaskKind::Seg, TaskKind::Det, TaskKind::Cls] {
-        // 32 px: the cached images are resized from the 48 px files.
-        let ds = TaskDataset::open(task, dir.path(), Split::Train, 32).unwrap();
+/// For one split type: a full-image crop equals no crop, flipped or not, and empty `augs`
+/// mean no augmentation.
+macro_rules! full_crop_is_identity {
+    ($ds:expr, $name:expr) => {{
+        let ds = $ds;
+        let dev = Device::Cpu;
         let idx: Vec<usize> = (0..ds.len()).collect();
         for flip in [false, true] {
-            let flips = vec![flip; idx.len()];
+            let flips = vec![Augment::flip_only(flip); idx.len()];
             let plain = ds.batch(&idx, &flips, &dev).unwrap();
             let full = vec![
                 Augment {
@@ -56,24 +54,32 @@ fn full_image_crop_is_identity() {
                 };
                 idx.len()
             ];
-            let cropped = ds.batch_augmented(&idx, &full, &dev).unwrap();
+            let cropped = ds.batch(&idx, &full, &dev).unwrap();
             assert_eq!(
-                images(&plain),
-                images(&cropped),
-                "{task} flip={flip}: images"
+                images(&plain.0),
+                images(&cropped.0),
+                "{} flip={flip}: images",
+                $name
             );
-            assert_eq!(
-                plain.targets, cropped.targets,
-                "{task} flip={flip}: targets"
-            );
-            // `augs` empty = no augmentation = `batch` with no flips.
+            assert_eq!(plain.1, cropped.1, "{} flip={flip}: targets", $name);
             if !flip {
-                let none = ds.batch_augmented(&idx, &[], &dev).unwrap();
-                assert_eq!(images(&plain), images(&none));
-                assert_eq!(plain.targets, none.targets);
+                let none = ds.batch(&idx, &[], &dev).unwrap();
+                assert_eq!(images(&plain.0), images(&none.0));
+                assert_eq!(plain.1, none.1);
             }
         }
-    }
+    }};
+}
+
+#[test]
+fn full_image_crop_is_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    synth(dir.path());
+    // 32 px: the cached images are resized from the 48 px files.
+    let root = dir.path();
+    full_crop_is_identity!(SegSplit::open(root, Split::Train, 32).unwrap(), "seg");
+    full_crop_is_identity!(DetSplit::open(root, Split::Train, 32).unwrap(), "det");
+    full_crop_is_identity!(ClsSplit::open(root, Split::Train, 32).unwrap(), "cls");
 }
 
 /// A one-image COCO detection set: 64x64, left half black, right half white, four boxes.
@@ -94,7 +100,7 @@ fn tiny_det(root: &Path) {
         (1, [40.0, 8.0, 12.0, 16.0]),  // right half: kept
         (2, [4.0, 8.0, 16.0, 16.0]),   // left half: dropped
         (3, [24.0, 30.0, 16.0, 10.0]), // half inside: clipped, kept
-        (4, [10.0, 30.0, 26.0, 10.0]), // 4 of 26 px inside: dropped
+        (4, [10.0, 30.0, 26.0, 10.0]), // 4 of 26 px inside: an ignore region
     ];
     let anns: Vec<String> = anns
         .iter()
@@ -119,11 +125,11 @@ fn right_half_crop_maps_boxes_and_pixels() {
     let dir = tempfile::tempdir().unwrap();
     tiny_det(dir.path());
     let dev = Device::Cpu;
-    let ds = TaskDataset::open(TaskKind::Det, dir.path(), Split::Train, 64).unwrap();
-    assert_eq!(boxes(ds.target(0)).len(), 4);
+    let ds = DetSplit::open(dir.path(), Split::Train, 64).unwrap();
+    assert_eq!(ds.boxes(0).len(), 4);
     let right = Some([0.5, 0.0, 1.0, 1.0]);
-    let b = ds
-        .batch_augmented(
+    let (px, targets) = ds
+        .batch(
             &[0],
             &[Augment {
                 flip: false,
@@ -132,20 +138,29 @@ fn right_half_crop_maps_boxes_and_pixels() {
             &dev,
         )
         .unwrap();
-    // x: (x - 32) * 2, y unchanged.
-    let got: Vec<[f32; 4]> = boxes(&b.targets[0]).iter().map(|b| b.bbox).collect();
-    assert_eq!(got, vec![[16.0, 8.0, 40.0, 24.0], [0.0, 30.0, 16.0, 40.0]]);
+    // x: (x - 32) * 2, y unchanged; the box with 4 of its 26 px visible stays as an ignore
+    // region (its visible pixels must not be taught as background).
+    assert_eq!(
+        boxes(&targets[0]),
+        vec![
+            [16.0, 8.0, 40.0, 24.0],
+            [0.0, 30.0, 16.0, 40.0],
+            [0.0, 30.0, 8.0, 40.0]
+        ]
+    );
+    let crowd: Vec<bool> = targets[0].iter().map(|b| b.crowd).collect();
+    assert_eq!(crowd, [false, false, true]);
     // Only white pixels in the crop: nothing from the black half leaks in.
     let white: Vec<f32> = (0..3)
         .map(|c| (1.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c])
         .collect();
-    let px = images(&b);
+    let px = images(&px);
     for (c, plane) in px.chunks(64 * 64).enumerate() {
         assert!(plane.iter().all(|&v| v == white[c]), "channel {c}");
     }
     // Flipped after cropping: x' = 64 - x.
-    let b = ds
-        .batch_augmented(
+    let (_, targets) = ds
+        .batch(
             &[0],
             &[Augment {
                 flip: true,
@@ -154,14 +169,20 @@ fn right_half_crop_maps_boxes_and_pixels() {
             &dev,
         )
         .unwrap();
-    let got: Vec<[f32; 4]> = boxes(&b.targets[0]).iter().map(|b| b.bbox).collect();
-    assert_eq!(got, vec![[24.0, 8.0, 48.0, 24.0], [48.0, 30.0, 64.0, 40.0]]);
+    assert_eq!(
+        boxes(&targets[0]),
+        vec![
+            [24.0, 8.0, 48.0, 24.0],
+            [48.0, 30.0, 64.0, 40.0],
+            [56.0, 30.0, 64.0, 40.0]
+        ]
+    );
     // A crop that is not a rectangle inside the image is an error.
     let bad = Augment {
         flip: false,
         crop: Some([0.6, 0.0, 0.4, 1.0]),
     };
-    assert!(ds.batch_augmented(&[0], &[bad], &dev).is_err());
+    assert!(ds.batch(&[0], &[bad], &dev).is_err());
 }
 
 #[test]
@@ -171,20 +192,18 @@ fn cropped_masks_keep_valid_ids_and_labels_stay() {
     let dev = Device::Cpu;
     let cfg = AugmentConfig::default();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let seg = TaskDataset::open(TaskKind::Seg, dir.path(), Split::Train, 32).unwrap();
+    let seg = SegSplit::open(dir.path(), Split::Train, 32).unwrap();
     let idx: Vec<usize> = (0..seg.len()).collect();
     let mut cropped = 0;
     for _ in 0..3 {
         let augs: Vec<Augment> = idx.iter().map(|_| cfg.draw(&mut rng)).collect();
         cropped += augs.iter().filter(|a| a.crop.is_some()).count();
-        let b = seg.batch_augmented(&idx, &augs, &dev).unwrap();
-        for (&i, t) in idx.iter().zip(&b.targets) {
-            let (Target::Seg(m), Target::Seg(orig)) = (t, seg.target(i)) else {
-                panic!("not a mask")
-            };
+        let (_, masks) = seg.batch(&idx, &augs, &dev).unwrap();
+        for (&i, m) in idx.iter().zip(&masks) {
+            let orig = seg.mask(i);
             assert_eq!(m.len(), 32 * 32);
             let before: BTreeSet<u8> = orig.iter().copied().collect();
-            for &v in m {
+            for &v in m.iter() {
                 assert!((v as usize) < VOC_CLASSES.len() || v == IGNORE_INDEX, "{v}");
                 assert!(before.contains(&v), "value {v} not in the source mask");
             }
@@ -194,11 +213,11 @@ fn cropped_masks_keep_valid_ids_and_labels_stay() {
         cropped > 20,
         "default config should crop most samples ({cropped}/30)"
     );
-    let cls = TaskDataset::open(TaskKind::Cls, dir.path(), Split::Train, 32).unwrap();
+    let cls = ClsSplit::open(dir.path(), Split::Train, 32).unwrap();
     let augs: Vec<Augment> = idx.iter().map(|_| cfg.draw(&mut rng)).collect();
-    let b = cls.batch_augmented(&idx, &augs, &dev).unwrap();
-    for (&i, t) in idx.iter().zip(&b.targets) {
-        assert_eq!(t, cls.target(i));
+    let (_, labels) = cls.batch(&idx, &augs, &dev).unwrap();
+    for (&i, &y) in idx.iter().zip(&labels) {
+        assert_eq!(y, cls.label(i));
     }
 }
 

@@ -4,8 +4,10 @@ use std::path::Path;
 
 use onehead::data::coco::CocoFile;
 use onehead::data::imageio::encode_mask_png;
-use onehead::data::{generate, DataError, Split, SynthOptions, TaskDataset};
-use onehead::TaskKind;
+use onehead::data::{generate, DataError, Split, SynthOptions};
+use onehead::tasks::cls::ClsSplit;
+use onehead::tasks::det::DetSplit;
+use onehead::tasks::seg::SegSplit;
 
 fn synth(dir: &Path) {
     let o = SynthOptions {
@@ -17,9 +19,15 @@ fn synth(dir: &Path) {
     generate(dir, &o).unwrap();
 }
 
-fn open_err(task: TaskKind, root: &Path) -> (anyhow::Error, String) {
-    let err = match TaskDataset::open(task, root, Split::Train, 24) {
-        Ok(_) => panic!("expected an error"),
+/// Open the train split of `task` and return the error it must give.
+fn open_err(task: &str, root: &Path) -> (anyhow::Error, String) {
+    let result = match task {
+        "seg" => SegSplit::open(root, Split::Train, 24).map(|_| ()),
+        "det" => DetSplit::open(root, Split::Train, 24).map(|_| ()),
+        _ => ClsSplit::open(root, Split::Train, 24).map(|_| ()),
+    };
+    let err = match result {
+        Ok(()) => panic!("expected an error"),
         Err(e) => e,
     };
     let msg = format!("{err:#}");
@@ -34,7 +42,7 @@ fn data_err(e: &anyhow::Error) -> &DataError {
 #[test]
 fn missing_dataset_names_the_commands() {
     let d = tempfile::tempdir().unwrap();
-    for task in [TaskKind::Seg, TaskKind::Det, TaskKind::Cls] {
+    for task in ["seg", "det", "cls"] {
         let (e, msg) = open_err(task, d.path());
         assert!(matches!(data_err(&e), DataError::MissingDataset { .. }));
         let root = d.path().display().to_string();
@@ -50,7 +58,7 @@ fn missing_dataset_names_the_commands() {
     }
     // Detection images present but the JSON missing: the JSON path is named.
     std::fs::create_dir_all(d.path().join("mini_coco_det/train")).unwrap();
-    let (e, msg) = open_err(TaskKind::Det, d.path());
+    let (e, msg) = open_err("det", d.path());
     assert!(matches!(data_err(&e), DataError::MissingDataset { .. }));
     assert!(msg.contains("instances_train.json"), "{msg}");
 }
@@ -63,14 +71,14 @@ fn corrupt_images_are_named() {
         .path()
         .join("imagenette_160/train/n02102040/synth_train_000001.JPEG");
     std::fs::write(&bad, b"definitely not a jpeg").unwrap();
-    let (e, msg) = open_err(TaskKind::Cls, d.path());
+    let (e, msg) = open_err("cls", d.path());
     assert!(matches!(data_err(&e), DataError::CorruptImage { .. }));
     assert!(msg.contains("synth_train_000001.JPEG"), "{msg}");
 
     let bad = d.path().join("mini_voc_seg/train/synth_train_000004.jpg");
     let bytes = std::fs::read(&bad).unwrap();
     std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap(); // truncated JPEG
-    let (e, msg) = open_err(TaskKind::Seg, d.path());
+    let (e, msg) = open_err("seg", d.path());
     assert!(
         matches!(data_err(&e), DataError::CorruptImage { .. }),
         "{msg}"
@@ -85,7 +93,7 @@ fn bad_masks_are_named() {
     let mask = d.path().join("mini_voc_seg/train/synth_train_000002.png");
     // Wrong size.
     std::fs::write(&mask, encode_mask_png(7, 5, &[0; 35]).unwrap()).unwrap();
-    let (e, msg) = open_err(TaskKind::Seg, d.path());
+    let (e, msg) = open_err("seg", d.path());
     assert!(
         matches!(
             data_err(&e),
@@ -108,7 +116,7 @@ fn bad_masks_are_named() {
     let mut data = vec![0u8; (w * h) as usize];
     data[3] = 77;
     std::fs::write(&mask, encode_mask_png(w, h, &data).unwrap()).unwrap();
-    let (e, msg) = open_err(TaskKind::Seg, d.path());
+    let (e, msg) = open_err("seg", d.path());
     assert!(matches!(data_err(&e), DataError::BadMask { .. }), "{msg}");
     assert!(
         msg.contains("77") && msg.contains("synth_train_000002.png"),
@@ -117,12 +125,12 @@ fn bad_masks_are_named() {
 
     // An RGB PNG (colours, not indices).
     image::RgbImage::new(w, h).save(&mask).unwrap();
-    let (e, msg) = open_err(TaskKind::Seg, d.path());
+    let (e, msg) = open_err("seg", d.path());
     assert!(matches!(data_err(&e), DataError::BadMask { .. }), "{msg}");
 
     // An image without its mask.
     std::fs::remove_file(&mask).unwrap();
-    let (e, msg) = open_err(TaskKind::Seg, d.path());
+    let (e, msg) = open_err("seg", d.path());
     assert!(matches!(data_err(&e), DataError::Unpaired { .. }), "{msg}");
     assert!(msg.contains("synth_train_000002.jpg"), "{msg}");
 }
@@ -140,7 +148,7 @@ fn bad_coco_annotations_are_named() {
     c.annotations[0].image_id = 9999;
     let ann_id = c.annotations[0].id;
     c.write(&json).unwrap();
-    let (e, msg) = open_err(TaskKind::Det, d.path());
+    let (e, msg) = open_err("det", d.path());
     assert!(
         matches!(data_err(&e), DataError::UnknownImage { image_id: 9999, .. }),
         "{msg}"
@@ -153,7 +161,7 @@ fn bad_coco_annotations_are_named() {
     let mut c = good.clone();
     c.annotations[1].category_id = 4; // motorcycle: real COCO id, not among the 10
     c.write(&json).unwrap();
-    let (e, msg) = open_err(TaskKind::Det, d.path());
+    let (e, msg) = open_err("det", d.path());
     assert!(
         matches!(
             data_err(&e),
@@ -168,7 +176,7 @@ fn bad_coco_annotations_are_named() {
         .join("mini_coco_det/train")
         .join(&good.images[3].file_name);
     std::fs::remove_file(&gone).unwrap();
-    let (e, msg) = open_err(TaskKind::Det, d.path());
+    let (e, msg) = open_err("det", d.path());
     assert!(
         matches!(data_err(&e), DataError::MissingImageFile { .. }),
         "{msg}"
@@ -176,7 +184,7 @@ fn bad_coco_annotations_are_named() {
     assert!(msg.contains(&good.images[3].file_name), "{msg}");
 
     std::fs::write(&json, b"{ not json").unwrap();
-    let (_, msg) = open_err(TaskKind::Det, d.path());
+    let (_, msg) = open_err("det", d.path());
     assert!(msg.contains("instances_train.json"), "{msg}");
 }
 
@@ -186,7 +194,7 @@ fn empty_class_folder_is_named() {
     synth(d.path());
     let empty = d.path().join("imagenette_160/train/n99999999");
     std::fs::create_dir_all(&empty).unwrap();
-    let (e, msg) = open_err(TaskKind::Cls, d.path());
+    let (e, msg) = open_err("cls", d.path());
     assert!(
         matches!(data_err(&e), DataError::EmptyFolder { .. }),
         "{msg}"
@@ -198,10 +206,22 @@ fn empty_class_folder_is_named() {
 fn bad_batch_arguments_are_errors() {
     let d = tempfile::tempdir().unwrap();
     synth(d.path());
-    let ds = TaskDataset::open(TaskKind::Cls, d.path(), Split::Val, 16).unwrap();
+    let ds = ClsSplit::open(d.path(), Split::Val, 16).unwrap();
     let dev = candle_core::Device::Cpu;
     assert!(ds.batch(&[0, 99], &[], &dev).is_err());
-    assert!(ds.batch(&[0, 1], &[true], &dev).is_err());
-    let b = ds.batch(&[0], &[], &dev).unwrap();
-    assert!(onehead::data::seg_masks(&b, &dev).is_err());
+    let one_aug = [onehead::data::Augment::flip_only(true)];
+    assert!(ds.batch(&[0, 1], &one_aug, &dev).is_err());
+    // A batch of one task handed to another task's loss is an error, not a panic.
+    use onehead::tasks::Task;
+    let root = d.path().to_path_buf();
+    let opts = onehead::tasks::OpenOptions::new(root, 32);
+    let cls = onehead::tasks::cls::ClsTask::open(&opts).unwrap();
+    let seg = onehead::tasks::seg::SegTask::open(&opts).unwrap();
+    let b = cls.batch(Split::Val, &[0], &[], &dev).unwrap();
+    let out = candle_core::Tensor::zeros((1, 21, 4, 4), candle_core::DType::F32, &dev).unwrap();
+    let err = seg
+        .loss(&out, &b)
+        .err()
+        .expect("a classification batch is no seg batch");
+    assert!(format!("{err:#}").contains("targets"), "{err:#}");
 }

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use onehead::data::coco::CocoFile;
 use onehead::data::imageio::{encode_jpeg, encode_mask_png};
-use onehead::data::{prepare, DataError, PrepareOptions, Split, Target, TaskDataset};
-use onehead::TaskKind;
+use onehead::data::{prepare, DataError, PrepareOptions, Split};
+use onehead::tasks::cls::ClsSplit;
+use onehead::tasks::det::DetSplit;
+use onehead::tasks::seg::SegSplit;
 
 /// A request the server saw: (path, `Range` start if any).
 type Log = Arc<Mutex<Vec<(String, Option<u64>)>>>;
@@ -264,28 +266,26 @@ fn prepare_end_to_end_with_resume() {
     assert!(!out.join("tmp").exists(), "the temp area must be deleted");
 
     // The datasets load.
-    let cls = TaskDataset::open(TaskKind::Cls, &out, Split::Train, 16).unwrap();
+    let cls = ClsSplit::open(&out, Split::Train, 16).unwrap();
     assert_eq!(cls.class_names, WNIDS);
     assert_eq!(cls.len(), 6);
-    let seg = TaskDataset::open(TaskKind::Seg, &out, Split::Val, 16).unwrap();
+    let seg = SegSplit::open(&out, Split::Val, 16).unwrap();
     assert_eq!(seg.len(), 3);
     // Val comes from VOC's val.txt (ids 7..10), masks read as indices.
     for i in 0..3 {
-        let stem = seg.files[i]
+        let stem = seg.images.files[i]
             .file_stem()
             .unwrap()
             .to_string_lossy()
             .to_string();
         let k: u8 = stem[5..].parse().unwrap();
         assert!((7..10).contains(&k));
-        let Target::Seg(m) = seg.target(i) else {
-            panic!()
-        };
+        let m = seg.mask(i);
         assert!(m.iter().all(|&v| v == k || v == 255));
     }
-    let det = TaskDataset::open(TaskKind::Det, &out, Split::Train, 16).unwrap();
+    let det = DetSplit::open(&out, Split::Train, 16).unwrap();
     assert_eq!(det.len(), 6);
-    assert_eq!(det.num_classes(), 10);
+    assert_eq!(det.class_names.len(), 10);
     let json = CocoFile::read(&out.join("mini_coco_det/annotations/instances_train.json")).unwrap();
     assert_eq!(json.categories.len(), 10);
     assert!(json

@@ -8,8 +8,9 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{conv2d, linear, Conv2dConfig, Optimizer, VarBuilder, VarMap};
-use onehead::data::{generate, seg_masks, Split, SynthOptions, TaskDataset};
-use onehead::TaskKind;
+use onehead::data::{generate, Split, SynthOptions};
+use onehead::tasks::cls::ClsSplit;
+use onehead::tasks::seg::SegSplit;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
@@ -48,8 +49,8 @@ impl Trunk {
 }
 
 fn probe_cls(root: &std::path::Path, dev: &Device) -> f32 {
-    let tr = TaskDataset::open(TaskKind::Cls, root, Split::Train, S).unwrap();
-    let va = TaskDataset::open(TaskKind::Cls, root, Split::Val, S).unwrap();
+    let tr = ClsSplit::open(root, Split::Train, S).unwrap();
+    let va = ClsSplit::open(root, Split::Val, S).unwrap();
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
     let trunk = Trunk::new(vb.pp("t"), &[24, 48, 64, 96, 96]);
@@ -63,25 +64,21 @@ fn probe_cls(root: &std::path::Path, dev: &Device) -> f32 {
     )
     .unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let label = |b: &onehead::data::Batch| {
-        let v: Vec<u32> = b
-            .targets
-            .iter()
-            .map(|t| match t {
-                onehead::data::Target::Cls(c) => *c as u32,
-                _ => 0,
-            })
-            .collect();
+    let label = |b: &(Tensor, Vec<usize>)| {
+        let v: Vec<u32> = b.1.iter().map(|&c| c as u32).collect();
         Tensor::new(v, dev).unwrap()
     };
     for _epoch in 0..25 {
         let mut idx: Vec<usize> = (0..tr.len()).collect();
         idx.shuffle(&mut rng);
         for chunk in idx.chunks(16) {
-            let flips: Vec<bool> = chunk.iter().map(|_| rng.random_bool(0.5)).collect();
+            let flips: Vec<onehead::data::Augment> = chunk
+                .iter()
+                .map(|_| onehead::data::Augment::flip_only(rng.random_bool(0.5)))
+                .collect();
             let b = tr.batch(chunk, &flips, dev).unwrap();
             let f = trunk
-                .forward(&b.images, 4)
+                .forward(&b.0, 4)
                 .mean(D::Minus1)
                 .unwrap()
                 .mean(D::Minus1)
@@ -96,7 +93,7 @@ fn probe_cls(root: &std::path::Path, dev: &Device) -> f32 {
     for chunk in idx.chunks(30) {
         let b = va.batch(chunk, &[], dev).unwrap();
         let f = trunk
-            .forward(&b.images, 4)
+            .forward(&b.0, 4)
             .mean(D::Minus1)
             .unwrap()
             .mean(D::Minus1)
@@ -115,8 +112,8 @@ fn probe_cls(root: &std::path::Path, dev: &Device) -> f32 {
 }
 
 fn probe_seg(root: &std::path::Path, dev: &Device) -> f32 {
-    let tr = TaskDataset::open(TaskKind::Seg, root, Split::Train, S).unwrap();
-    let va = TaskDataset::open(TaskKind::Seg, root, Split::Val, S).unwrap();
+    let tr = SegSplit::open(root, Split::Train, S).unwrap();
+    let va = SegSplit::open(root, Split::Val, S).unwrap();
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
     let trunk = Trunk::new(vb.pp("t"), &[24, 48, 64, 96, 96]);
@@ -132,13 +129,8 @@ fn probe_seg(root: &std::path::Path, dev: &Device) -> f32 {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let h = S / 4;
     // Masks subsampled to the logits' stride-4 grid (nearest).
-    let low = |b: &onehead::data::Batch| -> Vec<u32> {
-        let m: Vec<u32> = seg_masks(b, dev)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+    let low = |b: &(Tensor, Vec<Vec<u8>>)| -> Vec<u32> {
+        let m: Vec<u32> = b.1.iter().flatten().map(|&v| v as u32).collect();
         let n = m.len() / (S * S);
         let mut out = Vec::with_capacity(n * h * h);
         for k in 0..n {
@@ -150,15 +142,18 @@ fn probe_seg(root: &std::path::Path, dev: &Device) -> f32 {
         }
         out
     };
-    let logits = |b: &onehead::data::Batch| {
-        let l = head.forward(&trunk.forward(&b.images, 2)).unwrap(); // (B,21,h,h)
+    let logits = |b: &(Tensor, Vec<Vec<u8>>)| {
+        let l = head.forward(&trunk.forward(&b.0, 2)).unwrap(); // (B,21,h,h)
         l.permute((0, 2, 3, 1)).unwrap().reshape(((), 21)).unwrap()
     };
     for _epoch in 0..25 {
         let mut idx: Vec<usize> = (0..tr.len()).collect();
         idx.shuffle(&mut rng);
         for chunk in idx.chunks(16) {
-            let flips: Vec<bool> = chunk.iter().map(|_| rng.random_bool(0.5)).collect();
+            let flips: Vec<onehead::data::Augment> = chunk
+                .iter()
+                .map(|_| onehead::data::Augment::flip_only(rng.random_bool(0.5)))
+                .collect();
             let b = tr.batch(chunk, &flips, dev).unwrap();
             let t = low(&b);
             let valid: Vec<f32> = t

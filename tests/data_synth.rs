@@ -7,9 +7,11 @@ use candle_core::{Device, IndexOp};
 use onehead::data::coco::CocoFile;
 use onehead::data::imageio::read_mask;
 use onehead::data::{
-    generate, Split, SynthOptions, Target, TaskDataset, COCO_CATEGORIES, IGNORE_INDEX, SEG_DIR,
+    generate, Augment, Split, SynthOptions, COCO_CATEGORIES, IGNORE_INDEX, SEG_DIR,
 };
-use onehead::TaskKind;
+use onehead::tasks::cls::ClsSplit;
+use onehead::tasks::det::DetSplit;
+use onehead::tasks::seg::{masks_tensor, SegSplit};
 
 fn small(seed: u64) -> SynthOptions {
     SynthOptions {
@@ -102,13 +104,11 @@ fn loaders_round_trip_synth() {
             .count()
             >= 3
     );
-    let seg = TaskDataset::open(TaskKind::Seg, d.path(), Split::Train, 32).unwrap();
-    assert_eq!((seg.len(), seg.num_classes()), (10, 21));
+    let seg = SegSplit::open(d.path(), Split::Train, 32).unwrap();
+    assert_eq!(seg.len(), 10);
     let mut loaded_values = BTreeSet::new();
     for i in 0..seg.len() {
-        let Target::Seg(m) = seg.target(i) else {
-            panic!()
-        };
+        let m = seg.mask(i);
         assert_eq!(m.len(), 32 * 32);
         loaded_values.extend(m.iter().copied());
     }
@@ -116,10 +116,11 @@ fn loaders_round_trip_synth() {
     assert!(loaded_values.is_subset(&raw_values));
 
     // Flip mirrors image and mask consistently.
-    let b = seg.batch(&[0, 0], &[false, true], &dev).unwrap();
-    assert_eq!(b.images.dims(), &[2, 3, 32, 32]);
-    let plain = b.images.i(0).unwrap().flip(&[2]).unwrap();
-    let flipped = b.images.i(1).unwrap();
+    let flips = [Augment::flip_only(false), Augment::flip_only(true)];
+    let (images, masks) = seg.batch(&[0, 0], &flips, &dev).unwrap();
+    assert_eq!(images.dims(), &[2, 3, 32, 32]);
+    let plain = images.i(0).unwrap().flip(&[2]).unwrap();
+    let flipped = images.i(1).unwrap();
     let diff = (plain - flipped)
         .unwrap()
         .abs()
@@ -129,15 +130,13 @@ fn loaders_round_trip_synth() {
         .to_scalar::<f32>()
         .unwrap();
     assert_eq!(diff, 0.0);
-    let (Target::Seg(m0), Target::Seg(m1)) = (&b.targets[0], &b.targets[1]) else {
-        panic!()
-    };
+    let (m0, m1) = (&masks[0], &masks[1]);
     for y in 0..32 {
         for x in 0..32 {
             assert_eq!(m0[y * 32 + x], m1[y * 32 + 31 - x]);
         }
     }
-    let masks = onehead::data::seg_masks(&b, &dev).unwrap();
+    let masks = masks_tensor(&masks, 32, &dev).unwrap();
     assert_eq!(masks.dims(), &[2, 32, 32]);
     assert_eq!(
         masks.i((1, 0, 31)).unwrap().to_scalar::<u32>().unwrap(),
@@ -158,16 +157,14 @@ fn loaders_round_trip_synth() {
             .map(|c| c.0 as u64)
             .collect::<Vec<_>>()
     );
-    let det = TaskDataset::open(TaskKind::Det, d.path(), Split::Val, 64).unwrap();
-    assert_eq!(det.num_classes(), 10);
+    let det = DetSplit::open(d.path(), Split::Val, 64).unwrap();
+    assert_eq!(det.class_names.len(), 10);
     assert_eq!(det.class_names[0], "person");
     assert_eq!(det.category_ids, ids);
     let mut n_boxes = 0;
     for (i, im) in json.images.iter().enumerate() {
         assert_eq!(det.image_ids[i], im.id);
-        let Target::Det(boxes) = det.target(i) else {
-            panic!()
-        };
+        let boxes = det.boxes(i);
         let anns: Vec<_> = json
             .annotations
             .iter()
@@ -193,11 +190,8 @@ fn loaders_round_trip_synth() {
             }
             n_boxes += 1;
         }
-        let fb = det.batch(&[i], &[true], &dev).unwrap();
-        let Target::Det(fl) = &fb.targets[0] else {
-            panic!()
-        };
-        for (f, b) in fl.iter().zip(boxes) {
+        let (_, fb) = det.batch(&[i], &[Augment::flip_only(true)], &dev).unwrap();
+        for (f, b) in fb[0].iter().zip(boxes) {
             assert_eq!(
                 f.bbox,
                 [64.0 - b.bbox[2], b.bbox[1], 64.0 - b.bbox[0], b.bbox[3]]
@@ -208,15 +202,15 @@ fn loaders_round_trip_synth() {
     assert!(n_boxes >= 10);
 
     // Classification: 10 Imagenette folders, sorted, balanced.
-    let cls = TaskDataset::open(TaskKind::Cls, d.path(), Split::Train, 40).unwrap();
-    assert_eq!(cls.num_classes(), 10);
+    let cls = ClsSplit::open(d.path(), Split::Train, 40).unwrap();
+    assert_eq!(cls.class_names.len(), 10);
     assert_eq!(cls.class_names[0], "n01440764");
     assert_eq!(cls.len(), 10);
-    let b = cls.batch(&[3, 9], &[], &dev).unwrap();
-    assert_eq!(b.targets, vec![Target::Cls(3), Target::Cls(9)]);
+    let (images, labels) = cls.batch(&[3, 9], &[], &dev).unwrap();
+    assert_eq!(labels, vec![3, 9]);
     // ImageNet normalisation: values span roughly [-2.1, 2.6].
-    let mn = b.images.min_all().unwrap().to_scalar::<f32>().unwrap();
-    let mx = b.images.max_all().unwrap().to_scalar::<f32>().unwrap();
+    let mn = images.min_all().unwrap().to_scalar::<f32>().unwrap();
+    let mx = images.max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(mn >= -2.2 && mx <= 2.7 && mx > mn);
 }
 
@@ -240,20 +234,26 @@ fn synth_contact_sheet() {
     let root = Path::new(&out);
     let s = 128usize;
     let mut sheet = image::RgbImage::new((s * 8) as u32, (s * 3) as u32);
-    for (row, task) in [TaskKind::Seg, TaskKind::Det, TaskKind::Cls]
-        .into_iter()
-        .enumerate()
+    let seg = SegSplit::open(root, Split::Val, s).unwrap();
+    let det = DetSplit::open(root, Split::Val, s).unwrap();
+    let cls = ClsSplit::open(root, Split::Val, s).unwrap();
+    for (row, (images, is_det)) in [
+        (&seg.images, false),
+        (&det.images, true),
+        (&cls.images, false),
+    ]
+    .into_iter()
+    .enumerate()
     {
-        let ds = TaskDataset::open(task, root, Split::Val, s).unwrap();
         for col in 0..8 {
-            let i = (col * 7) % ds.len();
-            let px = ds.pixels(i);
+            let i = (col * 7) % images.len();
+            let px = images.pixels(i);
             for y in 0..s {
                 for x in 0..s {
                     let p = (y * s + x) * 3;
                     let mut c = [px[p], px[p + 1], px[p + 2]];
-                    if let Target::Det(boxes) = ds.target(i) {
-                        for b in boxes {
+                    if is_det {
+                        for b in det.boxes(i) {
                             let (xf, yf) = (x as f32, y as f32);
                             let on_x = (xf - b.bbox[0]).abs() < 1.0 || (xf - b.bbox[2]).abs() < 1.0;
                             let on_y = (yf - b.bbox[1]).abs() < 1.0 || (yf - b.bbox[3]).abs() < 1.0;
@@ -283,7 +283,7 @@ fn coco_categories_sorted_by_id_and_png_images_accepted() {
     let mut c = CocoFile::read(&json).unwrap();
     c.categories.reverse();
     c.write(&json).unwrap();
-    let det = TaskDataset::open(TaskKind::Det, d.path(), Split::Train, 32).unwrap();
+    let det = DetSplit::open(d.path(), Split::Train, 32).unwrap();
     let names: Vec<&str> = COCO_CATEGORIES.iter().map(|c| c.1).collect();
     assert_eq!(det.class_names, names);
     let a = &c.annotations[0];
@@ -292,9 +292,7 @@ fn coco_categories_sorted_by_id_and_png_images_accepted() {
         .iter()
         .position(|&id| id == a.image_id)
         .unwrap();
-    let Target::Det(boxes) = det.target(i) else {
-        panic!()
-    };
+    let boxes = det.boxes(i);
     let first = c
         .annotations
         .iter()
@@ -309,7 +307,7 @@ fn coco_categories_sorted_by_id_and_png_images_accepted() {
         .unwrap()
         .save(dir.join("extra.png"))
         .unwrap();
-    let cls = TaskDataset::open(TaskKind::Cls, d.path(), Split::Train, 16).unwrap();
+    let cls = ClsSplit::open(d.path(), Split::Train, 16).unwrap();
     assert_eq!(cls.len(), 11);
-    assert!(cls.files.iter().any(|f| f.ends_with("extra.png")));
+    assert!(cls.images.files.iter().any(|f| f.ends_with("extra.png")));
 }

@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use onehead::config::Experiment;
-use onehead::train::engine::{run, RunOptions};
+use onehead::tasks::Registry;
 use onehead::train::sweep::{plan, run_sweep, GridAxis, SweepOptions};
+use onehead::train::{evaluate_checkpoint, resume, run, RunOptions, Stopped};
 
 fn tiny_experiment(dir: &Path, replay: bool) -> Experiment {
     let text = format!(
@@ -73,7 +74,14 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
     )
     .unwrap();
     let dir = &out.run_dir;
-    for f in ["config.toml", "meta.json", "epochs.csv", "summary.json"] {
+    for f in [
+        "config.toml",
+        "meta.json",
+        "epochs.csv",
+        "eval.csv",
+        "matrix.csv",
+        "summary.json",
+    ] {
         assert!(dir.join(f).is_file(), "missing {f}");
     }
     // The resume state is dropped once the run has finished.
@@ -107,11 +115,7 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
 
     // Baselines are the metric at the end of each task's own stage.
     let s = &out.summary;
-    let seg = s
-        .tasks
-        .iter()
-        .find(|t| t.task == onehead::TaskKind::Seg)
-        .unwrap();
+    let seg = s.tasks.iter().find(|t| t.task == "seg").unwrap();
     let at_end_of_stage1: f64 = rows[1][col("seg_miou")].parse().unwrap();
     assert!((seg.baseline - at_end_of_stage1).abs() < 1e-5);
     let seg_final: f64 = rows[3][col("seg_miou")].parse().unwrap();
@@ -123,24 +127,68 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
     assert_eq!(json["tasks"].as_array().unwrap().len(), 3);
 
     // Checkpoints reload to the same model: evaluating them reproduces the logged metrics.
-    let at_stage1 = onehead::train::engine::evaluate_checkpoint(dir, Some("stage1-seg")).unwrap();
+    let reg = Registry::builtin();
+    let at_stage1 = evaluate_checkpoint(dir, Some("stage1-seg"), &reg).unwrap();
     let (task, m) = &at_stage1[0];
-    assert_eq!(*task, onehead::TaskKind::Seg);
+    assert_eq!(task, "seg");
     assert!((m["miou"] - at_end_of_stage1).abs() < 1e-5);
-    let last = onehead::train::engine::evaluate_checkpoint(dir, None).unwrap();
+    let last = evaluate_checkpoint(dir, None, &reg).unwrap();
     for (task, m) in &last {
-        let key = format!("{task}_{}", task.metric_name());
-        assert!(
-            (m[task.metric_name()] - s.final_metrics[&key]).abs() < 1e-9,
-            "{key}"
-        );
+        for (k, v) in m {
+            let key = format!("{task}_{k}");
+            assert!((v - s.final_metrics[&key]).abs() < 1e-9, "{key}");
+        }
     }
-    assert!(
-        onehead::train::engine::evaluate_checkpoint(dir, Some("stage9-x"))
-            .unwrap_err()
-            .to_string()
-            .contains("not found")
+    assert!(evaluate_checkpoint(dir, Some("stage9-x"), &reg)
+        .unwrap_err()
+        .to_string()
+        .contains("not found"));
+
+    // The long-format eval.csv holds every metric of epochs.csv, row for row.
+    let (eh, erows) = read_csv(&dir.join("eval.csv"));
+    assert_eq!(
+        eh,
+        ["stage", "epoch", "global_epoch", "task", "metric", "value"]
     );
+    let find = |g: &str, task: &str, metric: &str| {
+        erows
+            .iter()
+            .find(|r| r[2] == g && r[3] == task && r[4] == metric)
+            .map(|r| r[5].clone())
+    };
+    assert_eq!(
+        find("4", "det", "map50").unwrap(),
+        rows[3][col("det_map50")]
+    );
+    assert_eq!(find("1", "seg", "miou").unwrap(), rows[0][col("seg_miou")]);
+    assert_eq!(
+        find("1", "det", "map50"),
+        None,
+        "det is not evaluated before it is learned"
+    );
+    // The matrix: seg after every stage, det from stage 2, cls in stage 3.
+    let (mh, mrows) = read_csv(&dir.join("matrix.csv"));
+    assert_eq!(
+        mh,
+        [
+            "task",
+            "metric",
+            "after_stage1",
+            "after_stage2",
+            "after_stage3"
+        ]
+    );
+    assert_eq!(
+        mrows[0][..3],
+        [
+            "seg".to_string(),
+            "miou".into(),
+            rows[1][col("seg_miou")].clone()
+        ]
+    );
+    assert_eq!(mrows[1][2], "");
+    assert_eq!(mrows[2][4], rows[3][col("cls_top1")]);
+    assert_eq!(json["matrix"]["values"][1][0], serde_json::Value::Null);
 
     // A second run never reuses the folder.
     let again = run(
@@ -227,7 +275,6 @@ fn same_tensors(a: &Path, b: &Path) {
 
 #[test]
 fn an_interrupted_run_resumes_to_exactly_the_same_result() {
-    use onehead::train::engine::{resume, Stopped};
     let tmp = tempfile::tempdir().unwrap();
     // Replay on, so the replay cursor and its RNG draws are part of what must be restored.
     let exp = tiny_experiment(tmp.path(), true);
@@ -238,13 +285,25 @@ fn an_interrupted_run_resumes_to_exactly_the_same_result() {
     let full = run(&exp, &quiet).unwrap();
     let (h, full_rows) = read_csv(&full.run_dir.join("epochs.csv"));
     let secs = h.iter().position(|c| c == "seconds").unwrap();
-    // Epoch 1 is mid-stage (seg has 2 epochs), 2 ends a stage, 3 ends the detection stage.
-    for stop in [1, 2, 3] {
+    // Epoch 1 is mid-stage (seg has 2 epochs), 2 ends a stage, 3 ends the detection stage;
+    // step 6 is in the middle of epoch 2 (4 steps per epoch) and step 10 in the middle of
+    // the detection stage, where replay's state and RNG draws are live (as after Ctrl-C).
+    let stops = [
+        (Some(1), None),
+        (Some(2), None),
+        (Some(3), None),
+        (None, Some(6)),
+        (None, Some(10)),
+    ];
+    for (k, &(stop_after_epochs, stop_after_steps)) in stops.iter().enumerate() {
+        let stop = k + 1;
         let err = run(
             &exp,
             &RunOptions {
                 quiet: true,
-                stop_after_epochs: Some(stop),
+                stop_after_epochs,
+                stop_after_steps,
+                ..RunOptions::default()
             },
         )
         .unwrap_err();
@@ -293,7 +352,7 @@ fn shipped_experiments_are_valid() {
                 Experiment::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             names.push(exp.name.clone());
             // The report's schedule: seg → det → cls.
-            let tasks: Vec<_> = exp.stages.iter().map(|s| s.task.name()).collect();
+            let tasks: Vec<_> = exp.stages.iter().map(|s| s.task.as_str()).collect();
             assert_eq!(tasks, ["seg", "det", "cls"], "{}", path.display());
         }
     }

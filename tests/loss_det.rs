@@ -3,16 +3,16 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use onehead::data::DetBox;
-use onehead::metrics::boxes;
-use onehead::model::detect::{
-    decode, decode_boxes, encode_box, nms_per_class, DecodeParams, Detection,
+use onehead::boxes::{
+    self, decode_boxes, encode_box, giou_tensor as giou, nms_per_class, DetBox, Detection,
 };
-use onehead::train::det_loss::{assign, det_loss, DetLossParams};
-use onehead::train::losses::{
-    cls_cross_entropy, giou, seg_cross_entropy, sigmoid_focal_loss, stable_bce_with_logits,
-    stable_bce_with_logits_mean,
+use onehead::tasks::cls::cross_entropy as cls_cross_entropy;
+use onehead::tasks::det::{decode, DetSettings as DecodeParams};
+use onehead::tasks::det_loss::{
+    assign, det_loss, sigmoid_focal_loss, stable_bce_with_logits, stable_bce_with_logits_mean,
+    DetLossParams,
 };
+use onehead::tasks::seg::pixel_cross_entropy as seg_cross_entropy;
 
 const CPU: Device = Device::Cpu;
 
@@ -75,14 +75,17 @@ fn seg_ce_hand_computed_and_ignored_pixels_get_zero_grad() {
 #[test]
 fn cls_ce_hand_computed() {
     let logits = Tensor::new(&[[0.0f32, 0.0], [2.0, 0.0]], &CPU).unwrap();
-    let labels = Tensor::new(&[1u32, 0], &CPU).unwrap();
-    let got = cls_cross_entropy(&logits, &labels)
+    let got = cls_cross_entropy(&logits, &[1, 0])
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
     let expected = (2f32.ln() + (1.0 + (-2f32).exp()).ln()) / 2.0;
     assert!(close(got, expected, 1e-6));
-    assert!(cls_cross_entropy(&logits, &Tensor::new(&[1u32], &CPU).unwrap()).is_err());
+    assert!(cls_cross_entropy(&logits, &[1]).is_err());
+    assert!(
+        cls_cross_entropy(&logits, &[1, 2]).is_err(),
+        "label out of range"
+    );
 }
 
 #[test]
@@ -203,7 +206,7 @@ fn decode_hand_set_outputs() {
     row0[4] = 0.0; // obj 0.5
     row0[5 + 2] = 0.0; // cls 0.5 -> score 0.25
     let det = Tensor::from_vec(v, (1, n, 5 + C), &CPU).unwrap();
-    let out = decode(&det, GRID, S, (64, 64), &DecodeParams::default()).unwrap();
+    let out = decode(&det, GRID, (64, 64), &DecodeParams::default()).unwrap();
     assert_eq!(out.len(), 1);
     let d = &out[0];
     assert_eq!(d.len(), 2, "{d:?}");
@@ -221,9 +224,9 @@ fn decode_hand_set_outputs() {
         score_threshold: 0.3,
         ..DecodeParams::default()
     };
-    assert_eq!(decode(&det, GRID, S, (64, 64), &p).unwrap()[0].len(), 1);
+    assert_eq!(decode(&det, GRID, (64, 64), &p).unwrap()[0].len(), 1);
     // shape mismatch
-    assert!(decode(&det, (4, 4), S, (64, 64), &p).is_err());
+    assert!(decode(&det, (4, 4), (64, 64), &p).is_err());
 }
 
 #[test]
@@ -386,7 +389,7 @@ fn optimising_raw_outputs_recovers_the_box() {
         let l = det_loss(x.as_tensor(), GRID, S, &[vec![target]], &p).unwrap();
         opt.backward_step(&l.total).unwrap();
     }
-    let out = decode(x.as_tensor(), GRID, S, (64, 64), &DecodeParams::default()).unwrap();
+    let out = decode(x.as_tensor(), GRID, (64, 64), &DecodeParams::default()).unwrap();
     let best = out[0][0];
     assert_eq!(best.class, 1);
     let iou = boxes::iou(&best.bbox, &target.bbox);

@@ -3,9 +3,8 @@
 //! pycocotools (tests/metrics_map_pycoco_gen.py); expected values are its `stats[0..3]`
 //! (AP, AP50, AP75).
 
-use onehead::data::DetBox;
+use onehead::boxes::{DetBox, Detection};
 use onehead::metrics::MapEvaluator;
-use onehead::model::detect::Detection;
 
 type Gt = (usize, [f32; 4], usize, bool); // image, xywh, category (0-based), crowd
 type Dt = (usize, [f32; 4], usize, f32); // image, xywh, category, score

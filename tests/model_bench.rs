@@ -14,9 +14,12 @@ fn bench_and_info_run_on_tiny_inputs() {
     assert_eq!(r.batch, 1);
     let info = info_report_with_runs(&OneHeadConfig::default(), 64, &Device::Cpu, 2).unwrap();
     assert_eq!(info.params.total, 1_605_582);
+    // fpn.layer_blocks.1 and .2 (3×3, 128 → 128, with bias) feed nothing.
+    assert_eq!(info.params.unused, 2 * (128 * 128 * 9 + 128));
+    assert_eq!(info.params.used(), 1_310_414);
     let text = info.to_string();
     assert!(
-        text.contains("[1, 21, 8, 8]") && text.contains("[1, 64, 15]"),
+        text.contains("[1, 46, 8, 8]") && text.contains("1310414"),
         "{text}"
     );
 }

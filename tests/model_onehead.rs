@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use onehead::model::mobilenetv3::make_divisible;
-use onehead::model::{count_params, split_head, OneHead, OneHeadConfig};
+use onehead::model::{count_params, OneHead, OneHeadConfig};
 
 fn build(cfg: &OneHeadConfig) -> (VarMap, OneHead) {
     let varmap = VarMap::new();
@@ -103,27 +103,17 @@ fn forward_shapes_and_input_check() {
     let (_, model) = build(&cfg);
     let x = Tensor::randn(0f32, 1f32, (2, 3, 64, 96), &Device::Cpu).unwrap();
     let out = model.forward_t(&x, false).unwrap();
-    assert_eq!(out.seg.dims(), &[2, 21, 8, 12]);
-    assert_eq!(out.det.dims(), &[2, 96, 15]);
-    assert_eq!(out.cls.dims(), &[2, 10]);
-    assert_eq!(out.grid, (8, 12));
+    assert_eq!(out.dims(), &[2, 46, 8, 12]);
     let bad = Tensor::zeros((1, 3, 48, 64), DType::F32, &Device::Cpu).unwrap();
     let err = model.forward_t(&bad, false).unwrap_err().to_string();
     assert!(err.contains("multiples of 32"), "{err}");
 }
 
 #[test]
-fn head_split_order_is_seg_det_cls() {
-    let cfg = OneHeadConfig {
-        fpn_channels: 8,
-        seg_classes: 3,
-        det_classes: 2,
-        cls_classes: 4,
-    };
-    let ch = cfg.head_out_channels();
-    assert_eq!(ch, 3 + 7 + 4);
+fn task_views_of_the_head_map() {
+    use onehead::tasks::{cls, det};
     // Channel c holds the value c at every pixel; pixel (y, x) of cell n = y*w + x adds 100·n.
-    let (h, w) = (2, 3);
+    let (ch, h, w) = (3 + 7 + 4, 2, 3);
     let mut v = Vec::new();
     for c in 0..ch {
         for n in 0..h * w {
@@ -131,13 +121,13 @@ fn head_split_order_is_seg_det_cls() {
         }
     }
     let y = Tensor::from_vec(v, (1, ch, h, w), &Device::Cpu).unwrap();
-    let out = split_head(&cfg, &y).unwrap();
-    assert_eq!(out.seg.dims(), &[1, 3, 2, 3]);
-    let det = out.det.get(0).unwrap().to_vec2::<f32>().unwrap();
-    assert_eq!(det.len(), 6);
-    assert_eq!(det[4], vec![403., 404., 405., 406., 407., 408., 409.]);
-    let cls = out.cls.to_vec2::<f32>().unwrap();
-    assert_eq!(cls[0], vec![260., 261., 262., 263.]);
+    // A seg | det | cls layout of 3 | 5 + 2 | 4 channels.
+    let d = det::cells(&y.narrow(1, 3, 7).unwrap()).unwrap();
+    let d = d.get(0).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(d.len(), 6);
+    assert_eq!(d[4], vec![403., 404., 405., 406., 407., 408., 409.]);
+    let c = cls::logits(&y.narrow(1, 10, 4).unwrap()).unwrap();
+    assert_eq!(c.to_vec2::<f32>().unwrap()[0], vec![260., 261., 262., 263.]);
 }
 
 #[test]
@@ -158,9 +148,9 @@ fn batchnorm_modes_and_frozen_backbone_stats() {
         "training mode must update running statistics"
     );
     // Eval output is deterministic; train output differs (batch statistics).
-    let a = model.forward_t(&x, false).unwrap().cls;
-    let b = model.forward_t(&x, false).unwrap().cls;
-    assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    let a = model.forward_t(&x, false).unwrap().flatten_all().unwrap();
+    let b = model.forward_t(&x, false).unwrap().flatten_all().unwrap();
+    assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
 }
 
 #[test]
@@ -169,10 +159,7 @@ fn gradients_reach_every_trainable_part() {
     let (varmap, model) = build(&cfg);
     let x = Tensor::randn(0f32, 1f32, (2, 3, 64, 64), &Device::Cpu).unwrap();
     let out = model.forward_t(&x, true).unwrap();
-    let loss = (out.seg.sqr().unwrap().mean_all().unwrap()
-        + out.det.sqr().unwrap().mean_all().unwrap()
-        + out.cls.sqr().unwrap().mean_all().unwrap())
-    .unwrap();
+    let loss = out.sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();
     for name in [
         "backbone.conv_stem.weight",

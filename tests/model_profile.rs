@@ -94,7 +94,7 @@ fn profile_train_step_parts() {
     use candle_nn::{VarBuilder, VarMap};
     use onehead::model::{OneHead, OneHeadConfig};
     use onehead::ops::resize_bilinear;
-    use onehead::train::losses::seg_cross_entropy;
+    use onehead::tasks::seg::pixel_cross_entropy as seg_cross_entropy;
     let dev = Device::Cpu;
     let (b, s) = (16, 224);
     let varmap = VarMap::new();
@@ -110,10 +110,7 @@ fn profile_train_step_parts() {
         let out = model.forward_t(&x, true).unwrap();
         let f = ms(t0);
         let t0 = Instant::now();
-        let loss_simple = (out.seg.sqr().unwrap().mean_all().unwrap()
-            + out.det.sqr().unwrap().mean_all().unwrap()
-            + out.cls.sqr().unwrap().mean_all().unwrap())
-        .unwrap();
+        let loss_simple = out.sqr().unwrap().mean_all().unwrap();
         let l = ms(t0);
         let t0 = Instant::now();
         let _g = loss_simple.backward().unwrap();

@@ -77,6 +77,17 @@ pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
     Ok(img.to_rgb8())
 }
 
+/// Width and height of an image file from its header (no full decode).
+pub fn image_dimensions(path: &Path) -> Result<(u32, u32)> {
+    image::image_dimensions(path).map_err(|e| {
+        DataError::CorruptImage {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+        .into()
+    })
+}
+
 /// Resize to `size x size` with a triangle (bilinear) filter; returns HWC u8 bytes.
 pub fn resize_rgb(img: &RgbImage, size: usize) -> Vec<u8> {
     if img.width() as usize == size && img.height() as usize == size {

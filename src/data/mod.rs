@@ -13,11 +13,8 @@
 //! Writers: [`generate()`] (`onehead synth --out ROOT`) draws the synthetic benchmark;
 //! [`prepare()`] (`onehead prepare --out ROOT`) downloads and samples the real course sets.
 //! Both mark the dataset folders they write with a `.onehead` file and only ever replace
-//! folders carrying that marker. Readers: [`TaskDataset::open`], errors as [`DataError`].
-
-use candle_core::Tensor;
-
-use crate::TaskKind;
+//! folders carrying that marker. Readers: each task's split type in [`crate::tasks`]
+//! (`SegSplit`, `DetSplit`, `ClsSplit`); errors as [`DataError`].
 
 /// Folder names of the three datasets under a data root.
 pub const SEG_DIR: &str = "mini_voc_seg";
@@ -45,38 +42,6 @@ impl Split {
             Split::Val => "val",
         }
     }
-}
-
-/// One ground-truth box in the *resized* image's pixel coordinates.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DetBox {
-    /// `[x0, y0, x1, y1]`, x to the right, y down, in pixels of the resized (model input) image.
-    pub bbox: [f32; 4],
-    /// Contiguous class index `0..num_classes` (COCO category ids are remapped).
-    pub class: usize,
-    /// COCO `iscrowd` flag: crowd boxes are ignored by the metric, not counted as misses.
-    pub crowd: bool,
-}
-
-/// The label of one sample, already transformed like its image (resize, flip).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Target {
-    /// `H*W` class ids, row-major, at the model input size; `IGNORE_INDEX` = ignore.
-    Seg(Vec<u8>),
-    /// Boxes of one image.
-    Det(Vec<DetBox>),
-    /// Class index.
-    Cls(usize),
-}
-
-/// A batch of one task's samples.
-#[derive(Debug, Clone)]
-pub struct Batch {
-    pub task: TaskKind,
-    /// `(B, 3, S, S)` f32, ImageNet-normalised.
-    pub images: Tensor,
-    /// One target per image, in batch order.
-    pub targets: Vec<Target>,
 }
 
 /// The 21 segmentation classes (index = mask value), PASCAL VOC order; 0 is background.
@@ -140,14 +105,12 @@ pub const IMAGENETTE_CLASSES: [(&str, &str); 10] = [
 ];
 
 pub use crate::data::augment::{Augment, AugmentConfig};
-pub use crate::data::dataset::{seg_masks, TaskDataset};
 pub use crate::data::error::DataError;
 pub use crate::data::prepare::{prepare, ArchiveSpec, PrepareOptions, PrepareSummary};
 pub use crate::data::synth::{generate, SynthOptions, SynthSummary};
 
 pub mod augment;
 pub mod coco;
-pub mod dataset;
 pub mod error;
 pub mod imageio;
 pub mod prepare;

@@ -29,7 +29,6 @@ use super::imageio::{encode_jpeg, encode_mask_png, MARKER};
 use super::{
     DataError, Split, CLS_DIR, COCO_CATEGORIES, DET_DIR, IGNORE_INDEX, IMAGENETTE_CLASSES, SEG_DIR,
 };
-use crate::TaskKind;
 
 /// Options of [`generate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +104,7 @@ pub fn generate(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
         let dir = seg_root.join(split.name());
         std::fs::create_dir_all(&dir)?;
         (0..n).into_par_iter().try_for_each(|i| -> Result<()> {
-            let mut rng = image_rng(opts.seed, TaskKind::Seg, split, i);
+            let mut rng = image_rng(opts.seed, Stream::Seg, split, i);
             let (img, mask) = render_seg(&mut rng, opts.size);
             let stem = format!("synth_{}_{i:06}", split.name());
             write(&dir.join(format!("{stem}.jpg")), &img.jpeg(&mut rng)?)?;
@@ -122,7 +121,7 @@ pub fn generate(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
         let per_image: Vec<(CocoImage, Vec<CocoAnnotation>)> = (0..n)
             .into_par_iter()
             .map(|i| -> Result<_> {
-                let mut rng = image_rng(opts.seed, TaskKind::Det, split, i);
+                let mut rng = image_rng(opts.seed, Stream::Det, split, i);
                 let (img, anns) = render_det(&mut rng, opts.size);
                 let file_name = format!("synth_{}_{i:06}.jpg", split.name());
                 write(&dir.join(&file_name), &img.jpeg(&mut rng)?)?;
@@ -173,7 +172,7 @@ pub fn generate(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
             std::fs::create_dir_all(dir.join(wnid))?;
         }
         (0..n).into_par_iter().try_for_each(|i| -> Result<()> {
-            let mut rng = image_rng(opts.seed, TaskKind::Cls, split, i);
+            let mut rng = image_rng(opts.seed, Stream::Cls, split, i);
             let class = i % IMAGENETTE_CLASSES.len();
             let img = render_cls(&mut rng, opts.size, CLS_DOMINANT[class]);
             let path = dir
@@ -215,13 +214,21 @@ pub(crate) fn fresh_dataset_dir(dir: &Path, writer: &str) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-/// Per-image RNG from (seed, task, split, index): independent streams so that rayon's
+/// The three independent random streams of the generator (one per dataset).
+#[derive(Clone, Copy)]
+enum Stream {
+    Seg,
+    Det,
+    Cls,
+}
+
+/// Per-image RNG from (seed, dataset, split, index): independent streams so that rayon's
 /// scheduling cannot change any image.
-fn image_rng(seed: u64, task: TaskKind, split: Split, index: usize) -> ChaCha8Rng {
+fn image_rng(seed: u64, task: Stream, split: Split, index: usize) -> ChaCha8Rng {
     let t = match task {
-        TaskKind::Seg => 1u64,
-        TaskKind::Det => 2,
-        TaskKind::Cls => 3,
+        Stream::Seg => 1u64,
+        Stream::Det => 2,
+        Stream::Cls => 3,
     };
     let s = match split {
         Split::Train => 1u64,

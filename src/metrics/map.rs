@@ -3,7 +3,7 @@
 //!
 //! - per image and category, detections sorted by score (descending, stable: ties keep
 //!   their input order, like numpy's mergesort), only the first 100 kept (COCO applies
-//!   `maxDets` per image *and category*; [`crate::model::detect::decode`] already caps the
+//!   `maxDets` per image *and category*; the detection task's decoding already caps the
 //!   whole image at 100);
 //! - ground truths ordered non-crowd first; at each IoU threshold 0.50:0.05:0.95 each
 //!   detection greedily takes the unmatched ground truth with the highest IoU ≥ threshold,
@@ -16,10 +16,8 @@
 //! - categories without any non-crowd ground truth are excluded (COCO's −1), the summary
 //!   averages over the remaining categories.
 
-use super::boxes;
 use super::MetricError;
-use crate::data::DetBox;
-use crate::model::detect::Detection;
+use crate::boxes::{self, DetBox, Detection};
 
 /// Detections kept per image and category (COCO's `maxDets[-1]`).
 pub const MAX_DETS: usize = 100;

@@ -15,17 +15,20 @@ pub struct ConfusionMatrix {
 }
 
 impl ConfusionMatrix {
-    /// An empty `num_classes × num_classes` matrix (`num_classes` ≤ 255, as masks are `u8`
-    /// with 255 reserved for "ignore").
-    pub fn new(num_classes: usize) -> Self {
-        assert!(
-            (1..=255).contains(&num_classes),
-            "ConfusionMatrix: num_classes must be in 1..=255, got {num_classes}"
-        );
-        Self {
+    /// An empty `num_classes × num_classes` matrix. Masks are `u8` with 255 reserved for
+    /// "ignore", so `num_classes` must be in `1..=255`; anything else is an error.
+    pub fn new(num_classes: usize) -> Result<Self, MetricError> {
+        if !(1..=255).contains(&num_classes) {
+            return Err(MetricError::OutOfRange {
+                what: "segmentation class count (masks hold ids 0..=254)",
+                value: num_classes,
+                num_classes: 255,
+            });
+        }
+        Ok(Self {
             num_classes,
             counts: vec![0; num_classes * num_classes],
-        }
+        })
     }
 
     pub fn num_classes(&self) -> usize {
@@ -168,7 +171,7 @@ mod tests {
         // 3 classes; gt / pred over 8 pixels, one ignored.
         let gt = [0u8, 0, 0, 1, 1, 2, 255, 0];
         let pred = [0u8, 0, 1, 1, 2, 2, 1, 0];
-        let mut cm = ConfusionMatrix::new(3);
+        let mut cm = ConfusionMatrix::new(3).unwrap();
         cm.add(&pred, &gt).unwrap();
         // class 0: tp 3 (px 0,1,7), fn 1 (px 2 -> 1), fp 0 -> 3/4
         // class 1: tp 1 (px 3), fn 1 (px 4 -> 2), fp 1 (px 2) -> 1/3
@@ -183,7 +186,7 @@ mod tests {
 
     #[test]
     fn absent_classes_skipped_and_errors() {
-        let mut cm = ConfusionMatrix::new(4);
+        let mut cm = ConfusionMatrix::new(4).unwrap();
         // class 2 in neither gt nor pred; class 3 only predicted (IoU 0, counted)
         cm.add(&[0, 0, 3], &[0, 0, 1]).unwrap();
         let per = cm.per_class_iou();
@@ -199,7 +202,8 @@ mod tests {
         cm.add(&[200], &[255]).unwrap();
         assert_eq!(cm, before);
         // empty matrix
-        let empty = ConfusionMatrix::new(2);
+        let empty = ConfusionMatrix::new(2).unwrap();
+        assert!(ConfusionMatrix::new(300).is_err() && ConfusionMatrix::new(0).is_err());
         assert_eq!(empty.miou(), 0.0);
         assert_eq!(empty.pixel_accuracy(), 0.0);
     }
@@ -207,15 +211,15 @@ mod tests {
     #[test]
     fn accumulated_not_per_image_average_and_merge() {
         // image A: 1 pixel of class 1 missed; image B: 9 pixels of class 1 correct.
-        let mut a = ConfusionMatrix::new(2);
+        let mut a = ConfusionMatrix::new(2).unwrap();
         a.add(&[0], &[1]).unwrap();
-        let mut b = ConfusionMatrix::new(2);
+        let mut b = ConfusionMatrix::new(2).unwrap();
         b.add(&[1; 9], &[1; 9]).unwrap();
         a.merge(&b).unwrap();
         // class 1: tp 9, fn 1 -> 0.9; class 0: tp 0, fp 1 -> 0
         assert_eq!(a.per_class_iou(), vec![Some(0.0), Some(0.9)]);
         assert!((a.miou() - 0.45).abs() < 1e-12);
-        assert!(a.merge(&ConfusionMatrix::new(3)).is_err());
+        assert!(a.merge(&ConfusionMatrix::new(3).unwrap()).is_err());
     }
 
     #[test]

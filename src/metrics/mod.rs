@@ -1,7 +1,6 @@
-//! Task metrics: mIoU (confusion matrix), COCO-style mAP, Top-k accuracy, and the plain
-//! `[f32; 4]` box operations shared by the mAP evaluator and detection NMS.
+//! Task metrics as pure functions of predictions and targets: mIoU (confusion matrix),
+//! COCO-style mAP, Top-k accuracy. They import no model or training code.
 
-pub mod boxes;
 pub mod map;
 pub mod miou;
 pub mod topk;

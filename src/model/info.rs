@@ -18,7 +18,21 @@ pub struct ParamCounts {
     pub neck: usize,
     /// `head.*`
     pub head: usize,
+    /// Parameters the forward pass never reads: the FPN's coarser output convolutions,
+    /// kept for torchvision's layout and the report's parameter count (see
+    /// [`super::fpn::feeds_nothing`]).
+    pub unused: usize,
 }
+
+impl ParamCounts {
+    /// Parameters the forward pass reads.
+    pub fn used(&self) -> usize {
+        self.total - self.unused
+    }
+}
+
+/// The original report's parameter count: this model's plus an unused `Linear(1, 10)`.
+pub const REPORT_PARAMS: usize = 1_605_602;
 
 /// True for BatchNorm running statistics (saved with the model, never trained).
 pub fn is_running_stat(name: &str) -> bool {
@@ -35,6 +49,9 @@ pub fn count_params(varmap: &VarMap) -> ParamCounts {
         }
         let n = var.elem_count();
         c.total += n;
+        if super::fpn::feeds_nothing(name) {
+            c.unused += n;
+        }
         if name.starts_with("backbone.") {
             c.backbone += n;
         } else if name.starts_with("fpn.") {
@@ -70,8 +87,14 @@ impl fmt::Display for InfoReport {
         )?;
         writeln!(
             f,
-            "parameters: {} total = backbone {} + neck {} + head {}",
-            p.total, p.backbone, p.neck, p.head
+            "parameters: {} total = backbone {} + neck {} + head {} (the report's {} counts an unused Linear(1, 10) more)",
+            p.total, p.backbone, p.neck, p.head, REPORT_PARAMS
+        )?;
+        writeln!(
+            f,
+            "            {} used by the forward pass ({} in FPN output convolutions that feed nothing, not computed)",
+            p.used(),
+            p.unused
         )?;
         writeln!(
             f,
@@ -111,15 +134,14 @@ pub fn median_latency_ms(
 ) -> anyhow::Result<f64> {
     let x = Tensor::randn(0f32, 1f32, (1, 3, image_size, image_size), device)?;
     for _ in 0..3 {
-        model.forward_t(&x, false)?.cls.to_vec2::<f32>()?;
+        model.forward_t(&x, false)?.sum_all()?.to_scalar::<f32>()?;
     }
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs.max(1) {
         let t0 = Instant::now();
         let o = model.forward_t(&x, false)?;
         // Reading the outputs back synchronises asynchronous devices.
-        o.cls.to_vec2::<f32>()?;
-        o.seg.sum_all()?.to_scalar::<f32>()?;
+        o.sum_all()?.to_scalar::<f32>()?;
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     Ok(median(&times))
@@ -140,11 +162,7 @@ pub fn info_report_with_runs(
     let params = count_params(&varmap);
     let x = Tensor::randn(0f32, 1f32, (1, 3, image_size, image_size), device)?;
     let out = model.forward_t(&x, false)?;
-    let output_shapes = vec![
-        ("seg".to_string(), out.seg.dims().to_vec()),
-        ("det".to_string(), out.det.dims().to_vec()),
-        ("cls".to_string(), out.cls.dims().to_vec()),
-    ];
+    let output_shapes = vec![("head".to_string(), out.dims().to_vec())];
     let latency_ms = median_latency_ms(&model, image_size, device, runs)?;
     Ok(InfoReport {
         config: cfg.clone(),

@@ -10,10 +10,6 @@ use candle_nn::VarMap;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-/// Objectness prior π of the detection channel: bias = −log((1 − π) / π), as RetinaNet/FCOS
-/// do, so that the focal/BCE objectness loss does not start out swamped by 99 % negatives.
-pub const OBJECTNESS_PRIOR: f64 = 0.01;
-
 fn normal(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
     // Box–Muller; two uniforms per normal keeps the stream layout simple and deterministic.
     (0..n)
@@ -25,13 +21,10 @@ fn normal(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
         .collect()
 }
 
-/// Re-initialise every variable of `varmap`. `objectness_channel`, if given, is the index of
-/// the objectness output channel in `head.out.bias`, which gets the focal-loss prior.
-pub fn init_all(
-    varmap: &VarMap,
-    rng: &mut ChaCha8Rng,
-    objectness_channel: Option<usize>,
-) -> Result<()> {
+/// Re-initialise every variable of `varmap`. `head_bias` lists `(channel, value)` of
+/// `head.out.bias` entries that start away from 0 (the tasks' priors, e.g. detection's
+/// objectness).
+pub fn init_all(varmap: &VarMap, rng: &mut ChaCha8Rng, head_bias: &[(usize, f32)]) -> Result<()> {
     let data = varmap.data().lock().expect("varmap lock");
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
@@ -59,9 +52,11 @@ pub fn init_all(
             vec![1.0; n]
         };
         let mut values = values;
-        if let (Some(ch), true) = (objectness_channel, name == "head.out.bias") {
-            if ch < n {
-                values[ch] = (-((1.0 - OBJECTNESS_PRIOR) / OBJECTNESS_PRIOR).ln()) as f32;
+        if name == "head.out.bias" {
+            for &(ch, v) in head_bias {
+                if ch < n {
+                    values[ch] = v;
+                }
             }
         }
         var.set(&Tensor::from_vec(values, shape, dev)?)?;
@@ -102,8 +97,8 @@ mod tests {
     #[test]
     fn same_seed_same_weights_and_kaiming_scale() {
         let (a, b) = (build(), build());
-        init_all(&a, &mut ChaCha8Rng::seed_from_u64(3), Some(25)).unwrap();
-        init_all(&b, &mut ChaCha8Rng::seed_from_u64(3), Some(25)).unwrap();
+        init_all(&a, &mut ChaCha8Rng::seed_from_u64(3), &[(25, -4.595)]).unwrap();
+        init_all(&b, &mut ChaCha8Rng::seed_from_u64(3), &[(25, -4.595)]).unwrap();
         let wa = get(&a, "conv.weight");
         assert_eq!(wa, get(&b, "conv.weight"));
         let std = (wa.iter().map(|x| x * x).sum::<f32>() / wa.len() as f32).sqrt();
@@ -116,7 +111,7 @@ mod tests {
         assert_eq!(bias[0], 0.0);
 
         let c = build();
-        init_all(&c, &mut ChaCha8Rng::seed_from_u64(4), None).unwrap();
+        init_all(&c, &mut ChaCha8Rng::seed_from_u64(4), &[]).unwrap();
         assert_ne!(wa, get(&c, "conv.weight"));
     }
 }

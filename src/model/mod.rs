@@ -1,8 +1,8 @@
 //! The model: MobileNetV3-Small backbone (timm tensor names) -> FPN (128 ch, torchvision
-//! layout + extra max-pool level) -> one two-layer head on the stride-8 map whose output
-//! channels are split into segmentation, detection and classification outputs.
+//! layout + extra max-pool level) -> one two-layer head on the stride-8 map. The head's
+//! output channels are the tasks' slices laid side by side ([`crate::tasks::TaskSet`]); the
+//! model itself knows no task.
 
-pub mod detect;
 pub mod fpn;
 pub mod info;
 pub mod init;
@@ -24,44 +24,20 @@ use layers::{torch_default_init, Conv, ConvKind};
 /// Stride of the map the unified head runs on.
 pub const OUTPUT_STRIDE: usize = 8;
 
-/// Class counts per task and neck width; class counts come from the datasets.
+/// Neck width and the head's output channels (the sum of the tasks' slices).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OneHeadConfig {
     pub fpn_channels: usize,
-    pub seg_classes: usize,
-    pub det_classes: usize,
-    pub cls_classes: usize,
-}
-
-impl OneHeadConfig {
-    /// Output channels of the head's last 1x1 conv: `seg + (5 + det) + cls`, in that order.
-    pub fn head_out_channels(&self) -> usize {
-        self.seg_classes + 5 + self.det_classes + self.cls_classes
-    }
-}
-
-/// The three outputs of one forward pass.
-#[derive(Debug, Clone)]
-pub struct HeadOutputs {
-    /// `(B, seg_classes, H/8, W/8)` logits.
-    pub seg: Tensor,
-    /// `(B, N, 5 + det_classes)` raw outputs per grid cell, N = (H/8)·(W/8) row-major;
-    /// channels `tx, ty, tw, th, objectness, class logits…` (see [`detect`]).
-    pub det: Tensor,
-    /// `(B, cls_classes)` logits (global average pool of the class channels).
-    pub cls: Tensor,
-    /// `(H/8, W/8)`.
-    pub grid: (usize, usize),
+    pub head_channels: usize,
 }
 
 impl Default for OneHeadConfig {
-    /// The report's configuration: FPN 128, VOC 21, mini-COCO 10, Imagenette 10.
+    /// The report's configuration: FPN 128, head 21 (VOC) + 5 + 10 (mini-COCO) + 10
+    /// (Imagenette) = 46 channels.
     fn default() -> Self {
         Self {
             fpn_channels: 128,
-            seg_classes: 21,
-            det_classes: 10,
-            cls_classes: 10,
+            head_channels: 21 + 5 + 10 + 10,
         }
     }
 }
@@ -69,7 +45,7 @@ impl Default for OneHeadConfig {
 /// Inputs must have H and W multiples of this (the backbone's output stride).
 pub const INPUT_MULTIPLE: usize = 32;
 
-/// The unified head: `Conv3x3(C->C, bias) -> ReLU -> Conv1x1(C -> head_out_channels, bias)`.
+/// The unified head: `Conv3x3(C->C, bias) -> ReLU -> Conv1x1(C -> head_channels, bias)`.
 #[derive(Debug, Clone)]
 pub struct UnifiedHead {
     conv: Conv,
@@ -96,7 +72,7 @@ impl UnifiedHead {
             )?,
             out: Conv::new(
                 c,
-                cfg.head_out_channels(),
+                cfg.head_channels,
                 1,
                 1,
                 ConvKind::Pointwise,
@@ -110,7 +86,7 @@ impl UnifiedHead {
 }
 
 impl Module for UnifiedHead {
-    /// `(B, C, h, w) -> (B, head_out_channels, h, w)`.
+    /// `(B, C, h, w) -> (B, head_channels, h, w)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.out
             .forward(&ops::channel::relu(&self.conv.forward(x)?)?)
@@ -145,9 +121,9 @@ impl OneHead {
         &self.cfg
     }
 
-    /// `x (B,3,H,W)`, H and W multiples of 32 -> the three outputs. `train` switches
-    /// BatchNorm to batch statistics (and updates the running ones).
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<HeadOutputs> {
+    /// `x (B,3,H,W)`, H and W multiples of 32 -> the head map `(B, head_channels, H/8,
+    /// W/8)`. `train` switches BatchNorm to batch statistics (and updates the running ones).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_parts(x, train, train)
     }
 
@@ -159,7 +135,7 @@ impl OneHead {
         x: &Tensor,
         backbone_train: bool,
         head_train: bool,
-    ) -> Result<HeadOutputs> {
+    ) -> Result<Tensor> {
         let _ = head_train;
         let (_, c, h, w) = x.dims4()?;
         // Multiples of 32 keep every level exactly half the previous one (FPN sums) and keep
@@ -172,37 +148,10 @@ impl OneHead {
             )
         }
         let taps = self.backbone.forward_features(x, backbone_train)?;
-        let levels = self.fpn.forward(&taps)?;
-        let y = self.head.forward(&levels[0])?;
-        split_head(&self.cfg, &y)
+        // Only the finest FPN level feeds the head: the coarser outputs and the max-pool
+        // level of torchvision's FPN are not computed (their parameters exist, for the
+        // report's layout and parameter count, but get no gradient).
+        let finest = self.fpn.forward_finest(&taps)?;
+        self.head.forward(&finest)
     }
-}
-
-/// Split the head's `(B, seg + 5 + det + cls, h, w)` output into [`HeadOutputs`].
-pub fn split_head(cfg: &OneHeadConfig, y: &Tensor) -> Result<HeadOutputs> {
-    let (b, ch, h, w) = y.dims4()?;
-    if ch != cfg.head_out_channels() {
-        candle_core::bail!(
-            "head output has {ch} channels, config wants {}",
-            cfg.head_out_channels()
-        )
-    }
-    let nd = 5 + cfg.det_classes;
-    let seg = y.narrow(1, 0, cfg.seg_classes)?;
-    let det = y
-        .narrow(1, cfg.seg_classes, nd)?
-        .reshape((b, nd, h * w))?
-        .transpose(1, 2)?
-        .contiguous()?;
-    let cls = y
-        .narrow(1, cfg.seg_classes + nd, cfg.cls_classes)?
-        .mean_keepdim(3)?
-        .mean_keepdim(2)?
-        .reshape((b, cfg.cls_classes))?;
-    Ok(HeadOutputs {
-        seg,
-        det,
-        cls,
-        grid: (h, w),
-    })
 }

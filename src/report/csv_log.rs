@@ -1,28 +1,38 @@
-//! `epochs.csv`: one row per epoch, written and flushed as soon as the epoch ends, so a
-//! crashed or running experiment can be plotted at any time.
+//! The run's CSV files, each flushed as soon as an epoch ends, so a crashed or running
+//! experiment can be plotted at any time:
+//!
+//! - `epochs.csv`: one row per epoch — `stage` (1-based), `task`, `epoch`, `global_epoch`,
+//!   `lr`, `loss_new`, one `loss_<term>` per plug-in term, `loss_total`, one
+//!   `<task>_<metric>` per metric of every task, `seconds`. Columns come from the tasks and
+//!   plug-ins of the run; this file names none.
+//! - `eval.csv`: long format, one row per evaluated metric — `stage`, `epoch`,
+//!   `global_epoch`, `task`, `metric`, `value` — for pandas/seaborn without reshaping.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
 
-use crate::TaskKind;
+use crate::tasks::TaskMetrics;
 
-/// Metric columns, in CSV order: `(task, metric key)`; the column is `<task>_<key>`.
-pub const METRIC_COLUMNS: [(TaskKind, &str); 6] = [
-    (TaskKind::Seg, "miou"),
-    (TaskKind::Seg, "pixel_acc"),
-    (TaskKind::Det, "map50"),
-    (TaskKind::Det, "map50_95"),
-    (TaskKind::Cls, "top1"),
-    (TaskKind::Cls, "top5"),
-];
+/// One evaluation of one task after one epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    /// 0-based stage index (written 1-based).
+    pub stage: usize,
+    /// 1-based epoch within the stage.
+    pub epoch: usize,
+    pub global_epoch: usize,
+    pub task: String,
+    pub metrics: TaskMetrics,
+}
 
 /// One epoch of training.
 #[derive(Debug, Clone, Default)]
 pub struct EpochRow {
-    /// 0-based stage index.
+    /// 0-based stage index (written 1-based).
     pub stage: usize,
     pub task: String,
     /// 1-based epoch within the stage.
@@ -31,79 +41,87 @@ pub struct EpochRow {
     pub global_epoch: usize,
     /// Learning rate at the epoch's last step.
     pub lr: f64,
-    /// Mean over the epoch's steps of the stage task's loss.
-    pub loss_new: f64,
-    /// Mean of the weighted replay term (`weight · L_replay`), 0 without replay.
-    pub loss_replay: f64,
-    /// Mean total loss (new + replay + any strategy terms).
-    pub loss_total: f64,
-    /// Validation metrics by `(task, key)`; tasks not yet learned (or not evaluated this
-    /// epoch) are absent and written as empty cells.
-    pub metrics: BTreeMap<(TaskKind, String), f64>,
+    /// Mean over the epoch's steps of each loss column (`loss_new`, `loss_<term>`,
+    /// `loss_total`), by column name.
+    pub losses: BTreeMap<String, f64>,
+    /// Validation metrics by column name `<task>_<metric>`; absent = empty cell.
+    pub metrics: BTreeMap<String, f64>,
     /// Wall-clock seconds of the epoch (training + evaluation).
     pub seconds: f64,
 }
 
-pub struct EpochsCsv {
-    writer: csv::Writer<File>,
+/// The column layout of `epochs.csv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochColumns {
+    /// Loss columns in order: `loss_new`, `loss_<term>`…, `loss_total`.
+    pub losses: Vec<String>,
+    /// Metric columns `<task>_<metric>` in order.
+    pub metrics: Vec<String>,
 }
 
-impl EpochsCsv {
-    pub fn header() -> Vec<String> {
-        let mut h: Vec<String> = [
-            "stage",
-            "task",
-            "epoch",
-            "global_epoch",
-            "lr",
-            "loss_new",
-            "loss_replay",
-            "loss_total",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        h.extend(
-            METRIC_COLUMNS
-                .iter()
-                .map(|(t, k)| format!("{}_{k}", t.name())),
-        );
+impl EpochColumns {
+    /// Columns for plug-in loss terms `terms` and `(task, metric names)` in order.
+    pub fn new(terms: &[String], tasks: &[(String, Vec<String>)]) -> Self {
+        let mut losses = vec!["loss_new".to_string()];
+        losses.extend(terms.iter().map(|t| format!("loss_{t}")));
+        losses.push("loss_total".into());
+        let metrics = tasks
+            .iter()
+            .flat_map(|(t, ms)| ms.iter().map(move |m| format!("{t}_{m}")))
+            .collect();
+        Self { losses, metrics }
+    }
+
+    pub fn header(&self) -> Vec<String> {
+        let mut h: Vec<String> = ["stage", "task", "epoch", "global_epoch", "lr"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        h.extend(self.losses.iter().cloned());
+        h.extend(self.metrics.iter().cloned());
         h.push("seconds".into());
         h
     }
+}
 
-    pub fn create(path: &Path) -> Result<Self> {
+/// An append-only CSV with a fixed header, flushed after every record.
+struct Appender {
+    writer: csv::Writer<File>,
+}
+
+impl Appender {
+    fn create(path: &Path, header: &[String]) -> Result<Self> {
         let mut writer =
             csv::Writer::from_path(path).with_context(|| format!("creating {}", path.display()))?;
-        writer.write_record(Self::header())?;
+        writer.write_record(header)?;
         writer.flush()?;
         Ok(Self { writer })
     }
 
-    /// Reopen the log of a resumed run: keep the rows up to `global_epoch` (a row written
-    /// after the last saved state belongs to an epoch that will be trained again), then append.
-    pub fn reopen(path: &Path, global_epoch: usize) -> Result<Self> {
-        let header = Self::header();
+    /// Reopen the file of a resumed run: keep the rows whose `global_epoch` is at most
+    /// `global_epoch` (later rows belong to epochs that will be trained again), then append.
+    fn reopen(path: &Path, header: &[String], global_epoch: usize) -> Result<Self> {
         let mut reader =
             csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
         let old: Vec<String> = reader.headers()?.iter().map(String::from).collect();
         if old != header {
             anyhow::bail!(
-                "{} has other columns than this version of onehead writes",
+                "{} has other columns than this run writes (was it edited, or written by another onehead version?)",
                 path.display()
             );
         }
         let col = header
             .iter()
             .position(|h| h == "global_epoch")
-            .expect("global_epoch is a column");
+            .context("global_epoch is a column")?;
         let mut kept = csv::Writer::from_writer(Vec::new());
-        kept.write_record(&header)?;
+        kept.write_record(header)?;
         for rec in reader.records() {
             let rec = rec.with_context(|| format!("reading {}", path.display()))?;
-            let g: usize = rec[col]
-                .parse()
-                .with_context(|| format!("{}: bad global_epoch '{}'", path.display(), &rec[col]))?;
+            let g: usize = rec
+                .get(col)
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("{}: bad global_epoch in {rec:?}", path.display()))?;
             if g <= global_epoch {
                 kept.write_record(&rec)?;
             }
@@ -120,30 +138,83 @@ impl EpochsCsv {
         Ok(Self { writer })
     }
 
-    pub fn append(&mut self, row: &EpochRow) -> Result<()> {
+    fn append(&mut self, rec: &[String]) -> Result<()> {
+        self.writer.write_record(rec)?;
+        // Flush every epoch: the file is the live record of the run.
+        self.writer.flush()?;
+        Ok(())
+    }
+}
+
+/// `epochs.csv` and `eval.csv` of one run.
+pub struct RunCsv {
+    columns: EpochColumns,
+    epochs: Appender,
+    eval: Appender,
+}
+
+const EVAL_HEADER: [&str; 6] = ["stage", "epoch", "global_epoch", "task", "metric", "value"];
+
+impl RunCsv {
+    pub fn create(run_dir: &Path, columns: EpochColumns) -> Result<Self> {
+        let eval_header: Vec<String> = EVAL_HEADER.iter().map(|s| s.to_string()).collect();
+        Ok(Self {
+            epochs: Appender::create(&run_dir.join("epochs.csv"), &columns.header())?,
+            eval: Appender::create(&run_dir.join("eval.csv"), &eval_header)?,
+            columns,
+        })
+    }
+
+    /// Reopen the files of a resumed run, dropping rows after `global_epoch`.
+    pub fn reopen(run_dir: &Path, columns: EpochColumns, global_epoch: usize) -> Result<Self> {
+        let eval_header: Vec<String> = EVAL_HEADER.iter().map(|s| s.to_string()).collect();
+        Ok(Self {
+            epochs: Appender::reopen(&run_dir.join("epochs.csv"), &columns.header(), global_epoch)?,
+            eval: Appender::reopen(&run_dir.join("eval.csv"), &eval_header, global_epoch)?,
+            columns,
+        })
+    }
+
+    pub fn columns(&self) -> &EpochColumns {
+        &self.columns
+    }
+
+    /// Append one epoch to `epochs.csv` and its evaluations to `eval.csv`.
+    pub fn append(&mut self, row: &EpochRow, evals: &[EvalRecord]) -> Result<()> {
         let mut rec = vec![
-            row.stage.to_string(),
+            (row.stage + 1).to_string(),
             row.task.clone(),
             row.epoch.to_string(),
             row.global_epoch.to_string(),
             format!("{:.6e}", row.lr),
-            format!("{:.6}", row.loss_new),
-            format!("{:.6}", row.loss_replay),
-            format!("{:.6}", row.loss_total),
         ];
-        for (task, key) in METRIC_COLUMNS {
+        for c in &self.columns.losses {
+            rec.push(format!("{:.6}", row.losses.get(c).copied().unwrap_or(0.0)));
+        }
+        for c in &self.columns.metrics {
             rec.push(
                 row.metrics
-                    .get(&(task, key.to_string()))
+                    .get(c)
                     .map(|v| format!("{v:.6}"))
                     .unwrap_or_default(),
             );
         }
         rec.push(format!("{:.3}", row.seconds));
-        self.writer.write_record(&rec)?;
-        // Flush every epoch: the file is the live record of the run.
-        self.writer.flush()?;
-        Ok(())
+        // eval.csv first: a crash between the two leaves an eval row without its epoch row,
+        // which a resume drops again (same global_epoch rule).
+        for e in evals {
+            for (metric, value) in &e.metrics {
+                self.eval.append(&[
+                    (e.stage + 1).to_string(),
+                    e.epoch.to_string(),
+                    e.global_epoch.to_string(),
+                    e.task.clone(),
+                    metric.clone(),
+                    format!("{value:.6}"),
+                ])?;
+            }
+        }
+        self.epochs.append(&rec)
     }
 }
 
@@ -151,34 +222,82 @@ impl EpochsCsv {
 mod tests {
     use super::*;
 
+    fn read(p: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+        let mut r = csv::Reader::from_path(p).unwrap();
+        let h = r.headers().unwrap().iter().map(String::from).collect();
+        let rows = r
+            .records()
+            .map(|x| x.unwrap().iter().map(String::from).collect())
+            .collect();
+        (h, rows)
+    }
+
     #[test]
-    fn rows_are_flushed_and_unlearned_tasks_are_empty() {
+    fn rows_are_flushed_unlearned_tasks_are_empty_and_resume_truncates() {
         let tmp = tempfile::tempdir().unwrap();
-        let p = tmp.path().join("epochs.csv");
-        let mut log = EpochsCsv::create(&p).unwrap();
-        let mut row = EpochRow {
-            stage: 0,
-            task: "seg".into(),
-            epoch: 1,
-            global_epoch: 1,
-            lr: 1e-3,
-            loss_new: 1.5,
-            loss_total: 1.5,
-            seconds: 2.0,
-            ..Default::default()
-        };
-        row.metrics.insert((TaskKind::Seg, "miou".into()), 0.25);
-        log.append(&row).unwrap();
-        // Read back while the writer is still open: the row must already be on disk.
-        let mut r = csv::Reader::from_path(&p).unwrap();
-        let headers = r.headers().unwrap().clone();
-        let rec = r.records().next().unwrap().unwrap();
-        let col = |name: &str| {
-            rec.get(headers.iter().position(|h| h == name).unwrap())
-                .unwrap()
-        };
-        assert_eq!(col("seg_miou"), "0.250000");
-        assert_eq!(col("det_map50"), "");
-        assert_eq!(col("task"), "seg");
+        let cols = EpochColumns::new(
+            &["replay".to_string()],
+            &[
+                ("seg".into(), vec!["miou".into()]),
+                ("det".into(), vec!["map50".into()]),
+            ],
+        );
+        let mut log = RunCsv::create(tmp.path(), cols.clone()).unwrap();
+        for g in 1..=3 {
+            let mut row = EpochRow {
+                stage: 0,
+                task: "seg".into(),
+                epoch: g,
+                global_epoch: g,
+                lr: 1e-3,
+                seconds: 2.0,
+                ..Default::default()
+            };
+            row.losses.insert("loss_new".into(), 1.5);
+            row.metrics.insert("seg_miou".into(), 0.25);
+            let mut m = TaskMetrics::new();
+            m.insert("miou".into(), 0.25);
+            m.insert("iou.cat".into(), 0.5);
+            let rec = EvalRecord {
+                stage: 0,
+                epoch: g,
+                global_epoch: g,
+                task: "seg".into(),
+                metrics: m,
+            };
+            log.append(&row, &[rec]).unwrap();
+        }
+        // Read back while the writer is still open: the rows must already be on disk.
+        let (h, rows) = read(&tmp.path().join("epochs.csv"));
+        assert_eq!(
+            h,
+            [
+                "stage",
+                "task",
+                "epoch",
+                "global_epoch",
+                "lr",
+                "loss_new",
+                "loss_replay",
+                "loss_total",
+                "seg_miou",
+                "det_map50",
+                "seconds"
+            ]
+        );
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0][0], "1", "stages are written 1-based");
+        assert_eq!(rows[0][8], "0.250000");
+        assert_eq!(rows[0][9], "", "a task not evaluated is an empty cell");
+        assert_eq!(rows[0][6], "0.000000", "a term the epoch did not add is 0");
+        let (eh, erows) = read(&tmp.path().join("eval.csv"));
+        assert_eq!(eh, EVAL_HEADER);
+        assert_eq!(erows.len(), 6);
+        assert_eq!(erows[0][3..], ["seg", "iou.cat", "0.500000"]);
+        drop(log);
+        // A resume after global epoch 2 drops epoch 3 from both files.
+        RunCsv::reopen(tmp.path(), cols, 2).unwrap();
+        assert_eq!(read(&tmp.path().join("epochs.csv")).1.len(), 2);
+        assert_eq!(read(&tmp.path().join("eval.csv")).1.len(), 4);
     }
 }

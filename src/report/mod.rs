@@ -1,5 +1,6 @@
 //! Run outputs: run directories that are never overwritten, files written atomically,
-//! the per-epoch CSV (flushed every epoch) and the summary.
+//! the per-epoch CSVs (flushed every epoch), the task × stage matrix and the summary with
+//! its verdict.
 
 pub mod csv_log;
 pub mod summary;
@@ -9,8 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
-pub use csv_log::{EpochRow, EpochsCsv};
-pub use summary::{RunSummary, TaskVerdict};
+pub use csv_log::{EpochColumns, EpochRow, EvalRecord, RunCsv};
+pub use summary::{judge, Judging, Matrix, RunSummary, TaskRef, TaskVerdict, Verdict};
 
 /// The git commit the binary was built from (`-dirty` if the tree had changes).
 pub const GIT_COMMIT: &str = env!("ONEHEAD_GIT_COMMIT");

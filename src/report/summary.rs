@@ -1,42 +1,228 @@
-//! The end-of-run verdict: each task's baseline (its metric at the end of its own stage),
-//! its final value, the relative drop and pass/fail against the tolerance.
+//! The end-of-run verdict and summary.
+//!
+//! For every task: its verdict metric (the task's primary metric unless `[eval] metric` picks
+//! another), its baseline (the metric at the end of the stage that learned it, or that
+//! stage's best epoch: `[eval] baseline`), its final value, its chance level, and the drop.
+//! A task whose baseline is not at least `chance_margin` above chance is **not learned**:
+//! no percentage is printed for it and the run cannot pass (the original report's Top-1 of
+//! 0.05 "passed" its forgetting check; onehead does not let that happen). The task × stage
+//! matrix holds every task's verdict metric at the end of every stage.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::TaskKind;
+use super::EvalRecord;
+use crate::config::{BaselineKind, ToleranceKind};
+
+/// The outcome for one task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Learned, and within tolerance at the end.
+    Ok,
+    /// Learned, then dropped by more than the tolerance.
+    Forgot,
+    /// The baseline is not clearly above chance: there was nothing to keep.
+    NotLearned,
+}
+
+impl Verdict {
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Forgot => "FORGOT",
+            Verdict::NotLearned => "not learned",
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskVerdict {
-    pub task: TaskKind,
-    /// Headline metric name (`miou`, `map50`, `top1`).
+    pub task: String,
+    /// The verdict metric (`miou`, `map50`, `top1`, …).
     pub metric: String,
-    /// Value at the end of the stage that learned the task (the last such stage).
+    /// 1-based stage that learned the task (its last stage).
+    pub stage: usize,
     pub baseline: f64,
     /// Value at the end of the run.
     pub final_value: f64,
-    /// `(baseline − final) / baseline`; negative means the task improved.
-    pub drop_rel: f64,
+    /// The metric's chance level on the val split.
+    pub chance: f64,
+    /// `baseline ≥ chance + chance_margin`.
+    pub learned: bool,
+    /// `(baseline − final) / baseline`; `None` when the task was not learned (a percentage
+    /// of a baseline near zero means nothing). Negative: the task improved.
+    pub drop_rel: Option<f64>,
+    /// `baseline − final` in metric points.
+    pub drop_abs: f64,
+    pub verdict: Verdict,
+    /// `verdict == ok`.
     pub pass: bool,
 }
 
+/// How the verdict is judged (from `[eval]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Judging {
+    pub tolerance: f64,
+    pub tolerance_kind: ToleranceKind,
+    pub baseline: BaselineKind,
+    pub chance_margin: f64,
+}
+
+/// What the verdict needs to know of one task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRef {
+    pub task: String,
+    pub metric: String,
+    pub chance: f64,
+}
+
 impl TaskVerdict {
-    pub fn new(task: TaskKind, baseline: f64, final_value: f64, tolerance: f64) -> Self {
-        let drop_rel = if baseline > 0.0 {
-            (baseline - final_value) / baseline
+    /// Judge a task from its baseline and final value.
+    pub fn new(t: &TaskRef, stage: usize, baseline: f64, final_value: f64, j: &Judging) -> Self {
+        let learned = baseline - t.chance >= j.chance_margin - 1e-12;
+        let drop_abs = baseline - final_value;
+        let drop_rel = (learned && baseline > 0.0).then(|| drop_abs / baseline);
+        let within = match j.tolerance_kind {
+            ToleranceKind::Relative => drop_rel.is_some_and(|d| d <= j.tolerance + 1e-12),
+            ToleranceKind::Absolute => drop_abs <= j.tolerance + 1e-12,
+        };
+        let verdict = if !learned {
+            Verdict::NotLearned
+        } else if within {
+            Verdict::Ok
         } else {
-            0.0
+            Verdict::Forgot
         };
         Self {
-            task,
-            metric: task.metric_name().to_string(),
+            task: t.task.clone(),
+            metric: t.metric.clone(),
+            stage,
             baseline,
             final_value,
+            chance: t.chance,
+            learned,
             drop_rel,
-            pass: drop_rel <= tolerance + 1e-12,
+            drop_abs,
+            verdict,
+            pass: verdict == Verdict::Ok,
         }
+    }
+}
+
+/// A metric's value in an evaluation record.
+fn value(r: &EvalRecord, metric: &str) -> Option<f64> {
+    r.metrics.get(metric).copied()
+}
+
+/// The verdict of every task (in `tasks` order) from the run's evaluation history.
+/// `stages[k]` is the task stage k trained.
+pub fn judge(
+    tasks: &[TaskRef],
+    stages: &[String],
+    history: &[EvalRecord],
+    j: &Judging,
+) -> anyhow::Result<Vec<TaskVerdict>> {
+    tasks
+        .iter()
+        .map(|t| {
+            let stage = stages
+                .iter()
+                .rposition(|s| *s == t.task)
+                .ok_or_else(|| anyhow::anyhow!("no stage learns task '{}'", t.task))?;
+            let of_stage: Vec<&EvalRecord> = history
+                .iter()
+                .filter(|r| r.task == t.task && r.stage == stage)
+                .collect();
+            let at_end = of_stage
+                .iter()
+                .max_by_key(|r| r.global_epoch)
+                .and_then(|r| value(r, &t.metric));
+            let baseline = match j.baseline {
+                BaselineKind::StageEnd => at_end,
+                BaselineKind::StageBest => of_stage
+                    .iter()
+                    .filter_map(|r| value(r, &t.metric))
+                    .reduce(f64::max),
+            }
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "task '{}' has no '{}' at the end of stage {} (metric names: check [eval] metric)",
+                    t.task,
+                    t.metric,
+                    stage + 1
+                )
+            })?;
+            let final_value = history
+                .iter()
+                .filter(|r| r.task == t.task)
+                .max_by_key(|r| r.global_epoch)
+                .and_then(|r| value(r, &t.metric))
+                .unwrap_or(baseline);
+            Ok(TaskVerdict::new(t, stage + 1, baseline, final_value, j))
+        })
+        .collect()
+}
+
+/// Every task's verdict metric at the end of every stage (`None` before the task is first
+/// learned, or when that stage's last epoch was not evaluated for it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Matrix {
+    pub tasks: Vec<String>,
+    pub metrics: Vec<String>,
+    /// The task each stage trained.
+    pub stages: Vec<String>,
+    /// `values[t][k]`: task t after stage k.
+    pub values: Vec<Vec<Option<f64>>>,
+}
+
+impl Matrix {
+    /// The matrix from the history, for the stages that have ended (`stages_done`).
+    pub fn from_history(
+        tasks: &[TaskRef],
+        stages: &[String],
+        stages_done: usize,
+        history: &[EvalRecord],
+    ) -> Self {
+        let values = tasks
+            .iter()
+            .map(|t| {
+                (0..stages_done)
+                    .map(|k| {
+                        history
+                            .iter()
+                            .filter(|r| r.task == t.task && r.stage == k)
+                            .max_by_key(|r| r.global_epoch)
+                            .and_then(|r| value(r, &t.metric))
+                    })
+                    .collect()
+            })
+            .collect();
+        Self {
+            tasks: tasks.iter().map(|t| t.task.clone()).collect(),
+            metrics: tasks.iter().map(|t| t.metric.clone()).collect(),
+            stages: stages[..stages_done].to_vec(),
+            values,
+        }
+    }
+
+    /// `matrix.csv`: `task,metric,after_stage1,…`, empty cells for missing values.
+    pub fn to_csv(&self) -> anyhow::Result<Vec<u8>> {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let mut header = vec!["task".to_string(), "metric".to_string()];
+        header.extend((1..=self.stages.len()).map(|k| format!("after_stage{k}")));
+        w.write_record(&header)?;
+        for ((t, m), row) in self.tasks.iter().zip(&self.metrics).zip(&self.values) {
+            let mut rec = vec![t.clone(), m.clone()];
+            rec.extend(
+                row.iter()
+                    .map(|v| v.map(|v| format!("{v:.6}")).unwrap_or_default()),
+            );
+            w.write_record(&rec)?;
+        }
+        w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))
     }
 }
 
@@ -57,11 +243,15 @@ pub struct RunSummary {
     pub seed: u64,
     pub device: String,
     pub tolerance: f64,
+    pub tolerance_kind: ToleranceKind,
+    pub baseline_kind: BaselineKind,
+    pub chance_margin: f64,
     pub tasks: Vec<TaskVerdict>,
-    /// Every task within tolerance.
+    /// Every task learned and within tolerance.
     pub pass: bool,
     /// All final validation metrics, `<task>_<key>` → value.
     pub final_metrics: BTreeMap<String, f64>,
+    pub matrix: Matrix,
     pub params: ParamSummary,
     /// Median batch-1 inference latency per image, milliseconds.
     pub latency_ms: f64,
@@ -74,26 +264,39 @@ impl RunSummary {
     /// A fixed-width table for the terminal.
     pub fn table(&self) -> String {
         let mut s = String::new();
+        let tol = match self.tolerance_kind {
+            ToleranceKind::Relative => format!("{:.1}%", self.tolerance * 100.0),
+            ToleranceKind::Absolute => format!("{:.3} points", self.tolerance),
+        };
         let _ = writeln!(
             s,
-            "{:<5} {:<7} {:>9} {:>9} {:>8}  verdict (tolerance {:.1}%)",
+            "{:<5} {:<9} {:>8} {:>9} {:>9} {:>8}  verdict (tolerance {tol}, baseline {})",
             "task",
             "metric",
+            "chance",
             "baseline",
             "final",
             "drop",
-            self.tolerance * 100.0
+            match self.baseline_kind {
+                BaselineKind::StageEnd => "stage_end",
+                BaselineKind::StageBest => "stage_best",
+            }
         );
         for t in &self.tasks {
+            let drop = match t.drop_rel {
+                Some(d) => format!("{:.2}%", d * 100.0),
+                None => "—".into(),
+            };
             let _ = writeln!(
                 s,
-                "{:<5} {:<7} {:>9.4} {:>9.4} {:>7.2}%  {}",
-                t.task.name(),
+                "{:<5} {:<9} {:>8.4} {:>9.4} {:>9.4} {:>8}  {}",
+                t.task,
                 t.metric,
+                t.chance,
                 t.baseline,
                 t.final_value,
-                t.drop_rel * 100.0,
-                if t.pass { "ok" } else { "FORGOT" }
+                drop,
+                t.verdict.label()
             );
         }
         let _ = writeln!(
@@ -112,17 +315,118 @@ impl RunSummary {
 mod tests {
     use super::*;
 
+    fn judging(kind: ToleranceKind) -> Judging {
+        Judging {
+            tolerance: 0.05,
+            tolerance_kind: kind,
+            baseline: BaselineKind::StageEnd,
+            chance_margin: 0.05,
+        }
+    }
+
+    fn task(chance: f64) -> TaskRef {
+        TaskRef {
+            task: "seg".into(),
+            metric: "miou".into(),
+            chance,
+        }
+    }
+
     #[test]
     fn drop_is_relative_and_judged_against_tolerance() {
-        let v = TaskVerdict::new(TaskKind::Seg, 0.5, 0.47, 0.05);
-        assert!((v.drop_rel - 0.06).abs() < 1e-12);
-        assert!(!v.pass);
-        let v = TaskVerdict::new(TaskKind::Det, 0.5, 0.48, 0.05);
-        assert!((v.drop_rel - 0.04).abs() < 1e-12);
+        let j = judging(ToleranceKind::Relative);
+        let v = TaskVerdict::new(&task(0.0), 1, 0.5, 0.47, &j);
+        assert!((v.drop_rel.unwrap() - 0.06).abs() < 1e-12);
+        assert_eq!(v.verdict, Verdict::Forgot);
+        let v = TaskVerdict::new(&task(0.0), 1, 0.5, 0.48, &j);
+        assert!((v.drop_rel.unwrap() - 0.04).abs() < 1e-12);
         assert!(v.pass);
-        // Exactly at the tolerance passes (≤ 5 %).
-        assert!(TaskVerdict::new(TaskKind::Cls, 0.8, 0.76, 0.05).pass);
-        // Improvement is a negative drop.
-        assert!(TaskVerdict::new(TaskKind::Cls, 0.5, 0.6, 0.05).drop_rel < 0.0);
+        // Exactly at the tolerance passes (≤ 5 %); improvement is a negative drop.
+        assert!(TaskVerdict::new(&task(0.0), 1, 0.8, 0.76, &j).pass);
+        assert!(
+            TaskVerdict::new(&task(0.0), 1, 0.5, 0.6, &j)
+                .drop_rel
+                .unwrap()
+                < 0.0
+        );
+        // Absolute points: 0.5 -> 0.46 is 0.04 points, within 0.05.
+        let a = TaskVerdict::new(&task(0.0), 1, 0.5, 0.46, &judging(ToleranceKind::Absolute));
+        assert!(a.pass);
+    }
+
+    #[test]
+    fn a_task_at_chance_is_not_learned_and_fails_the_run() {
+        let j = judging(ToleranceKind::Relative);
+        // Top-1 0.10 on 10 classes: chance; no drop, yet not a pass.
+        let v = TaskVerdict::new(&task(0.1), 3, 0.1, 0.1, &j);
+        assert_eq!(v.verdict, Verdict::NotLearned);
+        assert!(!v.pass && !v.learned);
+        assert_eq!(v.drop_rel, None);
+        // mAP 0 with chance 0: not learned either.
+        assert_eq!(
+            TaskVerdict::new(&task(0.0), 2, 0.0, 0.0, &j).verdict,
+            Verdict::NotLearned
+        );
+        // 0.16 against chance 0.10 with margin 0.05: learned.
+        assert!(TaskVerdict::new(&task(0.1), 3, 0.16, 0.16, &j).learned);
+    }
+
+    fn rec(stage: usize, g: usize, task: &str, v: f64) -> EvalRecord {
+        let mut metrics = BTreeMap::new();
+        metrics.insert("m".to_string(), v);
+        EvalRecord {
+            stage,
+            epoch: g,
+            global_epoch: g,
+            task: task.into(),
+            metrics,
+        }
+    }
+
+    #[test]
+    fn baselines_finals_and_matrix_from_history() {
+        // Stage 1 (a): epochs 1-3; stage 2 (b): epochs 4-5, a still evaluated.
+        let h = vec![
+            rec(0, 1, "a", 0.3),
+            rec(0, 2, "a", 0.6),
+            rec(0, 3, "a", 0.5),
+            rec(1, 4, "a", 0.4),
+            rec(1, 4, "b", 0.2),
+            rec(1, 5, "a", 0.45),
+            rec(1, 5, "b", 0.7),
+        ];
+        let tasks = [
+            TaskRef {
+                task: "a".into(),
+                metric: "m".into(),
+                chance: 0.0,
+            },
+            TaskRef {
+                task: "b".into(),
+                metric: "m".into(),
+                chance: 0.0,
+            },
+        ];
+        let stages = ["a".to_string(), "b".to_string()];
+        let mut j = judging(ToleranceKind::Relative);
+        let v = judge(&tasks, &stages, &h, &j).unwrap();
+        assert_eq!(
+            (v[0].baseline, v[0].final_value, v[0].stage),
+            (0.5, 0.45, 1)
+        );
+        assert_eq!((v[1].baseline, v[1].final_value, v[1].stage), (0.7, 0.7, 2));
+        j.baseline = BaselineKind::StageBest;
+        let v = judge(&tasks, &stages, &h, &j).unwrap();
+        assert_eq!(v[0].baseline, 0.6);
+        let m = Matrix::from_history(&tasks, &stages, 2, &h);
+        assert_eq!(
+            m.values,
+            vec![vec![Some(0.5), Some(0.45)], vec![None, Some(0.7)]]
+        );
+        let csv = String::from_utf8(m.to_csv().unwrap()).unwrap();
+        assert_eq!(
+            csv,
+            "task,metric,after_stage1,after_stage2\na,m,0.500000,0.450000\nb,m,,0.700000\n"
+        );
     }
 }

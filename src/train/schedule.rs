@@ -48,11 +48,10 @@ impl LrSchedule {
 mod tests {
     use super::*;
     use crate::config::{Freeze, OptimizerKind};
-    use crate::TaskKind;
 
     fn stage(kind: ScheduleKind, warmup: f64) -> StageConfig {
         StageConfig {
-            task: TaskKind::Seg,
+            task: "seg".into(),
             epochs: 10,
             batch_size: 1,
             optimizer: OptimizerKind::Adamw,

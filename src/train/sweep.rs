@@ -8,8 +8,10 @@ use anyhow::{Context, Result};
 
 use crate::config::Experiment;
 use crate::report;
-use crate::train::engine::{self, RunOptions};
-use crate::TaskKind;
+use crate::train::{self as engine, RunOptions};
+
+/// Index columns per task: the built-in tasks and their default verdict metrics.
+const INDEX_TASKS: [(&str, &str); 3] = [("seg", "miou"), ("det", "map50"), ("cls", "top1")];
 
 /// One grid axis: `key=v1,v2,…`.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,9 +130,9 @@ pub fn run_sweep(runs: &[PlannedRun], grid: &[GridAxis], opts: &SweepOptions) ->
     let index_path = sweep_dir.join("index.csv");
     let mut header = vec!["run".to_string(), "config".into()];
     header.extend(grid.iter().map(|a| a.key.clone()));
-    for t in TaskKind::ALL {
+    for (t, m) in INDEX_TASKS {
         for col in ["baseline", "final", "drop"] {
-            header.push(format!("{}_{}_{col}", t.name(), t.metric_name()));
+            header.push(format!("{t}_{m}_{col}"));
         }
     }
     header.extend(["pass".into(), "train_seconds".into(), "status".into()]);
@@ -167,12 +169,12 @@ pub fn run_sweep(runs: &[PlannedRun], grid: &[GridAxis], opts: &SweepOptions) ->
                     );
                 }
                 row[0] = outcome.run_dir.display().to_string();
-                for t in TaskKind::ALL {
+                for (t, _) in INDEX_TASKS {
                     match outcome.summary.tasks.iter().find(|v| v.task == t) {
                         Some(v) => row.extend([
                             format!("{:.6}", v.baseline),
                             format!("{:.6}", v.final_value),
-                            format!("{:.6}", v.drop_rel),
+                            v.drop_rel.map(|d| format!("{d:.6}")).unwrap_or_default(),
                         ]),
                         None => row.extend([String::new(), String::new(), String::new()]),
                     }
@@ -185,7 +187,7 @@ pub fn run_sweep(runs: &[PlannedRun], grid: &[GridAxis], opts: &SweepOptions) ->
             }
             Err(e) => {
                 tracing::error!("sweep run {} failed: {e:#}", r.file.display());
-                row.extend(std::iter::repeat_n(String::new(), 3 * TaskKind::ALL.len()));
+                row.extend(std::iter::repeat_n(String::new(), 3 * INDEX_TASKS.len()));
                 row.extend([String::new(), String::new(), format!("failed: {e:#}")]);
                 failures.push(format!("{} {:?}: {e:#}", r.file.display(), r.varied));
             }

@@ -1,5 +1,5 @@
-//! Detection loss for the anchor-free stride-8 head (parametrisation in
-//! [`crate::model::detect`]).
+//! Detection loss for the anchor-free stride-8 head (box parametrisation in
+//! [`crate::boxes`]).
 //!
 //! # Assignment (centre sampling, FCOS/YOLOX style), built on the CPU
 //! A cell is positive for a non-crowd gt box if the cell centre `((gx+0.5)s, (gy+0.5)s)`
@@ -16,17 +16,15 @@
 //!   YOLOX IoU target: simpler, and it keeps the exact-encoding loss at 0);
 //! - class: stable BCE of the `C` class logits against the one-hot class, positives only;
 //! - box: `1 − GIoU(decoded box, gt box)` on positives (the decode of
-//!   [`crate::model::detect::decode_boxes`]);
-//! - optional L1 between raw `tx, ty, tw, th` and [`crate::model::detect::encode_box`] of
+//!   [`crate::boxes::decode_boxes`]);
+//! - optional L1 between raw `tx, ty, tw, th` and [`crate::boxes::encode_box`] of
 //!   the gt (`l1_weight`, default 0).
 //!
 //! `total = obj_weight·obj + cls_weight·cls + box_weight·box + l1_weight·l1`.
 
 use candle_core::{bail, DType, Result, Tensor};
 
-use crate::data::DetBox;
-use crate::model::detect::{decode_boxes, encode_box};
-use crate::train::losses::{giou, sigmoid_focal_loss, stable_bce_with_logits};
+use crate::boxes::{decode_boxes, encode_box, giou_tensor, DetBox};
 
 /// Weights and assignment settings of [`det_loss`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -241,7 +239,7 @@ pub fn det_loss(
         let gt = Tensor::from_vec(pos_boxes, (num_pos, 4), device)?.to_dtype(dtype)?;
         let raw = pos.narrow(1, 0, 4)?;
         let pred = decode_boxes(&raw, &cells, stride)?;
-        let bbox = ((1.0 - giou(&pred, &gt)?)?.sum_all()? / norm)?;
+        let bbox = ((1.0 - giou_tensor(&pred, &gt)?)?.sum_all()? / norm)?;
         let cls_t = Tensor::from_vec(pos_cls, (num_pos, num_classes), device)?.to_dtype(dtype)?;
         let cls =
             (stable_bce_with_logits(&pos.narrow(1, 5, num_classes)?, &cls_t)?.sum_all()? / norm)?;
@@ -271,4 +269,47 @@ pub fn det_loss(
         l1: parts[3],
         num_pos,
     })
+}
+
+/// Element-wise binary cross-entropy with logits, the stable form
+/// `relu(x) − x·t + log(1 + exp(−|x|))` (finite for any finite `x`; candle_nn's version
+/// returns inf at |x| ≈ 30). `x` and `t` have the same shape; `t` in `[0, 1]`.
+pub fn stable_bce_with_logits(x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    if x.dims() != t.dims() {
+        bail!(
+            "stable_bce_with_logits: logits {:?} vs targets {:?}",
+            x.dims(),
+            t.dims()
+        );
+    }
+    let log_term = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    (x.relu()? - (x * t)?)? + log_term
+}
+
+/// Mean of [`stable_bce_with_logits`] over all elements.
+pub fn stable_bce_with_logits_mean(x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    stable_bce_with_logits(x, t)?.mean_all()
+}
+
+/// Element-wise sigmoid focal loss (Lin et al.): `α_t · (1 − p_t)^γ · BCE(x, t)` with
+/// `p_t = p·t + (1−p)(1−t)`, `α_t = α·t + (1−α)(1−t)`; `alpha < 0` disables the α
+/// weighting, `gamma = 0` gives the plain (stable) BCE. The modulating base is clamped to
+/// `[1e-12, 1]` so that `γ < 1` has a finite gradient.
+pub fn sigmoid_focal_loss(x: &Tensor, t: &Tensor, alpha: f64, gamma: f64) -> Result<Tensor> {
+    let ce = stable_bce_with_logits(x, t)?;
+    let mut loss = if gamma == 0.0 {
+        ce
+    } else {
+        let p = candle_nn::ops::sigmoid(x)?;
+        // 1 − p_t = p + t − 2·p·t
+        let one_minus_pt = ((&p + t)? - (&p * t)?.affine(2.0, 0.0)?)?;
+        let modulator = one_minus_pt.clamp(1e-12, 1.0)?.powf(gamma)?;
+        (ce * modulator)?
+    };
+    if alpha >= 0.0 {
+        // α_t = (1 − α) + (2α − 1)·t
+        let alpha_t = t.affine(2.0 * alpha - 1.0, 1.0 - alpha)?;
+        loss = (loss * alpha_t)?;
+    }
+    Ok(loss)
 }

@@ -1,0 +1,238 @@
+//! Image classification (Imagenette style).
+//!
+//! - Data: `ROOT/imagenette_160/<split>/<class-folder>/*.{JPEG,jpg,jpeg,png}`; labels are the
+//!   class folders' positions in name order, so the class count is the folder count.
+//! - Head slice: one channel per class, global-average-pooled to `(B, C)` logits.
+//! - Loss: cross-entropy.
+//! - Metrics: Top-1 and Top-5 accuracy (sample-averaged).
+//! - Chance: `1/C` (Top-1), `5/C` (Top-5).
+//! - Distillation: KL of temperature-softened class distributions (LwF).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+use super::images::ImageSet;
+use super::seg::kl_distill;
+use super::{
+    check_request, require_dir, Augment, Batch, DistillParams, Evaluator, OpenOptions, Split, Task,
+    TaskLoss, TaskMetrics,
+};
+use crate::data::imageio::{is_image, sorted_dirs, sorted_files};
+use crate::data::{DataError, CLS_DIR};
+use crate::metrics::topk::TopK;
+
+/// One split: images and labels.
+pub struct ClsSplit {
+    pub images: ImageSet,
+    labels: Vec<usize>,
+    /// Class folder names in label order.
+    pub class_names: Vec<String>,
+}
+
+/// The folder of a classification split under `root`.
+pub fn split_dir(root: &Path, split: Split) -> PathBuf {
+    root.join(CLS_DIR).join(split.name())
+}
+
+impl ClsSplit {
+    /// Open `root/imagenette_160/<split>`: every sub-folder is a class. Errors name the
+    /// folder or file: missing split, empty class folder, corrupt image.
+    pub fn open(root: &Path, split: Split, image_size: usize) -> Result<Self> {
+        let dir = require_dir(split_dir(root, split), root)?;
+        let class_dirs = sorted_dirs(&dir)?;
+        if class_dirs.is_empty() {
+            return Err(DataError::EmptyFolder { path: dir }.into());
+        }
+        let mut files = Vec::new();
+        let mut labels = Vec::new();
+        let mut class_names = Vec::new();
+        for (label, cd) in class_dirs.iter().enumerate() {
+            let imgs: Vec<PathBuf> = sorted_files(cd)?
+                .into_iter()
+                .filter(|f| is_image(f))
+                .collect();
+            if imgs.is_empty() {
+                return Err(DataError::EmptyFolder { path: cd.clone() }.into());
+            }
+            labels.extend(std::iter::repeat_n(label, imgs.len()));
+            files.extend(imgs);
+            class_names.push(
+                cd.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+        Ok(Self {
+            images: ImageSet::load(files, image_size, false)?,
+            labels,
+            class_names,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn label(&self, i: usize) -> usize {
+        self.labels[i]
+    }
+
+    /// Images and labels of `indices` (augmentation changes images only).
+    pub fn batch(
+        &self,
+        indices: &[usize],
+        augs: &[Augment],
+        device: &Device,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        check_request("cls", indices, augs, self.len())?;
+        let labels = indices.iter().map(|&i| self.labels[i]).collect();
+        Ok((self.images.tensor(indices, augs, device)?, labels))
+    }
+}
+
+/// The class logits `(B, C)` from the head slice `(B, C, h, w)` (global average pool).
+pub fn logits(out: &Tensor) -> Result<Tensor> {
+    let (b, c, _, _) = out.dims4()?;
+    Ok(out.mean_keepdim(3)?.mean_keepdim(2)?.reshape((b, c))?)
+}
+
+/// Mean cross-entropy of logits `(B, C)` against labels.
+pub fn cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<Tensor> {
+    let (b, c) = logits.dims2()?;
+    anyhow::ensure!(
+        labels.len() == b,
+        "cross_entropy: {} labels for {b} logits",
+        labels.len()
+    );
+    if let Some(&bad) = labels.iter().find(|&&y| y >= c) {
+        anyhow::bail!("cross_entropy: label {bad} but only {c} classes");
+    }
+    let labels: Vec<u32> = labels.iter().map(|&y| y as u32).collect();
+    let labels = Tensor::new(labels, logits.device())?;
+    Ok(candle_nn::loss::cross_entropy(logits, &labels)?)
+}
+
+/// Classification as a [`Task`].
+pub struct ClsTask {
+    pub train: ClsSplit,
+    pub val: ClsSplit,
+}
+
+impl ClsTask {
+    pub fn open(o: &OpenOptions) -> Result<Self> {
+        let train = ClsSplit::open(&o.root, Split::Train, o.image_size)?;
+        let val = ClsSplit::open(&o.root, Split::Val, o.image_size)?;
+        anyhow::ensure!(
+            train.class_names == val.class_names,
+            "cls: the train and val splits under {} have different class folders ({} vs {})",
+            o.root.display(),
+            train.class_names.len(),
+            val.class_names.len()
+        );
+        Ok(Self { train, val })
+    }
+
+    fn split(&self, split: Split) -> &ClsSplit {
+        match split {
+            Split::Train => &self.train,
+            Split::Val => &self.val,
+        }
+    }
+}
+
+impl Task for ClsTask {
+    fn name(&self) -> &str {
+        "cls"
+    }
+
+    fn class_names(&self) -> &[String] {
+        &self.train.class_names
+    }
+
+    fn head_channels(&self) -> usize {
+        self.train.class_names.len()
+    }
+
+    fn metric_names(&self) -> Vec<String> {
+        vec!["top1".into(), "top5".into()]
+    }
+
+    fn primary_metric(&self) -> &str {
+        "top1"
+    }
+
+    fn chance(&self, metric: &str) -> Option<f64> {
+        let c = self.train.class_names.len() as f64;
+        match metric {
+            "top1" => Some(1.0 / c),
+            "top5" => Some((5.0 / c).min(1.0)),
+            _ => None,
+        }
+    }
+
+    fn len(&self, split: Split) -> usize {
+        self.split(split).len()
+    }
+
+    fn batch(
+        &self,
+        split: Split,
+        indices: &[usize],
+        augs: &[Augment],
+        device: &Device,
+    ) -> Result<Batch> {
+        let (images, labels) = self.split(split).batch(indices, augs, device)?;
+        Ok(Batch {
+            images,
+            indices: indices.to_vec(),
+            targets: Box::new(labels),
+        })
+    }
+
+    fn loss(&self, out: &Tensor, batch: &Batch) -> Result<TaskLoss> {
+        let labels: &Vec<usize> = batch.targets()?;
+        Ok(TaskLoss {
+            total: cross_entropy(&logits(out)?, labels)?,
+            parts: vec![],
+        })
+    }
+
+    fn evaluator(&self) -> Box<dyn Evaluator + '_> {
+        Box::new(ClsEvaluator { topk: TopK::new() })
+    }
+
+    fn distill(&self, student: &Tensor, teacher: &Tensor, p: &DistillParams) -> Result<Tensor> {
+        kl_distill(&logits(student)?, &logits(teacher)?, p.temperature)
+    }
+}
+
+struct ClsEvaluator {
+    topk: TopK,
+}
+
+impl Evaluator for ClsEvaluator {
+    fn add(&mut self, out: &Tensor, batch: &Batch) -> Result<()> {
+        let labels: &Vec<usize> = batch.targets()?;
+        let rows = logits(out)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        for (row, &y) in rows.iter().zip(labels) {
+            self.topk.add(row, y)?;
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<TaskMetrics> {
+        let mut m = TaskMetrics::new();
+        m.insert("top1".into(), self.topk.top1());
+        if let Some(t5) = self.topk.top5() {
+            m.insert("top5".into(), t5);
+        }
+        Ok(m)
+    }
+}

@@ -1,0 +1,540 @@
+//! Object detection (COCO style), anchor-free on the head's stride-8 grid.
+//!
+//! - Data: `ROOT/mini_coco_det/<split>/<file_name>` + COCO JSON
+//!   `ROOT/mini_coco_det/annotations/instances_<split>.json`. The classes are the JSON's
+//!   categories, remapped to contiguous indices in increasing id order.
+//! - Head slice: `5 + C` channels per cell: `tx, ty, tw, th` (box, see [`crate::boxes`]),
+//!   objectness, `C` class logits (independent sigmoids).
+//! - Loss: [`det_loss`] (centre sampling, BCE objectness and class, GIoU box).
+//! - Metric: COCO mAP (pycocotools' protocol) at IoU 0.5 and 0.5:0.95.
+//! - Chance: random boxes score about 0 mAP.
+//! - Distillation: objectness BCE toward the teacher's probabilities on every cell; class
+//!   KL and box L1 where the teacher is confident (Shmelkov et al. 2017, ERD 2022).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use super::det_loss::{det_loss, stable_bce_with_logits, DetLossParams};
+use super::images::{crop_rect, ImageSet};
+use super::{
+    aug_at, check_request, require_dir, Augment, Batch, DistillParams, Evaluator, OpenOptions,
+    Split, Task, TaskLoss, TaskMetrics,
+};
+use crate::boxes::{self, cell_coords, crop_boxes, decode_boxes, flip_boxes, DetBox, Detection};
+use crate::data::coco::CocoFile;
+use crate::data::{DataError, DET_DIR};
+use crate::metrics::map::MapEvaluator;
+use crate::model::OUTPUT_STRIDE;
+
+/// Detection settings of an experiment (`[tasks.det]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetSettings {
+    /// Candidates with a score at or below this are dropped before NMS when evaluating.
+    pub score_threshold: f64,
+    /// Same-class boxes with IoU above this to a better kept box are suppressed.
+    pub nms_iou: f64,
+    /// Detections kept per image after NMS (COCO's maxDets).
+    pub max_detections: usize,
+    /// Candidates per image entering NMS (highest scores first).
+    pub pre_nms_top_k: usize,
+}
+
+impl Default for DetSettings {
+    fn default() -> Self {
+        Self {
+            score_threshold: 0.05,
+            nms_iou: 0.5,
+            max_detections: 100,
+            pre_nms_top_k: 1000,
+        }
+    }
+}
+
+impl DetSettings {
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.score_threshold) && (0.0..=1.0).contains(&self.nms_iou),
+            "tasks.det: score_threshold and nms_iou must be in [0, 1]"
+        );
+        anyhow::ensure!(
+            self.max_detections > 0 && self.pre_nms_top_k > 0,
+            "tasks.det: max_detections and pre_nms_top_k must be > 0"
+        );
+        Ok(())
+    }
+}
+
+/// The COCO JSON of a detection split under `root`.
+pub fn coco_json_path(root: &Path, split: Split) -> PathBuf {
+    root.join(DET_DIR)
+        .join("annotations")
+        .join(format!("instances_{}.json", split.name()))
+}
+
+/// One split: images and their boxes in model-input pixels.
+pub struct DetSplit {
+    pub images: ImageSet,
+    /// Boxes per sample in pixels of the `S × S` model input.
+    boxes: Vec<Vec<DetBox>>,
+    /// Category names in contiguous-index order.
+    pub class_names: Vec<String>,
+    /// COCO image id of each sample.
+    pub image_ids: Vec<u64>,
+    /// COCO category id of each contiguous class index.
+    pub category_ids: Vec<u64>,
+}
+
+impl DetSplit {
+    /// Open `root/mini_coco_det/<split>` with its COCO JSON. Errors name the file: missing
+    /// folder or JSON, annotation of an unknown image or category, missing image file,
+    /// corrupt image.
+    pub fn open(root: &Path, split: Split, image_size: usize) -> Result<Self> {
+        let dir = require_dir(root.join(DET_DIR).join(split.name()), root)?;
+        let json_path = coco_json_path(root, split);
+        if !json_path.is_file() {
+            return Err(DataError::MissingDataset {
+                path: json_path,
+                root: root.to_path_buf(),
+            }
+            .into());
+        }
+        let mut coco = CocoFile::read(&json_path)?;
+        coco.categories.sort_by_key(|c| c.id);
+        let cat_index: BTreeMap<u64, usize> = coco
+            .categories
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id, i))
+            .collect();
+        anyhow::ensure!(
+            cat_index.len() == coco.categories.len(),
+            "{}: duplicate category ids",
+            json_path.display()
+        );
+        coco.images.sort_by_key(|im| im.id);
+        let img_index: BTreeMap<u64, usize> = coco
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, im)| (im.id, i))
+            .collect();
+        let mut per_image: Vec<Vec<(usize, [f64; 4], bool)>> = vec![Vec::new(); coco.images.len()];
+        for a in &coco.annotations {
+            let &ii = img_index.get(&a.image_id).ok_or(DataError::UnknownImage {
+                json: json_path.clone(),
+                ann_id: a.id,
+                image_id: a.image_id,
+            })?;
+            let &ci = cat_index
+                .get(&a.category_id)
+                .ok_or(DataError::UnknownCategory {
+                    json: json_path.clone(),
+                    ann_id: a.id,
+                    category_id: a.category_id,
+                })?;
+            per_image[ii].push((ci, a.bbox, a.iscrowd != 0));
+        }
+        let paths: Vec<PathBuf> = coco
+            .images
+            .iter()
+            .map(|im| dir.join(&im.file_name))
+            .collect();
+        if let Some(p) = paths.iter().find(|p| !p.is_file()) {
+            return Err(DataError::MissingImageFile {
+                json: json_path.clone(),
+                path: p.clone(),
+            }
+            .into());
+        }
+        if paths.is_empty() {
+            return Err(DataError::EmptyFolder { path: json_path }.into());
+        }
+        let images = ImageSet::load(paths, image_size, false)?;
+        let size = image_size as f32;
+        let boxes = per_image
+            .into_iter()
+            .zip(&images.orig_sizes)
+            .map(|(anns, &(w, h))| {
+                // Scale with the decoded size (the JSON's width/height may be absent or stale).
+                let (sx, sy) = (size / w as f32, size / h as f32);
+                anns.into_iter()
+                    .filter_map(|(class, b, crowd)| {
+                        let x0 = (b[0] as f32 * sx).clamp(0.0, size);
+                        let y0 = (b[1] as f32 * sy).clamp(0.0, size);
+                        let x1 = ((b[0] + b[2]) as f32 * sx).clamp(0.0, size);
+                        let y1 = ((b[1] + b[3]) as f32 * sy).clamp(0.0, size);
+                        // Degenerate boxes (zero area after clipping) carry no signal.
+                        (x1 > x0 && y1 > y0).then_some(DetBox {
+                            bbox: [x0, y0, x1, y1],
+                            class,
+                            crowd,
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(Self {
+            images,
+            boxes,
+            class_names: coco.categories.iter().map(|c| c.name.clone()).collect(),
+            image_ids: coco.images.iter().map(|im| im.id).collect(),
+            category_ids: coco.categories.iter().map(|c| c.id).collect(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.boxes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.boxes.is_empty()
+    }
+
+    /// The unaugmented boxes of sample `i` in model-input pixels.
+    pub fn boxes(&self, i: usize) -> &[DetBox] {
+        &self.boxes[i]
+    }
+
+    /// Images and boxes of `indices`, sample k transformed by `augs[k]` (crop, then flip).
+    pub fn batch(
+        &self,
+        indices: &[usize],
+        augs: &[Augment],
+        device: &Device,
+    ) -> Result<(Tensor, Vec<Vec<DetBox>>)> {
+        check_request("det", indices, augs, self.len())?;
+        let s = self.images.image_size;
+        let sf = s as f32;
+        let targets = indices
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let a = aug_at(augs, k);
+                let b = match a.crop {
+                    Some(c) => crop_boxes(&self.boxes[i], crop_rect(c, s, s)?, sf, sf),
+                    None => self.boxes[i].clone(),
+                };
+                Ok(if a.flip { flip_boxes(&b, sf) } else { b })
+            })
+            .collect::<Result<_>>()?;
+        Ok((self.images.tensor(indices, augs, device)?, targets))
+    }
+}
+
+/// The head slice `(B, 5 + C, h, w)` as `(B, N, 5 + C)` per-cell rows, `N = h·w` row-major.
+pub fn cells(out: &Tensor) -> Result<Tensor> {
+    let (b, ch, h, w) = out.dims4()?;
+    Ok(out.reshape((b, ch, h * w))?.transpose(1, 2)?.contiguous()?)
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Decode raw per-cell outputs `(B, N, 5 + C)` on a `(h, w)` grid into detections per image,
+/// in pixels of the `(height, width)` model input: boxes from [`decode_boxes`] (the loss's
+/// own parametrisation), scores `σ(obj)·σ(class)` for every class of every cell (multi-label,
+/// as FCOS), score threshold, `pre_nms_top_k`, per-class NMS, `max_detections`. Boxes with
+/// zero area after clipping are dropped.
+pub fn decode(
+    det: &Tensor,
+    grid: (usize, usize),
+    image_size: (usize, usize),
+    p: &DetSettings,
+) -> Result<Vec<Vec<Detection>>> {
+    let (_b, n, ch) = det.dims3()?;
+    anyhow::ensure!(
+        n == grid.0 * grid.1 && ch >= 6,
+        "decode: det {:?} does not match grid {grid:?} (expected (B, {}, 5 + C), C ≥ 1)",
+        det.dims(),
+        grid.0 * grid.1
+    );
+    let num_classes = ch - 5;
+    let thr = p.score_threshold as f32;
+    let cells = cell_coords(grid, det.device())?;
+    let bxs = decode_boxes(&det.narrow(2, 0, 4)?, &cells, OUTPUT_STRIDE)?;
+    let all = Tensor::cat(&[bxs, det.narrow(2, 4, ch - 4)?], 2)?
+        .to_dtype(DType::F32)?
+        .to_vec3::<f32>()?;
+    let mut out = Vec::with_capacity(all.len());
+    for img in all {
+        let mut cands = Vec::new();
+        for row in &img {
+            let obj = sigmoid(row[4]);
+            if obj <= thr {
+                continue; // score ≤ obj: nothing of this cell can pass
+            }
+            let bbox = boxes::clip(&[row[0], row[1], row[2], row[3]], image_size);
+            if boxes::area(&bbox) <= 0.0 {
+                continue;
+            }
+            for c in 0..num_classes {
+                let score = obj * sigmoid(row[5 + c]);
+                if score > thr {
+                    cands.push(Detection {
+                        bbox,
+                        score,
+                        class: c,
+                    });
+                }
+            }
+        }
+        cands.sort_by(|a, b| b.score.total_cmp(&a.score));
+        cands.truncate(p.pre_nms_top_k);
+        out.push(boxes::nms_per_class(
+            cands,
+            p.nms_iou as f32,
+            p.max_detections,
+        ));
+    }
+    Ok(out)
+}
+
+/// Detection as a [`Task`].
+pub struct DetTask {
+    pub train: DetSplit,
+    pub val: DetSplit,
+    settings: DetSettings,
+}
+
+impl DetTask {
+    pub fn open(o: &OpenOptions) -> Result<Self> {
+        let settings: DetSettings = o.settings("det")?;
+        settings.validate()?;
+        let train = DetSplit::open(&o.root, Split::Train, o.image_size)?;
+        let val = DetSplit::open(&o.root, Split::Val, o.image_size)?;
+        anyhow::ensure!(
+            train.class_names == val.class_names,
+            "det: the train and val annotations under {} have different categories ({} vs {})",
+            o.root.display(),
+            train.class_names.len(),
+            val.class_names.len()
+        );
+        Ok(Self {
+            train,
+            val,
+            settings,
+        })
+    }
+
+    fn split(&self, split: Split) -> &DetSplit {
+        match split {
+            Split::Train => &self.train,
+            Split::Val => &self.val,
+        }
+    }
+
+    pub fn settings(&self) -> &DetSettings {
+        &self.settings
+    }
+}
+
+/// Objectness prior π of the detection channel: bias = −log((1 − π) / π), as RetinaNet/FCOS
+/// do, so that the objectness loss does not start out swamped by 99 % negatives.
+pub const OBJECTNESS_PRIOR: f64 = 0.01;
+
+impl Task for DetTask {
+    fn name(&self) -> &str {
+        "det"
+    }
+
+    fn class_names(&self) -> &[String] {
+        &self.train.class_names
+    }
+
+    fn head_channels(&self) -> usize {
+        5 + self.train.class_names.len()
+    }
+
+    fn head_bias_init(&self) -> Vec<(usize, f32)> {
+        vec![(
+            4,
+            (-((1.0 - OBJECTNESS_PRIOR) / OBJECTNESS_PRIOR).ln()) as f32,
+        )]
+    }
+
+    fn metric_names(&self) -> Vec<String> {
+        vec!["map50".into(), "map50_95".into()]
+    }
+
+    fn primary_metric(&self) -> &str {
+        "map50"
+    }
+
+    fn chance(&self, metric: &str) -> Option<f64> {
+        matches!(metric, "map50" | "map50_95" | "map75").then_some(0.0)
+    }
+
+    fn len(&self, split: Split) -> usize {
+        self.split(split).len()
+    }
+
+    fn batch(
+        &self,
+        split: Split,
+        indices: &[usize],
+        augs: &[Augment],
+        device: &Device,
+    ) -> Result<Batch> {
+        let (images, boxes) = self.split(split).batch(indices, augs, device)?;
+        Ok(Batch {
+            images,
+            indices: indices.to_vec(),
+            targets: Box::new(boxes),
+        })
+    }
+
+    fn loss(&self, out: &Tensor, batch: &Batch) -> Result<TaskLoss> {
+        let (_, _, h, w) = out.dims4()?;
+        let targets: &Vec<Vec<DetBox>> = batch.targets()?;
+        let l = det_loss(
+            &cells(out)?,
+            (h, w),
+            OUTPUT_STRIDE,
+            targets,
+            &DetLossParams::default(),
+        )?;
+        Ok(TaskLoss {
+            parts: vec![
+                ("obj", l.obj as f64),
+                ("cls", l.cls as f64),
+                ("box", l.bbox as f64),
+            ],
+            total: l.total,
+        })
+    }
+
+    fn evaluator(&self) -> Box<dyn Evaluator + '_> {
+        Box::new(DetEvaluator {
+            task: self,
+            map: MapEvaluator::new(self.train.class_names.len()),
+        })
+    }
+
+    fn distill(&self, student: &Tensor, teacher: &Tensor, p: &DistillParams) -> Result<Tensor> {
+        distill_cells(&cells(student)?, &cells(teacher)?, p.temperature)
+    }
+}
+
+/// Teacher objectness probability above which a cell's class and box outputs are distilled.
+pub const DISTILL_CONFIDENT: f64 = 0.3;
+
+/// Detection distillation on per-cell outputs `(B, N, 5 + C)`: objectness BCE toward the
+/// teacher's probability on every cell (mean over cells); on cells where the teacher's
+/// objectness ≥ [`DISTILL_CONFIDENT`], class-probability BCE toward the teacher's and L1 on the
+/// raw box outputs (means over those cells). 0 at the teacher (up to the BCE's entropy floor,
+/// which is subtracted so that the term is exactly 0 there).
+pub fn distill_cells(student: &Tensor, teacher: &Tensor, _temperature: f64) -> Result<Tensor> {
+    anyhow::ensure!(
+        student.dims() == teacher.dims(),
+        "distill: student {:?} vs teacher {:?}",
+        student.dims(),
+        teacher.dims()
+    );
+    let teacher = teacher.detach();
+    let (b, n, ch) = student.dims3()?;
+    let s = student.reshape((b * n, ch))?;
+    let t = teacher.reshape((b * n, ch))?;
+    let sig = |x: &Tensor| candle_nn::ops::sigmoid(x);
+    // BCE(x, σ(t)) − BCE(t, σ(t)) = KL(Bern(σ t) ‖ Bern(σ x)) ≥ 0, 0 iff x = t.
+    let bern_kl = |x: &Tensor, tl: &Tensor| -> Result<Tensor> {
+        let p = sig(tl)?;
+        Ok((stable_bce_with_logits(x, &p)? - stable_bce_with_logits(tl, &p)?)?)
+    };
+    let obj = bern_kl(&s.narrow(1, 4, 1)?, &t.narrow(1, 4, 1)?)?.mean_all()?;
+    let conf: Vec<u32> = sig(&t.narrow(1, 4, 1)?)?
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?
+        .iter()
+        .enumerate()
+        .filter(|(_, &p)| p as f64 >= DISTILL_CONFIDENT)
+        .map(|(i, _)| i as u32)
+        .collect();
+    if conf.is_empty() {
+        return Ok(obj);
+    }
+    let idx = Tensor::from_vec(conf.clone(), conf.len(), s.device())?;
+    let (sp, tp) = (s.index_select(&idx, 0)?, t.index_select(&idx, 0)?);
+    let cls = bern_kl(&sp.narrow(1, 5, ch - 5)?, &tp.narrow(1, 5, ch - 5)?)?
+        .sum(D::Minus1)?
+        .mean_all()?;
+    let bx = (sp.narrow(1, 0, 4)? - tp.narrow(1, 0, 4)?)?
+        .abs()?
+        .sum(D::Minus1)?
+        .mean_all()?;
+    Ok(((obj + cls)? + bx)?)
+}
+
+struct DetEvaluator<'a> {
+    task: &'a DetTask,
+    map: MapEvaluator,
+}
+
+impl Evaluator for DetEvaluator<'_> {
+    fn add(&mut self, out: &Tensor, batch: &Batch) -> Result<()> {
+        let (_, _, h, w) = out.dims4()?;
+        let s = batch.images.dim(2)?;
+        let dets = decode(&cells(out)?, (h, w), (s, s), &self.task.settings)?;
+        let gts: &Vec<Vec<DetBox>> = batch.targets()?;
+        for (d, gt) in dets.iter().zip(gts) {
+            self.map.add_image(d, gt)?;
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<TaskMetrics> {
+        let s = self.map.summarize();
+        let mut m = TaskMetrics::new();
+        m.insert("map50".into(), s.map50);
+        m.insert("map50_95".into(), s.map50_95);
+        for (name, ap) in self.task.train.class_names.iter().zip(&s.per_class_ap50) {
+            if let Some(ap) = ap {
+                m.insert(format!("ap50.{name}"), *ap);
+            }
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distillation_is_zero_at_the_teacher_and_grows_away_from_it() {
+        let dev = Device::Cpu;
+        // 1 image, 3 cells, 5 + 2 channels; cell 0 confident, the others not.
+        let t = Tensor::new(
+            &[[
+                [0.1f32, -0.2, 0.3, 0.0, 3.0, 2.0, -1.0],
+                [0.0, 0.0, 0.0, 0.0, -4.0, 0.0, 0.0],
+                [0.5, 0.5, -0.5, 0.2, -6.0, 1.0, 1.0],
+            ]],
+            &dev,
+        )
+        .unwrap();
+        let zero = distill_cells(&t, &t, 1.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(zero.abs() < 1e-6, "{zero}");
+        // Moving a box output of the confident cell costs; of an unconfident cell, nothing.
+        let bump = |cell: usize| {
+            let mut v = t.to_vec3::<f32>().unwrap();
+            v[0][cell][0] += 1.0;
+            let s = Tensor::new(v, &dev).unwrap();
+            distill_cells(&s, &t, 1.0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(bump(0) > 0.5, "{}", bump(0));
+        assert!(bump(1).abs() < 1e-6, "{}", bump(1));
+    }
+}

@@ -1,0 +1,615 @@
+//! Everything around the training loop: choosing the device, generating the built-in
+//! benchmark, opening the tasks' data, building the model, creating or reopening the run
+//! folder, saving and restoring the resume state, and the end-of-run summary. The loop
+//! itself is [`super::engine`].
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::state::{self, ExtraTensors, PartialEpoch, RunState};
+use crate::config::{DataSource, Experiment};
+use crate::data::{self, AugmentConfig};
+use crate::model::weights::{self, WeightsSpec};
+use crate::model::{init, OneHead, OneHeadConfig};
+use crate::plugins::{self, Plugin, PluginState, RunCtx};
+use crate::report::summary::ParamSummary;
+use crate::report::{
+    self, judge, EpochColumns, EvalRecord, Judging, Matrix, RunCsv, RunSummary, TaskRef,
+};
+use crate::tasks::{OpenOptions, Registry, TaskMetrics, TaskSet};
+
+/// How a run is launched (things that are not part of the experiment itself).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Hide progress bars (tests, sweeps in the background).
+    pub quiet: bool,
+    /// Stop after this many epochs of the whole run (counted from its start), state saved,
+    /// as if the process had been killed there: [`resume`] continues it.
+    pub stop_after_epochs: Option<usize>,
+    /// Stop after this many optimisation steps of this session, mid-epoch if need be, with
+    /// the state saved exactly as an interrupt (Ctrl-C) saves it.
+    pub stop_after_steps: Option<usize>,
+    /// Set (by a signal handler or another thread) to stop after the current step with the
+    /// state saved.
+    pub interrupt: Option<Arc<AtomicBool>>,
+    /// Use exactly this folder as the run folder (created if absent; an unfinished run in it
+    /// is resumed) instead of a fresh `<results>/<name>/<stamp>`.
+    pub run_dir: Option<PathBuf>,
+}
+
+/// The run stopped on purpose (`stop_after_*` or an interrupt); resume it from `run_dir`.
+#[derive(Debug, thiserror::Error)]
+#[error("run stopped after {what}; continue it with `onehead resume {}`", run_dir.display())]
+pub struct Stopped {
+    pub run_dir: PathBuf,
+    /// Where it stopped, in words ("epoch 3", "step 7 of epoch 2").
+    pub what: String,
+}
+
+/// What a finished run leaves behind.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub run_dir: PathBuf,
+    pub summary: RunSummary,
+}
+
+/// `auto` → CUDA device 0 when compiled with CUDA and one is present, else CPU.
+pub fn select_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim();
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if candle_core::utils::cuda_is_available() {
+                Ok(Device::new_cuda(0)?)
+            } else {
+                Ok(Device::Cpu)
+            }
+        }
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = s
+                .strip_prefix("cuda:")
+                .map(|n| n.parse())
+                .transpose()
+                .with_context(|| format!("device '{s}': expected cuda:<N>"))?
+                .unwrap_or(0);
+            if !candle_core::utils::cuda_is_available() {
+                anyhow::bail!(
+                    "device '{s}' asked for, but this build has no CUDA support (rebuild with `--features cuda`) or no GPU is present; use device = \"cpu\" or \"auto\""
+                );
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        other => anyhow::bail!("device '{other}': expected auto, cpu, cuda or cuda:N"),
+    }
+}
+
+/// The data root of `exp`, generating the built-in benchmark on first use. Generation goes
+/// to a temporary sibling folder that is renamed into place, so an interrupted generation
+/// never leaves a half-written dataset behind.
+pub fn ensure_data(exp: &Experiment) -> Result<PathBuf> {
+    let root = exp.data.resolved_root();
+    if exp.data.source == DataSource::Disk || root.exists() {
+        return Ok(root);
+    }
+    let d = &exp.data;
+    tracing::info!("generating the built-in benchmark into {}", root.display());
+    if let Some(parent) = root.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let tmp = root.with_extension(format!("partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    data::synth::generate(
+        &tmp,
+        &data::synth::SynthOptions {
+            seed: d.synth_seed,
+            train: d.synth_train,
+            val: d.synth_val,
+            size: d.synth_size,
+        },
+    )
+    .with_context(|| format!("generating the synthetic benchmark in {}", tmp.display()))?;
+    match std::fs::rename(&tmp, &root) {
+        Ok(()) => {}
+        // Another process generated it meanwhile: same seed, same bytes; keep theirs.
+        Err(_) if root.exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        Err(e) => return Err(e).with_context(|| format!("moving data to {}", root.display())),
+    }
+    Ok(root)
+}
+
+/// Training-time augmentation of `exp` (every draw from the run's RNG; crops off by default).
+pub fn augment_config(exp: &Experiment) -> AugmentConfig {
+    AugmentConfig {
+        flip: exp.data.flip,
+        scale: (exp.data.crop_scale[0] as f32, exp.data.crop_scale[1] as f32),
+        ..AugmentConfig::default()
+    }
+}
+
+/// Open the data of every task `exp` trains.
+pub fn open_tasks(exp: &Experiment, registry: &Registry) -> Result<TaskSet> {
+    let root = ensure_data(exp)?;
+    let opts = OpenOptions {
+        root,
+        image_size: exp.model.image_size,
+        train_crops: augment_config(exp).crops(),
+        settings: exp.tasks.clone(),
+    };
+    registry.open(&exp.tasks_in_order(), &opts)
+}
+
+/// Build the model for `tasks` with seeded init, then load pretrained backbone weights if
+/// asked.
+pub fn build_model(
+    exp: &Experiment,
+    tasks: &TaskSet,
+    device: &Device,
+    rng: &mut ChaCha8Rng,
+    load_pretrained: bool,
+) -> Result<(VarMap, OneHead, OneHeadConfig)> {
+    let cfg = OneHeadConfig {
+        fpn_channels: exp.model.fpn_channels,
+        head_channels: tasks.head_channels(),
+    };
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let model = OneHead::new(&cfg, vb)?;
+    init::init_all(&varmap, rng, &tasks.head_bias_init())?;
+    let spec: WeightsSpec = exp
+        .model
+        .weights
+        .parse()
+        .with_context(|| format!("model.weights = '{}'", exp.model.weights))?;
+    if load_pretrained {
+        if let Some(path) = weights::resolve(&spec, exp.model.pin_dir.as_deref())? {
+            let report = weights::load_backbone(&varmap, &path, "backbone.")
+                .with_context(|| format!("loading pretrained weights {}", path.display()))?;
+            tracing::info!("pretrained backbone from {}: {report}", path.display());
+        }
+    }
+    Ok((varmap, model, cfg))
+}
+
+/// The parts of a run that the loop and the plug-ins read and never replace.
+pub struct Env {
+    pub exp: Experiment,
+    pub tasks: TaskSet,
+    pub device: Device,
+    pub varmap: VarMap,
+    pub model: OneHead,
+    pub head_config: OneHeadConfig,
+    pub augment: AugmentConfig,
+}
+
+impl Env {
+    /// What plug-ins see during stage `stage`.
+    pub fn ctx<'a>(&'a self, stage: usize, pools: &'a [Vec<usize>]) -> RunCtx<'a> {
+        RunCtx {
+            exp: &self.exp,
+            tasks: &self.tasks,
+            model: &self.model,
+            varmap: &self.varmap,
+            head_config: &self.head_config,
+            device: &self.device,
+            augment: &self.augment,
+            stage,
+            pools,
+            backbone_train: self.exp.stages[stage].freeze == crate::config::Freeze::None,
+        }
+    }
+
+    /// The verdict metric and chance level of every task, in the order tasks are learned.
+    pub fn task_refs(&self) -> Result<Vec<TaskRef>> {
+        self.exp
+            .tasks_in_order()
+            .into_iter()
+            .map(|name| {
+                let task = self.tasks.get(&name)?;
+                let metric = self
+                    .exp
+                    .verdict_metric(&name)
+                    .unwrap_or(task.primary_metric())
+                    .to_string();
+                anyhow::ensure!(
+                    task.metric_names().contains(&metric),
+                    "[eval] metric: task '{name}' has no metric '{metric}' (it has {})",
+                    task.metric_names().join(", ")
+                );
+                Ok(TaskRef {
+                    chance: task.chance(&metric).unwrap_or(0.0),
+                    task: name,
+                    metric,
+                })
+            })
+            .collect()
+    }
+
+    /// The stage tasks, in order.
+    pub fn stage_tasks(&self) -> Vec<String> {
+        self.exp.stages.iter().map(|s| s.task.clone()).collect()
+    }
+}
+
+/// Where the run stands; saved (with the tensors) after every epoch.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Stage index the loop is in (or starts at).
+    pub stage: usize,
+    /// Next epoch (1-based) of `stage` to train.
+    pub next_epoch: usize,
+    /// Completed epochs over the run.
+    pub global_epoch: usize,
+    /// Completed optimisation steps over the run (this session and earlier ones).
+    pub steps: usize,
+    pub pools: Vec<Vec<usize>>,
+    pub history: Vec<EvalRecord>,
+    /// A mid-epoch position to continue from.
+    pub partial: Option<PartialEpoch>,
+    /// Training seconds of earlier sessions of the run.
+    pub seconds_before: f64,
+    /// Unix seconds of the run's first start.
+    pub started: u64,
+}
+
+/// A run being trained: its [`Env`], plug-ins, RNG, folder and logs.
+pub struct Session {
+    pub env: Env,
+    pub plugins: Vec<Box<dyn Plugin>>,
+    pub rng: ChaCha8Rng,
+    pub run_dir: PathBuf,
+    pub csv: RunCsv,
+    pub opts: RunOptions,
+    pub progress: Progress,
+    /// The saved state of a resumed run, handed to the optimiser (mid-stage) and the
+    /// plug-ins when the loop starts.
+    pub resumed: Option<(RunState, ExtraTensors)>,
+}
+
+fn epoch_columns(env: &Env, plugins: &[Box<dyn Plugin>]) -> EpochColumns {
+    let terms: Vec<String> = plugins.iter().flat_map(|p| p.loss_terms()).collect();
+    let tasks: Vec<(String, Vec<String>)> = env
+        .tasks
+        .iter()
+        .map(|(t, _)| (t.name().to_string(), t.metric_names()))
+        .collect();
+    EpochColumns::new(&terms, &tasks)
+}
+
+impl Session {
+    /// A fresh run of `exp` (or, with `opts.run_dir` naming an unfinished run, its resume).
+    pub fn start(exp: &Experiment, registry: &Registry, opts: RunOptions) -> Result<Self> {
+        if let Some(dir) = &opts.run_dir {
+            if dir.join("state").join("state.json").is_file() {
+                return Self::resume(dir, registry, opts.clone());
+            }
+            if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+                anyhow::bail!(
+                    "{} exists and holds no resumable run: pick another --run-dir",
+                    dir.display()
+                );
+            }
+        }
+        let device = select_device(&exp.device)?;
+        let tasks = open_tasks(exp, registry)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(exp.seed);
+        let (varmap, model, head_config) = build_model(exp, &tasks, &device, &mut rng, true)?;
+        let env = Env {
+            exp: exp.clone(),
+            tasks,
+            device,
+            varmap,
+            model,
+            head_config,
+            augment: augment_config(exp),
+        };
+        let plugins = plugins::build(exp)?;
+        let run_dir = match &opts.run_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+                d.clone()
+            }
+            None => report::create_run_dir(&exp.results_dir, &exp.name)?,
+        };
+        report::write_atomic(&run_dir.join("config.toml"), exp.to_toml().as_bytes())?;
+        let meta = serde_json::json!({
+            "name": exp.name,
+            "version": env!("CARGO_PKG_VERSION"),
+            "git_commit": report::GIT_COMMIT,
+            "started_at": report::utc_rfc3339(report::now_secs()),
+            "device": format!("{:?}", env.device),
+            "data_root": env.exp.data.resolved_root().display().to_string(),
+            "command": std::env::args().collect::<Vec<_>>(),
+        });
+        report::write_atomic(
+            &run_dir.join("meta.json"),
+            serde_json::to_string_pretty(&meta)?.as_bytes(),
+        )?;
+        let csv = RunCsv::create(&run_dir, epoch_columns(&env, &plugins))?;
+        Ok(Self {
+            env,
+            plugins,
+            rng,
+            run_dir,
+            csv,
+            opts,
+            progress: Progress {
+                stage: 0,
+                next_epoch: 1,
+                global_epoch: 0,
+                steps: 0,
+                pools: vec![],
+                history: vec![],
+                partial: None,
+                seconds_before: 0.0,
+                started: report::now_secs(),
+            },
+            resumed: None,
+        })
+    }
+
+    /// Continue the unfinished run in `run_dir` from its saved state.
+    pub fn resume(run_dir: &Path, registry: &Registry, opts: RunOptions) -> Result<Self> {
+        if run_dir.join("summary.json").exists() {
+            anyhow::bail!(
+                "{} is a finished run (it has summary.json); finished runs are never overwritten",
+                run_dir.display()
+            );
+        }
+        let exp = Experiment::load_with(&run_dir.join("config.toml"), &[], &registry.names())?;
+        let device = select_device(&exp.device)?;
+        let tasks = open_tasks(&exp, registry)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(exp.seed);
+        let (varmap, model, head_config) = build_model(&exp, &tasks, &device, &mut rng, false)?;
+        let (st, extra) = state::load(run_dir, &varmap, &device)?;
+        anyhow::ensure!(
+            st.stage < exp.stages.len()
+                && st.epoch <= exp.stages[st.stage].epochs
+                && st.pools.len() == st.stage + 1
+                && st.pools.iter().zip(&exp.stages).all(|(p, s)| {
+                    let n = tasks
+                        .get(&s.task)
+                        .map(|t| t.len(crate::tasks::Split::Train));
+                    n.is_ok_and(|n| p.iter().all(|&i| i < n))
+                }),
+            "{}: the saved state does not fit the run's config.toml (was either edited?)",
+            run_dir.join("state").display()
+        );
+        let env = Env {
+            exp: exp.clone(),
+            tasks,
+            device,
+            varmap,
+            model,
+            head_config,
+            augment: augment_config(&exp),
+        };
+        let plugins = plugins::build(&exp)?;
+        anyhow::ensure!(
+            st.plugins.len() == plugins.len(),
+            "{}: the saved state has {} plug-in states, the config asks for {} plug-ins",
+            run_dir.join("state").display(),
+            st.plugins.len(),
+            plugins.len()
+        );
+        let csv = RunCsv::reopen(run_dir, epoch_columns(&env, &plugins), st.global_epoch)?;
+        tracing::info!(
+            "resuming {} after stage {} epoch {} (epoch {} of the run){}",
+            run_dir.display(),
+            st.stage + 1,
+            st.epoch,
+            st.global_epoch,
+            match &st.partial {
+                Some(p) => format!(", at step {} of epoch {}", p.steps_done, p.epoch),
+                None => String::new(),
+            }
+        );
+        // A stage whose last epoch is done continues with the next stage.
+        let (stage, next_epoch) = if st.epoch >= exp.stages[st.stage].epochs {
+            (st.stage + 1, 1)
+        } else {
+            (st.stage, st.epoch + 1)
+        };
+        let progress = Progress {
+            stage,
+            next_epoch,
+            global_epoch: st.global_epoch,
+            steps: 0,
+            pools: st.pools.clone(),
+            history: st.history.clone(),
+            partial: st.partial.clone(),
+            seconds_before: st.train_seconds,
+            started: st.started,
+        };
+        Ok(Self {
+            rng: st.rng.clone(),
+            env,
+            plugins,
+            run_dir: run_dir.to_path_buf(),
+            csv,
+            opts,
+            progress,
+            resumed: Some((st, extra)),
+        })
+    }
+
+    /// Save the resume state: model, optimiser, RNG, plug-ins, progress.
+    pub fn save_state(
+        &self,
+        optim: &crate::train::optim::Optimizer,
+        train_seconds: f64,
+    ) -> Result<()> {
+        let p = &self.progress;
+        let mut plugin_json = Vec::new();
+        let mut plugin_tensors = Vec::new();
+        for pl in &self.plugins {
+            let PluginState { json, tensors } = pl.state()?;
+            plugin_json.push(json);
+            plugin_tensors.push(tensors);
+        }
+        let (stage, epoch) = (p.stage, p.next_epoch - 1);
+        let st = RunState {
+            version: env!("CARGO_PKG_VERSION").into(),
+            stage,
+            epoch,
+            global_epoch: p.global_epoch,
+            rng: self.rng.clone(),
+            pools: p.pools.clone(),
+            history: p.history.clone(),
+            plugins: plugin_json,
+            partial: p.partial.clone(),
+            train_seconds,
+            started: p.started,
+            tensors: format!(
+                "epoch-{}-{}.safetensors",
+                p.global_epoch,
+                p.partial.as_ref().map_or(0, |q| q.steps_done)
+            ),
+        };
+        state::save(
+            &self.run_dir,
+            &st,
+            &self.env.varmap,
+            &ExtraTensors {
+                optim: optim.state_tensors()?,
+                plugins: plugin_tensors,
+            },
+        )
+    }
+
+    /// The task × stage matrix after `stages_done` stages, written to `matrix.csv`.
+    pub fn write_matrix(&self, stages_done: usize) -> Result<Matrix> {
+        let m = Matrix::from_history(
+            &self.env.task_refs()?,
+            &self.env.stage_tasks(),
+            stages_done,
+            &self.progress.history,
+        );
+        report::write_atomic(&self.run_dir.join("matrix.csv"), &m.to_csv()?)?;
+        Ok(m)
+    }
+
+    /// Judge the run, write `summary.json`, drop the resume state.
+    pub fn finish(self, train_seconds: f64) -> Result<RunOutcome> {
+        let env = &self.env;
+        let exp = &env.exp;
+        let refs = env.task_refs()?;
+        let judging = Judging {
+            tolerance: exp.eval.tolerance,
+            tolerance_kind: exp.eval.tolerance_kind,
+            baseline: exp.eval.baseline,
+            chance_margin: exp.eval.chance_margin,
+        };
+        let history = &self.progress.history;
+        let tasks = judge(&refs, &env.stage_tasks(), history, &judging)?;
+        let mut final_metrics = std::collections::BTreeMap::new();
+        for t in &refs {
+            if let Some(r) = history
+                .iter()
+                .filter(|r| r.task == t.task)
+                .max_by_key(|r| r.global_epoch)
+            {
+                for (k, v) in &r.metrics {
+                    final_metrics.insert(format!("{}_{k}", t.task), *v);
+                }
+            }
+        }
+        let matrix = self.write_matrix(exp.stages.len())?;
+        let counts = crate::model::count_params(&env.varmap);
+        let summary = RunSummary {
+            name: exp.name.clone(),
+            run_dir: self.run_dir.display().to_string(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            git_commit: report::GIT_COMMIT.into(),
+            seed: exp.seed,
+            device: format!("{:?}", env.device),
+            tolerance: exp.eval.tolerance,
+            tolerance_kind: exp.eval.tolerance_kind,
+            baseline_kind: exp.eval.baseline,
+            chance_margin: exp.eval.chance_margin,
+            pass: tasks.iter().all(|t| t.pass),
+            tasks,
+            final_metrics,
+            matrix,
+            params: ParamSummary {
+                total: counts.total,
+                backbone: counts.backbone,
+                neck: counts.neck,
+                head: counts.head,
+            },
+            latency_ms: crate::model::info::median_latency_ms(
+                &env.model,
+                exp.model.image_size,
+                &env.device,
+                10,
+            )?,
+            train_seconds,
+            started_at: report::utc_rfc3339(self.progress.started),
+            finished_at: report::utc_rfc3339(report::now_secs()),
+        };
+        report::write_atomic(
+            &self.run_dir.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+        // The resume state (model + optimiser moments) is only for unfinished runs: a
+        // finished run keeps its per-stage checkpoints.
+        let _ = std::fs::remove_dir_all(self.run_dir.join("state"));
+        Ok(RunOutcome {
+            run_dir: self.run_dir,
+            summary,
+        })
+    }
+}
+
+/// Evaluate a run's checkpoint (default: the last stage's) on the val split of every task
+/// of its experiment, with the run's own `config.toml`.
+pub fn evaluate_checkpoint(
+    run_dir: &Path,
+    checkpoint: Option<&str>,
+    registry: &Registry,
+) -> Result<Vec<(String, TaskMetrics)>> {
+    let exp = Experiment::load_with(&run_dir.join("config.toml"), &[], &registry.names())?;
+    let ckpt_dir = run_dir.join("checkpoints");
+    let file = match checkpoint {
+        Some(name) => ckpt_dir.join(format!(
+            "{}.safetensors",
+            name.trim_end_matches(".safetensors")
+        )),
+        None => {
+            let last = exp.stages.len();
+            ckpt_dir.join(format!(
+                "stage{last}-{}.safetensors",
+                exp.stages[last - 1].task
+            ))
+        }
+    };
+    if !file.is_file() {
+        anyhow::bail!(
+            "checkpoint {} not found (the run may not have finished that stage)",
+            file.display()
+        );
+    }
+    let device = select_device(&exp.device)?;
+    let tasks = open_tasks(&exp, registry)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(exp.seed);
+    let (mut varmap, model, _) = build_model(&exp, &tasks, &device, &mut rng, false)?;
+    varmap
+        .load(&file)
+        .with_context(|| format!("loading checkpoint {}", file.display()))?;
+    exp.tasks_in_order()
+        .into_iter()
+        .map(|t| {
+            let m = super::evaluate::evaluate(&model, &tasks, &t, exp.eval.batch_size, &device)?;
+            Ok((t, m))
+        })
+        .collect()
+}

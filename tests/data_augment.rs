@@ -77,9 +77,18 @@ fn full_image_crop_is_identity() {
     synth(dir.path());
     // 32 px: the cached images are resized from the 48 px files.
     let root = dir.path();
-    full_crop_is_identity!(SegSplit::open(root, Split::Train, 32).unwrap(), "seg");
-    full_crop_is_identity!(DetSplit::open(root, Split::Train, 32).unwrap(), "det");
-    full_crop_is_identity!(ClsSplit::open(root, Split::Train, 32).unwrap(), "cls");
+    full_crop_is_identity!(
+        SegSplit::open(root, Split::Train, 32, false).unwrap(),
+        "seg"
+    );
+    full_crop_is_identity!(
+        DetSplit::open(root, Split::Train, 32, false).unwrap(),
+        "det"
+    );
+    full_crop_is_identity!(
+        ClsSplit::open(root, Split::Train, 32, false).unwrap(),
+        "cls"
+    );
 }
 
 /// A one-image COCO detection set: 64x64, left half black, right half white, four boxes.
@@ -125,7 +134,7 @@ fn right_half_crop_maps_boxes_and_pixels() {
     let dir = tempfile::tempdir().unwrap();
     tiny_det(dir.path());
     let dev = Device::Cpu;
-    let ds = DetSplit::open(dir.path(), Split::Train, 64).unwrap();
+    let ds = DetSplit::open(dir.path(), Split::Train, 64, false).unwrap();
     assert_eq!(ds.boxes(0).len(), 4);
     let right = Some([0.5, 0.0, 1.0, 1.0]);
     let (px, targets) = ds
@@ -192,11 +201,11 @@ fn cropped_masks_keep_valid_ids_and_labels_stay() {
     let dev = Device::Cpu;
     let cfg = AugmentConfig::default();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let seg = SegSplit::open(dir.path(), Split::Train, 32).unwrap();
+    let seg = SegSplit::open(dir.path(), Split::Train, 32, false).unwrap();
     let idx: Vec<usize> = (0..seg.len()).collect();
     let mut cropped = 0;
     for _ in 0..3 {
-        let augs: Vec<Augment> = idx.iter().map(|_| cfg.draw(&mut rng)).collect();
+        let augs: Vec<Augment> = idx.iter().map(|_| cfg.draw(&mut rng, 1.0)).collect();
         cropped += augs.iter().filter(|a| a.crop.is_some()).count();
         let (_, masks) = seg.batch(&idx, &augs, &dev).unwrap();
         for (&i, m) in idx.iter().zip(&masks) {
@@ -213,8 +222,8 @@ fn cropped_masks_keep_valid_ids_and_labels_stay() {
         cropped > 20,
         "default config should crop most samples ({cropped}/30)"
     );
-    let cls = ClsSplit::open(dir.path(), Split::Train, 32).unwrap();
-    let augs: Vec<Augment> = idx.iter().map(|_| cfg.draw(&mut rng)).collect();
+    let cls = ClsSplit::open(dir.path(), Split::Train, 32, false).unwrap();
+    let augs: Vec<Augment> = idx.iter().map(|_| cfg.draw(&mut rng, 1.0)).collect();
     let (_, labels) = cls.batch(&idx, &augs, &dev).unwrap();
     for (&i, &y) in idx.iter().zip(&labels) {
         assert_eq!(y, cls.label(i));
@@ -226,7 +235,7 @@ fn draws_are_reproducible_and_in_range() {
     let cfg = AugmentConfig::default();
     let seq = |seed: u64| -> Vec<Augment> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..200).map(|_| cfg.draw(&mut rng)).collect()
+        (0..200).map(|_| cfg.draw(&mut rng, 1.0)).collect()
     };
     let (a, b, c) = (seq(5), seq(5), seq(6));
     assert_eq!(a, b);
@@ -260,7 +269,7 @@ fn unit_scale_never_crops_and_keeps_the_flip_stream() {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         let mut old = ChaCha8Rng::seed_from_u64(9);
         for _ in 0..100 {
-            let a = cfg.draw(&mut rng);
+            let a = cfg.draw(&mut rng, 1.0);
             assert_eq!(a.crop, None);
             // Exactly the draws the training loop made before crops existed.
             assert_eq!(a.flip, flip && old.random_bool(0.5));
@@ -268,5 +277,8 @@ fn unit_scale_never_crops_and_keeps_the_flip_stream() {
         assert_eq!(rng.random::<u64>(), old.random::<u64>());
     }
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    assert_eq!(AugmentConfig::none().draw(&mut rng), Augment::default());
+    assert_eq!(
+        AugmentConfig::none().draw(&mut rng, 1.0),
+        Augment::default()
+    );
 }

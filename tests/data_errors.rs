@@ -22,9 +22,9 @@ fn synth(dir: &Path) {
 /// Open the train split of `task` and return the error it must give.
 fn open_err(task: &str, root: &Path) -> (anyhow::Error, String) {
     let result = match task {
-        "seg" => SegSplit::open(root, Split::Train, 24).map(|_| ()),
-        "det" => DetSplit::open(root, Split::Train, 24).map(|_| ()),
-        _ => ClsSplit::open(root, Split::Train, 24).map(|_| ()),
+        "seg" => SegSplit::open(root, Split::Train, 24, false).map(|_| ()),
+        "det" => DetSplit::open(root, Split::Train, 24, false).map(|_| ()),
+        _ => ClsSplit::open(root, Split::Train, 24, false).map(|_| ()),
     };
     let err = match result {
         Ok(()) => panic!("expected an error"),
@@ -206,7 +206,7 @@ fn empty_class_folder_is_named() {
 fn bad_batch_arguments_are_errors() {
     let d = tempfile::tempdir().unwrap();
     synth(d.path());
-    let ds = ClsSplit::open(d.path(), Split::Val, 16).unwrap();
+    let ds = ClsSplit::open(d.path(), Split::Val, 16, false).unwrap();
     let dev = candle_core::Device::Cpu;
     assert!(ds.batch(&[0, 99], &[], &dev).is_err());
     let one_aug = [onehead::data::Augment::flip_only(true)];

@@ -266,10 +266,10 @@ fn prepare_end_to_end_with_resume() {
     assert!(!out.join("tmp").exists(), "the temp area must be deleted");
 
     // The datasets load.
-    let cls = ClsSplit::open(&out, Split::Train, 16).unwrap();
+    let cls = ClsSplit::open(&out, Split::Train, 16, false).unwrap();
     assert_eq!(cls.class_names, WNIDS);
     assert_eq!(cls.len(), 6);
-    let seg = SegSplit::open(&out, Split::Val, 16).unwrap();
+    let seg = SegSplit::open(&out, Split::Val, 16, false).unwrap();
     assert_eq!(seg.len(), 3);
     // Val comes from VOC's val.txt (ids 7..10), masks read as indices.
     for i in 0..3 {
@@ -283,7 +283,7 @@ fn prepare_end_to_end_with_resume() {
         let m = seg.mask(i);
         assert!(m.iter().all(|&v| v == k || v == 255));
     }
-    let det = DetSplit::open(&out, Split::Train, 16).unwrap();
+    let det = DetSplit::open(&out, Split::Train, 16, false).unwrap();
     assert_eq!(det.len(), 6);
     assert_eq!(det.class_names.len(), 10);
     let json = CocoFile::read(&out.join("mini_coco_det/annotations/instances_train.json")).unwrap();

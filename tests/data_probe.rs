@@ -49,8 +49,8 @@ impl Trunk {
 }
 
 fn probe_cls(root: &std::path::Path, dev: &Device) -> f32 {
-    let tr = ClsSplit::open(root, Split::Train, S).unwrap();
-    let va = ClsSplit::open(root, Split::Val, S).unwrap();
+    let tr = ClsSplit::open(root, Split::Train, S, false).unwrap();
+    let va = ClsSplit::open(root, Split::Val, S, false).unwrap();
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
     let trunk = Trunk::new(vb.pp("t"), &[24, 48, 64, 96, 96]);
@@ -112,8 +112,8 @@ fn probe_cls(root: &std::path::Path, dev: &Device) -> f32 {
 }
 
 fn probe_seg(root: &std::path::Path, dev: &Device) -> f32 {
-    let tr = SegSplit::open(root, Split::Train, S).unwrap();
-    let va = SegSplit::open(root, Split::Val, S).unwrap();
+    let tr = SegSplit::open(root, Split::Train, S, false).unwrap();
+    let va = SegSplit::open(root, Split::Val, S, false).unwrap();
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
     let trunk = Trunk::new(vb.pp("t"), &[24, 48, 64, 96, 96]);

@@ -104,7 +104,7 @@ fn loaders_round_trip_synth() {
             .count()
             >= 3
     );
-    let seg = SegSplit::open(d.path(), Split::Train, 32).unwrap();
+    let seg = SegSplit::open(d.path(), Split::Train, 32, false).unwrap();
     assert_eq!(seg.len(), 10);
     let mut loaded_values = BTreeSet::new();
     for i in 0..seg.len() {
@@ -157,7 +157,7 @@ fn loaders_round_trip_synth() {
             .map(|c| c.0 as u64)
             .collect::<Vec<_>>()
     );
-    let det = DetSplit::open(d.path(), Split::Val, 64).unwrap();
+    let det = DetSplit::open(d.path(), Split::Val, 64, false).unwrap();
     assert_eq!(det.class_names.len(), 10);
     assert_eq!(det.class_names[0], "person");
     assert_eq!(det.category_ids, ids);
@@ -202,7 +202,7 @@ fn loaders_round_trip_synth() {
     assert!(n_boxes >= 10);
 
     // Classification: 10 Imagenette folders, sorted, balanced.
-    let cls = ClsSplit::open(d.path(), Split::Train, 40).unwrap();
+    let cls = ClsSplit::open(d.path(), Split::Train, 40, false).unwrap();
     assert_eq!(cls.class_names.len(), 10);
     assert_eq!(cls.class_names[0], "n01440764");
     assert_eq!(cls.len(), 10);
@@ -234,9 +234,9 @@ fn synth_contact_sheet() {
     let root = Path::new(&out);
     let s = 128usize;
     let mut sheet = image::RgbImage::new((s * 8) as u32, (s * 3) as u32);
-    let seg = SegSplit::open(root, Split::Val, s).unwrap();
-    let det = DetSplit::open(root, Split::Val, s).unwrap();
-    let cls = ClsSplit::open(root, Split::Val, s).unwrap();
+    let seg = SegSplit::open(root, Split::Val, s, false).unwrap();
+    let det = DetSplit::open(root, Split::Val, s, false).unwrap();
+    let cls = ClsSplit::open(root, Split::Val, s, false).unwrap();
     for (row, (images, is_det)) in [
         (&seg.images, false),
         (&det.images, true),
@@ -283,7 +283,7 @@ fn coco_categories_sorted_by_id_and_png_images_accepted() {
     let mut c = CocoFile::read(&json).unwrap();
     c.categories.reverse();
     c.write(&json).unwrap();
-    let det = DetSplit::open(d.path(), Split::Train, 32).unwrap();
+    let det = DetSplit::open(d.path(), Split::Train, 32, false).unwrap();
     let names: Vec<&str> = COCO_CATEGORIES.iter().map(|c| c.1).collect();
     assert_eq!(det.class_names, names);
     let a = &c.annotations[0];
@@ -307,7 +307,7 @@ fn coco_categories_sorted_by_id_and_png_images_accepted() {
         .unwrap()
         .save(dir.join("extra.png"))
         .unwrap();
-    let cls = ClsSplit::open(d.path(), Split::Train, 16).unwrap();
+    let cls = ClsSplit::open(d.path(), Split::Train, 16, false).unwrap();
     assert_eq!(cls.len(), 11);
     assert!(cls.images.files.iter().any(|f| f.ends_with("extra.png")));
 }

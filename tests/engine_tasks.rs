@@ -29,8 +29,8 @@ fn count(split: &DetSplit, i: usize) -> f32 {
 
 impl CountTask {
     fn open(o: &OpenOptions) -> Result<Self> {
-        let train = DetSplit::open(&o.root, Split::Train, o.image_size)?;
-        let val = DetSplit::open(&o.root, Split::Val, o.image_size)?;
+        let train = DetSplit::open(&o.root, Split::Train, o.image_size, false)?;
+        let val = DetSplit::open(&o.root, Split::Val, o.image_size, false)?;
         let mut freq = std::collections::BTreeMap::new();
         for i in 0..val.len() {
             *freq.entry(count(&val, i) as usize).or_insert(0usize) += 1;

@@ -70,21 +70,24 @@ impl AugmentConfig {
         self.scale != (1.0, 1.0)
     }
 
-    /// Draw one sample's augmentation from `rng`.
+    /// Draw one sample's augmentation from `rng`, for an image of aspect ratio `image_aspect`
+    /// (width / height of the original).
     ///
     /// Randomness consumed, in order (so that streams are reproducible and documented):
     /// 1. only if [`crops`](Self::crops): up to [`CROP_TRIES`] tries of four `f32` draws each
     ///    (area fraction uniform in `scale`, log aspect uniform in `ln ratio`, then the
-    ///    rectangle's left and top position uniform over where it fits); the first try whose
-    ///    width and height fit in the image is used; if none fits, the whole image
-    ///    (`crop: None`). Position draws happen in every try, fitting or not.
+    ///    rectangle's left and top position uniform over where it fits), as torchvision's
+    ///    `RandomResizedCrop` (area and aspect in pixels of the original); the first try that
+    ///    fits in the image is used; if none fits, torchvision's fallback: the largest
+    ///    centred crop whose aspect lies within `ratio` (`crop: None` when that is the whole
+    ///    image). Position draws happen in every try, fitting or not.
     /// 2. only if `flip`: one `random_bool(0.5)`.
     ///
     /// With `scale = (1, 1)` this is exactly the stream the training loop used before crops
     /// existed (`flip && rng.random_bool(0.5)` per sample).
-    pub fn draw(&self, rng: &mut impl Rng) -> Augment {
+    pub fn draw(&self, rng: &mut impl Rng, image_aspect: f32) -> Augment {
         let crop = if self.crops() {
-            self.draw_crop(rng)
+            self.draw_crop(rng, image_aspect)
         } else {
             None
         };
@@ -92,22 +95,69 @@ impl AugmentConfig {
         Augment { flip, crop }
     }
 
-    fn draw_crop(&self, rng: &mut impl Rng) -> Option<[f32; 4]> {
+    fn draw_crop(&self, rng: &mut impl Rng, a: f32) -> Option<[f32; 4]> {
         let (s0, s1) = self.scale;
         let (l0, l1) = (self.ratio.0.ln(), self.ratio.1.ln());
         for _ in 0..CROP_TRIES {
             let area = s0 + (s1 - s0) * rng.random::<f32>();
             let aspect = (l0 + (l1 - l0) * rng.random::<f32>()).exp();
             let (u, v) = (rng.random::<f32>(), rng.random::<f32>());
-            // The image is square, so fractions of its side: w * h = area, w / h = aspect.
-            let w = (area * aspect).sqrt();
-            let h = (area / aspect).sqrt();
+            // Fractions of the image's width and height: in pixels w·h = area·W·H and
+            // w / h = aspect, so with a = W / H, w/W = √(area·aspect/a), h/H = √(area·a/aspect).
+            let w = (area * aspect / a).sqrt();
+            let h = (area * a / aspect).sqrt();
             if w > 0.0 && h > 0.0 && w <= 1.0 && h <= 1.0 {
                 let x0 = u * (1.0 - w);
                 let y0 = v * (1.0 - h);
                 return Some([x0, y0, (x0 + w).min(1.0), (y0 + h).min(1.0)]);
             }
         }
-        None
+        // torchvision's fallback: a centre crop, clamped to the aspect range.
+        let (w, h) = if a < self.ratio.0 {
+            (1.0, a / self.ratio.0)
+        } else if a > self.ratio.1 {
+            (self.ratio.1 / a, 1.0)
+        } else {
+            return None;
+        };
+        let (x0, y0) = ((1.0 - w) / 2.0, (1.0 - h) / 2.0);
+        Some([x0, y0, x0 + w, y0 + h])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn crops_follow_the_image_aspect_and_fall_back_to_a_centre_crop() {
+        let cfg = AugmentConfig::default();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        // A 2:1 image: the crop's aspect in pixels (w·W / h·H) stays within 3/4..4/3.
+        for _ in 0..200 {
+            if let Some([x0, y0, x1, y1]) = cfg.draw(&mut rng, 2.0).crop {
+                let px_aspect = (x1 - x0) * 2.0 / (y1 - y0);
+                assert!((0.749..=1.334).contains(&px_aspect), "{px_aspect}");
+            }
+        }
+        // Nothing fits (area 1 of a 3:1 image at aspect ≤ 4/3): the centre crop, full height,
+        // 4/3 of the height wide.
+        let tight = AugmentConfig {
+            scale: (1.0, 1.0 - 1e-7),
+            ..AugmentConfig::default()
+        };
+        let c = tight.draw(&mut rng, 3.0).crop.unwrap();
+        let want = [(1.0 - 4.0 / 9.0) / 2.0, 0.0, (1.0 + 4.0 / 9.0) / 2.0, 1.0];
+        for (g, w) in c.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{c:?}");
+        }
+        // An image whose own aspect is within the range keeps the whole image (no crop).
+        let square = AugmentConfig {
+            scale: (1.0, 1.0 - 1e-7),
+            ratio: (2.0, 3.0),
+            ..AugmentConfig::default()
+        };
+        assert_eq!(square.draw(&mut rng, 2.5).crop, None);
     }
 }

@@ -115,9 +115,37 @@ impl ConfusionMatrix {
             .collect()
     }
 
-    /// Mean IoU over the classes present in the ground truth or the predictions;
-    /// 0.0 when no pixel has been counted.
+    /// Number of ground-truth pixels of class `k` (ignored pixels excluded).
+    pub fn gt_pixels(&self, k: usize) -> u64 {
+        (0..self.num_classes).map(|p| self.count(k, p)).sum()
+    }
+
+    /// The classes with at least one ground-truth pixel: the fixed class set of the split,
+    /// which no prediction can change.
+    pub fn classes_with_gt(&self) -> Vec<usize> {
+        (0..self.num_classes)
+            .filter(|&k| self.gt_pixels(k) > 0)
+            .collect()
+    }
+
+    /// Mean IoU over the classes present in the ground truth ([`Self::classes_with_gt`]), the
+    /// VOC devkit's choice on a split: baseline and final model are averaged over the same
+    /// classes, so a class the model starts or stops predicting somewhere cannot enter or
+    /// leave the mean. 0.0 when no pixel has been counted.
     pub fn miou(&self) -> f64 {
+        let per = self.per_class_iou();
+        let set = self.classes_with_gt();
+        if set.is_empty() {
+            return 0.0;
+        }
+        set.iter().map(|&k| per[k].unwrap_or(0.0)).sum::<f64>() / set.len() as f64
+    }
+
+    /// Mean IoU over the classes present in the ground truth *or* the predictions (NaN-mean
+    /// over defined IoUs, as mmseg and torchmetrics compute it): a class absent from the
+    /// ground truth counts as 0 as soon as it is predicted somewhere. Reported for
+    /// comparison; not the verdict's metric. 0.0 when no pixel has been counted.
+    pub fn miou_nanmean(&self) -> f64 {
         let ious: Vec<f64> = self.per_class_iou().into_iter().flatten().collect();
         if ious.is_empty() {
             0.0
@@ -179,6 +207,7 @@ mod tests {
         let per = cm.per_class_iou();
         assert_eq!(per, vec![Some(0.75), Some(1.0 / 3.0), Some(0.5)]);
         assert!((cm.miou() - (0.75 + 1.0 / 3.0 + 0.5) / 3.0).abs() < 1e-12);
+        assert_eq!(cm.miou(), cm.miou_nanmean(), "every class has ground truth");
         // 5 correct of 7 counted (the ignored pixel is not counted)
         assert!((cm.pixel_accuracy() - 5.0 / 7.0).abs() < 1e-12);
         assert_eq!(cm.total(), 7);
@@ -191,7 +220,10 @@ mod tests {
         cm.add(&[0, 0, 3], &[0, 0, 1]).unwrap();
         let per = cm.per_class_iou();
         assert_eq!(per, vec![Some(1.0), Some(0.0), None, Some(0.0)]);
-        assert!((cm.miou() - 1.0 / 3.0).abs() < 1e-12);
+        // Fixed set {0, 1}: (1 + 0) / 2; nanmean adds the predicted-only class 3.
+        assert_eq!(cm.classes_with_gt(), vec![0, 1]);
+        assert!((cm.miou() - 0.5).abs() < 1e-12);
+        assert!((cm.miou_nanmean() - 1.0 / 3.0).abs() < 1e-12);
         // errors leave the matrix unchanged
         let before = cm.clone();
         assert!(cm.add(&[0, 4], &[0, 0]).is_err());
@@ -205,6 +237,7 @@ mod tests {
         let empty = ConfusionMatrix::new(2).unwrap();
         assert!(ConfusionMatrix::new(300).is_err() && ConfusionMatrix::new(0).is_err());
         assert_eq!(empty.miou(), 0.0);
+        assert_eq!(empty.miou_nanmean(), 0.0);
         assert_eq!(empty.pixel_accuracy(), 0.0);
     }
 
@@ -218,8 +251,39 @@ mod tests {
         a.merge(&b).unwrap();
         // class 1: tp 9, fn 1 -> 0.9; class 0: tp 0, fp 1 -> 0
         assert_eq!(a.per_class_iou(), vec![Some(0.0), Some(0.9)]);
-        assert!((a.miou() - 0.45).abs() < 1e-12);
+        // Class 0 has no ground truth: the fixed set is {1}.
+        assert!((a.miou() - 0.9).abs() < 1e-12);
+        assert!((a.miou_nanmean() - 0.45).abs() < 1e-12);
         assert!(a.merge(&ConfusionMatrix::new(3).unwrap()).is_err());
+    }
+
+    /// The foreground class gets 20 % worse, and the worse model also stops predicting a
+    /// class that has no ground truth in the split. Over the fixed set of ground-truth
+    /// classes the mIoU drops by more than 5 %; the nanmean even reports an improvement.
+    #[test]
+    fn a_class_leaving_the_predictions_cannot_hide_a_drop() {
+        // 3 classes: 0 background, 1 foreground (ground truth), 2 absent from the ground truth.
+        // Baseline: class 1 IoU 0.5 (50 of 100 right, 50 → bg); 10 px predicted as class 2.
+        let mut base = ConfusionMatrix::new(3).unwrap();
+        let mut gt = vec![1u8; 100];
+        gt.extend(vec![0u8; 1000]);
+        let mut pred = vec![1u8; 50];
+        pred.extend(vec![0u8; 50]);
+        pred.extend(vec![2u8; 10]);
+        pred.extend(vec![0u8; 990]);
+        base.add(&pred, &gt).unwrap();
+        // Final: class 1 IoU 0.40 (40 right), and class 2 is no longer predicted.
+        let mut fin = ConfusionMatrix::new(3).unwrap();
+        let mut pred = vec![1u8; 40];
+        pred.extend(vec![0u8; 1060]);
+        fin.add(&pred, &gt).unwrap();
+        let drop = |a: f64, b: f64| (a - b) / a;
+        // nanmean: class 2 (IoU 0) leaves the mean and masks the drop.
+        let nan = drop(base.miou_nanmean(), fin.miou_nanmean());
+        let fixed = drop(base.miou(), fin.miou());
+        assert!(nan < 0.0, "nanmean drop {nan}");
+        assert!(fixed > 0.05, "fixed-set drop {fixed}");
+        assert_eq!(base.classes_with_gt(), fin.classes_with_gt());
     }
 
     #[test]

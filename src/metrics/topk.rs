@@ -1,4 +1,6 @@
-//! Top-1 / Top-5 classification accuracy.
+//! Top-1 / Top-5 classification accuracy, sample-averaged, and the per-class mean of Top-1
+//! (the default of torchmetrics' `MulticlassAccuracy`, `average="macro"`): equal on a
+//! balanced split, different on an unbalanced one.
 
 use candle_core::{bail, DType, Tensor};
 
@@ -16,6 +18,8 @@ pub struct TopK {
     total: u64,
     top1_hits: u64,
     top5_hits: u64,
+    /// Per class (by label): `(samples, Top-1 hits)`.
+    per_class: Vec<(u64, u64)>,
 }
 
 fn score(v: f32) -> f32 {
@@ -61,8 +65,13 @@ impl TopK {
             })
             .count();
         self.total += 1;
+        if self.per_class.len() < scores.len() {
+            self.per_class.resize(scores.len(), (0, 0));
+        }
+        self.per_class[label].0 += 1;
         if rank < 1 {
             self.top1_hits += 1;
+            self.per_class[label].1 += 1;
         }
         if rank < 5 {
             self.top5_hits += 1;
@@ -101,6 +110,13 @@ impl TopK {
         self.total += other.total;
         self.top1_hits += other.top1_hits;
         self.top5_hits += other.top5_hits;
+        if self.per_class.len() < other.per_class.len() {
+            self.per_class.resize(other.per_class.len(), (0, 0));
+        }
+        for (a, b) in self.per_class.iter_mut().zip(&other.per_class) {
+            a.0 += b.0;
+            a.1 += b.1;
+        }
         Ok(())
     }
 
@@ -115,6 +131,22 @@ impl TopK {
             0.0
         } else {
             self.top1_hits as f64 / self.total as f64
+        }
+    }
+
+    /// Mean over the classes with samples of each class's Top-1 accuracy; 0.0 before any
+    /// sample.
+    pub fn mean_class_accuracy(&self) -> f64 {
+        let accs: Vec<f64> = self
+            .per_class
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|&(n, hits)| hits as f64 / n as f64)
+            .collect();
+        if accs.is_empty() {
+            0.0
+        } else {
+            accs.iter().sum::<f64>() / accs.len() as f64
         }
     }
 
@@ -143,6 +175,25 @@ mod tests {
         assert_eq!(t.count(), 4);
         assert!((t.top1() - 0.25).abs() < 1e-12);
         assert!((t.top5().unwrap() - 0.5).abs() < 1e-12);
+        // Per class: labels 1 (1/1), 5 (0/1), 0 (0/1), 2 (0/1) -> mean 0.25.
+        assert!((t.mean_class_accuracy() - 0.25).abs() < 1e-12);
+    }
+
+    #[test]
+    fn mean_class_accuracy_weighs_classes_not_samples() {
+        // Class 0: 3 samples, all right; class 1: 1 sample, wrong.
+        let mut t = TopK::new();
+        for _ in 0..3 {
+            t.add(&[1.0, 0.0], 0).unwrap();
+        }
+        t.add(&[1.0, 0.0], 1).unwrap();
+        assert!((t.top1() - 0.75).abs() < 1e-12);
+        assert!((t.mean_class_accuracy() - 0.5).abs() < 1e-12);
+        let mut u = TopK::new();
+        u.add(&[0.0, 1.0], 1).unwrap();
+        t.merge(&u).unwrap();
+        assert!((t.mean_class_accuracy() - 0.75).abs() < 1e-12);
+        assert_eq!(TopK::new().mean_class_accuracy(), 0.0);
     }
 
     #[test]

@@ -104,11 +104,12 @@ impl Plugin for Replay {
             let indices: Vec<usize> = (0..n)
                 .map(|_| pool[rng.random_range(0..pool.len())])
                 .collect();
-            let augs: Vec<Augment> = (0..n).map(|_| ctx.augment.draw(rng)).collect();
-            let batch = ctx
-                .tasks
-                .get(task)?
-                .batch(Split::Train, &indices, &augs, ctx.device)?;
+            let t = ctx.tasks.get(task)?;
+            let augs: Vec<Augment> = indices
+                .iter()
+                .map(|&i| ctx.augment.draw(rng, t.image_aspect(Split::Train, i)))
+                .collect();
+            let batch = t.batch(Split::Train, &indices, &augs, ctx.device)?;
             out.push(ExtraBatch {
                 task: task.clone(),
                 batch,

@@ -232,6 +232,9 @@ pub struct ParamSummary {
     pub backbone: usize,
     pub neck: usize,
     pub head: usize,
+    /// Parameters the forward pass reads (the FPN's coarser output convolutions feed
+    /// nothing; the original report's 1,605,602 counts them and an unused Linear(1, 10)).
+    pub used_in_forward: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -31,11 +31,19 @@ use crate::metrics::map::MapEvaluator;
 use crate::model::OUTPUT_STRIDE;
 
 /// Detection settings of an experiment (`[tasks.det]`).
+///
+/// Evaluation keeps every candidate (`score_threshold = 0`, as pycocotools expects: it
+/// applies no threshold), at most `max_detections` per image after NMS; a score cut would
+/// count a uniform drift in confidence as forgetting although the ranking, which is all
+/// that AP measures, is unchanged. `display_score_threshold` is for pictures only.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DetSettings {
-    /// Candidates with a score at or below this are dropped before NMS when evaluating.
+    /// Candidates with a score at or below this are dropped before NMS when evaluating (a
+    /// speed cut only; keep it 0 or at most 0.001 for mAP).
     pub score_threshold: f64,
+    /// Boxes drawn on overlays (`onehead predict`) score above this.
+    pub display_score_threshold: f64,
     /// Same-class boxes with IoU above this to a better kept box are suppressed.
     pub nms_iou: f64,
     /// Detections kept per image after NMS (COCO's maxDets).
@@ -47,7 +55,8 @@ pub struct DetSettings {
 impl Default for DetSettings {
     fn default() -> Self {
         Self {
-            score_threshold: 0.05,
+            score_threshold: 0.0,
+            display_score_threshold: 0.3,
             nms_iou: 0.5,
             max_detections: 100,
             pre_nms_top_k: 1000,
@@ -58,8 +67,14 @@ impl Default for DetSettings {
 impl DetSettings {
     pub fn validate(&self) -> Result<()> {
         anyhow::ensure!(
-            (0.0..=1.0).contains(&self.score_threshold) && (0.0..=1.0).contains(&self.nms_iou),
-            "tasks.det: score_threshold and nms_iou must be in [0, 1]"
+            [
+                self.score_threshold,
+                self.display_score_threshold,
+                self.nms_iou
+            ]
+            .iter()
+            .all(|v| (0.0..=1.0).contains(v)),
+            "tasks.det: score_threshold, display_score_threshold and nms_iou must be in [0, 1]"
         );
         anyhow::ensure!(
             self.max_detections > 0 && self.pre_nms_top_k > 0,
@@ -90,10 +105,16 @@ pub struct DetSplit {
 }
 
 impl DetSplit {
-    /// Open `root/mini_coco_det/<split>` with its COCO JSON. Errors name the file: missing
-    /// folder or JSON, annotation of an unknown image or category, missing image file,
-    /// corrupt image.
-    pub fn open(root: &Path, split: Split, image_size: usize) -> Result<Self> {
+    /// Open `root/mini_coco_det/<split>` with its COCO JSON (`keep_originals`: keep a
+    /// crop-source copy of images larger than the model input). Errors name the file:
+    /// missing folder or JSON, annotation of an unknown image or category, missing image
+    /// file, corrupt image.
+    pub fn open(
+        root: &Path,
+        split: Split,
+        image_size: usize,
+        keep_originals: bool,
+    ) -> Result<Self> {
         let dir = require_dir(root.join(DET_DIR).join(split.name()), root)?;
         let json_path = coco_json_path(root, split);
         if !json_path.is_file() {
@@ -154,7 +175,7 @@ impl DetSplit {
         if paths.is_empty() {
             return Err(DataError::EmptyFolder { path: json_path }.into());
         }
-        let images = ImageSet::load(paths, image_size, false)?;
+        let images = ImageSet::load(paths, image_size, keep_originals)?;
         let size = image_size as f32;
         let boxes = per_image
             .into_iter()
@@ -306,8 +327,8 @@ impl DetTask {
     pub fn open(o: &OpenOptions) -> Result<Self> {
         let settings: DetSettings = o.settings("det")?;
         settings.validate()?;
-        let train = DetSplit::open(&o.root, Split::Train, o.image_size)?;
-        let val = DetSplit::open(&o.root, Split::Val, o.image_size)?;
+        let train = DetSplit::open(&o.root, Split::Train, o.image_size, o.train_crops)?;
+        let val = DetSplit::open(&o.root, Split::Val, o.image_size, false)?;
         anyhow::ensure!(
             train.class_names == val.class_names,
             "det: the train and val annotations under {} have different categories ({} vs {})",
@@ -359,7 +380,7 @@ impl Task for DetTask {
     }
 
     fn metric_names(&self) -> Vec<String> {
-        vec!["map50".into(), "map50_95".into()]
+        vec!["map50".into(), "map50_95".into(), "map75".into()]
     }
 
     fn primary_metric(&self) -> &str {
@@ -372,6 +393,10 @@ impl Task for DetTask {
 
     fn len(&self, split: Split) -> usize {
         self.split(split).len()
+    }
+
+    fn image_aspect(&self, split: Split, i: usize) -> f32 {
+        self.split(split).images.aspect(i)
     }
 
     fn batch(
@@ -493,6 +518,7 @@ impl Evaluator for DetEvaluator<'_> {
         let mut m = TaskMetrics::new();
         m.insert("map50".into(), s.map50);
         m.insert("map50_95".into(), s.map50_95);
+        m.insert("map75".into(), s.map75);
         for (name, ap) in self.task.train.class_names.iter().zip(&s.per_class_ap50) {
             if let Some(ap) = ap {
                 m.insert(format!("ap50.{name}"), *ap);

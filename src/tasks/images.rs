@@ -79,6 +79,12 @@ impl ImageSet {
         self.base.is_empty()
     }
 
+    /// Width / height of the original image `i` (random crops are drawn in its pixels).
+    pub fn aspect(&self, i: usize) -> f32 {
+        let (w, h) = self.orig_sizes[i];
+        w as f32 / h.max(1) as f32
+    }
+
     /// The `S × S × 3` HWC bytes of sample `i` (for overlays and checks).
     pub fn pixels(&self, i: usize) -> &[u8] {
         &self.base[i]

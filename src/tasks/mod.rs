@@ -107,6 +107,10 @@ pub trait Task: Send + Sync {
     fn chance(&self, metric: &str) -> Option<f64>;
     /// Number of samples of a split.
     fn len(&self, split: Split) -> usize;
+    /// Width / height of sample `i`'s original image (random crops are drawn in its pixels).
+    fn image_aspect(&self, _split: Split, _i: usize) -> f32 {
+        1.0
+    }
     /// A batch of samples `indices` of `split`; sample k transformed by `augs[k]` (image and
     /// target alike), `augs` may be empty (no augmentation).
     fn batch(

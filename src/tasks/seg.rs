@@ -7,7 +7,12 @@
 //! - Head slice: one logit map per class at stride 8, `(B, 21, S/8, S/8)`.
 //! - Loss: pixel cross-entropy on the logits upsampled bilinearly to the input size, 255
 //!   ignored.
-//! - Metric: mIoU from one confusion matrix over the whole split (not averaged per image).
+//! - Metrics: from one confusion matrix over the whole split (not averaged per image), at
+//!   each val image's **original resolution** (logits resized bilinearly to the image's own
+//!   size before the argmax, masks never resampled), as the VOC devkit and mmseg score:
+//!   `miou` averages over the fixed set of classes with ground truth in the split (its size
+//!   is `miou_classes`), `miou_nanmean` over classes in ground truth or prediction (mmseg /
+//!   torchmetrics style, for comparison), `pixel_acc`, and `iou.<class>` per class.
 //! - Chance: the mIoU of predicting background everywhere on the val split.
 //! - Distillation: per-pixel KL divergence of temperature-softened class distributions at
 //!   the head's own resolution (LwF, T² scaling).
@@ -15,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
@@ -29,11 +34,14 @@ use crate::data::{DataError, IGNORE_INDEX, SEG_DIR, VOC_CLASSES};
 use crate::metrics::miou::{argmax_masks, ConfusionMatrix};
 use crate::ops::resize::resize_bilinear;
 
-/// One split: images and their masks at the model input size (nearest-neighbour).
+/// One split: images and their masks at the model input size (nearest-neighbour), and at
+/// their original size when kept (val splits: scoring; train splits with crops: cropping).
 pub struct SegSplit {
     pub images: ImageSet,
     /// `S × S` class ids per sample, row-major; 255 = ignore.
     masks: Vec<Vec<u8>>,
+    /// The masks as read, `orig_sizes[i]` in size; empty when not kept.
+    originals: Vec<Vec<u8>>,
 }
 
 /// The folder of a segmentation split under `root`.
@@ -43,21 +51,41 @@ pub fn split_dir(root: &Path, split: Split) -> PathBuf {
 
 impl SegSplit {
     /// Open `root/mini_voc_seg/<split>` and decode every image and mask (in parallel).
-    /// Errors name the file: missing folder, unpaired image or mask, corrupt image, mask of
-    /// the wrong size or with ids outside `0..=20`/255.
-    pub fn open(root: &Path, split: Split, image_size: usize) -> Result<Self> {
+    /// `keep_originals` keeps the masks at their own size and, for images larger than the
+    /// model input, a crop-source copy of the image (for scoring at the original resolution
+    /// and for random crops). Errors name the file: missing folder, unpaired image or mask,
+    /// corrupt image, mask of the wrong size or with ids outside `0..=20`/255.
+    pub fn open(
+        root: &Path,
+        split: Split,
+        image_size: usize,
+        keep_originals: bool,
+    ) -> Result<Self> {
         let dir = require_dir(split_dir(root, split), root)?;
         let pairs = pair_images_and_masks(&dir)?;
-        let masks: Vec<Vec<u8>> = pairs
+        let loaded: Vec<(Vec<u8>, Vec<u8>)> = pairs
             .par_iter()
             .map(|(img, mask)| load_mask(img, mask, image_size))
             .collect::<Result<_>>()?;
         let images = ImageSet::load(
             pairs.into_iter().map(|(img, _)| img).collect(),
             image_size,
-            false,
+            keep_originals,
         )?;
-        Ok(Self { images, masks })
+        let (masks, originals): (Vec<_>, Vec<_>) = loaded.into_iter().unzip();
+        Ok(Self {
+            images,
+            masks,
+            originals: if keep_originals { originals } else { vec![] },
+        })
+    }
+
+    /// The mask of sample `i` as read from its file (`None` unless kept).
+    pub fn original_mask(&self, i: usize) -> Option<(&[u8], usize, usize)> {
+        let (w, h) = self.images.orig_sizes[i];
+        self.originals
+            .get(i)
+            .map(|m| (m.as_slice(), w as usize, h as usize))
     }
 
     pub fn len(&self) -> usize {
@@ -88,10 +116,15 @@ impl SegSplit {
             .map(|(k, &i)| {
                 let a = aug_at(augs, k);
                 let m = &self.masks[i];
-                Ok(match a.crop {
-                    Some(c) => resize_crop_mask((m, s, s), crop_rect(c, s, s)?, s, a.flip),
-                    None if a.flip => flip_mask(m, s),
-                    None => m.clone(),
+                Ok(match (a.crop, self.original_mask(i)) {
+                    // Crops come from the mask as read, like the image's (never upsampled
+                    // from the S × S copy).
+                    (Some(c), Some((o, w, h))) => {
+                        resize_crop_mask((o, w, h), crop_rect(c, w, h)?, s, a.flip)
+                    }
+                    (Some(c), None) => resize_crop_mask((m, s, s), crop_rect(c, s, s)?, s, a.flip),
+                    (None, _) if a.flip => flip_mask(m, s),
+                    (None, _) => m.clone(),
                 })
             })
             .collect::<Result<_>>()?;
@@ -142,8 +175,8 @@ fn pair_images_and_masks(dir: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
         .collect()
 }
 
-/// Read and check one mask against its image, resized to `size × size`.
-fn load_mask(img_path: &Path, mask_path: &Path, size: usize) -> Result<Vec<u8>> {
+/// Read and check one mask against its image: `(resized to size × size, as read)`.
+fn load_mask(img_path: &Path, mask_path: &Path, size: usize) -> Result<(Vec<u8>, Vec<u8>)> {
     let (w, h) = crate::data::imageio::image_dimensions(img_path)?;
     let mask = read_mask(mask_path)?;
     if (mask.width, mask.height) != (w, h) {
@@ -171,7 +204,8 @@ fn load_mask(img_path: &Path, mask_path: &Path, size: usize) -> Result<Vec<u8>> 
         }
         .into());
     }
-    Ok(resize_mask(&mask.data, w as usize, h as usize, size))
+    let small = resize_mask(&mask.data, w as usize, h as usize, size);
+    Ok((small, mask.data))
 }
 
 /// Segmentation as a [`Task`].
@@ -185,11 +219,11 @@ pub struct SegTask {
 
 impl SegTask {
     pub fn open(o: &OpenOptions) -> Result<Self> {
-        let train = SegSplit::open(&o.root, Split::Train, o.image_size)?;
-        let val = SegSplit::open(&o.root, Split::Val, o.image_size)?;
+        let train = SegSplit::open(&o.root, Split::Train, o.image_size, o.train_crops)?;
+        let val = SegSplit::open(&o.root, Split::Val, o.image_size, true)?;
         let class_names: Vec<String> = VOC_CLASSES.iter().map(|s| s.to_string()).collect();
         let mut cm = ConfusionMatrix::new(class_names.len())?;
-        for m in &val.masks {
+        for m in &val.originals {
             cm.add(&vec![0u8; m.len()], m)?;
         }
         Ok(Self {
@@ -275,7 +309,9 @@ impl Task for SegTask {
     }
 
     fn metric_names(&self) -> Vec<String> {
-        vec!["miou".into(), "pixel_acc".into()]
+        ["miou", "miou_classes", "miou_nanmean", "pixel_acc"]
+            .map(String::from)
+            .to_vec()
     }
 
     fn primary_metric(&self) -> &str {
@@ -283,12 +319,11 @@ impl Task for SegTask {
     }
 
     fn chance(&self, metric: &str) -> Option<f64> {
-        match metric {
-            "miou" => Some(self.chance_miou),
-            // Background everywhere is right on every background pixel.
-            "pixel_acc" => None,
-            _ => None,
-        }
+        (metric == "miou").then_some(self.chance_miou)
+    }
+
+    fn image_aspect(&self, split: Split, i: usize) -> f32 {
+        self.split(split).images.aspect(i)
     }
 
     fn len(&self, split: Split) -> usize {
@@ -342,11 +377,24 @@ struct SegEvaluator<'a> {
 impl Evaluator for SegEvaluator<'_> {
     fn add(&mut self, out: &Tensor, batch: &Batch) -> Result<()> {
         let s = batch.images.dim(2)?;
-        let logits = resize_bilinear(out, s, s)?;
-        let preds = argmax_masks(&logits)?;
-        let masks: &Vec<Vec<u8>> = batch.targets()?;
-        for (p, gt) in preds.iter().zip(masks) {
-            self.cm.add(p, gt)?;
+        let val = &self.task.val;
+        let at_input = batch
+            .indices
+            .iter()
+            .all(|&i| val.images.orig_sizes[i] == (s as u32, s as u32));
+        if at_input {
+            // Originals of the model's input size: one batched resize.
+            let preds = argmax_masks(&resize_bilinear(out, s, s)?)?;
+            for (p, &i) in preds.iter().zip(&batch.indices) {
+                let (gt, _, _) = val.original_mask(i).context("val masks are kept")?;
+                self.cm.add(p, gt)?;
+            }
+            return Ok(());
+        }
+        for (k, &i) in batch.indices.iter().enumerate() {
+            let (gt, w, h) = val.original_mask(i).context("val masks are kept")?;
+            let logits = resize_bilinear(&out.narrow(0, k, 1)?, h, w)?;
+            self.cm.add(&argmax_masks(&logits)?[0], gt)?;
         }
         Ok(())
     }
@@ -354,6 +402,11 @@ impl Evaluator for SegEvaluator<'_> {
     fn finish(self: Box<Self>) -> Result<TaskMetrics> {
         let mut m = TaskMetrics::new();
         m.insert("miou".into(), self.cm.miou());
+        m.insert(
+            "miou_classes".into(),
+            self.cm.classes_with_gt().len() as f64,
+        );
+        m.insert("miou_nanmean".into(), self.cm.miou_nanmean());
         m.insert("pixel_acc".into(), self.cm.pixel_accuracy());
         for (name, iou) in self.task.class_names.iter().zip(self.cm.per_class_iou()) {
             if let Some(iou) = iou {

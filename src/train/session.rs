@@ -545,6 +545,7 @@ impl Session {
                 backbone: counts.backbone,
                 neck: counts.neck,
                 head: counts.head,
+                used_in_forward: counts.used(),
             },
             latency_ms: crate::model::info::median_latency_ms(
                 &env.model,

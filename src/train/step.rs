@@ -33,7 +33,10 @@ pub fn train_step(
     let task = ctx.tasks.get(&stage.task)?;
     // Draw order (part of the reproducible stream): the stage batch's augmentations, then
     // each plug-in's extra batches in hook order.
-    let augs: Vec<Augment> = idx.iter().map(|_| ctx.augment.draw(rng)).collect();
+    let augs: Vec<Augment> = idx
+        .iter()
+        .map(|&i| ctx.augment.draw(rng, task.image_aspect(Split::Train, i)))
+        .collect();
     let batch = task.batch(Split::Train, idx, &augs, ctx.device)?;
     let mut extras = Vec::with_capacity(plugins.len());
     for p in plugins.iter_mut() {

@@ -53,6 +53,11 @@ pub struct Experiment {
     /// The one seed: data sampling, init, shuffling, augmentation and replay draws.
     #[serde(default)]
     pub seed: u64,
+    /// Several seeds, e.g. `seeds = [0, 1, 2]`: `onehead run` and `onehead sweep` expand the
+    /// file into one run per seed (each with `seed = <s>` and no `seeds`) and report mean ± std.
+    /// The engine itself ignores this field: it runs `seed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seeds: Option<Vec<u64>>,
     /// `auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
@@ -394,6 +399,21 @@ impl Experiment {
         if self.stages.is_empty() {
             return bad("no [[stages]]: add at least one stage with a task".into());
         }
+        if let Some(seeds) = &self.seeds {
+            if seeds.is_empty() {
+                return bad(
+                    "seeds = []: list at least one seed, or drop the key and use seed".into(),
+                );
+            }
+            let mut sorted = seeds.clone();
+            sorted.sort_unstable();
+            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                return bad(format!(
+                    "seeds lists {} twice: each seed must be unique",
+                    w[0]
+                ));
+            }
+        }
         let m = &self.model;
         if m.image_size < 64 || !m.image_size.is_multiple_of(32) {
             return bad(format!(
@@ -691,6 +711,26 @@ epochs = 3
             .unwrap_err()
             .to_string()
             .contains("multiple of 32"));
+    }
+
+    #[test]
+    fn seeds_are_optional_non_empty_and_unique() {
+        let e = parse(MINIMAL).unwrap();
+        assert_eq!(e.seeds, None);
+        // Absent seeds stay absent in the resolved config (a resolved run has one seed).
+        assert!(!e.to_toml().contains("seeds"));
+        let three = MINIMAL.replace("name = \"t\"", "name = \"t\"\nseeds = [0, 1, 2]");
+        let e = parse(&three).unwrap();
+        assert_eq!(e.seeds, Some(vec![0, 1, 2]));
+        assert_eq!(parse(&e.to_toml()).unwrap(), e);
+        let empty = MINIMAL.replace("name = \"t\"", "name = \"t\"\nseeds = []");
+        assert!(parse(&empty)
+            .unwrap_err()
+            .to_string()
+            .contains("seeds = []"));
+        let twice = MINIMAL.replace("name = \"t\"", "name = \"t\"\nseeds = [1, 2, 1]");
+        let msg = parse(&twice).unwrap_err().to_string();
+        assert!(msg.contains("1 twice"), "{msg}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod report;
+pub mod sweep;
 pub mod task;
 pub mod train;
 

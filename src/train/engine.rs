@@ -35,6 +35,18 @@ pub struct RunOptions {
     /// Stop after this many epochs of the whole run (counted from its start), state saved,
     /// as if the process had been killed there: [`resume`] continues it.
     pub stop_after_epochs: Option<usize>,
+    /// `onehead run FILE --run-dir DIR` (sweeps, job arrays): use exactly this folder instead
+    /// of a fresh `<results>/<name>/<run-id>`. See [`run_in_dir`] for what an existing
+    /// folder means.
+    pub run_dir: Option<PathBuf>,
+}
+
+/// `--run-dir DIR` named a folder whose run has already finished (it has `summary.json`):
+/// nothing was done. Not an error for the caller: `onehead run` exits 0 with this message.
+#[derive(Debug, thiserror::Error)]
+#[error("{} already holds a finished run (summary.json): nothing to do", run_dir.display())]
+pub struct AlreadyFinished {
+    pub run_dir: PathBuf,
 }
 
 /// The run stopped on purpose (see [`RunOptions::stop_after_epochs`]); resume it from
@@ -376,8 +388,68 @@ fn train_step(
     })
 }
 
-/// Run one experiment from start to finish in a fresh run directory.
+/// Run one experiment from start to finish in a fresh run directory (or in
+/// `opts.run_dir`, see [`run_in_dir`]).
 pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<RunOutcome> {
+    if let Some(dir) = &opts.run_dir {
+        return run_in_dir(exp, dir, opts);
+    }
+    train(exp, None, opts)
+}
+
+/// Files a run writes before its first epoch completes, and the log a sweep or job array
+/// writes into the folder before starting the run. A folder holding nothing else is a run
+/// that never completed an epoch (or never started): it starts afresh there.
+/// (`state/` without `state.json`: killed while saving the first epoch's state.)
+const FRESH_RUN_FILES: [&str; 6] = [
+    "log.txt",
+    "config.toml",
+    "meta.json",
+    "epochs.csv",
+    "checkpoints",
+    "state",
+];
+
+/// `--run-dir DIR`, for sweeps and job arrays that must find a run again after a kill or a
+/// requeue: absent or empty → a fresh run there; `summary.json` → [`AlreadyFinished`] (no-op);
+/// `state/state.json` → resume it (the stored config must equal `exp`); only files of a run
+/// that never completed an epoch ([`FRESH_RUN_FILES`]) → start afresh there; anything else →
+/// an error (never overwrite what we don't know).
+pub fn run_in_dir(exp: &Experiment, dir: &Path, opts: &RunOptions) -> Result<RunOutcome> {
+    if dir.join("summary.json").exists() {
+        return Err(AlreadyFinished {
+            run_dir: dir.to_path_buf(),
+        }
+        .into());
+    }
+    let stored = dir.join("config.toml");
+    if stored.is_file() {
+        let prev = Experiment::load(&stored, &[])
+            .with_context(|| format!("--run-dir {}: reading its config.toml", dir.display()))?;
+        if prev != *exp {
+            anyhow::bail!(
+                "--run-dir {} holds a run of another configuration (its config.toml differs from the one given): use another folder",
+                dir.display()
+            );
+        }
+    }
+    if dir.join("state").join("state.json").is_file() {
+        return resume(dir, opts);
+    }
+    if dir.exists() {
+        let entries =
+            std::fs::read_dir(dir).with_context(|| format!("--run-dir {}", dir.display()))?;
+        for entry in entries {
+            let name = entry?.file_name().to_string_lossy().to_string();
+            if !(FRESH_RUN_FILES.contains(&name.as_str()) || name.starts_with('.')) {
+                anyhow::bail!(
+                    "--run-dir {} exists and holds '{name}', which is not part of an unfinished run: use another folder",
+                    dir.display()
+                );
+            }
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     train(exp, None, opts)
 }
 
@@ -406,7 +478,11 @@ fn train(exp: &Experiment, resume_dir: Option<&Path>, opts: &RunOptions) -> Resu
 
     let (run_dir, saved, mut csv) = match resume_dir {
         None => {
-            let run_dir = report::create_run_dir(&exp.results_dir, &exp.name)?;
+            let run_dir = match &opts.run_dir {
+                // `--run-dir`: checked and created by `run_in_dir`.
+                Some(dir) => dir.clone(),
+                None => report::create_run_dir(&exp.results_dir, &exp.name)?,
+            };
             report::write_atomic(&run_dir.join("config.toml"), exp.to_toml().as_bytes())?;
             let meta = serde_json::json!({
                 "name": exp.name,

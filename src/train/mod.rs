@@ -7,5 +7,4 @@ pub mod optim;
 pub mod schedule;
 pub mod state;
 pub mod strategy;
-pub mod sweep;
 pub mod tasks;

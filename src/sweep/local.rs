@@ -194,9 +194,32 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(-1)
 }
 
+/// An exclusive lock on `<sweep>/.lock` for as long as the file stays open: two sweeps
+/// running the same runs at once would write into the same run folders.
+fn lock_sweep(sweep_dir: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let path = sweep_dir.join(".lock");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; released when the file is closed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!(
+            "another onehead sweep is running in {} (it holds {}): wait for it, or stop it first",
+            sweep_dir.display(),
+            path.display()
+        );
+    }
+    Ok(f)
+}
+
 /// Run every unfinished run of the sweep in `manifest`, `opts.jobs` at a time.
 pub fn run_local(manifest: &Manifest, opts: &LocalOptions) -> Result<SweepOutcome> {
     let sweep_dir = &manifest.sweep_dir;
+    let _lock = lock_sweep(sweep_dir)?;
     install_stop_handler();
     let mut records = index::read_records(manifest);
     let total = records.len();
@@ -361,4 +384,39 @@ pub fn run_local(manifest: &Manifest, opts: &LocalOptions) -> Result<SweepOutcom
         interrupted,
         skipped,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_budget_splits_cores_and_refuses_oversubscription() {
+        assert_eq!(thread_budget(None, None, &[], 8).unwrap(), (1, 8));
+        assert_eq!(thread_budget(Some(2), None, &[], 8).unwrap(), (2, 4));
+        assert_eq!(thread_budget(Some(3), None, &[], 8).unwrap(), (3, 2));
+        assert_eq!(thread_budget(Some(2), None, &[], 2).unwrap(), (2, 1));
+        let msg = thread_budget(Some(3), None, &[], 2)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("--threads 1"), "{msg}");
+        // Explicit threads: the user's call, even beyond the cores.
+        assert_eq!(thread_budget(Some(3), Some(2), &[], 2).unwrap(), (3, 2));
+        // One run per GPU.
+        let gpus = vec!["0".to_string(), "1".to_string()];
+        assert_eq!(thread_budget(None, None, &gpus, 16).unwrap(), (2, 8));
+        assert!(thread_budget(Some(4), None, &gpus, 16).is_err());
+        assert!(thread_budget(Some(0), None, &[], 2).is_err());
+        assert!(thread_budget(None, Some(0), &[], 2).is_err());
+    }
+
+    #[test]
+    fn one_sweep_at_a_time_per_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = lock_sweep(tmp.path()).unwrap();
+        let msg = lock_sweep(tmp.path()).unwrap_err().to_string();
+        assert!(msg.contains("another onehead sweep is running"), "{msg}");
+        drop(first);
+        lock_sweep(tmp.path()).unwrap();
+    }
 }

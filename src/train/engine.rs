@@ -411,17 +411,11 @@ const FRESH_RUN_FILES: [&str; 6] = [
 ];
 
 /// `--run-dir DIR`, for sweeps and job arrays that must find a run again after a kill or a
-/// requeue: absent or empty → a fresh run there; `summary.json` → [`AlreadyFinished`] (no-op);
-/// `state/state.json` → resume it (the stored config must equal `exp`); only files of a run
-/// that never completed an epoch ([`FRESH_RUN_FILES`]) → start afresh there; anything else →
-/// an error (never overwrite what we don't know).
+/// requeue: absent or empty → a fresh run there; a `config.toml` other than `exp` → an error;
+/// `summary.json` → [`AlreadyFinished`] (no-op); `state/state.json` → resume it; only files of
+/// a run that never completed an epoch ([`FRESH_RUN_FILES`]) → start afresh there; anything
+/// else → an error (never overwrite what we don't know).
 pub fn run_in_dir(exp: &Experiment, dir: &Path, opts: &RunOptions) -> Result<RunOutcome> {
-    if dir.join("summary.json").exists() {
-        return Err(AlreadyFinished {
-            run_dir: dir.to_path_buf(),
-        }
-        .into());
-    }
     let stored = dir.join("config.toml");
     if stored.is_file() {
         let prev = Experiment::load(&stored, &[])
@@ -432,6 +426,12 @@ pub fn run_in_dir(exp: &Experiment, dir: &Path, opts: &RunOptions) -> Result<Run
                 dir.display()
             );
         }
+    }
+    if dir.join("summary.json").exists() {
+        return Err(AlreadyFinished {
+            run_dir: dir.to_path_buf(),
+        }
+        .into());
     }
     if dir.join("state").join("state.json").is_file() {
         return resume(dir, opts);

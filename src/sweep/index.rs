@@ -356,20 +356,34 @@ pub struct Aggregate {
 /// aggregate the finished ones.
 pub fn aggregate(records: &[RunRecord]) -> Vec<Aggregate> {
     let tasks = task_columns(records);
-    let mut groups: Vec<(PathBuf, Vec<(String, String)>, Vec<&RunRecord>)> = Vec::new();
+    struct Group<'a> {
+        file: PathBuf,
+        configuration: Vec<(String, String)>,
+        members: Vec<&'a RunRecord>,
+    }
+    let mut groups: Vec<Group> = Vec::new();
     for r in records {
         let conf = r.run.configuration();
         match groups
             .iter_mut()
-            .find(|(f, c, _)| *f == r.run.file && *c == conf)
+            .find(|g| g.file == r.run.file && g.configuration == conf)
         {
-            Some(g) => g.2.push(r),
-            None => groups.push((r.run.file.clone(), conf, vec![r])),
+            Some(g) => g.members.push(r),
+            None => groups.push(Group {
+                file: r.run.file.clone(),
+                configuration: conf,
+                members: vec![r],
+            }),
         }
     }
     groups
         .into_iter()
-        .map(|(file, configuration, members)| {
+        .map(|g| {
+            let Group {
+                file,
+                configuration,
+                members,
+            } = g;
             let done: Vec<(&RunRecord, &RunResult)> = members
                 .iter()
                 .filter_map(|r| r.result.as_ref().map(|x| (*r, x)))
@@ -676,7 +690,7 @@ mod tests {
         assert!((seg.final_std.unwrap() - 0.1).abs() < 1e-12);
         // Drops 0.2, 0.0, 0.0: mean 1/15, sample std sqrt(((2/15)^2 + 2 (1/15)^2) / 2).
         assert!((seg.drop_mean.unwrap() - 0.2 / 3.0).abs() < 1e-12);
-        let want = (((0.2 - 0.2 / 3.0) as f64).powi(2) + 2.0 * (0.2f64 / 3.0).powi(2)) / 2.0;
+        let want = ((0.2f64 - 0.2 / 3.0).powi(2) + 2.0 * (0.2f64 / 3.0).powi(2)) / 2.0;
         assert!((seg.drop_std.unwrap() - want.sqrt()).abs() < 1e-12);
         assert_eq!(seg.n_pass, 2);
         let cls = &a.tasks[1];

@@ -199,7 +199,9 @@ pub fn plan(spec: &SweepSpec, sweep_dir: &Path) -> Result<Plan> {
     }
     let points = grid_points(&spec.grid);
     // Resolve every point, expanding `seeds = [..]` where the grid does not set `seed`.
-    let mut resolved: Vec<(PathBuf, Vec<String>, Vec<(String, String)>, Experiment)> = Vec::new();
+    // (file, overrides, varied values, resolved experiment) of every run, in plan order.
+    type Resolved = (PathBuf, Vec<String>, Vec<(String, String)>, Experiment);
+    let mut resolved: Vec<Resolved> = Vec::new();
     for file in &spec.files {
         for point in &points {
             let mut overrides = spec.overrides.clone();

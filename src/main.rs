@@ -271,7 +271,7 @@ fn local_sweep(
             "sweep {}: {n} runs, {jobs} at a time ({}) in {}",
             manifest.name,
             if gpus.is_empty() {
-                format!("{threads} threads each")
+                format!("{threads} thread(s) each")
             } else {
                 format!("GPUs {}", gpus.join(","))
             },

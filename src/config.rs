@@ -52,6 +52,11 @@ pub struct Experiment {
     /// The one seed: data sampling, init, shuffling, augmentation and replay draws.
     #[serde(default)]
     pub seed: u64,
+    /// Several seeds, e.g. `seeds = [0, 1, 2]`: `onehead run` and `onehead sweep` expand the
+    /// file into one run per seed (each with `seed = <s>` and no `seeds`) and report mean ± std.
+    /// The engine itself ignores this field: it runs `seed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seeds: Option<Vec<u64>>,
     /// `auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
@@ -64,8 +69,19 @@ pub struct Experiment {
     pub data: DataConfig,
     /// Stages in training order; each trains one task.
     pub stages: Vec<StageConfig>,
+    /// `sequential` (the challenge), or a reference: `joint` (every task's data mixed in
+    /// one stage: the upper bound) or `single_task` (each task trained alone from the same
+    /// initialisation with its stage's budget: the challenge's single-task baseline).
+    #[serde(default)]
+    pub mode: Mode,
     #[serde(default)]
     pub replay: ReplayConfig,
+    #[serde(default)]
+    pub lwf: LwfConfig,
+    #[serde(default)]
+    pub ewc: EwcConfig,
+    #[serde(default)]
+    pub uncertainty: UncertaintyConfig,
     #[serde(default)]
     pub eval: EvalConfig,
     /// Task-specific settings, `[tasks.<name>]` (e.g. `[tasks.det] score_threshold`); each
@@ -228,6 +244,59 @@ pub struct StageConfig {
     /// Use at most this many training images of the stage's task (0 = all).
     #[serde(default)]
     pub train_limit: usize,
+    /// Learning-rate multipliers per part of the model, e.g. `{ backbone = 0.05, neck =
+    /// 0.2 }` in later stages to keep the shared layers close to what earlier tasks need.
+    #[serde(default)]
+    pub lr_scale: LrScale,
+}
+
+/// Learning-rate multiplier of each part of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LrScale {
+    pub backbone: f64,
+    pub neck: f64,
+    pub head: f64,
+}
+
+impl Default for LrScale {
+    fn default() -> Self {
+        Self {
+            backbone: 1.0,
+            neck: 1.0,
+            head: 1.0,
+        }
+    }
+}
+
+impl LrScale {
+    /// The multiplier of a variable by its name (`backbone.`, `fpn.`, `head.`; others 1).
+    pub fn for_param(&self, name: &str) -> f64 {
+        if name.starts_with("backbone.") {
+            self.backbone
+        } else if name.starts_with("fpn.") {
+            self.neck
+        } else if name.starts_with("head.") {
+            self.head
+        } else {
+            1.0
+        }
+    }
+}
+
+/// What an experiment file runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The stages one after another (the challenge).
+    #[default]
+    Sequential,
+    /// One stage over the union of the tasks, batches mixing them (the upper bound), with
+    /// the total epochs of the stages and the first stage's optimiser settings.
+    Joint,
+    /// Each stage's task alone, each from the same initialisation (the single-task
+    /// baselines).
+    SingleTask,
 }
 
 fn default_epochs() -> usize {
@@ -280,6 +349,32 @@ pub enum ReplaySampling {
     Random,
 }
 
+/// Which earlier samples a replay buffer keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayPolicy {
+    /// Every image earlier stages trained on.
+    Full,
+    /// Reservoir sampling over the stream of trained images (uniform, not per task):
+    /// `capacity` images.
+    Reservoir,
+    /// `capacity` images split equally among the earlier tasks, shrunk at random as tasks
+    /// arrive.
+    TaskBalanced,
+}
+
+/// How each replayed task's loss is scaled before the weights apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayNormalize {
+    /// `weight · Σ_t (n_t / images_per_batch) · L_t` (the report's form).
+    None,
+    /// Each task's loss divided by its loss at the end of its own stage (measured then on
+    /// its buffer in inference mode), so that 1.0 means "as good as at baseline" and a task
+    /// with a large loss scale cannot swamp the new task.
+    Reference,
+}
+
 /// Experience replay: every batch of a later stage carries samples of earlier tasks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -289,8 +384,17 @@ pub struct ReplayConfig {
     pub images_per_batch: usize,
     /// `loss = L_new + weight · L_replay` (the report: 0.8).
     pub weight: f64,
+    /// Per-task weights overriding `weight`, e.g. `{ det = 2.0 }`.
+    pub task_weights: BTreeMap<String, f64>,
     pub tasks: ReplayTasks,
     pub sampling: ReplaySampling,
+    pub policy: ReplayPolicy,
+    /// Buffer size in images for `reservoir` and `task_balanced` (ignored by `full`).
+    pub capacity: usize,
+    pub normalize: ReplayNormalize,
+    /// DER: with each buffered image keep the head's outputs of the end of its task's stage
+    /// and add `der_alpha · distill(now, then)` on un-augmented replays of it (0 = off).
+    pub der_alpha: f64,
 }
 
 impl Default for ReplayConfig {
@@ -299,10 +403,104 @@ impl Default for ReplayConfig {
             enabled: false,
             images_per_batch: 4,
             weight: 0.8,
+            task_weights: BTreeMap::new(),
             tasks: ReplayTasks::default(),
             sampling: ReplaySampling::RoundRobin,
+            policy: ReplayPolicy::Full,
+            capacity: 0,
+            normalize: ReplayNormalize::None,
+            der_alpha: 0.0,
         }
     }
+}
+
+impl ReplayConfig {
+    /// The replay weight of `task`.
+    pub fn weight_of(&self, task: &str) -> f64 {
+        self.task_weights.get(task).copied().unwrap_or(self.weight)
+    }
+}
+
+/// Which frozen model distillation pulls toward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherKind {
+    /// The model at the end of the previous stage, for every earlier task (one extra
+    /// forward pass per step).
+    Latest,
+    /// For each earlier task the model at the end of the stage that learned it, i.e. its
+    /// baseline (one extra forward pass per earlier task).
+    PerTask,
+}
+
+/// Learning without Forgetting: a frozen teacher's outputs for the earlier tasks, on every
+/// image of the step (new and replayed), are soft targets for the model's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LwfConfig {
+    /// Weight of the distillation term (0 = off).
+    pub alpha: f64,
+    /// Per-task weights overriding `alpha`, e.g. `{ seg = 10.0, det = 5.0 }`.
+    pub task_alpha: BTreeMap<String, f64>,
+    /// Softmax temperature of the soft targets (Hinton et al.; LwF uses 2).
+    pub temperature: f64,
+    pub teacher: TeacherKind,
+}
+
+impl Default for LwfConfig {
+    fn default() -> Self {
+        Self {
+            alpha: 0.0,
+            task_alpha: BTreeMap::new(),
+            temperature: 2.0,
+            teacher: TeacherKind::Latest,
+        }
+    }
+}
+
+impl LwfConfig {
+    pub fn alpha_of(&self, task: &str) -> f64 {
+        self.task_alpha.get(task).copied().unwrap_or(self.alpha)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.alpha > 0.0 || self.task_alpha.values().any(|&a| a > 0.0)
+    }
+}
+
+/// Elastic weight consolidation (Kirkpatrick et al. 2017): a quadratic penalty
+/// `λ/2 · Σ F_i (θ_i − θ*_i)²` around the weights at the end of each stage, weighted by the
+/// diagonal Fisher information of the finished stage's task on its training images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EwcConfig {
+    /// Penalty strength (0 = off). The Fisher is normalised to mean 1 per task, so λ does
+    /// not depend on the loss scale.
+    pub lambda: f64,
+    /// Online EWC (Schwarz et al. 2018): `F ← γ·F + F_new`, anchored at the latest weights;
+    /// 1 keeps every task's Fisher in full.
+    pub gamma: f64,
+    /// Training images used to estimate the Fisher (0 = the whole stage pool).
+    pub samples: usize,
+}
+
+impl Default for EwcConfig {
+    fn default() -> Self {
+        Self {
+            lambda: 0.0,
+            gamma: 1.0,
+            samples: 0,
+        }
+    }
+}
+
+/// Uncertainty weighting of task losses (Kendall, Gal & Cipolla 2018): every task's loss
+/// `L_t` becomes `½·e^{−s_t}·L_t + ½·s_t` with a learned log-variance `s_t`. Beware: for an
+/// earlier task the loss rises as it is forgotten, so this lowers its weight exactly then.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UncertaintyConfig {
+    pub enabled: bool,
 }
 
 /// Which value of a task's metric the verdict compares the final value with.
@@ -313,6 +511,9 @@ pub enum BaselineKind {
     StageEnd,
     /// The best epoch of that stage (what the original report did).
     StageBest,
+    /// The task trained alone from the same initialisation with its stage's budget (the
+    /// challenge's definition); the single-task run is made (or reused) automatically.
+    SingleTask,
 }
 
 /// How the tolerance is read: the challenge's "≥ base − 5 %" is read both ways.
@@ -435,6 +636,21 @@ impl Experiment {
         if self.stages.is_empty() {
             return bad("no [[stages]]: add at least one stage with a task".into());
         }
+        if let Some(seeds) = &self.seeds {
+            if seeds.is_empty() {
+                return bad(
+                    "seeds = []: list at least one seed, or drop the key and use seed".into(),
+                );
+            }
+            let mut sorted = seeds.clone();
+            sorted.sort_unstable();
+            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                return bad(format!(
+                    "seeds lists {} twice: each seed must be unique",
+                    w[0]
+                ));
+            }
+        }
         let m = &self.model;
         if m.image_size < 64 || !m.image_size.is_multiple_of(32) {
             return bad(format!(
@@ -480,8 +696,21 @@ impl Experiment {
             if r.images_per_batch == 0 {
                 return bad("replay.images_per_batch must be > 0 when replay is enabled".into());
             }
-            if !(r.weight >= 0.0 && r.weight.is_finite()) {
-                return bad("replay.weight must be >= 0".into());
+            if !(r.weight >= 0.0 && r.weight.is_finite())
+                || r.task_weights
+                    .values()
+                    .any(|w| !(*w >= 0.0 && w.is_finite()))
+            {
+                return bad("replay.weight and replay.task_weights must be >= 0".into());
+            }
+            if r.policy != ReplayPolicy::Full && r.capacity == 0 {
+                return bad(format!(
+                    "replay.policy = {:?} needs replay.capacity > 0 (images kept)",
+                    r.policy
+                ));
+            }
+            if !(r.der_alpha >= 0.0 && r.der_alpha.is_finite()) {
+                return bad("replay.der_alpha must be >= 0".into());
             }
             match &r.tasks {
                 ReplayTasks::Keyword(k) if k == "all" => {}
@@ -512,6 +741,45 @@ impl Experiment {
                     }
                 }
             }
+        }
+        for (i, s) in self.stages.iter().enumerate() {
+            let l = s.lr_scale;
+            if [l.backbone, l.neck, l.head]
+                .iter()
+                .any(|v| !(*v >= 0.0 && v.is_finite()))
+            {
+                return bad(format!("stages[{i}].lr_scale: multipliers must be >= 0"));
+            }
+        }
+        let named = |what: &str, map: &BTreeMap<String, f64>| -> Result<(), ConfigError> {
+            for t in map.keys() {
+                if !self.stages.iter().any(|s| &s.task == t) {
+                    return bad(format!("{what} names task '{t}', but no stage learns it"));
+                }
+            }
+            Ok(())
+        };
+        named("replay.task_weights", &self.replay.task_weights)?;
+        named("lwf.task_alpha", &self.lwf.task_alpha)?;
+        let w = &self.lwf;
+        if !(w.alpha >= 0.0 && w.task_alpha.values().all(|a| *a >= 0.0)) {
+            return bad("lwf.alpha and lwf.task_alpha must be >= 0".into());
+        }
+        if !(w.temperature > 0.0 && w.temperature.is_finite()) {
+            return bad("lwf.temperature must be > 0".into());
+        }
+        let c = &self.ewc;
+        if !(c.lambda >= 0.0 && c.lambda.is_finite()) || !(0.0..=1.0).contains(&c.gamma) {
+            return bad("ewc.lambda must be >= 0 and ewc.gamma in [0, 1]".into());
+        }
+        if self.mode != Mode::Sequential && (self.replay.enabled || w.enabled() || c.lambda > 0.0) {
+            return bad(format!(
+                "mode = {:?} is a reference run: it takes no anti-forgetting strategy (turn replay, lwf and ewc off)",
+                self.mode
+            ));
+        }
+        if self.eval.baseline == BaselineKind::SingleTask && self.mode != Mode::Sequential {
+            return bad("eval.baseline = \"single_task\" is for sequential runs".into());
         }
         let e = &self.eval;
         if e.every == 0 || e.batch_size == 0 {
@@ -594,6 +862,42 @@ impl Experiment {
             }
         }
         out
+    }
+
+    /// The stages the training loop runs: the file's stages, or for `mode = "joint"` one
+    /// stage over every task (the first stage's settings; batches split equally among the
+    /// tasks and epochs the stages' mean, so that it trains as many images as the
+    /// sequential run; see the joint plug-in).
+    pub fn plan(&self) -> Vec<StageConfig> {
+        match self.mode {
+            Mode::Sequential | Mode::SingleTask => self.stages.clone(),
+            Mode::Joint => {
+                let n = self.tasks_in_order().len();
+                let mut s = self.stages[0].clone();
+                let total: usize = self.stages.iter().map(|s| s.epochs).sum();
+                s.epochs = (total as f64 / self.stages.len() as f64).round().max(1.0) as usize;
+                s.batch_size = (s.batch_size / n).max(1);
+                vec![s]
+            }
+        }
+    }
+
+    /// The tasks evaluated after an epoch of (planned) stage `stage`: every task learned so
+    /// far; in a single-task run the stage's own; in a joint run all of them.
+    pub fn evaluated_tasks(&self, stage: usize) -> Vec<String> {
+        match self.mode {
+            Mode::Sequential => {
+                let mut out: Vec<String> = Vec::new();
+                for s in &self.stages[..=stage] {
+                    if !out.contains(&s.task) {
+                        out.push(s.task.clone());
+                    }
+                }
+                out
+            }
+            Mode::SingleTask => vec![self.stages[stage].task.clone()],
+            Mode::Joint => self.tasks_in_order(),
+        }
     }
 
     /// Tasks in the order they are first learned.
@@ -770,6 +1074,26 @@ epochs = 3
             .unwrap_err()
             .to_string()
             .contains("multiple of 32"));
+    }
+
+    #[test]
+    fn seeds_are_optional_non_empty_and_unique() {
+        let e = parse(MINIMAL).unwrap();
+        assert_eq!(e.seeds, None);
+        // Absent seeds stay absent in the resolved config (a resolved run has one seed).
+        assert!(!e.to_toml().contains("seeds"));
+        let three = MINIMAL.replace("name = \"t\"", "name = \"t\"\nseeds = [0, 1, 2]");
+        let e = parse(&three).unwrap();
+        assert_eq!(e.seeds, Some(vec![0, 1, 2]));
+        assert_eq!(parse(&e.to_toml()).unwrap(), e);
+        let empty = MINIMAL.replace("name = \"t\"", "name = \"t\"\nseeds = []");
+        assert!(parse(&empty)
+            .unwrap_err()
+            .to_string()
+            .contains("seeds = []"));
+        let twice = MINIMAL.replace("name = \"t\"", "name = \"t\"\nseeds = [1, 2, 1]");
+        let msg = parse(&twice).unwrap_err().to_string();
+        assert!(msg.contains("1 twice"), "{msg}");
     }
 
     #[test]

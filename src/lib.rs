@@ -6,7 +6,7 @@
 //! (anti-forgetting strategies around the loop), `model` (backbone, neck, head, weights),
 //! `boxes` (box geometry), `metrics` (pure metric functions), `data` (formats, the synthetic
 //! benchmark, `prepare`), `report` (run folders, CSVs, verdict), `ops` (kernels candle
-//! lacks), `config` (the TOML experiment schema).
+//! lacks), `config` (the TOML experiment schema), `sweep` (grids of runs: local or Slurm).
 
 pub mod bench;
 pub mod boxes;
@@ -17,6 +17,7 @@ pub mod model;
 pub mod ops;
 pub mod plugins;
 pub mod report;
+pub mod sweep;
 pub mod tasks;
 pub mod train;
 

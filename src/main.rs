@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use onehead::config::Experiment;
+use onehead::sweep::{self, GridAxis, LocalOptions, Manifest, SlurmOptions, Status, SweepSpec};
 use onehead::tasks::Registry;
-use onehead::train::sweep::{self, GridAxis, SweepOptions};
 use onehead::train::{self as engine, interrupt, RunOptions};
 
 #[derive(Parser)]
@@ -22,6 +22,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the `sweep` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run one experiment file.
@@ -38,32 +40,95 @@ enum Command {
         /// e.g. to fit a job's time limit; `onehead resume` continues.
         #[arg(long, value_name = "N")]
         stop_after_epochs: Option<usize>,
+        /// Use exactly this run folder (sweeps, job arrays): created if absent; an unfinished
+        /// run there is resumed, a finished one left alone (exit 0).
+        #[arg(long, value_name = "DIR")]
+        run_dir: Option<PathBuf>,
     },
-    /// Continue an interrupted run from the state saved after its last completed epoch.
+    /// Continue an interrupted run (or an interrupted sweep: a folder with manifest.json).
     Resume {
-        /// The run folder (`results/<name>/<run-id>`).
+        /// The run folder (`results/<name>/<run-id>`) or a sweep folder.
         run_dir: PathBuf,
         #[arg(long)]
         quiet: bool,
         /// As for `run`: stop again once the run has trained this many epochs in all.
         #[arg(long, value_name = "N")]
         stop_after_epochs: Option<usize>,
+        /// For a sweep folder: runs at once (as for `sweep`).
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+        /// For a sweep folder: threads per run (as for `sweep`).
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
     },
-    /// Run several experiment files and/or a grid of overrides, one after another.
+    /// Run experiment files × a grid of overrides × seeds: side by side on this machine
+    /// (`--jobs`, `--gpus`) or as a Slurm job array (`--slurm`); `--collect` builds the index.
     Sweep {
         /// Experiment TOML files.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "collect")]
         files: Vec<PathBuf>,
         /// A grid axis `KEY=V1,V2,…` (repeat for a Cartesian product).
         #[arg(long = "set", value_name = "KEY=V1,V2")]
         grid: Vec<GridAxis>,
-        /// Sweep name: results go to `<results>/<name>/`, with `index.csv`.
+        /// Sweep name: the sweep folder is `<results>/<name>/`. Re-running a sweep of the same
+        /// name skips its finished runs and resumes interrupted ones.
         #[arg(long)]
         name: Option<String>,
         #[arg(long, default_value = "results")]
         results: PathBuf,
+        /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Runs at once on this machine, each a child process (default 1; with --gpus, one
+        /// per GPU).
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+        /// Threads per run (default: cores / jobs). Given explicitly, jobs × threads may
+        /// exceed the cores.
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// One run per GPU, e.g. `--gpus 0,1` (sets CUDA_VISIBLE_DEVICES of each run).
+        #[arg(long, value_delimiter = ',', value_name = "IDS")]
+        gpus: Vec<String>,
+        /// Write a Slurm job-array script (one task per run) and submit it with sbatch.
+        #[arg(long, conflicts_with_all = ["jobs", "gpus"])]
+        slurm: bool,
+        /// Slurm partition.
+        #[arg(long, requires = "slurm")]
+        partition: Option<String>,
+        /// Slurm time limit per task (`4:00:00`); tasks stop before it and requeue.
+        #[arg(long, requires = "slurm")]
+        time: Option<String>,
+        /// GPUs per task (`--gres=gpu:N`).
+        #[arg(long, requires = "slurm", value_name = "N")]
+        gpus_per_task: Option<u32>,
+        /// CPUs per task (each run's threads).
+        #[arg(long, requires = "slurm", value_name = "N", default_value_t = 2)]
+        cpus_per_task: usize,
+        /// Memory per task (`16G`).
+        #[arg(long, requires = "slurm")]
+        mem: Option<String>,
+        /// At most K array tasks at once (`--array=…%K`).
+        #[arg(long, requires = "slurm", value_name = "K")]
+        array_parallelism: Option<usize>,
+        /// Seconds before the time limit at which a task stops and requeues itself.
+        #[arg(long, requires = "slurm", value_name = "S", default_value_t = 120)]
+        signal_seconds: u32,
+        /// Any other sbatch option, e.g. `--sbatch-arg=--account=abc` (repeatable).
+        #[arg(
+            long,
+            requires = "slurm",
+            value_name = "OPTION",
+            allow_hyphen_values = true
+        )]
+        sbatch_arg: Vec<String>,
+        /// With --slurm: write the script and print the sbatch command, don't submit.
+        #[arg(long, requires = "slurm")]
+        dry_run: bool,
+        /// Build index.csv / summary.csv of a sweep folder from whatever finished, and list
+        /// the runs that did not.
+        #[arg(long, value_name = "SWEEP_DIR", conflicts_with_all = ["files", "slurm", "jobs", "gpus", "name"])]
+        collect: Option<PathBuf>,
     },
     /// Evaluate a run's checkpoint on the val splits (per-class figures included).
     Eval {
@@ -125,10 +190,10 @@ fn main() -> ExitCode {
     onehead::ops::tune_cpu_runtime();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour codes only on a terminal: a log piped to a file stays plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: sweeps send each run's output to its log.txt.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
@@ -151,6 +216,10 @@ fn finish(result: Result<engine::RunOutcome>) -> Result<ExitCode> {
                 eprintln!("{stopped}");
                 return Ok(ExitCode::from(3));
             }
+            if let Some(done) = e.downcast_ref::<engine::AlreadyFinished>() {
+                eprintln!("{done}");
+                return Ok(ExitCode::SUCCESS);
+            }
             return Err(e);
         }
     };
@@ -163,6 +232,178 @@ fn finish(result: Result<engine::RunOutcome>) -> Result<ExitCode> {
     })
 }
 
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Plan a sweep into `<results>/<name>/` (or check that the folder holds the same sweep).
+fn plan_sweep(spec: &SweepSpec, results: &std::path::Path, name: &str) -> Result<Manifest> {
+    let dir = sweep::plan::sweep_dir(results, name)?;
+    let plan = sweep::plan(spec, &dir)?;
+    sweep::prepare_sweep_dir(&plan, name, &dir, spec)
+}
+
+fn run_sweep_locally(
+    spec: &SweepSpec,
+    results: &std::path::Path,
+    name: &str,
+    jobs: usize,
+    threads: usize,
+    gpus: Vec<String>,
+    quiet: bool,
+) -> Result<ExitCode> {
+    let manifest = plan_sweep(spec, results, name)?;
+    local_sweep(&manifest, jobs, threads, gpus, quiet)
+}
+
+/// Run a planned sweep here. Exit code: 0 every run finished and passed, 1 every run
+/// finished but some forgot, 2 some run failed, 3 interrupted (re-run to continue).
+fn local_sweep(
+    manifest: &Manifest,
+    jobs: usize,
+    threads: usize,
+    gpus: Vec<String>,
+    quiet: bool,
+) -> Result<ExitCode> {
+    let exe = std::env::current_exe().context("locating the onehead binary")?;
+    let n = manifest.runs.len();
+    if !quiet {
+        eprintln!(
+            "sweep {}: {n} runs, {jobs} at a time ({}) in {}",
+            manifest.name,
+            if gpus.is_empty() {
+                format!("{threads} thread(s) each")
+            } else {
+                format!("GPUs {}", gpus.join(","))
+            },
+            manifest.sweep_dir.display()
+        );
+    }
+    let out = sweep::run_local(
+        manifest,
+        &LocalOptions {
+            jobs,
+            threads,
+            gpus,
+            quiet,
+            exe,
+        },
+    )?;
+    print_sweep_report(manifest, &out.records, &out.aggregates);
+    let failed = out
+        .records
+        .iter()
+        .filter(|r| matches!(r.status, Status::Failed(_)))
+        .count();
+    if out.interrupted {
+        eprintln!(
+            "sweep interrupted: {}. Run the same command again (or `onehead resume {}`) to continue: finished runs are skipped, interrupted ones resume from their last epoch",
+            sweep::index::status_counts(&out.records),
+            manifest.sweep_dir.display()
+        );
+        return Ok(ExitCode::from(3));
+    }
+    if failed > 0 {
+        eprintln!(
+            "{failed} of {n} runs failed (reasons in index.csv and each run's log.txt); the others finished"
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let all_pass = out
+        .records
+        .iter()
+        .all(|r| r.result.as_ref().and_then(|x| x.pass) == Some(true));
+    Ok(if all_pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_sweep_report(
+    manifest: &Manifest,
+    records: &[sweep::RunRecord],
+    aggs: &[sweep::index::Aggregate],
+) {
+    println!("\n{}", sweep::index::summary_text(aggs));
+    for r in records {
+        if !matches!(r.status, Status::Ok) {
+            let reason = r.status.reason();
+            println!(
+                "{:<11} {}{}",
+                r.status.label(),
+                r.run.name,
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {reason}")
+                }
+            );
+        }
+    }
+    println!(
+        "runs: {} · index: {} · summary: {}",
+        sweep::index::status_counts(records),
+        manifest.sweep_dir.join("index.csv").display(),
+        manifest.sweep_dir.join("summary.csv").display()
+    );
+}
+
+/// `--collect`: 0 every run finished, 2 some failed, 3 some not finished (none failed).
+fn collect_sweep(dir: &std::path::Path) -> Result<ExitCode> {
+    let manifest = Manifest::load(dir)?;
+    let (records, aggs) = sweep::collect(dir)?;
+    print_sweep_report(&manifest, &records, &aggs);
+    let failed = records
+        .iter()
+        .any(|r| matches!(r.status, Status::Failed(_)));
+    let unfinished = records.iter().any(|r| r.status != Status::Ok);
+    Ok(if failed {
+        ExitCode::from(2)
+    } else if unfinished {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `--slurm`: write the job-array script for the unfinished runs and submit it.
+fn slurm_sweep(manifest: &Manifest, opts: &SlurmOptions, dry_run: bool) -> Result<ExitCode> {
+    let exe = std::env::current_exe().context("locating the onehead binary")?;
+    let records = sweep::index::read_records(manifest);
+    let unfinished: Vec<usize> = records
+        .iter()
+        .filter(|r| r.status != Status::Ok)
+        .map(|r| r.run.index)
+        .collect();
+    let dir = &manifest.sweep_dir;
+    if unfinished.is_empty() {
+        println!(
+            "every run of sweep {} has finished: nothing to submit. Collect with `onehead sweep --collect {}`",
+            manifest.name,
+            dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let sub = sweep::slurm::prepare_and_submit(manifest, &unfinished, &exe, opts, dry_run)?;
+    println!(
+        "sweep {}: {} runs ({} to run), configs and manifest in {}",
+        manifest.name,
+        manifest.runs.len(),
+        unfinished.len(),
+        dir.display()
+    );
+    match &sub.job_id {
+        Some(id) => println!(
+            "submitted job array {id} ({}): watch with `squeue -j {id}`; when done: `onehead sweep --collect {}`",
+            sweep::slurm::array_spec(&unfinished, opts.array_parallelism),
+            dir.display()
+        ),
+        None => println!("dry run: submit with\n  {}", sub.command),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run {
@@ -170,21 +411,85 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             set,
             quiet,
             stop_after_epochs,
+            run_dir,
         } => {
-            let exp = Experiment::load(&file, &set)?;
-            let opts = RunOptions {
-                quiet,
-                stop_after_epochs,
-                interrupt: Some(interrupt::install()?),
-                ..RunOptions::default()
-            };
-            finish(engine::run(&exp, &opts))
+            let mut exp = Experiment::load(&file, &set)?;
+            match exp.seeds.take() {
+                // `seeds = [a, b, …]`: one run per seed, as a sweep of this one file.
+                Some(seeds) if seeds.len() > 1 => {
+                    if run_dir.is_some() || stop_after_epochs.is_some() {
+                        anyhow::bail!(
+                            "{}: --run-dir and --stop-after-epochs apply to one run, and this file lists {} seeds (seeds = {seeds:?}): pick one with --set seed=N --set 'seeds=[N]'",
+                            file.display(),
+                            seeds.len()
+                        );
+                    }
+                    let name = format!(
+                        "{}/{}-seeds",
+                        exp.name,
+                        onehead::report::utc_stamp(onehead::report::now_secs())
+                    );
+                    let spec = SweepSpec {
+                        files: vec![file],
+                        grid: vec![],
+                        overrides: set,
+                    };
+                    let (jobs, threads) = sweep::thread_budget(None, None, &[], cores())?;
+                    let code = run_sweep_locally(
+                        &spec,
+                        &exp.results_dir,
+                        &name,
+                        jobs,
+                        threads,
+                        vec![],
+                        quiet,
+                    )?;
+                    // As for one run: 1 when some seed forgot, 0 when all passed.
+                    Ok(code)
+                }
+                Some(seeds) => {
+                    exp.seed = seeds[0];
+                    finish(engine::run(
+                        &exp,
+                        &RunOptions {
+                            quiet,
+                            stop_after_epochs,
+                            run_dir,
+                            interrupt: Some(interrupt::install()?),
+                            ..RunOptions::default()
+                        },
+                    ))
+                }
+                None => finish(engine::run(
+                    &exp,
+                    &RunOptions {
+                        quiet,
+                        stop_after_epochs,
+                        run_dir,
+                        interrupt: Some(interrupt::install()?),
+                        ..RunOptions::default()
+                    },
+                )),
+            }
         }
         Command::Resume {
             run_dir,
             quiet,
             stop_after_epochs,
+            jobs,
+            threads,
         } => {
+            if Manifest::path(&run_dir).is_file() {
+                let manifest = Manifest::load(&run_dir)?;
+                let (jobs, threads) = sweep::thread_budget(jobs, threads, &[], cores())?;
+                return local_sweep(&manifest, jobs, threads, vec![], quiet);
+            }
+            if jobs.is_some() || threads.is_some() {
+                anyhow::bail!(
+                    "--jobs / --threads are for sweep folders, and {} has no manifest.json",
+                    run_dir.display()
+                );
+            }
             let opts = RunOptions {
                 quiet,
                 stop_after_epochs,
@@ -199,26 +504,52 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             name,
             results,
             quiet,
+            jobs,
+            threads,
+            gpus,
+            slurm,
+            partition,
+            time,
+            gpus_per_task,
+            cpus_per_task,
+            mem,
+            array_parallelism,
+            signal_seconds,
+            sbatch_arg,
+            dry_run,
+            collect,
         } => {
-            let runs = sweep::plan(&files, &grid);
+            if let Some(dir) = collect {
+                return collect_sweep(&dir);
+            }
             let name = name.unwrap_or_else(|| {
                 format!(
                     "sweep-{}",
                     onehead::report::utc_stamp(onehead::report::now_secs())
                 )
             });
-            let index = sweep::run_sweep(
-                &runs,
-                &grid,
-                &SweepOptions {
-                    name,
-                    results_dir: results,
-                    overrides: vec![],
-                    quiet,
-                },
-            )?;
-            println!("sweep index: {}", index.display());
-            Ok(ExitCode::SUCCESS)
+            let spec = SweepSpec {
+                files,
+                grid,
+                overrides: vec![],
+            };
+            if slurm {
+                let opts = SlurmOptions {
+                    partition,
+                    time,
+                    gpus_per_task,
+                    cpus_per_task,
+                    mem,
+                    array_parallelism,
+                    signal_seconds,
+                    extra: sbatch_arg,
+                };
+                opts.validate()?;
+                let manifest = plan_sweep(&spec, &results, &name)?;
+                return slurm_sweep(&manifest, &opts, dry_run);
+            }
+            let (jobs, threads) = sweep::thread_budget(jobs, threads, &gpus, cores())?;
+            run_sweep_locally(&spec, &results, &name, jobs, threads, gpus, quiet)
         }
         Command::Eval {
             run_dir,

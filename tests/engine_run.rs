@@ -1,11 +1,10 @@
 //! End-to-end runs of the engine on a tiny synthetic benchmark: the run folder's contents,
-//! the per-epoch CSV, the verdict, determinism and sweeps.
+//! the per-epoch CSV, the verdict, determinism and resumption (sweeps: tests/sweep.rs).
 
 use std::path::{Path, PathBuf};
 
 use onehead::config::Experiment;
 use onehead::tasks::Registry;
-use onehead::train::sweep::{plan, run_sweep, GridAxis, SweepOptions};
 use onehead::train::{evaluate_checkpoint, resume, run, RunOptions, Stopped};
 
 fn tiny_experiment(dir: &Path, replay: bool) -> Experiment {
@@ -209,38 +208,6 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
                 assert_eq!(x, y, "column {} differs between identical runs", h[i]);
             }
         }
-    }
-}
-
-#[test]
-fn a_sweep_writes_one_index_row_per_run() {
-    let tmp = tempfile::tempdir().unwrap();
-    let exp = tiny_experiment(tmp.path(), false);
-    let file = tmp.path().join("tiny.toml");
-    let _ = exp;
-    let grid = vec!["replay.enabled=false,true".parse::<GridAxis>().unwrap()];
-    let runs = plan(&[file], &grid);
-    let index = run_sweep(
-        &runs,
-        &grid,
-        &SweepOptions {
-            name: "sw".into(),
-            results_dir: tmp.path().join("results"),
-            overrides: vec!["stages.*.epochs=1".into()],
-            quiet: true,
-        },
-    )
-    .unwrap();
-    assert_eq!(index, tmp.path().join("results/sw/index.csv"));
-    let (h, rows) = read_csv(&index);
-    assert_eq!(rows.len(), 2);
-    let col = |name: &str| h.iter().position(|c| c == name).unwrap();
-    assert_eq!(rows[0][col("replay.enabled")], "false");
-    assert_eq!(rows[1][col("replay.enabled")], "true");
-    for r in &rows {
-        assert_eq!(r[col("status")], "ok");
-        assert!(PathBuf::from(&r[col("run")]).join("summary.json").is_file());
-        assert!(!r[col("seg_miou_final")].is_empty());
     }
 }
 

@@ -1,6 +1,8 @@
 //! Task metrics as pure functions of predictions and targets: mIoU (confusion matrix),
-//! COCO-style mAP, Top-k accuracy. They import no model or training code.
+//! COCO-style mAP, Top-k accuracy, and the forgetting summaries of a task × stage matrix.
+//! They import no model or training code.
 
+pub mod forgetting;
 pub mod map;
 pub mod miou;
 pub mod topk;

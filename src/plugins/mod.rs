@@ -18,7 +18,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::Experiment;
+use crate::config::{Experiment, StageConfig};
 use crate::data::AugmentConfig;
 use crate::model::{OneHead, OneHeadConfig};
 use crate::tasks::{Batch, TaskSet};
@@ -28,6 +28,8 @@ use crate::train::optim::Param;
 /// run stands.
 pub struct RunCtx<'a> {
     pub exp: &'a Experiment,
+    /// The stages the loop runs (the experiment's, or the joint run's single stage).
+    pub stages: &'a [StageConfig],
     pub tasks: &'a TaskSet,
     pub model: &'a OneHead,
     /// The model's variables (BatchNorm running statistics included), for snapshots.
@@ -48,7 +50,7 @@ pub struct RunCtx<'a> {
 impl RunCtx<'_> {
     /// The task the current stage trains.
     pub fn stage_task(&self) -> &str {
-        &self.exp.stages[self.stage].task
+        &self.stages[self.stage].task
     }
 }
 

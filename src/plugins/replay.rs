@@ -56,7 +56,7 @@ impl Replay {
 fn trained_indices(ctx: &RunCtx, task: &str) -> Vec<usize> {
     let mut out: Vec<usize> = Vec::new();
     for (k, pool) in ctx.pools.iter().enumerate().take(ctx.stage) {
-        if ctx.exp.stages[k].task == task {
+        if ctx.stages[k].task == task {
             for &i in pool {
                 if !out.contains(&i) {
                     out.push(i);

@@ -118,12 +118,14 @@ fn value(r: &EvalRecord, metric: &str) -> Option<f64> {
 }
 
 /// The verdict of every task (in `tasks` order) from the run's evaluation history.
-/// `stages[k]` is the task stage k trained.
+/// `stages[k]` is the task stage k trained; `single_task` holds the baselines of the
+/// single-task reference run (by task) when the verdict compares against it.
 pub fn judge(
     tasks: &[TaskRef],
     stages: &[String],
     history: &[EvalRecord],
     j: &Judging,
+    single_task: Option<&BTreeMap<String, f64>>,
 ) -> anyhow::Result<Vec<TaskVerdict>> {
     tasks
         .iter()
@@ -146,6 +148,7 @@ pub fn judge(
                     .iter()
                     .filter_map(|r| value(r, &t.metric))
                     .reduce(f64::max),
+                BaselineKind::SingleTask => single_task.and_then(|m| m.get(&t.task).copied()),
             }
             .ok_or_else(|| {
                 anyhow::anyhow!(
@@ -255,6 +258,8 @@ pub struct RunSummary {
     /// All final validation metrics, `<task>_<key>` → value.
     pub final_metrics: BTreeMap<String, f64>,
     pub matrix: Matrix,
+    /// Final, best, forgetting and backward transfer per task and averaged, from `matrix`.
+    pub forgetting: crate::metrics::forgetting::Forgetting,
     pub params: ParamSummary,
     /// Median batch-1 inference latency per image, milliseconds.
     pub latency_ms: f64,
@@ -283,6 +288,7 @@ impl RunSummary {
             match self.baseline_kind {
                 BaselineKind::StageEnd => "stage_end",
                 BaselineKind::StageBest => "stage_best",
+                BaselineKind::SingleTask => "single_task",
             }
         );
         for t in &self.tasks {
@@ -412,15 +418,24 @@ mod tests {
         ];
         let stages = ["a".to_string(), "b".to_string()];
         let mut j = judging(ToleranceKind::Relative);
-        let v = judge(&tasks, &stages, &h, &j).unwrap();
+        let v = judge(&tasks, &stages, &h, &j, None).unwrap();
         assert_eq!(
             (v[0].baseline, v[0].final_value, v[0].stage),
             (0.5, 0.45, 1)
         );
         assert_eq!((v[1].baseline, v[1].final_value, v[1].stage), (0.7, 0.7, 2));
         j.baseline = BaselineKind::StageBest;
-        let v = judge(&tasks, &stages, &h, &j).unwrap();
+        let v = judge(&tasks, &stages, &h, &j, None).unwrap();
         assert_eq!(v[0].baseline, 0.6);
+        j.baseline = BaselineKind::SingleTask;
+        let single: BTreeMap<String, f64> = [("a".to_string(), 0.8), ("b".to_string(), 0.7)].into();
+        let v = judge(&tasks, &stages, &h, &j, Some(&single)).unwrap();
+        assert_eq!(v[0].baseline, 0.8);
+        assert!((v[0].drop_rel.unwrap() - (0.8 - 0.45) / 0.8).abs() < 1e-12);
+        assert!(
+            judge(&tasks, &stages, &h, &j, None).is_err(),
+            "no single-task run"
+        );
         let m = Matrix::from_history(&tasks, &stages, 2, &h);
         assert_eq!(
             m.values,

@@ -30,10 +30,10 @@ pub fn train(mut s: Session) -> Result<RunOutcome> {
         s.run_dir.display()
     );
     std::fs::create_dir_all(s.run_dir.join("checkpoints"))?;
-    for si in s.progress.stage..s.env.exp.stages.len() {
+    for si in s.progress.stage..s.env.stages.len() {
         s.progress.stage = si;
         let mut opt = begin_stage(&mut s, si)?;
-        let stage = s.env.exp.stages[si].clone();
+        let stage = s.env.stages[si].clone();
         let steps =
             (s.progress.pools[si].len() / stage.batch_size.min(s.progress.pools[si].len())).max(1);
         let schedule = LrSchedule::for_stage(&stage, steps);
@@ -86,7 +86,7 @@ pub fn train(mut s: Session) -> Result<RunOutcome> {
 /// Stage start: the stage's training pool, its optimiser, and the plug-ins' `before_stage`;
 /// on resume, the saved optimiser and plug-in state.
 fn begin_stage(s: &mut Session, si: usize) -> Result<Optimizer> {
-    let stage = s.env.exp.stages[si].clone();
+    let stage = s.env.stages[si].clone();
     if s.progress.pools.len() <= si {
         // A fixed, seeded subset when the stage trains on fewer images than the split has.
         let n = s.env.tasks.get(&stage.task)?.len(Split::Train);
@@ -125,6 +125,9 @@ fn begin_stage(s: &mut Session, si: usize) -> Result<Optimizer> {
         before_stage(s, si)?;
     }
     let mut params = trainable_params(&s.env.varmap, &frozen);
+    for p in params.iter_mut() {
+        p.lr_scale = stage.lr_scale.for_param(&p.name);
+    }
     for p in &s.plugins {
         params.extend(p.parameters());
     }
@@ -153,7 +156,7 @@ fn train_epoch(
     si: usize,
     epoch: usize,
 ) -> Result<Option<(StepLosses, f64, f64)>> {
-    let stage = s.env.exp.stages[si].clone();
+    let stage = s.env.stages[si].clone();
     let pool = &s.progress.pools[si];
     let bs = stage.batch_size.min(pool.len());
     // Drop the last incomplete batch: a batch of 1 would wreck BatchNorm statistics.
@@ -216,21 +219,16 @@ fn train_epoch(
 /// and always at a stage's end).
 fn evaluate_epoch(s: &Session, si: usize, epoch: usize) -> Result<Vec<EvalRecord>> {
     let exp = &s.env.exp;
-    if epoch % exp.eval.every != 0 && epoch != exp.stages[si].epochs {
+    if epoch % exp.eval.every != 0 && epoch != s.env.stages[si].epochs {
         return Ok(vec![]);
     }
-    let mut seen: Vec<&str> = Vec::new();
-    for st in &exp.stages[..=si] {
-        if !seen.contains(&st.task.as_str()) {
-            seen.push(&st.task);
-        }
-    }
-    seen.into_iter()
+    exp.evaluated_tasks(si)
+        .into_iter()
         .map(|task| {
             let metrics = evaluate(
                 &s.env.model,
                 &s.env.tasks,
-                task,
+                &task,
                 exp.eval.batch_size,
                 &s.env.device,
             )?;
@@ -238,7 +236,7 @@ fn evaluate_epoch(s: &Session, si: usize, epoch: usize) -> Result<Vec<EvalRecord
                 stage: si,
                 epoch,
                 global_epoch: s.progress.global_epoch,
-                task: task.to_string(),
+                task,
                 metrics,
             })
         })
@@ -255,7 +253,7 @@ fn log_epoch(
     evals: &[EvalRecord],
     seconds: f64,
 ) -> Result<()> {
-    let stage = &s.env.exp.stages[si];
+    let stage = &s.env.stages[si];
     let mut row = EpochRow {
         stage: si,
         task: stage.task.clone(),
@@ -285,7 +283,7 @@ fn log_epoch(
     tracing::info!(
         "stage {}/{} {} epoch {}/{}: loss {:.4} ({}) · {} · {:.1} s",
         si + 1,
-        s.env.exp.stages.len(),
+        s.env.stages.len(),
         stage.task,
         epoch,
         stage.epochs,
@@ -302,7 +300,7 @@ fn end_stage(s: &mut Session, si: usize) -> Result<()> {
     let ckpt = s.run_dir.join("checkpoints").join(format!(
         "stage{}-{}.safetensors",
         si + 1,
-        s.env.exp.stages[si].task
+        s.env.stages[si].task
     ));
     let tmp = ckpt.with_extension("safetensors.tmp");
     s.env.varmap.save(&tmp)?;
@@ -334,7 +332,7 @@ fn progress_bar(s: &Session, steps: usize, si: usize, epoch: usize) -> ProgressB
     if s.opts.quiet {
         return ProgressBar::hidden();
     }
-    let exp = &s.env.exp;
+    let stages = &s.env.stages;
     let pb = ProgressBar::new(steps as u64);
     pb.set_style(
         ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len} {msg} ({elapsed})")
@@ -344,10 +342,10 @@ fn progress_bar(s: &Session, steps: usize, si: usize, epoch: usize) -> ProgressB
     pb.set_prefix(format!(
         "stage {}/{} {} epoch {}/{}",
         si + 1,
-        exp.stages.len(),
-        exp.stages[si].task,
+        stages.len(),
+        stages[si].task,
         epoch,
-        exp.stages[si].epochs
+        stages[si].epochs
     ));
     pb
 }

@@ -9,14 +9,14 @@ pub mod schedule;
 pub mod session;
 pub mod state;
 pub mod step;
-pub mod sweep;
 
 use std::path::Path;
 
 use anyhow::Result;
 
 pub use session::{
-    ensure_data, evaluate_checkpoint, select_device, RunOptions, RunOutcome, Session, Stopped,
+    ensure_data, evaluate_checkpoint, select_device, AlreadyFinished, RunOptions, RunOutcome,
+    Session, Stopped,
 };
 
 use crate::config::Experiment;

@@ -17,6 +17,9 @@ pub struct Param {
     pub var: Var,
     /// Weight decay applies (rank ≥ 2 tensors).
     pub decay: bool,
+    /// This parameter's learning rate is `lr · lr_scale` (a parameter group's rate, as in
+    /// PyTorch; decoupled weight decay scales with it).
+    pub lr_scale: f64,
 }
 
 /// The trainable variables of `varmap`, sorted by name (a fixed order keeps updates and
@@ -30,6 +33,7 @@ pub fn trainable_params(varmap: &VarMap, frozen: &[&str]) -> Vec<Param> {
             name: name.clone(),
             decay: var.rank() >= 2,
             var: var.clone(),
+            lr_scale: 1.0,
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -109,6 +113,11 @@ impl Optimizer {
             };
             let theta = p.var.as_tensor();
             let wd = if p.decay { self.weight_decay } else { 0.0 };
+            let lr = lr * p.lr_scale;
+            if lr == 0.0 {
+                // A frozen group: no update, and no moments to keep (as if not optimised).
+                continue;
+            }
             match self.kind {
                 OptimizerKind::Adamw => {
                     let m = match &self.m[i] {
@@ -195,6 +204,7 @@ mod tests {
             name: name.into(),
             decay: var.rank() >= 2,
             var,
+            lr_scale: 1.0,
         }
     }
 
@@ -225,6 +235,27 @@ mod tests {
         for a in b_new {
             assert!((a - 1.01).abs() < 1e-6, "{a}");
         }
+    }
+
+    #[test]
+    fn lr_scale_scales_the_step_of_its_parameter_only() {
+        let mut a = param("a", &[1.0], &[1]);
+        let b = param("b", &[1.0], &[1]);
+        a.lr_scale = 0.1;
+        let (ta, tb) = (a.var.as_tensor().clone(), b.var.as_tensor().clone());
+        let grads = (ta.sum_all().unwrap() + tb.sum_all().unwrap())
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut opt = Optimizer::new(OptimizerKind::Adamw, vec![a, b], 0.0, 0.0);
+        opt.step(&grads, 0.01, 1.0).unwrap();
+        // AdamW's first step moves by lr·sign(g): 0.001 for a, 0.01 for b.
+        let va = opt.params()[0].var.as_tensor().to_vec1::<f32>().unwrap()[0];
+        let vb = opt.params()[1].var.as_tensor().to_vec1::<f32>().unwrap()[0];
+        assert!(
+            (va - 0.999).abs() < 1e-6 && (vb - 0.99).abs() < 1e-6,
+            "{va} {vb}"
+        );
     }
 
     #[test]

@@ -39,9 +39,75 @@ pub struct RunOptions {
     /// Set (by a signal handler or another thread) to stop after the current step with the
     /// state saved.
     pub interrupt: Option<Arc<AtomicBool>>,
-    /// Use exactly this folder as the run folder (created if absent; an unfinished run in it
-    /// is resumed) instead of a fresh `<results>/<name>/<stamp>`.
+    /// `onehead run FILE --run-dir DIR` (sweeps, job arrays): use exactly this folder
+    /// instead of a fresh `<results>/<name>/<stamp>`. See [`Session::start`] for what an
+    /// existing folder means.
     pub run_dir: Option<PathBuf>,
+}
+
+/// `--run-dir DIR` named a folder whose run has already finished (it has `summary.json`):
+/// nothing was done. Not an error for the caller: `onehead run` exits 0 with this message.
+#[derive(Debug, thiserror::Error)]
+#[error("{} already holds a finished run (summary.json): nothing to do", run_dir.display())]
+pub struct AlreadyFinished {
+    pub run_dir: PathBuf,
+}
+
+/// Files a run writes before its first epoch completes, and the log a sweep or job array
+/// writes into the folder before starting the run. A folder holding nothing else is a run
+/// that never completed an epoch (or never started): it starts afresh there.
+/// (`state/` without `state.json`: killed while saving the first epoch's state.)
+const FRESH_RUN_FILES: [&str; 8] = [
+    "log.txt",
+    "config.toml",
+    "meta.json",
+    "epochs.csv",
+    "eval.csv",
+    "matrix.csv",
+    "checkpoints",
+    "state",
+];
+
+/// `--run-dir DIR`, for sweeps and job arrays that must find a run again after a kill or a
+/// requeue: absent or empty → a fresh run there (`Ok(false)`); a `config.toml` other than
+/// `exp` → an error; `summary.json` → [`AlreadyFinished`]; `state/state.json` → resume it
+/// (`Ok(true)`); only files of a run that never completed an epoch ([`FRESH_RUN_FILES`]) →
+/// start afresh there; anything else → an error (never overwrite what we don't know).
+fn check_run_dir(exp: &Experiment, dir: &Path, registry: &Registry) -> Result<bool> {
+    let stored = dir.join("config.toml");
+    if stored.is_file() {
+        let prev = Experiment::load_with(&stored, &[], &registry.names())
+            .with_context(|| format!("--run-dir {}: reading its config.toml", dir.display()))?;
+        if prev != *exp {
+            anyhow::bail!(
+                "--run-dir {} holds a run of another configuration (its config.toml differs from the one given): use another folder",
+                dir.display()
+            );
+        }
+    }
+    if dir.join("summary.json").exists() {
+        return Err(AlreadyFinished {
+            run_dir: dir.to_path_buf(),
+        }
+        .into());
+    }
+    if dir.join("state").join("state.json").is_file() {
+        return Ok(true);
+    }
+    if dir.exists() {
+        let entries =
+            std::fs::read_dir(dir).with_context(|| format!("--run-dir {}", dir.display()))?;
+        for entry in entries {
+            let name = entry?.file_name().to_string_lossy().to_string();
+            if !(FRESH_RUN_FILES.contains(&name.as_str()) || name.starts_with('.')) {
+                anyhow::bail!(
+                    "--run-dir {} exists and holds '{name}', which is not part of an unfinished run: use another folder",
+                    dir.display()
+                );
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// The run stopped on purpose (`stop_after_*` or an interrupt); resume it from `run_dir`.
@@ -183,6 +249,8 @@ pub fn build_model(
 /// The parts of a run that the loop and the plug-ins read and never replace.
 pub struct Env {
     pub exp: Experiment,
+    /// The stages the loop runs ([`Experiment::plan`]).
+    pub stages: Vec<crate::config::StageConfig>,
     pub tasks: TaskSet,
     pub device: Device,
     pub varmap: VarMap,
@@ -196,6 +264,7 @@ impl Env {
     pub fn ctx<'a>(&'a self, stage: usize, pools: &'a [Vec<usize>]) -> RunCtx<'a> {
         RunCtx {
             exp: &self.exp,
+            stages: &self.stages,
             tasks: &self.tasks,
             model: &self.model,
             varmap: &self.varmap,
@@ -204,7 +273,7 @@ impl Env {
             augment: &self.augment,
             stage,
             pools,
-            backbone_train: self.exp.stages[stage].freeze == crate::config::Freeze::None,
+            backbone_train: self.stages[stage].freeze == crate::config::Freeze::None,
         }
     }
 
@@ -236,7 +305,7 @@ impl Env {
 
     /// The stage tasks, in order.
     pub fn stage_tasks(&self) -> Vec<String> {
-        self.exp.stages.iter().map(|s| s.task.clone()).collect()
+        self.stages.iter().map(|s| s.task.clone()).collect()
     }
 }
 
@@ -286,17 +355,12 @@ fn epoch_columns(env: &Env, plugins: &[Box<dyn Plugin>]) -> EpochColumns {
 }
 
 impl Session {
-    /// A fresh run of `exp` (or, with `opts.run_dir` naming an unfinished run, its resume).
+    /// A fresh run of `exp`; with `opts.run_dir`, in that folder, resuming the unfinished run
+    /// it holds (see `check_run_dir`).
     pub fn start(exp: &Experiment, registry: &Registry, opts: RunOptions) -> Result<Self> {
         if let Some(dir) = &opts.run_dir {
-            if dir.join("state").join("state.json").is_file() {
+            if check_run_dir(exp, dir, registry)? {
                 return Self::resume(dir, registry, opts.clone());
-            }
-            if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-                anyhow::bail!(
-                    "{} exists and holds no resumable run: pick another --run-dir",
-                    dir.display()
-                );
             }
         }
         let device = select_device(&exp.device)?;
@@ -305,6 +369,7 @@ impl Session {
         let (varmap, model, head_config) = build_model(exp, &tasks, &device, &mut rng, true)?;
         let env = Env {
             exp: exp.clone(),
+            stages: exp.plan(),
             tasks,
             device,
             varmap,
@@ -371,11 +436,12 @@ impl Session {
         let mut rng = ChaCha8Rng::seed_from_u64(exp.seed);
         let (varmap, model, head_config) = build_model(&exp, &tasks, &device, &mut rng, false)?;
         let (st, extra) = state::load(run_dir, &varmap, &device)?;
+        let stages = exp.plan();
         anyhow::ensure!(
-            st.stage < exp.stages.len()
-                && st.epoch <= exp.stages[st.stage].epochs
+            st.stage < stages.len()
+                && st.epoch <= stages[st.stage].epochs
                 && st.pools.len() == st.stage + 1
-                && st.pools.iter().zip(&exp.stages).all(|(p, s)| {
+                && st.pools.iter().zip(&stages).all(|(p, s)| {
                     let n = tasks
                         .get(&s.task)
                         .map(|t| t.len(crate::tasks::Split::Train));
@@ -386,6 +452,7 @@ impl Session {
         );
         let env = Env {
             exp: exp.clone(),
+            stages: exp.plan(),
             tasks,
             device,
             varmap,
@@ -414,7 +481,7 @@ impl Session {
             }
         );
         // A stage whose last epoch is done continues with the next stage.
-        let (stage, next_epoch) = if st.epoch >= exp.stages[st.stage].epochs {
+        let (stage, next_epoch) = if st.epoch >= stages[st.stage].epochs {
             (st.stage + 1, 1)
         } else {
             (st.stage, st.epoch + 1)
@@ -510,7 +577,7 @@ impl Session {
             chance_margin: exp.eval.chance_margin,
         };
         let history = &self.progress.history;
-        let tasks = judge(&refs, &env.stage_tasks(), history, &judging)?;
+        let tasks = judge(&refs, &env.stage_tasks(), history, &judging, None)?;
         let mut final_metrics = std::collections::BTreeMap::new();
         for t in &refs {
             if let Some(r) = history
@@ -523,7 +590,15 @@ impl Session {
                 }
             }
         }
-        let matrix = self.write_matrix(exp.stages.len())?;
+        let matrix = self.write_matrix(env.stages.len())?;
+        let stage_tasks = env.stage_tasks();
+        let learned: Vec<usize> = matrix
+            .tasks
+            .iter()
+            .map(|t| stage_tasks.iter().rposition(|s| s == t).unwrap_or(0))
+            .collect();
+        let forgetting =
+            crate::metrics::forgetting::forgetting(&matrix.tasks, &matrix.values, &learned);
         let counts = crate::model::count_params(&env.varmap);
         let summary = RunSummary {
             name: exp.name.clone(),
@@ -540,6 +615,7 @@ impl Session {
             tasks,
             final_metrics,
             matrix,
+            forgetting,
             params: ParamSummary {
                 total: counts.total,
                 backbone: counts.backbone,

@@ -29,7 +29,7 @@ pub fn train_step(
     idx: &[usize],
     lr: f64,
 ) -> Result<StepLosses> {
-    let stage = &ctx.exp.stages[ctx.stage];
+    let stage = &ctx.stages[ctx.stage];
     let task = ctx.tasks.get(&stage.task)?;
     // Draw order (part of the reproducible stream): the stage batch's augmentations, then
     // each plug-in's extra batches in hook order.

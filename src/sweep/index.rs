@@ -1,0 +1,796 @@
+//! What a sweep's runs left: each run's status (from its folder), its results (from
+//! `summary.json`, read as untyped JSON per `RUN_FILES.md`, tolerant of missing and extra
+//! fields), `index.csv` (one row per run) and `summary.csv` (one row per configuration, mean ±
+//! std over seeds).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use super::plan::{Manifest, PlannedRun};
+use crate::report;
+
+/// Lines the sweep runner and the Slurm script write into a run's `log.txt` around each
+/// attempt; the status of a run that has no `summary.json` is read from the last attempt.
+pub const LOG_START: &str = "=== onehead sweep: start";
+pub const LOG_EXIT: &str = "=== onehead sweep: exit";
+
+/// Where a run stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    /// Finished: `summary.json` exists (whatever its verdict).
+    Ok,
+    /// Ended with an error; the reason is the run's last `error:` line.
+    Failed(String),
+    /// Stopped (Ctrl-C, a signal, exit code 3) or killed: re-running the sweep resumes it.
+    Interrupted(String),
+    /// Being run now by this process.
+    Running,
+    /// Never started.
+    Missing,
+}
+
+impl Status {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Failed(_) => "failed",
+            Status::Interrupted(_) => "interrupted",
+            Status::Running => "running",
+            Status::Missing => "missing",
+        }
+    }
+
+    pub fn reason(&self) -> &str {
+        match self {
+            Status::Failed(r) | Status::Interrupted(r) => r,
+            _ => "",
+        }
+    }
+}
+
+/// The verdict of one task, from `summary.json`'s `tasks[]`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TaskResult {
+    pub task: String,
+    pub metric: String,
+    pub baseline: Option<f64>,
+    pub final_value: Option<f64>,
+    pub drop_rel: Option<f64>,
+    /// `ok` | `forgot` | `not_learned` (older summaries: from their `pass` flag).
+    pub verdict: Option<String>,
+}
+
+/// The results of a finished run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RunResult {
+    pub tasks: Vec<TaskResult>,
+    pub pass: Option<bool>,
+    pub train_seconds: Option<f64>,
+    pub seed: Option<u64>,
+}
+
+impl RunResult {
+    /// Read the fields of `summary.json` the index needs; anything missing stays `None`.
+    pub fn from_summary(v: &Value) -> Self {
+        let tasks = v["tasks"]
+            .as_array()
+            .map(|ts| {
+                ts.iter()
+                    .map(|t| TaskResult {
+                        task: t["task"].as_str().unwrap_or("?").to_string(),
+                        metric: t["metric"].as_str().unwrap_or("metric").to_string(),
+                        baseline: t["baseline"].as_f64(),
+                        final_value: t["final_value"].as_f64(),
+                        drop_rel: t["drop_rel"].as_f64(),
+                        verdict: t["verdict"].as_str().map(String::from).or_else(|| {
+                            t["pass"]
+                                .as_bool()
+                                .map(|p| if p { "ok" } else { "forgot" }.to_string())
+                        }),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            tasks,
+            pass: v["pass"].as_bool(),
+            train_seconds: v["train_seconds"].as_f64(),
+            seed: v["seed"].as_u64(),
+        }
+    }
+
+    pub fn read(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join("summary.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let v: Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(Self::from_summary(&v))
+    }
+}
+
+/// One row of the index: the planned run, where it stands and (when finished) its results.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub run: PlannedRun,
+    pub status: Status,
+    pub result: Option<RunResult>,
+}
+
+/// The status of a run from its folder alone (no process of ours runs it).
+pub fn status_from_dir(run_dir: &Path) -> Status {
+    if run_dir.join("summary.json").is_file() {
+        return Status::Ok;
+    }
+    let has_state = run_dir.join("state").join("state.json").is_file();
+    let log = std::fs::read_to_string(run_dir.join("log.txt")).unwrap_or_default();
+    let Some(start) = log.rfind(LOG_START) else {
+        return if has_state {
+            Status::Interrupted("resumable (state saved)".into())
+        } else {
+            Status::Missing
+        };
+    };
+    let attempt = &log[start..];
+    let started = attempt
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches(LOG_START);
+    let Some(exit_line) = attempt.lines().rev().find(|l| l.starts_with(LOG_EXIT)) else {
+        return Status::Interrupted(format!(
+            "started{} and no exit recorded: still running, or its process was killed",
+            started.trim_end()
+        ));
+    };
+    // `<code>[ (note)] at <time>`: keep the code and the note.
+    let rest = exit_line.trim_start_matches(LOG_EXIT).trim();
+    let rest = rest.rsplit_once(" at ").map_or(rest, |(r, _)| r);
+    let code: Option<i32> = rest.split_whitespace().next().and_then(|c| c.parse().ok());
+    let error_line = attempt
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("error:") || l.contains("panicked at"))
+        .map(|l| {
+            let l = l.trim_start_matches("error:").trim();
+            if l.len() > 300 {
+                let mut cut = 300;
+                while !l.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                format!("{}…", &l[..cut])
+            } else {
+                l.to_string()
+            }
+        });
+    let stopped = rest.contains("stopped");
+    match code {
+        Some(3) => Status::Interrupted("stopped (exit code 3), resumable".into()),
+        _ if stopped => Status::Interrupted(format!("exit {rest}, resumable")),
+        // SIGINT, SIGUSR1, SIGTERM: what schedulers and Ctrl-C send; the state of the last
+        // completed epoch is on disk.
+        Some(130 | 138 | 143) => Status::Interrupted(format!("killed by a signal (exit {rest})")),
+        Some(0 | 1) => Status::Failed(format!("exit {rest} but no summary.json")),
+        Some(c) => Status::Failed(error_line.unwrap_or_else(|| format!("exit code {c}"))),
+        None => Status::Failed(error_line.unwrap_or_else(|| format!("exit {rest}"))),
+    }
+}
+
+/// Records of every planned run, read from the run folders.
+pub fn read_records(manifest: &Manifest) -> Vec<RunRecord> {
+    manifest
+        .runs
+        .iter()
+        .map(|run| record_from_dir(run.clone()))
+        .collect()
+}
+
+/// The record of one run, read from its folder.
+pub fn record_from_dir(run: PlannedRun) -> RunRecord {
+    let mut status = status_from_dir(&run.run_dir);
+    let result = if status == Status::Ok {
+        match RunResult::read(&run.run_dir) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                status = Status::Failed(format!("{e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    RunRecord {
+        run,
+        status,
+        result,
+    }
+}
+
+/// `(task, metric)` pairs over all results, in order of first appearance.
+fn task_columns(records: &[RunRecord]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for r in records {
+        for t in r.result.iter().flat_map(|x| &x.tasks) {
+            let key = (t.task.clone(), t.metric.clone());
+            if !out.contains(&key) {
+                out.push(key);
+            }
+        }
+    }
+    out
+}
+
+/// Varied keys other than `seed`, in order of first appearance.
+fn config_keys(records: &[RunRecord]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in records {
+        for (k, _) in r.run.configuration() {
+            if !out.contains(&k) {
+                out.push(k);
+            }
+        }
+    }
+    out
+}
+
+fn value_of(varied: &[(String, String)], key: &str) -> String {
+    varied
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+fn num(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.6}")).unwrap_or_default()
+}
+
+/// `index.csv`: one row per planned run.
+pub fn index_table(records: &[RunRecord]) -> (Vec<String>, Vec<Vec<String>>) {
+    let keys = config_keys(records);
+    let tasks = task_columns(records);
+    let mut header: Vec<String> = ["index", "name", "status", "reason", "file"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    header.extend(keys.iter().cloned());
+    header.push("seed".into());
+    for (t, m) in &tasks {
+        header.extend([
+            format!("{t}_{m}_baseline"),
+            format!("{t}_{m}_final"),
+            format!("{t}_{m}_drop"),
+            format!("{t}_verdict"),
+        ]);
+    }
+    header.extend(["pass".into(), "train_seconds".into(), "run_dir".into()]);
+    let rows = records
+        .iter()
+        .map(|r| {
+            let mut row = vec![
+                r.run.index.to_string(),
+                r.run.name.clone(),
+                r.status.label().to_string(),
+                r.status.reason().to_string(),
+                r.run.file.display().to_string(),
+            ];
+            row.extend(keys.iter().map(|k| value_of(&r.run.varied, k)));
+            row.push(r.run.seed.to_string());
+            for (t, m) in &tasks {
+                let tr = r
+                    .result
+                    .as_ref()
+                    .and_then(|x| x.tasks.iter().find(|x| &x.task == t && &x.metric == m));
+                row.extend([
+                    num(tr.and_then(|x| x.baseline)),
+                    num(tr.and_then(|x| x.final_value)),
+                    num(tr.and_then(|x| x.drop_rel)),
+                    tr.and_then(|x| x.verdict.clone()).unwrap_or_default(),
+                ]);
+            }
+            let res = r.result.as_ref();
+            row.extend([
+                res.and_then(|x| x.pass)
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+                res.and_then(|x| x.train_seconds)
+                    .map(|s| format!("{s:.1}"))
+                    .unwrap_or_default(),
+                r.run.run_dir.display().to_string(),
+            ]);
+            row
+        })
+        .collect();
+    (header, rows)
+}
+
+/// Mean and sample standard deviation (n − 1); the std is `None` below two values.
+pub fn mean_std(xs: &[f64]) -> (Option<f64>, Option<f64>) {
+    if xs.is_empty() {
+        return (None, None);
+    }
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (Some(mean), None);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (Some(mean), Some(var.sqrt()))
+}
+
+/// One task's figures over the seeds of a configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskAggregate {
+    pub task: String,
+    pub metric: String,
+    pub final_mean: Option<f64>,
+    pub final_std: Option<f64>,
+    pub drop_mean: Option<f64>,
+    pub drop_std: Option<f64>,
+    /// Seeds whose verdict for this task is `ok`.
+    pub n_pass: usize,
+}
+
+/// One configuration (all varied values but the seed) over its seeds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregate {
+    /// Run name without the seed part (the experiment's name plus the other varied values).
+    pub label: String,
+    pub file: PathBuf,
+    pub configuration: Vec<(String, String)>,
+    /// Planned runs of this configuration.
+    pub n_runs: usize,
+    /// Finished runs (status ok) the figures are over.
+    pub n_seeds: usize,
+    pub seeds: Vec<u64>,
+    pub tasks: Vec<TaskAggregate>,
+    /// Finished runs passing every task.
+    pub n_pass: usize,
+    pub train_seconds_mean: Option<f64>,
+}
+
+/// Group runs by configuration (file + varied values but `seed`, in plan order) and
+/// aggregate the finished ones.
+pub fn aggregate(records: &[RunRecord]) -> Vec<Aggregate> {
+    let tasks = task_columns(records);
+    struct Group<'a> {
+        file: PathBuf,
+        configuration: Vec<(String, String)>,
+        members: Vec<&'a RunRecord>,
+    }
+    let mut groups: Vec<Group> = Vec::new();
+    for r in records {
+        let conf = r.run.configuration();
+        match groups
+            .iter_mut()
+            .find(|g| g.file == r.run.file && g.configuration == conf)
+        {
+            Some(g) => g.members.push(r),
+            None => groups.push(Group {
+                file: r.run.file.clone(),
+                configuration: conf,
+                members: vec![r],
+            }),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|g| {
+            let Group {
+                file,
+                configuration,
+                members,
+            } = g;
+            let done: Vec<(&RunRecord, &RunResult)> = members
+                .iter()
+                .filter_map(|r| r.result.as_ref().map(|x| (*r, x)))
+                .collect();
+            let task_aggs = tasks
+                .iter()
+                .map(|(t, m)| {
+                    let of = |r: &RunResult| {
+                        r.tasks
+                            .iter()
+                            .find(|x| &x.task == t && &x.metric == m)
+                            .cloned()
+                    };
+                    let trs: Vec<TaskResult> = done.iter().filter_map(|(_, r)| of(r)).collect();
+                    let finals: Vec<f64> = trs.iter().filter_map(|x| x.final_value).collect();
+                    let drops: Vec<f64> = trs.iter().filter_map(|x| x.drop_rel).collect();
+                    let (final_mean, final_std) = mean_std(&finals);
+                    let (drop_mean, drop_std) = mean_std(&drops);
+                    TaskAggregate {
+                        task: t.clone(),
+                        metric: m.clone(),
+                        final_mean,
+                        final_std,
+                        drop_mean,
+                        drop_std,
+                        n_pass: trs
+                            .iter()
+                            .filter(|x| x.verdict.as_deref() == Some("ok"))
+                            .count(),
+                    }
+                })
+                .collect();
+            let secs: Vec<f64> = done.iter().filter_map(|(_, r)| r.train_seconds).collect();
+            let label = members[0].run.config_name.clone();
+            Aggregate {
+                label,
+                file,
+                n_runs: members.len(),
+                n_seeds: done.len(),
+                seeds: done.iter().map(|(r, _)| r.run.seed).collect(),
+                tasks: task_aggs,
+                n_pass: done.iter().filter(|(_, r)| r.pass == Some(true)).count(),
+                train_seconds_mean: mean_std(&secs).0,
+                configuration,
+            }
+        })
+        .collect()
+}
+
+/// `summary.csv`: one row per configuration.
+pub fn summary_table(aggs: &[Aggregate]) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut keys: Vec<String> = Vec::new();
+    for a in aggs {
+        for (k, _) in &a.configuration {
+            if !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+    }
+    let tasks: Vec<(String, String)> = aggs
+        .first()
+        .map(|a| {
+            a.tasks
+                .iter()
+                .map(|t| (t.task.clone(), t.metric.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut header: Vec<String> = vec!["config".into(), "file".into()];
+    header.extend(keys.iter().cloned());
+    header.extend(["n_runs".into(), "n_seeds".into(), "seeds".into()]);
+    for (t, m) in &tasks {
+        header.extend([
+            format!("{t}_{m}_final_mean"),
+            format!("{t}_{m}_final_std"),
+            format!("{t}_drop_mean"),
+            format!("{t}_drop_std"),
+            format!("{t}_n_pass"),
+        ]);
+    }
+    header.extend(["n_pass".into(), "train_seconds_mean".into()]);
+    let rows = aggs
+        .iter()
+        .map(|a| {
+            let mut row = vec![a.label.clone(), a.file.display().to_string()];
+            row.extend(keys.iter().map(|k| value_of(&a.configuration, k)));
+            row.extend([
+                a.n_runs.to_string(),
+                a.n_seeds.to_string(),
+                a.seeds
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ]);
+            for t in &a.tasks {
+                row.extend([
+                    num(t.final_mean),
+                    num(t.final_std),
+                    num(t.drop_mean),
+                    num(t.drop_std),
+                    t.n_pass.to_string(),
+                ]);
+            }
+            row.extend([
+                a.n_pass.to_string(),
+                a.train_seconds_mean
+                    .map(|s| format!("{s:.1}"))
+                    .unwrap_or_default(),
+            ]);
+            row
+        })
+        .collect();
+    (header, rows)
+}
+
+/// The aggregate as a terminal table: per task `final mean ± std` and `drop mean ± std`.
+pub fn summary_text(aggs: &[Aggregate]) -> String {
+    let pm = |m: Option<f64>, s: Option<f64>, scale: f64, suffix: &str| match (m, s) {
+        (Some(m), Some(s)) => format!("{:.3}{suffix} ± {:.3}{suffix}", m * scale, s * scale),
+        (Some(m), None) => format!("{:.3}{suffix}", m * scale),
+        _ => "-".into(),
+    };
+    let mut header = vec!["config".to_string(), "seeds".into()];
+    if let Some(a) = aggs.first() {
+        for t in &a.tasks {
+            header.push(format!("{} {} final", t.task, t.metric));
+            header.push(format!("{} drop %", t.task));
+            header.push(format!("{} ok", t.task));
+        }
+    }
+    header.push("pass".into());
+    let mut rows = vec![header];
+    for a in aggs {
+        let mut row = vec![
+            a.label.clone(),
+            if a.n_seeds == a.n_runs {
+                a.n_seeds.to_string()
+            } else {
+                format!("{}/{}", a.n_seeds, a.n_runs)
+            },
+        ];
+        for t in &a.tasks {
+            row.push(pm(t.final_mean, t.final_std, 1.0, ""));
+            row.push(pm(t.drop_mean, t.drop_std, 100.0, ""));
+            row.push(format!("{}/{}", t.n_pass, a.n_seeds));
+        }
+        row.push(format!("{}/{}", a.n_pass, a.n_seeds));
+        rows.push(row);
+    }
+    let cols = rows[0].len();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let pad = widths[i] - s.chars().count();
+                if i == 0 {
+                    format!("{s}{}", " ".repeat(pad))
+                } else {
+                    format!("{}{s}", " ".repeat(pad))
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+fn write_csv(path: &Path, header: &[String], rows: &[Vec<String>]) -> Result<()> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(header)?;
+    for r in rows {
+        w.write_record(r)?;
+    }
+    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
+    report::write_atomic(path, &bytes)
+}
+
+/// Write `index.csv` and `summary.csv` into the sweep folder (atomically).
+pub fn write_index(sweep_dir: &Path, records: &[RunRecord]) -> Result<Vec<Aggregate>> {
+    let (h, rows) = index_table(records);
+    write_csv(&sweep_dir.join("index.csv"), &h, &rows)?;
+    let aggs = aggregate(records);
+    let (h, rows) = summary_table(&aggs);
+    write_csv(&sweep_dir.join("summary.csv"), &h, &rows)?;
+    Ok(aggs)
+}
+
+/// Counts of records by status, for messages.
+pub fn status_counts(records: &[RunRecord]) -> String {
+    let mut parts = Vec::new();
+    for label in ["ok", "failed", "interrupted", "running", "missing"] {
+        let n = records.iter().filter(|r| r.status.label() == label).count();
+        if n > 0 {
+            parts.push(format!(
+                "{n} {}",
+                if label == "ok" { "finished" } else { label }
+            ));
+        }
+    }
+    parts.join(", ")
+}
+
+/// `onehead sweep --collect SWEEP_DIR`: the index from whatever the runs left, and the list
+/// of runs that did not finish.
+pub fn collect(sweep_dir: &Path) -> Result<(Vec<RunRecord>, Vec<Aggregate>)> {
+    let manifest = Manifest::load(sweep_dir)?;
+    let records = read_records(&manifest);
+    let aggs = write_index(sweep_dir, &records)?;
+    Ok((records, aggs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(index: usize, lr: &str, seed: u64) -> PlannedRun {
+        PlannedRun {
+            index,
+            name: format!("x__lr-{lr}__seed-{seed}"),
+            experiment: "x".into(),
+            config_name: format!("x__lr-{lr}"),
+            file: "x.toml".into(),
+            overrides: vec![],
+            varied: vec![
+                ("stages.*.lr".into(), lr.into()),
+                ("seed".into(), seed.to_string()),
+            ],
+            seed,
+            config: format!("/s/configs/{index}.toml").into(),
+            run_dir: format!("/s/runs/{index}").into(),
+        }
+    }
+
+    fn done(run: PlannedRun, seg: (f64, f64), cls: (f64, f64), secs: f64) -> RunRecord {
+        let task = |task: &str, metric: &str, (base, fin): (f64, f64)| {
+            let drop = (base - fin) / base;
+            serde_json::json!({"task": task, "metric": metric, "baseline": base,
+                "final_value": fin, "drop_rel": drop,
+                "verdict": if drop <= 0.05 { "ok" } else { "forgot" }})
+        };
+        let pass = (seg.0 - seg.1) / seg.0 <= 0.05 && (cls.0 - cls.1) / cls.0 <= 0.05;
+        let v = serde_json::json!({"seed": run.seed, "pass": pass, "train_seconds": secs,
+            "unknown_field": [1, 2],
+            "tasks": [task("seg", "miou", seg), task("cls", "top1", cls)]});
+        RunRecord {
+            run,
+            status: Status::Ok,
+            result: Some(RunResult::from_summary(&v)),
+        }
+    }
+
+    #[test]
+    fn mean_and_sample_std() {
+        let (m, s) = mean_std(&[1.0, 2.0, 3.0, 4.0]);
+        assert!((m.unwrap() - 2.5).abs() < 1e-12);
+        // Sample variance: (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3.
+        assert!((s.unwrap() - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert_eq!(mean_std(&[0.7]), (Some(0.7), None));
+        assert_eq!(mean_std(&[]), (None, None));
+    }
+
+    #[test]
+    fn aggregation_over_seeds_on_hand_made_numbers() {
+        let records = vec![
+            // lr 0.1: three seeds. seg finals 0.40, 0.50, 0.60 from baseline 0.5 / 0.5 / 0.6
+            done(planned(0, "0.1", 0), (0.5, 0.40), (0.8, 0.80), 10.0),
+            done(planned(1, "0.1", 1), (0.5, 0.50), (0.8, 0.70), 20.0),
+            done(planned(2, "0.1", 2), (0.6, 0.60), (0.8, 0.79), 30.0),
+            // lr 0.2: one seed finished, one failed, one missing.
+            done(planned(3, "0.2", 0), (0.5, 0.45), (0.5, 0.5), 12.0),
+            RunRecord {
+                run: planned(4, "0.2", 1),
+                status: Status::Failed("boom".into()),
+                result: None,
+            },
+            RunRecord {
+                run: planned(5, "0.2", 2),
+                status: Status::Missing,
+                result: None,
+            },
+        ];
+        let aggs = aggregate(&records);
+        assert_eq!(aggs.len(), 2);
+        let a = &aggs[0];
+        assert_eq!(a.label, "x__lr-0.1");
+        assert_eq!(
+            (a.n_runs, a.n_seeds, a.seeds.clone()),
+            (3, 3, vec![0, 1, 2])
+        );
+        let seg = &a.tasks[0];
+        assert_eq!((seg.task.as_str(), seg.metric.as_str()), ("seg", "miou"));
+        assert!((seg.final_mean.unwrap() - 0.5).abs() < 1e-12);
+        assert!((seg.final_std.unwrap() - 0.1).abs() < 1e-12);
+        // Drops 0.2, 0.0, 0.0: mean 1/15, sample std sqrt(((2/15)^2 + 2 (1/15)^2) / 2).
+        assert!((seg.drop_mean.unwrap() - 0.2 / 3.0).abs() < 1e-12);
+        let want = ((0.2f64 - 0.2 / 3.0).powi(2) + 2.0 * (0.2f64 / 3.0).powi(2)) / 2.0;
+        assert!((seg.drop_std.unwrap() - want.sqrt()).abs() < 1e-12);
+        assert_eq!(seg.n_pass, 2);
+        let cls = &a.tasks[1];
+        // cls drops 0, 0.125, 0.0125: only seeds 0 and 2 within 5 %.
+        assert_eq!(cls.n_pass, 2);
+        // Seed 0 forgot seg, seed 1 forgot cls: only seed 2 passes everything.
+        assert_eq!(a.n_pass, 1);
+        assert!((a.train_seconds_mean.unwrap() - 20.0).abs() < 1e-12);
+
+        let b = &aggs[1];
+        assert_eq!((b.n_runs, b.n_seeds), (3, 1));
+        assert!((b.tasks[0].final_mean.unwrap() - 0.45).abs() < 1e-12);
+        assert_eq!(b.tasks[0].final_std, None, "one seed: no std");
+
+        let (h, rows) = summary_table(&aggs);
+        let col = |n: &str| {
+            h.iter()
+                .position(|c| c == n)
+                .unwrap_or_else(|| panic!("{n}"))
+        };
+        assert_eq!(rows[0][col("stages.*.lr")], "0.1");
+        assert_eq!(rows[0][col("n_seeds")], "3");
+        assert_eq!(rows[0][col("seg_miou_final_mean")], "0.500000");
+        assert_eq!(rows[0][col("seg_miou_final_std")], "0.100000");
+        assert_eq!(rows[0][col("seg_n_pass")], "2");
+        assert_eq!(rows[0][col("train_seconds_mean")], "20.0");
+        assert_eq!(rows[1][col("seg_miou_final_std")], "");
+        assert_eq!(rows[1][col("n_runs")], "3");
+        assert!(!h.contains(&"seed".to_string()));
+
+        let (h, rows) = index_table(&records);
+        let col = |n: &str| {
+            h.iter()
+                .position(|c| c == n)
+                .unwrap_or_else(|| panic!("{n}"))
+        };
+        assert_eq!(rows.len(), 6);
+        assert_eq!(rows[4][col("status")], "failed");
+        assert_eq!(rows[4][col("reason")], "boom");
+        assert_eq!(rows[5][col("status")], "missing");
+        assert_eq!(rows[2][col("seed")], "2");
+        assert_eq!(rows[0][col("seg_miou_final")], "0.400000");
+        assert_eq!(rows[0][col("seg_verdict")], "forgot");
+        assert_eq!(rows[0][col("pass")], "false");
+
+        let text = summary_text(&aggs);
+        assert!(text.contains("0.500 ± 0.100"), "{text}");
+        assert!(text.contains("1/3"), "{text}");
+    }
+
+    #[test]
+    fn summaries_are_read_tolerantly() {
+        // Today's summary: per-task `pass` instead of `verdict`, no drop for nothing.
+        let v = serde_json::json!({"tasks": [{"task": "seg", "metric": "miou",
+            "baseline": 0.5, "final_value": 0.4, "drop_rel": 0.2, "pass": false}],
+            "pass": false});
+        let r = RunResult::from_summary(&v);
+        assert_eq!(r.tasks[0].verdict.as_deref(), Some("forgot"));
+        assert_eq!(r.train_seconds, None);
+        // The redesigned one: a null drop for a task that was not learned.
+        let v = serde_json::json!({"tasks": [{"task": "depth", "metric": "rmse",
+            "baseline": 1.0, "final_value": 1.1, "drop_rel": null, "verdict": "not_learned"}]});
+        let r = RunResult::from_summary(&v);
+        assert_eq!(r.tasks[0].drop_rel, None);
+        assert_eq!(r.tasks[0].verdict.as_deref(), Some("not_learned"));
+        assert_eq!(
+            RunResult::from_summary(&serde_json::json!(3)),
+            RunResult::default()
+        );
+    }
+
+    #[test]
+    fn status_is_read_from_the_run_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        assert_eq!(status_from_dir(d), Status::Missing);
+        let log = |text: &str| std::fs::write(d.join("log.txt"), text).unwrap();
+        log(&format!("{LOG_START} at t1\nstarting\n"));
+        assert_eq!(status_from_dir(d).label(), "interrupted");
+        log(&format!(
+            "{LOG_START} at t1\nerror: data root /x not found\n{LOG_EXIT} 2 at t2\n"
+        ));
+        assert_eq!(
+            status_from_dir(d),
+            Status::Failed("data root /x not found".into())
+        );
+        // A later attempt decides.
+        log(&format!(
+            "{LOG_START} at t1\nerror: old\n{LOG_EXIT} 2 at t2\n{LOG_START} at t3\n{LOG_EXIT} 3 at t4\n"
+        ));
+        assert_eq!(status_from_dir(d).label(), "interrupted");
+        log(&format!("{LOG_START} at t1\n{LOG_EXIT} 143 at t2\n"));
+        assert_eq!(status_from_dir(d).label(), "interrupted");
+        log(&format!(
+            "{LOG_START} at t1\n{LOG_EXIT} 137 (stopped by the sweep) at t2\n"
+        ));
+        assert_eq!(status_from_dir(d).label(), "interrupted");
+        log(&format!("{LOG_START} at t1\n{LOG_EXIT} 137 at t2\n"));
+        assert_eq!(status_from_dir(d), Status::Failed("exit code 137".into()));
+        std::fs::write(d.join("summary.json"), "{}").unwrap();
+        assert_eq!(status_from_dir(d), Status::Ok);
+    }
+}

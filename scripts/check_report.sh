@@ -50,7 +50,7 @@ probe="$work/probe.html"
 sed 's#</body>#<script>window.addEventListener("load",function(){var i=Array.prototype.slice.call(document.images);var b=i.filter(function(x){return !x.complete||x.naturalWidth===0;}).map(function(x){return x.alt||x.src.slice(0,80);});var p=document.createElement("pre");p.id="onehead-check";p.textContent="ONEHEAD-CHECK images="+i.length+" broken="+b.length+" height="+document.documentElement.scrollHeight+(b.length?" :: "+b.join(" | "):"");document.body.appendChild(p);});</script></body>#' "$report" >"$probe"
 dom=$(run_chromium --virtual-time-budget=10000 --dump-dom "file://$probe") || {
   cat "$work/chromium.log" >&2; fail "chromium could not load $report"; }
-line=$(printf '%s\n' "$dom" | grep -o 'ONEHEAD-CHECK[^<]*' | head -1 || true)
+line=$(printf '%s\n' "$dom" | grep -oE 'ONEHEAD-CHECK images=[0-9]+ [^<]*' | head -1 || true)
 [ -n "$line" ] || fail "the page did not finish loading (no check result)"
 images=$(sed -E 's/.*images=([0-9]+).*/\1/' <<<"$line")
 broken=$(sed -E 's/.*broken=([0-9]+).*/\1/' <<<"$line")

@@ -257,7 +257,7 @@ fn a_finished_run_gets_plots_of_the_expected_size_and_a_report() {
     for (f, size) in [
         ("loss.png", (1000, 620)),
         ("metrics.png", (1000, 750)),
-        ("matrix.png", (650, 342)),
+        ("matrix.png", (650, 312)),
     ] {
         let (dim, ink) = png_info(&run.join("plots").join(f));
         assert_eq!(dim, size, "{f}");
@@ -342,7 +342,7 @@ fn an_interrupted_run_with_a_truncated_line_still_draws() {
     assert_eq!(dim, (1000, 60 + 230 * 2), "seg and det panels");
     assert!(ink > 0.02);
     // matrix.csv holds stage 1 only: still a heat map.
-    assert_eq!(png_info(&run.join("plots/matrix.png")).0, (640, 150 + 64));
+    assert_eq!(png_info(&run.join("plots/matrix.png")).0, (640, 120 + 64));
     let html = std::fs::read_to_string(run.join("report.html")).unwrap();
     assert!(html.contains("UNFINISHED"));
     assert!(

@@ -549,7 +549,7 @@ fn group_stats(runs: &[RunData], g: &Group) -> Vec<(String, String, String)> {
                 }
                 let (m, s) = mean_std(&v);
                 if pct {
-                    format!("{:+.1} ± {:.1} %", -m * 100.0, s * 100.0)
+                    format!("{} ± {:.1}", html::fmt_drop(Some(m)), s * 100.0)
                 } else {
                     format!("{m:.4} ± {s:.4}")
                 }
@@ -652,7 +652,7 @@ fn summary_html(runs: &[RunData], labels: &[String]) -> String {
     for (t, c) in &tasks {
         let _ = write!(
             s,
-            "<th>{} <code>{}</code><br>baseline → final</th>",
+            "<th>{} · <code>{}</code><br>baseline → final</th>",
             esc(t),
             esc(c)
         );
@@ -665,7 +665,7 @@ fn summary_html(runs: &[RunData], labels: &[String]) -> String {
                 Some(x) => {
                     let _ = write!(
                         s,
-                        "<td>{} → {} <span class=\"sub\">({})</span> {}</td>",
+                        "<td class=\"cell\">{} → {}<br><span class=\"sub\">{}</span> {}</td>",
                         html::fmt_opt(x.baseline, 3),
                         html::fmt_opt(x.final_value, 3),
                         html::fmt_drop(x.drop_rel),

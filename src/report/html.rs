@@ -23,7 +23,7 @@ h1 { font-size: 26px; margin: 0 0 4px; letter-spacing:-0.01em; }
 h2 { font-size: 18px; margin: 0 0 12px; }
 .sub { color: var(--muted); margin: 0; font-size: 13.5px; word-break: break-all; }
 section { background:#fff; border:1px solid var(--line); border-radius:10px; padding:18px 20px; margin: 0 0 18px; }
-.facts { display:grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap:10px; padding:14px; }
+.facts { display:grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap:10px; padding:14px; }
 .fact { padding:8px 10px; border-radius:8px; background:var(--bg); }
 .fact .k { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
 .fact .v { font-size:17px; font-weight:600; font-variant-numeric: tabular-nums; }
@@ -31,6 +31,8 @@ table { border-collapse: collapse; width:100%; font-variant-numeric: tabular-num
 th, td { text-align:left; padding:7px 10px; border-bottom:1px solid var(--line); white-space:nowrap; }
 th { font-size:12.5px; color:var(--muted); font-weight:600; text-transform:uppercase; letter-spacing:.03em; }
 td.num, th.num { text-align:right; }
+td.cell { line-height:1.35; }
+td .sub { font-size:12.5px; }
 tr:last-child td { border-bottom:none; }
 .scroll { overflow-x:auto; }
 .badge { display:inline-block; padding:2px 10px; border-radius:999px; font-size:13px; font-weight:600; }
@@ -40,7 +42,7 @@ tr:last-child td { border-bottom:none; }
 .not_learned { color:var(--warn); background:var(--warn-bg); }
 .unfinished, .running, .unknown { color:var(--info); background:var(--info-bg); }
 figure { margin:0; }
-figure img { display:block; width:100%; max-width:1000px; height:auto; margin:0 auto; }
+figure img { display:block; max-width:100%; height:auto; margin:0 auto; }
 figcaption { color:var(--muted); font-size:13px; margin-top:6px; }
 pre { background:#f3f4f6; border:1px solid var(--line); border-radius:8px; padding:12px 14px; overflow:auto;
   font: 13px/1.45 ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; margin:0; }
@@ -112,8 +114,12 @@ pub(crate) fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 pub(crate) fn fmt_drop(d: Option<f64>) -> String {
     match d {
         Some(d) if d.is_finite() => {
-            let sign = if d > 0.0 { "−" } else { "+" };
-            format!("{sign}{}", pct(d.abs()))
+            let p = d * 100.0;
+            if p.abs() < 0.05 {
+                "±0 %".into()
+            } else {
+                format!("{}{:.1} %", if p > 0.0 { "−" } else { "+" }, p.abs())
+            }
         }
         _ => "—".into(),
     }
@@ -315,6 +321,9 @@ pub(crate) fn run_report(run: &RunData, pngs: &[(String, Vec<u8>)]) -> String {
         .and_then(|p| p.as_object())
     {
         b.push_str("<section><h2>Parameters</h2><div class=\"scroll\"><table><tbody>");
+        // `total` first, then the parts.
+        let mut p: Vec<_> = p.iter().collect();
+        p.sort_by_key(|(k, _)| *k != "total");
         for (k, v) in p {
             if let Some(n) = v.as_u64() {
                 let _ = write!(

@@ -1,8 +1,10 @@
 //! Run outputs: run directories that are never overwritten, files written atomically,
-//! the per-epoch CSV (flushed every epoch) and the summary.
+//! the per-epoch CSV (flushed every epoch), the summary, and the pictures (issue 11): charts
+//! from the run files (`plot`), `report.html` (`html`), `compare`, a TensorBoard sink.
 
 mod compare;
 pub mod csv_log;
+mod glyphs;
 mod html;
 mod plot;
 mod run_files;

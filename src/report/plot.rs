@@ -16,10 +16,11 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+use super::glyphs::CrispText;
 use super::run_files::{RunData, Stage};
 
 /// DejaVu Sans 2.37 (Bitstream Vera licence, see `assets/fonts/LICENSE-DejaVu.txt`).
-static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+pub(crate) static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 pub(crate) const FONT_FAMILY: &str = "sans-serif";
 
 /// Stage colours (Tableau 10): stage k is drawn in `PALETTE[(k - 1) % 10]` in every chart.
@@ -62,7 +63,7 @@ pub(crate) fn loss_size() -> (u32, u32) {
 pub(crate) fn matrix_size(tasks: usize, stages: usize) -> (u32, u32) {
     (
         (200 + 150 * stages.max(1) as u32).max(640),
-        150 + 64 * tasks.max(1) as u32,
+        120 + 64 * tasks.max(1) as u32,
     )
 }
 /// Pixel size of an overlay chart of `compare`.
@@ -143,7 +144,7 @@ pub(crate) fn render_png<C: Chart>(chart: &C) -> Result<Vec<u8>> {
     let (w, h) = chart.size();
     let mut buf = vec![255u8; (w as usize) * (h as usize) * 3];
     {
-        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        let root = CrispText(BitMapBackend::with_buffer(&mut buf, (w, h))).into_drawing_area();
         root.fill(&WHITE).draw_err()?;
         chart.draw(&root)?;
         root.present().draw_err()?;
@@ -172,19 +173,18 @@ fn fmt_epoch(x: &f64) -> String {
     }
 }
 
+/// An axis value: as few digits as it needs (`0.25`, `4`, `1.5`, `2e-4`).
 fn fmt_value(x: &f64) -> String {
     let a = x.abs();
-    if a == 0.0 {
-        "0".into()
-    } else if a >= 100.0 {
-        format!("{x:.0}")
-    } else if a >= 10.0 {
-        format!("{x:.1}")
-    } else if a >= 0.01 {
-        format!("{x:.2}")
-    } else {
-        format!("{x:.1e}")
+    if a < 1e-12 {
+        return "0".into();
     }
+    if a < 0.001 {
+        return format!("{x:.0e}");
+    }
+    let s = format!("{x:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    s.to_string()
 }
 
 #[derive(Clone)]
@@ -205,12 +205,12 @@ pub(crate) struct LegendEntry {
 }
 
 impl LegendEntry {
-    fn line(colour: RGBColor, label: impl Into<String>) -> Self {
+    fn line(colour: RGBColor, label: impl Into<String>, marker: bool) -> Self {
         Self {
             swatch: Swatch::Line {
                 colour,
                 dashed: false,
-                marker: true,
+                marker,
             },
             label: label.into(),
         }
@@ -258,7 +258,47 @@ fn fit_text<DB: DrawingBackend>(
     "…".into()
 }
 
-/// A legend column: entries from the top of `area`, `top` pixels down.
+/// Split `text` into lines that fit `max_px` (at spaces; a word too long is shortened).
+fn wrap_text<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    text: &str,
+    style: &TextStyle,
+    max_px: u32,
+    max_lines: usize,
+) -> Vec<String> {
+    let fits = |s: &str| {
+        area.estimate_text_size(s, style)
+            .map(|(w, _)| w <= max_px)
+            .unwrap_or(true)
+    };
+    let mut lines: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for word in text.split(' ') {
+        let cand = if cur.is_empty() {
+            word.to_string()
+        } else {
+            format!("{cur} {word}")
+        };
+        if fits(&cand) || cur.is_empty() {
+            cur = cand;
+        } else {
+            lines.push(std::mem::take(&mut cur));
+            cur = word.to_string();
+        }
+    }
+    lines.push(cur);
+    if lines.len() > max_lines {
+        let rest = lines[max_lines - 1..].join(" ");
+        lines.truncate(max_lines - 1);
+        lines.push(rest);
+    }
+    lines
+        .into_iter()
+        .map(|l| fit_text(area, &l, style, max_px))
+        .collect()
+}
+
+/// A legend column: entries from the top of `area`, `top` pixels down; long labels wrap.
 fn draw_legend<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     entries: &[LegendEntry],
@@ -266,9 +306,9 @@ fn draw_legend<DB: DrawingBackend>(
 ) -> Result<()> {
     let style = font(13.0).pos(Pos::new(HPos::Left, VPos::Center));
     let (w, _) = area.dim_in_pixel();
-    let row = 21;
-    for (i, e) in entries.iter().enumerate() {
-        let y = top + row * i as i32;
+    let (row, line_h) = (21, 16);
+    let mut y = top;
+    for e in entries {
         let x0 = 10;
         let text_x = match &e.swatch {
             Swatch::Text => x0,
@@ -312,9 +352,22 @@ fn draw_legend<DB: DrawingBackend>(
             }
             Swatch::Text => {}
         }
-        let label = fit_text(area, &e.label, &style, w.saturating_sub(text_x as u32 + 6));
-        area.draw(&Text::new(label, (text_x, y), style.clone()))
+        let lines = wrap_text(
+            area,
+            &e.label,
+            &style,
+            w.saturating_sub(text_x as u32 + 8),
+            3,
+        );
+        for (k, l) in lines.iter().enumerate() {
+            area.draw(&Text::new(
+                l.clone(),
+                (text_x, y + line_h * k as i32),
+                style.clone(),
+            ))
             .draw_err()?;
+        }
+        y += row + line_h * (lines.len() as i32 - 1);
     }
     Ok(())
 }
@@ -347,8 +400,8 @@ fn epoch_chart<'a, DB: DrawingBackend>(
         .draw_err()?;
     let mut mesh = chart.configure_mesh();
     mesh.disable_x_mesh()
-        .light_line_style(RGBColor(0xEE, 0xEE, 0xEE))
-        .bold_line_style(RGBColor(0xDD, 0xDD, 0xDD))
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(RGBColor(0xE4, 0xE4, 0xE4))
         .axis_style(RGBColor(0x99, 0x99, 0x99))
         .y_labels(6)
         .x_labels(last.min(12))
@@ -419,7 +472,14 @@ fn draw_stages<DB: DrawingBackend>(
     Ok(())
 }
 
-/// Line with round markers (markers only while the points are not too dense).
+/// Whether epochs are far enough apart on the x axis for a marker at each.
+fn markers_fit<DB: DrawingBackend>(chart: &EpochChart<'_, DB>) -> bool {
+    let plot_w = chart.plotting_area().dim_in_pixel().0 as f64;
+    let r = chart.x_range();
+    plot_w / (r.end - r.start).max(1.0) >= 14.0
+}
+
+/// Line with round markers (markers only while the epochs are not too dense).
 fn draw_line<DB: DrawingBackend>(
     chart: &mut EpochChart<'_, DB>,
     pts: &[(f64, f64)],
@@ -432,13 +492,32 @@ fn draw_line<DB: DrawingBackend>(
             colour.stroke_width(width),
         ))
         .draw_err()?;
-    let plot_w = chart.plotting_area().dim_in_pixel().0 as usize;
-    if pts.len() <= plot_w / 12 {
+    if markers_fit(chart) {
         chart
             .draw_series(pts.iter().map(|p| Circle::new(*p, 3, colour.filled())))
             .draw_err()?;
     }
     Ok(())
+}
+
+/// Points split where a stage ends, so lines do not jump across stage boundaries.
+fn by_stage(pts: &[(f64, f64)], stages: &[Stage]) -> Vec<Vec<(f64, f64)>> {
+    let stage_of = |x: f64| {
+        stages
+            .iter()
+            .position(|s| x >= s.first_epoch as f64 - 0.5 && x <= s.last_epoch as f64 + 0.5)
+    };
+    let mut out: Vec<Vec<(f64, f64)>> = Vec::new();
+    let mut cur_stage = None;
+    for p in pts {
+        let st = stage_of(p.0);
+        if out.is_empty() || st != cur_stage {
+            out.push(Vec::new());
+            cur_stage = st;
+        }
+        out.last_mut().expect("pushed").push(*p);
+    }
+    out
 }
 
 fn draw_hline<DB: DrawingBackend>(
@@ -555,8 +634,8 @@ impl LossChart {
             .collect();
         Some(Self {
             title: format!("{} — training loss", run.name),
-            stages,
-            last_epoch: e.last_epoch(),
+            stages: run.chart_stages(),
+            last_epoch: run.chart_last_epoch(),
             new_loss,
             total,
             terms,
@@ -603,20 +682,21 @@ impl Chart for LossChart {
         )?;
         draw_stages(&mut chart, &self.stages, yr, true)?;
         let mut entries = Vec::new();
-        if with_terms && !self.total.is_empty() {
-            chart
-                .draw_series(DashedLineSeries::new(
-                    self.total.iter().copied(),
-                    5,
-                    4,
-                    GREY.stroke_width(1),
-                ))
-                .draw_err()?;
+        if with_terms {
+            for seg in by_stage(&self.total, &self.stages) {
+                chart
+                    .draw_series(DashedLineSeries::new(seg, 5, 4, GREY.stroke_width(1)))
+                    .draw_err()?;
+            }
         }
         for (stage, task, pts) in &self.new_loss {
             let c = stage_colour(*stage);
             draw_line(&mut chart, pts, c, 2)?;
-            entries.push(LegendEntry::line(c, format!("{task} loss (stage {stage})")));
+            entries.push(LegendEntry::line(
+                c,
+                format!("{task} loss (stage {stage})"),
+                markers_fit(&chart),
+            ));
         }
         if with_terms && !self.total.is_empty() {
             entries.push(LegendEntry::dashed(GREY, "total (new + terms)"));
@@ -643,8 +723,14 @@ impl Chart for LossChart {
             let mut entries = Vec::new();
             for (i, (name, pts)) in self.terms.iter().enumerate() {
                 let c = term_colour(i);
-                draw_line(&mut chart, pts, c, 2)?;
-                entries.push(LegendEntry::line(c, format!("{name} term")));
+                for seg in by_stage(pts, &self.stages) {
+                    draw_line(&mut chart, &seg, c, 2)?;
+                }
+                entries.push(LegendEntry::line(
+                    c,
+                    format!("{name} term"),
+                    markers_fit(&chart),
+                ));
             }
             draw_legend(&lbottom, &entries, 40)?;
         }
@@ -721,8 +807,8 @@ impl MetricsChart {
         };
         Some(Self {
             title: format!("{} — validation metrics", run.name),
-            stages,
-            last_epoch: run.epochs.last_epoch(),
+            stages: run.chart_stages(),
+            last_epoch: run.chart_last_epoch(),
             tolerance_label,
             panels,
         })
@@ -773,24 +859,19 @@ impl Chart for MetricsChart {
             )?;
             draw_stages(&mut chart, &self.stages, yr, i == 0)?;
             let c = stage_colour(p.stage);
-            let mut entries = vec![LegendEntry::line(c, p.column.clone())];
+            let mut entries = vec![LegendEntry::line(c, p.column.clone(), markers_fit(&chart))];
+            // Baseline and tolerance line from the start of the stage that learned the task.
+            let from = self
+                .stages
+                .iter()
+                .find(|s| s.index == p.stage)
+                .map(|s| s.first_epoch as f64 - 0.5)
+                .unwrap_or(x_span.0);
             if let Some(b) = p.baseline {
-                let from = self
-                    .stages
-                    .iter()
-                    .find(|s| s.index == p.stage)
-                    .map(|s| s.last_epoch as f64)
-                    .unwrap_or(x_span.0);
                 draw_hline(&mut chart, b, (from, x_span.1), INK.stroke_width(1), true)?;
                 entries.push(LegendEntry::dashed(INK, format!("baseline {b:.3}")));
             }
             if let Some(t) = p.threshold {
-                let from = self
-                    .stages
-                    .iter()
-                    .find(|s| s.index == p.stage)
-                    .map(|s| s.last_epoch as f64)
-                    .unwrap_or(x_span.0);
                 draw_hline(
                     &mut chart,
                     t,
@@ -807,7 +888,7 @@ impl Chart for MetricsChart {
             if let Some(f) = p.final_value {
                 let drop = p
                     .drop_rel
-                    .map(|d| format!(" ({}{})", if d > 0.0 { "−" } else { "+" }, pct(d.abs())))
+                    .map(|d| format!(" ({})", super::html::fmt_drop(Some(d))))
                     .unwrap_or_default();
                 entries.push(LegendEntry::text(format!("final {f:.3}{drop}")));
             }
@@ -970,10 +1051,8 @@ impl Chart for MatrixChart {
                         let sub = if is_base {
                             Some("baseline".to_string())
                         } else {
-                            base.filter(|b| *b > 0.0).map(|b| {
-                                let d = (v - b) / b;
-                                format!("{}{}", if d < 0.0 { "−" } else { "+" }, pct(d.abs()))
-                            })
+                            base.filter(|b| *b > 0.0)
+                                .map(|b| super::html::fmt_drop(Some((b - v) / b)))
                         };
                         let (vy, sy) = match sub {
                             Some(_) if cell_h >= 44 => (y0 + cell_h / 2 - 8, y0 + cell_h / 2 + 11),
@@ -1092,7 +1171,7 @@ impl Chart for OverlayChart {
                     label: s.label.clone(),
                 }
             } else {
-                LegendEntry::line(c, s.label.clone())
+                LegendEntry::line(c, s.label.clone(), markers_fit(&chart))
             });
         }
         draw_legend(&legend, &entries, 30)?;

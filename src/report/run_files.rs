@@ -266,6 +266,59 @@ impl RunData {
         self.summary.as_ref()?.get("pass")?.as_bool()
     }
 
+    /// `(task, epochs)` of each stage as the config plans them, if `config.toml` says.
+    fn planned(&self) -> Option<Vec<(String, usize)>> {
+        let stages = self.config.as_ref()?.get("stages")?.as_array()?;
+        stages
+            .iter()
+            .map(|s| {
+                let task = s.get("task")?.as_str()?.to_string();
+                let epochs = s.get("epochs")?.as_integer()?;
+                Some((task, usize::try_from(epochs).ok()?))
+            })
+            .collect()
+    }
+
+    /// Stages for drawing: as trained, extended by the config's plan (an unfinished run shows
+    /// the stages it has not reached yet, and its current stage at full length). Without a
+    /// config, or when the plan does not match the rows, the stages as trained.
+    pub fn chart_stages(&self) -> Vec<Stage> {
+        let actual = self.epochs.stages();
+        let Some(plan) = self.planned() else {
+            return actual;
+        };
+        let matches =
+            actual.len() <= plan.len() && actual.iter().zip(&plan).all(|(a, p)| a.task == p.0);
+        if !matches {
+            return actual;
+        }
+        let mut out = Vec::with_capacity(plan.len());
+        let mut next = 1;
+        for (k, (task, epochs)) in plan.iter().enumerate() {
+            let first = actual.get(k).map(|a| a.first_epoch).unwrap_or(next);
+            let last =
+                (first + epochs.max(&1) - 1).max(actual.get(k).map(|a| a.last_epoch).unwrap_or(0));
+            out.push(Stage {
+                index: k + 1,
+                task: task.clone(),
+                first_epoch: first,
+                last_epoch: last,
+            });
+            next = last + 1;
+        }
+        out
+    }
+
+    /// The last global epoch of the run's x axis (planned, or as far as trained).
+    pub fn chart_last_epoch(&self) -> usize {
+        self.chart_stages()
+            .iter()
+            .map(|s| s.last_epoch)
+            .max()
+            .unwrap_or(0)
+            .max(self.epochs.last_epoch())
+    }
+
     /// The threshold line of a task with this baseline.
     pub fn threshold(&self, baseline: f64) -> f64 {
         if self.tolerance_kind == "absolute" {
@@ -278,6 +331,7 @@ impl RunData {
     /// Tasks in the order they were learned, with the verdict metric of each.
     fn task_results(&self) -> Vec<TaskResult> {
         let stages = self.epochs.stages();
+        let planned = self.chart_stages();
         let mut out: Vec<TaskResult> = Vec::new();
         let from_summary = self
             .summary
@@ -339,7 +393,15 @@ impl RunData {
             let idx = self.epochs.column(&column).expect("metric column exists");
             let own = stages.iter().rev().find(|x| x.task == s.task).unwrap_or(s);
             let series = self.epochs.series(idx);
-            let complete = self.epochs.last_epoch() >= own.last_epoch;
+            // The stage has ended if a later one has begun, or it has trained all the epochs
+            // the config plans for it (without a config: assume so).
+            let planned_last = planned
+                .iter()
+                .find(|p| p.index == own.index && p.task == own.task)
+                .map(|p| p.last_epoch)
+                .unwrap_or(own.last_epoch);
+            let complete = stages.iter().any(|x| x.index > own.index)
+                || self.epochs.last_epoch() >= planned_last;
             let baseline = series
                 .iter()
                 .rev()

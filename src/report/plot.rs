@@ -576,13 +576,19 @@ fn y_range(vals: &[f64], headroom: f64) -> (f64, f64) {
 // ---------------------------------------------------------------------------------------
 // The run's charts.
 
+/// Points of a line: `(global epoch, value)`.
+type Points = Vec<(f64, f64)>;
+
+/// A chart's PNG bytes, by file stem (`loss`, `metrics`, `matrix`).
+pub(crate) type Pngs = Vec<(String, Vec<u8>)>;
+
 /// Training loss over the whole run.
 pub(crate) struct LossChart {
     pub title: String,
     pub stages: Vec<Stage>,
     pub last_epoch: usize,
     /// Per stage: `(stage index, task, [(global epoch, loss_new)])`.
-    pub new_loss: Vec<(usize, String, Vec<(f64, f64)>)>,
+    pub new_loss: Vec<(usize, String, Points)>,
     /// `(global epoch, loss_total)`.
     pub total: Vec<(f64, f64)>,
     /// Per extra term: `(name, [(global epoch, value)])`.
@@ -1183,7 +1189,7 @@ impl Chart for OverlayChart {
 
 /// Draw a run's charts into `<run_dir>/plots/`; returns the written files and the PNG
 /// bytes of each chart (for the report), keyed by file stem.
-pub(crate) fn draw_run_plots(run: &RunData) -> Result<(Vec<PathBuf>, Vec<(String, Vec<u8>)>)> {
+pub(crate) fn draw_run_plots(run: &RunData) -> Result<(Vec<PathBuf>, Pngs)> {
     let dir = run.dir.join("plots");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut files = Vec::new();

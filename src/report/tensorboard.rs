@@ -150,11 +150,12 @@ pub fn tag_for_column(column: &str) -> String {
 }
 
 /// Write a run's `epochs.csv` as a TensorBoard event file (for runs that ran without the
-/// sink). Returns the event file.
+/// sink). Columns this reader does not know go under `other/<column>`. Returns the file.
 pub(crate) fn export_run(run: &super::run_files::RunData) -> Result<PathBuf> {
     let mut w = TbWriter::create(&run.dir)?;
     let e = &run.epochs;
     for (i, r) in e.rows.iter().enumerate() {
+        let step = r.global_epoch as u64;
         let mut cols: Vec<(&str, Option<f64>)> = vec![
             ("lr", r.lr),
             ("loss_new", r.loss_new),
@@ -173,8 +174,12 @@ pub(crate) fn export_run(run: &super::run_files::RunData) -> Result<PathBuf> {
                 .map(String::as_str)
                 .zip(r.metrics.iter().copied()),
         );
-        cols.extend(e.other.iter().map(|(k, v)| (k.as_str(), v[i])));
-        w.add_epoch(r.global_epoch as u64, &cols)?;
+        w.add_epoch(step, &cols)?;
+        for (k, v) in &e.other {
+            if let Some(v) = v[i].filter(|v| v.is_finite()) {
+                w.add_scalar(&format!("other/{k}"), v, step)?;
+            }
+        }
     }
     w.flush()?;
     Ok(w.path().to_path_buf())
@@ -218,7 +223,7 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 }
 
 fn put_varint_field(out: &mut Vec<u8>, field: u32, v: u64) {
-    put_varint(out, (u64::from(field) << 3) | 0);
+    put_varint(out, u64::from(field) << 3); // wire type 0: varint
     put_varint(out, v);
 }
 

@@ -211,6 +211,19 @@ fn write_run(parent: &Path, f: &Fixture) -> PathBuf {
     dir
 }
 
+/// Dark pixels in the top `rows` rows of an RGB PNG (the chart's title: text was drawn).
+fn dark_pixels_on_top(path: &Path, rows: usize) -> usize {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let row = info.width as usize * info.color_type.samples();
+    buf[..row * rows]
+        .chunks(info.color_type.samples())
+        .filter(|p| p.iter().take(3).all(|c| *c < 100))
+        .count()
+}
+
 /// `(width, height)` of a PNG file, and the share of its pixels that are not white.
 fn png_info(path: &Path) -> ((u32, u32), f64) {
     let decoder = png::Decoder::new(std::io::BufReader::new(
@@ -262,6 +275,12 @@ fn a_finished_run_gets_plots_of_the_expected_size_and_a_report() {
         let (dim, ink) = png_info(&run.join("plots").join(f));
         assert_eq!(dim, size, "{f}");
         assert!(ink > 0.02, "{f} is nearly blank ({ink})");
+    }
+    // Text is drawn with the embedded font (CI has no system fonts): the title band of each
+    // PNG holds dark glyph pixels.
+    for f in ["loss.png", "metrics.png", "matrix.png"] {
+        let n = dark_pixels_on_top(&run.join("plots").join(f), 30);
+        assert!(n > 100, "{f}: no title text drawn ({n} dark pixels)");
     }
     // The title (run name) is drawn as text: in the SVG as a <text> element.
     let svg = std::fs::read_to_string(run.join("plots/loss.svg")).unwrap();

@@ -21,7 +21,7 @@ main { max-width: 1080px; margin: 0 auto; padding: 28px 24px 48px; }
 header { display:flex; align-items:flex-start; justify-content:space-between; gap:16px; margin-bottom:18px; }
 h1 { font-size: 26px; margin: 0 0 4px; letter-spacing:-0.01em; }
 h2 { font-size: 18px; margin: 0 0 12px; }
-.sub { color: var(--muted); margin: 0; font-size: 13.5px; word-break: break-all; }
+.sub { color: var(--muted); margin: 0; font-size: 13.5px; overflow-wrap: anywhere; }
 section { background:#fff; border:1px solid var(--line); border-radius:10px; padding:18px 20px; margin: 0 0 18px; }
 .facts { display:grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap:10px; padding:14px; }
 .fact { padding:8px 10px; border-radius:8px; background:var(--bg); }
@@ -67,13 +67,13 @@ pub(crate) fn esc(s: &str) -> String {
     o
 }
 
-/// The whole page around `body`.
-pub(crate) fn page(title: &str, body: &str) -> String {
+/// The whole page around `body`; `svg_note` (HTML) says where the charts' SVG files are.
+pub(crate) fn page(title: &str, body: &str, svg_note: &str) -> String {
     format!(
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
          <title>{}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n{body}\n\
-         <footer>Written by onehead {} · images are embedded; SVG versions are in <code>plots/</code></footer>\n\
+         <footer>Written by onehead {} · images are embedded; {svg_note}</footer>\n\
          </main>\n</body>\n</html>\n",
         esc(title),
         env!("CARGO_PKG_VERSION"),
@@ -344,7 +344,11 @@ pub(crate) fn run_report(run: &RunData, pngs: &[(String, Vec<u8>)]) -> String {
             esc(cfg.trim_end())
         );
     }
-    page(&format!("onehead · {}", run.name), &b)
+    page(
+        &format!("onehead · {}", run.name),
+        &b,
+        "SVG versions are in <code>plots/</code>",
+    )
 }
 
 /// `report.html` of a comparison.
@@ -378,6 +382,9 @@ pub(crate) fn write_compare_report(
     }
     let _ = write!(b, "<section><h2>Runs</h2>{runs_html}</section>");
     let path = dir.join("report.html");
-    super::write_atomic(&path, page(title, &b).as_bytes())?;
+    super::write_atomic(
+        &path,
+        page(title, &b, "SVG versions are next to this file").as_bytes(),
+    )?;
     Ok(path)
 }

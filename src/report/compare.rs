@@ -103,7 +103,7 @@ pub fn compare(opts: &CompareOptions) -> Result<CompareOutput> {
         files.push(html::write_compare_report(
             out,
             &title,
-            &summary_html(&runs, &labels),
+            &(summary_html(&runs, &labels) + &groups_html(&runs, &groups)),
             &runs_html(&runs, &labels, &groups),
             &figures,
         )?);
@@ -522,7 +522,12 @@ fn summary_table(runs: &[RunData], labels: &[String], groups: &[Group]) -> Strin
         let _ = writeln!(out, "\nseed groups (mean ± sd):");
         for g in multi {
             let _ = writeln!(out, "  {}", g.label);
-            for (task, column, stats) in group_stats(runs, g) {
+            for st in group_stats(runs, g) {
+                let (task, column) = (&st.task, &st.column);
+                let stats = format!(
+                    "baseline {}  final {}  change {}  ok {}",
+                    st.baseline, st.final_value, st.change, st.ok
+                );
                 let _ = writeln!(out, "    {task:<5} {column:<12} {stats}");
             }
         }
@@ -530,8 +535,18 @@ fn summary_table(runs: &[RunData], labels: &[String], groups: &[Group]) -> Strin
     out
 }
 
+/// One task of a seed group: baseline, final and change as mean ± sd, verdicts `ok k/n`.
+struct GroupStat {
+    task: String,
+    column: String,
+    baseline: String,
+    final_value: String,
+    change: String,
+    ok: String,
+}
+
 /// Per task of a group: baseline, final and change as mean ± sd, and the verdict counts.
-fn group_stats(runs: &[RunData], g: &Group) -> Vec<(String, String, String)> {
+fn group_stats(runs: &[RunData], g: &Group) -> Vec<GroupStat> {
     let first = &runs[g.members[0]];
     first
         .tasks
@@ -555,17 +570,14 @@ fn group_stats(runs: &[RunData], g: &Group) -> Vec<(String, String, String)> {
                 }
             };
             let ok = ts.iter().filter(|t| t.verdict == "ok").count();
-            (
-                t0.task.clone(),
-                t0.column.clone(),
-                format!(
-                    "baseline {}  final {}  change {}  ok {ok}/{}",
-                    stat(&|t| t.baseline, false),
-                    stat(&|t| t.final_value, false),
-                    stat(&|t| t.drop_rel, true),
-                    ts.len()
-                ),
-            )
+            GroupStat {
+                task: t0.task.clone(),
+                column: t0.column.clone(),
+                baseline: stat(&|t| t.baseline, false),
+                final_value: stat(&|t| t.final_value, false),
+                change: stat(&|t| t.drop_rel, true),
+                ok: format!("{ok}/{}", ts.len()),
+            }
         })
         .collect()
 }
@@ -685,6 +697,37 @@ fn summary_html(runs: &[RunData], labels: &[String]) -> String {
             "<td><span class=\"badge {class}\">{label}</span></td><td class=\"num\">{}</td></tr>",
             html::fmt_seconds(r.train_seconds())
         );
+    }
+    s.push_str("</tbody></table></div>");
+    s
+}
+
+/// Mean ± sd per task of each seed group (empty without groups of several runs).
+fn groups_html(runs: &[RunData], groups: &[Group]) -> String {
+    let multi: Vec<&Group> = groups.iter().filter(|g| g.members.len() > 1).collect();
+    if multi.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "<h2 style=\"margin-top:18px\">Seed groups (mean ± sd)</h2><div class=\"scroll\"><table><thead><tr>\
+         <th>group</th><th>task</th><th class=\"num\">baseline</th><th class=\"num\">final</th>\
+         <th class=\"num\">change</th><th class=\"num\">ok</th></tr></thead><tbody>",
+    );
+    for g in multi {
+        for (k, st) in group_stats(runs, g).into_iter().enumerate() {
+            let _ = write!(
+                s,
+                "<tr><td>{}</td><td>{} <code>{}</code></td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+                if k == 0 { esc(&g.label) } else { String::new() },
+                esc(&st.task),
+                esc(&st.column),
+                esc(&st.baseline),
+                esc(&st.final_value),
+                esc(&st.change),
+                esc(&st.ok)
+            );
+        }
     }
     s.push_str("</tbody></table></div>");
     s

@@ -233,6 +233,25 @@ impl LegendEntry {
     }
 }
 
+/// The area below a title line; a long title gets a smaller font, then is shortened.
+fn titled<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+) -> Result<DrawingArea<DB, Shift>> {
+    let max = root.dim_in_pixel().0.saturating_sub(24);
+    for size in [20.0, 18.0, 16.0, 14.0] {
+        let fits = root
+            .estimate_text_size(title, &font(size))
+            .map(|(w, _)| w <= max)
+            .unwrap_or(true);
+        if fits {
+            return root.titled(title, font(size)).draw_err();
+        }
+    }
+    let short = fit_text(root, title, &font(14.0), max);
+    root.titled(&short, font(14.0)).draw_err()
+}
+
 /// Shorten `text` with "…" until it fits `max_px` at `style`.
 fn fit_text<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
@@ -655,7 +674,7 @@ impl Chart for LossChart {
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
-        let area = root.titled(&self.title, font(20.0)).draw_err()?;
+        let area = titled(root, &self.title)?;
         let (w, h) = area.dim_in_pixel();
         let (plots, legend) = area.split_horizontally(w - LEGEND_W);
         let with_terms = !self.terms.is_empty();
@@ -837,7 +856,7 @@ impl Chart for MetricsChart {
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
-        let area = root.titled(&self.title, font(20.0)).draw_err()?;
+        let area = titled(root, &self.title)?;
         let (w, _) = area.dim_in_pixel();
         let (plots, legends) = area.split_horizontally(w - LEGEND_W);
         let n = self.panels.len();
@@ -1013,7 +1032,7 @@ impl Chart for MatrixChart {
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
-        let area = root.titled(&self.title, font(20.0)).draw_err()?;
+        let area = titled(root, &self.title)?;
         let (w, h) = area.dim_in_pixel();
         let (nr, nc) = (self.rows.len().max(1) as i32, self.cols.len().max(1) as i32);
         let left = 180;
@@ -1138,7 +1157,7 @@ impl Chart for OverlayChart {
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
-        let area = root.titled(&self.title, font(20.0)).draw_err()?;
+        let area = titled(root, &self.title)?;
         let (w, _) = area.dim_in_pixel();
         let (plot, legend) = area.split_horizontally(w - LEGEND_W);
         let mut vals = Vec::new();

@@ -831,4 +831,40 @@ mod tests {
         assert_eq!((s[0].index, s[1].index), (1, 2));
         assert_eq!(s[1].task, "det");
     }
+
+    #[test]
+    fn unfinished_run_takes_baseline_and_tolerance_from_epochs_and_config() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(
+            tmp.path().join("config.toml"),
+            "name = \"x\"\n[[stages]]\ntask = \"seg\"\nepochs = 2\n[[stages]]\ntask = \"det\"\nepochs = 2\n\
+             [eval]\ntolerance = 0.02\ntolerance_kind = \"absolute\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            tmp.path().join("epochs.csv"),
+            "stage,task,epoch,global_epoch,loss_new,seg_miou,seg_pixel_acc,det_map50_95,det_map50\n\
+             1,seg,1,1,2.0,0.1,0.5,,\n1,seg,2,2,1.0,0.3,0.6,,\n2,det,1,3,3.0,0.2,0.6,0.05,0.1\n",
+        )
+        .unwrap();
+        let run = RunData::load(tmp.path()).unwrap();
+        assert!(run.warnings.is_empty(), "{:?}", run.warnings);
+        assert_eq!(run.name, "x");
+        assert_eq!(
+            (run.tolerance, run.tolerance_kind.as_str()),
+            (0.02, "absolute")
+        );
+        let seg = &run.tasks[0];
+        assert_eq!(seg.column, "seg_miou");
+        assert_eq!(seg.baseline, Some(0.3));
+        assert_eq!(seg.final_value, Some(0.2));
+        assert!((seg.threshold.unwrap() - 0.28).abs() < 1e-12);
+        assert_eq!(seg.verdict, "unfinished");
+        // det_map50 is preferred over the first det column; its stage has not ended yet.
+        let det = &run.tasks[1];
+        assert_eq!(det.column, "det_map50");
+        assert_eq!(det.baseline, None);
+        // The chart shows the planned 4 epochs.
+        assert_eq!(run.chart_last_epoch(), 4);
+    }
 }

@@ -8,6 +8,22 @@ run FILE *ARGS:
 quickstart:
     cargo run --release -- sweep experiments/quickstart_no_replay.toml experiments/quickstart_replay.toml --name quickstart
 
+# Redraw a run's plots and report.html: `just plot results/quickstart/quickstart_replay/<run-id>`
+plot +RUN_DIRS:
+    cargo run --release -- plot {{RUN_DIRS}}
+
+# Compare runs or sweeps: `just compare results/quickstart --out results/quickstart/compare`
+compare +ARGS:
+    cargo run --release -- compare {{ARGS}}
+
+# Check a report in headless Chromium and screenshot it (needs `apt-get install chromium`)
+check-report TARGET:
+    scripts/check_report.sh {{TARGET}}
+
+# The README's picture, from the latest quickstart replay run
+readme-image:
+    run=$(ls -d results/quickstart/quickstart_replay/*/ | tail -1) && cargo run --release -- plot "$run" && cp "$run/plots/metrics.png" docs/quickstart_metrics.png
+
 # Sweep files and/or a grid: `just sweep experiments/quickstart_*.toml --set seed=0,1,2`
 sweep +ARGS:
     cargo run --release -- sweep {{ARGS}}

@@ -84,6 +84,9 @@ pub struct Experiment {
     pub uncertainty: UncertaintyConfig,
     #[serde(default)]
     pub eval: EvalConfig,
+    /// Optional log sinks: `[log] tensorboard = true`.
+    #[serde(default)]
+    pub log: crate::report::LogConfig,
     /// Task-specific settings, `[tasks.<name>]` (e.g. `[tasks.det] score_threshold`); each
     /// task reads and checks its own table.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -138,6 +138,29 @@ enum Command {
         #[arg(long)]
         checkpoint: Option<String>,
     },
+    /// Draw a run's pictures from its files (`plots/*.png|svg`, `report.html`); works on an
+    /// unfinished or interrupted run too.
+    Plot {
+        /// Run folders (`results/<name>/<run-id>`).
+        #[arg(required = true)]
+        run_dirs: Vec<PathBuf>,
+        /// Also write the run's epochs as a TensorBoard event file (`<run>/tensorboard/`).
+        #[arg(long)]
+        tensorboard: bool,
+    },
+    /// Compare runs and sweeps: the summary of every run, and with `--out` overlay charts per
+    /// task metric (seeds of one config as mean ± sd) and a `report.html`.
+    Compare {
+        /// Run folders and/or sweep folders (with `index.csv` or run folders below).
+        #[arg(required = true, value_name = "RUN_DIR|SWEEP_DIR")]
+        inputs: Vec<PathBuf>,
+        /// Write overlay charts, `summary.csv` and `report.html` here.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Summary format: table, markdown or csv.
+        #[arg(long, default_value = "table")]
+        format: onehead::report::CompareFormat,
+    },
     /// Write the built-in synthetic benchmark (same formats as the course sets).
     Synth {
         #[arg(long)]
@@ -563,6 +586,40 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 for (k, v) in metrics {
                     println!("  {k:<28} {v:.4}");
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plot {
+            run_dirs,
+            tensorboard,
+        } => {
+            for dir in &run_dirs {
+                for f in onehead::report::draw_run(dir)? {
+                    println!("{}", f.display());
+                }
+                if tensorboard {
+                    let f = onehead::report::export_tensorboard(dir)?;
+                    println!("{}", f.display());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare {
+            inputs,
+            out,
+            format,
+        } => {
+            let result = onehead::report::compare(&onehead::report::CompareOptions {
+                inputs,
+                out,
+                format,
+            })?;
+            for w in &result.warnings {
+                tracing::warn!("{w}");
+            }
+            print!("{}", result.text);
+            for f in &result.files {
+                eprintln!("wrote {}", f.display());
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,17 +1,49 @@
 //! Run outputs: run directories that are never overwritten, files written atomically,
-//! the per-epoch CSVs (flushed every epoch), the task × stage matrix and the summary with
-//! its verdict.
+//! the per-epoch CSVs (flushed every epoch), the task × stage matrix, the summary with its
+//! verdict, and the pictures: charts from the run files (`plot`), `report.html` (`html`),
+//! `compare`, a TensorBoard sink.
 
+mod compare;
 pub mod csv_log;
+mod glyphs;
+mod html;
+mod plot;
+mod run_files;
 pub mod summary;
+mod tensorboard;
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
+pub use compare::{compare, CompareFormat, CompareOptions, CompareOutput};
 pub use csv_log::{EpochColumns, EpochRow, EvalRecord, RunCsv};
 pub use summary::{judge, Judging, Matrix, RunSummary, TaskRef, TaskVerdict, Verdict};
+pub use tensorboard::{tag_for_column, LogConfig, TbWriter};
+
+/// Draw a run's pictures from its files alone: `plots/*.png|svg` and `report.html`.
+/// Works on an unfinished or killed run too (it draws what is there). Returns the files
+/// written. The engine calls this at the end of every run; `onehead plot` calls it too.
+pub fn draw_run(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let run = run_files::RunData::load(run_dir)?;
+    for w in &run.warnings {
+        tracing::warn!("{w}");
+    }
+    let (mut files, pngs) = plot::draw_run_plots(&run)?;
+    files.push(html::write_run_report(&run, &pngs)?);
+    Ok(files)
+}
+
+/// Write a run's `epochs.csv` as a TensorBoard event file under `<run>/tensorboard/`
+/// (for runs that trained without the sink). Returns the event file.
+pub fn export_tensorboard(run_dir: &Path) -> Result<PathBuf> {
+    let run = run_files::RunData::load(run_dir)?;
+    for w in &run.warnings {
+        tracing::warn!("{w}");
+    }
+    tensorboard::export_run(&run)
+}
 
 /// The git commit the binary was built from (`-dirty` if the tree had changes).
 pub const GIT_COMMIT: &str = env!("ONEHEAD_GIT_COMMIT");

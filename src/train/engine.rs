@@ -292,7 +292,16 @@ fn log_epoch(
         shown.join(" · "),
         seconds
     );
-    s.csv.append(&row, evals)
+    s.csv.append(&row, evals)?;
+    if let Some(tb) = &mut s.tensorboard {
+        let mut cols: Vec<(&str, Option<f64>)> = vec![("lr", Some(row.lr))];
+        cols.extend(row.losses.iter().map(|(k, v)| (k.as_str(), Some(*v))));
+        cols.extend(row.metrics.iter().map(|(k, v)| (k.as_str(), Some(*v))));
+        cols.push(("seconds", Some(row.seconds)));
+        tb.add_epoch(row.global_epoch as u64, &cols)?;
+        tb.flush()?;
+    }
+    Ok(())
 }
 
 /// Stage end: checkpoint, matrix, and the plug-ins' `after_stage`.

@@ -337,11 +337,22 @@ pub struct Session {
     pub rng: ChaCha8Rng,
     pub run_dir: PathBuf,
     pub csv: RunCsv,
+    /// The TensorBoard sink, when `[log] tensorboard = true`.
+    pub tensorboard: Option<crate::report::TbWriter>,
     pub opts: RunOptions,
     pub progress: Progress,
     /// The saved state of a resumed run, handed to the optimiser (mid-stage) and the
     /// plug-ins when the loop starts.
     pub resumed: Option<(RunState, ExtraTensors)>,
+}
+
+/// A TensorBoard writer when the experiment asks for one (a resumed run adds a second
+/// event file to the same folder; TensorBoard reads them together).
+fn tensorboard(exp: &Experiment, run_dir: &Path) -> Result<Option<crate::report::TbWriter>> {
+    exp.log
+        .tensorboard
+        .then(|| crate::report::TbWriter::create(run_dir))
+        .transpose()
 }
 
 fn epoch_columns(env: &Env, plugins: &[Box<dyn Plugin>]) -> EpochColumns {
@@ -404,6 +415,7 @@ impl Session {
             env,
             plugins,
             rng,
+            tensorboard: tensorboard(exp, &run_dir)?,
             run_dir,
             csv,
             opts,
@@ -501,6 +513,7 @@ impl Session {
             rng: st.rng.clone(),
             env,
             plugins,
+            tensorboard: tensorboard(&exp, run_dir)?,
             run_dir: run_dir.to_path_buf(),
             csv,
             opts,
@@ -640,6 +653,16 @@ impl Session {
         // The resume state (model + optimiser moments) is only for unfinished runs: a
         // finished run keeps its per-stage checkpoints.
         let _ = std::fs::remove_dir_all(self.run_dir.join("state"));
+        // Pictures are a view of the files just written: a failure to draw them is reported,
+        // never a failed run (`onehead plot` redraws them).
+        match report::draw_run(&self.run_dir) {
+            Ok(files) => tracing::info!(
+                "report: {} ({} files)",
+                self.run_dir.join("report.html").display(),
+                files.len()
+            ),
+            Err(e) => tracing::warn!("drawing the run's pictures failed: {e:#}"),
+        }
         Ok(RunOutcome {
             run_dir: self.run_dir,
             summary,

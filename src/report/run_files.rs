@@ -1,0 +1,870 @@
+//! Reading a run folder back for pictures and comparisons: `epochs.csv`, `matrix.csv`,
+//! `summary.json`, `config.toml`, `meta.json` (formats: `design/RUN_FILES.md`).
+//!
+//! Everything here reads columns and fields by NAME and ignores the ones it does not know,
+//! so the engine can add columns without breaking the pictures. A run that is still going
+//! (or was killed) has no `summary.json` and possibly a truncated last line in `epochs.csv`:
+//! that line is skipped with a warning and the rest is drawn. The older `epochs.csv`
+//! (0-based `stage`) is read too.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value as Json;
+
+/// Metric columns preferred as a task's headline metric when `summary.json` does not say.
+const PREFERRED_METRICS: [&str; 3] = ["seg_miou", "det_map50", "cls_top1"];
+
+/// Columns of `epochs.csv` that are neither loss terms nor metrics.
+const FIXED_COLUMNS: [&str; 6] = ["stage", "task", "epoch", "global_epoch", "lr", "seconds"];
+
+/// One row of `epochs.csv`.
+#[derive(Debug, Clone)]
+pub(crate) struct EpochRow {
+    /// 1-based stage index (0-based files are shifted).
+    pub stage: usize,
+    pub task: String,
+    pub global_epoch: usize,
+    pub lr: Option<f64>,
+    pub loss_new: Option<f64>,
+    pub loss_total: Option<f64>,
+    /// Aligned with [`Epochs::terms`].
+    pub terms: Vec<Option<f64>>,
+    /// Aligned with [`Epochs::metric_columns`].
+    pub metrics: Vec<Option<f64>>,
+    pub seconds: Option<f64>,
+}
+
+/// One stage as seen in `epochs.csv`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Stage {
+    /// 1-based.
+    pub index: usize,
+    pub task: String,
+    pub first_epoch: usize,
+    pub last_epoch: usize,
+}
+
+/// The parsed `epochs.csv`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Epochs {
+    pub rows: Vec<EpochRow>,
+    /// Extra loss-term columns (`loss_replay`, `loss_ewc`, …), in file order.
+    pub terms: Vec<String>,
+    /// Metric columns (`<task>_<metric>`), in file order.
+    pub metric_columns: Vec<String>,
+    /// Any other column (`name → value per row`), kept for the TensorBoard export.
+    pub other: BTreeMap<String, Vec<Option<f64>>>,
+}
+
+impl Epochs {
+    /// Stages in order, from the rows.
+    pub fn stages(&self) -> Vec<Stage> {
+        let mut out: Vec<Stage> = Vec::new();
+        for r in &self.rows {
+            match out.last_mut() {
+                Some(s) if s.index == r.stage => {
+                    s.first_epoch = s.first_epoch.min(r.global_epoch);
+                    s.last_epoch = s.last_epoch.max(r.global_epoch);
+                }
+                _ => out.push(Stage {
+                    index: r.stage,
+                    task: r.task.clone(),
+                    first_epoch: r.global_epoch,
+                    last_epoch: r.global_epoch,
+                }),
+            }
+        }
+        out
+    }
+
+    pub fn column(&self, name: &str) -> Option<usize> {
+        self.metric_columns.iter().position(|c| c == name)
+    }
+
+    /// `(global_epoch, value)` of a metric column, skipping empty cells and NaN.
+    pub fn series(&self, column: usize) -> Vec<(f64, f64)> {
+        self.rows
+            .iter()
+            .filter_map(|r| {
+                r.metrics[column]
+                    .filter(|v| v.is_finite())
+                    .map(|v| (r.global_epoch as f64, v))
+            })
+            .collect()
+    }
+
+    pub fn last_epoch(&self) -> usize {
+        self.rows.iter().map(|r| r.global_epoch).max().unwrap_or(0)
+    }
+}
+
+/// One task's verdict row, from `summary.json` or worked out from `epochs.csv`.
+#[derive(Debug, Clone)]
+pub(crate) struct TaskResult {
+    pub task: String,
+    /// The `epochs.csv` column of the verdict metric (`seg_miou`).
+    pub column: String,
+    /// 1-based stage that learned the task.
+    pub stage: Option<usize>,
+    pub baseline: Option<f64>,
+    pub final_value: Option<f64>,
+    pub drop_rel: Option<f64>,
+    /// `ok`, `forgot`, `not_learned`, or `unfinished` when the run has no summary.
+    pub verdict: String,
+    /// The value under which the task counts as forgotten.
+    pub threshold: Option<f64>,
+}
+
+/// The task × stage matrix of verdict metrics.
+#[derive(Debug, Clone)]
+pub(crate) struct Matrix {
+    pub tasks: Vec<String>,
+    pub metrics: Vec<String>,
+    /// Column labels (`after stage 1`).
+    pub stages: Vec<String>,
+    /// `values[task][stage]`.
+    pub values: Vec<Vec<Option<f64>>>,
+}
+
+/// A run folder, read back.
+#[derive(Debug, Clone)]
+pub(crate) struct RunData {
+    pub dir: PathBuf,
+    pub name: String,
+    pub config_text: Option<String>,
+    pub config: Option<toml::Value>,
+    pub summary: Option<Json>,
+    pub meta: Option<Json>,
+    pub epochs: Epochs,
+    pub matrix: Option<Matrix>,
+    pub tolerance: f64,
+    /// `relative` or `absolute`.
+    pub tolerance_kind: String,
+    pub tasks: Vec<TaskResult>,
+    /// Non-fatal problems (a truncated last line, an unreadable optional file).
+    pub warnings: Vec<String>,
+}
+
+impl RunData {
+    /// Read a run folder. Only `epochs.csv` is required; every other file is optional.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let epochs_path = dir.join("epochs.csv");
+        if !epochs_path.is_file() {
+            bail!(
+                "{} not found: {} is not a run folder",
+                epochs_path.display(),
+                dir.display()
+            );
+        }
+        let mut warnings = Vec::new();
+        let summary = read_json(&dir.join("summary.json"), &mut warnings);
+        let meta = read_json(&dir.join("meta.json"), &mut warnings);
+        let config_path = dir.join("config.toml");
+        let config_text = std::fs::read_to_string(&config_path).ok();
+        let config = config_text
+            .as_deref()
+            .and_then(|t| match toml::from_str::<toml::Table>(t) {
+                Ok(v) => Some(toml::Value::Table(v)),
+                Err(e) => {
+                    warnings.push(format!("{}: not valid TOML ({e})", config_path.display()));
+                    None
+                }
+            });
+        let mut known_tasks: Vec<String> = Vec::new();
+        if let Some(ts) = summary
+            .as_ref()
+            .and_then(|s| s.get("tasks")?.as_array().cloned())
+        {
+            known_tasks.extend(
+                ts.iter()
+                    .filter_map(|t| Some(t.get("task")?.as_str()?.into())),
+            );
+        }
+        if let Some(stages) = config
+            .as_ref()
+            .and_then(|c| c.get("stages")?.as_array().cloned())
+        {
+            known_tasks.extend(
+                stages
+                    .iter()
+                    .filter_map(|s| Some(s.get("task")?.as_str()?.to_string())),
+            );
+        }
+        let epochs = read_epochs(&epochs_path, &known_tasks, &mut warnings)?;
+        let matrix = match read_matrix(&dir.join("matrix.csv")) {
+            Ok(Some(m)) => Some(m),
+            Ok(None) => summary.as_ref().and_then(matrix_from_summary),
+            Err(e) => {
+                warnings.push(format!("{e:#}"));
+                summary.as_ref().and_then(matrix_from_summary)
+            }
+        };
+        let name = summary
+            .as_ref()
+            .and_then(|s| s.get("name")?.as_str().map(String::from))
+            .or_else(|| {
+                config
+                    .as_ref()
+                    .and_then(|c| Some(c.get("name")?.as_str()?.into()))
+            })
+            .or_else(|| {
+                meta.as_ref()
+                    .and_then(|m| Some(m.get("name")?.as_str()?.into()))
+            })
+            .unwrap_or_else(|| dir_label(dir));
+        let (tolerance, tolerance_kind) = tolerance_of(summary.as_ref(), config.as_ref());
+        let mut run = RunData {
+            dir: dir.to_path_buf(),
+            name,
+            config_text,
+            config,
+            summary,
+            meta,
+            epochs,
+            matrix,
+            tolerance,
+            tolerance_kind,
+            tasks: Vec::new(),
+            warnings,
+        };
+        run.tasks = run.task_results();
+        Ok(run)
+    }
+
+    /// The run folder's own name (`20261125-062000`), for telling apart runs of one name.
+    pub fn run_id(&self) -> String {
+        dir_label(&self.dir)
+    }
+
+    pub fn finished(&self) -> bool {
+        self.summary.is_some()
+    }
+
+    /// The summary's `f64` field `key`, if any.
+    pub fn summary_f64(&self, key: &str) -> Option<f64> {
+        self.summary.as_ref()?.get(key)?.as_f64()
+    }
+
+    /// Training time: the summary's, else the sum of the epochs' seconds.
+    pub fn train_seconds(&self) -> Option<f64> {
+        self.summary_f64("train_seconds").or_else(|| {
+            let s: Vec<f64> = self.epochs.rows.iter().filter_map(|r| r.seconds).collect();
+            (!s.is_empty()).then(|| s.iter().sum())
+        })
+    }
+
+    /// Total parameter count (`params.total`, or `params` as a number).
+    pub fn params_total(&self) -> Option<u64> {
+        let p = self.summary.as_ref()?.get("params")?;
+        p.as_u64().or_else(|| p.get("total")?.as_u64())
+    }
+
+    /// Whether every task passed (`None` for an unfinished run).
+    pub fn pass(&self) -> Option<bool> {
+        self.summary.as_ref()?.get("pass")?.as_bool()
+    }
+
+    /// `(task, epochs)` of each stage as the config plans them, if `config.toml` says.
+    fn planned(&self) -> Option<Vec<(String, usize)>> {
+        let stages = self.config.as_ref()?.get("stages")?.as_array()?;
+        stages
+            .iter()
+            .map(|s| {
+                let task = s.get("task")?.as_str()?.to_string();
+                let epochs = s.get("epochs")?.as_integer()?;
+                Some((task, usize::try_from(epochs).ok()?))
+            })
+            .collect()
+    }
+
+    /// Stages for drawing: as trained, extended by the config's plan (an unfinished run shows
+    /// the stages it has not reached yet, and its current stage at full length). Without a
+    /// config, or when the plan does not match the rows, the stages as trained.
+    pub fn chart_stages(&self) -> Vec<Stage> {
+        let actual = self.epochs.stages();
+        let Some(plan) = self.planned() else {
+            return actual;
+        };
+        let matches =
+            actual.len() <= plan.len() && actual.iter().zip(&plan).all(|(a, p)| a.task == p.0);
+        if !matches {
+            return actual;
+        }
+        let mut out = Vec::with_capacity(plan.len());
+        let mut next = 1;
+        for (k, (task, epochs)) in plan.iter().enumerate() {
+            let first = actual.get(k).map(|a| a.first_epoch).unwrap_or(next);
+            let last =
+                (first + epochs.max(&1) - 1).max(actual.get(k).map(|a| a.last_epoch).unwrap_or(0));
+            out.push(Stage {
+                index: k + 1,
+                task: task.clone(),
+                first_epoch: first,
+                last_epoch: last,
+            });
+            next = last + 1;
+        }
+        out
+    }
+
+    /// The last global epoch of the run's x axis (planned, or as far as trained).
+    pub fn chart_last_epoch(&self) -> usize {
+        self.chart_stages()
+            .iter()
+            .map(|s| s.last_epoch)
+            .max()
+            .unwrap_or(0)
+            .max(self.epochs.last_epoch())
+    }
+
+    /// The threshold line of a task with this baseline.
+    pub fn threshold(&self, baseline: f64) -> f64 {
+        if self.tolerance_kind == "absolute" {
+            baseline - self.tolerance
+        } else {
+            baseline * (1.0 - self.tolerance)
+        }
+    }
+
+    /// Tasks in the order they were learned, with the verdict metric of each.
+    fn task_results(&self) -> Vec<TaskResult> {
+        let stages = self.epochs.stages();
+        let planned = self.chart_stages();
+        let mut out: Vec<TaskResult> = Vec::new();
+        let from_summary = self
+            .summary
+            .as_ref()
+            .and_then(|s| s.get("tasks")?.as_array().cloned())
+            .unwrap_or_default();
+        for t in &from_summary {
+            let Some(task) = t.get("task").and_then(|v| v.as_str()) else {
+                continue;
+            };
+            let metric = t.get("metric").and_then(|v| v.as_str()).unwrap_or("");
+            let column = self
+                .metric_column(task, Some(metric))
+                .unwrap_or_else(|| format!("{task}_{metric}"));
+            let f = |k: &str| t.get(k).and_then(|v| v.as_f64());
+            let verdict = t
+                .get("verdict")
+                .and_then(|v| v.as_str())
+                .map(String::from)
+                .or_else(|| {
+                    let pass = t.get("pass")?.as_bool()?;
+                    Some(if pass { "ok" } else { "forgot" }.into())
+                })
+                .unwrap_or_else(|| "?".into());
+            let stage = t
+                .get("stage")
+                .and_then(|v| v.as_u64())
+                .map(|s| s as usize)
+                .or_else(|| {
+                    stages
+                        .iter()
+                        .rev()
+                        .find(|s| s.task == task)
+                        .map(|s| s.index)
+                });
+            let baseline = f("baseline");
+            out.push(TaskResult {
+                task: task.into(),
+                column,
+                stage,
+                baseline,
+                final_value: f("final_value"),
+                drop_rel: f("drop_rel"),
+                verdict,
+                threshold: baseline.map(|b| self.threshold(b)),
+            });
+        }
+        // Tasks without a summary row (an unfinished run): worked out from epochs.csv. The
+        // baseline is the metric at the last epoch of the (last) stage that trained the task.
+        let mut seen: Vec<String> = out.iter().map(|t| t.task.clone()).collect();
+        for s in &stages {
+            if seen.contains(&s.task) {
+                continue;
+            }
+            seen.push(s.task.clone());
+            let Some(column) = self.metric_column(&s.task, None) else {
+                continue;
+            };
+            let idx = self.epochs.column(&column).expect("metric column exists");
+            let own = stages.iter().rev().find(|x| x.task == s.task).unwrap_or(s);
+            let series = self.epochs.series(idx);
+            // The stage has ended if a later one has begun, or it has trained all the epochs
+            // the config plans for it (without a config: assume so).
+            let planned_last = planned
+                .iter()
+                .find(|p| p.index == own.index && p.task == own.task)
+                .map(|p| p.last_epoch)
+                .unwrap_or(own.last_epoch);
+            let complete = stages.iter().any(|x| x.index > own.index)
+                || self.epochs.last_epoch() >= planned_last;
+            let baseline = series
+                .iter()
+                .rev()
+                .find(|(e, _)| *e as usize <= own.last_epoch && *e as usize >= own.first_epoch)
+                .map(|p| p.1)
+                .filter(|_| complete);
+            let final_value = series.last().map(|p| p.1);
+            let drop_rel = match (baseline, final_value) {
+                (Some(b), Some(f)) if b > 0.0 => Some((b - f) / b),
+                _ => None,
+            };
+            out.push(TaskResult {
+                task: s.task.clone(),
+                column,
+                stage: Some(own.index),
+                baseline,
+                final_value,
+                drop_rel,
+                verdict: "unfinished".into(),
+                threshold: baseline.map(|b| self.threshold(b)),
+            });
+        }
+        out.sort_by_key(|t| t.stage.unwrap_or(usize::MAX));
+        out
+    }
+
+    /// The `epochs.csv` column of a task's metric: `metric` if given and present (as
+    /// `<task>_<metric>` or the full column name), else the preferred headline metric,
+    /// else the task's first metric column.
+    pub fn metric_column(&self, task: &str, metric: Option<&str>) -> Option<String> {
+        let cols = &self.epochs.metric_columns;
+        if let Some(m) = metric.filter(|m| !m.is_empty()) {
+            for cand in [format!("{task}_{m}"), m.to_string()] {
+                if cols.contains(&cand) {
+                    return Some(cand);
+                }
+            }
+        }
+        let prefix = format!("{task}_");
+        PREFERRED_METRICS
+            .iter()
+            .find(|p| p.starts_with(&prefix) && cols.iter().any(|c| c == *p))
+            .map(|p| p.to_string())
+            .or_else(|| cols.iter().find(|c| c.starts_with(&prefix)).cloned())
+    }
+}
+
+fn dir_label(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| dir.display().to_string())
+}
+
+fn read_json(path: &Path, warnings: &mut Vec<String>) -> Option<Json> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match serde_json::from_str(&text) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            warnings.push(format!("{}: not valid JSON ({e}); ignored", path.display()));
+            None
+        }
+    }
+}
+
+/// `(tolerance, kind)`: from the summary, else `config.toml`'s `[eval]`, else 5 % relative.
+fn tolerance_of(summary: Option<&Json>, config: Option<&toml::Value>) -> (f64, String) {
+    let eval = config.and_then(|c| c.get("eval"));
+    let tol = summary
+        .and_then(|s| s.get("tolerance")?.as_f64())
+        .or_else(|| {
+            let v = eval?.get("tolerance")?;
+            v.as_float().or(v.as_integer().map(|i| i as f64))
+        })
+        .unwrap_or(0.05);
+    let kind = summary
+        .and_then(|s| s.get("tolerance_kind")?.as_str().map(String::from))
+        .or_else(|| Some(eval?.get("tolerance_kind")?.as_str()?.to_string()))
+        .unwrap_or_else(|| "relative".into());
+    (tol, kind)
+}
+
+fn parse_cell(s: &str) -> Option<f64> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    s.parse::<f64>().ok()
+}
+
+/// Read `epochs.csv`. `known_tasks` (from the summary and config) help tell metric columns
+/// from unknown ones; the tasks of the `task` column count too.
+pub(crate) fn read_epochs(
+    path: &Path,
+    known_tasks: &[String],
+    warnings: &mut Vec<String>,
+) -> Result<Epochs> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        bail!("{} is empty (no header)", path.display());
+    }
+    // A line without its terminator was cut off mid-write (the engine writes whole lines):
+    // drop it with a warning.
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    if !text.ends_with('\n') {
+        let cut = text.rfind('\n').map(|i| i + 1).unwrap_or(0);
+        if cut > 0 {
+            let line_no = text[..cut].lines().count() + 1;
+            warnings.push(format!(
+                "{}: line {line_no} is incomplete (the run was interrupted while writing it?); skipped",
+                path.display()
+            ));
+            text.truncate(cut);
+        }
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let header: Vec<String> = reader
+        .headers()
+        .with_context(|| format!("{}: cannot read the header", path.display()))?
+        .iter()
+        .map(|h| h.trim().to_string())
+        .collect();
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let required = |name: &str| {
+        col(name).with_context(|| {
+            format!(
+                "{}: no column `{name}` (columns: {})",
+                path.display(),
+                header.join(", ")
+            )
+        })
+    };
+    let c_stage = required("stage")?;
+    let c_task = required("task")?;
+    let c_global = col("global_epoch");
+    let c_epoch = col("epoch");
+    if c_global.is_none() && c_epoch.is_none() {
+        bail!(
+            "{}: neither `global_epoch` nor `epoch` column",
+            path.display()
+        );
+    }
+    let c_lr = col("lr");
+    let c_new = col("loss_new");
+    let c_total = col("loss_total");
+    let c_seconds = col("seconds");
+
+    let records: Vec<(u64, csv::StringRecord)> = reader
+        .records()
+        .map(|r| {
+            let r = r.with_context(|| format!("{}: malformed CSV", path.display()))?;
+            let line = r.position().map(|p| p.line()).unwrap_or(0);
+            Ok((line, r))
+        })
+        .collect::<Result<_>>()?;
+    let mut tasks: Vec<String> = known_tasks.to_vec();
+    for (_, r) in &records {
+        if let Some(t) = r.get(c_task) {
+            if !t.is_empty() && !tasks.iter().any(|x| x == t) {
+                tasks.push(t.to_string());
+            }
+        }
+    }
+    let mut terms = Vec::new();
+    let mut metric_columns = Vec::new();
+    let mut others = Vec::new();
+    for (i, h) in header.iter().enumerate() {
+        if FIXED_COLUMNS.contains(&h.as_str()) || h == "loss_new" || h == "loss_total" {
+            continue;
+        }
+        if h.starts_with("loss_") {
+            terms.push((i, h.clone()));
+        } else if tasks.iter().any(|t| h.starts_with(&format!("{t}_"))) {
+            metric_columns.push((i, h.clone()));
+        } else {
+            others.push((i, h.clone()));
+        }
+    }
+
+    let n = records.len();
+    let mut rows = Vec::with_capacity(n);
+    let mut other_values: Vec<Vec<Option<f64>>> = vec![Vec::new(); others.len()];
+    for (k, (line, r)) in records.iter().enumerate() {
+        let last = k + 1 == n;
+        let parsed = (|| -> std::result::Result<EpochRow, String> {
+            if r.len() != header.len() {
+                return Err(format!(
+                    "{} fields where the header has {}",
+                    r.len(),
+                    header.len()
+                ));
+            }
+            let int =
+                |c: usize, name: &str| -> std::result::Result<usize, String> {
+                    r.get(c).unwrap_or("").trim().parse::<usize>().map_err(|_| {
+                        format!("`{name}` is '{}', not a number", r.get(c).unwrap_or(""))
+                    })
+                };
+            let num = |c: Option<usize>| -> std::result::Result<Option<f64>, String> {
+                let Some(c) = c else { return Ok(None) };
+                let s = r.get(c).unwrap_or("");
+                if s.trim().is_empty() {
+                    return Ok(None);
+                }
+                parse_cell(s)
+                    .map(Some)
+                    .ok_or_else(|| format!("`{}` is '{s}', not a number", header[c]))
+            };
+            let stage = int(c_stage, "stage")?;
+            let global_epoch = match c_global {
+                Some(c) => int(c, "global_epoch")?,
+                None => 0,
+            };
+            Ok(EpochRow {
+                stage,
+                task: r.get(c_task).unwrap_or("").trim().to_string(),
+                global_epoch,
+                lr: num(c_lr)?,
+                loss_new: num(c_new)?,
+                loss_total: num(c_total)?,
+                terms: terms
+                    .iter()
+                    .map(|(c, _)| num(Some(*c)))
+                    .collect::<std::result::Result<_, _>>()?,
+                metrics: metric_columns
+                    .iter()
+                    .map(|(c, _)| num(Some(*c)))
+                    .collect::<std::result::Result<_, _>>()?,
+                seconds: num(c_seconds)?,
+            })
+        })();
+        match parsed {
+            Ok(row) => {
+                for (slot, (c, _)) in other_values.iter_mut().zip(&others) {
+                    slot.push(r.get(*c).and_then(parse_cell));
+                }
+                rows.push(row);
+            }
+            Err(e) if last => warnings.push(format!(
+                "{}: line {line} is incomplete or malformed ({e}); skipped",
+                path.display()
+            )),
+            Err(e) => bail!("{}: line {line}: {e}", path.display()),
+        }
+    }
+    // The older format numbers stages from 0.
+    if rows.iter().any(|r| r.stage == 0) {
+        for r in &mut rows {
+            r.stage += 1;
+        }
+    }
+    // Without `global_epoch`: count epochs over the run.
+    if c_global.is_none() {
+        for (i, r) in rows.iter_mut().enumerate() {
+            r.global_epoch = i + 1;
+        }
+    }
+    Ok(Epochs {
+        rows,
+        terms: terms.into_iter().map(|(_, h)| h).collect(),
+        metric_columns: metric_columns.into_iter().map(|(_, h)| h).collect(),
+        other: others
+            .into_iter()
+            .map(|(_, h)| h)
+            .zip(other_values)
+            .collect(),
+    })
+}
+
+/// Read `matrix.csv` (`Ok(None)` when absent).
+fn read_matrix(path: &Path) -> Result<Option<Matrix>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let header: Vec<String> = reader
+        .headers()
+        .with_context(|| format!("{}: cannot read the header", path.display()))?
+        .iter()
+        .map(|h| h.trim().to_string())
+        .collect();
+    let c_task = header
+        .iter()
+        .position(|h| h == "task")
+        .with_context(|| format!("{}: no column `task`", path.display()))?;
+    let c_metric = header.iter().position(|h| h == "metric");
+    let stage_cols: Vec<(usize, usize)> = header
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| Some((i, h.strip_prefix("after_stage")?.parse::<usize>().ok()?)))
+        .collect();
+    let mut m = Matrix {
+        tasks: vec![],
+        metrics: vec![],
+        stages: stage_cols
+            .iter()
+            .map(|(_, k)| format!("after stage {k}"))
+            .collect(),
+        values: vec![],
+    };
+    for rec in reader.records() {
+        let Ok(rec) = rec else { continue };
+        let Some(task) = rec.get(c_task).filter(|t| !t.is_empty()) else {
+            continue;
+        };
+        m.tasks.push(task.to_string());
+        m.metrics
+            .push(c_metric.and_then(|c| rec.get(c)).unwrap_or("").to_string());
+        m.values.push(
+            stage_cols
+                .iter()
+                .map(|(c, _)| rec.get(*c).and_then(parse_cell))
+                .collect(),
+        );
+    }
+    Ok((!m.tasks.is_empty() && !m.stages.is_empty()).then_some(m))
+}
+
+fn matrix_from_summary(s: &Json) -> Option<Matrix> {
+    let m = s.get("matrix")?;
+    let strings = |k: &str| -> Vec<String> {
+        m.get(k)
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .map(|x| x.as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let tasks = strings("tasks");
+    let stage_tasks = strings("stages");
+    let values: Vec<Vec<Option<f64>>> = m
+        .get("values")?
+        .as_array()?
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .map(|r| r.iter().map(|v| v.as_f64()).collect())
+                .unwrap_or_default()
+        })
+        .collect();
+    let n_stages = values.iter().map(|r| r.len()).max().unwrap_or(0);
+    if tasks.is_empty() || n_stages == 0 {
+        return None;
+    }
+    let stages = (0..n_stages)
+        .map(|k| match stage_tasks.get(k).filter(|t| !t.is_empty()) {
+            Some(t) => format!("after stage {} ({t})", k + 1),
+            None => format!("after stage {}", k + 1),
+        })
+        .collect();
+    let mut metrics = strings("metrics");
+    metrics.resize(tasks.len(), String::new());
+    Some(Matrix {
+        tasks,
+        metrics,
+        stages,
+        values,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_columns_by_name_and_skips_a_truncated_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("epochs.csv");
+        std::fs::write(
+            &p,
+            "task,stage,epoch,global_epoch,lr,loss_new,loss_replay,loss_total,seg_miou,grad_norm,seconds\n\
+             seg,1,1,1,0.001,2.0,0,2.0,0.1,3.5,10\n\
+             seg,1,2,2,0.001,1.5,0,1.5,0.2,,10\n\
+             det,2,1,3,0.001,4.0,0.5,4.5,0.1",
+        )
+        .unwrap();
+        let mut w = Vec::new();
+        let e = read_epochs(&p, &[], &mut w).unwrap();
+        assert_eq!(e.rows.len(), 2);
+        assert_eq!(e.terms, vec!["loss_replay"]);
+        assert_eq!(e.metric_columns, vec!["seg_miou"]);
+        assert!(e.other.contains_key("grad_norm"));
+        assert_eq!(e.rows[1].metrics[0], Some(0.2));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("line 4"), "{w:?}");
+    }
+
+    #[test]
+    fn a_bad_row_in_the_middle_is_an_error_naming_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("epochs.csv");
+        std::fs::write(
+            &p,
+            "stage,task,global_epoch,loss_new\n1,seg,1,x\n1,seg,2,1.0\n",
+        )
+        .unwrap();
+        let err = read_epochs(&p, &[], &mut Vec::new()).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("epochs.csv") && msg.contains("line 2"),
+            "{msg}"
+        );
+        std::fs::write(&p, "a,b\n1,2\n").unwrap();
+        let msg = format!("{:#}", read_epochs(&p, &[], &mut Vec::new()).unwrap_err());
+        assert!(msg.contains("no column `stage`"), "{msg}");
+    }
+
+    #[test]
+    fn old_format_stages_are_shifted_to_one_based() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("epochs.csv");
+        std::fs::write(
+            &p,
+            "stage,task,epoch,global_epoch,lr,loss_new,loss_replay,loss_total,seg_miou,seconds\n\
+             0,seg,1,1,0.1,1,0,1,0.2,1\n1,det,1,2,0.1,1,0.3,1.3,0.1,1\n",
+        )
+        .unwrap();
+        let e = read_epochs(&p, &[], &mut Vec::new()).unwrap();
+        let s = e.stages();
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].index, s[1].index), (1, 2));
+        assert_eq!(s[1].task, "det");
+    }
+
+    #[test]
+    fn unfinished_run_takes_baseline_and_tolerance_from_epochs_and_config() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(
+            tmp.path().join("config.toml"),
+            "name = \"x\"\n[[stages]]\ntask = \"seg\"\nepochs = 2\n[[stages]]\ntask = \"det\"\nepochs = 2\n\
+             [eval]\ntolerance = 0.02\ntolerance_kind = \"absolute\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            tmp.path().join("epochs.csv"),
+            "stage,task,epoch,global_epoch,loss_new,seg_miou,seg_pixel_acc,det_map50_95,det_map50\n\
+             1,seg,1,1,2.0,0.1,0.5,,\n1,seg,2,2,1.0,0.3,0.6,,\n2,det,1,3,3.0,0.2,0.6,0.05,0.1\n",
+        )
+        .unwrap();
+        let run = RunData::load(tmp.path()).unwrap();
+        assert!(run.warnings.is_empty(), "{:?}", run.warnings);
+        assert_eq!(run.name, "x");
+        assert_eq!(
+            (run.tolerance, run.tolerance_kind.as_str()),
+            (0.02, "absolute")
+        );
+        let seg = &run.tasks[0];
+        assert_eq!(seg.column, "seg_miou");
+        assert_eq!(seg.baseline, Some(0.3));
+        assert_eq!(seg.final_value, Some(0.2));
+        assert!((seg.threshold.unwrap() - 0.28).abs() < 1e-12);
+        assert_eq!(seg.verdict, "unfinished");
+        // det_map50 is preferred over the first det column; its stage has not ended yet.
+        let det = &run.tasks[1];
+        assert_eq!(det.column, "det_map50");
+        assert_eq!(det.baseline, None);
+        // The chart shows the planned 4 epochs.
+        assert_eq!(run.chart_last_epoch(), 4);
+    }
+}

@@ -772,7 +772,7 @@ impl Experiment {
             return bad("lwf.temperature must be > 0".into());
         }
         let c = &self.ewc;
-        if !(c.lambda >= 0.0 && c.lambda.is_finite()) || !(0.0..=1.0).contains(&c.gamma) {
+        if !(c.lambda >= 0.0 && c.lambda.is_finite() && (0.0..=1.0).contains(&c.gamma)) {
             return bad("ewc.lambda must be >= 0 and ewc.gamma in [0, 1]".into());
         }
         if self.mode != Mode::Sequential && (self.replay.enabled || w.enabled() || c.lambda > 0.0) {

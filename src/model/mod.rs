@@ -10,8 +10,10 @@ pub mod layers;
 pub mod mobilenetv3;
 pub mod weights;
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 
 pub use fpn::Fpn;
 pub use info::{count_params, info_report, InfoReport, ParamCounts};
@@ -154,4 +156,58 @@ impl OneHead {
         let finest = self.fpn.forward_finest(&taps)?;
         self.head.forward(&finest)
     }
+}
+
+/// A frozen copy of a model: its own variables, copied from another model's, for teachers
+/// and snapshots. Run it with `forward_t(x, false)` (inference mode, no statistics update).
+pub struct Frozen {
+    pub varmap: VarMap,
+    pub model: OneHead,
+}
+
+impl Frozen {
+    /// Copy every variable of `varmap` (a model built with `cfg`) into a new model.
+    pub fn snapshot(varmap: &VarMap, cfg: &OneHeadConfig, device: &Device) -> Result<Self> {
+        Self::from_tensors(&tensors_of(varmap)?, cfg, device)
+    }
+
+    /// A model built with `cfg` whose variables take the values of `tensors` (by name).
+    pub fn from_tensors(
+        tensors: &BTreeMap<String, Tensor>,
+        cfg: &OneHeadConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let vm = VarMap::new();
+        let model = OneHead::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, device))?;
+        set_from(&vm, tensors)?;
+        Ok(Self { varmap: vm, model })
+    }
+
+    /// The variables by name (copies).
+    pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        tensors_of(&self.varmap)
+    }
+}
+
+/// Copies of every variable of `varmap`, by name.
+pub fn tensors_of(varmap: &VarMap) -> Result<BTreeMap<String, Tensor>> {
+    varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        // Detached: a copy of a variable would otherwise stay a function of it for backprop.
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?)))
+        .collect()
+}
+
+/// Set every variable of `varmap` from `tensors` (by name); a missing one is an error.
+pub fn set_from(varmap: &VarMap, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
+        match tensors.get(name) {
+            Some(t) => var.set(t)?,
+            None => candle_core::bail!("saved weights lack the variable {name}"),
+        }
+    }
+    Ok(())
 }

@@ -8,7 +8,12 @@
 //! has a no-op default. Plug-in state — JSON and tensors — is saved after every epoch and
 //! restored on resume, so a resumed run continues bit-identically.
 
+pub mod ewc;
+pub mod joint;
+pub mod lwf;
 pub mod replay;
+pub mod single_task;
+pub mod uncertainty;
 
 use std::collections::BTreeMap;
 
@@ -169,11 +174,32 @@ pub trait Plugin {
     }
 }
 
-/// The plug-ins an experiment asks for, in hook order.
-pub fn build(exp: &Experiment) -> Result<Vec<Box<dyn Plugin>>> {
+/// The plug-ins an experiment asks for, in hook order: the reference modes, replay
+/// (its batches first), distillation, EWC, then the weighting of all terms. `varmap` holds
+/// the run's initial weights.
+pub fn build(exp: &Experiment, varmap: &VarMap, device: &Device) -> Result<Vec<Box<dyn Plugin>>> {
     let mut out: Vec<Box<dyn Plugin>> = Vec::new();
+    match exp.mode {
+        crate::config::Mode::Sequential => {}
+        crate::config::Mode::Joint => out.push(Box::new(joint::Joint::new())),
+        crate::config::Mode::SingleTask => {
+            out.push(Box::new(single_task::SingleTask::new(varmap)?))
+        }
+    }
     if exp.replay.enabled {
         out.push(Box::new(replay::Replay::from_experiment(exp)));
+    }
+    if exp.lwf.enabled() {
+        out.push(Box::new(lwf::Lwf::new(&exp.lwf)));
+    }
+    if exp.ewc.lambda > 0.0 {
+        out.push(Box::new(ewc::Ewc::new(&exp.ewc)));
+    }
+    if exp.uncertainty.enabled {
+        out.push(Box::new(uncertainty::Uncertainty::new(
+            &exp.tasks_in_order(),
+            device,
+        )?));
     }
     Ok(out)
 }

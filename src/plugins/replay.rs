@@ -1,24 +1,52 @@
 //! Experience replay (the report's strategy, generalised): every step of a later stage also
-//! trains `images_per_batch` samples of earlier tasks, drawn from the images those tasks'
-//! stages actually trained on, with `loss = L_new + weight · L_replay`. With several
-//! replayed tasks, samples are shared out round-robin (or at random) and `L_replay` is the
-//! sample-weighted mean of their losses.
+//! trains `images_per_batch` samples of earlier tasks, drawn from a buffer of the images
+//! those tasks' stages actually trained on.
+//!
+//! - Buffer (`policy`): `full` keeps every trained image; `reservoir` keeps `capacity`
+//!   images by reservoir sampling over the stream of trained images (Vitter; Mammoth's
+//!   buffer); `task_balanced` keeps `capacity` images split equally among the earlier tasks
+//!   (Avalanche's `ExperienceBalancedBuffer`). Every item keeps its task (and so its
+//!   targets).
+//! - Loss: `Σ_t w_t · (n_t / images_per_batch) · L_t / ref_t` as one `replay` term, with `w_t`
+//!   the task's weight (`weight` or `task_weights`), `n_t` its share of the step's replayed
+//!   samples (round-robin or random), and `ref_t` = 1, or with `normalize = "reference"`
+//!   the task's loss on its buffer at the end of its own stage (so 1.0 means "as good as at
+//!   baseline", and a task with a large loss scale cannot swamp the new one).
+//! - DER (`der_alpha > 0`, Buzzega et al. 2020): each buffered image keeps the head's
+//!   outputs for its task at the end of its stage; replayed images are then drawn without
+//!   augmentation (the stored outputs belong to the plain image) and a `der` term pulls the
+//!   model's outputs toward the stored ones with the task's distillation loss.
 
-use anyhow::Result;
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{ExtraBatch, LossTerm, Plugin, PluginState, RunCtx, StepView};
-use crate::config::{Experiment, ReplaySampling};
+use crate::config::{Experiment, ReplayConfig, ReplayNormalize, ReplayPolicy, ReplaySampling};
 use crate::data::Augment;
-use crate::tasks::Split;
+use crate::tasks::{DistillParams, Split};
+
+/// Images evaluated per batch when measuring reference losses and storing DER outputs.
+const BATCH: usize = 16;
 
 pub struct Replay {
-    images_per_batch: usize,
-    weight: f64,
-    sampling: ReplaySampling,
-    /// Tasks replayed in the current stage, with the training indices each may draw from.
-    tasks: Vec<(String, Vec<usize>)>,
+    cfg: ReplayConfig,
+    /// Buffered `(task, sample index)` for `reservoir` and `task_balanced` (for `full` the
+    /// stages' pools are the buffer).
+    buffer: Vec<(String, usize)>,
+    /// Trained images offered to the reservoir so far.
+    seen: u64,
+    /// Each task's loss at the end of its stage (`normalize = "reference"`).
+    reference: BTreeMap<String, f64>,
+    /// DER: the end-of-stage head outputs of buffered images, by `(task, index)`.
+    stored: BTreeMap<(String, usize), Tensor>,
+    /// Tasks replayed in the current stage (their buffered images are looked up at each
+    /// step, so that a buffer restored after `before_stage` on resume is seen).
+    tasks: Vec<String>,
     /// Round-robin position, carried across steps so every task gets its share.
     cursor: usize,
 }
@@ -26,30 +54,156 @@ pub struct Replay {
 impl Replay {
     pub fn from_experiment(exp: &Experiment) -> Self {
         Self {
-            images_per_batch: exp.replay.images_per_batch,
-            weight: exp.replay.weight,
-            sampling: exp.replay.sampling,
+            cfg: exp.replay.clone(),
+            buffer: vec![],
+            seen: 0,
+            reference: BTreeMap::new(),
+            stored: BTreeMap::new(),
             tasks: vec![],
             cursor: 0,
         }
     }
 
-    /// How many of this step's replayed samples go to each replayed task.
-    fn shares(&mut self, rng: &mut ChaCha8Rng) -> Vec<usize> {
-        let mut counts = vec![0usize; self.tasks.len()];
-        for _ in 0..self.images_per_batch {
-            let k = match self.sampling {
+    /// How many of this step's replayed samples go to each of `n` replayed tasks.
+    fn shares(&mut self, n: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+        let mut counts = vec![0usize; n];
+        for _ in 0..self.cfg.images_per_batch {
+            let k = match self.cfg.sampling {
                 ReplaySampling::RoundRobin => {
-                    let k = self.cursor % self.tasks.len();
+                    let k = self.cursor % n;
                     self.cursor += 1;
                     k
                 }
-                ReplaySampling::Random => rng.random_range(0..self.tasks.len()),
+                ReplaySampling::Random => rng.random_range(0..n),
             };
             counts[k] += 1;
         }
         counts
     }
+
+    /// The buffered indices of `task` (in buffer order).
+    fn buffered(&self, ctx: &RunCtx, task: &str) -> Vec<usize> {
+        match self.cfg.policy {
+            ReplayPolicy::Full => trained_indices(ctx, task),
+            _ => self
+                .buffer
+                .iter()
+                .filter(|(t, _)| t == task)
+                .map(|&(_, i)| i)
+                .collect(),
+        }
+    }
+
+    /// Offer the images stage `ctx.stage` trained on to the buffer (in a shuffled order: the
+    /// order they stream in).
+    fn fill(&mut self, ctx: &RunCtx, rng: &mut ChaCha8Rng) {
+        let task = ctx.stage_task().to_string();
+        let mut pool = ctx.pools[ctx.stage].clone();
+        pool.shuffle(rng);
+        let cap = self.cfg.capacity;
+        match self.cfg.policy {
+            // The stages' pools are the buffer.
+            ReplayPolicy::Full => return,
+            ReplayPolicy::Reservoir => {
+                reservoir_add(&mut self.buffer, &mut self.seen, &task, &pool, cap, rng)
+            }
+            ReplayPolicy::TaskBalanced => balanced_add(&mut self.buffer, &task, &pool, cap, rng),
+        }
+        let live = &self.buffer;
+        self.stored.retain(|k, _| live.contains(k));
+    }
+
+    /// Reference loss and DER outputs of `task`'s buffered images, with the model as it is
+    /// at the end of the task's stage, in inference mode.
+    fn measure(&mut self, ctx: &RunCtx, task_name: &str) -> Result<()> {
+        let needs_ref = self.cfg.normalize == ReplayNormalize::Reference;
+        let needs_der = self.cfg.der_alpha > 0.0;
+        if !needs_ref && !needs_der {
+            return Ok(());
+        }
+        let task = ctx.tasks.get(task_name)?;
+        let idx = self.buffered(ctx, task_name);
+        let (mut sum, mut n) = (0.0, 0usize);
+        for chunk in idx.chunks(BATCH) {
+            let batch = task.batch(Split::Train, chunk, &[], ctx.device)?;
+            let out = ctx
+                .tasks
+                .slice(&ctx.model.forward_t(&batch.images, false)?, task_name)?
+                .detach();
+            if needs_ref {
+                let l = task.loss(&out, &batch)?.total.to_scalar::<f32>()? as f64;
+                sum += l * chunk.len() as f64;
+                n += chunk.len();
+            }
+            if needs_der {
+                for (k, &i) in chunk.iter().enumerate() {
+                    self.stored
+                        .insert((task_name.to_string(), i), out.narrow(0, k, 1)?.copy()?);
+                }
+            }
+        }
+        if needs_ref && n > 0 {
+            // A tiny floor keeps a task solved perfectly at baseline from dividing by ~0.
+            self.reference
+                .insert(task_name.to_string(), (sum / n as f64).max(1e-3));
+        }
+        Ok(())
+    }
+}
+
+/// Reservoir sampling (Vitter's algorithm R): offer `items` of `task` to a buffer of at most
+/// `cap` entries that has seen `seen` items so far; every item of the stream ends up in the
+/// buffer with the same probability `cap / seen`.
+pub fn reservoir_add(
+    buffer: &mut Vec<(String, usize)>,
+    seen: &mut u64,
+    task: &str,
+    items: &[usize],
+    cap: usize,
+    rng: &mut ChaCha8Rng,
+) {
+    for &i in items {
+        *seen += 1;
+        if buffer.len() < cap {
+            buffer.push((task.to_string(), i));
+        } else {
+            let j = rng.random_range(0..*seen) as usize;
+            if j < cap {
+                buffer[j] = (task.to_string(), i);
+            }
+        }
+    }
+}
+
+/// Task-balanced buffer: add `items` of `task` (replacing its earlier entries), then shrink
+/// every task to `cap / number of tasks` entries, dropping at random.
+pub fn balanced_add(
+    buffer: &mut Vec<(String, usize)>,
+    task: &str,
+    items: &[usize],
+    cap: usize,
+    rng: &mut ChaCha8Rng,
+) {
+    buffer.retain(|(t, _)| t != task);
+    buffer.extend(items.iter().map(|&i| (task.to_string(), i)));
+    let mut tasks: Vec<String> = Vec::new();
+    for (t, _) in buffer.iter() {
+        if !tasks.contains(t) {
+            tasks.push(t.clone());
+        }
+    }
+    let quota = cap / tasks.len().max(1);
+    let mut kept = Vec::new();
+    for t in tasks {
+        let mut mine: Vec<(String, usize)> =
+            buffer.iter().filter(|(u, _)| *u == t).cloned().collect();
+        if mine.len() > quota {
+            mine.shuffle(rng);
+            mine.truncate(quota);
+        }
+        kept.extend(mine);
+    }
+    *buffer = kept;
 }
 
 /// The union of the training indices of every earlier stage that trained `task`.
@@ -73,31 +227,32 @@ impl Plugin for Replay {
     }
 
     fn loss_terms(&self) -> Vec<String> {
-        vec!["replay".into()]
+        let mut t = vec!["replay".to_string()];
+        if self.cfg.der_alpha > 0.0 {
+            t.push("der".into());
+        }
+        t
     }
 
     fn before_stage(&mut self, ctx: &RunCtx, _rng: &mut ChaCha8Rng) -> Result<()> {
-        self.tasks = ctx
-            .exp
-            .replayed_tasks(ctx.stage)
-            .into_iter()
-            .map(|t| {
-                let pool = trained_indices(ctx, &t);
-                (t, pool)
-            })
-            .filter(|(_, pool)| !pool.is_empty())
-            .collect();
+        self.tasks = ctx.exp.replayed_tasks(ctx.stage);
         self.cursor = 0;
         Ok(())
     }
 
     fn extra_batches(&mut self, ctx: &RunCtx, rng: &mut ChaCha8Rng) -> Result<Vec<ExtraBatch>> {
-        if self.tasks.is_empty() {
+        let pools: Vec<(String, Vec<usize>)> = self
+            .tasks
+            .iter()
+            .map(|t| (t.clone(), self.buffered(ctx, t)))
+            .filter(|(_, pool)| !pool.is_empty())
+            .collect();
+        if pools.is_empty() {
             return Ok(vec![]);
         }
-        let counts = self.shares(rng);
+        let counts = self.shares(pools.len(), rng);
         let mut out = Vec::new();
-        for ((task, pool), n) in self.tasks.iter().zip(counts) {
+        for ((task, pool), n) in pools.iter().zip(counts) {
             if n == 0 {
                 continue;
             }
@@ -105,10 +260,15 @@ impl Plugin for Replay {
                 .map(|_| pool[rng.random_range(0..pool.len())])
                 .collect();
             let t = ctx.tasks.get(task)?;
-            let augs: Vec<Augment> = indices
-                .iter()
-                .map(|&i| ctx.augment.draw(rng, t.image_aspect(Split::Train, i)))
-                .collect();
+            // DER's stored outputs belong to the plain image: no augmentation then.
+            let augs: Vec<Augment> = if self.cfg.der_alpha > 0.0 {
+                vec![]
+            } else {
+                indices
+                    .iter()
+                    .map(|&i| ctx.augment.draw(rng, t.image_aspect(Split::Train, i)))
+                    .collect()
+            };
             let batch = t.batch(Split::Train, &indices, &augs, ctx.device)?;
             out.push(ExtraBatch {
                 task: task.clone(),
@@ -119,40 +279,115 @@ impl Plugin for Replay {
     }
 
     fn loss(&mut self, ctx: &RunCtx, step: &StepView) -> Result<Vec<LossTerm>> {
-        let mut sum = None;
+        let mut terms = Vec::new();
         for rows in &step.mine {
             let task = ctx.tasks.get(rows.task)?;
             let out = ctx.tasks.slice(&rows.of(step.map)?, rows.task)?;
             let l = task.loss(&out, rows.batch)?;
-            let w = self.weight * rows.batch.len() as f64 / self.images_per_batch as f64;
-            let term = (l.total * w)?;
-            sum = Some(match sum {
-                Some(s) => (s + &term)?,
-                None => term,
-            });
-        }
-        Ok(sum
-            .map(|value| LossTerm {
+            let reference = match self.cfg.normalize {
+                ReplayNormalize::None => 1.0,
+                ReplayNormalize::Reference => self.reference.get(rows.task).copied().unwrap_or(1.0),
+            };
+            let w = self.cfg.weight_of(rows.task) * rows.batch.len() as f64
+                / self.cfg.images_per_batch as f64
+                / reference;
+            terms.push(LossTerm {
                 name: "replay".into(),
-                task: None,
-                value,
-            })
-            .into_iter()
-            .collect())
+                task: Some(rows.task.to_string()),
+                value: (l.total * w)?,
+            });
+            if self.cfg.der_alpha > 0.0 {
+                let stored: Vec<Tensor> = rows
+                    .batch
+                    .indices
+                    .iter()
+                    .map(|&i| {
+                        self.stored
+                            .get(&(rows.task.to_string(), i))
+                            .cloned()
+                            .with_context(|| {
+                                format!("DER: no stored outputs for {} #{i}", rows.task)
+                            })
+                    })
+                    .collect::<Result<_>>()?;
+                let target = Tensor::cat(&stored, 0)?;
+                let p = DistillParams {
+                    temperature: ctx.exp.lwf.temperature,
+                };
+                let d = task.distill(&out, &target, &p)?;
+                terms.push(LossTerm {
+                    name: "der".into(),
+                    task: Some(rows.task.to_string()),
+                    value: (d * self.cfg.der_alpha)?,
+                });
+            }
+        }
+        Ok(terms)
+    }
+
+    fn after_stage(&mut self, ctx: &RunCtx, rng: &mut ChaCha8Rng) -> Result<()> {
+        if self.cfg.policy != ReplayPolicy::Full {
+            self.fill(ctx, rng);
+        }
+        // Measured now, with the task's own end-of-stage model; as seen from the next stage,
+        // so that this stage's images count among the earlier ones.
+        let task = ctx.stage_task().to_string();
+        let from_next = RunCtx {
+            stage: ctx.stage + 1,
+            ..*ctx
+        };
+        self.measure(&from_next, &task)
     }
 
     fn state(&self) -> Result<PluginState> {
+        let buffer: Vec<serde_json::Value> = self
+            .buffer
+            .iter()
+            .map(|(t, i)| serde_json::json!([t, i]))
+            .collect();
+        let mut tensors = BTreeMap::new();
+        for (k, ((t, i), v)) in self.stored.iter().enumerate() {
+            tensors.insert(format!("der.{k}.{t}.{i}"), v.clone());
+        }
         Ok(PluginState {
-            json: serde_json::json!({ "cursor": self.cursor }),
-            ..Default::default()
+            json: serde_json::json!({
+                "cursor": self.cursor,
+                "buffer": buffer,
+                "seen": self.seen,
+                "reference": self.reference,
+            }),
+            tensors,
         })
     }
 
     fn load_state(&mut self, state: PluginState) -> Result<()> {
-        self.cursor = state.json["cursor"]
-            .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("replay state lacks 'cursor': {}", state.json))?
-            as usize;
+        let j = &state.json;
+        let bad = || anyhow::anyhow!("replay state is not readable: {j}");
+        self.cursor = j["cursor"].as_u64().ok_or_else(bad)? as usize;
+        self.seen = j["seen"].as_u64().unwrap_or(0);
+        self.buffer = j["buffer"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|v| Some((v[0].as_str()?.to_string(), v[1].as_u64()? as usize)))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .unwrap_or(Some(vec![]))
+            .ok_or_else(bad)?;
+        self.reference = serde_json::from_value(j["reference"].clone()).unwrap_or_default();
+        self.stored.clear();
+        for (name, t) in state.tensors {
+            let mut parts = name.splitn(4, '.');
+            let (Some("der"), Some(_), Some(task), Some(i)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                anyhow::bail!("replay state: unexpected tensor {name}");
+            };
+            let i: usize = i
+                .parse()
+                .with_context(|| format!("replay state tensor {name}"))?;
+            self.stored.insert((task.to_string(), i), t);
+        }
         Ok(())
     }
 }
@@ -163,21 +398,84 @@ mod tests {
     use rand::SeedableRng;
 
     fn replay(sampling: ReplaySampling, images: usize) -> Replay {
-        Replay {
+        let mut exp_replay = ReplayConfig {
             images_per_batch: images,
-            weight: 0.8,
             sampling,
-            tasks: vec![("seg".into(), vec![0, 1]), ("det".into(), vec![0])],
+            ..ReplayConfig::default()
+        };
+        exp_replay.enabled = true;
+        Replay {
+            cfg: exp_replay,
+            buffer: vec![],
+            seen: 0,
+            reference: BTreeMap::new(),
+            stored: BTreeMap::new(),
+            tasks: vec!["seg".into(), "det".into()],
             cursor: 0,
         }
+    }
+
+    #[test]
+    fn reservoir_keeps_capacity_and_samples_the_stream_uniformly() {
+        // 100 items of task a then 300 of task b into 50 slots, many times: each item stays
+        // with probability 50/400, so a keeps about 1/4 of the slots.
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (mut a_total, trials) = (0usize, 200);
+        for _ in 0..trials {
+            let (mut buf, mut seen) = (Vec::new(), 0u64);
+            reservoir_add(
+                &mut buf,
+                &mut seen,
+                "a",
+                &(0..100).collect::<Vec<_>>(),
+                50,
+                &mut rng,
+            );
+            assert_eq!(buf.len(), 50);
+            reservoir_add(
+                &mut buf,
+                &mut seen,
+                "b",
+                &(0..300).collect::<Vec<_>>(),
+                50,
+                &mut rng,
+            );
+            assert_eq!((buf.len(), seen), (50, 400));
+            a_total += buf.iter().filter(|(t, _)| t == "a").count();
+        }
+        let share = a_total as f64 / (50 * trials) as f64;
+        assert!((share - 0.25).abs() < 0.03, "{share}");
+    }
+
+    #[test]
+    fn task_balanced_splits_the_capacity_equally() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let mut buf = Vec::new();
+        balanced_add(&mut buf, "a", &(0..100).collect::<Vec<_>>(), 60, &mut rng);
+        assert_eq!(buf.len(), 60);
+        balanced_add(&mut buf, "b", &(0..100).collect::<Vec<_>>(), 60, &mut rng);
+        let count =
+            |buf: &Vec<(String, usize)>, t: &str| buf.iter().filter(|(u, _)| u == t).count();
+        assert_eq!((count(&buf, "a"), count(&buf, "b")), (30, 30));
+        // No duplicates, and a's survivors come from a's earlier entries.
+        let mut a: Vec<usize> = buf.iter().filter(|(t, _)| t == "a").map(|x| x.1).collect();
+        a.sort();
+        a.dedup();
+        assert_eq!(a.len(), 30);
+        // Fewer items than the quota: all kept.
+        balanced_add(&mut buf, "c", &[1, 2], 60, &mut rng);
+        assert_eq!(
+            (count(&buf, "a"), count(&buf, "b"), count(&buf, "c")),
+            (20, 20, 2)
+        );
     }
 
     #[test]
     fn round_robin_shares_are_balanced_across_steps() {
         let mut r = replay(ReplaySampling::RoundRobin, 3);
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        assert_eq!(r.shares(&mut rng), vec![2, 1]);
-        assert_eq!(r.shares(&mut rng), vec![1, 2]);
+        assert_eq!(r.shares(2, &mut rng), vec![2, 1]);
+        assert_eq!(r.shares(2, &mut rng), vec![1, 2]);
     }
 
     #[test]
@@ -186,7 +484,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let mut total = [0usize; 2];
         for _ in 0..100 {
-            let s = r.shares(&mut rng);
+            let s = r.shares(2, &mut rng);
             assert_eq!(s.iter().sum::<usize>(), 4);
             total[0] += s[0];
             total[1] += s[1];

@@ -77,6 +77,8 @@ pub struct TaskRef {
     pub task: String,
     pub metric: String,
     pub chance: f64,
+    /// 0-based stage that (last) trained the task: its baseline is measured there.
+    pub stage: usize,
 }
 
 impl TaskVerdict {
@@ -117,12 +119,11 @@ fn value(r: &EvalRecord, metric: &str) -> Option<f64> {
     r.metrics.get(metric).copied()
 }
 
-/// The verdict of every task (in `tasks` order) from the run's evaluation history.
-/// `stages[k]` is the task stage k trained; `single_task` holds the baselines of the
-/// single-task reference run (by task) when the verdict compares against it.
+/// The verdict of every task (in `tasks` order) from the run's evaluation history;
+/// `single_task` holds the baselines of the single-task reference run (by task) when the
+/// verdict compares against it.
 pub fn judge(
     tasks: &[TaskRef],
-    stages: &[String],
     history: &[EvalRecord],
     j: &Judging,
     single_task: Option<&BTreeMap<String, f64>>,
@@ -130,10 +131,7 @@ pub fn judge(
     tasks
         .iter()
         .map(|t| {
-            let stage = stages
-                .iter()
-                .rposition(|s| *s == t.task)
-                .ok_or_else(|| anyhow::anyhow!("no stage learns task '{}'", t.task))?;
+            let stage = t.stage;
             let of_stage: Vec<&EvalRecord> = history
                 .iter()
                 .filter(|r| r.task == t.task && r.stage == stage)
@@ -189,6 +187,7 @@ impl Matrix {
         stages_done: usize,
         history: &[EvalRecord],
     ) -> Self {
+        let stages_done = stages_done.min(stages.len());
         let values = tasks
             .iter()
             .map(|t| {
@@ -251,6 +250,10 @@ pub struct RunSummary {
     pub tolerance: f64,
     pub tolerance_kind: ToleranceKind,
     pub baseline_kind: BaselineKind,
+    /// The single-task reference run the baselines come from (`baseline_kind =
+    /// "single_task"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_run: Option<String>,
     pub chance_margin: f64,
     pub tasks: Vec<TaskVerdict>,
     /// Every task learned and within tolerance.
@@ -338,6 +341,7 @@ mod tests {
             task: "seg".into(),
             metric: "miou".into(),
             chance,
+            stage: 0,
         }
     }
 
@@ -409,33 +413,32 @@ mod tests {
                 task: "a".into(),
                 metric: "m".into(),
                 chance: 0.0,
+                stage: 0,
             },
             TaskRef {
                 task: "b".into(),
                 metric: "m".into(),
                 chance: 0.0,
+                stage: 1,
             },
         ];
         let stages = ["a".to_string(), "b".to_string()];
         let mut j = judging(ToleranceKind::Relative);
-        let v = judge(&tasks, &stages, &h, &j, None).unwrap();
+        let v = judge(&tasks, &h, &j, None).unwrap();
         assert_eq!(
             (v[0].baseline, v[0].final_value, v[0].stage),
             (0.5, 0.45, 1)
         );
         assert_eq!((v[1].baseline, v[1].final_value, v[1].stage), (0.7, 0.7, 2));
         j.baseline = BaselineKind::StageBest;
-        let v = judge(&tasks, &stages, &h, &j, None).unwrap();
+        let v = judge(&tasks, &h, &j, None).unwrap();
         assert_eq!(v[0].baseline, 0.6);
         j.baseline = BaselineKind::SingleTask;
         let single: BTreeMap<String, f64> = [("a".to_string(), 0.8), ("b".to_string(), 0.7)].into();
-        let v = judge(&tasks, &stages, &h, &j, Some(&single)).unwrap();
+        let v = judge(&tasks, &h, &j, Some(&single)).unwrap();
         assert_eq!(v[0].baseline, 0.8);
         assert!((v[0].drop_rel.unwrap() - (0.8 - 0.45) / 0.8).abs() < 1e-12);
-        assert!(
-            judge(&tasks, &stages, &h, &j, None).is_err(),
-            "no single-task run"
-        );
+        assert!(judge(&tasks, &h, &j, None).is_err(), "no single-task run");
         let m = Matrix::from_history(&tasks, &stages, 2, &h);
         assert_eq!(
             m.values,

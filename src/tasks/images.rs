@@ -26,6 +26,9 @@ pub struct Pixels {
     pub data: Vec<u8>,
 }
 
+/// One decoded image: `S × S` bytes, the crop-source copy if kept, the original size.
+type Decoded = (Vec<u8>, Option<Pixels>, (u32, u32));
+
 /// The decoded images of one split.
 pub struct ImageSet {
     /// Square side of the model input.
@@ -52,7 +55,7 @@ impl ImageSet {
     /// Decode `files` in parallel. `keep_large` keeps a crop-source copy of images larger than
     /// the model input (training splits with random crops).
     pub fn load(files: Vec<PathBuf>, image_size: usize, keep_large: bool) -> Result<Self> {
-        let decoded: Vec<(Vec<u8>, Option<Pixels>, (u32, u32))> = files
+        let decoded: Vec<Decoded> = files
             .par_iter()
             .map(|p| load_one(p, image_size, keep_large))
             .collect::<Result<_>>()?;
@@ -138,11 +141,7 @@ impl ImageSet {
     }
 }
 
-fn load_one(
-    path: &Path,
-    image_size: usize,
-    keep_large: bool,
-) -> Result<(Vec<u8>, Option<Pixels>, (u32, u32))> {
+fn load_one(path: &Path, image_size: usize, keep_large: bool) -> Result<Decoded> {
     let img = decode_rgb(path)?;
     let (w, h) = img.dimensions();
     let base = resize_rgb(&img, image_size);

@@ -219,7 +219,7 @@ fn train_epoch(
 /// and always at a stage's end).
 fn evaluate_epoch(s: &Session, si: usize, epoch: usize) -> Result<Vec<EvalRecord>> {
     let exp = &s.env.exp;
-    if epoch % exp.eval.every != 0 && epoch != s.env.stages[si].epochs {
+    if !epoch.is_multiple_of(exp.eval.every) && epoch != s.env.stages[si].epochs {
         return Ok(vec![]);
     }
     exp.evaluated_tasks(si)

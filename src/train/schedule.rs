@@ -64,6 +64,7 @@ mod tests {
             freeze: Freeze::None,
             grad_clip_norm: 0.0,
             train_limit: 0,
+            lr_scale: Default::default(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! folder, saving and restoring the resume state, and the end-of-run summary. The loop
 //! itself is [`super::engine`].
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -294,10 +295,17 @@ impl Env {
                     "[eval] metric: task '{name}' has no metric '{metric}' (it has {})",
                     task.metric_names().join(", ")
                 );
+                // The joint run trains every task in its one stage.
+                let stage = self
+                    .stages
+                    .iter()
+                    .rposition(|s| s.task == name)
+                    .unwrap_or(0);
                 Ok(TaskRef {
                     chance: task.chance(&metric).unwrap_or(0.0),
                     task: name,
                     metric,
+                    stage,
                 })
             })
             .collect()
@@ -341,9 +349,89 @@ pub struct Session {
     pub tensorboard: Option<crate::report::TbWriter>,
     pub opts: RunOptions,
     pub progress: Progress,
+    /// With `[eval] baseline = "single_task"`: the reference run's folder and its baselines.
+    pub single_task: Option<(PathBuf, BTreeMap<String, f64>)>,
     /// The saved state of a resumed run, handed to the optimiser (mid-stage) and the
     /// plug-ins when the loop starts.
     pub resumed: Option<(RunState, ExtraTensors)>,
+}
+
+/// The single-task reference of a sequential experiment: each stage's task trained alone
+/// from the same initialisation with its stage's budget (epochs, batch, optimiser,
+/// schedule), all layers at full rate and no strategy. Named `<name>__single_task`.
+pub fn single_task_reference(exp: &Experiment) -> Experiment {
+    let mut r = exp.clone();
+    r.name = format!("{}__single_task", exp.name);
+    r.mode = crate::config::Mode::SingleTask;
+    r.seeds = None;
+    r.replay.enabled = false;
+    r.lwf = Default::default();
+    r.ewc = Default::default();
+    r.uncertainty = Default::default();
+    r.eval.baseline = crate::config::BaselineKind::StageEnd;
+    for s in &mut r.stages {
+        s.lr_scale = Default::default();
+        s.freeze = crate::config::Freeze::None;
+    }
+    r
+}
+
+/// With `[eval] baseline = "single_task"`: the baselines of the single-task reference run,
+/// reusing a finished one with the identical config under `<results>/<name>__single_task/`,
+/// or training it first.
+fn single_task_baselines(
+    exp: &Experiment,
+    registry: &Registry,
+    quiet: bool,
+) -> Result<Option<(PathBuf, BTreeMap<String, f64>)>> {
+    if exp.eval.baseline != crate::config::BaselineKind::SingleTask {
+        return Ok(None);
+    }
+    let reference = single_task_reference(exp);
+    let folder = reference.results_dir.join(&reference.name);
+    let mut found = None;
+    if let Ok(entries) = std::fs::read_dir(&folder) {
+        let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        dirs.sort();
+        for d in dirs.into_iter().rev() {
+            let same = Experiment::load_with(&d.join("config.toml"), &[], &registry.names())
+                .is_ok_and(|c| c == reference);
+            if same && d.join("summary.json").is_file() {
+                found = Some(d);
+                break;
+            }
+        }
+    }
+    let (dir, summary) = match found {
+        Some(d) => {
+            tracing::info!("single-task baselines from {}", d.display());
+            let text = std::fs::read_to_string(d.join("summary.json"))?;
+            let s: RunSummary = serde_json::from_str(&text)
+                .with_context(|| format!("reading {}", d.join("summary.json").display()))?;
+            (d, s)
+        }
+        None => {
+            tracing::info!(
+                "training the single-task reference {} first",
+                reference.name
+            );
+            let out = super::run_with(
+                &reference,
+                registry,
+                &RunOptions {
+                    quiet,
+                    ..RunOptions::default()
+                },
+            )?;
+            (out.run_dir, out.summary)
+        }
+    };
+    let baselines = summary
+        .tasks
+        .iter()
+        .map(|t| (t.task.clone(), t.baseline))
+        .collect();
+    Ok(Some((dir, baselines)))
 }
 
 /// A TensorBoard writer when the experiment asks for one (a resumed run adds a second
@@ -388,7 +476,7 @@ impl Session {
             head_config,
             augment: augment_config(exp),
         };
-        let plugins = plugins::build(exp)?;
+        let plugins = plugins::build(exp, &env.varmap, &env.device)?;
         let run_dir = match &opts.run_dir {
             Some(d) => {
                 std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
@@ -416,6 +504,7 @@ impl Session {
             plugins,
             rng,
             tensorboard: tensorboard(exp, &run_dir)?,
+            single_task: single_task_baselines(exp, registry, opts.quiet)?,
             run_dir,
             csv,
             opts,
@@ -472,7 +561,7 @@ impl Session {
             head_config,
             augment: augment_config(&exp),
         };
-        let plugins = plugins::build(&exp)?;
+        let plugins = plugins::build(&exp, &env.varmap, &env.device)?;
         anyhow::ensure!(
             st.plugins.len() == plugins.len(),
             "{}: the saved state has {} plug-in states, the config asks for {} plug-ins",
@@ -514,6 +603,7 @@ impl Session {
             env,
             plugins,
             tensorboard: tensorboard(&exp, run_dir)?,
+            single_task: single_task_baselines(&exp, registry, opts.quiet)?,
             run_dir: run_dir.to_path_buf(),
             csv,
             opts,
@@ -590,7 +680,8 @@ impl Session {
             chance_margin: exp.eval.chance_margin,
         };
         let history = &self.progress.history;
-        let tasks = judge(&refs, &env.stage_tasks(), history, &judging, None)?;
+        let single = self.single_task.as_ref().map(|(_, b)| b);
+        let tasks = judge(&refs, history, &judging, single)?;
         let mut final_metrics = std::collections::BTreeMap::new();
         for t in &refs {
             if let Some(r) = history
@@ -623,6 +714,10 @@ impl Session {
             tolerance: exp.eval.tolerance,
             tolerance_kind: exp.eval.tolerance_kind,
             baseline_kind: exp.eval.baseline,
+            baseline_run: self
+                .single_task
+                .as_ref()
+                .map(|(d, _)| d.display().to_string()),
             chance_margin: exp.eval.chance_margin,
             pass: tasks.iter().all(|t| t.pass),
             tasks,

@@ -91,9 +91,18 @@ pub fn train_step(
     for p in plugins.iter_mut() {
         p.weigh(ctx, &mut terms)?;
     }
-    let mut total = terms[0].value.clone();
-    for t in &terms[1..] {
-        total = (total + &t.value)?;
+    // Terms of one name (e.g. replay's per-task terms) are summed first, then the names
+    // in order of first appearance: `new + Σ replay + …`.
+    let mut groups: Vec<(&str, Tensor)> = Vec::new();
+    for t in &terms {
+        match groups.iter_mut().find(|(n, _)| *n == t.name) {
+            Some((_, sum)) => *sum = (&*sum + &t.value)?,
+            None => groups.push((&t.name, t.value.clone())),
+        }
+    }
+    let mut total = groups[0].1.clone();
+    for (_, g) in &groups[1..] {
+        total = (total + g)?;
     }
     let total_v = scalar(&total)?;
     if !total_v.is_finite() {

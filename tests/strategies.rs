@@ -1,0 +1,289 @@
+//! The strategy plug-ins on tiny runs: every one of them together trains and resumes
+//! bit-identically; distillation is zero at the teacher and pulls back toward it; the
+//! reference modes (joint, single-task) and the single-task baseline.
+
+use std::path::Path;
+
+use onehead::config::Experiment;
+use onehead::plugins::{Plugin, Rows, StepView};
+use onehead::tasks::{Registry, Split};
+use onehead::train::{resume, run, RunOptions, Session, Stopped};
+use rand::SeedableRng;
+
+/// A tiny experiment: `top` goes before the first table (e.g. `mode`), `eval` into
+/// `[eval]`, `body` after it (stages and strategy tables).
+fn experiment(dir: &Path, top: &str, eval: &str, body: &str) -> Experiment {
+    let text = format!(
+        r#"
+{top}
+name = "strat"
+seed = 11
+device = "cpu"
+results_dir = "{results}"
+[model]
+weights = "none"
+image_size = 64
+fpn_channels = 16
+[data]
+root = "{data}"
+synth_train = 16
+synth_val = 10
+synth_size = 64
+crop_scale = [0.5, 1.0]
+[eval]
+batch_size = 8
+{eval}
+{body}
+"#,
+        results = dir.join("results").display(),
+        data = dir.join("data").display(),
+    );
+    let p = dir.join("exp.toml");
+    std::fs::write(&p, text).unwrap();
+    Experiment::load(&p, &[]).unwrap()
+}
+
+const THREE_STAGES: &str = r#"
+[[stages]]
+task = "seg"
+epochs = 2
+batch_size = 4
+[[stages]]
+task = "det"
+epochs = 1
+batch_size = 4
+lr_scale = { backbone = 0.1, neck = 0.3 }
+[[stages]]
+task = "cls"
+epochs = 1
+batch_size = 4
+lr_scale = { backbone = 0.1, neck = 0.3 }
+"#;
+
+fn quiet() -> RunOptions {
+    RunOptions {
+        quiet: true,
+        ..RunOptions::default()
+    }
+}
+
+fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut r = csv::Reader::from_path(path).unwrap();
+    let h = r.headers().unwrap().iter().map(String::from).collect();
+    let rows = r
+        .records()
+        .map(|x| x.unwrap().iter().map(String::from).collect())
+        .collect();
+    (h, rows)
+}
+
+#[test]
+fn every_strategy_together_trains_and_resumes_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = format!(
+        r#"{THREE_STAGES}
+[replay]
+enabled = true
+images_per_batch = 2
+policy = "reservoir"
+capacity = 8
+normalize = "reference"
+der_alpha = 0.5
+task_weights = {{ det = 1.5 }}
+[lwf]
+alpha = 1.0
+teacher = "per_task"
+[ewc]
+lambda = 10.0
+samples = 4
+[uncertainty]
+enabled = true
+"#
+    );
+    let exp = experiment(tmp.path(), "", "", &body);
+    let full = run(&exp, &quiet()).unwrap();
+    let (h, rows) = read_csv(&full.run_dir.join("epochs.csv"));
+    let col = |n: &str| {
+        h.iter()
+            .position(|c| c == n)
+            .unwrap_or_else(|| panic!("no {n}"))
+    };
+    let v = |r: usize, n: &str| rows[r][col(n)].parse::<f64>().unwrap();
+    for term in ["loss_replay", "loss_der", "loss_lwf", "loss_ewc"]
+        .into_iter()
+        .filter(|t| h.iter().any(|c| c == t))
+    {
+        assert_eq!(v(0, term), 0.0, "{term} in stage 1");
+        assert!(v(2, term) > 0.0, "{term} in stage 2");
+        assert!(v(3, term) > 0.0, "{term} in stage 3");
+    }
+    let secs = col("seconds");
+    // Mid-epoch in stage 1, a stage boundary (teachers, Fisher, buffer just made), mid-det.
+    for (epochs, steps) in [(None, Some(6)), (Some(2), None), (None, Some(10))] {
+        let err = run(
+            &exp,
+            &RunOptions {
+                quiet: true,
+                stop_after_epochs: epochs,
+                stop_after_steps: steps,
+                ..RunOptions::default()
+            },
+        )
+        .unwrap_err();
+        let dir = err.downcast_ref::<Stopped>().unwrap().run_dir.clone();
+        let resumed = resume(&dir, &quiet()).unwrap();
+        let (_, again) = read_csv(&dir.join("epochs.csv"));
+        assert_eq!(again.len(), rows.len());
+        for (r, (a, b)) in again.iter().zip(&rows).enumerate() {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                if i != secs {
+                    assert_eq!(
+                        x, y,
+                        "stop {epochs:?}/{steps:?}: row {r} {} differs\n{a:?}\n{b:?}",
+                        h[i]
+                    );
+                }
+            }
+        }
+        assert_eq!(resumed.summary.final_metrics, full.summary.final_metrics);
+    }
+}
+
+/// LwF's term is 0 when the model equals its teacher (both in inference mode), positive
+/// once the model moves, and a gradient step on it moves the model back.
+#[test]
+fn distillation_is_zero_at_the_teacher_and_pulls_back_toward_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = experiment(
+        tmp.path(),
+        "",
+        "",
+        &format!("{THREE_STAGES}\n[lwf]\nalpha = 1.0\n"),
+    );
+    let registry = Registry::builtin();
+    let s = Session::start(&exp, &registry, quiet()).unwrap();
+    let env = &s.env;
+    let pools = vec![(0..16).collect::<Vec<usize>>(), (0..16).collect()];
+    let mut lwf = onehead::plugins::lwf::Lwf::new(&exp.lwf);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    lwf.after_stage(&env.ctx(0, &pools), &mut rng).unwrap();
+    let det = env.tasks.get("det").unwrap();
+    let batch = det
+        .batch(Split::Train, &[0, 1, 2, 3], &[], &env.device)
+        .unwrap();
+    let term = |lwf: &mut onehead::plugins::lwf::Lwf| {
+        let map = env.model.forward_t(&batch.images, false).unwrap();
+        let view = StepView {
+            images: &batch.images,
+            map: &map,
+            new: Rows {
+                task: "det",
+                batch: &batch,
+                start: 0,
+            },
+            mine: vec![],
+        };
+        let terms = lwf.loss(&env.ctx(1, &pools), &view).unwrap();
+        assert_eq!(terms.len(), 1, "one earlier task (seg) to distil");
+        assert_eq!(terms[0].task.as_deref(), Some("seg"));
+        terms[0].value.clone()
+    };
+    let at_teacher = term(&mut lwf).to_scalar::<f32>().unwrap();
+    assert!(at_teacher.abs() < 1e-6, "{at_teacher}");
+    // Move the head's last layer away from the teacher (noise: a constant shift of every
+    // class logit would leave the softmax, and so the term, unchanged).
+    let data = env.varmap.data().lock().unwrap();
+    let w = data["head.out.weight"].clone();
+    drop(data);
+    let noise = candle_core::Tensor::randn(0f32, 0.5, w.shape(), &env.device).unwrap();
+    let moved = (w.as_tensor() + noise).unwrap();
+    w.set(&moved).unwrap();
+    let t = term(&mut lwf);
+    let away = t.to_scalar::<f32>().unwrap();
+    assert!(away > 1e-5, "{away}");
+    // One plain gradient step on the term alone brings the model closer to the teacher.
+    let g = t.backward().unwrap();
+    let gw = g.get(w.as_tensor()).unwrap();
+    w.set(&(w.as_tensor() - (gw * 0.5).unwrap()).unwrap())
+        .unwrap();
+    let after = term(&mut lwf).to_scalar::<f32>().unwrap();
+    assert!(after < away, "{after} !< {away}");
+}
+
+#[test]
+fn joint_trains_every_task_in_one_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = experiment(tmp.path(), "mode = \"joint\"", "", THREE_STAGES);
+    let out = run(&exp, &quiet()).unwrap();
+    let (h, rows) = read_csv(&out.run_dir.join("epochs.csv"));
+    // One stage of round((2 + 1 + 1) / 3) = 1 epoch; every task evaluated.
+    assert_eq!(rows.len(), 1);
+    let col = |n: &str| h.iter().position(|c| c == n).unwrap();
+    for m in ["seg_miou", "det_map50", "cls_top1"] {
+        assert!(!rows[0][col(m)].is_empty(), "{m}");
+    }
+    assert!(rows[0][col("loss_joint")].parse::<f64>().unwrap() > 0.0);
+    assert_eq!(out.summary.matrix.stages, ["seg"]);
+}
+
+#[test]
+fn single_task_runs_restart_every_stage_from_the_initial_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = experiment(tmp.path(), "mode = \"single_task\"", "", THREE_STAGES);
+    // Stop right after stage 1: the saved model must be the initial one again.
+    let err = run(
+        &exp,
+        &RunOptions {
+            quiet: true,
+            stop_after_epochs: Some(2),
+            ..RunOptions::default()
+        },
+    )
+    .unwrap_err();
+    let dir = err.downcast_ref::<Stopped>().unwrap().run_dir.clone();
+    let registry = Registry::builtin();
+    let fresh = Session::start(&exp, &registry, quiet()).unwrap();
+    let state_file = std::fs::read_dir(dir.join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .unwrap();
+    let saved = candle_core::safetensors::load(&state_file, &candle_core::Device::Cpu).unwrap();
+    for (name, var) in fresh.env.varmap.data().lock().unwrap().iter() {
+        let a: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = saved[name].flatten_all().unwrap().to_vec1().unwrap();
+        assert!(a == b, "{name} is not the initial weight after stage 1");
+    }
+    let out = resume(&dir, &quiet()).unwrap();
+    // Only the diagonal of the matrix: each task is evaluated in its own stage only.
+    let m = &out.summary.matrix.values;
+    assert!(m[0][0].is_some() && m[0][1].is_none() && m[1][2].is_none() && m[2][2].is_some());
+}
+
+#[test]
+fn the_single_task_baseline_is_trained_once_and_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = experiment(
+        tmp.path(),
+        "",
+        "baseline = \"single_task\"",
+        &format!("{THREE_STAGES}\n[replay]\nenabled = true\nimages_per_batch = 2\n"),
+    );
+    let a = run(&exp, &quiet()).unwrap();
+    let b = run(&exp, &quiet()).unwrap();
+    let reference = a.summary.baseline_run.clone().unwrap();
+    assert_eq!(b.summary.baseline_run.as_deref(), Some(reference.as_str()));
+    let refs = std::fs::read_dir(tmp.path().join("results/strat__single_task"))
+        .unwrap()
+        .count();
+    assert_eq!(refs, 1, "the reference is reused, not retrained");
+    // The baselines are the reference's stage-end values, not this run's.
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&reference).join("summary.json")).unwrap(),
+    )
+    .unwrap();
+    for (t, rt) in a.summary.tasks.iter().zip(r["tasks"].as_array().unwrap()) {
+        assert_eq!(t.baseline, rt["baseline"].as_f64().unwrap(), "{}", t.task);
+    }
+    assert_eq!(a.summary.tasks.len(), 3);
+}

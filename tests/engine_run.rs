@@ -310,22 +310,25 @@ fn an_interrupted_run_resumes_to_exactly_the_same_result() {
 
 #[test]
 fn shipped_experiments_are_valid() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            let exp =
-                Experiment::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            names.push(exp.name.clone());
-            // The report's schedule: seg → det → cls.
-            let tasks: Vec<_> = exp.stages.iter().map(|s| s.task.as_str()).collect();
-            assert_eq!(tasks, ["seg", "det", "cls"], "{}", path.display());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let names_in = |dir: &Path| {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let exp = Experiment::load(&path, &[])
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                names.push(exp.name.clone());
+                // The report's schedule: seg → det → cls.
+                let tasks: Vec<_> = exp.stages.iter().map(|s| s.task.as_str()).collect();
+                assert_eq!(tasks, ["seg", "det", "cls"], "{}", path.display());
+            }
         }
-    }
-    names.sort();
+        names.sort();
+        names
+    };
     assert_eq!(
-        names,
+        names_in(&root),
         [
             "no_replay",
             "quickstart_no_replay",
@@ -333,6 +336,11 @@ fn shipped_experiments_are_valid() {
             "replay"
         ]
     );
+    // One file per strategy on the built-in benchmark, 3 seeds each.
+    let strategies = names_in(&root.join("strategies"));
+    for s in ["control", "replay", "lwf", "ewc", "joint", "single_task"] {
+        assert!(strategies.iter().any(|n| n == s), "no strategies/{s}.toml");
+    }
 }
 
 #[test]

@@ -86,7 +86,7 @@ pub struct Experiment {
     pub eval: EvalConfig,
     /// Optional log sinks: `[log] tensorboard = true`.
     #[serde(default)]
-    pub log: crate::report::LogConfig,
+    pub log: LogConfig,
     /// Task-specific settings, `[tasks.<name>]` (e.g. `[tasks.det] score_threshold`); each
     /// task reads and checks its own table.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -504,6 +504,14 @@ impl Default for EwcConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct UncertaintyConfig {
     pub enabled: bool,
+}
+
+/// `[log]` of an experiment: `tensorboard = true` turns the sink on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Write `<run>/tensorboard/events.out.tfevents.*` with each epoch's scalars.
+    pub tensorboard: bool,
 }
 
 /// Which value of a task's metric the verdict compares the final value with.

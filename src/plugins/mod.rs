@@ -27,7 +27,6 @@ use crate::config::{Experiment, StageConfig};
 use crate::data::AugmentConfig;
 use crate::model::{OneHead, OneHeadConfig};
 use crate::tasks::{Batch, TaskSet};
-use crate::train::optim::Param;
 
 /// What every hook may read: the experiment, its tasks and data, the model and where the
 /// run stands.
@@ -147,9 +146,9 @@ pub trait Plugin {
         Ok(())
     }
 
-    /// Trainable parameters of the plug-in itself (optimised with the model's, at the
-    /// stage's learning rate, no weight decay).
-    fn parameters(&self) -> Vec<Param> {
+    /// Trainable parameters of the plug-in itself, by name (optimised with the model's, at
+    /// the stage's learning rate, no weight decay).
+    fn parameters(&self) -> Vec<(String, candle_core::Var)> {
         vec![]
     }
 

@@ -13,7 +13,6 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, Var};
 
 use super::{LossTerm, Plugin, PluginState, RunCtx};
-use crate::train::optim::Param;
 
 pub struct Uncertainty {
     /// `s_t` per task, in the order tasks are first learned.
@@ -61,15 +60,10 @@ impl Plugin for Uncertainty {
         Ok(())
     }
 
-    fn parameters(&self) -> Vec<Param> {
+    fn parameters(&self) -> Vec<(String, Var)> {
         self.log_vars
             .iter()
-            .map(|(t, v)| Param {
-                name: format!("uncertainty.{t}"),
-                var: v.clone(),
-                decay: false,
-                lr_scale: 1.0,
-            })
+            .map(|(t, v)| (format!("uncertainty.{t}"), v.clone()))
             .collect()
     }
 

@@ -412,7 +412,7 @@ fn rows_of(r: &RunData, label: &str) -> Vec<Row> {
             metric: t.column.clone(),
             baseline: html::fmt_opt(t.baseline, 4),
             final_value: html::fmt_opt(t.final_value, 4),
-            change: html::fmt_drop(t.drop_rel),
+            change: super::fmt::fmt_drop(t.drop_rel),
             verdict: t.verdict.clone(),
             pass: pass.clone(),
             time: time.clone(),
@@ -564,7 +564,7 @@ fn group_stats(runs: &[RunData], g: &Group) -> Vec<GroupStat> {
                 }
                 let (m, s) = mean_std(&v);
                 if pct {
-                    format!("{} ± {:.1}", html::fmt_drop(Some(m)), s * 100.0)
+                    format!("{} ± {:.1}", super::fmt::fmt_drop(Some(m)), s * 100.0)
                 } else {
                     format!("{m:.4} ± {s:.4}")
                 }
@@ -680,7 +680,7 @@ fn summary_html(runs: &[RunData], labels: &[String]) -> String {
                         "<td class=\"cell\">{} → {}<br><span class=\"sub\">{}</span> {}</td>",
                         html::fmt_opt(x.baseline, 3),
                         html::fmt_opt(x.final_value, 3),
-                        html::fmt_drop(x.drop_rel),
+                        super::fmt::fmt_drop(x.drop_rel),
                         html::verdict_badge(&x.verdict)
                     );
                 }

@@ -13,11 +13,14 @@ use plotters_backend::{
     BackendColor, BackendCoord, BackendStyle, BackendTextStyle, DrawingBackend, DrawingErrorKind,
 };
 
+/// DejaVu Sans 2.37 (licence in `assets/fonts/`), compiled in: no system fonts needed.
+pub(crate) static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
 use std::sync::OnceLock;
 
 fn font() -> &'static FontRef<'static> {
     static F: OnceLock<FontRef<'static>> = OnceLock::new();
-    F.get_or_init(|| FontRef::try_from_slice(super::plot::FONT).expect("the embedded font parses"))
+    F.get_or_init(|| FontRef::try_from_slice(FONT).expect("the embedded font parses"))
 }
 
 /// A pixel backend whose text is laid out by ab_glyph (see the module docs).

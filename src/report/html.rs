@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use base64::Engine as _;
 
-use super::plot::pct;
+use super::fmt::{fmt_drop, pct};
 use super::run_files::RunData;
 
 const CSS: &str = r#"
@@ -108,21 +108,6 @@ pub(crate) fn verdict_badge(v: &str) -> String {
 pub(crate) fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map(|x| format!("{x:.digits$}"))
         .unwrap_or_else(|| "—".into())
-}
-
-/// `+3.1 %` / `−17 %` (a drop is shown as a negative change).
-pub(crate) fn fmt_drop(d: Option<f64>) -> String {
-    match d {
-        Some(d) if d.is_finite() => {
-            let p = d * 100.0;
-            if p.abs() < 0.05 {
-                "±0 %".into()
-            } else {
-                format!("{}{:.1} %", if p > 0.0 { "−" } else { "+" }, p.abs())
-            }
-        }
-        _ => "—".into(),
-    }
 }
 
 pub(crate) fn fmt_seconds(s: Option<f64>) -> String {

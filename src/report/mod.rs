@@ -5,6 +5,7 @@
 
 mod compare;
 pub mod csv_log;
+mod fmt;
 mod glyphs;
 mod html;
 mod plot;
@@ -20,7 +21,7 @@ use anyhow::{Context, Result};
 pub use compare::{compare, CompareFormat, CompareOptions, CompareOutput};
 pub use csv_log::{EpochColumns, EpochRow, EvalRecord, RunCsv};
 pub use summary::{judge, Judging, Matrix, RunSummary, TaskRef, TaskVerdict, Verdict};
-pub use tensorboard::{tag_for_column, LogConfig, TbWriter};
+pub use tensorboard::{tag_for_column, TbWriter};
 
 /// Draw a run's pictures from its files alone: `plots/*.png|svg` and `report.html`.
 /// Works on an unfinished or killed run too (it draws what is there). Returns the files

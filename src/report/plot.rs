@@ -16,11 +16,11 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+use super::fmt::{fmt_drop, pct};
 use super::glyphs::CrispText;
 use super::run_files::{RunData, Stage};
 
-/// DejaVu Sans 2.37 (Bitstream Vera licence, see `assets/fonts/LICENSE-DejaVu.txt`).
-pub(crate) static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+/// The family name the embedded font ([`super::glyphs::FONT`]) is registered under.
 pub(crate) const FONT_FAMILY: &str = "sans-serif";
 
 /// Stage colours (Tableau 10): stage k is drawn in `PALETTE[(k - 1) % 10]` in every chart.
@@ -90,7 +90,9 @@ fn term_colour(i: usize) -> RGBColor {
 pub(crate) fn ensure_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        if plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, FONT).is_err() {
+        if plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, super::glyphs::FONT)
+            .is_err()
+        {
             // Cannot happen with the bundled file; charts would then fail with a clear error.
             tracing::error!("the embedded chart font could not be loaded");
         }
@@ -840,16 +842,6 @@ impl MetricsChart {
     }
 }
 
-/// `0.05` → `5 %`.
-pub(crate) fn pct(x: f64) -> String {
-    let p = x * 100.0;
-    if (p - p.round()).abs() < 1e-9 {
-        format!("{:.0} %", p)
-    } else {
-        format!("{:.1} %", p)
-    }
-}
-
 impl Chart for MetricsChart {
     fn size(&self) -> (u32, u32) {
         metrics_size(self.panels.len())
@@ -913,7 +905,7 @@ impl Chart for MetricsChart {
             if let Some(f) = p.final_value {
                 let drop = p
                     .drop_rel
-                    .map(|d| format!(" ({})", super::html::fmt_drop(Some(d))))
+                    .map(|d| format!(" ({})", fmt_drop(Some(d))))
                     .unwrap_or_default();
                 entries.push(LegendEntry::text(format!("final {f:.3}{drop}")));
             }
@@ -1077,7 +1069,7 @@ impl Chart for MatrixChart {
                             Some("baseline".to_string())
                         } else {
                             base.filter(|b| *b > 0.0)
-                                .map(|b| super::html::fmt_drop(Some((b - v) / b)))
+                                .map(|b| fmt_drop(Some((b - v) / b)))
                         };
                         let (vy, sy) = match sub {
                             Some(_) if cell_h >= 44 => (y0 + cell_h / 2 - 8, y0 + cell_h / 2 + 11),

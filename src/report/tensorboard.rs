@@ -15,17 +15,8 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 
 const CASTAGNOLI: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
-
-/// `[log]` of an experiment: `tensorboard = true` turns the sink on.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// Write `<run>/tensorboard/events.out.tfevents.*` with each epoch's scalars.
-    pub tensorboard: bool,
-}
 
 /// Writes scalars to a TensorBoard event file. Call [`TbWriter::add_scalar`] (or
 /// [`TbWriter::add_epoch`]) once per epoch and [`TbWriter::flush`] after each epoch, so a

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 
 use super::evaluate::evaluate;
-use super::optim::{trainable_params, Optimizer};
+use super::optim::{trainable_params, Optimizer, Param};
 use super::schedule::LrSchedule;
 use super::session::{RunOutcome, Session, Stopped};
 use super::state::PartialEpoch;
@@ -129,7 +129,12 @@ fn begin_stage(s: &mut Session, si: usize) -> Result<Optimizer> {
         p.lr_scale = stage.lr_scale.for_param(&p.name);
     }
     for p in &s.plugins {
-        params.extend(p.parameters());
+        params.extend(p.parameters().into_iter().map(|(name, var)| Param {
+            name,
+            var,
+            decay: false,
+            lr_scale: 1.0,
+        }));
     }
     let mut opt = Optimizer::new(stage.optimizer, params, stage.weight_decay, stage.momentum);
     if let Some(o) = optim_state {

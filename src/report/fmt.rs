@@ -1,0 +1,26 @@
+//! Number formats shared by the charts and the HTML report.
+
+/// `0.05` → `5 %`.
+pub(crate) fn pct(x: f64) -> String {
+    let p = x * 100.0;
+    if (p - p.round()).abs() < 1e-9 {
+        format!("{:.0} %", p)
+    } else {
+        format!("{:.1} %", p)
+    }
+}
+
+/// `+3.1 %` / `−17 %` (a drop is shown as a negative change).
+pub(crate) fn fmt_drop(d: Option<f64>) -> String {
+    match d {
+        Some(d) if d.is_finite() => {
+            let p = d * 100.0;
+            if p.abs() < 0.05 {
+                "±0 %".into()
+            } else {
+                format!("{}{:.1} %", if p > 0.0 { "−" } else { "+" }, p.abs())
+            }
+        }
+        _ => "—".into(),
+    }
+}

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use onehead::config::Experiment;
-use onehead::sweep::{self, GridAxis, LocalOptions, Manifest, SlurmOptions, Status, SweepSpec};
+use onehead::sweep::{self, GridAxis, Manifest, SlurmOptions, SweepSpec};
 use onehead::tasks::Registry;
 use onehead::train::{self as engine, interrupt, RunOptions};
 
@@ -255,178 +255,6 @@ fn finish(result: Result<engine::RunOutcome>) -> Result<ExitCode> {
     })
 }
 
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// Plan a sweep into `<results>/<name>/` (or check that the folder holds the same sweep).
-fn plan_sweep(spec: &SweepSpec, results: &std::path::Path, name: &str) -> Result<Manifest> {
-    let dir = sweep::plan::sweep_dir(results, name)?;
-    let plan = sweep::plan(spec, &dir)?;
-    sweep::prepare_sweep_dir(&plan, name, &dir, spec)
-}
-
-fn run_sweep_locally(
-    spec: &SweepSpec,
-    results: &std::path::Path,
-    name: &str,
-    jobs: usize,
-    threads: usize,
-    gpus: Vec<String>,
-    quiet: bool,
-) -> Result<ExitCode> {
-    let manifest = plan_sweep(spec, results, name)?;
-    local_sweep(&manifest, jobs, threads, gpus, quiet)
-}
-
-/// Run a planned sweep here. Exit code: 0 every run finished and passed, 1 every run
-/// finished but some forgot, 2 some run failed, 3 interrupted (re-run to continue).
-fn local_sweep(
-    manifest: &Manifest,
-    jobs: usize,
-    threads: usize,
-    gpus: Vec<String>,
-    quiet: bool,
-) -> Result<ExitCode> {
-    let exe = std::env::current_exe().context("locating the onehead binary")?;
-    let n = manifest.runs.len();
-    if !quiet {
-        eprintln!(
-            "sweep {}: {n} runs, {jobs} at a time ({}) in {}",
-            manifest.name,
-            if gpus.is_empty() {
-                format!("{threads} thread(s) each")
-            } else {
-                format!("GPUs {}", gpus.join(","))
-            },
-            manifest.sweep_dir.display()
-        );
-    }
-    let out = sweep::run_local(
-        manifest,
-        &LocalOptions {
-            jobs,
-            threads,
-            gpus,
-            quiet,
-            exe,
-        },
-    )?;
-    print_sweep_report(manifest, &out.records, &out.aggregates);
-    let failed = out
-        .records
-        .iter()
-        .filter(|r| matches!(r.status, Status::Failed(_)))
-        .count();
-    if out.interrupted {
-        eprintln!(
-            "sweep interrupted: {}. Run the same command again (or `onehead resume {}`) to continue: finished runs are skipped, interrupted ones resume from their last epoch",
-            sweep::index::status_counts(&out.records),
-            manifest.sweep_dir.display()
-        );
-        return Ok(ExitCode::from(3));
-    }
-    if failed > 0 {
-        eprintln!(
-            "{failed} of {n} runs failed (reasons in index.csv and each run's log.txt); the others finished"
-        );
-        return Ok(ExitCode::from(2));
-    }
-    let all_pass = out
-        .records
-        .iter()
-        .all(|r| r.result.as_ref().and_then(|x| x.pass) == Some(true));
-    Ok(if all_pass {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
-}
-
-fn print_sweep_report(
-    manifest: &Manifest,
-    records: &[sweep::RunRecord],
-    aggs: &[sweep::index::Aggregate],
-) {
-    println!("\n{}", sweep::index::summary_text(aggs));
-    for r in records {
-        if !matches!(r.status, Status::Ok) {
-            let reason = r.status.reason();
-            println!(
-                "{:<11} {}{}",
-                r.status.label(),
-                r.run.name,
-                if reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {reason}")
-                }
-            );
-        }
-    }
-    println!(
-        "runs: {} · index: {} · summary: {}",
-        sweep::index::status_counts(records),
-        manifest.sweep_dir.join("index.csv").display(),
-        manifest.sweep_dir.join("summary.csv").display()
-    );
-}
-
-/// `--collect`: 0 every run finished, 2 some failed, 3 some not finished (none failed).
-fn collect_sweep(dir: &std::path::Path) -> Result<ExitCode> {
-    let manifest = Manifest::load(dir)?;
-    let (records, aggs) = sweep::collect(dir)?;
-    print_sweep_report(&manifest, &records, &aggs);
-    let failed = records
-        .iter()
-        .any(|r| matches!(r.status, Status::Failed(_)));
-    let unfinished = records.iter().any(|r| r.status != Status::Ok);
-    Ok(if failed {
-        ExitCode::from(2)
-    } else if unfinished {
-        ExitCode::from(3)
-    } else {
-        ExitCode::SUCCESS
-    })
-}
-
-/// `--slurm`: write the job-array script for the unfinished runs and submit it.
-fn slurm_sweep(manifest: &Manifest, opts: &SlurmOptions, dry_run: bool) -> Result<ExitCode> {
-    let exe = std::env::current_exe().context("locating the onehead binary")?;
-    let records = sweep::index::read_records(manifest);
-    let unfinished: Vec<usize> = records
-        .iter()
-        .filter(|r| r.status != Status::Ok)
-        .map(|r| r.run.index)
-        .collect();
-    let dir = &manifest.sweep_dir;
-    if unfinished.is_empty() {
-        println!(
-            "every run of sweep {} has finished: nothing to submit. Collect with `onehead sweep --collect {}`",
-            manifest.name,
-            dir.display()
-        );
-        return Ok(ExitCode::SUCCESS);
-    }
-    let sub = sweep::slurm::prepare_and_submit(manifest, &unfinished, &exe, opts, dry_run)?;
-    println!(
-        "sweep {}: {} runs ({} to run), configs and manifest in {}",
-        manifest.name,
-        manifest.runs.len(),
-        unfinished.len(),
-        dir.display()
-    );
-    match &sub.job_id {
-        Some(id) => println!(
-            "submitted job array {id} ({}): watch with `squeue -j {id}`; when done: `onehead sweep --collect {}`",
-            sweep::slurm::array_spec(&unfinished, opts.array_parallelism),
-            dir.display()
-        ),
-        None => println!("dry run: submit with\n  {}", sub.command),
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run {
@@ -457,8 +285,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                         grid: vec![],
                         overrides: set,
                     };
-                    let (jobs, threads) = sweep::thread_budget(None, None, &[], cores())?;
-                    let code = run_sweep_locally(
+                    let (jobs, threads) =
+                        sweep::thread_budget(None, None, &[], sweep::cli::cores())?;
+                    let code = sweep::cli::run_sweep_locally(
                         &spec,
                         &exp.results_dir,
                         &name,
@@ -504,8 +333,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => {
             if Manifest::path(&run_dir).is_file() {
                 let manifest = Manifest::load(&run_dir)?;
-                let (jobs, threads) = sweep::thread_budget(jobs, threads, &[], cores())?;
-                return local_sweep(&manifest, jobs, threads, vec![], quiet);
+                let (jobs, threads) =
+                    sweep::thread_budget(jobs, threads, &[], sweep::cli::cores())?;
+                return sweep::cli::local_sweep(&manifest, jobs, threads, vec![], quiet);
             }
             if jobs.is_some() || threads.is_some() {
                 anyhow::bail!(
@@ -543,7 +373,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             collect,
         } => {
             if let Some(dir) = collect {
-                return collect_sweep(&dir);
+                return sweep::cli::collect_sweep(&dir);
             }
             let name = name.unwrap_or_else(|| {
                 format!(
@@ -568,11 +398,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     extra: sbatch_arg,
                 };
                 opts.validate()?;
-                let manifest = plan_sweep(&spec, &results, &name)?;
-                return slurm_sweep(&manifest, &opts, dry_run);
+                let manifest = sweep::cli::plan_sweep(&spec, &results, &name)?;
+                return sweep::cli::slurm_sweep(&manifest, &opts, dry_run);
             }
-            let (jobs, threads) = sweep::thread_budget(jobs, threads, &gpus, cores())?;
-            run_sweep_locally(&spec, &results, &name, jobs, threads, gpus, quiet)
+            let (jobs, threads) = sweep::thread_budget(jobs, threads, &gpus, sweep::cli::cores())?;
+            sweep::cli::run_sweep_locally(&spec, &results, &name, jobs, threads, gpus, quiet)
         }
         Command::Eval {
             run_dir,

@@ -21,6 +21,7 @@
 //! `onehead` binary and reads what the runs leave (`summary.json`, read as untyped JSON
 //! following `RUN_FILES.md`), so it keeps working whatever the engine's internals become.
 
+pub mod cli;
 pub mod index;
 pub mod local;
 pub mod plan;

@@ -386,3 +386,64 @@ fn cli_stops_with_code_3_and_resumes_to_a_verdict() {
     let (_, rows) = read_csv(&PathBuf::from(&run_dir).join("epochs.csv"));
     assert_eq!(rows.len(), 4);
 }
+
+#[test]
+fn a_damaged_resume_state_or_config_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = tiny_experiment(tmp.path(), true);
+    let err = run(
+        &exp,
+        &RunOptions {
+            quiet: true,
+            stop_after_epochs: Some(3),
+            ..RunOptions::default()
+        },
+    )
+    .unwrap_err();
+    let dir = err.downcast_ref::<Stopped>().unwrap().run_dir.clone();
+    let quiet = RunOptions {
+        quiet: true,
+        ..RunOptions::default()
+    };
+    // A truncated state.json names the file.
+    let state = dir.join("state/state.json");
+    let good = std::fs::read_to_string(&state).unwrap();
+    std::fs::write(&state, &good[..good.len() / 2]).unwrap();
+    let msg = format!("{:#}", resume(&dir, &quiet).unwrap_err());
+    assert!(msg.contains("state.json"), "{msg}");
+    std::fs::write(&state, &good).unwrap();
+    // A config.toml edited to fewer stages than the state has run: refused, not indexed.
+    let cfg = dir.join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let mut edited = Experiment::load(&cfg, &[]).unwrap();
+    edited.stages.truncate(1);
+    std::fs::write(&cfg, edited.to_toml()).unwrap();
+    let msg = format!("{:#}", resume(&dir, &quiet).unwrap_err());
+    assert!(
+        msg.contains("config.toml") && msg.contains("state"),
+        "{msg}"
+    );
+    std::fs::write(&cfg, &text).unwrap();
+    // Restored, it resumes.
+    resume(&dir, &quiet).unwrap();
+}
+
+#[test]
+fn an_empty_split_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = tiny_experiment(tmp.path(), false);
+    // Generate the data, then empty the classification val split's class folders.
+    onehead::train::ensure_data(&exp).unwrap();
+    let val = exp.data.resolved_root().join("imagenette_160/val");
+    for class in std::fs::read_dir(&val).unwrap() {
+        let class = class.unwrap().path();
+        for f in std::fs::read_dir(&class).unwrap() {
+            std::fs::remove_file(f.unwrap().path()).unwrap();
+        }
+    }
+    let msg = format!("{:#}", run(&exp, &RunOptions::default()).unwrap_err());
+    assert!(
+        msg.contains("imagenette_160") && msg.contains("no images"),
+        "{msg}"
+    );
+}

@@ -536,7 +536,12 @@ impl Session {
         let tasks = open_tasks(&exp, registry)?;
         let mut rng = ChaCha8Rng::seed_from_u64(exp.seed);
         let (varmap, model, head_config) = build_model(&exp, &tasks, &device, &mut rng, false)?;
-        let (st, extra) = state::load(run_dir, &varmap, &device)?;
+        let (st, extra) = state::load(run_dir, &varmap, &device).with_context(|| {
+            format!(
+                "resuming {}: the saved state does not fit the run's config.toml (was either edited?)",
+                run_dir.display()
+            )
+        })?;
         let stages = exp.plan();
         anyhow::ensure!(
             st.stage < stages.len()

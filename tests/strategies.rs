@@ -195,19 +195,28 @@ fn distillation_is_zero_at_the_teacher_and_pulls_back_toward_it() {
     let data = env.varmap.data().lock().unwrap();
     let w = data["head.out.weight"].clone();
     drop(data);
-    let noise = candle_core::Tensor::randn(0f32, 0.5, w.shape(), &env.device).unwrap();
+    // Seeded noise: candle's randn on CPU draws from the thread RNG.
+    let noise: Vec<f32> = (0..w.elem_count())
+        .map(|_| rand::Rng::random_range(&mut rng, -0.8f32..0.8))
+        .collect();
+    let noise = candle_core::Tensor::from_vec(noise, w.shape(), &env.device).unwrap();
     let moved = (w.as_tensor() + noise).unwrap();
     w.set(&moved).unwrap();
     let t = term(&mut lwf);
     let away = t.to_scalar::<f32>().unwrap();
     assert!(away > 1e-5, "{away}");
-    // One plain gradient step on the term alone brings the model closer to the teacher.
+    // One gradient step on the term alone brings the model closer to the teacher. The step
+    // is sized so that, to first order, it removes a quarter of the term (a fixed learning
+    // rate is too small or too large depending on the term's scale).
     let g = t.backward().unwrap();
     let gw = g.get(w.as_tensor()).unwrap();
-    w.set(&(w.as_tensor() - (gw * 0.5).unwrap()).unwrap())
+    let g2 = gw.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(g2 > 0.0, "the term has a gradient in the head");
+    let lr = 0.25 * away / g2;
+    w.set(&(w.as_tensor() - (gw * lr as f64).unwrap()).unwrap())
         .unwrap();
     let after = term(&mut lwf).to_scalar::<f32>().unwrap();
-    assert!(after < away, "{after} !< {away}");
+    assert!(after < 0.9 * away, "{after} !< 0.9 * {away}");
 }
 
 #[test]

@@ -5,9 +5,9 @@
 
 mod compare;
 pub mod csv_log;
-mod glyphs;
+pub(crate) mod glyphs;
 mod html;
-mod plot;
+pub(crate) mod plot;
 mod run_files;
 pub mod summary;
 mod tensorboard;

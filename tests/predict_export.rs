@@ -247,7 +247,8 @@ fn export_round_trip_and_predict() {
     let gt_json = PathBuf::from(manifest["tasks"]["det"]["ground_truth"].as_str().unwrap());
     assert_eq!(
         gt_json,
-        data.join("mini_coco_det/annotations/instances_val.json")
+        std::fs::canonicalize(data.join("mini_coco_det/annotations/instances_val.json")).unwrap(),
+        "the manifest names the ground truth by its absolute path"
     );
     let (m50, m5095, m75) = det_metrics_from_files(
         &export.join(manifest["tasks"]["det"]["results"].as_str().unwrap()),

@@ -100,45 +100,43 @@ pub fn predict_with(run: &LoadedRun, opts: &PredictOptions) -> Result<PredictRep
     for chunk in items.chunks(bs) {
         let decoded: Vec<Result<image::RgbImage>> =
             chunk.par_iter().map(|it| decode_rgb(&it.path)).collect();
-        let mut ok = Vec::new();
+        let (mut ok, mut images) = (Vec::new(), Vec::new());
         for (it, d) in chunk.iter().zip(decoded) {
             match d {
-                Ok(img) => ok.push((it, img)),
+                Ok(img) => {
+                    ok.push(it);
+                    images.push(img);
+                }
                 Err(e) => failures.push((it.path.clone(), format!("{e:#}"))),
             }
         }
-        if ok.is_empty() {
-            pb.inc(chunk.len() as u64);
-            continue;
-        }
-        let images: Vec<image::RgbImage> = ok.iter().map(|(_, im)| im.clone()).collect();
-        let set = ImageSet::from_decoded(
-            ok.iter().map(|(it, _)| it.path.clone()).collect(),
-            &images,
-            s,
-        );
-        let idx: Vec<usize> = (0..ok.len()).collect();
-        let x = set.tensor(&idx, &[], &run.device)?;
-        let map = run.model.forward_t(&x, false)?;
-        let slices = tasks
-            .iter()
-            .map(|t| run.tasks.slice(&map, t.name()))
-            .collect::<Result<Vec<_>>>()?;
-        let results: Vec<Result<PathBuf>> = ok
-            .par_iter()
-            .enumerate()
-            .map(|(k, (it, img))| {
-                let outs = slices
-                    .iter()
-                    .map(|sl| Ok(sl.narrow(0, k, 1)?))
-                    .collect::<Result<Vec<_>>>()?;
-                write_one(run, &tasks, &outs, it, img, &opts.out)
-            })
-            .collect();
-        for ((it, _), r) in ok.iter().zip(results) {
-            match r {
-                Ok(p) => written.push(p),
-                Err(e) => failures.push((it.path.clone(), format!("{e:#}"))),
+        if !ok.is_empty() {
+            let files = ok.iter().map(|it| it.path.clone()).collect();
+            let set = ImageSet::from_decoded(files, &images, s);
+            let idx: Vec<usize> = (0..ok.len()).collect();
+            let x = set.tensor(&idx, &[], &run.device)?;
+            let map = run.model.forward_t(&x, false)?;
+            let slices = tasks
+                .iter()
+                .map(|t| run.tasks.slice(&map, t.name()))
+                .collect::<Result<Vec<_>>>()?;
+            let results: Vec<Result<PathBuf>> = ok
+                .par_iter()
+                .zip(&images)
+                .enumerate()
+                .map(|(k, (it, img))| {
+                    let outs = slices
+                        .iter()
+                        .map(|sl| Ok(sl.narrow(0, k, 1)?))
+                        .collect::<Result<Vec<_>>>()?;
+                    write_one(run, &tasks, &outs, it, img, &opts.out)
+                })
+                .collect();
+            for (it, r) in ok.iter().zip(results) {
+                match r {
+                    Ok(p) => written.push(p),
+                    Err(e) => failures.push((it.path.clone(), format!("{e:#}"))),
+                }
             }
         }
         pb.inc(chunk.len() as u64);

@@ -357,7 +357,7 @@ impl Exporter for ClsExporter<'_> {
         let gt = self.task.val.images.files[0]
             .parent()
             .and_then(|d| d.parent())
-            .map(|p| p.display().to_string())
+            .map(super::absolute_display)
             .unwrap_or_default();
         Ok(serde_json::json!({
             "predictions": "cls/predictions.csv",

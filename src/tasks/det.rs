@@ -586,7 +586,7 @@ impl Exporter for DetExporter<'_> {
             "results": "det/coco_results.json",
             "count": self.results.len(),
             "format": "COCO results JSON: [{image_id, category_id, bbox: [x, y, width, height] in original-image pixels, score}]",
-            "ground_truth": self.task.val_json.display().to_string(),
+            "ground_truth": super::absolute_display(&self.task.val_json),
         }))
     }
 }

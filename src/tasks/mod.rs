@@ -398,6 +398,16 @@ pub(crate) fn require_dir(path: PathBuf, root: &Path) -> Result<PathBuf> {
     }
 }
 
+/// `path` made absolute (symbolic links resolved where it exists), for files that name
+/// other files (`manifest.json`).
+pub fn absolute_display(path: &Path) -> String {
+    std::fs::canonicalize(path)
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
 /// One sample index per element of `augs`, or no augmentation when `augs` is empty.
 pub(crate) fn aug_at(augs: &[Augment], k: usize) -> Augment {
     augs.get(k).copied().unwrap_or_default()

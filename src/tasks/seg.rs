@@ -36,8 +36,8 @@ use crate::data::imageio::{
     encode_mask_png, is_image, is_jpeg, read_mask, resize_mask, sorted_files, voc_palette,
 };
 use crate::data::{DataError, IGNORE_INDEX, SEG_DIR, VOC_CLASSES};
-use crate::metrics::miou::{argmax_masks, ConfusionMatrix};
-use crate::ops::resize::resize_bilinear;
+use crate::metrics::miou::ConfusionMatrix;
+use crate::ops::resize::{resize_bilinear, resize_bilinear_argmax};
 
 /// One split: images and their masks at the model input size (nearest-neighbour), and at
 /// their original size when kept (val splits: scoring; train splits with crops: cropping).
@@ -249,22 +249,12 @@ impl SegTask {
     /// The predicted masks of the val samples of `batch` at their original sizes, as they
     /// are scored: logits resized bilinearly to each image's own size, then the argmax.
     fn val_predictions(&self, out: &Tensor, batch: &Batch) -> Result<Vec<Vec<u8>>> {
-        let s = batch.images.dim(2)?;
-        let val = &self.val;
-        let at_input = batch
-            .indices
-            .iter()
-            .all(|&i| val.images.orig_sizes[i] == (s as u32, s as u32));
-        if at_input {
-            // Originals of the model's input size: one batched resize.
-            return Ok(argmax_masks(&resize_bilinear(out, s, s)?)?);
-        }
         batch
             .indices
             .iter()
             .enumerate()
             .map(|(k, &i)| {
-                let (w, h) = val.images.orig_sizes[i];
+                let (w, h) = self.val.images.orig_sizes[i];
                 mask_at(&out.narrow(0, k, 1)?, w as usize, h as usize)
             })
             .collect()
@@ -272,12 +262,16 @@ impl SegTask {
 }
 
 /// The predicted class map of one image at `w × h` from its logits `(1, C, h', w')`:
-/// resized bilinearly to that size, then the argmax over classes (row-major ids).
+/// resized bilinearly to that size, then the argmax over classes (row-major ids). Computed
+/// on the CPU row by row ([`resize_bilinear_argmax`]), so any image size fits in memory,
+/// and the same on every device.
 pub fn mask_at(out: &Tensor, w: usize, h: usize) -> Result<Vec<u8>> {
-    let logits = resize_bilinear(out, h, w)?;
-    argmax_masks(&logits)?
-        .pop()
-        .context("mask_at: one image expected")
+    let c = out.dim(1)?;
+    anyhow::ensure!(c <= 255, "mask_at: {c} classes do not fit u8 ids below 255");
+    Ok(resize_bilinear_argmax(out, h, w)?
+        .into_iter()
+        .map(|v| v as u8)
+        .collect())
 }
 
 /// `(B, S, S)` u32 tensor of masks (255 stays 255).
@@ -433,9 +427,9 @@ impl Task for SegTask {
             .map(|&c| {
                 (
                     format!(
-                        "{} {:.0}%",
+                        "{} {}",
                         self.class_names[c],
-                        100.0 * counts[c] as f64 / total
+                        percent(counts[c] as f64 / total)
                     ),
                     Some([palette[3 * c], palette[3 * c + 1], palette[3 * c + 2]]),
                 )
@@ -539,7 +533,7 @@ impl Exporter for SegExporter<'_> {
     fn finish(self: Box<Self>) -> Result<serde_json::Value> {
         let gt_dir = self.task.val.images.files[0]
             .parent()
-            .map(|p| p.display().to_string())
+            .map(super::absolute_display)
             .unwrap_or_default();
         Ok(serde_json::json!({
             "masks": "seg/",
@@ -548,6 +542,15 @@ impl Exporter for SegExporter<'_> {
             "ground_truth": gt_dir,
             "classes": self.task.class_names,
         }))
+    }
+}
+
+/// A share as a whole percentage, `<1%` for a small non-zero one.
+fn percent(f: f64) -> String {
+    if f > 0.0 && f < 0.005 {
+        "<1%".into()
+    } else {
+        format!("{:.0}%", 100.0 * f)
     }
 }
 

@@ -944,9 +944,9 @@ pub fn evaluate_checkpoint_export(
     }
     if let Some(dir) = export {
         let manifest = serde_json::json!({
-            "run_dir": run_dir.display().to_string(),
+            "run_dir": crate::tasks::absolute_display(run_dir),
             "checkpoint": run.checkpoint,
-            "data_root": run.exp.data.resolved_root().display().to_string(),
+            "data_root": crate::tasks::absolute_display(&run.exp.data.resolved_root()),
             "image_size": run.exp.model.image_size,
             "version": env!("CARGO_PKG_VERSION"),
             "git_commit": report::GIT_COMMIT,

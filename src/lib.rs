@@ -2,11 +2,13 @@
 //! with one small model (MobileNetV3-Small -> FPN -> one 2-layer head), built on candle.
 //!
 //! Layout: `tasks` (one file per task behind the `Task` trait: data, target, head slice,
-//! loss, evaluator), `train` (the loop, one step, optimisers, resume state), `plugins`
-//! (anti-forgetting strategies around the loop), `model` (backbone, neck, head, weights),
-//! `boxes` (box geometry), `metrics` (pure metric functions), `data` (formats, the synthetic
-//! benchmark, `prepare`), `report` (run folders, CSVs, verdict), `ops` (kernels candle
-//! lacks), `config` (the TOML experiment schema), `sweep` (grids of runs: local or Slurm).
+//! loss, evaluator, prediction, export), `train` (the loop, one step, optimisers, resume
+//! state, evaluation), `plugins` (anti-forgetting strategies around the loop), `model`
+//! (backbone, neck, head, weights), `boxes` (box geometry), `metrics` (pure metric
+//! functions), `data` (formats, the synthetic benchmark, `prepare`), `report` (run folders,
+//! CSVs, verdict), `predict` (a trained run on any images: JSON + overlays), `ops` (kernels
+//! candle lacks), `config` (the TOML experiment schema), `sweep` (grids of runs: local or
+//! Slurm).
 
 pub mod bench;
 pub mod boxes;
@@ -16,6 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod plugins;
+pub mod predict;
 pub mod report;
 pub mod sweep;
 pub mod tasks;

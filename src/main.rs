@@ -134,9 +134,35 @@ enum Command {
     Eval {
         /// A run folder (`results/<name>/<run-id>`).
         run_dir: PathBuf,
-        /// Checkpoint name, e.g. `stage1-seg` (default: the last stage's).
+        /// Checkpoint name, e.g. `stage1-seg`, or `last` (default: the final stage's).
         #[arg(long)]
         checkpoint: Option<String>,
+        /// Also write the predictions in standard formats here: detections as a COCO results
+        /// JSON, masks as palette PNGs named like the ground truth, classes as CSV, and
+        /// `manifest.json` (files, ground truth, metrics).
+        #[arg(long, value_name = "DIR")]
+        export: Option<PathBuf>,
+    },
+    /// Run a trained model on images: per image a JSON of raw results (original-image
+    /// pixels), an overlay PNG, and the segmentation mask as a palette PNG.
+    Predict {
+        /// A run folder (`results/<name>/<run-id>`).
+        run_dir: PathBuf,
+        /// Image files and/or folders (walked recursively).
+        #[arg(required = true, value_name = "IMAGE_OR_DIR")]
+        inputs: Vec<PathBuf>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Checkpoint name, e.g. `stage1-seg`, or `last` (default: the final stage's).
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Images per forward pass (default: the run's `[eval] batch_size`).
+        #[arg(long, value_name = "N")]
+        batch_size: Option<usize>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Draw a run's pictures from its files (`plots/*.png|svg`, `report.html`); works on an
     /// unfinished or interrupted run too.
@@ -177,6 +203,7 @@ enum Command {
     },
     /// Download and sample the real course sets (Imagenette, VOC 2012, COCO 2017).
     Prepare {
+        /// The data root to write (only the small sampled sets go here).
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
@@ -184,6 +211,16 @@ enum Command {
         /// Fetch every archive as `<MIRROR>/<archive file name>` instead of the official URLs.
         #[arg(long)]
         mirror: Option<String>,
+        /// Where the downloaded archives are kept (default: $ONEHEAD_CACHE, else the
+        /// platform's cache folder + `onehead/downloads`, e.g. ~/.cache/onehead/downloads).
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// Training images sampled per dataset.
+        #[arg(long, default_value_t = 240)]
+        train: usize,
+        /// Validation images sampled per dataset.
+        #[arg(long, default_value_t = 60)]
+        val: usize,
     },
     /// Parameter counts, output shapes and inference latency of the model.
     Info {
@@ -407,17 +444,64 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Eval {
             run_dir,
             checkpoint,
+            export,
         } => {
             let registry = Registry::builtin();
-            for (task, metrics) in
-                engine::evaluate_checkpoint(&run_dir, checkpoint.as_deref(), &registry)?
-            {
+            for (task, metrics) in engine::evaluate_checkpoint_export(
+                &run_dir,
+                checkpoint.as_deref(),
+                &registry,
+                export.as_deref(),
+            )? {
                 println!("{task}:");
                 for (k, v) in metrics {
                     println!("  {k:<28} {v:.4}");
                 }
             }
+            if let Some(dir) = export {
+                println!(
+                    "exported to {} (files, ground truth and metrics in manifest.json)",
+                    dir.display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Predict {
+            run_dir,
+            inputs,
+            out,
+            checkpoint,
+            batch_size,
+            quiet,
+        } => {
+            let t = std::time::Instant::now();
+            let report = onehead::predict::predict(
+                &onehead::predict::PredictOptions {
+                    run_dir,
+                    checkpoint,
+                    inputs,
+                    out: out.clone(),
+                    quiet,
+                    batch_size,
+                },
+                &Registry::builtin(),
+            )?;
+            println!(
+                "{} image(s) predicted with {} ({}) in {:.1} s: {}",
+                report.written.len(),
+                report.checkpoint,
+                report.tasks.join(", "),
+                t.elapsed().as_secs_f64(),
+                out.display()
+            );
+            if report.failures.is_empty() {
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!("{} input(s) failed:", report.failures.len());
+            for (path, why) in &report.failures {
+                eprintln!("  {}: {why}", path.display());
+            }
+            Ok(ExitCode::from(2))
         }
         Command::Plot {
             run_dirs,
@@ -478,10 +562,20 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Prepare { out, seed, mirror } => {
+        Command::Prepare {
+            out,
+            seed,
+            mirror,
+            cache,
+            train,
+            val,
+        } => {
             let mut opts = onehead::data::prepare::PrepareOptions::new(&out);
             opts.seed = seed;
             opts.mirror = mirror;
+            opts.downloads = cache;
+            opts.train = train;
+            opts.val = val;
             let s = onehead::data::prepare::prepare(&opts)?;
             println!(
                 "course sets ready under {}: classification {}/{}, segmentation {}/{}, detection {}/{} images ({}/{} boxes)",

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -213,13 +213,25 @@ fn archives() -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-fn options(out: &Path, mirror: &str) -> PrepareOptions {
+/// Options writing to `out` with the download cache `cache` (never the user's own cache).
+fn options(out: &Path, cache: &Path, mirror: &str) -> PrepareOptions {
     let mut o = PrepareOptions::new(out);
     o.seed = 5;
     o.mirror = Some(mirror.to_string());
     o.train = 6;
     o.val = 3;
+    o.downloads = Some(cache.to_path_buf());
     o
+}
+
+/// The entries of a folder, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    v.sort();
+    v
 }
 
 #[test]
@@ -232,16 +244,17 @@ fn prepare_end_to_end_with_resume() {
     let server = serve(served);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("data");
-    // An interrupted earlier download: the first half of the VOC archive.
+    let cache = dir.path().join("cache");
+    // An interrupted earlier download in the cache: the first half of the VOC archive.
     let voc = &files["VOCtrainval_11-May-2012.tar"];
-    std::fs::create_dir_all(out.join("downloads")).unwrap();
+    std::fs::create_dir_all(&cache).unwrap();
     std::fs::write(
-        out.join("downloads/VOCtrainval_11-May-2012.tar.part"),
+        cache.join("VOCtrainval_11-May-2012.tar.part"),
         &voc[..voc.len() / 2],
     )
     .unwrap();
 
-    let opts = options(&out, &format!("{}/mirror/", server.base));
+    let opts = options(&out, &cache, &format!("{}/mirror/", server.base));
     let sum = prepare(&opts).unwrap();
     assert_eq!(sum.cls_images, [6, 3]);
     assert_eq!(sum.seg_images, [6, 3]);
@@ -257,13 +270,24 @@ fn prepare_end_to_end_with_resume() {
         )));
     }
     assert_eq!(
-        std::fs::read(out.join("downloads/VOCtrainval_11-May-2012.tar")).unwrap(),
+        std::fs::read(cache.join("VOCtrainval_11-May-2012.tar")).unwrap(),
         *voc
     );
-    assert!(!out
-        .join("downloads/VOCtrainval_11-May-2012.tar.part")
-        .exists());
-    assert!(!out.join("tmp").exists(), "the temp area must be deleted");
+    assert!(!cache.join("VOCtrainval_11-May-2012.tar.part").exists());
+    // The archives stay in the cache; the dataset folder holds only the sampled sets.
+    assert_eq!(
+        listing(&cache),
+        [
+            "VOCtrainval_11-May-2012.tar",
+            "annotations_trainval2017.zip",
+            "imagenette2-160.tgz",
+            "val2017.zip"
+        ]
+    );
+    assert_eq!(
+        listing(&out),
+        ["imagenette_160", "mini_coco_det", "mini_voc_seg"]
+    );
 
     // The datasets load.
     let cls = ClsSplit::open(&out, Split::Train, 16, false).unwrap();
@@ -310,13 +334,106 @@ fn prepare_end_to_end_with_resume() {
     b.sort();
     a.sort();
     assert_eq!(a, b);
+
+    // Another seed into another folder reuses the cached archives: no request at all.
+    let other = dir.path().join("data_seed6");
+    let mut o6 = options(&other, &cache, &format!("{}/mirror/", server.base));
+    o6.seed = 6;
+    let sum6 = prepare(&o6).unwrap();
+    assert_eq!(sum6.seg_images, [6, 3]);
+    assert_eq!(server.log.lock().unwrap().len(), 4, "the cache is reused");
+    assert_eq!(
+        listing(&other),
+        ["imagenette_160", "mini_coco_det", "mini_voc_seg"]
+    );
+
+    // The CLI finds the cache through ONEHEAD_CACHE (and --cache): still no request.
+    let cli_out = dir.path().join("data_cli");
+    let run_cli = |extra: &[&str], env_cache: Option<&Path>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_onehead"));
+        cmd.args([
+            "prepare", "--seed", "7", "--train", "6", "--val", "3", "--mirror",
+        ])
+        .arg(format!("{}/mirror/", server.base))
+        .arg("--out")
+        .arg(&cli_out)
+        .args(extra)
+        .env_remove("ONEHEAD_CACHE");
+        if let Some(c) = env_cache {
+            cmd.env("ONEHEAD_CACHE", c);
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run_cli(&[], Some(&cache));
+    let cache_arg = cache.display().to_string();
+    run_cli(
+        &["--cache", &cache_arg],
+        Some(&dir.path().join("elsewhere")),
+    );
+    assert_eq!(
+        server.log.lock().unwrap().len(),
+        4,
+        "the CLI reuses the cache"
+    );
+    assert!(
+        !dir.path().join("elsewhere").exists(),
+        "--cache wins over ONEHEAD_CACHE"
+    );
+    assert_eq!(
+        listing(&cli_out),
+        ["imagenette_160", "mini_coco_det", "mini_voc_seg"]
+    );
+
+    // Archives an older prepare left in OUT/downloads move into the cache.
+    let legacy = dir.path().join("data_legacy");
+    std::fs::create_dir_all(legacy.join("downloads")).unwrap();
+    for f in listing(&cache) {
+        std::fs::copy(cache.join(&f), legacy.join("downloads").join(&f)).unwrap();
+    }
+    let fresh_cache = dir.path().join("cache2");
+    prepare(&options(
+        &legacy,
+        &fresh_cache,
+        &format!("{}/mirror/", server.base),
+    ))
+    .unwrap();
+    assert_eq!(
+        server.log.lock().unwrap().len(),
+        4,
+        "the old archives are used"
+    );
+    assert_eq!(listing(&fresh_cache), listing(&cache));
+    assert!(!legacy.join("downloads").exists());
+}
+
+#[test]
+fn the_cache_folder_is_the_variable_else_the_platform_cache() {
+    use onehead::data::prepare::cache_dir_from;
+    let platform = Some(PathBuf::from("/home/u/.cache"));
+    assert_eq!(
+        cache_dir_from(None, platform.clone()).unwrap(),
+        PathBuf::from("/home/u/.cache/onehead/downloads")
+    );
+    assert_eq!(
+        cache_dir_from(Some("/big/disk".into()), platform.clone()).unwrap(),
+        PathBuf::from("/big/disk")
+    );
+    // An empty variable counts as unset.
+    assert_eq!(
+        cache_dir_from(Some("".into()), platform).unwrap(),
+        PathBuf::from("/home/u/.cache/onehead/downloads")
+    );
+    let err = cache_dir_from(None, None).unwrap_err();
+    assert!(format!("{err}").contains("--cache"), "{err}");
 }
 
 #[test]
 fn prepare_reports_http_404_and_bad_checksum() {
     let server = serve(BTreeMap::new());
     let dir = tempfile::tempdir().unwrap();
-    let err = prepare(&options(dir.path(), &server.base)).unwrap_err();
+    let cache = dir.path().join("cache");
+    let err = prepare(&options(dir.path(), &cache, &server.base)).unwrap_err();
     let msg = format!("{err:#}");
     assert!(
         msg.contains("404") && msg.contains("imagenette2-160.tgz"),
@@ -333,7 +450,7 @@ fn prepare_reports_http_404_and_bad_checksum() {
         .map(|(k, v)| (format!("/{k}"), v.clone()))
         .collect();
     let server = serve(served);
-    let mut opts = options(dir.path(), &server.base);
+    let mut opts = options(dir.path(), &cache, &server.base);
     opts.archives[0].sha256 = Some("00".repeat(32));
     let err = prepare(&opts).unwrap_err();
     assert!(
@@ -343,5 +460,5 @@ fn prepare_reports_http_404_and_bad_checksum() {
         ),
         "{err:#}"
     );
-    assert!(!dir.path().join("downloads/imagenette2-160.tgz").exists());
+    assert!(!cache.join("imagenette2-160.tgz").exists());
 }

@@ -157,6 +157,40 @@ fn bilinear_matches_candle_forward_up_and_down() {
 }
 
 #[test]
+fn streamed_resize_argmax_is_resize_then_argmax_bit_for_bit() {
+    use onehead::metrics::miou::argmax_masks;
+    use onehead::ops::resize::resize_bilinear_argmax;
+    let dev = Device::Cpu;
+    // 21 random 6 × 5 logit maps, channels 3 and 7 equal: exact ties go to the first maximum.
+    let mut planes = Tensor::randn(0f32, 1f32, (21, 30), &dev)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    planes[7] = planes[3].clone();
+    let x = Tensor::new(planes, &dev)
+        .unwrap()
+        .reshape((1, 21, 6, 5))
+        .unwrap();
+    let flat_ties = Tensor::ones((1, 21, 6, 5), DType::F32, &dev).unwrap();
+    for logits in [&x, &flat_ties] {
+        for (oh, ow) in [(6, 5), (48, 40), (37, 61), (3, 2), (1, 1), (100, 7)] {
+            let reference: Vec<u32> = argmax_masks(&resize_bilinear(logits, oh, ow).unwrap())
+                .unwrap()
+                .remove(0)
+                .into_iter()
+                .map(u32::from)
+                .collect();
+            let streamed = resize_bilinear_argmax(logits, oh, ow).unwrap();
+            assert_eq!(streamed, reference, "{oh}x{ow}");
+        }
+    }
+    assert!(resize_bilinear_argmax(&flat_ties, 9, 9)
+        .unwrap()
+        .iter()
+        .all(|&c| c == 0));
+}
+
+#[test]
 fn bilinear_gradient_sums_interpolation_weights() {
     // Each output's weights sum to 1, so d/dx Σ resize(x) sums to (oh·ow)/(h·w) per pixel
     // on average; exactly oh·ow in total.

@@ -1,16 +1,18 @@
 //! `onehead prepare`: the report's Steps 1–4 for the real course sets.
 //!
 //! 1. Lay out `OUT/{imagenette_160,mini_voc_seg,mini_coco_det}` and a temp area `OUT/tmp`.
-//! 2. Download the four archives of [`ARCHIVES`] into `OUT/downloads` (kept, so a rerun
-//!    skips them; an interrupted download resumes from its `.part` file with an HTTP Range
-//!    request), verify them, and extract them into the temp area.
+//! 2. Download the four archives of [`ARCHIVES`] into the download cache, outside the data
+//!    root ([`default_cache_dir`]: `$ONEHEAD_CACHE`, else the platform's cache folder +
+//!    `onehead/downloads`; `--cache DIR`), where they are kept, so a rerun (any seed, any
+//!    `--out`) skips them; an interrupted download resumes from its `.part` file there with
+//!    an HTTP Range request. Verify them, and extract them into the temp area.
 //! 3. Sample with the seed: Imagenette keeps its class folders (stratified: equal share per
 //!    class, train from Imagenette's train split, val from its val split); VOC keeps only
 //!    images that have a `SegmentationClass` mask (train from VOC's segmentation `train.txt`,
 //!    val from `val.txt` when those lists exist); COCO keeps images containing at least one of
 //!    the 10 [`super::COCO_CATEGORIES`], only those categories' annotations (crowd ones
 //!    included) and writes one small JSON per split.
-//! 4. Delete the temp area (also when a step fails).
+//! 4. Delete the temp area (also when a step fails): `OUT` holds only the sampled sets.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -110,7 +112,7 @@ pub struct PrepareOptions {
     pub val: usize,
     /// The archives (default [`ARCHIVES`]), order as the index constants.
     pub archives: [ArchiveSpec; 4],
-    /// Where archives are downloaded and kept (default `OUT/downloads`).
+    /// Where archives are downloaded and kept (default [`default_cache_dir`]).
     pub downloads: Option<PathBuf>,
 }
 
@@ -127,6 +129,54 @@ impl PrepareOptions {
             downloads: None,
         }
     }
+}
+
+/// The environment variable naming the download cache (the folder that holds the archives).
+pub const CACHE_ENV: &str = "ONEHEAD_CACHE";
+
+/// The folder where `prepare` keeps its downloaded archives: `$ONEHEAD_CACHE` when set and
+/// not empty, else the platform's cache folder + `onehead/downloads` (`$XDG_CACHE_HOME` or
+/// `~/.cache` on Linux, `~/Library/Caches` on macOS, `%LOCALAPPDATA%` on Windows).
+pub fn default_cache_dir() -> Result<PathBuf> {
+    cache_dir_from(std::env::var_os(CACHE_ENV), dirs::cache_dir())
+}
+
+/// [`default_cache_dir`] from the variable's value and the platform's cache folder.
+pub fn cache_dir_from(
+    env: Option<std::ffi::OsString>,
+    platform: Option<PathBuf>,
+) -> Result<PathBuf> {
+    match (env, platform) {
+        (Some(v), _) if !v.is_empty() => Ok(PathBuf::from(v)),
+        (_, Some(p)) => Ok(p.join("onehead").join("downloads")),
+        _ => {
+            anyhow::bail!("this platform has no cache folder: pass --cache DIR or set {CACHE_ENV}")
+        }
+    }
+}
+
+/// Archives left in `OUT/downloads` by an older `prepare` are moved into the cache (a
+/// rename: free on the same file system); where that fails they are left with a warning.
+fn adopt_legacy_downloads(out: &Path, cache: &Path, specs: &[ArchiveSpec]) {
+    let legacy = out.join("downloads");
+    if !legacy.is_dir() || legacy == cache {
+        return;
+    }
+    for spec in specs {
+        let (old, new) = (legacy.join(spec.file_name()), cache.join(spec.file_name()));
+        if old.is_file() && !new.exists() {
+            match std::fs::rename(&old, &new) {
+                Ok(()) => tracing::info!("moved {} into the cache {}", old.display(), cache.display()),
+                Err(e) => tracing::warn!(
+                    "{} is from an older prepare and could not be moved into the cache {} ({e}): move it there by hand to skip downloading it again",
+                    old.display(),
+                    cache.display()
+                ),
+            }
+        }
+    }
+    // Remove the folder if that emptied it.
+    let _ = std::fs::remove_dir(&legacy);
 }
 
 /// What [`prepare`] wrote; counts are `[train, val]`.
@@ -156,12 +206,14 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary> {
         "prepare: train and val sizes must be positive"
     );
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let downloads = opts
-        .downloads
-        .clone()
-        .unwrap_or_else(|| out.join("downloads"));
+    let downloads = match &opts.downloads {
+        Some(d) => d.clone(),
+        None => default_cache_dir()?,
+    };
     std::fs::create_dir_all(&downloads)
-        .with_context(|| format!("creating {}", downloads.display()))?;
+        .with_context(|| format!("creating the download cache {}", downloads.display()))?;
+    adopt_legacy_downloads(out, &downloads, &opts.archives);
+    tracing::info!("download cache: {}", downloads.display());
 
     // Step 2a: downloads (all first, so a network failure leaves nothing half-written).
     let mut files = Vec::new();

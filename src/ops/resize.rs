@@ -189,6 +189,66 @@ pub fn resize_bilinear_matmul(x: &Tensor, out_h: usize, out_w: usize) -> Result<
         .reshape((b, c, out_h, out_w))
 }
 
+/// The class map of one image's logits `x` `(1, C, h, w)` (any device, any float dtype) at
+/// `out_h × out_w`: the argmax over `C` of [`resize_bilinear`]`(x, out_h, out_w)` on the CPU
+/// (the first maximum wins, as candle's argmax), bit-identical to that resize followed by the
+/// argmax, computed row by row without the `(C, out_h, out_w)` map: a 12-megapixel photo
+/// needs a few megabytes instead of a gigabyte. Returns `out_h · out_w` ids, row-major.
+pub fn resize_bilinear_argmax(x: &Tensor, out_h: usize, out_w: usize) -> Result<Vec<u32>> {
+    let (b, c, h, w) = x.dims4()?;
+    if b != 1 || c == 0 || out_h == 0 || out_w == 0 {
+        candle_core::bail!(
+            "resize_bilinear_argmax: expected logits (1, C ≥ 1, h, w) and a non-empty size, got {:?} → {out_h} × {out_w}",
+            x.dims()
+        );
+    }
+    let v = x
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let argmax = |at: &dyn Fn(usize) -> f32| {
+        let (mut acc, mut val) = (0u32, at(0));
+        for k in 1..c {
+            let s = at(k);
+            if val < s {
+                acc = k as u32;
+                val = s;
+            }
+        }
+        acc
+    };
+    let mut out = vec![0u32; out_h * out_w];
+    if (h, w) == (out_h, out_w) {
+        // resize_bilinear is the identity here.
+        let plane = h * w;
+        out.par_iter_mut()
+            .enumerate()
+            .for_each(|(p, o)| *o = argmax(&|k| v[k * plane + p]));
+        return Ok(out);
+    }
+    let (ty, tx) = (taps(h, out_h), taps(w, out_w));
+    // Along W first, as the kernel does: `(C, h, out_w)`.
+    let mut tmp = vec![0f32; c * h * out_w];
+    tmp.par_chunks_mut(out_w).enumerate().for_each(|(r, t)| {
+        let xr = &v[r * w..(r + 1) * w];
+        for (t, &(i0, i1, w0, w1)) in t.iter_mut().zip(&tx) {
+            *t = xr[i0] * w0 + xr[i1] * w1;
+        }
+    });
+    let plane = h * out_w;
+    out.par_chunks_mut(out_w)
+        .zip(&ty)
+        .for_each(|(row, &(i0, i1, w0, w1))| {
+            for (ox, o) in row.iter_mut().enumerate() {
+                *o = argmax(&|k| {
+                    tmp[k * plane + i0 * out_w + ox] * w0 + tmp[k * plane + i1 * out_w + ox] * w1
+                });
+            }
+        });
+    Ok(out)
+}
+
 /// Nearest-neighbour ×2 upsampling `(B,C,H,W) -> (B,C,2H,2W)`, by reshape + broadcast.
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;

@@ -6,9 +6,9 @@
 mod compare;
 pub mod csv_log;
 mod fmt;
-mod glyphs;
+pub(crate) mod glyphs;
 mod html;
-mod plot;
+pub(crate) mod plot;
 mod run_files;
 pub mod summary;
 mod tensorboard;

@@ -9,18 +9,21 @@
 //!   default, which the course's evaluation uses; pick it with `[eval] metric = { cls =
 //!   "mean_acc" }`). The two agree on a balanced split.
 //! - Chance: `1/C` (Top-1 and mean accuracy), `5/C` (Top-5).
+//! - Predictions (`onehead predict`) and exports (`onehead eval --export`): softmax
+//!   probabilities; the predicted class is the first highest logit, as Top-1 counts it.
+//!   Exports are a CSV `file,true,predicted,probability`.
 //! - Distillation: KL of temperature-softened class distributions (LwF).
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::images::ImageSet;
 use super::seg::kl_distill;
 use super::{
-    check_request, require_dir, Augment, Batch, DistillParams, Evaluator, OpenOptions, Split, Task,
-    TaskLoss, TaskMetrics,
+    check_request, require_dir, Augment, Batch, DistillParams, Evaluator, Exporter, Mark,
+    OpenOptions, PredictInput, Prediction, Split, Task, TaskLoss, TaskMetrics,
 };
 use crate::data::imageio::{is_image, sorted_dirs, sorted_files};
 use crate::data::{DataError, CLS_DIR};
@@ -112,6 +115,39 @@ pub fn logits(out: &Tensor) -> Result<Tensor> {
     Ok(out.mean_keepdim(3)?.mean_keepdim(2)?.reshape((b, c))?)
 }
 
+/// The predicted class of a row of logits: the first highest (NaN counts as −∞), as Top-1
+/// ranks ties.
+pub fn predicted_class(logits: &[f32]) -> usize {
+    let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+    let mut best = 0;
+    for (j, &v) in logits.iter().enumerate() {
+        if key(v) > key(logits[best]) {
+            best = j;
+        }
+    }
+    best
+}
+
+/// Softmax of a row of logits, in f64.
+pub fn softmax(logits: &[f32]) -> Vec<f64> {
+    let m = logits
+        .iter()
+        .filter(|v| !v.is_nan())
+        .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let e: Vec<f64> = logits
+        .iter()
+        .map(|&v| {
+            if v.is_nan() {
+                0.0
+            } else {
+                (v as f64 - m).exp()
+            }
+        })
+        .collect();
+    let z: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / z).collect()
+}
+
 /// Mean cross-entropy of logits `(B, C)` against labels.
 pub fn cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<Tensor> {
     let (b, c) = logits.dims2()?;
@@ -154,6 +190,14 @@ impl ClsTask {
             Split::Val => &self.val,
         }
     }
+}
+
+/// Top-`k` classes of `probs`: `(class, probability)`, most probable first (ties: lower
+/// class first).
+fn top_k(probs: &[f64], k: usize) -> Vec<(usize, f64)> {
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    order.into_iter().take(k).map(|c| (c, probs[c])).collect()
 }
 
 impl Task for ClsTask {
@@ -223,6 +267,105 @@ impl Task for ClsTask {
 
     fn distill(&self, student: &Tensor, teacher: &Tensor, p: &DistillParams) -> Result<Tensor> {
         kl_distill(&logits(student)?, &logits(teacher)?, p.temperature)
+    }
+
+    fn predict(&self, out: &Tensor, _input: &PredictInput) -> Result<Option<Prediction>> {
+        let row = logits(out)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?
+            .pop()
+            .context("one image expected")?;
+        let probs = softmax(&row);
+        let names = self.class_names();
+        let best = predicted_class(&row);
+        let entry = |c: usize| serde_json::json!({"class_id": c, "name": names[c], "probability": probs[c]});
+        let top = top_k(&probs, 5);
+        let json = serde_json::json!({
+            "predicted": entry(best),
+            "top": top.iter().map(|&(c, _)| entry(c)).collect::<Vec<_>>(),
+            "classes": names,
+            "probabilities": probs,
+        });
+        // The caption: the predicted class first, then the next most probable.
+        let mut shown = vec![best];
+        shown.extend(top.iter().map(|&(c, _)| c).filter(|&c| c != best));
+        shown.truncate(3);
+        let items = shown
+            .iter()
+            .map(|&c| (format!("{} {:.0}%", names[c], 100.0 * probs[c]), None))
+            .collect();
+        Ok(Some(Prediction {
+            json,
+            marks: vec![Mark::Legend {
+                title: "cls".into(),
+                items,
+            }],
+            files: vec![],
+        }))
+    }
+
+    fn exporter(&self, dir: &Path) -> Result<Option<Box<dyn Exporter + '_>>> {
+        let dir = dir.join("cls");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let file = dir.join("predictions.csv");
+        let mut csv = csv::Writer::from_path(&file)
+            .with_context(|| format!("creating {}", file.display()))?;
+        csv.write_record(["file", "true", "predicted", "probability"])?;
+        Ok(Some(Box::new(ClsExporter {
+            task: self,
+            csv,
+            rows: 0,
+        })))
+    }
+}
+
+/// Writes the val split's class predictions as CSV: `file` (relative to the split folder),
+/// `true` and `predicted` class names, `probability` of the predicted class.
+struct ClsExporter<'a> {
+    task: &'a ClsTask,
+    csv: csv::Writer<std::fs::File>,
+    rows: usize,
+}
+
+impl Exporter for ClsExporter<'_> {
+    fn add(&mut self, out: &Tensor, batch: &Batch) -> Result<()> {
+        let labels: &Vec<usize> = batch.targets()?;
+        let rows = logits(out)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let val = &self.task.val;
+        let names = &val.class_names;
+        for ((row, &y), &i) in rows.iter().zip(labels).zip(&batch.indices) {
+            let p = predicted_class(row);
+            let file = &val.images.files[i];
+            let rel = file
+                .parent()
+                .and_then(|d| d.parent())
+                .and_then(|root| file.strip_prefix(root).ok())
+                .unwrap_or(file);
+            self.csv.write_record([
+                rel.to_string_lossy().replace('\\', "/"),
+                names[y].clone(),
+                names[p].clone(),
+                format!("{}", softmax(row)[p]),
+            ])?;
+            self.rows += 1;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<serde_json::Value> {
+        self.csv.flush()?;
+        let gt = self.task.val.images.files[0]
+            .parent()
+            .and_then(|d| d.parent())
+            .map(super::absolute_display)
+            .unwrap_or_default();
+        Ok(serde_json::json!({
+            "predictions": "cls/predictions.csv",
+            "count": self.rows,
+            "format": "CSV file,true,predicted,probability: file relative to the val split folder, class names, softmax probability of the predicted class",
+            "ground_truth": gt,
+            "classes": self.task.val.class_names,
+        }))
     }
 }
 

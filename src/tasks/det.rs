@@ -8,21 +8,25 @@
 //! - Loss: [`det_loss`] (centre sampling, BCE objectness and class, GIoU box).
 //! - Metric: COCO mAP (pycocotools' protocol) at IoU 0.5 and 0.5:0.95.
 //! - Chance: random boxes score about 0 mAP.
+//! - Predictions (`onehead predict`) and exports (`onehead eval --export`): the evaluator's
+//!   detections (model-input pixels, the image stretched to `S × S`) scaled to the original
+//!   image's pixels; exports as a COCO results JSON with the dataset's own image and category
+//!   ids. AP is the same in either frame: IoU is invariant to scaling each axis.
 //! - Distillation: objectness BCE toward the teacher's probabilities on every cell; class
 //!   KL and box L1 where the teacher is confident (Shmelkov et al. 2017, ERD 2022).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::det_loss::{det_loss, stable_bce_with_logits, DetLossParams};
 use super::images::{crop_rect, ImageSet};
 use super::{
-    aug_at, check_request, require_dir, Augment, Batch, DistillParams, Evaluator, OpenOptions,
-    Split, Task, TaskLoss, TaskMetrics,
+    aug_at, check_request, require_dir, Augment, Batch, DistillParams, Evaluator, Exporter, Mark,
+    OpenOptions, PredictInput, Prediction, Split, Task, TaskLoss, TaskMetrics,
 };
 use crate::boxes::{self, cell_coords, crop_boxes, decode_boxes, flip_boxes, DetBox, Detection};
 use crate::data::coco::CocoFile;
@@ -321,6 +325,8 @@ pub struct DetTask {
     pub train: DetSplit,
     pub val: DetSplit,
     settings: DetSettings,
+    /// The val split's COCO JSON (the ground truth of exports).
+    val_json: PathBuf,
 }
 
 impl DetTask {
@@ -340,7 +346,15 @@ impl DetTask {
             train,
             val,
             settings,
+            val_json: coco_json_path(&o.root, Split::Val),
         })
+    }
+
+    /// The detections of the val samples of `batch` in model-input pixels, as scored.
+    fn val_detections(&self, out: &Tensor, batch: &Batch) -> Result<Vec<Vec<Detection>>> {
+        let (_, _, h, w) = out.dims4()?;
+        let s = batch.images.dim(2)?;
+        decode(&cells(out)?, (h, w), (s, s), &self.settings)
     }
 
     fn split(&self, split: Split) -> &DetSplit {
@@ -348,6 +362,11 @@ impl DetTask {
             Split::Train => &self.train,
             Split::Val => &self.val,
         }
+    }
+
+    /// The COCO category id of contiguous class `c`.
+    pub fn category_id(&self, c: usize) -> u64 {
+        self.train.category_ids[c]
     }
 
     pub fn settings(&self) -> &DetSettings {
@@ -444,6 +463,132 @@ impl Task for DetTask {
     fn distill(&self, student: &Tensor, teacher: &Tensor, p: &DistillParams) -> Result<Tensor> {
         distill_cells(&cells(student)?, &cells(teacher)?, p.temperature)
     }
+
+    fn predict(&self, out: &Tensor, input: &PredictInput) -> Result<Option<Prediction>> {
+        let (_, _, h, w) = out.dims4()?;
+        let s = input.image_size;
+        let dets = decode(&cells(out)?, (h, w), (s, s), &self.settings)?
+            .pop()
+            .context("one image expected")?;
+        let (ow, oh) = input.orig_size;
+        let (sx, sy) = (ow as f32 / s as f32, oh as f32 / s as f32);
+        let names = self.class_names();
+        let shown = self.settings.display_score_threshold as f32;
+        let mut marks = Vec::new();
+        let mut rows = Vec::with_capacity(dets.len());
+        for d in &dets {
+            let b = boxes::scale(&d.bbox, sx, sy);
+            rows.push(serde_json::json!({
+                "bbox": xywh(&b),
+                "score": d.score,
+                "class_id": d.class,
+                "category_id": self.category_id(d.class),
+                "name": names[d.class],
+            }));
+            if d.score > shown {
+                marks.push(Mark::Box {
+                    bbox: b,
+                    label: format!("{} {:.2}", names[d.class], d.score),
+                    colour: d.class,
+                });
+            }
+        }
+        let n = marks.len();
+        marks.push(Mark::Legend {
+            title: "det".into(),
+            items: vec![(
+                format!(
+                    "{} box{} above {:.2} (of {})",
+                    if n == 0 {
+                        "no".to_string()
+                    } else {
+                        n.to_string()
+                    },
+                    if n == 1 { "" } else { "es" },
+                    shown,
+                    dets.len()
+                ),
+                None,
+            )],
+        });
+        Ok(Some(Prediction {
+            json: serde_json::json!({
+                "bbox_format": "[x, y, width, height] in pixels of the original image (COCO)",
+                "display_score_threshold": self.settings.display_score_threshold,
+                "detections": rows,
+            }),
+            marks,
+            files: vec![],
+        }))
+    }
+
+    fn exporter(&self, dir: &Path) -> Result<Option<Box<dyn Exporter + '_>>> {
+        let dir = dir.join("det");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Some(Box::new(DetExporter {
+            task: self,
+            file: dir.join("coco_results.json"),
+            results: Vec::new(),
+        })))
+    }
+}
+
+/// `[x0, y0, x1, y1]` as COCO's `[x, y, width, height]`.
+pub fn xywh(b: &[f32; 4]) -> [f32; 4] {
+    [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+}
+
+/// One detection of a COCO results file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CocoResult {
+    pub image_id: u64,
+    pub category_id: u64,
+    /// `[x, y, width, height]` in pixels of the original image.
+    pub bbox: [f32; 4],
+    pub score: f32,
+}
+
+/// Collects the val split's detections as a COCO results JSON (what pycocotools'
+/// `COCO.loadRes` reads): the evaluator's detections scaled to original-image pixels.
+struct DetExporter<'a> {
+    task: &'a DetTask,
+    file: PathBuf,
+    results: Vec<CocoResult>,
+}
+
+impl Exporter for DetExporter<'_> {
+    fn add(&mut self, out: &Tensor, batch: &Batch) -> Result<()> {
+        let s = batch.images.dim(2)? as f32;
+        let val = &self.task.val;
+        for (dets, &i) in self
+            .task
+            .val_detections(out, batch)?
+            .iter()
+            .zip(&batch.indices)
+        {
+            let (w, h) = val.images.orig_sizes[i];
+            let (sx, sy) = (w as f32 / s, h as f32 / s);
+            for d in dets {
+                self.results.push(CocoResult {
+                    image_id: val.image_ids[i],
+                    category_id: self.task.category_id(d.class),
+                    bbox: xywh(&boxes::scale(&d.bbox, sx, sy)),
+                    score: d.score,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<serde_json::Value> {
+        crate::report::write_atomic(&self.file, &serde_json::to_vec(&self.results)?)?;
+        Ok(serde_json::json!({
+            "results": "det/coco_results.json",
+            "count": self.results.len(),
+            "format": "COCO results JSON: [{image_id, category_id, bbox: [x, y, width, height] in original-image pixels, score}]",
+            "ground_truth": super::absolute_display(&self.task.val_json),
+        }))
+    }
 }
 
 /// Teacher objectness probability above which a cell's class and box outputs are distilled.
@@ -503,9 +648,7 @@ struct DetEvaluator<'a> {
 
 impl Evaluator for DetEvaluator<'_> {
     fn add(&mut self, out: &Tensor, batch: &Batch) -> Result<()> {
-        let (_, _, h, w) = out.dims4()?;
-        let s = batch.images.dim(2)?;
-        let dets = decode(&cells(out)?, (h, w), (s, s), &self.task.settings)?;
+        let dets = self.task.val_detections(out, batch)?;
         let gts: &Vec<Vec<DetBox>> = batch.targets()?;
         for (d, gt) in dets.iter().zip(gts) {
             self.map.add_image(d, gt)?;

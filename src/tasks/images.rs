@@ -74,6 +74,22 @@ impl ImageSet {
         Ok(set)
     }
 
+    /// A set of images already decoded (`onehead predict`), each brought to `S × S` exactly
+    /// as [`ImageSet::load`] does it (no crop-source copies).
+    pub fn from_decoded(files: Vec<PathBuf>, images: &[RgbImage], image_size: usize) -> Self {
+        assert_eq!(files.len(), images.len(), "one file per image");
+        Self {
+            image_size,
+            files,
+            orig_sizes: images.iter().map(|im| im.dimensions()).collect(),
+            base: images
+                .par_iter()
+                .map(|im| resize_rgb(im, image_size))
+                .collect(),
+            large: vec![None; images.len()],
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.base.len()
     }

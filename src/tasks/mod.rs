@@ -85,6 +85,64 @@ pub trait Evaluator {
     fn finish(self: Box<Self>) -> Result<TaskMetrics>;
 }
 
+/// What [`Task::predict`] knows about the image besides the task's slice of the head map.
+#[derive(Debug, Clone, Copy)]
+pub struct PredictInput<'a> {
+    /// `(width, height)` of the original image: results are given in its pixels.
+    pub orig_size: (u32, u32),
+    /// Side of the square model input the image was stretched to.
+    pub image_size: usize,
+    /// Stem of the files written for this image (`<stem>.json`, …): a task that writes a
+    /// file of its own names it `<stem>.<task>.<ext>`.
+    pub stem: &'a str,
+}
+
+/// One task's prediction on one image (`onehead predict`).
+#[derive(Debug, Clone, Default)]
+pub struct Prediction {
+    /// The task's raw results for the image's JSON (in original-image pixels).
+    pub json: serde_json::Value,
+    /// What the task draws on the overlay.
+    pub marks: Vec<Mark>,
+    /// Files to write beside the JSON, `(file name, bytes)` (the JSON names them).
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// Something drawn on a prediction overlay, in original-image pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mark {
+    /// A label map of the image's size, blended over it in the VOC palette; class 0
+    /// (background) and 255 (ignore) are left clear.
+    Mask {
+        width: u32,
+        height: u32,
+        classes: Vec<u8>,
+    },
+    /// A box `[x0, y0, x1, y1]` with a label drawn on it, coloured by `colour` (an index
+    /// into the overlay's palette, e.g. the class).
+    Box {
+        bbox: [f32; 4],
+        label: String,
+        colour: usize,
+    },
+    /// A caption line under the image: `title: item item …`, each item after a colour
+    /// swatch when it has one.
+    Legend {
+        title: String,
+        items: Vec<(String, Option<[u8; 3]>)>,
+    },
+}
+
+/// Writes a task's predictions on the val split in a standard format that outside tools read
+/// (`onehead eval --export`), fed the same batches and head slices as its [`Evaluator`].
+pub trait Exporter {
+    /// `out` is the task's slice of the head map for `batch` (same rows, same order).
+    fn add(&mut self, out: &Tensor, batch: &Batch) -> Result<()>;
+    /// Finish writing; returns a description of what was written for `manifest.json`
+    /// (file names relative to the export folder, where the ground truth lives).
+    fn finish(self: Box<Self>) -> Result<serde_json::Value>;
+}
+
 /// What the engine needs from a task. Implementations hold their train and val splits.
 pub trait Task: Send + Sync {
     /// Name used in configs, CSV columns (`<name>_<metric>`) and file names.
@@ -128,6 +186,16 @@ pub trait Task: Send + Sync {
     /// A distillation loss pulling `student` toward `teacher` (both the task's slices for
     /// the same images), 0 when they are equal.
     fn distill(&self, student: &Tensor, teacher: &Tensor, p: &DistillParams) -> Result<Tensor>;
+    /// The task's prediction on one image from its slice `(1, head_channels, h, w)` of the
+    /// head map (`onehead predict`); `None`: the task has nothing to show.
+    fn predict(&self, _out: &Tensor, _input: &PredictInput) -> Result<Option<Prediction>> {
+        Ok(None)
+    }
+    /// An exporter of the val split's predictions writing under `dir` (the export folder;
+    /// the task puts its files in `dir/<name>/`); `None`: the task exports nothing.
+    fn exporter(&self, _dir: &Path) -> Result<Option<Box<dyn Exporter + '_>>> {
+        Ok(None)
+    }
 }
 
 /// Where and how tasks load their data.
@@ -328,6 +396,16 @@ pub(crate) fn require_dir(path: PathBuf, root: &Path) -> Result<PathBuf> {
         }
         .into())
     }
+}
+
+/// `path` made absolute (symbolic links resolved where it exists), for files that name
+/// other files (`manifest.json`).
+pub fn absolute_display(path: &Path) -> String {
+    std::fs::canonicalize(path)
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// One sample index per element of `augs`, or no augmentation when `augs` is empty.

@@ -14,6 +14,9 @@
 //!   is `miou_classes`), `miou_nanmean` over classes in ground truth or prediction (mmseg /
 //!   torchmetrics style, for comparison), `pixel_acc`, and `iou.<class>` per class.
 //! - Chance: the mIoU of predicting background everywhere on the val split.
+//! - Predictions (`onehead predict`) and exports (`onehead eval --export`): the class map at
+//!   the image's own size, computed exactly as scored, as a VOC-palette PNG (exports are
+//!   named like the ground-truth masks, so any VOC tool scores them).
 //! - Distillation: per-pixel KL divergence of temperature-softened class distributions at
 //!   the head's own resolution (LwF, T² scaling).
 
@@ -26,13 +29,15 @@ use rayon::prelude::*;
 
 use super::images::{crop_rect, flip_mask, resize_crop_mask, ImageSet};
 use super::{
-    aug_at, check_request, require_dir, Augment, Batch, DistillParams, Evaluator, OpenOptions,
-    Split, Task, TaskLoss, TaskMetrics,
+    aug_at, check_request, require_dir, Augment, Batch, DistillParams, Evaluator, Exporter, Mark,
+    OpenOptions, PredictInput, Prediction, Split, Task, TaskLoss, TaskMetrics,
 };
-use crate::data::imageio::{is_image, is_jpeg, read_mask, resize_mask, sorted_files};
+use crate::data::imageio::{
+    encode_mask_png, is_image, is_jpeg, read_mask, resize_mask, sorted_files, voc_palette,
+};
 use crate::data::{DataError, IGNORE_INDEX, SEG_DIR, VOC_CLASSES};
-use crate::metrics::miou::{argmax_masks, ConfusionMatrix};
-use crate::ops::resize::resize_bilinear;
+use crate::metrics::miou::ConfusionMatrix;
+use crate::ops::resize::{resize_bilinear, resize_bilinear_argmax};
 
 /// One split: images and their masks at the model input size (nearest-neighbour), and at
 /// their original size when kept (val splits: scoring; train splits with crops: cropping).
@@ -240,6 +245,33 @@ impl SegTask {
             Split::Val => &self.val,
         }
     }
+
+    /// The predicted masks of the val samples of `batch` at their original sizes, as they
+    /// are scored: logits resized bilinearly to each image's own size, then the argmax.
+    fn val_predictions(&self, out: &Tensor, batch: &Batch) -> Result<Vec<Vec<u8>>> {
+        batch
+            .indices
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let (w, h) = self.val.images.orig_sizes[i];
+                mask_at(&out.narrow(0, k, 1)?, w as usize, h as usize)
+            })
+            .collect()
+    }
+}
+
+/// The predicted class map of one image at `w × h` from its logits `(1, C, h', w')`:
+/// resized bilinearly to that size, then the argmax over classes (row-major ids). Computed
+/// on the CPU row by row ([`resize_bilinear_argmax`]), so any image size fits in memory,
+/// and the same on every device.
+pub fn mask_at(out: &Tensor, w: usize, h: usize) -> Result<Vec<u8>> {
+    let c = out.dim(1)?;
+    anyhow::ensure!(c <= 255, "mask_at: {c} classes do not fit u8 ids below 255");
+    Ok(resize_bilinear_argmax(out, h, w)?
+        .into_iter()
+        .map(|v| v as u8)
+        .collect())
 }
 
 /// `(B, S, S)` u32 tensor of masks (255 stays 255).
@@ -367,6 +399,73 @@ impl Task for SegTask {
     fn distill(&self, student: &Tensor, teacher: &Tensor, p: &DistillParams) -> Result<Tensor> {
         kl_distill(student, teacher, p.temperature)
     }
+
+    fn predict(&self, out: &Tensor, input: &PredictInput) -> Result<Option<Prediction>> {
+        let (w, h) = input.orig_size;
+        let mask = mask_at(out, w as usize, h as usize)?;
+        let mut counts = vec![0u64; self.class_names.len()];
+        for &c in &mask {
+            counts[c as usize] += 1;
+        }
+        let total = mask.len().max(1) as f64;
+        let present: Vec<usize> = (0..counts.len()).filter(|&c| counts[c] > 0).collect();
+        let file = format!("{}.seg.png", input.stem);
+        let json = serde_json::json!({
+            "mask": file,
+            "mask_format": "8-bit palette PNG (VOC palette) of the image's size, pixel value = class id",
+            "classes": present.iter().map(|&c| serde_json::json!({
+                "class_id": c,
+                "name": self.class_names[c],
+                "pixels": counts[c],
+                "fraction": counts[c] as f64 / total,
+            })).collect::<Vec<_>>(),
+        });
+        let palette = voc_palette();
+        let items = present
+            .iter()
+            .filter(|&&c| c != 0)
+            .map(|&c| {
+                (
+                    format!(
+                        "{} {}",
+                        self.class_names[c],
+                        percent(counts[c] as f64 / total)
+                    ),
+                    Some([palette[3 * c], palette[3 * c + 1], palette[3 * c + 2]]),
+                )
+            })
+            .collect::<Vec<_>>();
+        let png = encode_mask_png(w, h, &mask)?;
+        Ok(Some(Prediction {
+            json,
+            marks: vec![
+                Mark::Mask {
+                    width: w,
+                    height: h,
+                    classes: mask,
+                },
+                Mark::Legend {
+                    title: "seg".into(),
+                    items: if items.is_empty() {
+                        vec![("background only".into(), None)]
+                    } else {
+                        items
+                    },
+                },
+            ],
+            files: vec![(file, png)],
+        }))
+    }
+
+    fn exporter(&self, dir: &Path) -> Result<Option<Box<dyn Exporter + '_>>> {
+        let dir = dir.join("seg");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Some(Box::new(SegExporter {
+            task: self,
+            dir,
+            written: 0,
+        })))
+    }
 }
 
 struct SegEvaluator<'a> {
@@ -376,25 +475,14 @@ struct SegEvaluator<'a> {
 
 impl Evaluator for SegEvaluator<'_> {
     fn add(&mut self, out: &Tensor, batch: &Batch) -> Result<()> {
-        let s = batch.images.dim(2)?;
-        let val = &self.task.val;
-        let at_input = batch
-            .indices
-            .iter()
-            .all(|&i| val.images.orig_sizes[i] == (s as u32, s as u32));
-        if at_input {
-            // Originals of the model's input size: one batched resize.
-            let preds = argmax_masks(&resize_bilinear(out, s, s)?)?;
-            for (p, &i) in preds.iter().zip(&batch.indices) {
-                let (gt, _, _) = val.original_mask(i).context("val masks are kept")?;
-                self.cm.add(p, gt)?;
-            }
-            return Ok(());
-        }
-        for (k, &i) in batch.indices.iter().enumerate() {
-            let (gt, w, h) = val.original_mask(i).context("val masks are kept")?;
-            let logits = resize_bilinear(&out.narrow(0, k, 1)?, h, w)?;
-            self.cm.add(&argmax_masks(&logits)?[0], gt)?;
+        let preds = self.task.val_predictions(out, batch)?;
+        for (p, &i) in preds.iter().zip(&batch.indices) {
+            let (gt, _, _) = self
+                .task
+                .val
+                .original_mask(i)
+                .context("val masks are kept")?;
+            self.cm.add(p, gt)?;
         }
         Ok(())
     }
@@ -415,6 +503,63 @@ impl Evaluator for SegEvaluator<'_> {
         }
         Ok(m)
     }
+}
+
+/// Writes the predicted masks of the val split as palette PNGs named like the ground-truth
+/// masks (`<stem>.png`), at the ground truth's size: exactly the masks the evaluator scores.
+struct SegExporter<'a> {
+    task: &'a SegTask,
+    dir: PathBuf,
+    written: usize,
+}
+
+impl Exporter for SegExporter<'_> {
+    fn add(&mut self, out: &Tensor, batch: &Batch) -> Result<()> {
+        let preds = self.task.val_predictions(out, batch)?;
+        let val = &self.task.val;
+        preds
+            .par_iter()
+            .zip(&batch.indices)
+            .try_for_each(|(p, &i)| -> Result<()> {
+                let (w, h) = val.images.orig_sizes[i];
+                let file = self.dir.join(mask_file_name(&val.images.files[i]));
+                std::fs::write(&file, encode_mask_png(w, h, p)?)
+                    .with_context(|| format!("writing {}", file.display()))
+            })?;
+        self.written += preds.len();
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<serde_json::Value> {
+        let gt_dir = self.task.val.images.files[0]
+            .parent()
+            .map(super::absolute_display)
+            .unwrap_or_default();
+        Ok(serde_json::json!({
+            "masks": "seg/",
+            "count": self.written,
+            "format": "8-bit palette PNG (VOC palette), pixel value = class id 0..=20, one per val image, named and sized like its ground-truth mask",
+            "ground_truth": gt_dir,
+            "classes": self.task.class_names,
+        }))
+    }
+}
+
+/// A share as a whole percentage, `<1%` for a small non-zero one.
+fn percent(f: f64) -> String {
+    if f > 0.0 && f < 0.005 {
+        "<1%".into()
+    } else {
+        format!("{:.0}%", 100.0 * f)
+    }
+}
+
+/// The file name of the mask of image `img` (`<stem>.png`, as in the dataset).
+fn mask_file_name(img: &Path) -> String {
+    format!(
+        "{}.png",
+        img.file_stem().unwrap_or_default().to_string_lossy()
+    )
 }
 
 #[cfg(test)]

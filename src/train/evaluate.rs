@@ -1,5 +1,8 @@
 //! Evaluation: the model in inference mode over a task's whole val split, in batches, each
-//! task scoring its own slice of the head map with its own evaluator.
+//! task scoring its own slice of the head map with its own evaluator (and, for
+//! `onehead eval --export`, writing the same predictions with its exporter).
+
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -15,15 +18,44 @@ pub fn evaluate(
     batch_size: usize,
     device: &Device,
 ) -> Result<TaskMetrics> {
+    Ok(evaluate_and_export(model, tasks, name, batch_size, device, None)?.0)
+}
+
+/// [`evaluate`], and with `export`, the task's exporter fed the very same head slices: its
+/// files go under `export`, its description (for `manifest.json`) is returned beside the
+/// metrics (`None` when the task exports nothing).
+pub fn evaluate_and_export(
+    model: &OneHead,
+    tasks: &TaskSet,
+    name: &str,
+    batch_size: usize,
+    device: &Device,
+    export: Option<&Path>,
+) -> Result<(TaskMetrics, Option<serde_json::Value>)> {
     let task = tasks.get(name)?;
     let n = task.len(Split::Val);
     let mut ev = task.evaluator();
+    let mut ex = match export {
+        Some(dir) => task
+            .exporter(dir)
+            .with_context(|| format!("exporting {name}"))?,
+        None => None,
+    };
     for start in (0..n).step_by(batch_size.max(1)) {
         let idx: Vec<usize> = (start..(start + batch_size).min(n)).collect();
         let batch = task.batch(Split::Val, &idx, &[], device)?;
         let map = model.forward_t(&batch.images, false)?;
-        ev.add(&tasks.slice(&map, name)?, &batch)
+        let out = tasks.slice(&map, name)?;
+        ev.add(&out, &batch)
             .with_context(|| format!("evaluating {name}"))?;
+        if let Some(ex) = ex.as_mut() {
+            ex.add(&out, &batch)
+                .with_context(|| format!("exporting {name}"))?;
+        }
     }
-    ev.finish()
+    let written = ex
+        .map(|ex| ex.finish())
+        .transpose()
+        .with_context(|| format!("exporting {name}"))?;
+    Ok((ev.finish()?, written))
 }

@@ -15,8 +15,9 @@ use std::path::Path;
 use anyhow::Result;
 
 pub use session::{
-    ensure_data, evaluate_checkpoint, select_device, AlreadyFinished, RunOptions, RunOutcome,
-    Session, Stopped,
+    ensure_data, evaluate_checkpoint, evaluate_checkpoint_export, list_checkpoints, load_run,
+    resolve_checkpoint, select_device, AlreadyFinished, LoadedRun, RunOptions, RunOutcome, Session,
+    Stopped,
 };
 
 use crate::config::Experiment;

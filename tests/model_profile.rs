@@ -223,3 +223,60 @@ fn infer_b1_224() {
     let r = onehead::bench::bench_inference(224, 1, 200, &Device::Cpu).unwrap();
     println!("inference {r}");
 }
+
+/// Achieved sgemm GFLOP/s of the `gemm` crate (what candle and the fused kernels call) on
+/// conv-like shapes, all threads.
+#[test]
+#[ignore = "profiling"]
+fn sgemm_peak() {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for &(m, n, k) in &[
+        (512usize, 512usize, 512usize),
+        (1024, 1024, 1024),
+        (128, 12544, 1152),
+        (128, 784, 1152),
+        (1152, 784, 128),
+        (128, 1152, 784),
+        (72, 200704, 16),
+        (576, 784, 96),
+    ] {
+        let a = vec![1.0f32; m * k];
+        let b = vec![1.0f32; k * n];
+        let mut c = vec![0.0f32; m * n];
+        let run = |c: &mut [f32]| unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(threads),
+            )
+        };
+        run(&mut c);
+        let reps = (2e9 / (2.0 * (m * n * k) as f64)).clamp(3.0, 200.0) as usize;
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            run(&mut c);
+        }
+        let s = t0.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "sgemm m{m} n{n} k{k}: {:.2} ms, {:.1} GFLOP/s",
+            s * 1e3,
+            2.0 * (m * n * k) as f64 / s / 1e9
+        );
+    }
+}

@@ -2,6 +2,7 @@
 
 pub mod channel;
 pub mod depthwise;
+pub mod fused;
 pub mod im2col;
 pub mod loss;
 pub mod resize;

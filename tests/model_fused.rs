@@ -87,6 +87,7 @@ fn dense_conv_matches_candle_odd_sizes_and_stride_2() {
         (3, 4, 7, 7, 3, 3, 1),
         (1, 3, 11, 9, 8, 3, 2),
         (2, 6, 5, 5, 4, 1, 2),
+        (17, 3, 7, 5, 4, 3, 2),
     ] {
         let x = var(&[b, c, h, w], 1);
         let wt = var(&[o, c, k, k], 2);
@@ -123,6 +124,10 @@ fn depthwise_conv_matches_candle_odd_sizes_and_stride_2() {
         (3, 4, 7, 5, 3, 1),
         (1, 2, 3, 3, 5, 1),
         (2, 3, 8, 6, 3, 2),
+        // Lane blocks of 16 + 4 and 8 + 1 (the kernels vectorise over the batch).
+        (20, 3, 9, 7, 5, 2),
+        (9, 2, 6, 5, 3, 1),
+        (16, 2, 5, 5, 5, 1),
     ] {
         let x = var(&[b, c, h, w], 4);
         let wt = var(&[c, 1, k, k], 5);

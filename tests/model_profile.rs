@@ -280,3 +280,66 @@ fn sgemm_peak() {
         );
     }
 }
+
+/// The fused executor's depthwise kernels on MobileNetV3-Small's depthwise layers (batch 16,
+/// 224×224): forward, input gradient, kernel gradient, summed over the network.
+#[test]
+#[ignore = "profiling"]
+fn fused_depthwise_kernels() {
+    use onehead::ops::fused::kernels::{
+        depthwise_bwd_input, depthwise_bwd_kernel, depthwise_fwd, ConvGeom,
+    };
+    // (C, H, k, stride, count in the network) at 224 input.
+    let layers = [
+        (16, 112, 3, 2, 1),
+        (72, 56, 3, 2, 1),
+        (88, 28, 3, 1, 1),
+        (96, 28, 5, 2, 1),
+        (240, 14, 5, 1, 2),
+        (120, 14, 5, 1, 1),
+        (144, 14, 5, 1, 1),
+        (288, 14, 5, 2, 1),
+        (576, 7, 5, 1, 2),
+    ];
+    let b = 16;
+    let (mut tf, mut ti, mut tk) = (0f64, 0f64, 0f64);
+    for &(c, h, k, s, count) in &layers {
+        let g = ConvGeom::new(b, c, h, h, k, s);
+        let x: Vec<f32> = (0..c * b * h * h).map(|i| (i % 7) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..c * k * k).map(|i| (i % 5) as f32 * 0.1).collect();
+        let dy: Vec<f32> = (0..c * b * g.ho * g.wo).map(|i| (i % 3) as f32).collect();
+        let mut y = vec![0f32; dy.len()];
+        let mut dx = vec![0f32; x.len()];
+        let mut dw = vec![0f32; w.len()];
+        let reps = 10;
+        // CPU time of the whole process (all threads): robust to other processes on the
+        // machine. Run with RAYON_NUM_THREADS=1 for a per-core figure.
+        let t = |f: &mut dyn FnMut()| {
+            f();
+            let t0 = cpu_time_s();
+            for _ in 0..reps {
+                f();
+            }
+            (cpu_time_s() - t0) * 1e3 / reps as f64
+        };
+        let a = t(&mut || depthwise_fwd(&g, &x, &w, &mut y));
+        let bb = t(&mut || depthwise_bwd_input(&g, &dy, &w, &mut dx));
+        let cc = t(&mut || depthwise_bwd_kernel(&g, &x, &dy, &mut dw));
+        println!("dw c{c} {h}x{h} k{k} s{s}: fwd {a:.2} ms, bwd-in {bb:.2} ms, bwd-k {cc:.2} ms");
+        tf += a * count as f64;
+        ti += bb * count as f64;
+        tk += cc * count as f64;
+    }
+    println!("network total: fwd {tf:.1} ms, bwd-in {ti:.1} ms, bwd-k {tk:.1} ms");
+}
+
+/// CPU seconds used by this process so far (user + system, all threads).
+fn cpu_time_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}

@@ -1,7 +1,8 @@
-//! Slice kernels of the fused executor. Activations are channel-major, `(C, B, H, W)`
-//! ("CNHW"): channel `c` of image `b` is the contiguous plane at `(c·B + b)·H·W`, so a whole
-//! channel is one contiguous row of `B·H·W` values. A 1×1 convolution is then one gemm
-//! `(O×C)·(C×B·HW)` for the whole batch, and BatchNorm statistics are row reductions.
+//! Slice kernels of the fused executor. Activations are stored `(C, H, W, B)` ("CHWN"):
+//! channel-major, so a whole channel is one contiguous row of `H·W·B` values (a 1×1
+//! convolution is one gemm `(O×C)·(C×HWB)` for the whole batch; BatchNorm statistics are row
+//! reductions), and batch-minor, so the B values of one pixel are contiguous (a depthwise
+//! kernel tap, an im2col entry or an upsampled pixel is one vector of B lanes).
 //!
 //! Every kernel writes all of its output (buffers come from [`super::pool`] with stale
 //! contents). Reductions use fixed chunking and a fixed summation order, so results are
@@ -9,8 +10,66 @@
 
 use rayon::prelude::*;
 
-use crate::ops::depthwise::{bwd_input_plane, bwd_kernel_plane, fwd_plane, Geom};
 use crate::ops::storage::valid_range;
+
+/// 0: baseline, 1: AVX2 + FMA, 2: AVX-512F (x86-64 only; detected once).
+pub fn simd_level() -> u8 {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static LEVEL: AtomicU8 = AtomicU8::new(u8::MAX);
+    let l = LEVEL.load(Ordering::Relaxed);
+    if l != u8::MAX {
+        return l;
+    }
+    #[cfg(target_arch = "x86_64")]
+    let l = if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        2
+    } else if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        1
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let l = 0;
+    LEVEL.store(l, Ordering::Relaxed);
+    l
+}
+
+/// Compile a function three times (baseline, AVX2+FMA, AVX-512) and pick one at run time.
+/// The body is the same source, so the results are bit-identical on every level (the
+/// compiler does not reassociate float arithmetic). Helpers it calls must be
+/// `#[inline(always)]` to be compiled for the same level.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($a: $t),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn imp($($a: $t),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v4($($a: $t),*) $(-> $ret)? { imp($($a),*) }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v3($($a: $t),*) $(-> $ret)? { imp($($a),*) }
+                match simd_level() {
+                    // SAFETY: the CPU supports the features (checked at run time).
+                    2 => return unsafe { v4($($a),*) },
+                    1 => return unsafe { v3($($a),*) },
+                    _ => {}
+                }
+            }
+            imp($($a),*)
+        }
+    };
+}
 
 /// Activation functions (PyTorch's conventions for the derivative at the kinks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,81 +181,112 @@ pub unsafe fn sgemm(
     )
 }
 
-/// Σ xs in f64, summed as f32 lanes over fixed blocks (vectorises; deterministic).
-#[inline]
-pub fn sum(xs: &[f32]) -> f64 {
-    let mut total = 0f64;
-    for blk in xs.chunks(1024) {
-        let mut acc = [0f32; 16];
-        let mut it = blk.chunks_exact(16);
-        for ch in &mut it {
-            for i in 0..16 {
-                acc[i] += ch[i];
+// ---------------------------------------------------------------------------------------------
+// Reductions.
+
+multiversion! {
+    /// Σ xs in f64: f32 lane accumulators over fixed blocks (vectorises; deterministic).
+    pub fn sum(xs: &[f32]) -> f64 {
+        let mut total = 0f64;
+        for blk in xs.chunks(1024) {
+            let mut acc = [0f32; 16];
+            let mut it = blk.chunks_exact(16);
+            for ch in &mut it {
+                for i in 0..16 {
+                    acc[i] += ch[i];
+                }
             }
+            let mut s = 0f32;
+            for a in acc {
+                s += a;
+            }
+            for &v in it.remainder() {
+                s += v;
+            }
+            total += s as f64;
         }
-        let mut s = 0f32;
-        for a in acc {
-            s += a;
-        }
-        for &v in it.remainder() {
-            s += v;
-        }
-        total += s as f64;
+        total
     }
-    total
 }
 
-/// Σ f(a_i, b_i) for two outputs at once, as [`sum`].
-#[inline]
-fn sum2<F: Fn(f32, f32) -> (f32, f32)>(a: &[f32], b: &[f32], f: F) -> (f64, f64) {
-    let (mut t0, mut t1) = (0f64, 0f64);
-    for (ba, bb) in a.chunks(1024).zip(b.chunks(1024)) {
-        let mut acc0 = [0f32; 16];
-        let mut acc1 = [0f32; 16];
-        let mut ia = ba.chunks_exact(16);
-        let mut ib = bb.chunks_exact(16);
-        for (ca, cb) in (&mut ia).zip(&mut ib) {
-            for i in 0..16 {
-                let (u, v) = f(ca[i], cb[i]);
-                acc0[i] += u;
-                acc1[i] += v;
+multiversion! {
+    /// Σ (x − mu)² in f64, as [`sum`].
+    fn sum_sq_dev(xs: &[f32], mu: f32) -> f64 {
+        let mut total = 0f64;
+        for blk in xs.chunks(1024) {
+            let mut acc = [0f32; 16];
+            let mut it = blk.chunks_exact(16);
+            for ch in &mut it {
+                for i in 0..16 {
+                    let d = ch[i] - mu;
+                    acc[i] = d.mul_add(d, acc[i]);
+                }
             }
+            let mut s = 0f32;
+            for a in acc {
+                s += a;
+            }
+            for &v in it.remainder() {
+                let d = v - mu;
+                s = d.mul_add(d, s);
+            }
+            total += s as f64;
         }
-        let (mut s0, mut s1) = (0f32, 0f32);
-        for i in 0..16 {
-            s0 += acc0[i];
-            s1 += acc1[i];
-        }
-        for (&x, &y) in ia.remainder().iter().zip(ib.remainder()) {
-            let (u, v) = f(x, y);
-            s0 += u;
-            s1 += v;
-        }
-        t0 += s0 as f64;
-        t1 += s1 as f64;
+        total
     }
-    (t0, t1)
 }
 
-/// Σ a_i·b_i in f64, as [`sum`].
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f64 {
-    sum2(a, b, |x, y| (x * y, 0.0)).0
+/// Per-lane sums over pixels: `out[l] = Σ_p f(a[p·b + l], c[p·b + l])` for `(P, b)` slices,
+/// f32 over blocks of 64 pixels, then f64 (fixed order).
+#[inline(always)]
+fn lane_sums<F: Fn(f32, f32) -> f32>(a: &[f32], c: &[f32], b: usize, f: F, out: &mut [f64]) {
+    out.fill(0.0);
+    if b == 0 {
+        return;
+    }
+    let mut acc = vec![0f32; b];
+    for (ba, bc) in a.chunks(64 * b).zip(c.chunks(64 * b)) {
+        acc.fill(0.0);
+        for (pa, pc) in ba.chunks_exact(b).zip(bc.chunks_exact(b)) {
+            for ((s, &x), &y) in acc.iter_mut().zip(pa).zip(pc) {
+                *s += f(x, y);
+            }
+        }
+        for (o, &s) in out.iter_mut().zip(&acc) {
+            *o += s as f64;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Layout conversions.
 
-/// `(B, C, HW)` -> `(C, B, HW)` (also the inverse with B and C swapped).
-pub fn swap_01(src: &[f32], d0: usize, d1: usize, hw: usize, dst: &mut [f32]) {
-    if hw == 0 {
+/// `(B, C, HW)` (NCHW) -> `(C, HW, B)` (CHWN).
+pub fn nchw_to_chwn(src: &[f32], b: usize, c: usize, hw: usize, dst: &mut [f32]) {
+    if hw == 0 || b == 0 {
+        return;
+    }
+    dst.par_chunks_mut(hw * b).enumerate().for_each(|(ci, o)| {
+        for bi in 0..b {
+            let plane = &src[(bi * c + ci) * hw..(bi * c + ci + 1) * hw];
+            for (p, &v) in plane.iter().enumerate() {
+                o[p * b + bi] = v;
+            }
+        }
+    });
+}
+
+/// `(C, HW, B)` (CHWN) -> `(B, C, HW)` (NCHW).
+pub fn chwn_to_nchw(src: &[f32], c: usize, hw: usize, b: usize, dst: &mut [f32]) {
+    if hw == 0 || c == 0 {
         return;
     }
     dst.par_chunks_mut(hw).enumerate().for_each(|(q, o)| {
-        // dst plane q = (i1, i0) of the (d1, d0) result.
-        let (i1, i0) = (q / d0, q % d0);
-        let s = (i0 * d1 + i1) * hw;
-        o.copy_from_slice(&src[s..s + hw]);
+        let (bi, ci) = (q / c, q % c);
+        let s = &src[ci * hw * b..(ci + 1) * hw * b];
+        for (p, v) in o.iter_mut().enumerate() {
+            *v = s[p * b + bi];
+        }
     });
 }
 
@@ -235,68 +325,63 @@ impl ConvGeom {
         }
     }
 
-    fn dw(&self) -> Geom {
-        Geom {
-            n: self.b,
-            c: self.c,
-            h: self.h,
-            w: self.w,
-            k: self.k,
-            stride: self.stride,
-            pad: self.pad,
-            ho: self.ho,
-            wo: self.wo,
-        }
-    }
-
+    /// Output positions whose tap `tap` reads inside an input axis of `len` (`out` outputs).
     fn valid(&self, tap: usize, len: usize, out: usize) -> (usize, usize) {
         valid_range(tap, len, out, self.stride, self.pad)
     }
 
-    /// Images per im2col chunk: about 4096 columns, at most 16 MiB of columns.
-    pub fn chunk(&self) -> usize {
-        let p = (self.ho * self.wo).max(1);
+    /// Taps `ky` with `o·s + ky − pad` inside `0..len`.
+    #[inline(always)]
+    fn taps(&self, o: usize, len: usize) -> (usize, usize) {
+        let base = o * self.stride;
+        let t0 = self.pad.saturating_sub(base);
+        let t1 = (len + self.pad).saturating_sub(base).min(self.k);
+        (t0, t1.max(t0))
+    }
+
+    /// Output rows per im2col chunk: about 4096 columns, at most 16 MiB of columns.
+    pub fn chunk_rows(&self) -> usize {
+        let per_row = (self.wo * self.b).max(1);
         let rows = self.c * self.k * self.k;
-        let by_cols = 4096usize.div_ceil(p);
-        let by_bytes = ((16usize << 20) / (4 * rows * p)).max(1);
-        by_cols.min(by_bytes).clamp(1, self.b.max(1))
+        let by_cols = 4096usize.div_ceil(per_row);
+        let by_bytes = ((16usize << 20) / (4 * rows * per_row)).max(1);
+        by_cols.min(by_bytes).clamp(1, self.ho.max(1))
     }
 }
 
-/// im2col of images `b0..b0+g` of `x (C,B,H,W)` into `cols (C·k·k, g·Ho·Wo)`, row
-/// `(c·k + ky)·k + kx`, column `(b − b0)·Ho·Wo + oy·Wo + ox`.
-pub fn im2col(g: &ConvGeom, x: &[f32], b0: usize, nb: usize, cols: &mut [f32]) {
-    let (k, p) = (g.k, g.ho * g.wo);
-    let hw = g.h * g.w;
-    cols.par_chunks_mut(k * k * nb * p)
+/// im2col of output rows `oy0..oy1`: `cols (C·k·k, (oy1−oy0)·Wo·B)`, row `(c·k + ky)·k + kx`,
+/// column `((oy − oy0)·Wo + ox)·B + b`.
+pub fn im2col(g: &ConvGeom, x: &[f32], oy0: usize, oy1: usize, cols: &mut [f32]) {
+    let (k, b) = (g.k, g.b);
+    let ncols = (oy1 - oy0) * g.wo * b;
+    let plane = g.h * g.w * b;
+    cols.par_chunks_mut(k * k * ncols)
         .enumerate()
         .for_each(|(c, dst)| {
-            for bi in 0..nb {
-                let xp = &x[(c * g.b + b0 + bi) * hw..(c * g.b + b0 + bi + 1) * hw];
-                for ky in 0..k {
-                    let (oy0, oy1) = g.valid(ky, g.h, g.ho);
-                    for kx in 0..k {
-                        let (ox0, ox1) = g.valid(kx, g.w, g.wo);
-                        let row = &mut dst[(ky * k + kx) * nb * p + bi * p..][..p];
-                        if ox0 == ox1 {
-                            row.fill(0.0);
+            let xc = &x[c * plane..(c + 1) * plane];
+            for ky in 0..k {
+                for kx in 0..k {
+                    let (ox0, ox1) = g.valid(kx, g.w, g.wo);
+                    let row = &mut dst[(ky * k + kx) * ncols..(ky * k + kx + 1) * ncols];
+                    for oy in oy0..oy1 {
+                        let seg = &mut row[(oy - oy0) * g.wo * b..(oy - oy0 + 1) * g.wo * b];
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize || ox0 == ox1 {
+                            seg.fill(0.0);
                             continue;
                         }
-                        row[..oy0 * g.wo].fill(0.0);
-                        row[oy1 * g.wo..].fill(0.0);
-                        for oy in oy0..oy1 {
-                            let iy = oy * g.stride + ky - g.pad;
-                            let xrow = &xp[iy * g.w..(iy + 1) * g.w];
-                            let orow = &mut row[oy * g.wo..(oy + 1) * g.wo];
-                            orow[..ox0].fill(0.0);
-                            orow[ox1..].fill(0.0);
-                            if g.stride == 1 {
-                                let ix0 = ox0 + kx - g.pad;
-                                orow[ox0..ox1].copy_from_slice(&xrow[ix0..ix0 + ox1 - ox0]);
-                            } else {
-                                for ox in ox0..ox1 {
-                                    orow[ox] = xrow[ox * g.stride + kx - g.pad];
-                                }
+                        let xrow = &xc[iy as usize * g.w * b..(iy as usize + 1) * g.w * b];
+                        seg[..ox0 * b].fill(0.0);
+                        seg[ox1 * b..].fill(0.0);
+                        if g.stride == 1 {
+                            let ix0 = ox0 + kx - g.pad;
+                            seg[ox0 * b..ox1 * b]
+                                .copy_from_slice(&xrow[ix0 * b..(ix0 + ox1 - ox0) * b]);
+                        } else {
+                            for ox in ox0..ox1 {
+                                let ix = ox * g.stride + kx - g.pad;
+                                seg[ox * b..(ox + 1) * b]
+                                    .copy_from_slice(&xrow[ix * b..(ix + 1) * b]);
                             }
                         }
                     }
@@ -305,41 +390,50 @@ pub fn im2col(g: &ConvGeom, x: &[f32], b0: usize, nb: usize, cols: &mut [f32]) {
         });
 }
 
-/// The adjoint of [`im2col`]: overwrite images `b0..b0+nb` of `dx (C,B,H,W)` with the sums
-/// of the taps in `cols`.
-pub fn col2im(g: &ConvGeom, cols: &[f32], b0: usize, nb: usize, dx: &mut [f32]) {
-    let (k, p) = (g.k, g.ho * g.wo);
-    let hw = g.h * g.w;
-    // Channel c owns planes (c, b0..b0+nb): contiguous in dx.
-    let per_c = g.b * hw;
-    dx.par_chunks_mut(per_c).enumerate().for_each(|(c, dxc)| {
-        let src = &cols[c * k * k * nb * p..(c + 1) * k * k * nb * p];
-        for bi in 0..nb {
-            let xp = &mut dxc[(b0 + bi) * hw..(b0 + bi + 1) * hw];
-            xp.fill(0.0);
-            for ky in 0..k {
-                let (oy0, oy1) = g.valid(ky, g.h, g.ho);
-                for kx in 0..k {
-                    let (ox0, ox1) = g.valid(kx, g.w, g.wo);
-                    if ox0 == ox1 {
+multiversion! {
+    /// `dst += src`.
+    fn add_into(dst: &mut [f32], src: &[f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d += s;
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: add the taps in `cols` (output rows `oy0..oy1`) into
+/// `dx (C, H, W, B)` (zero it before the first chunk).
+pub fn col2im(g: &ConvGeom, cols: &[f32], oy0: usize, oy1: usize, dx: &mut [f32]) {
+    let (k, b) = (g.k, g.b);
+    let ncols = (oy1 - oy0) * g.wo * b;
+    let plane = g.h * g.w * b;
+    if plane == 0 {
+        return;
+    }
+    dx.par_chunks_mut(plane).enumerate().for_each(|(c, dxc)| {
+        let src = &cols[c * k * k * ncols..(c + 1) * k * k * ncols];
+        for ky in 0..k {
+            for kx in 0..k {
+                let (ox0, ox1) = g.valid(kx, g.w, g.wo);
+                if ox0 == ox1 {
+                    continue;
+                }
+                let row = &src[(ky * k + kx) * ncols..(ky * k + kx + 1) * ncols];
+                for oy in oy0..oy1 {
+                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                    if iy < 0 || iy >= g.h as isize {
                         continue;
                     }
-                    let row = &src[(ky * k + kx) * nb * p + bi * p..][..p];
-                    for oy in oy0..oy1 {
-                        let iy = oy * g.stride + ky - g.pad;
-                        let xrow = &mut xp[iy * g.w..(iy + 1) * g.w];
-                        let grow = &row[oy * g.wo..(oy + 1) * g.wo];
-                        if g.stride == 1 {
-                            let ix0 = ox0 + kx - g.pad;
-                            for (xv, gv) in
-                                xrow[ix0..ix0 + ox1 - ox0].iter_mut().zip(&grow[ox0..ox1])
-                            {
-                                *xv += gv;
-                            }
-                        } else {
-                            for ox in ox0..ox1 {
-                                xrow[ox * g.stride + kx - g.pad] += grow[ox];
-                            }
+                    let seg = &row[(oy - oy0) * g.wo * b..(oy - oy0 + 1) * g.wo * b];
+                    let xrow = &mut dxc[iy as usize * g.w * b..(iy as usize + 1) * g.w * b];
+                    if g.stride == 1 {
+                        let ix0 = ox0 + kx - g.pad;
+                        add_into(
+                            &mut xrow[ix0 * b..(ix0 + ox1 - ox0) * b],
+                            &seg[ox0 * b..ox1 * b],
+                        );
+                    } else {
+                        for ox in ox0..ox1 {
+                            let ix = ox * g.stride + kx - g.pad;
+                            add_into(&mut xrow[ix * b..(ix + 1) * b], &seg[ox * b..(ox + 1) * b]);
                         }
                     }
                 }
@@ -348,46 +442,262 @@ pub fn col2im(g: &ConvGeom, cols: &[f32], b0: usize, nb: usize, dx: &mut [f32]) 
     });
 }
 
-/// Depthwise forward on CNHW: `y (C,B,Ho,Wo)`.
-pub fn depthwise_fwd(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
-    let dg = g.dw();
-    let (hw, p, kk) = (g.h * g.w, g.ho * g.wo, g.k * g.k);
-    if p == 0 {
-        return;
-    }
-    y.par_chunks_mut(p).enumerate().for_each(|(q, o)| {
-        let c = q / g.b;
-        o.fill(0.0);
-        fwd_plane(&dg, &x[q * hw..(q + 1) * hw], &w[c * kk..(c + 1) * kk], o);
-    });
-}
+// Depthwise convolutions on CHWN: the B values of a pixel are contiguous, so every kernel tap
+// is one vector operation over the batch (lane blocks of 16, 8, 4, 1) and an output pixel is
+// a register accumulator over its valid taps. No padding copies, stride 2 costs nothing.
 
-/// Depthwise input gradient on CNHW: `dx (C,B,H,W)` (overwritten).
-pub fn depthwise_bwd_input(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
-    let dg = g.dw();
-    let (hw, p, kk) = (g.h * g.w, g.ho * g.wo, g.k * g.k);
-    if hw == 0 {
-        return;
-    }
-    dx.par_chunks_mut(hw).enumerate().for_each(|(q, o)| {
-        let c = q / g.b;
-        o.fill(0.0);
-        bwd_input_plane(&dg, &dy[q * p..(q + 1) * p], &w[c * kk..(c + 1) * kk], o);
-    });
-}
-
-/// Depthwise kernel gradient on CNHW: `dw (C,1,k,k)` (overwritten), summed over the batch
-/// in image order.
-pub fn depthwise_bwd_kernel(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
-    let dg = g.dw();
-    let (hw, p, kk) = (g.h * g.w, g.ho * g.wo, g.k * g.k);
-    dw.par_chunks_mut(kk).enumerate().for_each(|(c, gk)| {
-        gk.fill(0.0);
-        for b in 0..g.b {
-            let q = c * g.b + b;
-            bwd_kernel_plane(&dg, &x[q * hw..(q + 1) * hw], &dy[q * p..(q + 1) * p], gk);
+/// Lane blocks `(start, width)` covering `0..b`: widths 16, then 8, 4, 1.
+#[inline(always)]
+fn lane_blocks(b: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut out = [(0usize, 0usize); 24];
+    let mut n = 0;
+    let mut j = 0;
+    for w in [16usize, 8, 4, 1] {
+        while b - j >= w && n < out.len() {
+            out[n] = (j, w);
+            n += 1;
+            j += w;
         }
+    }
+    out.into_iter().take(n)
+}
+
+/// One lane block of the depthwise correlation of `x (h, w, B)` with `wt (k, k)`, stride `s`,
+/// padding `pad`: `y (ho, wo, B)`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn corr_lanes<const L: usize>(
+    x: &[f32],
+    (h, w, b): (usize, usize, usize),
+    j0: usize,
+    wt: &[f32],
+    (k, s, pad): (usize, usize, usize),
+    (ho, wo): (usize, usize),
+    y: &mut [f32],
+) {
+    let g = ConvGeom {
+        b,
+        c: 1,
+        h,
+        w,
+        k,
+        stride: s,
+        pad,
+        ho,
+        wo,
+    };
+    for oy in 0..ho {
+        let (ky0, ky1) = g.taps(oy, h);
+        for ox in 0..wo {
+            let (kx0, kx1) = g.taps(ox, w);
+            let mut acc = [0f32; L];
+            for ky in ky0..ky1 {
+                let iy = oy * s + ky - pad;
+                for kx in kx0..kx1 {
+                    let ix = ox * s + kx - pad;
+                    let wv = wt[ky * k + kx];
+                    let o = (iy * w + ix) * b + j0;
+                    let src: &[f32; L] = x[o..o + L].try_into().unwrap();
+                    for l in 0..L {
+                        acc[l] = wv.mul_add(src[l], acc[l]);
+                    }
+                }
+            }
+            let o = (oy * wo + ox) * b + j0;
+            y[o..o + L].copy_from_slice(&acc);
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn corr(
+    x: &[f32],
+    hwb: (usize, usize, usize),
+    wt: &[f32],
+    ksp: (usize, usize, usize),
+    howo: (usize, usize),
+    y: &mut [f32],
+) {
+    for (j0, l) in lane_blocks(hwb.2) {
+        match l {
+            16 => corr_lanes::<16>(x, hwb, j0, wt, ksp, howo, y),
+            8 => corr_lanes::<8>(x, hwb, j0, wt, ksp, howo, y),
+            4 => corr_lanes::<4>(x, hwb, j0, wt, ksp, howo, y),
+            _ => corr_lanes::<1>(x, hwb, j0, wt, ksp, howo, y),
+        }
+    }
+}
+
+/// One lane block of the depthwise input gradient for stride > 1: every input pixel gathers
+/// the output pixels whose taps read it.
+#[inline(always)]
+fn bwd_in_lanes<const L: usize>(g: &ConvGeom, dy: &[f32], j0: usize, wt: &[f32], dx: &mut [f32]) {
+    let (k, s, b) = (g.k, g.stride, g.b);
+    for iy in 0..g.h {
+        for ix in 0..g.w {
+            let mut acc = [0f32; L];
+            for ky in 0..k {
+                let t = iy + g.pad;
+                if t < ky || (t - ky) % s != 0 || (t - ky) / s >= g.ho {
+                    continue;
+                }
+                let oy = (t - ky) / s;
+                for kx in 0..k {
+                    let u = ix + g.pad;
+                    if u < kx || (u - kx) % s != 0 || (u - kx) / s >= g.wo {
+                        continue;
+                    }
+                    let ox = (u - kx) / s;
+                    let wv = wt[ky * k + kx];
+                    let o = (oy * g.wo + ox) * b + j0;
+                    let src: &[f32; L] = dy[o..o + L].try_into().unwrap();
+                    for l in 0..L {
+                        acc[l] = wv.mul_add(src[l], acc[l]);
+                    }
+                }
+            }
+            let o = (iy * g.w + ix) * b + j0;
+            dx[o..o + L].copy_from_slice(&acc);
+        }
+    }
+}
+
+/// One lane block of one tap's kernel gradient: `Σ_{oy,ox} dy · x(shifted)` per lane.
+#[inline(always)]
+fn tap_dot_lanes<const L: usize>(
+    g: &ConvGeom,
+    x: &[f32],
+    dy: &[f32],
+    j0: usize,
+    ky: usize,
+    kx: usize,
+) -> f32 {
+    let (s, b) = (g.stride, g.b);
+    let (oy0, oy1) = g.valid(ky, g.h, g.ho);
+    let (ox0, ox1) = g.valid(kx, g.w, g.wo);
+    let mut acc = [0f32; L];
+    for oy in oy0..oy1 {
+        let iy = oy * s + ky - g.pad;
+        for ox in ox0..ox1 {
+            let ix = ox * s + kx - g.pad;
+            let xo = (iy * g.w + ix) * b + j0;
+            let d = (oy * g.wo + ox) * b + j0;
+            let xs: &[f32; L] = x[xo..xo + L].try_into().unwrap();
+            let ds: &[f32; L] = dy[d..d + L].try_into().unwrap();
+            for l in 0..L {
+                acc[l] = ds[l].mul_add(xs[l], acc[l]);
+            }
+        }
+    }
+    let mut total = 0f32;
+    for v in acc {
+        total += v;
+    }
+    total
+}
+
+multiversion! {
+    /// One channel of the depthwise forward: `yc (Ho, Wo, B)` from `xc (H, W, B)`.
+    fn dw_fwd_channel(g: &ConvGeom, xc: &[f32], wc: &[f32], yc: &mut [f32]) {
+        corr(xc, (g.h, g.w, g.b), wc, (g.k, g.stride, g.pad), (g.ho, g.wo), yc);
+    }
+}
+
+multiversion! {
+    /// One channel of the depthwise input gradient: `dxc (H, W, B)` from `dyc (Ho, Wo, B)`.
+    fn dw_bwd_input_channel(g: &ConvGeom, dyc: &[f32], wc: &[f32], dxc: &mut [f32]) {
+        let k = g.k;
+        if g.stride == 1 && 2 * g.pad + 1 == k {
+            // Stride 1: a correlation of dy (padded by k − 1 − pad) with the flipped kernel.
+            let mut flipped = [0f32; 64];
+            let flipped = if k * k <= 64 {
+                for t in 0..k * k {
+                    flipped[t] = wc[k * k - 1 - t];
+                }
+                &flipped[..k * k]
+            } else {
+                unreachable!("depthwise kernels up to 7x7")
+            };
+            corr(dyc, (g.ho, g.wo, g.b), flipped, (k, 1, k - 1 - g.pad), (g.h, g.w), dxc);
+            return;
+        }
+        for (j0, l) in lane_blocks(g.b) {
+            match l {
+                16 => bwd_in_lanes::<16>(g, dyc, j0, wc, dxc),
+                8 => bwd_in_lanes::<8>(g, dyc, j0, wc, dxc),
+                4 => bwd_in_lanes::<4>(g, dyc, j0, wc, dxc),
+                _ => bwd_in_lanes::<1>(g, dyc, j0, wc, dxc),
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// One channel of the depthwise kernel gradient: `gk (k·k)` (overwritten), lane blocks
+    /// summed in f64 in a fixed order.
+    fn dw_bwd_kernel_channel(g: &ConvGeom, xc: &[f32], dyc: &[f32], gk: &mut [f32]) {
+        let k = g.k;
+        for ky in 0..k {
+            for kx in 0..k {
+                let mut total = 0f64;
+                for (j0, l) in lane_blocks(g.b) {
+                    let part = match l {
+                        16 => tap_dot_lanes::<16>(g, xc, dyc, j0, ky, kx),
+                        8 => tap_dot_lanes::<8>(g, xc, dyc, j0, ky, kx),
+                        4 => tap_dot_lanes::<4>(g, xc, dyc, j0, ky, kx),
+                        _ => tap_dot_lanes::<1>(g, xc, dyc, j0, ky, kx),
+                    };
+                    total += part as f64;
+                }
+                gk[ky * k + kx] = total as f32;
+            }
+        }
+    }
+}
+
+/// Depthwise forward on CHWN: `y (C, Ho, Wo, B)`.
+pub fn depthwise_fwd(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
+    let (hwb, pb, kk) = (g.h * g.w * g.b, g.ho * g.wo * g.b, g.k * g.k);
+    if pb == 0 {
+        return;
+    }
+    y.par_chunks_mut(pb).enumerate().for_each(|(c, yc)| {
+        dw_fwd_channel(g, &x[c * hwb..(c + 1) * hwb], &w[c * kk..(c + 1) * kk], yc)
     });
+}
+
+/// Depthwise input gradient on CHWN: `dx (C, H, W, B)` (overwritten).
+pub fn depthwise_bwd_input(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    let (hwb, pb, kk) = (g.h * g.w * g.b, g.ho * g.wo * g.b, g.k * g.k);
+    if hwb == 0 {
+        return;
+    }
+    dx.par_chunks_mut(hwb).enumerate().for_each(|(c, dxc)| {
+        dw_bwd_input_channel(g, &dy[c * pb..(c + 1) * pb], &w[c * kk..(c + 1) * kk], dxc)
+    });
+}
+
+/// Depthwise kernel gradient on CHWN: `dw (C, 1, k, k)` (overwritten).
+pub fn depthwise_bwd_kernel(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let (hwb, pb, kk) = (g.h * g.w * g.b, g.ho * g.wo * g.b, g.k * g.k);
+    if kk == 0 {
+        return;
+    }
+    dw.par_chunks_mut(kk).enumerate().for_each(|(c, gk)| {
+        dw_bwd_kernel_channel(g, &x[c * hwb..(c + 1) * hwb], &dy[c * pb..(c + 1) * pb], gk)
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-channel rows: biases, BatchNorm (+ activation), activations, adds.
+
+multiversion! {
+    fn add_scalar(row: &mut [f32], v: f32) {
+        for x in row {
+            *x += v;
+        }
+    }
 }
 
 /// `y[c, :] += bias[c]` for rows of length `n`.
@@ -397,11 +707,7 @@ pub fn add_bias(y: &mut [f32], bias: &[f32], n: usize) {
     }
     y.par_chunks_mut(n)
         .zip(bias.par_iter())
-        .for_each(|(row, &b)| {
-            for v in row {
-                *v += b;
-            }
-        });
+        .for_each(|(row, &b)| add_scalar(row, b));
 }
 
 /// `out[c] = Σ rows[c, :]` for rows of length `n`.
@@ -415,10 +721,7 @@ pub fn row_sums(rows: &[f32], n: usize, out: &mut [f32]) {
         .for_each(|(o, r)| *o = sum(r) as f32);
 }
 
-// ---------------------------------------------------------------------------------------------
-// BatchNorm (+ activation).
-
-/// Per-channel `(scale, shift)` of a BatchNorm with statistics `mean`, `var`.
+/// Per-channel `(scale, shift, 1/σ)` of a BatchNorm with statistics `mean`, `var`.
 pub fn bn_scale_shift(
     gamma: &[f32],
     beta: &[f32],
@@ -452,17 +755,32 @@ pub fn channel_stats(z: &[f32], n: usize, mean: &mut [f32], var: &mut [f32]) {
         .zip(z.par_chunks(n))
         .for_each(|((m, v), row)| {
             let mu = (sum(row) / n as f64) as f32;
-            let ss = sum2(row, row, |x, _| {
-                let d = x - mu;
-                (d * d, 0.0)
-            })
-            .0;
             *m = mu;
-            *v = (ss / n as f64) as f32;
+            *v = (sum_sq_dev(row, mu) / n as f64) as f32;
         });
 }
 
-/// `y = act(z·scale[c] + shift[c])` per row of length `n`; `y` may alias nothing.
+multiversion! {
+    /// `o = act(x·s + t)` (or in place when `x` is `None`).
+    fn affine_act_row(o: &mut [f32], x: Option<&[f32]>, s: f32, t: f32, act: Act) {
+        macro_rules! go {
+            ($f:expr) => {
+                match x {
+                    Some(x) => o.iter_mut().zip(x).for_each(|(o, &v)| *o = $f(v.mul_add(s, t))),
+                    None => o.iter_mut().for_each(|o| *o = $f(o.mul_add(s, t))),
+                }
+            };
+        }
+        match act {
+            Act::None => go!(|u: f32| u),
+            Act::Relu => go!(|u: f32| u.max(0.0)),
+            Act::HardSwish => go!(|u: f32| u * ((u + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0))),
+            Act::HardSigmoid => go!(|u: f32| (u + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0)),
+        }
+    }
+}
+
+/// `y = act(z·scale[c] + shift[c])` per row of length `n`.
 pub fn affine_act(z: &[f32], n: usize, scale: &[f32], shift: &[f32], act: Act, y: &mut [f32]) {
     if n == 0 {
         return;
@@ -470,20 +788,7 @@ pub fn affine_act(z: &[f32], n: usize, scale: &[f32], shift: &[f32], act: Act, y
     y.par_chunks_mut(n)
         .zip(z.par_chunks(n))
         .enumerate()
-        .for_each(|(c, (o, row))| {
-            let (s, t) = (scale[c], shift[c]);
-            match act {
-                Act::None => o.iter_mut().zip(row).for_each(|(o, &x)| *o = x * s + t),
-                Act::Relu => o
-                    .iter_mut()
-                    .zip(row)
-                    .for_each(|(o, &x)| *o = (x * s + t).max(0.0)),
-                _ => o
-                    .iter_mut()
-                    .zip(row)
-                    .for_each(|(o, &x)| *o = act.f(x * s + t)),
-            }
-        });
+        .for_each(|(c, (o, row))| affine_act_row(o, Some(row), scale[c], shift[c], act));
 }
 
 /// In place: `y = act(y·scale[c] + shift[c])`.
@@ -491,12 +796,57 @@ pub fn affine_act_inplace(y: &mut [f32], n: usize, scale: &[f32], shift: &[f32],
     if n == 0 {
         return;
     }
-    y.par_chunks_mut(n).enumerate().for_each(|(c, o)| {
-        let (s, t) = (scale[c], shift[c]);
-        for v in o {
-            *v = act.f(*v * s + t);
+    y.par_chunks_mut(n)
+        .enumerate()
+        .for_each(|(c, o)| affine_act_row(o, None, scale[c], shift[c], act));
+}
+
+multiversion! {
+    /// One channel of [`bn_act_bwd`]: returns `(Σg, Σg·(z − μ))`, rewrites `d` as dz.
+    fn bn_act_bwd_row(d: &mut [f32], z: &[f32], p: (f32, f32, f32, f32), act: Act, train: bool) -> (f64, f64) {
+        let (s, t, mu, inv) = p;
+        // g = dy·act'(z·s + t)
+        let g = |dv: f32, x: f32| dv * act.df(x.mul_add(s, t));
+        let (mut t0, mut t1) = (0f64, 0f64);
+        for (bd, bz) in d.chunks(1024).zip(z.chunks(1024)) {
+            let mut a0 = [0f32; 16];
+            let mut a1 = [0f32; 16];
+            let mut id = bd.chunks_exact(16);
+            let mut iz = bz.chunks_exact(16);
+            for (cd, cz) in (&mut id).zip(&mut iz) {
+                for i in 0..16 {
+                    let gv = g(cd[i], cz[i]);
+                    a0[i] += gv;
+                    a1[i] = gv.mul_add(cz[i] - mu, a1[i]);
+                }
+            }
+            let (mut s0, mut s1) = (0f32, 0f32);
+            for i in 0..16 {
+                s0 += a0[i];
+                s1 += a1[i];
+            }
+            for (&dv, &x) in id.remainder().iter().zip(iz.remainder()) {
+                let gv = g(dv, x);
+                s0 += gv;
+                s1 = gv.mul_add(x - mu, s1);
+            }
+            t0 += s0 as f64;
+            t1 += s1 as f64;
         }
-    });
+        let m = d.len() as f64;
+        if train {
+            let k1 = (t0 / m) as f32;
+            let k2 = (t1 / m) as f32 * inv * inv;
+            for (dv, &x) in d.iter_mut().zip(z) {
+                *dv = s * (g(*dv, x) - k1 - (x - mu) * k2);
+            }
+        } else {
+            for (dv, &x) in d.iter_mut().zip(z) {
+                *dv = s * g(*dv, x);
+            }
+        }
+        (t0, t1)
+    }
 }
 
 /// Backward of `y = act(z·s + t)` with BatchNorm statistics: in place, `dy` becomes `dz`.
@@ -521,123 +871,109 @@ pub fn bn_act_bwd(
     if n == 0 {
         return (dgamma, dbeta);
     }
-    let m = n as f64;
     dy.par_chunks_mut(n)
         .zip(z.par_chunks(n))
         .zip(dgamma.par_iter_mut().zip(dbeta.par_iter_mut()))
         .enumerate()
         .for_each(|(ch, ((d, row), (dg, db)))| {
-            let (s, t, mu, inv) = (scale[ch], shift[ch], mean[ch], invstd[ch]);
-            // g = dy·act'(u), u = z·s + t; Σg and Σg·(z − μ).
-            let (sg, sgz) = sum2(d, row, |dv, x| {
-                let g = dv * act.df(x * s + t);
-                (g, g * (x - mu))
-            });
+            let p = (scale[ch], shift[ch], mean[ch], invstd[ch]);
+            let (sg, sgz) = bn_act_bwd_row(d, row, p, act, train);
             *db = sg as f32;
-            *dg = (sgz * inv as f64) as f32;
-            if train {
-                let k1 = (sg / m) as f32;
-                let k2 = (sgz / m) as f32 * inv * inv;
-                for (dv, &x) in d.iter_mut().zip(row) {
-                    let g = *dv * act.df(x * s + t);
-                    *dv = s * (g - k1 - (x - mu) * k2);
-                }
-            } else {
-                for (dv, &x) in d.iter_mut().zip(row) {
-                    *dv = s * (*dv * act.df(x * s + t));
-                }
-            }
+            *dg = (sgz * invstd[ch] as f64) as f32;
         });
     (dgamma, dbeta)
+}
+
+multiversion! {
+    fn act_bwd_chunk(d: &mut [f32], x: &[f32], act: Act) {
+        for (dv, &xv) in d.iter_mut().zip(x) {
+            *dv *= act.df(xv);
+        }
+    }
 }
 
 /// In place `dy *= act'(x)`.
 pub fn act_bwd(x: &[f32], dy: &mut [f32], act: Act) {
     dy.par_chunks_mut(1 << 14)
         .zip(x.par_chunks(1 << 14))
-        .for_each(|(d, xs)| {
-            for (dv, &xv) in d.iter_mut().zip(xs) {
-                *dv *= act.df(xv);
-            }
-        });
+        .for_each(|(d, xs)| act_bwd_chunk(d, xs, act));
 }
 
 /// `y = act(x)`.
 pub fn act_fwd(x: &[f32], y: &mut [f32], act: Act) {
     y.par_chunks_mut(1 << 14)
         .zip(x.par_chunks(1 << 14))
-        .for_each(|(o, xs)| {
-            for (ov, &xv) in o.iter_mut().zip(xs) {
-                *ov = act.f(xv);
-            }
-        });
+        .for_each(|(o, xs)| affine_act_row(o, Some(xs), 1.0, 0.0, act));
 }
 
 /// `a += b`.
 pub fn add_assign(a: &mut [f32], b: &[f32]) {
     a.par_chunks_mut(1 << 14)
         .zip(b.par_chunks(1 << 14))
-        .for_each(|(x, y)| {
-            for (u, v) in x.iter_mut().zip(y) {
-                *u += v;
-            }
-        });
+        .for_each(|(x, y)| add_into(x, y));
+}
+
+multiversion! {
+    fn add_chunk(o: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((ov, u), v) in o.iter_mut().zip(a).zip(b) {
+            *ov = u + v;
+        }
+    }
 }
 
 /// `y = a + b`.
 pub fn add(a: &[f32], b: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(1 << 14)
         .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
-        .for_each(|(o, (x, z))| {
-            for ((ov, u), v) in o.iter_mut().zip(x).zip(z) {
-                *ov = u + v;
-            }
-        });
+        .for_each(|(o, (x, z))| add_chunk(o, x, z));
 }
 
 // ---------------------------------------------------------------------------------------------
-// Nearest ×2 upsampling + add (FPN top-down path).
+// Nearest ×2 upsampling + add (FPN top-down path), CHWN.
 
-/// `y = big + up2(small)`: `small` planes `h×w`, `big`/`y` planes `2h×2w`, same plane count.
-pub fn up2_add(small: &[f32], big: &[f32], h: usize, w: usize, y: &mut [f32]) {
-    let (hw, bw) = (h * w, 4 * h * w);
-    if hw == 0 {
+/// `y = big + up2(small)`: per channel `small (h, w, B)`, `big`/`y` `(2h, 2w, B)`.
+pub fn up2_add(small: &[f32], big: &[f32], (h, w, b): (usize, usize, usize), y: &mut [f32]) {
+    let (sp, bpl) = (h * w * b, 4 * h * w * b);
+    if sp == 0 {
         return;
     }
-    y.par_chunks_mut(bw).enumerate().for_each(|(q, o)| {
-        let s = &small[q * hw..(q + 1) * hw];
-        let bp = &big[q * bw..(q + 1) * bw];
+    y.par_chunks_mut(bpl).enumerate().for_each(|(c, o)| {
+        let s = &small[c * sp..(c + 1) * sp];
+        let bg = &big[c * bpl..(c + 1) * bpl];
         for yy in 0..2 * h {
-            let srow = &s[(yy / 2) * w..(yy / 2 + 1) * w];
-            let brow = &bp[yy * 2 * w..(yy + 1) * 2 * w];
-            let orow = &mut o[yy * 2 * w..(yy + 1) * 2 * w];
             for xx in 0..2 * w {
-                orow[xx] = brow[xx] + srow[xx / 2];
+                let o0 = (yy * 2 * w + xx) * b;
+                let s0 = ((yy / 2) * w + xx / 2) * b;
+                add_chunk(&mut o[o0..o0 + b], &bg[o0..o0 + b], &s[s0..s0 + b]);
             }
         }
     });
 }
 
 /// Gradient of [`up2_add`] with respect to `small`: 2×2 block sums of `dy`.
-pub fn up2_bwd(dy: &[f32], h: usize, w: usize, ds: &mut [f32]) {
-    let (hw, bw) = (h * w, 4 * h * w);
-    if hw == 0 {
+pub fn up2_bwd(dy: &[f32], (h, w, b): (usize, usize, usize), ds: &mut [f32]) {
+    let (sp, bpl) = (h * w * b, 4 * h * w * b);
+    if sp == 0 {
         return;
     }
-    ds.par_chunks_mut(hw).enumerate().for_each(|(q, o)| {
-        let d = &dy[q * bw..(q + 1) * bw];
+    ds.par_chunks_mut(sp).enumerate().for_each(|(c, o)| {
+        let d = &dy[c * bpl..(c + 1) * bpl];
         for y in 0..h {
-            let r0 = &d[(2 * y) * 2 * w..(2 * y + 1) * 2 * w];
-            let r1 = &d[(2 * y + 1) * 2 * w..(2 * y + 2) * 2 * w];
             for x in 0..w {
-                o[y * w + x] = (r0[2 * x] + r0[2 * x + 1]) + (r1[2 * x] + r1[2 * x + 1]);
+                let at = |yy: usize, xx: usize| ((yy * 2 * w) + xx) * b;
+                let (a, bb) = (at(2 * y, 2 * x), at(2 * y, 2 * x + 1));
+                let (cc, dd) = (at(2 * y + 1, 2 * x), at(2 * y + 1, 2 * x + 1));
+                let out = &mut o[(y * w + x) * b..(y * w + x + 1) * b];
+                for l in 0..b {
+                    out[l] = (d[a + l] + d[bb + l]) + (d[cc + l] + d[dd + l]);
+                }
             }
         }
     });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Squeeze-excite: y = x · hsig(We·relu(Wr·mean(x) + br) + be), per (c, b) plane.
+// Squeeze-excite: y = x · hsig(We·relu(Wr·mean(x) + br) + be), per (c, b), CHWN.
 
 /// Saved forward values of one SE block; matrices are `(rows, B)`.
 pub struct SeSaved {
@@ -651,7 +987,7 @@ pub struct SeSaved {
 /// `out (m, B) = W (m, k) · v (k, B) + bias`, naive (tiny sizes).
 fn small_mm(w: &[f32], bias: &[f32], v: &[f32], m: usize, k: usize, b: usize) -> Vec<f32> {
     let mut out = vec![0f32; m * b];
-    out.par_chunks_mut(b).enumerate().for_each(|(i, o)| {
+    out.par_chunks_mut(b.max(1)).enumerate().for_each(|(i, o)| {
         let wr = &w[i * k..(i + 1) * k];
         for (j, ov) in o.iter_mut().enumerate() {
             let mut acc = 0f32;
@@ -662,6 +998,44 @@ fn small_mm(w: &[f32], bias: &[f32], v: &[f32], m: usize, k: usize, b: usize) ->
         }
     });
     out
+}
+
+multiversion! {
+    /// `o[p, l] = x[p, l] · gate[l]` over pixels of one channel.
+    fn scale_lanes(o: &mut [f32], x: &[f32], gate: &[f32]) {
+        let b = gate.len();
+        for (op, xp) in o.chunks_exact_mut(b).zip(x.chunks_exact(b)) {
+            for ((ov, &xv), &gv) in op.iter_mut().zip(xp).zip(gate) {
+                *ov = xv * gv;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Per-lane `Σ_p x` over the pixels of one channel.
+    fn lane_sum(x: &[f32], b: usize, out: &mut [f64]) {
+        lane_sums(x, x, b, |v, _| v, out);
+    }
+}
+
+multiversion! {
+    /// Per-lane `Σ_p d·x` over the pixels of one channel.
+    fn lane_dot(d: &[f32], x: &[f32], b: usize, out: &mut [f64]) {
+        lane_sums(d, x, b, |u, v| u * v, out);
+    }
+}
+
+multiversion! {
+    /// `d[p, l] = d[p, l] · gate[l] + add[l]` over pixels of one channel.
+    fn scale_add_lanes(d: &mut [f32], gate: &[f32], add: &[f32]) {
+        let b = gate.len();
+        for dp in d.chunks_exact_mut(b) {
+            for ((dv, &gv), &av) in dp.iter_mut().zip(gate).zip(add) {
+                *dv = dv.mul_add(gv, av);
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -678,24 +1052,28 @@ pub fn se_fwd(
     y: &mut [f32],
 ) -> SeSaved {
     let mut pooled = vec![0f32; c * b];
-    pooled
-        .par_iter_mut()
-        .zip(x.par_chunks(hw.max(1)))
-        .for_each(|(p, plane)| *p = (sum(plane) / hw.max(1) as f64) as f32);
+    let plane = (hw * b).max(1);
+    if b > 0 {
+        pooled
+            .par_chunks_mut(b)
+            .zip(x.par_chunks(plane))
+            .for_each(|(p, xc)| {
+                let mut s = vec![0f64; b];
+                lane_sum(xc, b, &mut s);
+                for (pv, sv) in p.iter_mut().zip(s) {
+                    *pv = (sv / hw.max(1) as f64) as f32;
+                }
+            });
+    }
     let pre_r = small_mm(wr, br, &pooled, rd, c, b);
     let hidden: Vec<f32> = pre_r.iter().map(|&v| v.max(0.0)).collect();
     let pre_e = small_mm(we, be, &hidden, c, rd, b);
     let gate: Vec<f32> = pre_e.iter().map(|&v| Act::HardSigmoid.f(v)).collect();
-    if hw > 0 {
-        y.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw))
+    if hw > 0 && b > 0 {
+        y.par_chunks_mut(plane)
+            .zip(x.par_chunks(plane))
             .enumerate()
-            .for_each(|(q, (o, xs))| {
-                let gv = gate[q];
-                for (ov, &xv) in o.iter_mut().zip(xs) {
-                    *ov = xv * gv;
-                }
-            });
+            .for_each(|(ci, (o, xs))| scale_lanes(o, xs, &gate[ci * b..(ci + 1) * b]));
     }
     SeSaved {
         pooled,
@@ -719,16 +1097,22 @@ pub fn se_bwd(
     we: &[f32],
     s: &SeSaved,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
-    let hwn = hw.max(1);
-    // dgate[c,b] = Σ dy·x over the plane.
+    let plane = (hw * b).max(1);
+    // dgate[c,b] = Σ_pixels dy·x.
     let mut dpre_e = vec![0f32; c * b];
-    dpre_e
-        .par_iter_mut()
-        .zip(dy.par_chunks(hwn).zip(x.par_chunks(hwn)))
-        .enumerate()
-        .for_each(|(q, (d, (g, xs)))| {
-            *d = dot(g, xs) as f32 * Act::HardSigmoid.df(s.pre_e[q]);
-        });
+    if b > 0 {
+        dpre_e
+            .par_chunks_mut(b)
+            .zip(dy.par_chunks(plane).zip(x.par_chunks(plane)))
+            .enumerate()
+            .for_each(|(ci, (dp, (g, xs)))| {
+                let mut acc = vec![0f64; b];
+                lane_dot(g, xs, b, &mut acc);
+                for (l, (d, a)) in dp.iter_mut().zip(acc).enumerate() {
+                    *d = a as f32 * Act::HardSigmoid.df(s.pre_e[ci * b + l]);
+                }
+            });
+    }
     // Expand conv: dWe = dpre_e · hiddenᵀ, dbe = Σ_b dpre_e, dhidden = Weᵀ · dpre_e.
     let mut dwe = vec![0f32; c * rd];
     let mut dbe = vec![0f32; c];
@@ -762,21 +1146,25 @@ pub fn se_bwd(
         dbr[r] = drow.iter().sum();
     }
     let mut dpooled = vec![0f32; c * b];
-    dpooled.par_chunks_mut(b).enumerate().for_each(|(i, o)| {
-        for (j, ov) in o.iter_mut().enumerate() {
-            let mut acc = 0f32;
-            for r in 0..rd {
-                acc += wr[r * c + i] * dpre_r[r * b + j];
+    dpooled
+        .par_chunks_mut(b.max(1))
+        .enumerate()
+        .for_each(|(i, o)| {
+            for (j, ov) in o.iter_mut().enumerate() {
+                let mut acc = 0f32;
+                for r in 0..rd {
+                    acc += wr[r * c + i] * dpre_r[r * b + j];
+                }
+                *ov = acc / hw.max(1) as f32;
             }
-            *ov = acc / hwn as f32;
-        }
-    });
-    if hw > 0 {
-        dy.par_chunks_mut(hw).enumerate().for_each(|(q, d)| {
-            let (gv, dp) = (s.gate[q], dpooled[q]);
-            for dv in d {
-                *dv = *dv * gv + dp;
-            }
+        });
+    if hw > 0 && b > 0 {
+        dy.par_chunks_mut(plane).enumerate().for_each(|(ci, d)| {
+            scale_add_lanes(
+                d,
+                &s.gate[ci * b..(ci + 1) * b],
+                &dpooled[ci * b..(ci + 1) * b],
+            )
         });
     }
     (dwr, dbr, dwe, dbe)

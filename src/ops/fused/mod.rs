@@ -7,9 +7,9 @@
 //! page by page every step (≈ 25 %). Here the model is described once as a [`Plan`] (convs,
 //! BatchNorm + activation, squeeze-excite, residual adds, FPN upsample-adds), and one
 //! `CustomOp2` runs it:
-//! - forward: channel-major `(C,B,H,W)` activations, so every 1×1 conv is one gemm over the
-//!   whole batch (no per-image weight copies), dense k×k convs are chunked im2col + one gemm per
-//!   chunk, BatchNorm is fused with its activation; values needed by the backward are kept in
+//! - forward: activations stored `(C,H,W,B)` (channel-major, batch-minor; see `kernels`), so
+//!   every 1×1 conv is one gemm over the whole batch (no per-image weight copies), dense k×k
+//!   convs are chunked im2col + one gemm per chunk, depthwise taps are vectors over the batch, BatchNorm is fused with its activation; values needed by the backward are kept in
 //!   the op's tape (buffers from a bounded pool: no zero fill, no page faults after warm-up);
 //! - backward: the hand-written adjoint of every layer, gradients accumulated in place, values
 //!   freed as soon as the backward no longer needs them; it returns the input gradient (only
@@ -592,7 +592,7 @@ impl Core {
                 Node::Input => {
                     let mut v = pool::take(len);
                     time(Kind::Layout, 0, || {
-                        kernels::swap_01(x, b, cin, h * w, &mut v)
+                        kernels::nchw_to_chwn(x, b, cin, h * w, &mut v)
                     });
                     v
                 }
@@ -745,7 +745,7 @@ impl Core {
                         values[big].as_deref().unwrap_or(&[]),
                     );
                     time(Kind::AddUpsample, 0, || {
-                        kernels::up2_add(vs, vb, hs, ws, &mut y)
+                        kernels::up2_add(vs, vb, (hs, ws, b), &mut y)
                     });
                     y
                 }
@@ -764,7 +764,7 @@ impl Core {
         let out_cnhw = values[self.output].take().unwrap_or_default();
         let mut y = vec![0f32; out_cnhw.len()];
         time(Kind::Layout, 0, || {
-            kernels::swap_01(&out_cnhw, oc, b, oh * ow, &mut y)
+            kernels::chwn_to_nchw(&out_cnhw, oc, oh * ow, b, &mut y)
         });
         pool::give(out_cnhw);
         let tape = if keep {
@@ -801,7 +801,7 @@ impl Core {
         let (oc, oh, ow) = tape.shapes[self.output];
         let mut g0 = pool::take(oc * b * oh * ow);
         time(Kind::Layout, 0, || {
-            kernels::swap_01(dy, b, oc, oh * ow, &mut g0)
+            kernels::nchw_to_chwn(dy, b, oc, oh * ow, &mut g0)
         });
         grads[self.output] = Some(g0);
         fn accumulate(grads: &mut [Option<Vec<f32>>], j: Id, d: Vec<f32>) {
@@ -933,7 +933,7 @@ impl Core {
                     let (cs, hs, ws) = tape.shapes[small];
                     let mut ds = pool::take(cs * b * hs * ws);
                     time(Kind::AddUpsample, 0, || {
-                        kernels::up2_bwd(&d, hs, ws, &mut ds)
+                        kernels::up2_bwd(&d, (hs, ws, b), &mut ds)
                     });
                     accumulate(&mut grads, small, ds);
                     accumulate(&mut grads, big, d);
@@ -950,7 +950,7 @@ impl Core {
                 let (ci, h, w) = tape.shapes[0];
                 let mut dx = vec![0f32; g.len()];
                 time(Kind::Layout, 0, || {
-                    kernels::swap_01(&g, ci, b, h * w, &mut dx)
+                    kernels::chwn_to_nchw(&g, ci, h * w, b, &mut dx)
                 });
                 pool::give(g);
                 Some(dx)
@@ -1001,31 +1001,33 @@ fn conv_fwd(
         }
         ConvKind::Dense { k, stride } => {
             let g = ConvGeom::new(b, c, h, w, k, stride);
-            let (p, rows, nb) = (g.ho * g.wo, c * k * k, g.chunk());
-            let mut cols = pool::take(rows * nb * p);
-            let mut b0 = 0;
-            while b0 < b {
-                let gn = nb.min(b - b0);
-                let cols = &mut cols[..rows * gn * p];
-                time(Kind::Im2col, 0, || kernels::im2col(&g, x, b0, gn, cols));
-                // SAFETY: columns b0·p.. of the (cout × b·p) output; cols is (rows × gn·p).
-                time(Kind::Gemm, (2 * cout * rows * gn * p) as u64, || unsafe {
+            let (n, rows, nr) = (g.ho * g.wo * b, c * k * k, g.chunk_rows());
+            let per_row = g.wo * b;
+            let mut cols = pool::take(rows * nr * per_row);
+            let mut oy0 = 0;
+            while oy0 < g.ho {
+                let oy1 = (oy0 + nr).min(g.ho);
+                let nc = (oy1 - oy0) * per_row;
+                let cols = &mut cols[..rows * nc];
+                time(Kind::Im2col, 0, || kernels::im2col(&g, x, oy0, oy1, cols));
+                // SAFETY: columns oy0·Wo·B.. of the (cout × n) output; cols is (rows × nc).
+                time(Kind::Gemm, (2 * cout * rows * nc) as u64, || unsafe {
                     kernels::sgemm(
                         cout,
-                        gn * p,
+                        nc,
                         rows,
-                        y.as_mut_ptr().add(b0 * p),
-                        b * p,
+                        y.as_mut_ptr().add(oy0 * per_row),
+                        n,
                         false,
                         wt.as_ptr(),
                         rows,
                         1,
                         cols.as_ptr(),
-                        gn * p,
+                        nc,
                         1,
                     )
                 });
-                b0 += gn;
+                oy0 = oy1;
             }
             pool::give(cols);
         }
@@ -1089,65 +1091,67 @@ fn conv_bwd(
         }
         ConvKind::Dense { k, stride } => {
             let g = ConvGeom::new(b, c, h, w, k, stride);
-            let (p, rows, nb) = (g.ho * g.wo, c * k * k, g.chunk());
-            let mut cols = pool::take(rows * nb * p);
+            let (n, rows, nr) = (g.ho * g.wo * b, c * k * k, g.chunk_rows());
+            let per_row = g.wo * b;
+            let mut cols = pool::take(rows * nr * per_row);
             let mut dcols = if want_dx {
-                pool::take(rows * nb * p)
+                pool::take(rows * nr * per_row)
             } else {
                 Vec::new()
             };
             let mut dx = if want_dx {
-                pool::take(c * b * h * w)
+                pool::take_zeroed(c * h * w * b)
             } else {
                 Vec::new()
             };
-            let mut b0 = 0;
-            while b0 < b {
-                let gn = nb.min(b - b0);
-                let cols = &mut cols[..rows * gn * p];
-                time(Kind::Im2col, 0, || kernels::im2col(&g, x, b0, gn, cols));
-                let flops = (2 * cout * rows * gn * p) as u64;
-                // SAFETY: dw (cout × rows) [+]= dy[:, chunk] (cout × gn·p) · colsᵀ.
+            let mut oy0 = 0;
+            while oy0 < g.ho {
+                let oy1 = (oy0 + nr).min(g.ho);
+                let nc = (oy1 - oy0) * per_row;
+                let cols = &mut cols[..rows * nc];
+                time(Kind::Im2col, 0, || kernels::im2col(&g, x, oy0, oy1, cols));
+                let flops = (2 * cout * rows * nc) as u64;
+                // SAFETY: dw (cout × rows) [+]= dy[:, chunk] (cout × nc) · colsᵀ.
                 time(Kind::Gemm, flops, || unsafe {
                     kernels::sgemm(
                         cout,
                         rows,
-                        gn * p,
+                        nc,
                         dw.as_mut_ptr(),
                         rows,
-                        b0 > 0,
-                        dy.as_ptr().add(b0 * p),
-                        b * p,
+                        oy0 > 0,
+                        dy.as_ptr().add(oy0 * per_row),
+                        n,
                         1,
                         cols.as_ptr(),
                         1,
-                        gn * p,
+                        nc,
                     )
                 });
                 if want_dx {
-                    let dcols = &mut dcols[..rows * gn * p];
-                    // SAFETY: dcols (rows × gn·p) = wtᵀ (rows × cout) · dy[:, chunk].
+                    let dcols = &mut dcols[..rows * nc];
+                    // SAFETY: dcols (rows × nc) = wtᵀ (rows × cout) · dy[:, chunk].
                     time(Kind::Gemm, flops, || unsafe {
                         kernels::sgemm(
                             rows,
-                            gn * p,
+                            nc,
                             cout,
                             dcols.as_mut_ptr(),
-                            gn * p,
+                            nc,
                             false,
                             wt.as_ptr(),
                             1,
                             rows,
-                            dy.as_ptr().add(b0 * p),
-                            b * p,
+                            dy.as_ptr().add(oy0 * per_row),
+                            n,
                             1,
                         )
                     });
                     time(Kind::Im2col, 0, || {
-                        kernels::col2im(&g, dcols, b0, gn, &mut dx)
+                        kernels::col2im(&g, dcols, oy0, oy1, &mut dx)
                     });
                 }
-                b0 += gn;
+                oy0 = oy1;
             }
             pool::give(cols);
             if want_dx {

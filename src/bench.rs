@@ -18,8 +18,7 @@ use crate::config::OptimizerKind;
 use crate::model::info::median;
 use crate::model::{OneHead, OneHeadConfig};
 use crate::ops::fused::prof;
-use crate::ops::resize_bilinear;
-use crate::train::losses::seg_cross_entropy;
+use crate::ops::upsampled_pixel_cross_entropy;
 use crate::train::optim::{trainable_params, Optimizer};
 
 /// Median time per step and the images/s it implies.
@@ -103,8 +102,10 @@ fn reference_loss(
     size: usize,
 ) -> candle_core::Result<Tensor> {
     let n = t.cls.dim(0)?;
-    let seg = resize_bilinear(&out.seg.narrow(0, start, n)?, size, size)?;
-    let l_seg = seg_cross_entropy(&seg, &t.seg, 255)?;
+    // = seg_cross_entropy(resize_bilinear(seg, size, size), masks, 255) (what the engine's
+    // seg task computes), without materialising the upsampled logits.
+    let _ = size;
+    let l_seg = upsampled_pixel_cross_entropy(&out.seg.narrow(0, start, n)?, &t.seg, Some(255))?;
     let l_cls = candle_nn::loss::cross_entropy(&out.cls.narrow(0, start, n)?, &t.cls)?;
     let l_det = candle_nn::loss::mse(&out.det.narrow(0, start, n)?, &t.det)?;
     (l_seg + l_cls)? + l_det
@@ -159,30 +160,31 @@ pub fn bench_train(
     let mut ph: [Vec<f64>; 4] = Default::default();
     let mut kernel_secs = vec![0f64; prof::KINDS.len()];
     let mut kernel_flops = vec![0f64; prof::KINDS.len()];
+    prof::reset_nodes();
     for i in 0..WARMUP_STEPS + steps.max(1) {
         let timed = i >= WARMUP_STEPS;
         prof::enable(profile && timed);
         prof::reset();
-        let t0 = Instant::now();
+        let t0 = prof::clock();
         let out = model.forward_t(&x, true)?;
-        let t1 = Instant::now();
+        let t1 = prof::clock();
         let mut loss = reference_loss(&out, 0, &t_new, size)?;
         if replay > 0 {
             loss = (loss + (reference_loss(&out, batch, &t_old, size)? * 0.5)?)?;
         }
         // Reading the loss back synchronises asynchronous devices (the engine does it too).
         let _ = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let t2 = Instant::now();
+        let t2 = prof::clock();
         let grads = loss.backward()?;
-        let t3 = Instant::now();
+        let t3 = prof::clock();
         opt.step(&grads, 1e-3, 1.0)?;
         drop(grads);
-        let t4 = Instant::now();
+        let t4 = prof::clock();
         prof::enable(false);
         if timed {
-            times.push((t4 - t0).as_secs_f64() * 1e3);
+            times.push((t4 - t0) * 1e3);
             for (v, (a, b)) in ph.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3), (t3, t4)]) {
-                v.push((b - a).as_secs_f64() * 1e3);
+                v.push((b - a) * 1e3);
             }
             for (j, (_, s, f)) in prof::snapshot().into_iter().enumerate() {
                 kernel_secs[j] += s;
@@ -191,6 +193,12 @@ pub fn bench_train(
         }
     }
     let n = times.len() as f64;
+    if profile && std::env::var("ONEHEAD_PROFILE_NODES").is_ok_and(|v| v == "1") {
+        eprintln!("per node, ms per step (forward, backward), {size}x{size}:");
+        for (i, (label, f, b)) in prof::nodes().iter().enumerate() {
+            eprintln!("{i:4} {label:<48} {:8.2} {:8.2}", f * 1e3 / n, b * 1e3 / n);
+        }
+    }
     let kernels = if profile {
         prof::KINDS
             .iter()

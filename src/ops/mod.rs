@@ -2,15 +2,17 @@
 
 pub mod channel;
 pub mod depthwise;
+pub mod fastmath;
 pub mod fused;
 pub mod im2col;
 pub mod loss;
 pub mod resize;
+mod simd;
 mod storage;
 
 pub use depthwise::depthwise_conv2d;
 pub use im2col::conv2d_im2col;
-pub use loss::pixel_cross_entropy;
+pub use loss::{pixel_cross_entropy, upsampled_pixel_cross_entropy};
 pub use resize::{resize_bilinear, subsample2, upsample_nearest2x};
 
 /// CPU runtime settings measured to speed up training on this 2-core machine kind; call once

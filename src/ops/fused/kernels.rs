@@ -12,64 +12,8 @@ use rayon::prelude::*;
 
 use crate::ops::storage::valid_range;
 
-/// 0: baseline, 1: AVX2 + FMA, 2: AVX-512F (x86-64 only; detected once).
-pub fn simd_level() -> u8 {
-    use std::sync::atomic::{AtomicU8, Ordering};
-    static LEVEL: AtomicU8 = AtomicU8::new(u8::MAX);
-    let l = LEVEL.load(Ordering::Relaxed);
-    if l != u8::MAX {
-        return l;
-    }
-    #[cfg(target_arch = "x86_64")]
-    let l = if std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
-        2
-    } else if std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
-        1
-    } else {
-        0
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let l = 0;
-    LEVEL.store(l, Ordering::Relaxed);
-    l
-}
-
-/// Compile a function three times (baseline, AVX2+FMA, AVX-512) and pick one at run time.
-/// The body is the same source, so the results are bit-identical on every level (the
-/// compiler does not reassociate float arithmetic). Helpers it calls must be
-/// `#[inline(always)]` to be compiled for the same level.
-macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($a: $t),*) $(-> $ret)? {
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn imp($($a: $t),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn v4($($a: $t),*) $(-> $ret)? { imp($($a),*) }
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn v3($($a: $t),*) $(-> $ret)? { imp($($a),*) }
-                match simd_level() {
-                    // SAFETY: the CPU supports the features (checked at run time).
-                    2 => return unsafe { v4($($a),*) },
-                    1 => return unsafe { v3($($a),*) },
-                    _ => {}
-                }
-            }
-            imp($($a),*)
-        }
-    };
-}
+use crate::ops::simd::multiversion;
+pub use crate::ops::simd::simd_level;
 
 /// Activation functions (PyTorch's conventions for the derivative at the kinks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,18 +205,22 @@ fn lane_sums<F: Fn(f32, f32) -> f32>(a: &[f32], c: &[f32], b: usize, f: F, out: 
 // ---------------------------------------------------------------------------------------------
 // Layout conversions.
 
-/// `(B, C, HW)` (NCHW) -> `(C, HW, B)` (CHWN).
+/// `(B, C, HW)` (NCHW) -> `(C, HW, B)` (CHWN), in tiles of 64 pixels (cache-friendly).
 pub fn nchw_to_chwn(src: &[f32], b: usize, c: usize, hw: usize, dst: &mut [f32]) {
     if hw == 0 || b == 0 {
         return;
     }
-    dst.par_chunks_mut(hw * b).enumerate().for_each(|(ci, o)| {
-        for bi in 0..b {
-            let plane = &src[(bi * c + ci) * hw..(bi * c + ci + 1) * hw];
-            for (p, &v) in plane.iter().enumerate() {
-                o[p * b + bi] = v;
+    const T: usize = 64;
+    dst.par_chunks_mut(hw * b).enumerate().for_each(|(ci, dc)| {
+        dc.par_chunks_mut(T * b).enumerate().for_each(|(t, o)| {
+            let (p0, np) = (t * T, o.len() / b);
+            for bi in 0..b {
+                let plane = &src[(bi * c + ci) * hw + p0..(bi * c + ci) * hw + p0 + np];
+                for (p, &v) in plane.iter().enumerate() {
+                    o[p * b + bi] = v;
+                }
             }
-        }
+        });
     });
 }
 
@@ -801,51 +749,106 @@ pub fn affine_act_inplace(y: &mut [f32], n: usize, scale: &[f32], shift: &[f32],
         .for_each(|(c, o)| affine_act_row(o, None, scale[c], shift[c], act));
 }
 
-multiversion! {
-    /// One channel of [`bn_act_bwd`]: returns `(Σg, Σg·(z − μ))`, rewrites `d` as dz.
-    fn bn_act_bwd_row(d: &mut [f32], z: &[f32], p: (f32, f32, f32, f32), act: Act, train: bool) -> (f64, f64) {
-        let (s, t, mu, inv) = p;
-        // g = dy·act'(z·s + t)
-        let g = |dv: f32, x: f32| dv * act.df(x.mul_add(s, t));
-        let (mut t0, mut t1) = (0f64, 0f64);
-        for (bd, bz) in d.chunks(1024).zip(z.chunks(1024)) {
-            let mut a0 = [0f32; 16];
-            let mut a1 = [0f32; 16];
-            let mut id = bd.chunks_exact(16);
-            let mut iz = bz.chunks_exact(16);
-            for (cd, cz) in (&mut id).zip(&mut iz) {
-                for i in 0..16 {
-                    let gv = g(cd[i], cz[i]);
-                    a0[i] += gv;
-                    a1[i] = gv.mul_add(cz[i] - mu, a1[i]);
-                }
+/// `act'(u)` as a branch-free select (vectorises).
+#[inline(always)]
+fn dact(act: Act, u: f32) -> f32 {
+    match act {
+        Act::None => 1.0,
+        Act::Relu => {
+            if u > 0.0 {
+                1.0
+            } else {
+                0.0
             }
-            let (mut s0, mut s1) = (0f32, 0f32);
+        }
+        Act::HardSwish => {
+            let mid = u.mul_add(1.0 / 3.0, 0.5);
+            let hi = if u >= 3.0 { 1.0 } else { mid };
+            if u <= -3.0 {
+                0.0
+            } else {
+                hi
+            }
+        }
+        Act::HardSigmoid => {
+            if u <= -3.0 || u >= 3.0 {
+                0.0
+            } else {
+                1.0 / 6.0
+            }
+        }
+    }
+}
+
+/// One channel of [`bn_act_bwd`] for a fixed activation: returns `(Σg, Σg·(z − μ))`,
+/// rewrites `d` as dz (g = dy·act'(z·s + t)).
+#[inline(always)]
+fn bn_act_bwd_row_with<const ACT: u8>(
+    d: &mut [f32],
+    z: &[f32],
+    p: (f32, f32, f32, f32),
+    train: bool,
+) -> (f64, f64) {
+    let act = match ACT {
+        0 => Act::None,
+        1 => Act::Relu,
+        2 => Act::HardSwish,
+        _ => Act::HardSigmoid,
+    };
+    let (s, t, mu, inv) = p;
+    let g = |dv: f32, x: f32| dv * dact(act, x.mul_add(s, t));
+    let (mut t0, mut t1) = (0f64, 0f64);
+    for (bd, bz) in d.chunks(1024).zip(z.chunks(1024)) {
+        let mut a0 = [0f32; 16];
+        let mut a1 = [0f32; 16];
+        let mut id = bd.chunks_exact(16);
+        let mut iz = bz.chunks_exact(16);
+        for (cd, cz) in (&mut id).zip(&mut iz) {
+            let cd: &[f32; 16] = cd.try_into().unwrap();
+            let cz: &[f32; 16] = cz.try_into().unwrap();
             for i in 0..16 {
-                s0 += a0[i];
-                s1 += a1[i];
-            }
-            for (&dv, &x) in id.remainder().iter().zip(iz.remainder()) {
-                let gv = g(dv, x);
-                s0 += gv;
-                s1 = gv.mul_add(x - mu, s1);
-            }
-            t0 += s0 as f64;
-            t1 += s1 as f64;
-        }
-        let m = d.len() as f64;
-        if train {
-            let k1 = (t0 / m) as f32;
-            let k2 = (t1 / m) as f32 * inv * inv;
-            for (dv, &x) in d.iter_mut().zip(z) {
-                *dv = s * (g(*dv, x) - k1 - (x - mu) * k2);
-            }
-        } else {
-            for (dv, &x) in d.iter_mut().zip(z) {
-                *dv = s * g(*dv, x);
+                let gv = g(cd[i], cz[i]);
+                a0[i] += gv;
+                a1[i] = gv.mul_add(cz[i] - mu, a1[i]);
             }
         }
-        (t0, t1)
+        let (mut s0, mut s1) = (0f32, 0f32);
+        for i in 0..16 {
+            s0 += a0[i];
+            s1 += a1[i];
+        }
+        for (&dv, &x) in id.remainder().iter().zip(iz.remainder()) {
+            let gv = g(dv, x);
+            s0 += gv;
+            s1 = gv.mul_add(x - mu, s1);
+        }
+        t0 += s0 as f64;
+        t1 += s1 as f64;
+    }
+    let m = d.len() as f64;
+    if train {
+        let k1 = (t0 / m) as f32;
+        let k2 = (t1 / m) as f32 * inv * inv;
+        for (dv, &x) in d.iter_mut().zip(z) {
+            *dv = s * (g(*dv, x) - k1 - (x - mu) * k2);
+        }
+    } else {
+        for (dv, &x) in d.iter_mut().zip(z) {
+            *dv = s * g(*dv, x);
+        }
+    }
+    (t0, t1)
+}
+
+multiversion! {
+    /// One channel of [`bn_act_bwd`].
+    fn bn_act_bwd_row(d: &mut [f32], z: &[f32], p: (f32, f32, f32, f32), act: Act, train: bool) -> (f64, f64) {
+        match act {
+            Act::None => bn_act_bwd_row_with::<0>(d, z, p, train),
+            Act::Relu => bn_act_bwd_row_with::<1>(d, z, p, train),
+            Act::HardSwish => bn_act_bwd_row_with::<2>(d, z, p, train),
+            Act::HardSigmoid => bn_act_bwd_row_with::<3>(d, z, p, train),
+        }
     }
 }
 
@@ -884,10 +887,26 @@ pub fn bn_act_bwd(
     (dgamma, dbeta)
 }
 
+#[inline(always)]
+fn act_bwd_with<const ACT: u8>(d: &mut [f32], x: &[f32]) {
+    let act = match ACT {
+        0 => Act::None,
+        1 => Act::Relu,
+        2 => Act::HardSwish,
+        _ => Act::HardSigmoid,
+    };
+    for (dv, &xv) in d.iter_mut().zip(x) {
+        *dv *= dact(act, xv);
+    }
+}
+
 multiversion! {
     fn act_bwd_chunk(d: &mut [f32], x: &[f32], act: Act) {
-        for (dv, &xv) in d.iter_mut().zip(x) {
-            *dv *= act.df(xv);
+        match act {
+            Act::None => act_bwd_with::<0>(d, x),
+            Act::Relu => act_bwd_with::<1>(d, x),
+            Act::HardSwish => act_bwd_with::<2>(d, x),
+            Act::HardSigmoid => act_bwd_with::<3>(d, x),
         }
     }
 }

@@ -585,9 +585,11 @@ impl Core {
                 None => candle_core::bail!("fused network: value {j} freed too early"),
             }
         };
+        let profiling = prof::enabled();
         for i in 0..n {
             let (c, hh, ww) = shapes[i];
             let len = c * b * hh * ww;
+            let t_node = if profiling { prof::clock() } else { 0.0 };
             let out: Vec<f32> = match self.nodes[i] {
                 Node::Input => {
                     let mut v = pool::take(len);
@@ -751,6 +753,10 @@ impl Core {
                 }
             };
             values[i] = Some(out);
+            if profiling {
+                let (nd, sh) = (&self.nodes[i], shapes[i]);
+                prof::node_time(i, || label(nd, sh, b), prof::clock() - t_node, false);
+            }
             for j in self.nodes[i].inputs() {
                 if last_use[j] == i && (!keep || !needed[j]) {
                     if let Some(v) = values[j].take() {
@@ -817,10 +823,12 @@ impl Core {
             let (o, len) = self.offsets[i];
             o..o + len
         };
+        let profiling = prof::enabled();
         for i in (1..n).rev() {
             let Some(mut d) = grads[i].take() else {
                 continue;
             };
+            let t_node = if profiling { prof::clock() } else { 0.0 };
             let (c, hh, ww) = tape.shapes[i];
             match self.nodes[i] {
                 Node::Input => {}
@@ -939,6 +947,10 @@ impl Core {
                     accumulate(&mut grads, big, d);
                 }
             }
+            if profiling {
+                let (nd, sh) = (&self.nodes[i], tape.shapes[i]);
+                prof::node_time(i, || label(nd, sh, b), prof::clock() - t_node, true);
+            }
             // Every consumer of value i has run its backward: value i is no longer needed.
             if let Some(v) = tape.values[i].take() {
                 pool::give(v);
@@ -964,6 +976,20 @@ impl Core {
         };
         Ok((dx, dflat))
     }
+}
+
+/// A node's description for profiles.
+fn label(n: &Node, (c, h, w): (usize, usize, usize), b: usize) -> String {
+    let kind = match n {
+        Node::Input => "input".to_string(),
+        Node::Conv { kind, .. } => format!("conv {kind:?}"),
+        Node::BnAct { act, .. } => format!("bn+{act:?}"),
+        Node::Act { act, .. } => format!("{act:?}"),
+        Node::Se { .. } => "squeeze-excite".to_string(),
+        Node::Add { .. } => "add".to_string(),
+        Node::Up2Add { .. } => "upsample2x+add".to_string(),
+    };
+    format!("{kind} -> {c}x{h}x{w} (B={b})")
 }
 
 #[allow(clippy::too_many_arguments)]

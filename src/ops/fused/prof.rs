@@ -86,16 +86,73 @@ pub fn snapshot() -> Vec<(Kind, f64, u64)> {
         .collect()
 }
 
+/// Whether [`clock`] measures process CPU time (`ONEHEAD_PROFILE_CPU=1`) instead of wall
+/// time. CPU time is robust to other processes on a shared machine; with
+/// `RAYON_NUM_THREADS=1` it is the single-core cost of each kernel.
+pub fn cpu_clock() -> bool {
+    static CPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CPU.get_or_init(|| std::env::var("ONEHEAD_PROFILE_CPU").is_ok_and(|v| v == "1"))
+}
+
+/// Seconds on the profiling clock (wall time, or process CPU time, see [`cpu_clock`]).
+pub fn clock() -> f64 {
+    if cpu_clock() {
+        #[cfg(unix)]
+        {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime writes one timespec.
+            unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+            return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+        }
+    }
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
 /// Run `f`, charging its time (and `flops`) to `kind` when timing is on.
 #[inline]
 pub fn time<R>(kind: Kind, flops: u64, f: impl FnOnce() -> R) -> R {
     if !ENABLED.load(Ordering::Relaxed) {
         return f();
     }
-    let t0 = Instant::now();
+    let t0 = clock();
     let r = f();
     let i = kind.index();
-    NANOS[i].fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    NANOS[i].fetch_add(((clock() - t0) * 1e9) as u64, Ordering::Relaxed);
     FLOPS[i].fetch_add(flops, Ordering::Relaxed);
     r
+}
+
+/// Per-node times of the fused executor: `(label, forward seconds, backward seconds)`, summed
+/// over the steps timed since the last [`reset_nodes`].
+static NODES: std::sync::Mutex<Vec<(String, f64, f64)>> = std::sync::Mutex::new(Vec::new());
+
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+pub fn reset_nodes() {
+    NODES.lock().expect("node times").clear();
+}
+
+pub fn node_time(i: usize, label: impl FnOnce() -> String, secs: f64, backward: bool) {
+    let mut n = NODES.lock().expect("node times");
+    if n.len() <= i {
+        n.resize(i + 1, (String::new(), 0.0, 0.0));
+    }
+    if n[i].0.is_empty() {
+        n[i].0 = label();
+    }
+    if backward {
+        n[i].2 += secs;
+    } else {
+        n[i].1 += secs;
+    }
+}
+
+pub fn nodes() -> Vec<(String, f64, f64)> {
+    NODES.lock().expect("node times").clone()
 }

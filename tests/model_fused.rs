@@ -59,7 +59,7 @@ where
 {
     let mut pb = PlanBuilder::new();
     let out = build(&mut pb);
-    let y = pb.finish(out).run(x.as_tensor()).unwrap();
+    let y = pb.finish(out).run(x.as_tensor(), true).unwrap();
     let y_ref = reference(x.as_tensor());
     assert_close(&y, &y_ref, 1e-5, &format!("{name}: forward"));
     let g = loss_of(&y, 7).backward().unwrap();
@@ -476,7 +476,22 @@ fn whole_model_matches_per_layer_path_in_eval() {
     assert_close(&oa.seg, &ob.seg, 1e-4, "eval seg");
     assert_close(&oa.det, &ob.det, 1e-4, "eval det");
     assert_close(&oa.cls, &ob.cls, 1e-4, "eval cls");
-    // Detached parameters (an inference-only model): no graph, same outputs.
+    // An evaluation forward keeps no activations but stays differentiable (the backward
+    // recomputes them): same gradients as the per-layer path, also for a second backward.
+    let ga = loss_of(&oa.seg, 6).backward().unwrap();
+    let ga2 = loss_of(&oa.seg, 6).backward().unwrap();
+    let gb = loss_of(&ob.seg, 6).backward().unwrap();
+    let da = _va.data().lock().unwrap();
+    let db = _vb.data().lock().unwrap();
+    for (name, v) in da.iter() {
+        if let Some(g) = ga.get(v.as_tensor()) {
+            let gref = gb.get(db[name].as_tensor()).unwrap();
+            assert_close(g, gref, 2e-3, &format!("eval gradient of {name}"));
+            assert_close(ga2.get(v.as_tensor()).unwrap(), g, 0.0, "second backward");
+        }
+    }
+    drop((da, db));
+    // Same input again: bit-identical outputs.
     let od = a.forward_t(&x.detach(), false).unwrap();
     assert_close(&od.seg, &oa.seg, 0.0, "eval seg again");
 }

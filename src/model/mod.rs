@@ -191,7 +191,7 @@ impl OneHead {
             let taps = self.backbone.plan(&mut pb, input, backbone_train)?;
             let level0 = self.fpn.plan_finest(&mut pb, &taps)?;
             let y = self.head.plan(&mut pb, level0)?;
-            let y = pb.finish(y).run(x)?;
+            let y = pb.finish(y).run(x, backbone_train || head_train)?;
             return split_head(&self.cfg, &y);
         }
         let taps = self.backbone.forward_features(x, backbone_train)?;

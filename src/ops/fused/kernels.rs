@@ -66,6 +66,13 @@ impl Act {
     }
 }
 
+/// Minimum items per rayon task so that each task has at least ~16 K values of work: tiny
+/// maps (batch 1, 7×7) are not split into tasks that cost more to schedule than to run.
+#[inline]
+fn grain(work_per_item: usize) -> usize {
+    (16384 / work_per_item.max(1)).max(1)
+}
+
 fn threads() -> usize {
     rayon::current_num_threads()
 }
@@ -229,13 +236,16 @@ pub fn chwn_to_nchw(src: &[f32], c: usize, hw: usize, b: usize, dst: &mut [f32])
     if hw == 0 || c == 0 {
         return;
     }
-    dst.par_chunks_mut(hw).enumerate().for_each(|(q, o)| {
-        let (bi, ci) = (q / c, q % c);
-        let s = &src[ci * hw * b..(ci + 1) * hw * b];
-        for (p, v) in o.iter_mut().enumerate() {
-            *v = s[p * b + bi];
-        }
-    });
+    dst.par_chunks_mut(hw)
+        .with_min_len(grain(hw))
+        .enumerate()
+        .for_each(|(q, o)| {
+            let (bi, ci) = (q / c, q % c);
+            let s = &src[ci * hw * b..(ci + 1) * hw * b];
+            for (p, v) in o.iter_mut().enumerate() {
+                *v = s[p * b + bi];
+            }
+        });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,6 +314,7 @@ pub fn im2col(g: &ConvGeom, x: &[f32], oy0: usize, oy1: usize, cols: &mut [f32])
     let ncols = (oy1 - oy0) * g.wo * b;
     let plane = g.h * g.w * b;
     cols.par_chunks_mut(k * k * ncols)
+        .with_min_len(grain(k * k * ncols))
         .enumerate()
         .for_each(|(c, dst)| {
             let xc = &x[c * plane..(c + 1) * plane];
@@ -356,38 +367,44 @@ pub fn col2im(g: &ConvGeom, cols: &[f32], oy0: usize, oy1: usize, dx: &mut [f32]
     if plane == 0 {
         return;
     }
-    dx.par_chunks_mut(plane).enumerate().for_each(|(c, dxc)| {
-        let src = &cols[c * k * k * ncols..(c + 1) * k * k * ncols];
-        for ky in 0..k {
-            for kx in 0..k {
-                let (ox0, ox1) = g.valid(kx, g.w, g.wo);
-                if ox0 == ox1 {
-                    continue;
-                }
-                let row = &src[(ky * k + kx) * ncols..(ky * k + kx + 1) * ncols];
-                for oy in oy0..oy1 {
-                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                    if iy < 0 || iy >= g.h as isize {
+    dx.par_chunks_mut(plane)
+        .with_min_len(grain(k * k * ncols))
+        .enumerate()
+        .for_each(|(c, dxc)| {
+            let src = &cols[c * k * k * ncols..(c + 1) * k * k * ncols];
+            for ky in 0..k {
+                for kx in 0..k {
+                    let (ox0, ox1) = g.valid(kx, g.w, g.wo);
+                    if ox0 == ox1 {
                         continue;
                     }
-                    let seg = &row[(oy - oy0) * g.wo * b..(oy - oy0 + 1) * g.wo * b];
-                    let xrow = &mut dxc[iy as usize * g.w * b..(iy as usize + 1) * g.w * b];
-                    if g.stride == 1 {
-                        let ix0 = ox0 + kx - g.pad;
-                        add_into(
-                            &mut xrow[ix0 * b..(ix0 + ox1 - ox0) * b],
-                            &seg[ox0 * b..ox1 * b],
-                        );
-                    } else {
-                        for ox in ox0..ox1 {
-                            let ix = ox * g.stride + kx - g.pad;
-                            add_into(&mut xrow[ix * b..(ix + 1) * b], &seg[ox * b..(ox + 1) * b]);
+                    let row = &src[(ky * k + kx) * ncols..(ky * k + kx + 1) * ncols];
+                    for oy in oy0..oy1 {
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let seg = &row[(oy - oy0) * g.wo * b..(oy - oy0 + 1) * g.wo * b];
+                        let xrow = &mut dxc[iy as usize * g.w * b..(iy as usize + 1) * g.w * b];
+                        if g.stride == 1 {
+                            let ix0 = ox0 + kx - g.pad;
+                            add_into(
+                                &mut xrow[ix0 * b..(ix0 + ox1 - ox0) * b],
+                                &seg[ox0 * b..ox1 * b],
+                            );
+                        } else {
+                            for ox in ox0..ox1 {
+                                let ix = ox * g.stride + kx - g.pad;
+                                add_into(
+                                    &mut xrow[ix * b..(ix + 1) * b],
+                                    &seg[ox * b..(ox + 1) * b],
+                                );
+                            }
                         }
                     }
                 }
             }
-        }
-    });
+        });
 }
 
 // Depthwise convolutions on CHWN: the B values of a pixel are contiguous, so every kernel tap
@@ -545,10 +562,57 @@ fn tap_dot_lanes<const L: usize>(
     total
 }
 
+/// Small batches (< 8 images: too few lanes to vectorise over): each image's plane is copied
+/// into a zero-padded scratch split into `stride` column phases, so that every tap reads a
+/// contiguous run of the row; 16 output pixels of a row are one register accumulator.
+#[inline(always)]
+fn dw_fwd_rows(g: &ConvGeom, xc: &[f32], wc: &[f32], yc: &mut [f32]) {
+    let (k, s, b) = (g.k, g.stride, g.b);
+    let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
+    let pw = wp.div_ceil(s) + 16;
+    let mut buf = vec![0f32; s * hp * pw];
+    for bi in 0..b {
+        if bi > 0 {
+            buf.fill(0.0);
+        }
+        for iy in 0..g.h {
+            let r = iy + g.pad;
+            for ix in 0..g.w {
+                let cc = ix + g.pad;
+                buf[((cc % s) * hp + r) * pw + cc / s] = xc[(iy * g.w + ix) * b + bi];
+            }
+        }
+        for oy in 0..g.ho {
+            for ox0 in (0..g.wo).step_by(16) {
+                let mut acc = [0f32; 16];
+                for ky in 0..k {
+                    let r = oy * s + ky;
+                    for kx in 0..k {
+                        let wv = wc[ky * k + kx];
+                        let o = ((kx % s) * hp + r) * pw + ox0 + kx / s;
+                        let src: &[f32; 16] = buf[o..o + 16].try_into().unwrap();
+                        for l in 0..16 {
+                            acc[l] = wv.mul_add(src[l], acc[l]);
+                        }
+                    }
+                }
+                let n = (g.wo - ox0).min(16);
+                for (l, &v) in acc[..n].iter().enumerate() {
+                    yc[(oy * g.wo + ox0 + l) * b + bi] = v;
+                }
+            }
+        }
+    }
+}
+
 multiversion! {
     /// One channel of the depthwise forward: `yc (Ho, Wo, B)` from `xc (H, W, B)`.
     fn dw_fwd_channel(g: &ConvGeom, xc: &[f32], wc: &[f32], yc: &mut [f32]) {
-        corr(xc, (g.h, g.w, g.b), wc, (g.k, g.stride, g.pad), (g.ho, g.wo), yc);
+        if g.b < 8 {
+            dw_fwd_rows(g, xc, wc, yc);
+        } else {
+            corr(xc, (g.h, g.w, g.b), wc, (g.k, g.stride, g.pad), (g.ho, g.wo), yc);
+        }
     }
 }
 
@@ -610,9 +674,12 @@ pub fn depthwise_fwd(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
     if pb == 0 {
         return;
     }
-    y.par_chunks_mut(pb).enumerate().for_each(|(c, yc)| {
-        dw_fwd_channel(g, &x[c * hwb..(c + 1) * hwb], &w[c * kk..(c + 1) * kk], yc)
-    });
+    y.par_chunks_mut(pb)
+        .with_min_len(grain(pb * kk))
+        .enumerate()
+        .for_each(|(c, yc)| {
+            dw_fwd_channel(g, &x[c * hwb..(c + 1) * hwb], &w[c * kk..(c + 1) * kk], yc)
+        });
 }
 
 /// Depthwise input gradient on CHWN: `dx (C, H, W, B)` (overwritten).
@@ -621,9 +688,12 @@ pub fn depthwise_bwd_input(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) 
     if hwb == 0 {
         return;
     }
-    dx.par_chunks_mut(hwb).enumerate().for_each(|(c, dxc)| {
-        dw_bwd_input_channel(g, &dy[c * pb..(c + 1) * pb], &w[c * kk..(c + 1) * kk], dxc)
-    });
+    dx.par_chunks_mut(hwb)
+        .with_min_len(grain(hwb * kk))
+        .enumerate()
+        .for_each(|(c, dxc)| {
+            dw_bwd_input_channel(g, &dy[c * pb..(c + 1) * pb], &w[c * kk..(c + 1) * kk], dxc)
+        });
 }
 
 /// Depthwise kernel gradient on CHWN: `dw (C, 1, k, k)` (overwritten).
@@ -632,9 +702,12 @@ pub fn depthwise_bwd_kernel(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32])
     if kk == 0 {
         return;
     }
-    dw.par_chunks_mut(kk).enumerate().for_each(|(c, gk)| {
-        dw_bwd_kernel_channel(g, &x[c * hwb..(c + 1) * hwb], &dy[c * pb..(c + 1) * pb], gk)
-    });
+    dw.par_chunks_mut(kk)
+        .with_min_len(grain(pb * kk))
+        .enumerate()
+        .for_each(|(c, gk)| {
+            dw_bwd_kernel_channel(g, &x[c * hwb..(c + 1) * hwb], &dy[c * pb..(c + 1) * pb], gk)
+        });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -655,6 +728,7 @@ pub fn add_bias(y: &mut [f32], bias: &[f32], n: usize) {
     }
     y.par_chunks_mut(n)
         .zip(bias.par_iter())
+        .with_min_len(grain(n))
         .for_each(|(row, &b)| add_scalar(row, b));
 }
 
@@ -666,6 +740,7 @@ pub fn row_sums(rows: &[f32], n: usize, out: &mut [f32]) {
     }
     out.par_iter_mut()
         .zip(rows.par_chunks(n))
+        .with_min_len(grain(n))
         .for_each(|(o, r)| *o = sum(r) as f32);
 }
 
@@ -701,6 +776,7 @@ pub fn channel_stats(z: &[f32], n: usize, mean: &mut [f32], var: &mut [f32]) {
     mean.par_iter_mut()
         .zip(var.par_iter_mut())
         .zip(z.par_chunks(n))
+        .with_min_len(grain(2 * n))
         .for_each(|((m, v), row)| {
             let mu = (sum(row) / n as f64) as f32;
             *m = mu;
@@ -735,6 +811,7 @@ pub fn affine_act(z: &[f32], n: usize, scale: &[f32], shift: &[f32], act: Act, y
     }
     y.par_chunks_mut(n)
         .zip(z.par_chunks(n))
+        .with_min_len(grain(n))
         .enumerate()
         .for_each(|(c, (o, row))| affine_act_row(o, Some(row), scale[c], shift[c], act));
 }
@@ -745,6 +822,7 @@ pub fn affine_act_inplace(y: &mut [f32], n: usize, scale: &[f32], shift: &[f32],
         return;
     }
     y.par_chunks_mut(n)
+        .with_min_len(grain(n))
         .enumerate()
         .for_each(|(c, o)| affine_act_row(o, None, scale[c], shift[c], act));
 }
@@ -877,6 +955,7 @@ pub fn bn_act_bwd(
     dy.par_chunks_mut(n)
         .zip(z.par_chunks(n))
         .zip(dgamma.par_iter_mut().zip(dbeta.par_iter_mut()))
+        .with_min_len(grain(3 * n))
         .enumerate()
         .for_each(|(ch, ((d, row), (dg, db)))| {
             let p = (scale[ch], shift[ch], mean[ch], invstd[ch]);
@@ -956,17 +1035,20 @@ pub fn up2_add(small: &[f32], big: &[f32], (h, w, b): (usize, usize, usize), y: 
     if sp == 0 {
         return;
     }
-    y.par_chunks_mut(bpl).enumerate().for_each(|(c, o)| {
-        let s = &small[c * sp..(c + 1) * sp];
-        let bg = &big[c * bpl..(c + 1) * bpl];
-        for yy in 0..2 * h {
-            for xx in 0..2 * w {
-                let o0 = (yy * 2 * w + xx) * b;
-                let s0 = ((yy / 2) * w + xx / 2) * b;
-                add_chunk(&mut o[o0..o0 + b], &bg[o0..o0 + b], &s[s0..s0 + b]);
+    y.par_chunks_mut(bpl)
+        .with_min_len(grain(bpl))
+        .enumerate()
+        .for_each(|(c, o)| {
+            let s = &small[c * sp..(c + 1) * sp];
+            let bg = &big[c * bpl..(c + 1) * bpl];
+            for yy in 0..2 * h {
+                for xx in 0..2 * w {
+                    let o0 = (yy * 2 * w + xx) * b;
+                    let s0 = ((yy / 2) * w + xx / 2) * b;
+                    add_chunk(&mut o[o0..o0 + b], &bg[o0..o0 + b], &s[s0..s0 + b]);
+                }
             }
-        }
-    });
+        });
 }
 
 /// Gradient of [`up2_add`] with respect to `small`: 2×2 block sums of `dy`.
@@ -975,20 +1057,23 @@ pub fn up2_bwd(dy: &[f32], (h, w, b): (usize, usize, usize), ds: &mut [f32]) {
     if sp == 0 {
         return;
     }
-    ds.par_chunks_mut(sp).enumerate().for_each(|(c, o)| {
-        let d = &dy[c * bpl..(c + 1) * bpl];
-        for y in 0..h {
-            for x in 0..w {
-                let at = |yy: usize, xx: usize| ((yy * 2 * w) + xx) * b;
-                let (a, bb) = (at(2 * y, 2 * x), at(2 * y, 2 * x + 1));
-                let (cc, dd) = (at(2 * y + 1, 2 * x), at(2 * y + 1, 2 * x + 1));
-                let out = &mut o[(y * w + x) * b..(y * w + x + 1) * b];
-                for l in 0..b {
-                    out[l] = (d[a + l] + d[bb + l]) + (d[cc + l] + d[dd + l]);
+    ds.par_chunks_mut(sp)
+        .with_min_len(grain(bpl))
+        .enumerate()
+        .for_each(|(c, o)| {
+            let d = &dy[c * bpl..(c + 1) * bpl];
+            for y in 0..h {
+                for x in 0..w {
+                    let at = |yy: usize, xx: usize| ((yy * 2 * w) + xx) * b;
+                    let (a, bb) = (at(2 * y, 2 * x), at(2 * y, 2 * x + 1));
+                    let (cc, dd) = (at(2 * y + 1, 2 * x), at(2 * y + 1, 2 * x + 1));
+                    let out = &mut o[(y * w + x) * b..(y * w + x + 1) * b];
+                    for l in 0..b {
+                        out[l] = (d[a + l] + d[bb + l]) + (d[cc + l] + d[dd + l]);
+                    }
                 }
             }
-        }
-    });
+        });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1034,7 +1119,11 @@ multiversion! {
 multiversion! {
     /// Per-lane `Σ_p x` over the pixels of one channel.
     fn lane_sum(x: &[f32], b: usize, out: &mut [f64]) {
-        lane_sums(x, x, b, |v, _| v, out);
+        if b == 1 {
+            out[0] = sum(x);
+        } else {
+            lane_sums(x, x, b, |v, _| v, out);
+        }
     }
 }
 
@@ -1076,6 +1165,7 @@ pub fn se_fwd(
         pooled
             .par_chunks_mut(b)
             .zip(x.par_chunks(plane))
+            .with_min_len(grain(plane))
             .for_each(|(p, xc)| {
                 let mut s = vec![0f64; b];
                 lane_sum(xc, b, &mut s);
@@ -1091,6 +1181,7 @@ pub fn se_fwd(
     if hw > 0 && b > 0 {
         y.par_chunks_mut(plane)
             .zip(x.par_chunks(plane))
+            .with_min_len(grain(plane))
             .enumerate()
             .for_each(|(ci, (o, xs))| scale_lanes(o, xs, &gate[ci * b..(ci + 1) * b]));
     }
@@ -1123,6 +1214,7 @@ pub fn se_bwd(
         dpre_e
             .par_chunks_mut(b)
             .zip(dy.par_chunks(plane).zip(x.par_chunks(plane)))
+            .with_min_len(grain(2 * plane))
             .enumerate()
             .for_each(|(ci, (dp, (g, xs)))| {
                 let mut acc = vec![0f64; b];
@@ -1178,13 +1270,16 @@ pub fn se_bwd(
             }
         });
     if hw > 0 && b > 0 {
-        dy.par_chunks_mut(plane).enumerate().for_each(|(ci, d)| {
-            scale_add_lanes(
-                d,
-                &s.gate[ci * b..(ci + 1) * b],
-                &dpooled[ci * b..(ci + 1) * b],
-            )
-        });
+        dy.par_chunks_mut(plane)
+            .with_min_len(grain(plane))
+            .enumerate()
+            .for_each(|(ci, d)| {
+                scale_add_lanes(
+                    d,
+                    &s.gate[ci * b..(ci + 1) * b],
+                    &dpooled[ci * b..(ci + 1) * b],
+                )
+            });
     }
     (dwr, dbr, dwe, dbe)
 }

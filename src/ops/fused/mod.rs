@@ -368,6 +368,8 @@ impl Drop for Tape {
 
 struct NetOp {
     core: Arc<Core>,
+    /// Keep the forward's values for the backward (training). Otherwise (an evaluation
+    /// forward that stays differentiable) the backward recomputes them.
     keep_tape: bool,
     tape: Mutex<Option<Tape>>,
 }
@@ -377,7 +379,11 @@ impl Plan {
     /// Differentiable with respect to `x` and every parameter; BatchNorms in train mode use
     /// batch statistics and update their running statistics (momentum, unbiased variance),
     /// as `BatchNorm2d::forward_t` does.
-    pub fn run(&self, x: &Tensor) -> Result<Tensor> {
+    ///
+    /// `train`: whether a backward is expected (a training step). Evaluation forwards
+    /// (`false`) keep no activations and update BatchNorm outputs in place; they stay
+    /// differentiable: a backward through them recomputes the forward first.
+    pub fn run(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if !supported(x) {
             candle_core::bail!("fused plan: CPU f32 only")
         }
@@ -417,7 +423,7 @@ impl Plan {
         let x = x.contiguous()?;
         let op = NetOp {
             core: core.clone(),
-            keep_tape: track,
+            keep_tape: track && train,
             tape: Mutex::new(None),
         };
         let y = if track {
@@ -1230,11 +1236,7 @@ impl CustomOp2 for NetOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let Some(tape) = self.tape.lock().expect("tape").take() else {
-            candle_core::bail!(
-                "fused network: backward ran twice through one forward (run the forward again)"
-            )
-        };
+        let kept = self.tape.lock().expect("tape").take();
         let need_dx = x.track_op();
         let grad = grad.contiguous()?;
         let (dx, dflat) = {
@@ -1242,6 +1244,19 @@ impl CustomOp2 for NetOp {
             let (fs, fl) = flat.storage_and_layout();
             let g = cpu_f32(&gs, gl, "fused network gradient")?;
             let f = cpu_f32(&fs, fl, "fused network parameters")?;
+            let tape = match kept {
+                Some(t) => t,
+                None => {
+                    // An evaluation forward (or a second backward): recompute the values.
+                    let (xs, xl) = x.storage_and_layout();
+                    let xv = cpu_f32(&xs, xl, "fused network input")?;
+                    let dims = xl.shape().dims4()?;
+                    match self.core.forward(xv, dims, f, true)?.2 {
+                        Some(t) => t,
+                        None => candle_core::bail!("fused network: no tape"),
+                    }
+                }
+            };
             self.core.backward(tape, f, g, need_dx)?
         };
         let dx = dx

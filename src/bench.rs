@@ -250,13 +250,24 @@ pub fn bench_inference(
     let (_, model) = setup(device)?;
     let x = Tensor::randn(0f32, 1f32, (batch, 3, image_size, image_size), device)?;
     let mut times = Vec::with_capacity(steps);
+    let nodes = std::env::var("ONEHEAD_PROFILE_NODES").is_ok_and(|v| v == "1");
+    prof::reset_nodes();
     for i in 0..WARMUP_STEPS + steps.max(1) {
-        let t0 = Instant::now();
+        prof::enable(nodes && i >= WARMUP_STEPS);
+        let t0 = prof::clock();
         let out = model.forward_t(&x, false)?;
         let _ = out.cls.max(D::Minus1)?.sum_all()?.to_scalar::<f32>()?;
         let _ = out.seg.sum_all()?.to_scalar::<f32>()?;
         if i >= WARMUP_STEPS {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            times.push((prof::clock() - t0) * 1e3);
+        }
+    }
+    prof::enable(false);
+    if nodes {
+        let n = times.len() as f64;
+        eprintln!("inference per node, ms per batch, {image_size}x{image_size} b{batch}:");
+        for (i, (label, f, _)) in prof::nodes().iter().enumerate() {
+            eprintln!("{i:4} {label:<48} {:8.2}", f * 1e3 / n);
         }
     }
     Ok(result(&times, batch, image_size))

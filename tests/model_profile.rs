@@ -343,3 +343,76 @@ fn cpu_time_s() -> f64 {
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
+
+/// The dense 3×3 conv gemm (M=128, K=1152, N=4096) with the operands in every storage
+/// order the executor could use: which one the `gemm` crate runs fastest.
+#[test]
+#[ignore = "profiling"]
+fn sgemm_layouts() {
+    let threads = rayon::current_num_threads();
+    for (m, n, k) in [
+        (128usize, 4096usize, 1152usize),
+        (4096, 128, 1152),
+        (1152, 4096, 128),
+        (4096, 1152, 128),
+        (128, 1152, 4096),
+        (1152, 128, 4096),
+    ] {
+        println!("m{m} n{n} k{k}");
+        let a = vec![0.5f32; m * k];
+        let b = vec![0.25f32; k * n];
+        let mut c = vec![0f32; m * n];
+        // Every storage order (d: dst, l: lhs, r: rhs; R row-major, C column-major).
+        let mut cases = Vec::new();
+        for code in 0..8u32 {
+            let (dc, lc, rc) = (code & 4 != 0, code & 2 != 0, code & 1 != 0);
+            let name = format!(
+                "d{} l{} r{}",
+                if dc { 'C' } else { 'R' },
+                if lc { 'C' } else { 'R' },
+                if rc { 'C' } else { 'R' }
+            );
+            let (dcs, drs) = if dc { (m, 1) } else { (1, n) };
+            let (lcs, lrs) = if lc { (m, 1) } else { (1, k) };
+            let (rcs, rrs) = if rc { (k, 1) } else { (1, n) };
+            cases.push((name, dcs, drs, lcs, lrs, rcs, rrs));
+        }
+        for (name, dcs, drs, lcs, lrs, rcs, rrs) in cases {
+            let run = |c: &mut [f32]| unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    dcs as isize,
+                    drs as isize,
+                    false,
+                    a.as_ptr(),
+                    lcs as isize,
+                    lrs as isize,
+                    b.as_ptr(),
+                    rcs as isize,
+                    rrs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(threads),
+                )
+            };
+            run(&mut c);
+            let reps = 20;
+            let t0 = cpu_time_s();
+            for _ in 0..reps {
+                run(&mut c);
+            }
+            let s = (cpu_time_s() - t0) / reps as f64;
+            println!(
+                "  {name:<20} {:.2} ms cpu, {:.1} GFLOP/s per cpu-second",
+                s * 1e3,
+                2.0 * (m * n * k) as f64 / s / 1e9
+            );
+        }
+    }
+}

@@ -23,7 +23,9 @@ pub fn exp(x: f32) -> f32 {
     let e = p.mul_add(r * r, r) + 1.0;
     // 2^n by building the exponent bits; n ∈ [−127, 128]: split in two factors so that
     // neither overflows the exponent field.
-    let ni = n as i32;
+    // n is integral in [−126, 128]: read it from the mantissa of n + 1.5·2²³ (a saturating
+    // `as i32` cast does not vectorise).
+    let ni = ((n + 12_582_912.0).to_bits() as i32) - 0x4B40_0000;
     let h = ni >> 1;
     let a = f32::from_bits(((h + 127) as u32) << 23);
     let b = f32::from_bits(((ni - h + 127) as u32) << 23);

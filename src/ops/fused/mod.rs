@@ -1036,26 +1036,32 @@ fn conv_fwd(
             let (n, rows, nr) = (g.ho * g.wo * b, c * k * k, g.chunk_rows());
             let per_row = g.wo * b;
             let mut cols = pool::take(rows * nr * per_row);
+            // yᵀ = colsᵀ · wᵀ with wᵀ row-major: the faster storage order for this shape
+            // (see `sgemm_strided`); same values as y = w · cols.
+            let mut w_t = vec![0f32; rows * cout];
+            kernels::transpose(wt, cout, rows, &mut w_t);
             let mut oy0 = 0;
             while oy0 < g.ho {
                 let oy1 = (oy0 + nr).min(g.ho);
                 let nc = (oy1 - oy0) * per_row;
                 let cols = &mut cols[..rows * nc];
                 time(Kind::Im2col, 0, || kernels::im2col(&g, x, oy0, oy1, cols));
-                // SAFETY: columns oy0·Wo·B.. of the (cout × n) output; cols is (rows × nc).
+                // SAFETY: yᵀ (nc × cout) is columns oy0·Wo·B.. of the (cout × n) output read
+                // column-major; colsᵀ (nc × rows) is cols (rows × nc) read column-major.
                 time(Kind::Gemm, (2 * cout * rows * nc) as u64, || unsafe {
-                    kernels::sgemm(
-                        cout,
+                    kernels::sgemm_strided(
                         nc,
+                        cout,
                         rows,
                         y.as_mut_ptr().add(oy0 * per_row),
+                        1,
                         n,
                         false,
-                        wt.as_ptr(),
-                        rows,
-                        1,
                         cols.as_ptr(),
+                        1,
                         nc,
+                        w_t.as_ptr(),
+                        cout,
                         1,
                     )
                 });
@@ -1083,14 +1089,18 @@ fn conv_bwd(
         ConvKind::Pointwise => {
             let n = b * h * w;
             let flops = (2 * cout * c * n) as u64;
-            // SAFETY (both): dw (cout × c) = dy (cout × n) · xᵀ; dx (c × n) = wtᵀ · dy.
+            // dw (cout × c) = dy (cout × n) · xᵀ, written column-major (the faster storage
+            // order for this shape, see `sgemm_strided`) and transposed.
+            let mut dwt = vec![0f32; cout * c];
+            // SAFETY: dwt holds (cout × c) column-major; dy (cout × n), x (c × n) row-major.
             time(Kind::Gemm, flops, || unsafe {
-                kernels::sgemm(
+                kernels::sgemm_strided(
                     cout,
                     c,
                     n,
-                    dw.as_mut_ptr(),
-                    c,
+                    dwt.as_mut_ptr(),
+                    1,
+                    cout,
                     false,
                     dy.as_ptr(),
                     n,
@@ -1100,6 +1110,7 @@ fn conv_bwd(
                     n,
                 )
             });
+            kernels::transpose(&dwt, c, cout, dw);
             want_dx.then(|| {
                 let mut dx = pool::take(c * n);
                 time(Kind::Gemm, flops, || unsafe {
@@ -1136,6 +1147,8 @@ fn conv_bwd(
             } else {
                 Vec::new()
             };
+            // dw accumulated column-major (the faster order here), transposed at the end.
+            let mut dwt = vec![0f32; cout * rows];
             let mut oy0 = 0;
             while oy0 < g.ho {
                 let oy1 = (oy0 + nr).min(g.ho);
@@ -1143,14 +1156,15 @@ fn conv_bwd(
                 let cols = &mut cols[..rows * nc];
                 time(Kind::Im2col, 0, || kernels::im2col(&g, x, oy0, oy1, cols));
                 let flops = (2 * cout * rows * nc) as u64;
-                // SAFETY: dw (cout × rows) [+]= dy[:, chunk] (cout × nc) · colsᵀ.
+                // SAFETY: dwt (cout × rows, column-major) [+]= dy[:, chunk] (cout × nc) · colsᵀ.
                 time(Kind::Gemm, flops, || unsafe {
-                    kernels::sgemm(
+                    kernels::sgemm_strided(
                         cout,
                         rows,
                         nc,
-                        dw.as_mut_ptr(),
-                        rows,
+                        dwt.as_mut_ptr(),
+                        1,
+                        cout,
                         oy0 > 0,
                         dy.as_ptr().add(oy0 * per_row),
                         n,
@@ -1185,6 +1199,7 @@ fn conv_bwd(
                 }
                 oy0 = oy1;
             }
+            kernels::transpose(&dwt, rows, cout, dw);
             pool::give(cols);
             if want_dx {
                 pool::give(dcols);

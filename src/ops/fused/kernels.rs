@@ -546,21 +546,29 @@ fn corr(
 #[inline(always)]
 fn bwd_in_lanes<const L: usize>(g: &ConvGeom, dy: &[f32], j0: usize, wt: &[f32], dx: &mut [f32]) {
     let (k, s, b) = (g.k, g.stride, g.b);
-    for iy in 0..g.h {
-        for ix in 0..g.w {
-            let mut acc = [0f32; L];
-            for ky in 0..k {
-                let t = iy + g.pad;
-                if t < ky || (t - ky) % s != 0 || (t - ky) / s >= g.ho {
-                    continue;
-                }
-                let oy = (t - ky) / s;
-                for kx in 0..k {
-                    let u = ix + g.pad;
-                    if u < kx || (u - kx) % s != 0 || (u - kx) / s >= g.wo {
-                        continue;
+    // Per input position: the (tap, output) pairs that read it (at most ⌈k/s⌉ ≤ 4 each).
+    let table = |len: usize, outs: usize| -> Vec<([(usize, usize); 4], usize)> {
+        (0..len)
+            .map(|i| {
+                let mut e = [(0usize, 0usize); 4];
+                let mut n = 0;
+                let p = i + g.pad;
+                for t in 0..k.min(p + 1) {
+                    if (p - t) % s == 0 && (p - t) / s < outs && n < 4 {
+                        e[n] = (t, (p - t) / s);
+                        n += 1;
                     }
-                    let ox = (u - kx) / s;
+                }
+                (e, n)
+            })
+            .collect()
+    };
+    let (ty, tx) = (table(g.h, g.ho), table(g.w, g.wo));
+    for (iy, &(ey, ny)) in ty.iter().enumerate() {
+        for (ix, &(ex, nx)) in tx.iter().enumerate() {
+            let mut acc = [0f32; L];
+            for &(ky, oy) in &ey[..ny] {
+                for &(kx, ox) in &ex[..nx] {
                     let wv = wt[ky * k + kx];
                     let o = (oy * g.wo + ox) * b + j0;
                     let src: &[f32; L] = dy[o..o + L].try_into().unwrap();

@@ -324,6 +324,13 @@ pub fn supported(x: &Tensor) -> bool {
 
 type BatchStats = (Vec<f32>, Vec<f32>, usize);
 
+/// A BatchNorm's mode for one run: eps, batch statistics or not, running statistics (eval).
+struct BnMode {
+    eps: f64,
+    train: bool,
+    running: Option<(Vec<f32>, Vec<f32>)>,
+}
+
 /// What the op needs besides its two tensor arguments; shared with the caller.
 struct Core {
     nodes: Vec<Node>,
@@ -331,7 +338,7 @@ struct Core {
     /// Offset of each parameter in the flat parameter vector, and its length.
     offsets: Vec<(usize, usize)>,
     /// Per BatchNorm: eps, train, and (eval mode) the running statistics.
-    bns: Vec<(f64, bool, Option<(Vec<f32>, Vec<f32>)>)>,
+    bns: Vec<BnMode>,
     /// Batch statistics of the train-mode BatchNorms (mean, biased variance, values per
     /// channel), filled by the forward.
     batch_stats: Mutex<Vec<Option<BatchStats>>>,
@@ -404,7 +411,11 @@ impl Plan {
                     bn.running_var.as_tensor().to_vec1::<f32>()?,
                 ))
             };
-            bns.push((bn.eps, bn.train, running));
+            bns.push(BnMode {
+                eps: bn.eps,
+                train: bn.train,
+                running,
+            });
         }
         let core = Arc::new(Core {
             nodes: self.nodes.clone(),
@@ -641,7 +652,11 @@ impl Core {
                     bn,
                 } => {
                     let m = b * hh * ww;
-                    let (eps, train, running) = &self.bns[bn];
+                    let BnMode {
+                        eps,
+                        train,
+                        running,
+                    } = &self.bns[bn];
                     let zi = val(&values, xi)?;
                     let (mean, var) = if *train {
                         let mut mean = vec![0f32; c];
@@ -895,7 +910,7 @@ impl Core {
                             mean,
                             invstd,
                             act,
-                            self.bns[bn].1,
+                            self.bns[bn].train,
                         )
                     });
                     dflat[range(gamma)].copy_from_slice(&dg);

@@ -554,7 +554,7 @@ fn bwd_in_lanes<const L: usize>(g: &ConvGeom, dy: &[f32], j0: usize, wt: &[f32],
                 let mut n = 0;
                 let p = i + g.pad;
                 for t in 0..k.min(p + 1) {
-                    if (p - t) % s == 0 && (p - t) / s < outs && n < 4 {
+                    if (p - t).is_multiple_of(s) && (p - t) / s < outs && n < 4 {
                         e[n] = (t, (p - t) / s);
                         n += 1;
                     }

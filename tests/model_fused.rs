@@ -406,15 +406,15 @@ fn image(b: usize, h: usize, w: usize, seed: u64) -> Tensor {
 }
 
 /// The whole model, fused vs per-layer: outputs, every gradient, running statistics.
-fn compare_whole_model(backbone_train: bool, head_train: bool, h: usize, w: usize) {
+fn compare_whole_model(backbone_train: bool, head_train: bool, batch: usize, h: usize, w: usize) {
     let (vm_a, a, vm_b, b) = twin_models();
-    let x = image(3, h, w, 20);
+    let x = image(batch, h, w, 20);
     let loss = |o: &onehead::model::HeadOutputs| {
         ((loss_of(&o.seg, 1) + loss_of(&o.det, 2)).unwrap() + loss_of(&o.cls, 3)).unwrap()
     };
     let oa = a.forward_parts(&x, backbone_train, head_train).unwrap();
     let ob = fused::without(|| b.forward_parts(&x, backbone_train, head_train).unwrap());
-    let what = format!("train=({backbone_train},{head_train}) {h}x{w}");
+    let what = format!("train=({backbone_train},{head_train}) {batch}x{h}x{w}");
     assert_close(&oa.seg, &ob.seg, 1e-4, &format!("{what}: seg"));
     assert_close(&oa.det, &ob.det, 1e-4, &format!("{what}: det"));
     assert_close(&oa.cls, &ob.cls, 1e-4, &format!("{what}: cls"));
@@ -423,11 +423,12 @@ fn compare_whole_model(backbone_train: bool, head_train: bool, h: usize, w: usiz
     let da = vm_a.data().lock().unwrap();
     let db = vm_b.data().lock().unwrap();
     let mut compared = 0;
+    let mut pairs = Vec::new();
     for (name, va) in da.iter() {
         let vb = &db[name];
         match (ga.get(va.as_tensor()), gb.get(vb.as_tensor())) {
             (Some(x), Some(y)) => {
-                assert_close(x, y, 2e-3, &format!("{what}: gradient of {name}"));
+                pairs.push((name.clone(), max_abs(&(x - y).unwrap()), max_abs(y)));
                 compared += 1;
             }
             (None, None) => {}
@@ -444,6 +445,26 @@ fn compare_whole_model(backbone_train: bool, head_train: bool, h: usize, w: usiz
             &format!("{what}: value of {name}"),
         );
     }
+    // Relative to each tensor's own magnitude, with a floor at 1e-3 of the largest gradient
+    // of the model: BatchNorm biases that feed another batch-statistics BatchNorm through a
+    // linear conv have a true gradient of exactly 0: both paths return cancellation noise
+    // (up to ~1e-4 here, against a largest gradient of ~400).
+    let global = pairs.iter().map(|p| p.2).fold(0f32, f32::max);
+    let mut worst = (0f32, String::new());
+    for (name, diff, mag) in &pairs {
+        let rel = diff / mag.max(1e-3 * global);
+        assert!(
+            rel <= 2e-3,
+            "{what}: gradient of {name}: |diff| {diff:.3e}, |per-layer| {mag:.3e}, largest gradient {global:.3e}"
+        );
+        if rel > worst.0 {
+            worst = (rel, name.clone());
+        }
+    }
+    eprintln!(
+        "{what}: worst gradient difference {:.2e} ({}), relative to max(|grad|, 1e-3·{global:.2e})",
+        worst.0, worst.1
+    );
     // Every parameter except the unused FPN output convs (layer_blocks.1/.2, weight and bias)
     // and the running statistics.
     let trainable = da
@@ -459,12 +480,19 @@ fn compare_whole_model(backbone_train: bool, head_train: bool, h: usize, w: usiz
 
 #[test]
 fn whole_model_matches_per_layer_path_in_training() {
-    compare_whole_model(true, true, 64, 96);
+    compare_whole_model(true, true, 3, 64, 96);
+}
+
+/// The engine's batch layout: 16 + 4 replayed images (lane blocks of 16 and 4).
+#[test]
+fn whole_model_matches_per_layer_path_at_batch_20() {
+    compare_whole_model(true, true, 20, 32, 64);
+    compare_whole_model(false, true, 17, 32, 32);
 }
 
 #[test]
 fn whole_model_matches_per_layer_path_with_frozen_backbone_bn() {
-    compare_whole_model(false, true, 64, 64);
+    compare_whole_model(false, true, 3, 64, 64);
 }
 
 #[test]

@@ -1,4 +1,11 @@
 //! Kernels candle lacks or gets slow/wrong for this model (see shared/CANDLE_NOTES.md).
+//!
+//! - [`fused`]: on the CPU, `OneHead`'s whole forward and backward as one autograd node
+//!   (the training and inference path; see its module docs for why and how).
+//! - The per-layer ops ([`depthwise`], [`im2col`], [`channel`], [`resize`]) are what the
+//!   model's `Module` implementations use on other devices and what the fused path is tested
+//!   against; [`loss`] holds the pixel cross-entropies (one of them fused with the bilinear
+//!   upsampling of the logits), [`fastmath`] a vectorisable `exp`/`ln`.
 
 pub mod channel;
 pub mod depthwise;

@@ -128,8 +128,17 @@ pub struct TrainBench {
     /// Replayed images added to each step's batch (0: the reference step).
     pub replay: usize,
     pub phases: StepPhases,
-    /// Per op kind inside the fused network op (filled with `profile`), seconds per step.
-    pub kernels: Vec<(String, f64, f64)>,
+    /// Per op kind inside the fused network op (filled with `profile`).
+    pub kernels: Vec<KernelTime>,
+}
+
+/// Time per training step spent in one kind of kernel of the fused op.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelTime {
+    pub kind: String,
+    pub ms_per_step: f64,
+    /// Achieved GFLOP/s (convolution gemms only; 0 elsewhere).
+    pub gflops: f64,
 }
 
 /// Time `steps` training steps (forward + loss + backward + optimiser step with the engine's
@@ -210,7 +219,11 @@ pub fn bench_train(
                 } else {
                     0.0
                 };
-                (k.name().to_string(), s * 1e3, gflops)
+                KernelTime {
+                    kind: k.name().to_string(),
+                    ms_per_step: s * 1e3,
+                    gflops,
+                }
             })
             .collect()
     } else {
@@ -351,6 +364,35 @@ pub struct BenchReport {
     pub latency_size: usize,
     pub whole_epoch_s: Option<f64>,
     pub peak_rss_mib: Option<f64>,
+    /// Cores kept busy by other processes during the run (average; from /proc/stat): figures
+    /// taken with this above ≈ 0.2 are contaminated.
+    pub foreign_cores_busy: Option<f64>,
+    /// "wall" or "cpu" (process CPU time, `ONEHEAD_PROFILE_CPU=1`).
+    pub clock: &'static str,
+}
+
+/// `(wall s, machine busy s summed over cores, this process's CPU s)` (Linux).
+fn cpu_sample() -> Option<(f64, f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 8 {
+        return None;
+    }
+    let busy = v[..8].iter().sum::<f64>() - v[3] - v[4];
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = own.rsplit_once(')')?.1.split_whitespace().collect();
+    let own_s = (fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / tck;
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let wall = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    Some((wall, busy / tck, own_s))
 }
 
 /// Options of [`run_bench`].
@@ -394,6 +436,7 @@ fn cpu_model() -> String {
 /// Run every measurement of `onehead bench` on `device`.
 pub fn run_bench(opts: &BenchOptions, device: &Device) -> anyhow::Result<BenchReport> {
     crate::ops::tune_cpu_runtime();
+    let load0 = cpu_sample();
     let mut train = Vec::new();
     let mut train_replay = Vec::new();
     for &size in &opts.sizes {
@@ -422,6 +465,12 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> anyhow::Result<BenchRe
     let latency_b1_ms =
         crate::model::info::median_latency_ms(&model, opts.inference_size, device, runs)?;
     let whole_epoch_s = whole_epoch_seconds(opts.sizes[0], device)?;
+    let foreign_cores_busy = match (load0, cpu_sample()) {
+        (Some(a), Some(b)) if b.0 > a.0 => {
+            Some((((b.1 - a.1) - (b.2 - a.2)) / (b.0 - a.0)).max(0.0))
+        }
+        _ => None,
+    };
     Ok(BenchReport {
         device: format!("{device:?}"),
         threads: rayon::current_num_threads(),
@@ -435,6 +484,8 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> anyhow::Result<BenchRe
         latency_size: opts.inference_size,
         whole_epoch_s,
         peak_rss_mib: peak_rss_mib(),
+        foreign_cores_busy,
+        clock: if prof::cpu_clock() { "cpu" } else { "wall" },
     })
 }
 
@@ -465,9 +516,11 @@ impl std::fmt::Display for BenchReport {
                 "{:<40} forward {:.1} ms, loss {:.1} ms, backward {:.1} ms, optimiser {:.1} ms",
                 "", p.forward_ms, p.loss_ms, p.backward_ms, p.optimiser_ms
             )?;
-            for (name, ms, gflops) in &t.kernels {
-                if *gflops > 0.0 {
-                    writeln!(f, "{:<44} {name:<38} {ms:7.1} ms  {gflops:6.1} GFLOP/s", "")?;
+            for k in &t.kernels {
+                let (name, ms) = (&k.kind, k.ms_per_step);
+                if k.gflops > 0.0 {
+                    let g = k.gflops;
+                    writeln!(f, "{:<44} {name:<38} {ms:7.1} ms  {g:6.1} GFLOP/s", "")?;
                 } else {
                     writeln!(f, "{:<44} {name:<38} {ms:7.1} ms", "")?;
                 }
@@ -492,8 +545,24 @@ impl std::fmt::Display for BenchReport {
             )?,
         }
         match self.peak_rss_mib {
-            Some(m) => write!(f, "{:<40} {m:.0} MiB", "peak resident memory"),
-            None => write!(f, "{:<40} n/a", "peak resident memory"),
+            Some(m) => writeln!(f, "{:<40} {m:.0} MiB", "peak resident memory")?,
+            None => writeln!(f, "{:<40} n/a", "peak resident memory")?,
         }
+        if let Some(l) = self.foreign_cores_busy {
+            let warn = if l > 0.2 {
+                "  <-- other processes were busy: figures contaminated"
+            } else {
+                ""
+            };
+            write!(
+                f,
+                "{:<40} {l:.2}{warn}",
+                "cores busy elsewhere during the run"
+            )?;
+        }
+        if self.clock == "cpu" {
+            write!(f, "\n(times are process CPU time: ONEHEAD_PROFILE_CPU=1)")?;
+        }
+        Ok(())
     }
 }

@@ -52,9 +52,14 @@ for r in range(1, rounds + 1):
     # latency: lower is better, so the ratio is torch / onehead
     rows.setdefault("latency 224 b1 (1/ms)", []).append(
         (1.0 / o["latency_b1_ms"], 1.0 / t["latency_b1_ms"]))
-    rss = o.get("peak_rss_mib")
+    rows.setdefault("cores busy elsewhere (load)", []).append(
+        (o.get("foreign_cores_busy") or 0.0, t.get("foreign_cores_busy") or 0.0))
 print(f"{'measurement':34s} {'onehead':>9s} {'pytorch':>9s} {'ratio':>7s}   per round")
 for k, v in rows.items():
+    if k.startswith("cores busy"):
+        print(f"{k:34s} " + " ".join(f"{a:.2f}/{b:.2f}" for a, b in v)
+              + "   (onehead/pytorch run; above ~0.2 the round is contaminated)")
+        continue
     ratios = [a / b for a, b in v]
     fmt = (lambda x: f"{1/x:9.2f}") if "latency" in k else (lambda x: f"{x:9.1f}")
     name = k.replace("(1/ms)", "(ms)")

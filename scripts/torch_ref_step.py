@@ -88,12 +88,14 @@ def infer(size, batch):
     return {"size": size, "batch": batch, "ms": s * 1e3, "images_per_sec": batch / s}
 
 
+t_start = bench._cpu_sample()
 res = {"torch": torch.__version__, "threads": args.threads, "clock": args.clock, "train": []}
 for size in [int(v) for v in args.sizes.split(",")]:
     res["train"].append(train(size))
 if not args.skip_inference:
     res["inference_b16"] = infer(224, 16)
     res["latency_b1_ms"] = infer(224, 1)["ms"]
+res["foreign_cores_busy"] = round(bench.foreign_load(t_start, bench._cpu_sample()), 3)
 if args.json:
     print(json.dumps(res))
 else:
@@ -102,3 +104,4 @@ else:
     if "inference_b16" in res:
         print(f"inference b16 224: {res['inference_b16']['images_per_sec']:.1f} img/s")
         print(f"latency b1 224: {res['latency_b1_ms']:.2f} ms")
+    print(f"cores busy elsewhere during the run: {res['foreign_cores_busy']:.2f}")

@@ -231,15 +231,32 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
-    /// Time training steps (forward + backward + AdamW) and inference.
+    /// Training and inference throughput, batch-1 latency, peak memory, sgemm peak
+    /// (compare with shared/torch_ref/bench.py: scripts/bench_vs_torch.sh).
     Bench {
-        /// Square input sizes to time.
+        /// Square input sizes of the training measurements.
         #[arg(long, value_delimiter = ',', default_value = "160,224")]
         sizes: Vec<usize>,
         #[arg(long, default_value_t = 16)]
         batch: usize,
+        /// Replayed images added to the engine-style training step (0: skip it).
+        #[arg(long, default_value_t = 4)]
+        replay: usize,
+        /// Timed steps per measurement (after 2 warm-ups).
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Input size of the inference (batch 16) and latency (batch 1) measurements.
+        #[arg(long, default_value_t = 224)]
+        inference_size: usize,
+        /// Batch-1 forwards whose median is the latency (at least 30).
+        #[arg(long, default_value_t = 50)]
+        latency_runs: usize,
+        /// Time every kernel kind inside the fused network op (per training step).
+        #[arg(long)]
+        profile: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = "auto")]
         device: String,
     },
@@ -620,15 +637,29 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Bench {
             sizes,
             batch,
+            replay,
             steps,
+            inference_size,
+            latency_runs,
+            profile,
+            json,
             device,
         } => {
             let device = engine::select_device(&device)?;
-            for size in sizes {
-                let r = onehead::bench::bench_train_step(size, batch, steps, &device)?;
-                println!("training  {r}");
-                let i = onehead::bench::bench_inference(size, batch, steps, &device)?;
-                println!("inference {i}");
+            let opts = onehead::bench::BenchOptions {
+                sizes,
+                batch,
+                replay,
+                steps,
+                inference_size,
+                latency_runs,
+                profile,
+            };
+            let report = onehead::bench::run_bench(&opts, &device)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
             }
             Ok(ExitCode::SUCCESS)
         }

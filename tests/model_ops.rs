@@ -495,3 +495,47 @@ fn pixel_cross_entropy_matches_composed_reference_with_ignore() {
     let bad = Tensor::from_vec(vec![9u32; b * h * w], (b, h, w), &dev).unwrap();
     assert!(pixel_cross_entropy(&logits, &bad, Some(255)).is_err());
 }
+
+#[test]
+fn upsampled_pixel_cross_entropy_matches_resize_then_pixel_ce() {
+    use onehead::ops::{pixel_cross_entropy, resize_bilinear, upsampled_pixel_cross_entropy};
+    let dev = Device::Cpu;
+    // Odd sizes, non-integer scale factors, an ignore index, several rows per image.
+    for &(b, c, h, w, oh, ow) in &[
+        (2, 5, 3, 4, 7, 9),
+        (3, 21, 4, 4, 32, 32),
+        (1, 3, 5, 3, 5, 8),
+    ] {
+        let logits = Var::randn(0f32, 3f32, (b, c, h, w), &dev).unwrap();
+        let t: Vec<u32> = (0..b * oh * ow)
+            .map(|i| {
+                if i % 11 == 4 {
+                    255
+                } else {
+                    ((i * 7) % c) as u32
+                }
+            })
+            .collect();
+        let targets = Tensor::from_vec(t, (b, oh, ow), &dev).unwrap();
+        let fused = upsampled_pixel_cross_entropy(&logits, &targets, Some(255)).unwrap();
+        let composed = pixel_cross_entropy(
+            &resize_bilinear(&logits, oh, ow).unwrap(),
+            &targets,
+            Some(255),
+        )
+        .unwrap();
+        rel_close(&fused, &composed, 1e-6, "upsampled CE forward");
+        let ga = (&fused * 2.0).unwrap().backward().unwrap();
+        let gb = (&composed * 2.0).unwrap().backward().unwrap();
+        rel_close(
+            ga.get(&logits).unwrap(),
+            gb.get(&logits).unwrap(),
+            1e-5,
+            "upsampled CE grad",
+        );
+    }
+    // Out-of-range targets are rejected.
+    let logits = Tensor::zeros((1, 3, 2, 2), candle_core::DType::F32, &dev).unwrap();
+    let bad = Tensor::from_vec(vec![7u32; 16], (1, 4, 4), &dev).unwrap();
+    assert!(upsampled_pixel_cross_entropy(&logits, &bad, Some(255)).is_err());
+}

@@ -220,3 +220,196 @@ fn infer_b1_224() {
     let r = onehead::bench::bench_inference(224, 1, 200, &Device::Cpu).unwrap();
     println!("inference {r}");
 }
+
+/// Achieved sgemm GFLOP/s of the `gemm` crate (what candle and the fused kernels call) on
+/// conv-like shapes, all threads.
+#[test]
+#[ignore = "profiling"]
+fn sgemm_peak() {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for &(m, n, k) in &[
+        (512usize, 512usize, 512usize),
+        (1024, 1024, 1024),
+        (128, 12544, 1152),
+        (128, 784, 1152),
+        (1152, 784, 128),
+        (128, 1152, 784),
+        (72, 200704, 16),
+        (576, 784, 96),
+    ] {
+        let a = vec![1.0f32; m * k];
+        let b = vec![1.0f32; k * n];
+        let mut c = vec![0.0f32; m * n];
+        let run = |c: &mut [f32]| unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(threads),
+            )
+        };
+        run(&mut c);
+        let reps = (2e9 / (2.0 * (m * n * k) as f64)).clamp(3.0, 200.0) as usize;
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            run(&mut c);
+        }
+        let s = t0.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "sgemm m{m} n{n} k{k}: {:.2} ms, {:.1} GFLOP/s",
+            s * 1e3,
+            2.0 * (m * n * k) as f64 / s / 1e9
+        );
+    }
+}
+
+/// The fused executor's depthwise kernels on MobileNetV3-Small's depthwise layers (batch 16,
+/// 224×224): forward, input gradient, kernel gradient, summed over the network.
+#[test]
+#[ignore = "profiling"]
+fn fused_depthwise_kernels() {
+    use onehead::ops::fused::kernels::{
+        depthwise_bwd_input, depthwise_bwd_kernel, depthwise_fwd, ConvGeom,
+    };
+    // (C, H, k, stride, count in the network) at 224 input.
+    let layers = [
+        (16, 112, 3, 2, 1),
+        (72, 56, 3, 2, 1),
+        (88, 28, 3, 1, 1),
+        (96, 28, 5, 2, 1),
+        (240, 14, 5, 1, 2),
+        (120, 14, 5, 1, 1),
+        (144, 14, 5, 1, 1),
+        (288, 14, 5, 2, 1),
+        (576, 7, 5, 1, 2),
+    ];
+    let b = 16;
+    let (mut tf, mut ti, mut tk) = (0f64, 0f64, 0f64);
+    for &(c, h, k, s, count) in &layers {
+        let g = ConvGeom::new(b, c, h, h, k, s);
+        let x: Vec<f32> = (0..c * b * h * h).map(|i| (i % 7) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..c * k * k).map(|i| (i % 5) as f32 * 0.1).collect();
+        let dy: Vec<f32> = (0..c * b * g.ho * g.wo).map(|i| (i % 3) as f32).collect();
+        let mut y = vec![0f32; dy.len()];
+        let mut dx = vec![0f32; x.len()];
+        let mut dw = vec![0f32; w.len()];
+        let reps = 10;
+        // CPU time of the whole process (all threads): robust to other processes on the
+        // machine. Run with RAYON_NUM_THREADS=1 for a per-core figure.
+        let t = |f: &mut dyn FnMut()| {
+            f();
+            let t0 = cpu_time_s();
+            for _ in 0..reps {
+                f();
+            }
+            (cpu_time_s() - t0) * 1e3 / reps as f64
+        };
+        let a = t(&mut || depthwise_fwd(&g, &x, &w, &mut y));
+        let bb = t(&mut || depthwise_bwd_input(&g, &dy, &w, &mut dx));
+        let cc = t(&mut || depthwise_bwd_kernel(&g, &x, &dy, &mut dw));
+        println!("dw c{c} {h}x{h} k{k} s{s}: fwd {a:.2} ms, bwd-in {bb:.2} ms, bwd-k {cc:.2} ms");
+        tf += a * count as f64;
+        ti += bb * count as f64;
+        tk += cc * count as f64;
+    }
+    println!("network total: fwd {tf:.1} ms, bwd-in {ti:.1} ms, bwd-k {tk:.1} ms");
+}
+
+/// CPU seconds used by this process so far (user + system, all threads).
+fn cpu_time_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// The dense 3×3 conv gemm (M=128, K=1152, N=4096) with the operands in every storage
+/// order the executor could use: which one the `gemm` crate runs fastest.
+#[test]
+#[ignore = "profiling"]
+fn sgemm_layouts() {
+    let threads = rayon::current_num_threads();
+    for (m, n, k) in [
+        (128usize, 4096usize, 1152usize),
+        (4096, 128, 1152),
+        (1152, 4096, 128),
+        (4096, 1152, 128),
+        (128, 1152, 4096),
+        (1152, 128, 4096),
+    ] {
+        println!("m{m} n{n} k{k}");
+        let a = vec![0.5f32; m * k];
+        let b = vec![0.25f32; k * n];
+        let mut c = vec![0f32; m * n];
+        // Every storage order (d: dst, l: lhs, r: rhs; R row-major, C column-major).
+        let mut cases = Vec::new();
+        for code in 0..8u32 {
+            let (dc, lc, rc) = (code & 4 != 0, code & 2 != 0, code & 1 != 0);
+            let name = format!(
+                "d{} l{} r{}",
+                if dc { 'C' } else { 'R' },
+                if lc { 'C' } else { 'R' },
+                if rc { 'C' } else { 'R' }
+            );
+            let (dcs, drs) = if dc { (m, 1) } else { (1, n) };
+            let (lcs, lrs) = if lc { (m, 1) } else { (1, k) };
+            let (rcs, rrs) = if rc { (k, 1) } else { (1, n) };
+            cases.push((name, dcs, drs, lcs, lrs, rcs, rrs));
+        }
+        for (name, dcs, drs, lcs, lrs, rcs, rrs) in cases {
+            let run = |c: &mut [f32]| unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    dcs as isize,
+                    drs as isize,
+                    false,
+                    a.as_ptr(),
+                    lcs as isize,
+                    lrs as isize,
+                    b.as_ptr(),
+                    rcs as isize,
+                    rrs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(threads),
+                )
+            };
+            run(&mut c);
+            let reps = 20;
+            let t0 = cpu_time_s();
+            for _ in 0..reps {
+                run(&mut c);
+            }
+            let s = (cpu_time_s() - t0) / reps as f64;
+            println!(
+                "  {name:<20} {:.2} ms cpu, {:.1} GFLOP/s per cpu-second",
+                s * 1e3,
+                2.0 * (m * n * k) as f64 / s / 1e9
+            );
+        }
+    }
+}

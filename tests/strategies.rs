@@ -210,7 +210,13 @@ fn distillation_is_zero_at_the_teacher_and_pulls_back_toward_it() {
     // rate is too small or too large depending on the term's scale).
     let g = t.backward().unwrap();
     let gw = g.get(w.as_tensor()).unwrap();
-    let g2 = gw.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let g2 = gw
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(g2 > 0.0, "the term has a gradient in the head");
     let lr = 0.25 * away / g2;
     w.set(&(w.as_tensor() - (gw * lr as f64).unwrap()).unwrap())

@@ -5,6 +5,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::layers::{Conv, ConvKind, KAIMING_UNIFORM_A1};
+use crate::ops::fused::{Id, PlanBuilder};
 use crate::ops::{subsample2, upsample_nearest2x};
 
 /// Whether a variable belongs to an FPN output level the unified head never reads (every
@@ -85,6 +86,22 @@ impl Fpn {
             )
         }
         lateral + top_down
+    }
+
+    /// The finest output level (the only one the head reads) as steps of a fused plan, from
+    /// the backbone taps (finest first). The coarser output convs and the max-pool level
+    /// feed nothing and are not computed.
+    pub fn plan_finest(&self, pb: &mut PlanBuilder, taps: &[Id]) -> Result<Id> {
+        let n = self.inner.len();
+        if taps.len() != n {
+            candle_core::bail!("fpn: expected {n} feature maps, got {}", taps.len())
+        }
+        let mut last_inner = self.inner[n - 1].plan(pb, taps[n - 1])?;
+        for i in (0..n - 1).rev() {
+            let lateral = self.inner[i].plan(pb, taps[i])?;
+            last_inner = pb.up2_add(last_inner, lateral);
+        }
+        self.layer[0].plan(pb, last_inner)
     }
 
     /// Features finest first, each level exactly half the size of the previous one (inputs

@@ -1,7 +1,6 @@
 //! `onehead info`: parameter counts, output shapes and batch-1 inference latency.
 
 use std::fmt;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -138,11 +137,12 @@ pub fn median_latency_ms(
     }
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs.max(1) {
-        let t0 = Instant::now();
+        // Wall time (or process CPU time under ONEHEAD_PROFILE_CPU=1, see ops::fused::prof).
+        let t0 = crate::ops::fused::prof::clock();
         let o = model.forward_t(&x, false)?;
         // Reading the outputs back synchronises asynchronous devices.
         o.sum_all()?.to_scalar::<f32>()?;
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        times.push((crate::ops::fused::prof::clock() - t0) * 1e3);
     }
     Ok(median(&times))
 }

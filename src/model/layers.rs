@@ -8,6 +8,7 @@ use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
 
 use crate::ops::channel::{batch_norm_train, channel_affine, channel_bias, hard_swish, relu};
+use crate::ops::fused::{self, BnRef, Id, PlanBuilder};
 use crate::ops::{conv2d_im2col, depthwise_conv2d};
 
 pub use crate::ops::channel::hard_sigmoid;
@@ -93,6 +94,33 @@ impl Conv {
     }
 }
 
+impl Conv {
+    /// This conv as a step of a fused plan (see [`crate::ops::fused`]).
+    pub fn plan(&self, pb: &mut PlanBuilder, x: Id) -> Result<Id> {
+        let k = self.weight.dim(2)?;
+        let kind = match self.kind {
+            ConvKind::Pointwise => fused::ConvKind::Pointwise,
+            ConvKind::Dense => fused::ConvKind::Dense {
+                k,
+                stride: self.stride,
+            },
+            ConvKind::Depthwise => fused::ConvKind::Depthwise {
+                k,
+                stride: self.stride,
+            },
+        };
+        pb.conv(x, &self.weight, self.bias.as_ref(), kind)
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
 impl Module for Conv {
     /// `(B, C_in, H, W) -> (B, C_out, H/stride, W/stride)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -155,6 +183,18 @@ impl BatchNorm2d {
     pub fn running_var(&self) -> &Tensor {
         self.running_var.as_tensor()
     }
+
+    /// `act(BN(x))` as a step of a fused plan; `train` as in `forward_t`.
+    pub fn plan(&self, pb: &mut PlanBuilder, x: Id, train: bool, act: Act) -> Id {
+        let bn = BnRef {
+            running_mean: self.running_mean.clone(),
+            running_var: self.running_var.clone(),
+            eps: self.eps,
+            momentum: self.momentum,
+            train,
+        };
+        pb.bn_act(x, &self.weight, &self.bias, bn, act.fused())
+    }
 }
 
 impl ModuleT for BatchNorm2d {
@@ -194,6 +234,15 @@ pub enum Act {
 }
 
 impl Act {
+    /// The same activation in the fused executor.
+    pub fn fused(self) -> fused::Act {
+        match self {
+            Act::None => fused::Act::None,
+            Act::Relu => fused::Act::Relu,
+            Act::HardSwish => fused::Act::HardSwish,
+        }
+    }
+
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Act::None => Ok(x.clone()),
@@ -214,6 +263,14 @@ pub struct ConvBnAct {
 impl ConvBnAct {
     pub fn new(conv: Conv, bn: BatchNorm2d, act: Act) -> Self {
         Self { conv, bn, act }
+    }
+}
+
+impl ConvBnAct {
+    /// conv → BN → act as steps of a fused plan.
+    pub fn plan(&self, pb: &mut PlanBuilder, x: Id, train: bool) -> Result<Id> {
+        let y = self.conv.plan(pb, x)?;
+        Ok(self.bn.plan(pb, y, train, self.act))
     }
 }
 

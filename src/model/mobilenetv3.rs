@@ -9,6 +9,7 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::ops::channel::channel_scale;
+use crate::ops::fused::{Id, PlanBuilder};
 
 use super::layers::{
     batch_norm, hard_sigmoid, Act, BatchNorm2d, Conv, ConvBnAct, ConvKind, KAIMING_NORMAL_FAN_OUT,
@@ -112,6 +113,16 @@ impl SqueezeExcite {
             vb.pp("conv_expand"),
         )?;
         Ok(Self { reduce, expand })
+    }
+}
+
+impl SqueezeExcite {
+    /// This SE block as a step of a fused plan.
+    pub fn plan(&self, pb: &mut PlanBuilder, x: Id) -> Result<Id> {
+        let (Some(br), Some(be)) = (self.reduce.bias(), self.expand.bias()) else {
+            candle_core::bail!("squeeze-excite convs have biases")
+        };
+        pb.se(x, self.reduce.weight(), br, self.expand.weight(), be)
     }
 }
 
@@ -249,6 +260,58 @@ impl Block {
     }
 }
 
+impl Block {
+    /// This block as steps of a fused plan (the same computation as `forward_t`).
+    pub fn plan(&self, pb: &mut PlanBuilder, x: Id, train: bool) -> Result<Id> {
+        Ok(match self {
+            Block::Ds {
+                conv_dw,
+                bn1,
+                act,
+                se,
+                conv_pw,
+                bn2,
+                skip,
+            } => {
+                let y = conv_dw.plan(pb, x)?;
+                let mut y = bn1.plan(pb, y, train, *act);
+                if let Some(se) = se {
+                    y = se.plan(pb, y)?;
+                }
+                let y = conv_pw.plan(pb, y)?;
+                let y = bn2.plan(pb, y, train, Act::None);
+                if *skip {
+                    pb.add(y, x)
+                } else {
+                    y
+                }
+            }
+            Block::Ir {
+                conv_pw,
+                conv_dw,
+                se,
+                conv_pwl,
+                bn3,
+                skip,
+            } => {
+                let y = conv_pw.plan(pb, x, train)?;
+                let mut y = conv_dw.plan(pb, y, train)?;
+                if let Some(se) = se {
+                    y = se.plan(pb, y)?;
+                }
+                let y = conv_pwl.plan(pb, y)?;
+                let y = bn3.plan(pb, y, train, Act::None);
+                if *skip {
+                    pb.add(y, x)
+                } else {
+                    y
+                }
+            }
+            Block::Cba(cba) => cba.plan(pb, x, train)?,
+        })
+    }
+}
+
 impl ModuleT for Block {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
@@ -332,6 +395,21 @@ impl MobileNetV3 {
             stages.push(stage);
         }
         Ok(Self { stem, stages })
+    }
+
+    /// The backbone as steps of a fused plan from value `x`; returns the three taps.
+    pub fn plan(&self, pb: &mut PlanBuilder, x: Id, train: bool) -> Result<Vec<Id>> {
+        let mut y = self.stem.plan(pb, x, train)?;
+        let mut taps = Vec::with_capacity(TAP_STAGES.len());
+        for (i, stage) in self.stages.iter().enumerate() {
+            for block in stage {
+                y = block.plan(pb, y, train)?;
+            }
+            if TAP_STAGES.contains(&i) {
+                taps.push(y);
+            }
+        }
+        Ok(taps)
     }
 
     /// `(B,3,H,W)` -> `[(B,24,H/8,W/8), (B,40,H/16,W/16), (B,576,H/32,W/32)]`.

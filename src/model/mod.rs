@@ -87,6 +87,19 @@ impl UnifiedHead {
     }
 }
 
+impl UnifiedHead {
+    /// The head as steps of a fused plan.
+    pub fn plan(
+        &self,
+        pb: &mut ops::fused::PlanBuilder,
+        x: ops::fused::Id,
+    ) -> Result<ops::fused::Id> {
+        let y = self.conv.plan(pb, x)?;
+        let y = pb.act(y, ops::fused::Act::Relu);
+        self.out.plan(pb, y)
+    }
+}
+
 impl Module for UnifiedHead {
     /// `(B, C, h, w) -> (B, head_channels, h, w)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -148,6 +161,15 @@ impl OneHead {
                 "onehead: input must be (B, 3, H, W) with H and W positive multiples of {INPUT_MULTIPLE}, got {:?}; resize or pad the images",
                 x.dims()
             )
+        }
+        if ops::fused::enabled() && ops::fused::supported(x) {
+            // CPU: the whole network as one fused op (ops::fused), same computation.
+            let mut pb = ops::fused::PlanBuilder::new();
+            let input = pb.input();
+            let taps = self.backbone.plan(&mut pb, input, backbone_train)?;
+            let level0 = self.fpn.plan_finest(&mut pb, &taps)?;
+            let y = self.head.plan(&mut pb, level0)?;
+            return pb.finish(y).run(x, backbone_train || head_train);
         }
         let taps = self.backbone.forward_features(x, backbone_train)?;
         // Only the finest FPN level feeds the head: the coarser outputs and the max-pool

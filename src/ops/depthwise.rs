@@ -15,20 +15,20 @@ use super::storage::{f32_slice, valid_range};
 
 /// Geometry shared by the forward and both backward kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geom {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-    ho: usize,
-    wo: usize,
+pub(crate) struct Geom {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub ho: usize,
+    pub wo: usize,
 }
 
 impl Geom {
-    fn new(
+    pub(crate) fn new(
         (n, c, h, w): (usize, usize, usize, usize),
         k: usize,
         stride: usize,
@@ -134,7 +134,7 @@ impl CustomOp2 for DepthwiseFwd {
 
 /// One (n, c) plane: `o[oy,ox] = Σ_{ky,kx} x[oy·s+ky−p, ox·s+kx−p] · w[ky,kx]`.
 /// Loops are ordered tap-outer so the innermost loop is a contiguous axpy for stride 1.
-fn fwd_plane(g: &Geom, x: &[f32], w: &[f32], o: &mut [f32]) {
+pub(crate) fn fwd_plane(g: &Geom, x: &[f32], w: &[f32], o: &mut [f32]) {
     for ky in 0..g.k {
         let (oy0, oy1) = g.valid(ky, g.h, g.ho);
         for kx in 0..g.k {
@@ -159,6 +159,71 @@ fn fwd_plane(g: &Geom, x: &[f32], w: &[f32], o: &mut [f32]) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// One plane of the input gradient (accumulated into `gx`): the transpose of [`fwd_plane`].
+pub(crate) fn bwd_input_plane(g: &Geom, gy: &[f32], w: &[f32], gx: &mut [f32]) {
+    let k = g.k;
+    for ky in 0..k {
+        let (oy0, oy1) = g.valid(ky, g.h, g.ho);
+        for kx in 0..k {
+            let wv = w[ky * k + kx];
+            let (ox0, ox1) = g.valid(kx, g.w, g.wo);
+            if ox0 == ox1 {
+                continue; // tap entirely in the padding (map smaller than the kernel)
+            }
+            for oy in oy0..oy1 {
+                let iy = oy * g.stride + ky - g.pad;
+                let grow = &gy[oy * g.wo..(oy + 1) * g.wo];
+                let xrow = &mut gx[iy * g.w..(iy + 1) * g.w];
+                if g.stride == 1 {
+                    let ix0 = ox0 + kx - g.pad;
+                    let len = ox1 - ox0;
+                    for (xv, gv) in xrow[ix0..ix0 + len].iter_mut().zip(&grow[ox0..ox1]) {
+                        *xv += wv * gv;
+                    }
+                } else {
+                    for ox in ox0..ox1 {
+                        xrow[ox * g.stride + kx - g.pad] += wv * grow[ox];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One plane's contribution to the kernel gradient, added to `gk` (k·k taps).
+pub(crate) fn bwd_kernel_plane(g: &Geom, x: &[f32], gy: &[f32], gk: &mut [f32]) {
+    let k = g.k;
+    for ky in 0..k {
+        let (oy0, oy1) = g.valid(ky, g.h, g.ho);
+        for kx in 0..k {
+            let (ox0, ox1) = g.valid(kx, g.w, g.wo);
+            if ox0 == ox1 {
+                continue; // tap entirely in the padding (map smaller than the kernel)
+            }
+            // f64 accumulator: sums run over N·Ho·Wo terms.
+            let mut acc = 0f64;
+            for oy in oy0..oy1 {
+                let iy = oy * g.stride + ky - g.pad;
+                let xrow = &x[iy * g.w..(iy + 1) * g.w];
+                let grow = &gy[oy * g.wo..(oy + 1) * g.wo];
+                let mut row = 0f32;
+                if g.stride == 1 {
+                    let ix0 = ox0 + kx - g.pad;
+                    for (xv, gv) in xrow[ix0..ix0 + ox1 - ox0].iter().zip(&grow[ox0..ox1]) {
+                        row += xv * gv;
+                    }
+                } else {
+                    for ox in ox0..ox1 {
+                        row += xrow[ox * g.stride + kx - g.pad] * grow[ox];
+                    }
+                }
+                acc += row as f64;
+            }
+            gk[ky * k + kx] += acc as f32;
         }
     }
 }
@@ -195,34 +260,7 @@ impl CustomOp2 for DepthwiseBwdInput {
                 let ch = plane % c;
                 let gyp = &gy[plane * g.ho * g.wo..(plane + 1) * g.ho * g.wo];
                 let wp = &kw[ch * k * k..(ch + 1) * k * k];
-                // Scatter: the transpose of `fwd_plane`.
-                for ky in 0..k {
-                    let (oy0, oy1) = g.valid(ky, g.h, g.ho);
-                    for kx in 0..k {
-                        let wv = wp[ky * k + kx];
-                        let (ox0, ox1) = g.valid(kx, g.w, g.wo);
-                        if ox0 == ox1 {
-                            continue; // tap entirely in the padding (map smaller than the kernel)
-                        }
-                        for oy in oy0..oy1 {
-                            let iy = oy * g.stride + ky - g.pad;
-                            let grow = &gyp[oy * g.wo..(oy + 1) * g.wo];
-                            let xrow = &mut gxp[iy * g.w..(iy + 1) * g.w];
-                            if g.stride == 1 {
-                                let ix0 = ox0 + kx - g.pad;
-                                let len = ox1 - ox0;
-                                for (xv, gv) in xrow[ix0..ix0 + len].iter_mut().zip(&grow[ox0..ox1])
-                                {
-                                    *xv += wv * gv;
-                                }
-                            } else {
-                                for ox in ox0..ox1 {
-                                    xrow[ox * g.stride + kx - g.pad] += wv * grow[ox];
-                                }
-                            }
-                        }
-                    }
-                }
+                bwd_input_plane(&g, gyp, wp, gxp);
             });
         Ok((CpuStorage::F32(gx), Shape::from((n, c, g.h, g.w))))
     }
@@ -257,37 +295,7 @@ impl CustomOp2 for DepthwiseBwdKernel {
                 let plane = b * g.c + ch;
                 let xp = &x[plane * g.h * g.w..(plane + 1) * g.h * g.w];
                 let gyp = &gy[plane * g.ho * g.wo..(plane + 1) * g.ho * g.wo];
-                for ky in 0..k {
-                    let (oy0, oy1) = g.valid(ky, g.h, g.ho);
-                    for kx in 0..k {
-                        let (ox0, ox1) = g.valid(kx, g.w, g.wo);
-                        if ox0 == ox1 {
-                            continue; // tap entirely in the padding (map smaller than the kernel)
-                        }
-                        // f64 accumulator: sums run over N·Ho·Wo terms.
-                        let mut acc = 0f64;
-                        for oy in oy0..oy1 {
-                            let iy = oy * g.stride + ky - g.pad;
-                            let xrow = &xp[iy * g.w..(iy + 1) * g.w];
-                            let grow = &gyp[oy * g.wo..(oy + 1) * g.wo];
-                            let mut row = 0f32;
-                            if g.stride == 1 {
-                                let ix0 = ox0 + kx - g.pad;
-                                for (xv, gv) in
-                                    xrow[ix0..ix0 + ox1 - ox0].iter().zip(&grow[ox0..ox1])
-                                {
-                                    row += xv * gv;
-                                }
-                            } else {
-                                for ox in ox0..ox1 {
-                                    row += xrow[ox * g.stride + kx - g.pad] * grow[ox];
-                                }
-                            }
-                            acc += row as f64;
-                        }
-                        gkc[ky * k + kx] += acc as f32;
-                    }
-                }
+                bwd_kernel_plane(&g, xp, gyp, gkc);
             }
         });
         Ok((CpuStorage::F32(gk), Shape::from((g.c, 1, k, k))))

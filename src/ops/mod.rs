@@ -1,15 +1,25 @@
 //! Kernels candle lacks or gets slow/wrong for this model (see shared/CANDLE_NOTES.md).
+//!
+//! - [`fused`]: on the CPU, `OneHead`'s whole forward and backward as one autograd node
+//!   (the training and inference path; see its module docs for why and how).
+//! - The per-layer ops ([`depthwise`], [`im2col`], [`channel`], [`resize`]) are what the
+//!   model's `Module` implementations use on other devices and what the fused path is tested
+//!   against; [`loss`] holds the pixel cross-entropies (one of them fused with the bilinear
+//!   upsampling of the logits), [`fastmath`] a vectorisable `exp`/`ln`.
 
 pub mod channel;
 pub mod depthwise;
+pub mod fastmath;
+pub mod fused;
 pub mod im2col;
 pub mod loss;
 pub mod resize;
+mod simd;
 mod storage;
 
 pub use depthwise::depthwise_conv2d;
 pub use im2col::conv2d_im2col;
-pub use loss::pixel_cross_entropy;
+pub use loss::{pixel_cross_entropy, upsampled_pixel_cross_entropy};
 pub use resize::{resize_bilinear, subsample2, upsample_nearest2x};
 
 /// CPU runtime settings measured to speed up training on this 2-core machine kind; call once

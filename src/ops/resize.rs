@@ -52,7 +52,7 @@ pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor>
 }
 
 /// Two taps per output index along one axis: `(i0, i1, w0, w1)`.
-fn taps(in_len: usize, out_len: usize) -> Vec<(usize, usize, f32, f32)> {
+pub(crate) fn taps(in_len: usize, out_len: usize) -> Vec<(usize, usize, f32, f32)> {
     let scale = in_len as f64 / out_len as f64;
     (0..out_len)
         .map(|d| {

@@ -37,7 +37,7 @@ use crate::data::imageio::{
 };
 use crate::data::{DataError, IGNORE_INDEX, SEG_DIR, VOC_CLASSES};
 use crate::metrics::miou::ConfusionMatrix;
-use crate::ops::resize::{resize_bilinear, resize_bilinear_argmax};
+use crate::ops::resize::resize_bilinear_argmax;
 
 /// One split: images and their masks at the model input size (nearest-neighbour), and at
 /// their original size when kept (val splits: scoring; train splits with crops: cropping).
@@ -289,6 +289,30 @@ pub fn masks_tensor(masks: &[Vec<u8>], s: usize, device: &Device) -> Result<Tens
     Ok(Tensor::from_vec(v, (masks.len(), s, s), device)?)
 }
 
+/// Mean cross-entropy over the valid pixels of `logits (B, C, h, w)` resized bilinearly to
+/// the masks' `H × W` (`masks (B, H, W)` u32 class ids; `ignore` not counted and given exactly
+/// zero gradient; all pixels ignored → 0). One fused op on the CPU, the composition
+/// resize → cross-entropy elsewhere; same value and gradient (tests/model_ops.rs).
+pub fn upsampled_pixel_cross_entropy(
+    logits: &Tensor,
+    masks: &Tensor,
+    ignore: u32,
+) -> Result<Tensor> {
+    let b = logits.dim(0)?;
+    anyhow::ensure!(
+        masks.rank() == 3 && masks.dim(0)? == b && masks.dtype() == DType::U32,
+        "upsampled_pixel_cross_entropy: masks {:?} {:?} do not match logits {:?} (expected u32 ({b}, H, W))",
+        masks.dims(),
+        masks.dtype(),
+        logits.dims()
+    );
+    Ok(crate::ops::upsampled_pixel_cross_entropy(
+        logits,
+        masks,
+        Some(ignore),
+    )?)
+}
+
 /// Mean cross-entropy over the valid pixels: `logits (B, C, H, W)`, `masks (B, H, W)` u32
 /// class ids, `ignore` not counted (and given exactly zero gradient); all pixels ignored → 0.
 pub fn pixel_cross_entropy(logits: &Tensor, masks: &Tensor, ignore: u32) -> Result<Tensor> {
@@ -300,8 +324,6 @@ pub fn pixel_cross_entropy(logits: &Tensor, masks: &Tensor, ignore: u32) -> Resu
         masks.dtype(),
         logits.dims()
     );
-    // The fused kernel (one pass each way on CPU; the composed form elsewhere): the unfused
-    // composition cost ~780 ms per 224² batch-16 step.
     Ok(crate::ops::loss::pixel_cross_entropy(
         logits,
         masks,
@@ -380,11 +402,11 @@ impl Task for SegTask {
     fn loss(&self, out: &Tensor, batch: &Batch) -> Result<TaskLoss> {
         let s = batch.images.dim(2)?;
         let masks: &Vec<Vec<u8>> = batch.targets()?;
-        // Cross-entropy on logits upsampled to the mask's size (255 ignored).
-        let logits = resize_bilinear(out, s, s)?;
+        // Cross-entropy on logits upsampled bilinearly to the mask's size (255 ignored), as
+        // one op: the upsampled (B, 21, S, S) logits (67 MB at 224², batch 16) are never built.
         let masks = masks_tensor(masks, s, out.device())?;
         Ok(TaskLoss {
-            total: pixel_cross_entropy(&logits, &masks, IGNORE_INDEX as u32)?,
+            total: upsampled_pixel_cross_entropy(out, &masks, IGNORE_INDEX as u32)?,
             parts: vec![],
         })
     }

@@ -1,0 +1,1390 @@
+//! Slice kernels of the fused executor. Activations are stored `(C, H, W, B)` ("CHWN"):
+//! channel-major, so a whole channel is one contiguous row of `H·W·B` values (a 1×1
+//! convolution is one gemm `(O×C)·(C×HWB)` for the whole batch; BatchNorm statistics are row
+//! reductions), and batch-minor, so the B values of one pixel are contiguous (a depthwise
+//! kernel tap, an im2col entry or an upsampled pixel is one vector of B lanes).
+//!
+//! Every kernel writes all of its output (buffers come from [`super::pool`] with stale
+//! contents). Reductions use fixed chunking and a fixed summation order, so results are
+//! bit-identical run to run for a given thread count.
+
+use rayon::prelude::*;
+
+use crate::ops::storage::valid_range;
+
+use crate::ops::simd::multiversion;
+pub use crate::ops::simd::simd_level;
+
+/// Activation functions (PyTorch's conventions for the derivative at the kinks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    None,
+    Relu,
+    HardSwish,
+    HardSigmoid,
+}
+
+impl Act {
+    #[inline(always)]
+    pub fn f(self, x: f32) -> f32 {
+        match self {
+            Act::None => x,
+            Act::Relu => x.max(0.0),
+            Act::HardSwish => x * ((x + 3.0).clamp(0.0, 6.0) / 6.0),
+            Act::HardSigmoid => (x + 3.0).clamp(0.0, 6.0) / 6.0,
+        }
+    }
+
+    #[inline(always)]
+    pub fn df(self, x: f32) -> f32 {
+        match self {
+            Act::None => 1.0,
+            Act::Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Act::HardSwish => {
+                if x <= -3.0 {
+                    0.0
+                } else if x >= 3.0 {
+                    1.0
+                } else {
+                    (2.0 * x + 3.0) / 6.0
+                }
+            }
+            Act::HardSigmoid => {
+                if x <= -3.0 || x >= 3.0 {
+                    0.0
+                } else {
+                    1.0 / 6.0
+                }
+            }
+        }
+    }
+}
+
+/// Minimum items per rayon task so that each task has at least ~16 K values of work: tiny
+/// maps (batch 1, 7×7) are not split into tasks that cost more to schedule than to run.
+#[inline]
+fn grain(work_per_item: usize) -> usize {
+    (16384 / work_per_item.max(1)).max(1)
+}
+
+fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// `dst (m×n, row stride dst_rs, column stride 1) = [dst +] lhs (m×k) · rhs (k×n)` with
+/// arbitrary element strides for lhs and rhs.
+///
+/// # Safety
+/// Every index `i·rs + j·cs` addressed for the given sizes must lie inside the allocation
+/// behind each pointer, and `dst` must not overlap `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    sgemm_strided(
+        m, n, k, dst, dst_rs, 1, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs,
+    )
+}
+
+/// As [`sgemm`] with an arbitrary column stride for `dst` too. The `gemm` crate's speed
+/// depends on the storage orders: for the conv shapes here a column-major destination with
+/// a column-major right-hand side runs ≈ 1.2–1.45× faster than all-row-major for the weight
+/// gradients (measured: `tests/model_profile.rs` `sgemm_layouts`).
+///
+/// # Safety
+/// As [`sgemm`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    dst_cs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.add(i * dst_rs + j * dst_cs) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::Rayon(threads()),
+    )
+}
+
+/// `dst (cols × rows) = srcᵀ` for `src (rows × cols)`, both row-major.
+pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    dst.par_chunks_mut(rows * 64)
+        .enumerate()
+        .for_each(|(t, o)| {
+            for (i, row) in o.chunks_exact_mut(rows).enumerate() {
+                let j = t * 64 + i;
+                for (k, v) in row.iter_mut().enumerate() {
+                    *v = src[k * cols + j];
+                }
+            }
+        });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions.
+
+multiversion! {
+    /// Σ xs in f64: f32 lane accumulators over fixed blocks (vectorises; deterministic).
+    pub fn sum(xs: &[f32]) -> f64 {
+        let mut total = 0f64;
+        for blk in xs.chunks(1024) {
+            let mut acc = [0f32; 16];
+            let mut it = blk.chunks_exact(16);
+            for ch in &mut it {
+                for i in 0..16 {
+                    acc[i] += ch[i];
+                }
+            }
+            let mut s = 0f32;
+            for a in acc {
+                s += a;
+            }
+            for &v in it.remainder() {
+                s += v;
+            }
+            total += s as f64;
+        }
+        total
+    }
+}
+
+multiversion! {
+    /// Σ (x − mu)² in f64, as [`sum`].
+    fn sum_sq_dev(xs: &[f32], mu: f32) -> f64 {
+        let mut total = 0f64;
+        for blk in xs.chunks(1024) {
+            let mut acc = [0f32; 16];
+            let mut it = blk.chunks_exact(16);
+            for ch in &mut it {
+                for i in 0..16 {
+                    let d = ch[i] - mu;
+                    acc[i] = d.mul_add(d, acc[i]);
+                }
+            }
+            let mut s = 0f32;
+            for a in acc {
+                s += a;
+            }
+            for &v in it.remainder() {
+                let d = v - mu;
+                s = d.mul_add(d, s);
+            }
+            total += s as f64;
+        }
+        total
+    }
+}
+
+/// Per-lane sums over pixels: `out[l] = Σ_p f(a[p·b + l], c[p·b + l])` for `(P, b)` slices,
+/// f32 over blocks of 64 pixels, then f64 (fixed order).
+#[inline(always)]
+fn lane_sums<F: Fn(f32, f32) -> f32>(a: &[f32], c: &[f32], b: usize, f: F, out: &mut [f64]) {
+    out.fill(0.0);
+    if b == 0 {
+        return;
+    }
+    let mut acc = vec![0f32; b];
+    for (ba, bc) in a.chunks(64 * b).zip(c.chunks(64 * b)) {
+        acc.fill(0.0);
+        for (pa, pc) in ba.chunks_exact(b).zip(bc.chunks_exact(b)) {
+            for ((s, &x), &y) in acc.iter_mut().zip(pa).zip(pc) {
+                *s += f(x, y);
+            }
+        }
+        for (o, &s) in out.iter_mut().zip(&acc) {
+            *o += s as f64;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout conversions.
+
+/// `(B, C, HW)` (NCHW) -> `(C, HW, B)` (CHWN), in tiles of 64 pixels (cache-friendly).
+pub fn nchw_to_chwn(src: &[f32], b: usize, c: usize, hw: usize, dst: &mut [f32]) {
+    if hw == 0 || b == 0 {
+        return;
+    }
+    const T: usize = 64;
+    dst.par_chunks_mut(hw * b).enumerate().for_each(|(ci, dc)| {
+        dc.par_chunks_mut(T * b).enumerate().for_each(|(t, o)| {
+            let (p0, np) = (t * T, o.len() / b);
+            for bi in 0..b {
+                let plane = &src[(bi * c + ci) * hw + p0..(bi * c + ci) * hw + p0 + np];
+                for (p, &v) in plane.iter().enumerate() {
+                    o[p * b + bi] = v;
+                }
+            }
+        });
+    });
+}
+
+/// `(C, HW, B)` (CHWN) -> `(B, C, HW)` (NCHW).
+pub fn chwn_to_nchw(src: &[f32], c: usize, hw: usize, b: usize, dst: &mut [f32]) {
+    if hw == 0 || c == 0 {
+        return;
+    }
+    dst.par_chunks_mut(hw)
+        .with_min_len(grain(hw))
+        .enumerate()
+        .for_each(|(q, o)| {
+            let (bi, ci) = (q / c, q % c);
+            let s = &src[ci * hw * b..(ci + 1) * hw * b];
+            for (p, v) in o.iter_mut().enumerate() {
+                *v = s[p * b + bi];
+            }
+        });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Convolutions.
+
+/// Geometry of a k×k convolution with stride `s`, padding `k/2`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvGeom {
+    pub b: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl ConvGeom {
+    pub fn new(b: usize, c: usize, h: usize, w: usize, k: usize, stride: usize) -> Self {
+        let pad = k / 2;
+        let ho = (h + 2 * pad - k) / stride + 1;
+        let wo = (w + 2 * pad - k) / stride + 1;
+        Self {
+            b,
+            c,
+            h,
+            w,
+            k,
+            stride,
+            pad,
+            ho,
+            wo,
+        }
+    }
+
+    /// Output positions whose tap `tap` reads inside an input axis of `len` (`out` outputs).
+    fn valid(&self, tap: usize, len: usize, out: usize) -> (usize, usize) {
+        valid_range(tap, len, out, self.stride, self.pad)
+    }
+
+    /// Taps `ky` with `o·s + ky − pad` inside `0..len`.
+    #[inline(always)]
+    fn taps(&self, o: usize, len: usize) -> (usize, usize) {
+        let base = o * self.stride;
+        let t0 = self.pad.saturating_sub(base);
+        let t1 = (len + self.pad).saturating_sub(base).min(self.k);
+        (t0, t1.max(t0))
+    }
+
+    /// Output rows per im2col chunk: about 4096 columns, at most 16 MiB of columns.
+    pub fn chunk_rows(&self) -> usize {
+        let per_row = (self.wo * self.b).max(1);
+        let rows = self.c * self.k * self.k;
+        let by_cols = 4096usize.div_ceil(per_row);
+        let by_bytes = ((16usize << 20) / (4 * rows * per_row)).max(1);
+        by_cols.min(by_bytes).clamp(1, self.ho.max(1))
+    }
+}
+
+/// im2col of output rows `oy0..oy1`: `cols (C·k·k, (oy1−oy0)·Wo·B)`, row `(c·k + ky)·k + kx`,
+/// column `((oy − oy0)·Wo + ox)·B + b`.
+pub fn im2col(g: &ConvGeom, x: &[f32], oy0: usize, oy1: usize, cols: &mut [f32]) {
+    let (k, b) = (g.k, g.b);
+    let ncols = (oy1 - oy0) * g.wo * b;
+    let plane = g.h * g.w * b;
+    cols.par_chunks_mut(k * k * ncols)
+        .with_min_len(grain(k * k * ncols))
+        .enumerate()
+        .for_each(|(c, dst)| {
+            let xc = &x[c * plane..(c + 1) * plane];
+            for ky in 0..k {
+                for kx in 0..k {
+                    let (ox0, ox1) = g.valid(kx, g.w, g.wo);
+                    let row = &mut dst[(ky * k + kx) * ncols..(ky * k + kx + 1) * ncols];
+                    for oy in oy0..oy1 {
+                        let seg = &mut row[(oy - oy0) * g.wo * b..(oy - oy0 + 1) * g.wo * b];
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize || ox0 == ox1 {
+                            seg.fill(0.0);
+                            continue;
+                        }
+                        let xrow = &xc[iy as usize * g.w * b..(iy as usize + 1) * g.w * b];
+                        seg[..ox0 * b].fill(0.0);
+                        seg[ox1 * b..].fill(0.0);
+                        if g.stride == 1 {
+                            let ix0 = ox0 + kx - g.pad;
+                            seg[ox0 * b..ox1 * b]
+                                .copy_from_slice(&xrow[ix0 * b..(ix0 + ox1 - ox0) * b]);
+                        } else {
+                            for ox in ox0..ox1 {
+                                let ix = ox * g.stride + kx - g.pad;
+                                seg[ox * b..(ox + 1) * b]
+                                    .copy_from_slice(&xrow[ix * b..(ix + 1) * b]);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+multiversion! {
+    /// `dst += src`.
+    fn add_into(dst: &mut [f32], src: &[f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d += s;
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: add the taps in `cols` (output rows `oy0..oy1`) into
+/// `dx (C, H, W, B)` (zero it before the first chunk).
+pub fn col2im(g: &ConvGeom, cols: &[f32], oy0: usize, oy1: usize, dx: &mut [f32]) {
+    let (k, b) = (g.k, g.b);
+    let ncols = (oy1 - oy0) * g.wo * b;
+    let plane = g.h * g.w * b;
+    if plane == 0 {
+        return;
+    }
+    dx.par_chunks_mut(plane)
+        .with_min_len(grain(k * k * ncols))
+        .enumerate()
+        .for_each(|(c, dxc)| {
+            let src = &cols[c * k * k * ncols..(c + 1) * k * k * ncols];
+            for ky in 0..k {
+                for kx in 0..k {
+                    let (ox0, ox1) = g.valid(kx, g.w, g.wo);
+                    if ox0 == ox1 {
+                        continue;
+                    }
+                    let row = &src[(ky * k + kx) * ncols..(ky * k + kx + 1) * ncols];
+                    for oy in oy0..oy1 {
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let seg = &row[(oy - oy0) * g.wo * b..(oy - oy0 + 1) * g.wo * b];
+                        let xrow = &mut dxc[iy as usize * g.w * b..(iy as usize + 1) * g.w * b];
+                        if g.stride == 1 {
+                            let ix0 = ox0 + kx - g.pad;
+                            add_into(
+                                &mut xrow[ix0 * b..(ix0 + ox1 - ox0) * b],
+                                &seg[ox0 * b..ox1 * b],
+                            );
+                        } else {
+                            for ox in ox0..ox1 {
+                                let ix = ox * g.stride + kx - g.pad;
+                                add_into(
+                                    &mut xrow[ix * b..(ix + 1) * b],
+                                    &seg[ox * b..(ox + 1) * b],
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+// Depthwise convolutions on CHWN: the B values of a pixel are contiguous, so every kernel tap
+// is one vector operation over the batch (lane blocks of 16, 8, 4, 1) and an output pixel is
+// a register accumulator over its valid taps. No padding copies, stride 2 costs nothing.
+
+/// Lane blocks `(start, width)` covering `0..b`: widths 16, then 8, 4, 1.
+#[inline(always)]
+fn lane_blocks(b: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut out = [(0usize, 0usize); 24];
+    let mut n = 0;
+    let mut j = 0;
+    for w in [16usize, 8, 4, 1] {
+        while b - j >= w && n < out.len() {
+            out[n] = (j, w);
+            n += 1;
+            j += w;
+        }
+    }
+    out.into_iter().take(n)
+}
+
+/// One lane block of the depthwise correlation of `x (h, w, B)` with `wt (k, k)`, stride `s`,
+/// padding `pad`: `y (ho, wo, B)`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn corr_lanes<const L: usize>(
+    x: &[f32],
+    (h, w, b): (usize, usize, usize),
+    j0: usize,
+    wt: &[f32],
+    (k, s, pad): (usize, usize, usize),
+    (ho, wo): (usize, usize),
+    y: &mut [f32],
+) {
+    let g = ConvGeom {
+        b,
+        c: 1,
+        h,
+        w,
+        k,
+        stride: s,
+        pad,
+        ho,
+        wo,
+    };
+    for oy in 0..ho {
+        let (ky0, ky1) = g.taps(oy, h);
+        for ox in 0..wo {
+            let (kx0, kx1) = g.taps(ox, w);
+            let mut acc = [0f32; L];
+            for ky in ky0..ky1 {
+                let iy = oy * s + ky - pad;
+                for kx in kx0..kx1 {
+                    let ix = ox * s + kx - pad;
+                    let wv = wt[ky * k + kx];
+                    let o = (iy * w + ix) * b + j0;
+                    let src: &[f32; L] = x[o..o + L].try_into().unwrap();
+                    for l in 0..L {
+                        acc[l] = wv.mul_add(src[l], acc[l]);
+                    }
+                }
+            }
+            let o = (oy * wo + ox) * b + j0;
+            y[o..o + L].copy_from_slice(&acc);
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn corr(
+    x: &[f32],
+    hwb: (usize, usize, usize),
+    wt: &[f32],
+    ksp: (usize, usize, usize),
+    howo: (usize, usize),
+    y: &mut [f32],
+) {
+    for (j0, l) in lane_blocks(hwb.2) {
+        match l {
+            16 => corr_lanes::<16>(x, hwb, j0, wt, ksp, howo, y),
+            8 => corr_lanes::<8>(x, hwb, j0, wt, ksp, howo, y),
+            4 => corr_lanes::<4>(x, hwb, j0, wt, ksp, howo, y),
+            _ => corr_lanes::<1>(x, hwb, j0, wt, ksp, howo, y),
+        }
+    }
+}
+
+/// One lane block of the depthwise input gradient for stride > 1: every input pixel gathers
+/// the output pixels whose taps read it.
+#[inline(always)]
+fn bwd_in_lanes<const L: usize>(g: &ConvGeom, dy: &[f32], j0: usize, wt: &[f32], dx: &mut [f32]) {
+    let (k, s, b) = (g.k, g.stride, g.b);
+    // Per input position: the (tap, output) pairs that read it (at most ⌈k/s⌉ ≤ 4 each).
+    let table = |len: usize, outs: usize| -> Vec<([(usize, usize); 4], usize)> {
+        (0..len)
+            .map(|i| {
+                let mut e = [(0usize, 0usize); 4];
+                let mut n = 0;
+                let p = i + g.pad;
+                for t in 0..k.min(p + 1) {
+                    if (p - t).is_multiple_of(s) && (p - t) / s < outs && n < 4 {
+                        e[n] = (t, (p - t) / s);
+                        n += 1;
+                    }
+                }
+                (e, n)
+            })
+            .collect()
+    };
+    let (ty, tx) = (table(g.h, g.ho), table(g.w, g.wo));
+    for (iy, &(ey, ny)) in ty.iter().enumerate() {
+        for (ix, &(ex, nx)) in tx.iter().enumerate() {
+            let mut acc = [0f32; L];
+            for &(ky, oy) in &ey[..ny] {
+                for &(kx, ox) in &ex[..nx] {
+                    let wv = wt[ky * k + kx];
+                    let o = (oy * g.wo + ox) * b + j0;
+                    let src: &[f32; L] = dy[o..o + L].try_into().unwrap();
+                    for l in 0..L {
+                        acc[l] = wv.mul_add(src[l], acc[l]);
+                    }
+                }
+            }
+            let o = (iy * g.w + ix) * b + j0;
+            dx[o..o + L].copy_from_slice(&acc);
+        }
+    }
+}
+
+/// One lane block of one tap's kernel gradient: `Σ_{oy,ox} dy · x(shifted)` per lane.
+#[inline(always)]
+fn tap_dot_lanes<const L: usize>(
+    g: &ConvGeom,
+    x: &[f32],
+    dy: &[f32],
+    j0: usize,
+    ky: usize,
+    kx: usize,
+) -> f32 {
+    let (s, b) = (g.stride, g.b);
+    let (oy0, oy1) = g.valid(ky, g.h, g.ho);
+    let (ox0, ox1) = g.valid(kx, g.w, g.wo);
+    let mut acc = [0f32; L];
+    for oy in oy0..oy1 {
+        let iy = oy * s + ky - g.pad;
+        for ox in ox0..ox1 {
+            let ix = ox * s + kx - g.pad;
+            let xo = (iy * g.w + ix) * b + j0;
+            let d = (oy * g.wo + ox) * b + j0;
+            let xs: &[f32; L] = x[xo..xo + L].try_into().unwrap();
+            let ds: &[f32; L] = dy[d..d + L].try_into().unwrap();
+            for l in 0..L {
+                acc[l] = ds[l].mul_add(xs[l], acc[l]);
+            }
+        }
+    }
+    let mut total = 0f32;
+    for v in acc {
+        total += v;
+    }
+    total
+}
+
+/// Small batches (< 8 images: too few lanes to vectorise over): each image's plane is copied
+/// into a zero-padded scratch split into `stride` column phases, so that every tap reads a
+/// contiguous run of the row; 16 output pixels of a row are one register accumulator.
+#[inline(always)]
+fn dw_fwd_rows(g: &ConvGeom, xc: &[f32], wc: &[f32], yc: &mut [f32]) {
+    let (k, s, b) = (g.k, g.stride, g.b);
+    let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
+    let pw = wp.div_ceil(s) + 16;
+    let mut buf = vec![0f32; s * hp * pw];
+    for bi in 0..b {
+        if bi > 0 {
+            buf.fill(0.0);
+        }
+        for iy in 0..g.h {
+            let r = iy + g.pad;
+            for ix in 0..g.w {
+                let cc = ix + g.pad;
+                buf[((cc % s) * hp + r) * pw + cc / s] = xc[(iy * g.w + ix) * b + bi];
+            }
+        }
+        for oy in 0..g.ho {
+            for ox0 in (0..g.wo).step_by(16) {
+                let mut acc = [0f32; 16];
+                for ky in 0..k {
+                    let r = oy * s + ky;
+                    for kx in 0..k {
+                        let wv = wc[ky * k + kx];
+                        let o = ((kx % s) * hp + r) * pw + ox0 + kx / s;
+                        let src: &[f32; 16] = buf[o..o + 16].try_into().unwrap();
+                        for l in 0..16 {
+                            acc[l] = wv.mul_add(src[l], acc[l]);
+                        }
+                    }
+                }
+                let n = (g.wo - ox0).min(16);
+                for (l, &v) in acc[..n].iter().enumerate() {
+                    yc[(oy * g.wo + ox0 + l) * b + bi] = v;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// One channel of the depthwise forward: `yc (Ho, Wo, B)` from `xc (H, W, B)`.
+    fn dw_fwd_channel(g: &ConvGeom, xc: &[f32], wc: &[f32], yc: &mut [f32]) {
+        if g.b < 8 {
+            dw_fwd_rows(g, xc, wc, yc);
+        } else {
+            corr(xc, (g.h, g.w, g.b), wc, (g.k, g.stride, g.pad), (g.ho, g.wo), yc);
+        }
+    }
+}
+
+multiversion! {
+    /// One channel of the depthwise input gradient: `dxc (H, W, B)` from `dyc (Ho, Wo, B)`.
+    fn dw_bwd_input_channel(g: &ConvGeom, dyc: &[f32], wc: &[f32], dxc: &mut [f32]) {
+        let k = g.k;
+        if g.stride == 1 && 2 * g.pad + 1 == k {
+            // Stride 1: a correlation of dy (padded by k − 1 − pad) with the flipped kernel.
+            let mut flipped = [0f32; 64];
+            let flipped = if k * k <= 64 {
+                for t in 0..k * k {
+                    flipped[t] = wc[k * k - 1 - t];
+                }
+                &flipped[..k * k]
+            } else {
+                unreachable!("depthwise kernels up to 7x7")
+            };
+            corr(dyc, (g.ho, g.wo, g.b), flipped, (k, 1, k - 1 - g.pad), (g.h, g.w), dxc);
+            return;
+        }
+        for (j0, l) in lane_blocks(g.b) {
+            match l {
+                16 => bwd_in_lanes::<16>(g, dyc, j0, wc, dxc),
+                8 => bwd_in_lanes::<8>(g, dyc, j0, wc, dxc),
+                4 => bwd_in_lanes::<4>(g, dyc, j0, wc, dxc),
+                _ => bwd_in_lanes::<1>(g, dyc, j0, wc, dxc),
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// One channel of the depthwise kernel gradient: `gk (k·k)` (overwritten), lane blocks
+    /// summed in f64 in a fixed order.
+    fn dw_bwd_kernel_channel(g: &ConvGeom, xc: &[f32], dyc: &[f32], gk: &mut [f32]) {
+        let k = g.k;
+        for ky in 0..k {
+            for kx in 0..k {
+                let mut total = 0f64;
+                for (j0, l) in lane_blocks(g.b) {
+                    let part = match l {
+                        16 => tap_dot_lanes::<16>(g, xc, dyc, j0, ky, kx),
+                        8 => tap_dot_lanes::<8>(g, xc, dyc, j0, ky, kx),
+                        4 => tap_dot_lanes::<4>(g, xc, dyc, j0, ky, kx),
+                        _ => tap_dot_lanes::<1>(g, xc, dyc, j0, ky, kx),
+                    };
+                    total += part as f64;
+                }
+                gk[ky * k + kx] = total as f32;
+            }
+        }
+    }
+}
+
+/// Depthwise forward on CHWN: `y (C, Ho, Wo, B)`.
+pub fn depthwise_fwd(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
+    let (hwb, pb, kk) = (g.h * g.w * g.b, g.ho * g.wo * g.b, g.k * g.k);
+    if pb == 0 {
+        return;
+    }
+    y.par_chunks_mut(pb)
+        .with_min_len(grain(pb * kk))
+        .enumerate()
+        .for_each(|(c, yc)| {
+            dw_fwd_channel(g, &x[c * hwb..(c + 1) * hwb], &w[c * kk..(c + 1) * kk], yc)
+        });
+}
+
+/// Depthwise input gradient on CHWN: `dx (C, H, W, B)` (overwritten).
+pub fn depthwise_bwd_input(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    let (hwb, pb, kk) = (g.h * g.w * g.b, g.ho * g.wo * g.b, g.k * g.k);
+    if hwb == 0 {
+        return;
+    }
+    dx.par_chunks_mut(hwb)
+        .with_min_len(grain(hwb * kk))
+        .enumerate()
+        .for_each(|(c, dxc)| {
+            dw_bwd_input_channel(g, &dy[c * pb..(c + 1) * pb], &w[c * kk..(c + 1) * kk], dxc)
+        });
+}
+
+/// Depthwise kernel gradient on CHWN: `dw (C, 1, k, k)` (overwritten).
+pub fn depthwise_bwd_kernel(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let (hwb, pb, kk) = (g.h * g.w * g.b, g.ho * g.wo * g.b, g.k * g.k);
+    if kk == 0 {
+        return;
+    }
+    dw.par_chunks_mut(kk)
+        .with_min_len(grain(pb * kk))
+        .enumerate()
+        .for_each(|(c, gk)| {
+            dw_bwd_kernel_channel(g, &x[c * hwb..(c + 1) * hwb], &dy[c * pb..(c + 1) * pb], gk)
+        });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-channel rows: biases, BatchNorm (+ activation), activations, adds.
+
+multiversion! {
+    fn add_scalar(row: &mut [f32], v: f32) {
+        for x in row {
+            *x += v;
+        }
+    }
+}
+
+/// `y[c, :] += bias[c]` for rows of length `n`.
+pub fn add_bias(y: &mut [f32], bias: &[f32], n: usize) {
+    if n == 0 {
+        return;
+    }
+    y.par_chunks_mut(n)
+        .zip(bias.par_iter())
+        .with_min_len(grain(n))
+        .for_each(|(row, &b)| add_scalar(row, b));
+}
+
+/// `out[c] = Σ rows[c, :]` for rows of length `n`.
+pub fn row_sums(rows: &[f32], n: usize, out: &mut [f32]) {
+    if n == 0 {
+        out.fill(0.0);
+        return;
+    }
+    out.par_iter_mut()
+        .zip(rows.par_chunks(n))
+        .with_min_len(grain(n))
+        .for_each(|(o, r)| *o = sum(r) as f32);
+}
+
+/// Per-channel `(scale, shift, 1/σ)` of a BatchNorm with statistics `mean`, `var`.
+pub fn bn_scale_shift(
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f64,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let c = gamma.len();
+    let mut scale = vec![0f32; c];
+    let mut shift = vec![0f32; c];
+    let mut invstd = vec![0f32; c];
+    for ch in 0..c {
+        let inv = 1.0 / (var[ch] as f64 + eps).sqrt() as f32;
+        let s = gamma[ch] * inv;
+        invstd[ch] = inv;
+        scale[ch] = s;
+        shift[ch] = beta[ch] - mean[ch] * s;
+    }
+    (scale, shift, invstd)
+}
+
+/// Per-channel mean and biased variance of rows `z (C, n)` (two-pass).
+pub fn channel_stats(z: &[f32], n: usize, mean: &mut [f32], var: &mut [f32]) {
+    if n == 0 {
+        mean.fill(0.0);
+        var.fill(0.0);
+        return;
+    }
+    mean.par_iter_mut()
+        .zip(var.par_iter_mut())
+        .zip(z.par_chunks(n))
+        .with_min_len(grain(2 * n))
+        .for_each(|((m, v), row)| {
+            let mu = (sum(row) / n as f64) as f32;
+            *m = mu;
+            *v = (sum_sq_dev(row, mu) / n as f64) as f32;
+        });
+}
+
+multiversion! {
+    /// `o = act(x·s + t)` (or in place when `x` is `None`).
+    fn affine_act_row(o: &mut [f32], x: Option<&[f32]>, s: f32, t: f32, act: Act) {
+        macro_rules! go {
+            ($f:expr) => {
+                match x {
+                    Some(x) => o.iter_mut().zip(x).for_each(|(o, &v)| *o = $f(v.mul_add(s, t))),
+                    None => o.iter_mut().for_each(|o| *o = $f(o.mul_add(s, t))),
+                }
+            };
+        }
+        match act {
+            Act::None => go!(|u: f32| u),
+            Act::Relu => go!(|u: f32| u.max(0.0)),
+            Act::HardSwish => go!(|u: f32| u * ((u + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0))),
+            Act::HardSigmoid => go!(|u: f32| (u + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0)),
+        }
+    }
+}
+
+/// `y = act(z·scale[c] + shift[c])` per row of length `n`.
+pub fn affine_act(z: &[f32], n: usize, scale: &[f32], shift: &[f32], act: Act, y: &mut [f32]) {
+    if n == 0 {
+        return;
+    }
+    y.par_chunks_mut(n)
+        .zip(z.par_chunks(n))
+        .with_min_len(grain(n))
+        .enumerate()
+        .for_each(|(c, (o, row))| affine_act_row(o, Some(row), scale[c], shift[c], act));
+}
+
+/// In place: `y = act(y·scale[c] + shift[c])`.
+pub fn affine_act_inplace(y: &mut [f32], n: usize, scale: &[f32], shift: &[f32], act: Act) {
+    if n == 0 {
+        return;
+    }
+    y.par_chunks_mut(n)
+        .with_min_len(grain(n))
+        .enumerate()
+        .for_each(|(c, o)| affine_act_row(o, None, scale[c], shift[c], act));
+}
+
+/// `act'(u)` as a branch-free select (vectorises).
+#[inline(always)]
+fn dact(act: Act, u: f32) -> f32 {
+    match act {
+        Act::None => 1.0,
+        Act::Relu => {
+            if u > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Act::HardSwish => {
+            let mid = u.mul_add(1.0 / 3.0, 0.5);
+            let hi = if u >= 3.0 { 1.0 } else { mid };
+            if u <= -3.0 {
+                0.0
+            } else {
+                hi
+            }
+        }
+        Act::HardSigmoid => {
+            if u <= -3.0 || u >= 3.0 {
+                0.0
+            } else {
+                1.0 / 6.0
+            }
+        }
+    }
+}
+
+/// One channel of [`bn_act_bwd`] for a fixed activation: returns `(Σg, Σg·(z − μ))`,
+/// rewrites `d` as dz (g = dy·act'(z·s + t)).
+#[inline(always)]
+fn bn_act_bwd_row_with<const ACT: u8>(
+    d: &mut [f32],
+    z: &[f32],
+    p: (f32, f32, f32, f32),
+    train: bool,
+) -> (f64, f64) {
+    let act = match ACT {
+        0 => Act::None,
+        1 => Act::Relu,
+        2 => Act::HardSwish,
+        _ => Act::HardSigmoid,
+    };
+    let (s, t, mu, inv) = p;
+    let g = |dv: f32, x: f32| dv * dact(act, x.mul_add(s, t));
+    let (mut t0, mut t1) = (0f64, 0f64);
+    for (bd, bz) in d.chunks(1024).zip(z.chunks(1024)) {
+        let mut a0 = [0f32; 16];
+        let mut a1 = [0f32; 16];
+        let mut id = bd.chunks_exact(16);
+        let mut iz = bz.chunks_exact(16);
+        for (cd, cz) in (&mut id).zip(&mut iz) {
+            let cd: &[f32; 16] = cd.try_into().unwrap();
+            let cz: &[f32; 16] = cz.try_into().unwrap();
+            for i in 0..16 {
+                let gv = g(cd[i], cz[i]);
+                a0[i] += gv;
+                a1[i] = gv.mul_add(cz[i] - mu, a1[i]);
+            }
+        }
+        let (mut s0, mut s1) = (0f32, 0f32);
+        for i in 0..16 {
+            s0 += a0[i];
+            s1 += a1[i];
+        }
+        for (&dv, &x) in id.remainder().iter().zip(iz.remainder()) {
+            let gv = g(dv, x);
+            s0 += gv;
+            s1 = gv.mul_add(x - mu, s1);
+        }
+        t0 += s0 as f64;
+        t1 += s1 as f64;
+    }
+    let m = d.len() as f64;
+    if train {
+        let k1 = (t0 / m) as f32;
+        let k2 = (t1 / m) as f32 * inv * inv;
+        for (dv, &x) in d.iter_mut().zip(z) {
+            *dv = s * (g(*dv, x) - k1 - (x - mu) * k2);
+        }
+    } else {
+        for (dv, &x) in d.iter_mut().zip(z) {
+            *dv = s * g(*dv, x);
+        }
+    }
+    (t0, t1)
+}
+
+multiversion! {
+    /// One channel of [`bn_act_bwd`].
+    fn bn_act_bwd_row(d: &mut [f32], z: &[f32], p: (f32, f32, f32, f32), act: Act, train: bool) -> (f64, f64) {
+        match act {
+            Act::None => bn_act_bwd_row_with::<0>(d, z, p, train),
+            Act::Relu => bn_act_bwd_row_with::<1>(d, z, p, train),
+            Act::HardSwish => bn_act_bwd_row_with::<2>(d, z, p, train),
+            Act::HardSigmoid => bn_act_bwd_row_with::<3>(d, z, p, train),
+        }
+    }
+}
+
+/// Backward of `y = act(z·s + t)` with BatchNorm statistics: in place, `dy` becomes `dz`.
+/// `train`: the statistics are the batch's (`mean`, `invstd` of z), so `dz` includes the
+/// statistics' gradient; otherwise (running statistics) `dz = g·s`.
+/// Returns `(dγ, dβ)` per channel.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_act_bwd(
+    z: &[f32],
+    dy: &mut [f32],
+    n: usize,
+    scale: &[f32],
+    shift: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+    act: Act,
+    train: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let c = scale.len();
+    let mut dgamma = vec![0f32; c];
+    let mut dbeta = vec![0f32; c];
+    if n == 0 {
+        return (dgamma, dbeta);
+    }
+    dy.par_chunks_mut(n)
+        .zip(z.par_chunks(n))
+        .zip(dgamma.par_iter_mut().zip(dbeta.par_iter_mut()))
+        .with_min_len(grain(3 * n))
+        .enumerate()
+        .for_each(|(ch, ((d, row), (dg, db)))| {
+            let p = (scale[ch], shift[ch], mean[ch], invstd[ch]);
+            let (sg, sgz) = bn_act_bwd_row(d, row, p, act, train);
+            *db = sg as f32;
+            *dg = (sgz * invstd[ch] as f64) as f32;
+        });
+    (dgamma, dbeta)
+}
+
+#[inline(always)]
+fn act_bwd_with<const ACT: u8>(d: &mut [f32], x: &[f32]) {
+    let act = match ACT {
+        0 => Act::None,
+        1 => Act::Relu,
+        2 => Act::HardSwish,
+        _ => Act::HardSigmoid,
+    };
+    for (dv, &xv) in d.iter_mut().zip(x) {
+        *dv *= dact(act, xv);
+    }
+}
+
+multiversion! {
+    fn act_bwd_chunk(d: &mut [f32], x: &[f32], act: Act) {
+        match act {
+            Act::None => act_bwd_with::<0>(d, x),
+            Act::Relu => act_bwd_with::<1>(d, x),
+            Act::HardSwish => act_bwd_with::<2>(d, x),
+            Act::HardSigmoid => act_bwd_with::<3>(d, x),
+        }
+    }
+}
+
+/// In place `dy *= act'(x)`.
+pub fn act_bwd(x: &[f32], dy: &mut [f32], act: Act) {
+    dy.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(d, xs)| act_bwd_chunk(d, xs, act));
+}
+
+/// `y = act(x)`.
+pub fn act_fwd(x: &[f32], y: &mut [f32], act: Act) {
+    y.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(o, xs)| affine_act_row(o, Some(xs), 1.0, 0.0, act));
+}
+
+/// `a += b`.
+pub fn add_assign(a: &mut [f32], b: &[f32]) {
+    a.par_chunks_mut(1 << 14)
+        .zip(b.par_chunks(1 << 14))
+        .for_each(|(x, y)| add_into(x, y));
+}
+
+multiversion! {
+    fn add_chunk(o: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((ov, u), v) in o.iter_mut().zip(a).zip(b) {
+            *ov = u + v;
+        }
+    }
+}
+
+/// `y = a + b`.
+pub fn add(a: &[f32], b: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(1 << 14)
+        .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
+        .for_each(|(o, (x, z))| add_chunk(o, x, z));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nearest ×2 upsampling + add (FPN top-down path), CHWN.
+
+/// `y = big + up2(small)`: per channel `small (h, w, B)`, `big`/`y` `(2h, 2w, B)`.
+pub fn up2_add(small: &[f32], big: &[f32], (h, w, b): (usize, usize, usize), y: &mut [f32]) {
+    let (sp, bpl) = (h * w * b, 4 * h * w * b);
+    if sp == 0 {
+        return;
+    }
+    y.par_chunks_mut(bpl)
+        .with_min_len(grain(bpl))
+        .enumerate()
+        .for_each(|(c, o)| {
+            let s = &small[c * sp..(c + 1) * sp];
+            let bg = &big[c * bpl..(c + 1) * bpl];
+            for yy in 0..2 * h {
+                for xx in 0..2 * w {
+                    let o0 = (yy * 2 * w + xx) * b;
+                    let s0 = ((yy / 2) * w + xx / 2) * b;
+                    add_chunk(&mut o[o0..o0 + b], &bg[o0..o0 + b], &s[s0..s0 + b]);
+                }
+            }
+        });
+}
+
+/// Gradient of [`up2_add`] with respect to `small`: 2×2 block sums of `dy`.
+pub fn up2_bwd(dy: &[f32], (h, w, b): (usize, usize, usize), ds: &mut [f32]) {
+    let (sp, bpl) = (h * w * b, 4 * h * w * b);
+    if sp == 0 {
+        return;
+    }
+    ds.par_chunks_mut(sp)
+        .with_min_len(grain(bpl))
+        .enumerate()
+        .for_each(|(c, o)| {
+            let d = &dy[c * bpl..(c + 1) * bpl];
+            for y in 0..h {
+                for x in 0..w {
+                    let at = |yy: usize, xx: usize| ((yy * 2 * w) + xx) * b;
+                    let (a, bb) = (at(2 * y, 2 * x), at(2 * y, 2 * x + 1));
+                    let (cc, dd) = (at(2 * y + 1, 2 * x), at(2 * y + 1, 2 * x + 1));
+                    let out = &mut o[(y * w + x) * b..(y * w + x + 1) * b];
+                    for l in 0..b {
+                        out[l] = (d[a + l] + d[bb + l]) + (d[cc + l] + d[dd + l]);
+                    }
+                }
+            }
+        });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Squeeze-excite: y = x · hsig(We·relu(Wr·mean(x) + br) + be), per (c, b), CHWN.
+
+/// Saved forward values of one SE block; matrices are `(rows, B)`.
+pub struct SeSaved {
+    pub pooled: Vec<f32>,
+    pub pre_r: Vec<f32>,
+    pub hidden: Vec<f32>,
+    pub pre_e: Vec<f32>,
+    pub gate: Vec<f32>,
+}
+
+/// `out (m, B) = W (m, k) · v (k, B) + bias`.
+fn small_mm(w: &[f32], bias: &[f32], v: &[f32], m: usize, k: usize, b: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * b];
+    // SAFETY: row-major (m × k), (k × b), (m × b) buffers of exactly those sizes.
+    unsafe {
+        sgemm(
+            m,
+            b,
+            k,
+            out.as_mut_ptr(),
+            b,
+            false,
+            w.as_ptr(),
+            k,
+            1,
+            v.as_ptr(),
+            b,
+            1,
+        )
+    };
+    for (row, &bv) in out.chunks_exact_mut(b.max(1)).zip(bias) {
+        add_scalar(row, bv);
+    }
+    out
+}
+
+multiversion! {
+    /// `o[p, l] = x[p, l] · gate[l]` over pixels of one channel.
+    fn scale_lanes(o: &mut [f32], x: &[f32], gate: &[f32]) {
+        let b = gate.len();
+        for (op, xp) in o.chunks_exact_mut(b).zip(x.chunks_exact(b)) {
+            for ((ov, &xv), &gv) in op.iter_mut().zip(xp).zip(gate) {
+                *ov = xv * gv;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Per-lane `Σ_p x` over the pixels of one channel.
+    fn lane_sum(x: &[f32], b: usize, out: &mut [f64]) {
+        if b == 1 {
+            out[0] = sum(x);
+        } else {
+            lane_sums(x, x, b, |v, _| v, out);
+        }
+    }
+}
+
+multiversion! {
+    /// Per-lane `Σ_p d·x` over the pixels of one channel.
+    fn lane_dot(d: &[f32], x: &[f32], b: usize, out: &mut [f64]) {
+        lane_sums(d, x, b, |u, v| u * v, out);
+    }
+}
+
+multiversion! {
+    /// `d[p, l] = d[p, l] · gate[l] + add[l]` over pixels of one channel.
+    fn scale_add_lanes(d: &mut [f32], gate: &[f32], add: &[f32]) {
+        let b = gate.len();
+        for dp in d.chunks_exact_mut(b) {
+            for ((dv, &gv), &av) in dp.iter_mut().zip(gate).zip(add) {
+                *dv = dv.mul_add(gv, av);
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn se_fwd(
+    x: &[f32],
+    c: usize,
+    b: usize,
+    hw: usize,
+    rd: usize,
+    wr: &[f32],
+    br: &[f32],
+    we: &[f32],
+    be: &[f32],
+    y: &mut [f32],
+) -> SeSaved {
+    let mut pooled = vec![0f32; c * b];
+    let plane = (hw * b).max(1);
+    if b > 0 {
+        pooled
+            .par_chunks_mut(b)
+            .zip(x.par_chunks(plane))
+            .with_min_len(grain(plane))
+            .for_each(|(p, xc)| {
+                let mut s = vec![0f64; b];
+                lane_sum(xc, b, &mut s);
+                for (pv, sv) in p.iter_mut().zip(s) {
+                    *pv = (sv / hw.max(1) as f64) as f32;
+                }
+            });
+    }
+    let pre_r = small_mm(wr, br, &pooled, rd, c, b);
+    let hidden: Vec<f32> = pre_r.iter().map(|&v| v.max(0.0)).collect();
+    let pre_e = small_mm(we, be, &hidden, c, rd, b);
+    let gate: Vec<f32> = pre_e.iter().map(|&v| Act::HardSigmoid.f(v)).collect();
+    if hw > 0 && b > 0 {
+        y.par_chunks_mut(plane)
+            .zip(x.par_chunks(plane))
+            .with_min_len(grain(plane))
+            .enumerate()
+            .for_each(|(ci, (o, xs))| scale_lanes(o, xs, &gate[ci * b..(ci + 1) * b]));
+    }
+    SeSaved {
+        pooled,
+        pre_r,
+        hidden,
+        pre_e,
+        gate,
+    }
+}
+
+/// Backward of [`se_fwd`]: `dy` becomes `dx` in place; returns `(dWr, dbr, dWe, dbe)`.
+#[allow(clippy::too_many_arguments)]
+pub fn se_bwd(
+    x: &[f32],
+    dy: &mut [f32],
+    c: usize,
+    b: usize,
+    hw: usize,
+    rd: usize,
+    wr: &[f32],
+    we: &[f32],
+    s: &SeSaved,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let plane = (hw * b).max(1);
+    // dgate[c,b] = Σ_pixels dy·x.
+    let mut dpre_e = vec![0f32; c * b];
+    if b > 0 {
+        dpre_e
+            .par_chunks_mut(b)
+            .zip(dy.par_chunks(plane).zip(x.par_chunks(plane)))
+            .with_min_len(grain(2 * plane))
+            .enumerate()
+            .for_each(|(ci, (dp, (g, xs)))| {
+                let mut acc = vec![0f64; b];
+                lane_dot(g, xs, b, &mut acc);
+                for (l, (d, a)) in dp.iter_mut().zip(acc).enumerate() {
+                    *d = a as f32 * Act::HardSigmoid.df(s.pre_e[ci * b + l]);
+                }
+            });
+    }
+    // Expand conv: dWe = dpre_e · hiddenᵀ, dbe = Σ_b dpre_e, dhidden = Weᵀ · dpre_e.
+    let mut dwe = vec![0f32; c * rd];
+    let mut dpre_r = vec![0f32; rd * b];
+    let mut dwr = vec![0f32; rd * c];
+    let mut dpooled = vec![0f32; c * b];
+    // SAFETY (all four): row-major buffers of the sizes given; transposed operands are read
+    // through their strides.
+    unsafe {
+        sgemm(
+            c,
+            rd,
+            b,
+            dwe.as_mut_ptr(),
+            rd,
+            false,
+            dpre_e.as_ptr(),
+            b,
+            1,
+            s.hidden.as_ptr(),
+            1,
+            b,
+        );
+        sgemm(
+            rd,
+            b,
+            c,
+            dpre_r.as_mut_ptr(),
+            b,
+            false,
+            we.as_ptr(),
+            1,
+            rd,
+            dpre_e.as_ptr(),
+            b,
+            1,
+        );
+    }
+    let dbe: Vec<f32> = dpre_e
+        .chunks_exact(b.max(1))
+        .map(|r| r.iter().sum())
+        .collect();
+    for (d, &p) in dpre_r.iter_mut().zip(&s.pre_r) {
+        if p <= 0.0 {
+            *d = 0.0;
+        }
+    }
+    // Reduce conv: dWr = dpre_r · pooledᵀ, dbr = Σ_b dpre_r, dpooled = Wrᵀ · dpre_r.
+    unsafe {
+        sgemm(
+            rd,
+            c,
+            b,
+            dwr.as_mut_ptr(),
+            c,
+            false,
+            dpre_r.as_ptr(),
+            b,
+            1,
+            s.pooled.as_ptr(),
+            1,
+            b,
+        );
+        sgemm(
+            c,
+            b,
+            rd,
+            dpooled.as_mut_ptr(),
+            b,
+            false,
+            wr.as_ptr(),
+            1,
+            c,
+            dpre_r.as_ptr(),
+            b,
+            1,
+        );
+    }
+    let dbr: Vec<f32> = dpre_r
+        .chunks_exact(b.max(1))
+        .map(|r| r.iter().sum())
+        .collect();
+    let inv_hw = 1.0 / hw.max(1) as f32;
+    for v in dpooled.iter_mut() {
+        *v *= inv_hw;
+    }
+    if hw > 0 && b > 0 {
+        dy.par_chunks_mut(plane)
+            .with_min_len(grain(plane))
+            .enumerate()
+            .for_each(|(ci, d)| {
+                scale_add_lanes(
+                    d,
+                    &s.gate[ci * b..(ci + 1) * b],
+                    &dpooled[ci * b..(ci + 1) * b],
+                )
+            });
+    }
+    (dwr, dbr, dwe, dbe)
+}

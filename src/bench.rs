@@ -10,6 +10,7 @@
 
 use std::time::Instant;
 
+use anyhow::Context;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
@@ -329,21 +330,64 @@ pub fn sgemm_peak_gflops() -> f64 {
     best
 }
 
-/// Peak resident memory of this process so far (VmHWM), in MiB; `None` where unavailable.
-pub fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-/// Wall time of one whole built-in-benchmark epoch (data loading, augmentation, training
-/// steps and evaluation), in seconds.
-///
-/// TODO(lead): wire to the redesigned engine (one epoch of the built-in benchmark's first
-/// stage, including evaluation). Returns `None` until then; `onehead bench` prints "n/a".
-pub fn whole_epoch_seconds(_image_size: usize, _device: &Device) -> anyhow::Result<Option<f64>> {
-    Ok(None)
+/// Wall time of one whole built-in-benchmark epoch, in seconds: the detection epoch of a
+/// two-stage run (seg 1 epoch, then det 1 epoch with 4 replayed seg images per batch) at
+/// `image_size`, as the engine runs it: data loading, augmentation, training steps, and the
+/// evaluation of both tasks. The run (and its generated data) lives in a temporary folder.
+pub fn whole_epoch_seconds(image_size: usize, device: &Device) -> anyhow::Result<Option<f64>> {
+    let tmp = tempfile::tempdir()?;
+    let dev = match device {
+        Device::Cpu => "cpu",
+        _ => "auto",
+    };
+    let root = tmp.path().join("data");
+    let results = tmp.path().join("results");
+    let text = format!(
+        r#"name = "bench-epoch"
+seed = 0
+device = "{dev}"
+results_dir = "{results}"
+[model]
+weights = "none"
+image_size = {image_size}
+[data]
+source = "synthetic"
+root = "{root}"
+crop_scale = [0.35, 1.0]
+[[stages]]
+task = "seg"
+epochs = 1
+batch_size = 16
+[[stages]]
+task = "det"
+epochs = 1
+batch_size = 16
+[replay]
+enabled = true
+images_per_batch = 4
+[log]
+tensorboard = false
+"#,
+        results = results.display(),
+        root = root.display(),
+    );
+    let path = tmp.path().join("bench-epoch.toml");
+    let exp = crate::config::Experiment::from_toml_str(&text, &path, &[])?;
+    exp.validate(&path)?;
+    let opts = crate::train::RunOptions {
+        quiet: true,
+        run_dir: Some(tmp.path().join("run")),
+        ..Default::default()
+    };
+    let out = crate::train::run(&exp, &opts)?;
+    let mut rows = csv::Reader::from_path(out.run_dir.join("epochs.csv"))?;
+    let headers = rows.headers()?.clone();
+    let col = headers
+        .iter()
+        .position(|h| h == "seconds")
+        .context("epochs.csv has a seconds column")?;
+    let last = rows.records().last().context("epochs.csv has rows")??;
+    Ok(Some(last[col].parse()?))
 }
 
 /// Everything `onehead bench` reports.
@@ -483,7 +527,7 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> anyhow::Result<BenchRe
         latency_runs: runs,
         latency_size: opts.inference_size,
         whole_epoch_s,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: crate::ops::peak_rss_mib(),
         foreign_cores_busy,
         clock: if prof::cpu_clock() { "cpu" } else { "wall" },
     })

@@ -267,6 +267,10 @@ pub struct RunSummary {
     /// Median batch-1 inference latency per image, milliseconds.
     pub latency_ms: f64,
     pub train_seconds: f64,
+    /// Peak resident memory of the process that finished the run, MiB (Linux; a resumed
+    /// run reports its last session only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mib: Option<f64>,
     pub started_at: String,
     pub finished_at: String,
 }

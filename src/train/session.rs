@@ -743,6 +743,7 @@ impl Session {
                 10,
             )?,
             train_seconds,
+            peak_rss_mib: crate::ops::peak_rss_mib(),
             started_at: report::utc_rfc3339(self.progress.started),
             finished_at: report::utc_rfc3339(report::now_secs()),
         };

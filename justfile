@@ -20,9 +20,9 @@ compare +ARGS:
 check-report TARGET:
     scripts/check_report.sh {{TARGET}}
 
-# The README's picture, from the latest quickstart replay run
+# The README's picture, from the quickstart's replay run
 readme-image:
-    run=$(ls -d results/quickstart/quickstart_replay/*/ | tail -1) && cargo run --release -- plot "$run" && cp "$run/plots/metrics.png" docs/quickstart_metrics.png
+    run=results/quickstart/runs/quickstart_replay && cargo run --release -- plot "$run" && cp "$run/plots/metrics.png" docs/quickstart_metrics.png
 
 # Sweep files and/or a grid: `just sweep experiments/quickstart_*.toml --set seed=0,1,2`
 sweep +ARGS:

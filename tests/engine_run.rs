@@ -330,6 +330,7 @@ fn shipped_experiments_are_valid() {
     assert_eq!(
         names_in(&root),
         [
+            "combined",
             "no_replay",
             "quickstart_no_replay",
             "quickstart_replay",

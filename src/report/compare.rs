@@ -116,7 +116,7 @@ pub fn compare(opts: &CompareOptions) -> Result<CompareOutput> {
 }
 
 /// The run folders of an input: itself if it holds `epochs.csv`; else the runs of its
-/// `index.csv` (`run` column) and every folder below it that holds `epochs.csv`.
+/// `index.csv` (`run_dir` column) and every folder below it that holds `epochs.csv`.
 pub(crate) fn find_runs(input: &Path) -> Result<Vec<PathBuf>> {
     if !input.exists() {
         bail!("{} does not exist", input.display());
@@ -141,10 +141,12 @@ pub(crate) fn find_runs(input: &Path) -> Result<Vec<PathBuf>> {
             .headers()
             .with_context(|| format!("{}: cannot read the header", index.display()))?
             .clone();
+        // `onehead sweep` writes `run_dir`; `run` is accepted for hand-made indexes.
         let c = header
             .iter()
-            .position(|h| h.trim() == "run")
-            .with_context(|| format!("{}: no column `run`", index.display()))?;
+            .position(|h| h.trim() == "run_dir")
+            .or_else(|| header.iter().position(|h| h.trim() == "run"))
+            .with_context(|| format!("{}: no column `run_dir` (or `run`)", index.display()))?;
         for rec in r.records() {
             let rec = rec.with_context(|| format!("{}: malformed CSV", index.display()))?;
             let Some(p) = rec.get(c).map(str::trim).filter(|p| !p.is_empty()) else {
@@ -753,4 +755,47 @@ fn runs_html(runs: &[RunData], labels: &[String], groups: &[Group]) -> String {
     }
     s.push_str("</tbody></table></div>");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sweep folder as `onehead sweep` leaves it: `index.csv` names each run by `run_dir`
+    /// (absolute, or relative to where the sweep ran), runs live under `runs/`, and a run that
+    /// never started has no folder.
+    #[test]
+    fn find_runs_reads_a_sweep_index() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sweep = tmp.path().join("sw");
+        for r in ["a", "b"] {
+            std::fs::create_dir_all(sweep.join("runs").join(r)).unwrap();
+            std::fs::write(sweep.join("runs").join(r).join("epochs.csv"), "stage\n").unwrap();
+        }
+        let a = sweep.join("runs/a");
+        std::fs::write(
+            sweep.join("index.csv"),
+            format!(
+                "index,name,status,reason,run_dir\n0,a,ok,,{}\n1,b,ok,,results/sw/runs/b\n2,c,missing,,\n",
+                a.display()
+            ),
+        )
+        .unwrap();
+        let runs = find_runs(&sweep).unwrap();
+        let names: Vec<_> = runs
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.contains(&"a".to_string()) && names.contains(&"b".to_string()),
+            "{names:?}"
+        );
+        // Without a run_dir (or run) column the error names the file and the column.
+        std::fs::write(sweep.join("index.csv"), "index,name\n").unwrap();
+        let msg = find_runs(&sweep).unwrap_err().to_string();
+        assert!(
+            msg.contains("index.csv") && msg.contains("run_dir"),
+            "{msg}"
+        );
+    }
 }

@@ -52,6 +52,11 @@ lint:
     cargo fmt --check
     cargo clippy --all-targets -- -D warnings
 
-# Prove the CUDA code paths compile (needs nvcc; see README)
+# Prove the CUDA code paths (and the CUDA-vs-CPU tests) compile without a GPU (needs nvcc; see README)
 check-cuda:
     CUDA_COMPUTE_CAP=80 cargo build --release --features cuda
+    CUDA_COMPUTE_CAP=80 cargo test --release --features cuda --test cuda --no-run
+
+# On a GPU machine: every test, the CUDA-vs-CPU comparisons (tests/cuda.rs) included
+test-cuda:
+    cargo test --release --features cuda --all-targets

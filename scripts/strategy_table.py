@@ -3,7 +3,7 @@
 
     python3 scripts/strategy_table.py results/strategies/index.csv [more/index.csv ...] [--joint joint]
 
-One row per experiment name (seeds pooled): baseline mean, final metric mean ± sd and relative change mean ± sd
+One row per experiment file (seeds pooled): baseline mean, final metric mean ± sd and relative change mean ± sd
 per task, how many seeds kept every task within tolerance, whether the seed-mean changes are all
 within 5 %, training time per run, and each final's distance to the `joint` reference
 (final − joint's final, in metric points). Only finished runs (`status = ok`) count.
@@ -11,6 +11,7 @@ Standard library only.
 """
 import argparse
 import csv
+import os
 import statistics
 import sys
 from collections import OrderedDict
@@ -37,8 +38,10 @@ def pm(m, s, digits=3, pct=False):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("index", nargs="+")
-    ap.add_argument("--joint", default="joint", help="name of the joint reference experiment")
+    ap.add_argument("--joint", default="joint", help="file stem of the joint reference experiment")
     ap.add_argument("--tolerance", type=float, default=0.05)
+    ap.add_argument("--references", default="joint,single_task",
+                    help="file stems of reference modes (no verdict: nothing is learned in sequence)")
     a = ap.parse_args()
     runs = OrderedDict()
     for path in a.index:
@@ -46,7 +49,9 @@ def main():
             for row in csv.DictReader(f):
                 if row.get("status") != "ok":
                     continue
-                runs.setdefault(row["name"], []).append(row)
+                # Seeds of one experiment file pool into one row (run names carry the seed).
+                key = os.path.splitext(os.path.basename(row["file"]))[0] if row.get("file") else row["name"]
+                runs.setdefault(key, []).append(row)
     joint = runs.get(a.joint, [])
     head = ["experiment", "seeds"]
     for t, _, label in TASKS:
@@ -77,13 +82,14 @@ def main():
             deltas.append(None if not jf or fm is None else fm - statistics.fmean(jf))
         n_pass = sum(r.get("pass") == "true" for r in rows)
         secs = [float(r["train_seconds"]) for r in rows if r.get("train_seconds")]
+        is_ref = name in a.references.split(",")
         cells += [
-            f"{n_pass}/{len(rows)}",
-            "**yes**" if mean_ok else "no",
+            "reference" if is_ref else f"{n_pass}/{len(rows)}",
+            "reference" if is_ref else ("**yes**" if mean_ok else "no"),
             f"{statistics.fmean(secs) / 60:.1f} min" if secs else "—",
         ]
         if joint:
-            cells.append(" / ".join("—" if d is None else f"{d:+.3f}" for d in deltas))
+            cells.append(" / ".join("—" if d is None else f"{d:+.3f}".replace("-", "−") for d in deltas))
         print("| " + " | ".join(cells) + " |")
 
 

@@ -330,7 +330,8 @@ fn shipped_experiments_are_valid() {
     assert_eq!(
         names_in(&root),
         [
-            "combined",
+            "der",
+            "lwf",
             "no_replay",
             "quickstart_no_replay",
             "quickstart_replay",

@@ -133,11 +133,18 @@ pub fn select_device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
+            // `cuda_is_available` only says the build has CUDA; a CUDA build on a machine
+            // without a GPU (or driver) must still run, on the CPU.
             if candle_core::utils::cuda_is_available() {
-                Ok(Device::new_cuda(0)?)
-            } else {
-                Ok(Device::Cpu)
+                match Device::new_cuda(0) {
+                    Ok(d) => return Ok(d),
+                    Err(e) => tracing::warn!(
+                        "device auto: CUDA could not start ({}); using the CPU",
+                        first_line(&e)
+                    ),
+                }
             }
+            Ok(Device::Cpu)
         }
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal: usize = s
@@ -151,10 +158,20 @@ pub fn select_device(spec: &str) -> Result<Device> {
                     "device '{s}' asked for, but this build has no CUDA support (rebuild with `--features cuda`) or no GPU is present; use device = \"cpu\" or \"auto\""
                 );
             }
-            Ok(Device::new_cuda(ordinal)?)
+            Device::new_cuda(ordinal).map_err(|e| {
+                anyhow::anyhow!(
+                    "device '{s}': CUDA could not start ({}); use device = \"cpu\" or \"auto\"",
+                    first_line(&e)
+                )
+            })
         }
         other => anyhow::bail!("device '{other}': expected auto, cpu, cuda or cuda:N"),
     }
+}
+
+/// The first line of an error (candle appends a backtrace when RUST_BACKTRACE is set).
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 /// The data root of `exp`, generating the built-in benchmark on first use. Generation goes

@@ -1,6 +1,8 @@
 //! End-to-end runs of the engine on a tiny synthetic benchmark: the run folder's contents,
 //! the per-epoch CSV, the verdict, determinism and resumption (sweeps: tests/sweep.rs).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use onehead::config::Experiment;
@@ -12,19 +14,7 @@ fn tiny_experiment(dir: &Path, replay: bool) -> Experiment {
         r#"
 name = "tiny"
 seed = 3
-device = "cpu"
-results_dir = "{results}"
-[model]
-weights = "none"
-image_size = 64
-fpn_channels = 16
-[data]
-source = "synthetic"
-root = "{data}"
-synth_train = 16
-synth_val = 10
-synth_size = 64
-[[stages]]
+{setup}[[stages]]
 task = "seg"
 epochs = 2
 batch_size = 4
@@ -42,22 +32,11 @@ images_per_batch = 2
 [eval]
 batch_size = 4
 "#,
-        results = dir.join("results").display(),
-        data = dir.join("data").display(),
+        setup = common::tiny_setup(dir),
     );
     let p = dir.join("tiny.toml");
     std::fs::write(&p, text).unwrap();
     Experiment::load(&p, &[]).unwrap()
-}
-
-fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
-    let mut r = csv::Reader::from_path(path).unwrap();
-    let h = r.headers().unwrap().iter().map(String::from).collect();
-    let rows = r
-        .records()
-        .map(|x| x.unwrap().iter().map(String::from).collect())
-        .collect();
-    (h, rows)
 }
 
 #[test]
@@ -99,7 +78,7 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
             .is_file());
     }
 
-    let (h, rows) = read_csv(&dir.join("epochs.csv"));
+    let (h, rows) = common::read_csv(&dir.join("epochs.csv"));
     assert_eq!(rows.len(), 4, "2 + 1 + 1 epochs");
     let col = |name: &str| h.iter().position(|c| c == name).unwrap();
     // Stage 1 knows only segmentation; stage 3 evaluates all three tasks.
@@ -144,7 +123,7 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
         .contains("not found"));
 
     // The long-format eval.csv holds every metric of epochs.csv, row for row.
-    let (eh, erows) = read_csv(&dir.join("eval.csv"));
+    let (eh, erows) = common::read_csv(&dir.join("eval.csv"));
     assert_eq!(
         eh,
         ["stage", "epoch", "global_epoch", "task", "metric", "value"]
@@ -166,7 +145,7 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
         "det is not evaluated before it is learned"
     );
     // The matrix: seg after every stage, det from stage 2, cls in stage 3.
-    let (mh, mrows) = read_csv(&dir.join("matrix.csv"));
+    let (mh, mrows) = common::read_csv(&dir.join("matrix.csv"));
     assert_eq!(
         mh,
         [
@@ -200,7 +179,7 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
     .unwrap();
     assert_ne!(again.run_dir, out.run_dir);
     // Same seed, same device: the same losses and metrics (only the timing column differs).
-    let (_, rows2) = read_csv(&again.run_dir.join("epochs.csv"));
+    let (_, rows2) = common::read_csv(&again.run_dir.join("epochs.csv"));
     let secs = col("seconds");
     for (a, b) in rows.iter().zip(&rows2) {
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -250,7 +229,7 @@ fn an_interrupted_run_resumes_to_exactly_the_same_result() {
         ..RunOptions::default()
     };
     let full = run(&exp, &quiet).unwrap();
-    let (h, full_rows) = read_csv(&full.run_dir.join("epochs.csv"));
+    let (h, full_rows) = common::read_csv(&full.run_dir.join("epochs.csv"));
     let secs = h.iter().position(|c| c == "seconds").unwrap();
     // Epoch 1 is mid-stage (seg has 2 epochs), 2 ends a stage, 3 ends the detection stage;
     // step 6 is in the middle of epoch 2 (4 steps per epoch) and step 10 in the middle of
@@ -287,7 +266,7 @@ fn an_interrupted_run_resumes_to_exactly_the_same_result() {
         }
         let resumed = resume(&dir, &quiet).unwrap();
         assert_eq!(resumed.run_dir, dir);
-        let (_, rows) = read_csv(&dir.join("epochs.csv"));
+        let (_, rows) = common::read_csv(&dir.join("epochs.csv"));
         assert_eq!(rows.len(), full_rows.len(), "stop after {stop}");
         for (a, b) in rows.iter().zip(&full_rows) {
             for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -385,7 +364,7 @@ fn cli_stops_with_code_3_and_resumes_to_a_verdict() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("overall:"));
-    let (_, rows) = read_csv(&PathBuf::from(&run_dir).join("epochs.csv"));
+    let (_, rows) = common::read_csv(&PathBuf::from(&run_dir).join("epochs.csv"));
     assert_eq!(rows.len(), 4);
 }
 

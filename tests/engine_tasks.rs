@@ -1,6 +1,8 @@
 //! The engine knows no task: a fourth task registered from outside trains through the same
 //! loop; verdicts refuse tasks that were never learned; Ctrl-C stops a run resumably.
 
+mod common;
+
 use std::path::Path;
 
 use anyhow::Result;
@@ -79,11 +81,7 @@ impl Task for CountTask {
             .iter()
             .map(|b| b.iter().filter(|b| !b.crowd).count() as f32)
             .collect();
-        Ok(Batch {
-            images,
-            indices: idx.to_vec(),
-            targets: Box::new(counts),
-        })
+        Ok(Batch::new(images, idx, counts))
     }
     fn loss(&self, out: &Tensor, batch: &Batch) -> Result<TaskLoss> {
         let counts: &Vec<f32> = batch.targets()?;
@@ -134,38 +132,16 @@ fn write_experiment(dir: &Path, stages: &str, extra: &str) -> std::path::PathBuf
         r#"
 name = "tasks"
 seed = 5
-device = "cpu"
-results_dir = "{results}"
-[model]
-weights = "none"
-image_size = 64
-fpn_channels = 16
-[data]
-root = "{data}"
-synth_train = 16
-synth_val = 10
-synth_size = 64
-{stages}
+{setup}{stages}
 [eval]
 batch_size = 8
 {extra}
 "#,
-        results = dir.join("results").display(),
-        data = dir.join("data").display(),
+        setup = common::tiny_setup(dir),
     );
     let p = dir.join("exp.toml");
     std::fs::write(&p, text).unwrap();
     p
-}
-
-fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
-    let mut r = csv::Reader::from_path(path).unwrap();
-    let h = r.headers().unwrap().iter().map(String::from).collect();
-    let rows = r
-        .records()
-        .map(|x| x.unwrap().iter().map(String::from).collect())
-        .collect();
-    (h, rows)
 }
 
 #[test]
@@ -192,7 +168,7 @@ fn a_fourth_task_trains_through_the_same_loop() {
         },
     )
     .unwrap();
-    let (h, rows) = read_csv(&out.run_dir.join("epochs.csv"));
+    let (h, rows) = common::read_csv(&out.run_dir.join("epochs.csv"));
     assert_eq!(rows.len(), 3);
     let col = |n: &str| {
         h.iter()
@@ -344,8 +320,8 @@ fn ctrl_c_stops_after_a_step_and_the_run_resumes_identically() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (h, a) = read_csv(&ref_dir.join("epochs.csv"));
-    let (_, b) = read_csv(&Path::new(&run_dir).join("epochs.csv"));
+    let (h, a) = common::read_csv(&ref_dir.join("epochs.csv"));
+    let (_, b) = common::read_csv(&Path::new(&run_dir).join("epochs.csv"));
     let secs = h.iter().position(|c| c == "seconds").unwrap();
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {

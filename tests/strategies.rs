@@ -2,6 +2,8 @@
 //! bit-identically; distillation is zero at the teacher and pulls back toward it; the
 //! reference modes (joint, single-task) and the single-task baseline.
 
+mod common;
+
 use std::path::Path;
 
 use onehead::config::Experiment;
@@ -18,25 +20,13 @@ fn experiment(dir: &Path, top: &str, eval: &str, body: &str) -> Experiment {
 {top}
 name = "strat"
 seed = 11
-device = "cpu"
-results_dir = "{results}"
-[model]
-weights = "none"
-image_size = 64
-fpn_channels = 16
-[data]
-root = "{data}"
-synth_train = 16
-synth_val = 10
-synth_size = 64
-crop_scale = [0.5, 1.0]
+{setup}crop_scale = [0.5, 1.0]
 [eval]
 batch_size = 8
 {eval}
 {body}
 "#,
-        results = dir.join("results").display(),
-        data = dir.join("data").display(),
+        setup = common::tiny_setup(dir),
     );
     let p = dir.join("exp.toml");
     std::fs::write(&p, text).unwrap();
@@ -67,16 +57,6 @@ fn quiet() -> RunOptions {
     }
 }
 
-fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
-    let mut r = csv::Reader::from_path(path).unwrap();
-    let h = r.headers().unwrap().iter().map(String::from).collect();
-    let rows = r
-        .records()
-        .map(|x| x.unwrap().iter().map(String::from).collect())
-        .collect();
-    (h, rows)
-}
-
 #[test]
 fn every_strategy_together_trains_and_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
@@ -102,7 +82,7 @@ enabled = true
     );
     let exp = experiment(tmp.path(), "", "", &body);
     let full = run(&exp, &quiet()).unwrap();
-    let (h, rows) = read_csv(&full.run_dir.join("epochs.csv"));
+    let (h, rows) = common::read_csv(&full.run_dir.join("epochs.csv"));
     let col = |n: &str| {
         h.iter()
             .position(|c| c == n)
@@ -132,7 +112,7 @@ enabled = true
         .unwrap_err();
         let dir = err.downcast_ref::<Stopped>().unwrap().run_dir.clone();
         let resumed = resume(&dir, &quiet()).unwrap();
-        let (_, again) = read_csv(&dir.join("epochs.csv"));
+        let (_, again) = common::read_csv(&dir.join("epochs.csv"));
         assert_eq!(again.len(), rows.len());
         for (r, (a, b)) in again.iter().zip(&rows).enumerate() {
             for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -230,7 +210,7 @@ fn joint_trains_every_task_in_one_stage() {
     let tmp = tempfile::tempdir().unwrap();
     let exp = experiment(tmp.path(), "mode = \"joint\"", "", THREE_STAGES);
     let out = run(&exp, &quiet()).unwrap();
-    let (h, rows) = read_csv(&out.run_dir.join("epochs.csv"));
+    let (h, rows) = common::read_csv(&out.run_dir.join("epochs.csv"));
     // One stage of round((2 + 1 + 1) / 3) = 1 epoch; every task evaluated.
     assert_eq!(rows.len(), 1);
     let col = |n: &str| h.iter().position(|c| c == n).unwrap();

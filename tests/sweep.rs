@@ -3,6 +3,8 @@
 //! finished runs, Ctrl-C that leaves resumable runs, `run --run-dir`, `seeds = [..]`, and
 //! the Slurm script (written, not submitted: `scripts/slurm_e2e.sh` runs a real Slurm).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -14,19 +16,7 @@ fn tiny(dir: &Path, top: &str, epochs: usize) -> PathBuf {
     let text = format!(
         r#"name = "tiny"
 {top}
-device = "cpu"
-results_dir = "{results}"
-[model]
-weights = "none"
-image_size = 64
-fpn_channels = 16
-[data]
-source = "synthetic"
-root = "{data}"
-synth_train = 16
-synth_val = 10
-synth_size = 64
-[[stages]]
+{setup}[[stages]]
 task = "seg"
 epochs = {epochs}
 batch_size = 4
@@ -41,8 +31,7 @@ batch_size = 4
 [eval]
 batch_size = 4
 "#,
-        results = dir.join("results").display(),
-        data = dir.join("data").display(),
+        setup = common::tiny_setup(dir),
     );
     let p = dir.join("tiny.toml");
     std::fs::write(&p, text).unwrap();
@@ -60,16 +49,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
-    let mut r = csv::Reader::from_path(path).unwrap();
-    let h = r.headers().unwrap().iter().map(String::from).collect();
-    let rows = r
-        .records()
-        .map(|x| x.unwrap().iter().map(String::from).collect())
-        .collect();
-    (h, rows)
 }
 
 fn col(h: &[String], name: &str) -> usize {
@@ -114,7 +93,7 @@ fn jobs_run_side_by_side_failures_are_marked_and_reruns_skip_finished_runs() {
     for f in ["manifest.json", "index.csv", "summary.csv"] {
         assert!(sweep.join(f).is_file(), "missing {f}");
     }
-    let (h, rows) = read_csv(&sweep.join("index.csv"));
+    let (h, rows) = common::read_csv(&sweep.join("index.csv"));
     assert_eq!(rows.len(), 4);
     let (status, reason, seed) = (col(&h, "status"), col(&h, "reason"), col(&h, "seed"));
     let statuses: Vec<&str> = rows.iter().map(|r| r[status].as_str()).collect();
@@ -143,7 +122,7 @@ fn jobs_run_side_by_side_failures_are_marked_and_reruns_skip_finished_runs() {
         .join("configs/0-tiny__weights-none__seed-1.toml")
         .is_file());
     // One row per configuration, mean ± std over the two seeds.
-    let (h, rows) = read_csv(&sweep.join("summary.csv"));
+    let (h, rows) = common::read_csv(&sweep.join("summary.csv"));
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0][col(&h, "config")], "tiny__weights-none");
     assert_eq!(rows[0][col(&h, "n_seeds")], "2");
@@ -223,7 +202,7 @@ fn ctrl_c_leaves_resumable_runs_and_a_rerun_finishes_them() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(text(&out).contains("interrupted"), "{}", text(&out));
-    let (h, rows) = read_csv(&results.join("stop/index.csv"));
+    let (h, rows) = common::read_csv(&results.join("stop/index.csv"));
     for r in &rows {
         assert_eq!(r[col(&h, "status")], "interrupted", "{r:?}");
     }
@@ -239,7 +218,7 @@ fn ctrl_c_leaves_resumable_runs_and_a_rerun_finishes_them() {
         assert!(d.join("summary.json").is_file());
         let log = std::fs::read_to_string(d.join("log.txt")).unwrap();
         assert!(log.contains("resuming"), "{log}");
-        let (_, epochs) = read_csv(&d.join("epochs.csv"));
+        let (_, epochs) = common::read_csv(&d.join("epochs.csv"));
         assert_eq!(epochs.len(), 18, "{name}: every epoch once");
     }
 }
@@ -266,7 +245,7 @@ fn run_dir_resumes_an_unfinished_run_and_leaves_a_finished_one() {
     let out = onehead(&["run", f, "--run-dir", d, "--quiet"]);
     assert!(matches!(out.status.code(), Some(0 | 1)), "{}", text(&out));
     assert!(text(&out).contains("resuming"), "{}", text(&out));
-    let (_, rows) = read_csv(&dir.join("epochs.csv"));
+    let (_, rows) = common::read_csv(&dir.join("epochs.csv"));
     assert_eq!(rows.len(), 3);
     // Finished: nothing to do, exit 0.
     let out = onehead(&["run", f, "--run-dir", d, "--quiet"]);
@@ -300,13 +279,13 @@ fn run_with_seeds_runs_every_seed_and_reports_mean_and_std() {
         .map(|e| e.unwrap().path())
         .find(|p| p.to_string_lossy().ends_with("-seeds"))
         .expect("a <stamp>-seeds folder");
-    let (h, rows) = read_csv(&sweep.join("summary.csv"));
+    let (h, rows) = common::read_csv(&sweep.join("summary.csv"));
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0][col(&h, "n_seeds")], "2");
     assert_eq!(rows[0][col(&h, "seeds")], "0 1");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(" ± "), "{stdout}");
-    let (_, index) = read_csv(&sweep.join("index.csv"));
+    let (_, index) = common::read_csv(&sweep.join("index.csv"));
     assert_eq!(index.len(), 2);
     // One seed of a multi-seed file cannot take --run-dir.
     let out = onehead(&["run", file.to_str().unwrap(), "--run-dir", "x"]);

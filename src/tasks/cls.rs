@@ -246,11 +246,7 @@ impl Task for ClsTask {
         device: &Device,
     ) -> Result<Batch> {
         let (images, labels) = self.split(split).batch(indices, augs, device)?;
-        Ok(Batch {
-            images,
-            indices: indices.to_vec(),
-            targets: Box::new(labels),
-        })
+        Ok(Batch::new(images, indices, labels))
     }
 
     fn loss(&self, out: &Tensor, batch: &Batch) -> Result<TaskLoss> {

@@ -426,11 +426,7 @@ impl Task for DetTask {
         device: &Device,
     ) -> Result<Batch> {
         let (images, boxes) = self.split(split).batch(indices, augs, device)?;
-        Ok(Batch {
-            images,
-            indices: indices.to_vec(),
-            targets: Box::new(boxes),
-        })
+        Ok(Batch::new(images, indices, boxes))
     }
 
     fn loss(&self, out: &Tensor, batch: &Batch) -> Result<TaskLoss> {

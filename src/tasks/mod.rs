@@ -45,6 +45,15 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// A batch of `images` for the samples `indices`, with the task's own `targets`.
+    pub fn new<T: Any + Send + Sync>(images: Tensor, indices: &[usize], targets: T) -> Self {
+        Self {
+            images,
+            indices: indices.to_vec(),
+            targets: Box::new(targets),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.indices.len()
     }

@@ -392,11 +392,7 @@ impl Task for SegTask {
         device: &Device,
     ) -> Result<Batch> {
         let (images, masks) = self.split(split).batch(indices, augs, device)?;
-        Ok(Batch {
-            images,
-            indices: indices.to_vec(),
-            targets: Box::new(masks),
-        })
+        Ok(Batch::new(images, indices, masks))
     }
 
     fn loss(&self, out: &Tensor, batch: &Batch) -> Result<TaskLoss> {

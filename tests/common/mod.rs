@@ -1,0 +1,40 @@
+//! What the integration tests share: the tiny model and synthetic data every test run uses,
+//! and reading a CSV back. (Each test file compiles this module on its own, and not every
+//! file uses every item.)
+#![allow(dead_code)]
+
+use std::path::Path;
+
+/// The experiment lines after its own top-level keys: CPU, results under `dir/results`, a
+/// 64-px model with a 16-channel neck, and the built-in benchmark with 16 / 10 images per
+/// split generated into `dir/data`. Tables follow (`[data]` is last, so a caller may add to it).
+pub fn tiny_setup(dir: &Path) -> String {
+    format!(
+        r#"device = "cpu"
+results_dir = "{results}"
+[model]
+weights = "none"
+image_size = 64
+fpn_channels = 16
+[data]
+source = "synthetic"
+root = "{data}"
+synth_train = 16
+synth_val = 10
+synth_size = 64
+"#,
+        results = dir.join("results").display(),
+        data = dir.join("data").display(),
+    )
+}
+
+/// A CSV file's header and rows, as strings.
+pub fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut r = csv::Reader::from_path(path).unwrap();
+    let h = r.headers().unwrap().iter().map(String::from).collect();
+    let rows = r
+        .records()
+        .map(|x| x.unwrap().iter().map(String::from).collect())
+        .collect();
+    (h, rows)
+}

@@ -372,8 +372,7 @@ tensorboard = false
         root = root.display(),
     );
     let path = tmp.path().join("bench-epoch.toml");
-    let exp = crate::config::Experiment::from_toml_str(&text, &path, &[])?;
-    exp.validate(&path)?;
+    let exp = crate::registry::Registry::builtin().parse(&text, &path, &[])?;
     let opts = crate::train::RunOptions {
         quiet: true,
         run_dir: Some(tmp.path().join("run")),

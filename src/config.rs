@@ -44,8 +44,11 @@ pub enum ConfigError {
 }
 
 /// One experiment.
+///
+/// Unknown keys are refused by [`Experiment::from_toml_str`] itself (not by serde: the
+/// strategies' tables sit at the top level beside the schema's and are kept raw in
+/// [`Experiment::strategies`], so that the plug-in registry can resolve them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Experiment {
     /// Run name: results go to `<results_dir>/<name>/<run-id>/`.
     pub name: String,
@@ -74,14 +77,11 @@ pub struct Experiment {
     /// initialisation with its stage's budget: the challenge's single-task baseline).
     #[serde(default)]
     pub mode: Mode,
-    #[serde(default)]
-    pub replay: ReplayConfig,
-    #[serde(default)]
-    pub lwf: LwfConfig,
-    #[serde(default)]
-    pub ewc: EwcConfig,
-    #[serde(default)]
-    pub uncertainty: UncertaintyConfig,
+    /// Each anti-forgetting strategy's table (`[replay]`, `[lwf]`…), by name, as the
+    /// strategy registry resolved it (every default filled in; see
+    /// [`crate::plugins::registry`]). Written at the top level of `config.toml`.
+    #[serde(flatten, skip_deserializing)]
+    pub strategies: BTreeMap<String, toml::Value>,
     #[serde(default)]
     pub eval: EvalConfig,
     /// Optional log sinks: `[log] tensorboard = true`.
@@ -327,185 +327,6 @@ fn default_freeze() -> Freeze {
     Freeze::None
 }
 
-/// Which earlier tasks a replay strategy draws from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum ReplayTasks {
-    /// `"all"`: every task learned in an earlier stage.
-    Keyword(String),
-    /// An explicit list, e.g. `["seg"]` (the report's setup).
-    List(Vec<String>),
-}
-
-impl Default for ReplayTasks {
-    fn default() -> Self {
-        ReplayTasks::Keyword("all".into())
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReplaySampling {
-    /// Replayed samples cycle through the replayed tasks in order.
-    RoundRobin,
-    /// Each replayed sample picks its task uniformly at random.
-    Random,
-}
-
-/// Which earlier samples a replay buffer keeps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReplayPolicy {
-    /// Every image earlier stages trained on.
-    Full,
-    /// Reservoir sampling over the stream of trained images (uniform, not per task):
-    /// `capacity` images.
-    Reservoir,
-    /// `capacity` images split equally among the earlier tasks, shrunk at random as tasks
-    /// arrive.
-    TaskBalanced,
-}
-
-/// How each replayed task's loss is scaled before the weights apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReplayNormalize {
-    /// `weight · Σ_t (n_t / images_per_batch) · L_t` (the report's form).
-    None,
-    /// Each task's loss divided by its loss at the end of its own stage (measured then on
-    /// its buffer in inference mode), so that 1.0 means "as good as at baseline" and a task
-    /// with a large loss scale cannot swamp the new task.
-    Reference,
-}
-
-/// Experience replay: every batch of a later stage carries samples of earlier tasks.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ReplayConfig {
-    pub enabled: bool,
-    /// Replayed samples added to every batch (the report: 4).
-    pub images_per_batch: usize,
-    /// `loss = L_new + weight · L_replay` (the report: 0.8).
-    pub weight: f64,
-    /// Per-task weights overriding `weight`, e.g. `{ det = 2.0 }`.
-    pub task_weights: BTreeMap<String, f64>,
-    pub tasks: ReplayTasks,
-    pub sampling: ReplaySampling,
-    pub policy: ReplayPolicy,
-    /// Buffer size in images for `reservoir` and `task_balanced` (ignored by `full`).
-    pub capacity: usize,
-    pub normalize: ReplayNormalize,
-    /// DER: with each buffered image keep the head's outputs of the end of its task's stage
-    /// and add `der_alpha · distill(now, then)` on un-augmented replays of it (0 = off).
-    pub der_alpha: f64,
-}
-
-impl Default for ReplayConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            images_per_batch: 4,
-            weight: 0.8,
-            task_weights: BTreeMap::new(),
-            tasks: ReplayTasks::default(),
-            sampling: ReplaySampling::RoundRobin,
-            policy: ReplayPolicy::Full,
-            capacity: 0,
-            normalize: ReplayNormalize::None,
-            der_alpha: 0.0,
-        }
-    }
-}
-
-impl ReplayConfig {
-    /// The replay weight of `task`.
-    pub fn weight_of(&self, task: &str) -> f64 {
-        self.task_weights.get(task).copied().unwrap_or(self.weight)
-    }
-}
-
-/// Which frozen model distillation pulls toward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TeacherKind {
-    /// The model at the end of the previous stage, for every earlier task (one extra
-    /// forward pass per step).
-    Latest,
-    /// For each earlier task the model at the end of the stage that learned it, i.e. its
-    /// baseline (one extra forward pass per earlier task).
-    PerTask,
-}
-
-/// Learning without Forgetting: a frozen teacher's outputs for the earlier tasks, on every
-/// image of the step (new and replayed), are soft targets for the model's.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LwfConfig {
-    /// Weight of the distillation term (0 = off).
-    pub alpha: f64,
-    /// Per-task weights overriding `alpha`, e.g. `{ seg = 10.0, det = 5.0 }`.
-    pub task_alpha: BTreeMap<String, f64>,
-    /// Softmax temperature of the soft targets (Hinton et al.; LwF uses 2).
-    pub temperature: f64,
-    pub teacher: TeacherKind,
-}
-
-impl Default for LwfConfig {
-    fn default() -> Self {
-        Self {
-            alpha: 0.0,
-            task_alpha: BTreeMap::new(),
-            temperature: 2.0,
-            teacher: TeacherKind::Latest,
-        }
-    }
-}
-
-impl LwfConfig {
-    pub fn alpha_of(&self, task: &str) -> f64 {
-        self.task_alpha.get(task).copied().unwrap_or(self.alpha)
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.alpha > 0.0 || self.task_alpha.values().any(|&a| a > 0.0)
-    }
-}
-
-/// Elastic weight consolidation (Kirkpatrick et al. 2017): a quadratic penalty
-/// `λ/2 · Σ F_i (θ_i − θ*_i)²` around the weights at the end of each stage, weighted by the
-/// diagonal Fisher information of the finished stage's task on its training images.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EwcConfig {
-    /// Penalty strength (0 = off). The Fisher is normalised to mean 1 per task, so λ does
-    /// not depend on the loss scale.
-    pub lambda: f64,
-    /// Online EWC (Schwarz et al. 2018): `F ← γ·F + F_new`, anchored at the latest weights;
-    /// 1 keeps every task's Fisher in full.
-    pub gamma: f64,
-    /// Training images used to estimate the Fisher (0 = the whole stage pool).
-    pub samples: usize,
-}
-
-impl Default for EwcConfig {
-    fn default() -> Self {
-        Self {
-            lambda: 0.0,
-            gamma: 1.0,
-            samples: 0,
-        }
-    }
-}
-
-/// Uncertainty weighting of task losses (Kendall, Gal & Cipolla 2018): every task's loss
-/// `L_t` becomes `½·e^{−s_t}·L_t + ½·s_t` with a learned log-variance `s_t`. Beware: for an
-/// earlier task the loss rises as it is forgotten, so this lowers its weight exactly then.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct UncertaintyConfig {
-    pub enabled: bool,
-}
-
 /// `[log]` of an experiment: `tensorboard = true` turns the sink on.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -569,29 +390,36 @@ impl Default for EvalConfig {
     }
 }
 
+/// Largest `model.image_size`, `model.fpn_channels` and batch size (stage, eval, replay)
+/// accepted: far beyond what this model is for, and small enough that no allocation they
+/// size can abort the process.
+pub const MAX_IMAGE_SIZE: usize = 1024;
+pub const MAX_CHANNELS: usize = 1024;
+pub const MAX_BATCH: usize = 1024;
+/// Largest built-in benchmark split and image side.
+pub const MAX_SYNTH_IMAGES: usize = 100_000;
+
+/// The schema's own top-level keys; any other top-level table belongs to a strategy.
+pub const SCHEMA_KEYS: [&str; 12] = [
+    "name",
+    "seed",
+    "seeds",
+    "device",
+    "results_dir",
+    "model",
+    "data",
+    "stages",
+    "mode",
+    "eval",
+    "log",
+    "tasks",
+];
+
 impl Experiment {
-    /// Read, apply `key=value` overrides, and validate (tasks against the built-in ones).
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        Self::load_with(path, overrides, &crate::tasks::Registry::builtin().names())
-    }
-
-    /// [`Experiment::load`] for an engine that knows the tasks `known`.
-    pub fn load_with(
-        path: &Path,
-        overrides: &[String],
-        known: &[&str],
-    ) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let exp = Self::from_toml_str(&text, path, overrides)?;
-        exp.validate(path)?;
-        exp.validate_task_names(path, known)?;
-        Ok(exp)
-    }
-
-    /// Parse without validation. Errors carry toml's line, column and key.
+    /// Parse and apply `key=value` overrides, without validation (loading with every check,
+    /// the strategies' included: [`crate::registry::Registry::load`]). Errors carry toml's
+    /// line, column and key. Top-level tables outside the schema are kept raw in
+    /// [`Experiment::strategies`]; other unknown top-level keys are errors.
     pub fn from_toml_str(
         text: &str,
         path: &Path,
@@ -602,22 +430,37 @@ impl Experiment {
             message,
         };
         // First parse the text as written, so that errors point at a line of the file.
-        let exp: Experiment = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
-        if overrides.is_empty() {
-            return Ok(exp);
-        }
+        let mut exp: Experiment = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
         let mut table: toml::Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
-        for arg in overrides {
-            apply_override(&mut table, arg)?;
+        if !overrides.is_empty() {
+            for arg in overrides {
+                apply_override(&mut table, arg)?;
+            }
+            let overridden = toml::to_string(&table).map_err(|e| parse_err(e.to_string()))?;
+            exp = toml::from_str(&overridden).map_err(|e| {
+                parse_err(format!(
+                    "after applying --set {}: {}",
+                    overrides.join(" --set "),
+                    e.message()
+                ))
+            })?;
         }
-        let overridden = toml::to_string(&table).map_err(|e| parse_err(e.to_string()))?;
-        toml::from_str(&overridden).map_err(|e| {
-            parse_err(format!(
-                "after applying --set {}: {}",
-                overrides.join(" --set "),
-                e.message()
-            ))
-        })
+        for (key, value) in table {
+            if SCHEMA_KEYS.contains(&key.as_str()) {
+                continue;
+            }
+            if !value.is_table() {
+                let line = line_of(text, None, &key)
+                    .map(|l| format!("line {l}: "))
+                    .unwrap_or_default();
+                return Err(parse_err(format!(
+                    "{line}unknown key `{key}`: expected one of {} or a strategy's table",
+                    SCHEMA_KEYS.join(", ")
+                )));
+            }
+            exp.strategies.insert(key, value);
+        }
+        Ok(exp)
     }
 
     /// The resolved config as TOML (what a run directory stores as `config.toml`).
@@ -625,132 +468,109 @@ impl Experiment {
         toml::to_string_pretty(self).expect("an Experiment always serialises")
     }
 
-    /// Semantic checks, all before any training.
+    /// The resolved config as a TOML value (the keys `config.toml` holds).
+    pub fn to_value(&self) -> toml::Value {
+        toml::Value::try_from(self).expect("an Experiment always serialises")
+    }
+
+    /// Semantic checks, all before any training (the strategies' own: the registry's).
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |message: String| {
-            Err(ConfigError::Invalid {
+        self.check()
+            .and_then(|()| self.check_stages())
+            .and_then(|()| self.check_eval())
+            .and_then(|()| self.check_data())
+            .map_err(|message| ConfigError::Invalid {
                 path: path.to_path_buf(),
                 message,
             })
-        };
-        if self.name.trim().is_empty()
-            || self
-                .name
-                .chars()
+    }
+
+    /// Name, seeds, model.
+    fn check(&self) -> Result<(), String> {
+        // It names a folder under results_dir: one plain path component, never `..`.
+        let n = &self.name;
+        if n.is_empty()
+            || n.len() > 100
+            || n.starts_with('.')
+            || n.chars()
                 .any(|c| !(c.is_ascii_alphanumeric() || "-_.".contains(c)))
         {
-            return bad(format!(
-                "name '{}' must be non-empty and use only letters, digits, '-', '_' and '.' (it names a folder)",
-                self.name
+            return Err(format!(
+                "name '{n}' must be 1 to 100 letters, digits, '-', '_' and '.', not starting with '.' (it names a folder under results_dir)",
             ));
         }
         if self.stages.is_empty() {
-            return bad("no [[stages]]: add at least one stage with a task".into());
+            return Err("no [[stages]]: add at least one stage with a task".into());
         }
         if let Some(seeds) = &self.seeds {
             if seeds.is_empty() {
-                return bad(
+                return Err(
                     "seeds = []: list at least one seed, or drop the key and use seed".into(),
                 );
             }
             let mut sorted = seeds.clone();
             sorted.sort_unstable();
             if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
-                return bad(format!(
+                return Err(format!(
                     "seeds lists {} twice: each seed must be unique",
                     w[0]
                 ));
             }
         }
         let m = &self.model;
-        if m.image_size < 64 || !m.image_size.is_multiple_of(32) {
-            return bad(format!(
-                "model.image_size = {} must be a multiple of 32 and at least 64",
+        if m.image_size < 64 || m.image_size > MAX_IMAGE_SIZE || !m.image_size.is_multiple_of(32) {
+            return Err(format!(
+                "model.image_size = {} must be a multiple of 32 from 64 to {MAX_IMAGE_SIZE} (activations grow with its square: {MAX_IMAGE_SIZE} px is already 40x the memory of the course's 160 px)",
                 m.image_size
             ));
         }
-        if m.fpn_channels == 0 {
-            return bad("model.fpn_channels must be > 0".into());
+        if m.fpn_channels == 0 || m.fpn_channels > MAX_CHANNELS {
+            return Err(format!(
+                "model.fpn_channels = {} must be from 1 to {MAX_CHANNELS} (the report uses 128)",
+                m.fpn_channels
+            ));
         }
+        Ok(())
+    }
+
+    fn check_stages(&self) -> Result<(), String> {
         for (i, s) in self.stages.iter().enumerate() {
             let at = format!("stages[{i}] ({})", s.task);
             if s.epochs == 0 {
-                return bad(format!("{at}: epochs must be > 0"));
+                return Err(format!("{at}: epochs must be > 0"));
             }
-            if s.batch_size == 0 {
-                return bad(format!("{at}: batch_size must be > 0"));
+            if s.batch_size == 0 || s.batch_size > MAX_BATCH {
+                return Err(format!(
+                    "{at}: batch_size = {} must be from 1 to {MAX_BATCH}",
+                    s.batch_size
+                ));
             }
             if !(s.lr > 0.0 && s.lr.is_finite()) {
-                return bad(format!("{at}: lr must be a positive number, got {}", s.lr));
+                return Err(format!("{at}: lr must be a positive number, got {}", s.lr));
             }
-            if s.weight_decay.is_nan() || s.weight_decay < 0.0 {
-                return bad(format!("{at}: weight_decay must be >= 0"));
+            if !(s.weight_decay >= 0.0 && s.weight_decay.is_finite()) {
+                return Err(format!(
+                    "{at}: weight_decay must be a finite number >= 0, got {}",
+                    s.weight_decay
+                ));
             }
             if !(0.0..1.0).contains(&s.momentum) {
-                return bad(format!("{at}: momentum must be in [0, 1)"));
+                return Err(format!("{at}: momentum must be in [0, 1)"));
             }
             if !(s.warmup_epochs >= 0.0 && s.warmup_epochs <= s.epochs as f64) {
-                return bad(format!(
+                return Err(format!(
                     "{at}: warmup_epochs = {} must be within 0..=epochs ({})",
                     s.warmup_epochs, s.epochs
                 ));
             }
             if !(0.0..=1.0).contains(&s.min_lr_ratio) {
-                return bad(format!("{at}: min_lr_ratio must be in [0, 1]"));
+                return Err(format!("{at}: min_lr_ratio must be in [0, 1]"));
             }
-            if s.grad_clip_norm.is_nan() || s.grad_clip_norm < 0.0 {
-                return bad(format!("{at}: grad_clip_norm must be >= 0"));
-            }
-        }
-        let r = &self.replay;
-        if r.enabled {
-            if r.images_per_batch == 0 {
-                return bad("replay.images_per_batch must be > 0 when replay is enabled".into());
-            }
-            if !(r.weight >= 0.0 && r.weight.is_finite())
-                || r.task_weights
-                    .values()
-                    .any(|w| !(*w >= 0.0 && w.is_finite()))
-            {
-                return bad("replay.weight and replay.task_weights must be >= 0".into());
-            }
-            if r.policy != ReplayPolicy::Full && r.capacity == 0 {
-                return bad(format!(
-                    "replay.policy = {:?} needs replay.capacity > 0 (images kept)",
-                    r.policy
+            if !(s.grad_clip_norm >= 0.0 && s.grad_clip_norm.is_finite()) {
+                return Err(format!(
+                    "{at}: grad_clip_norm must be a finite number >= 0 (0 = off), got {}",
+                    s.grad_clip_norm
                 ));
-            }
-            if !(r.der_alpha >= 0.0 && r.der_alpha.is_finite()) {
-                return bad("replay.der_alpha must be >= 0".into());
-            }
-            match &r.tasks {
-                ReplayTasks::Keyword(k) if k == "all" => {}
-                ReplayTasks::Keyword(k) => {
-                    return bad(format!(
-                        "replay.tasks = \"{k}\": expected \"all\" or a list such as [\"seg\"]"
-                    ))
-                }
-                ReplayTasks::List(list) => {
-                    if list.is_empty() {
-                        return bad("replay.tasks is empty: list tasks or use \"all\"".into());
-                    }
-                    let last = self.stages.len() - 1;
-                    for t in list {
-                        match self.stages.iter().position(|s| s.task == *t) {
-                            None => {
-                                return bad(format!(
-                                    "replay.tasks names '{t}', but no stage learns it"
-                                ))
-                            }
-                            Some(first) if first == last => {
-                                return bad(format!(
-                                    "replay.tasks names '{t}', but it is first learned in the last stage: nothing later could replay it"
-                                ))
-                            }
-                            Some(_) => {}
-                        }
-                    }
-                }
             }
         }
         for (i, s) in self.stages.iter().enumerate() {
@@ -759,75 +579,67 @@ impl Experiment {
                 .iter()
                 .any(|v| !(*v >= 0.0 && v.is_finite()))
             {
-                return bad(format!("stages[{i}].lr_scale: multipliers must be >= 0"));
+                return Err(format!("stages[{i}].lr_scale: multipliers must be >= 0"));
             }
         }
-        let named = |what: &str, map: &BTreeMap<String, f64>| -> Result<(), ConfigError> {
-            for t in map.keys() {
-                if !self.stages.iter().any(|s| &s.task == t) {
-                    return bad(format!("{what} names task '{t}', but no stage learns it"));
-                }
-            }
-            Ok(())
-        };
-        named("replay.task_weights", &self.replay.task_weights)?;
-        named("lwf.task_alpha", &self.lwf.task_alpha)?;
-        let w = &self.lwf;
-        if !(w.alpha >= 0.0 && w.task_alpha.values().all(|a| *a >= 0.0)) {
-            return bad("lwf.alpha and lwf.task_alpha must be >= 0".into());
-        }
-        if !(w.temperature > 0.0 && w.temperature.is_finite()) {
-            return bad("lwf.temperature must be > 0".into());
-        }
-        let c = &self.ewc;
-        if !(c.lambda >= 0.0 && c.lambda.is_finite() && (0.0..=1.0).contains(&c.gamma)) {
-            return bad("ewc.lambda must be >= 0 and ewc.gamma in [0, 1]".into());
-        }
-        if self.mode != Mode::Sequential && (self.replay.enabled || w.enabled() || c.lambda > 0.0) {
-            return bad(format!(
-                "mode = {:?} is a reference run: it takes no anti-forgetting strategy (turn replay, lwf and ewc off)",
-                self.mode
-            ));
-        }
+        Ok(())
+    }
+
+    fn check_eval(&self) -> Result<(), String> {
         if self.eval.baseline == BaselineKind::SingleTask && self.mode != Mode::Sequential {
-            return bad("eval.baseline = \"single_task\" is for sequential runs".into());
+            return Err("eval.baseline = \"single_task\" is for sequential runs".into());
         }
         let e = &self.eval;
-        if e.every == 0 || e.batch_size == 0 {
-            return bad("eval.every and eval.batch_size must be > 0".into());
+        if e.every == 0 || e.batch_size == 0 || e.batch_size > MAX_BATCH {
+            return Err(format!(
+                "eval.every must be > 0 and eval.batch_size from 1 to {MAX_BATCH}"
+            ));
         }
         if !(0.0..1.0).contains(&e.tolerance) {
-            return bad(format!(
+            return Err(format!(
                 "eval.tolerance = {} must be in [0, 1)",
                 e.tolerance
             ));
         }
         if !(e.chance_margin >= 0.0 && e.chance_margin < 1.0) {
-            return bad(format!(
+            return Err(format!(
                 "eval.chance_margin = {} must be in [0, 1)",
                 e.chance_margin
             ));
         }
         for t in e.metric.keys() {
             if !self.stages.iter().any(|s| &s.task == t) {
-                return bad(format!(
+                return Err(format!(
                     "eval.metric names task '{t}', but no stage learns it"
                 ));
             }
         }
         for t in self.tasks.keys() {
             if !self.stages.iter().any(|s| &s.task == t) {
-                return bad(format!("[tasks.{t}] is set, but no stage learns '{t}'"));
+                return Err(format!("[tasks.{t}] is set, but no stage learns '{t}'"));
             }
         }
-        if self.data.source == DataSource::Synthetic
-            && (self.data.synth_train == 0 || self.data.synth_val == 0)
+        Ok(())
+    }
+
+    fn check_data(&self) -> Result<(), String> {
+        let d = &self.data;
+        let split_ok = |n: usize| (1..=MAX_SYNTH_IMAGES).contains(&n);
+        if d.source == DataSource::Synthetic && !(split_ok(d.synth_train) && split_ok(d.synth_val))
         {
-            return bad("data.synth_train and data.synth_val must be > 0".into());
+            return Err(format!(
+                "data.synth_train and data.synth_val must be from 1 to {MAX_SYNTH_IMAGES}"
+            ));
+        }
+        if d.source == DataSource::Synthetic && !(32..=MAX_IMAGE_SIZE).contains(&d.synth_size) {
+            return Err(format!(
+                "data.synth_size = {} must be from 32 to {MAX_IMAGE_SIZE}",
+                d.synth_size
+            ));
         }
         let [lo, hi] = self.data.crop_scale;
         if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
-            return bad(format!(
+            return Err(format!(
                 "data.crop_scale = [{lo}, {hi}] must satisfy 0 < min <= max <= 1"
             ));
         }
@@ -854,25 +666,6 @@ impl Experiment {
     /// The verdict metric of `task` when the experiment picks one (`[eval] metric`).
     pub fn verdict_metric(&self, task: &str) -> Option<&str> {
         self.eval.metric.get(task).map(String::as_str)
-    }
-
-    /// Tasks that stage `stage` replays (those learned in earlier stages and selected).
-    pub fn replayed_tasks(&self, stage: usize) -> Vec<String> {
-        if !self.replay.enabled {
-            return vec![];
-        }
-        let current = &self.stages[stage].task;
-        let mut out: Vec<String> = Vec::new();
-        for s in &self.stages[..stage] {
-            let selected = match &self.replay.tasks {
-                ReplayTasks::Keyword(_) => true,
-                ReplayTasks::List(l) => l.contains(&s.task),
-            };
-            if selected && &s.task != current && !out.contains(&s.task) {
-                out.push(s.task.clone());
-            }
-        }
-        out
     }
 
     /// The stages the training loop runs: the file's stages, or for `mode = "joint"` one
@@ -921,6 +714,42 @@ impl Experiment {
         }
         out
     }
+}
+
+/// The 1-based line of `text` where `key` is set: inside table `[table]` (or a dotted
+/// `table.key`), or at the top level (`None`), where `key` may also be a table's header.
+/// For error messages about values that toml's sub-table errors give no position for.
+pub fn line_of(text: &str, table: Option<&str>, key: &str) -> Option<usize> {
+    let mut current: Option<String> = None;
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            let name = header.trim_start_matches('[');
+            let name = name.split(']').next().unwrap_or("").trim().to_string();
+            let want = table.map_or(key.to_string(), |t| format!("{t}.{key}"));
+            if name == want || name.starts_with(&format!("{want}.")) {
+                return Some(n + 1);
+            }
+            current = Some(name);
+            continue;
+        }
+        let Some((lhs, _)) = line.split_once('=') else {
+            continue;
+        };
+        let lhs = lhs.trim();
+        let full = match &current {
+            Some(t) => format!("{t}.{lhs}"),
+            None => lhs.to_string(),
+        };
+        let want = match table {
+            Some(t) => format!("{t}.{key}"),
+            None => key.to_string(),
+        };
+        if full == want || full.starts_with(&format!("{want}.")) {
+            return Some(n + 1);
+        }
+    }
+    None
 }
 
 /// Apply one `a.b.c=value` override to a parsed table. `stages.1.lr=…` indexes the stage
@@ -1029,8 +858,6 @@ epochs = 3
         let e = parse(MINIMAL).unwrap();
         assert_eq!(e.stages[0].epochs, 20);
         assert_eq!(e.stages[1].epochs, 3);
-        assert_eq!(e.replay.images_per_batch, 4);
-        assert!((e.replay.weight - 0.8).abs() < 1e-12);
         assert!((e.eval.tolerance - 0.05).abs() < 1e-12);
         assert_eq!(e.model.image_size, 160);
         // The resolved config round-trips through TOML unchanged.
@@ -1069,14 +896,6 @@ epochs = 3
             .to_string()
             .contains("epochs must be > 0"));
 
-        let unlearned = format!("{MINIMAL}\n[replay]\nenabled = true\ntasks = [\"cls\"]\n");
-        let msg = parse(&unlearned).unwrap_err().to_string();
-        assert!(msg.contains("no stage learns it"), "{msg}");
-
-        let last = format!("{MINIMAL}\n[replay]\nenabled = true\ntasks = [\"det\"]\n");
-        let msg = parse(&last).unwrap_err().to_string();
-        assert!(msg.contains("last stage"), "{msg}");
-
         let crop = format!("{MINIMAL}\n[data]\ncrop_scale = [0.5, 0.2]\n");
         assert!(parse(&crop).unwrap_err().to_string().contains("crop_scale"));
 
@@ -1085,6 +904,39 @@ epochs = 3
             .unwrap_err()
             .to_string()
             .contains("multiple of 32"));
+    }
+
+    #[test]
+    fn names_sizes_and_numbers_out_of_bounds_are_refused_before_training() {
+        let with =
+            |old: &str, new: &str| parse(&MINIMAL.replace(old, new)).unwrap_err().to_string();
+        for bad in ["..", ".", ".hidden", "a/b", ""] {
+            let msg = with("name = \"t\"", &format!("name = \"{bad}\""));
+            assert!(msg.contains("names a folder"), "{bad}: {msg}");
+        }
+        let msg = parse(&format!("{MINIMAL}[model]\nimage_size = 1073741824\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("model.image_size") && msg.contains("1024"),
+            "{msg}"
+        );
+        let msg = parse(&format!("{MINIMAL}[model]\nfpn_channels = 100000000\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("model.fpn_channels"), "{msg}");
+        let msg = with("epochs = 3", "epochs = 3\nbatch_size = 100000");
+        assert!(msg.contains("batch_size"), "{msg}");
+        let msg = with("epochs = 3", "epochs = 3\nweight_decay = inf");
+        assert!(msg.contains("weight_decay") && msg.contains("inf"), "{msg}");
+        let msg = with("epochs = 3", "epochs = 3\ngrad_clip_norm = nan");
+        assert!(msg.contains("grad_clip_norm"), "{msg}");
+        let msg = with("epochs = 3", "epochs = 3\nlr = inf");
+        assert!(msg.contains("lr"), "{msg}");
+        let msg = parse(&format!("{MINIMAL}[data]\nsynth_train = 10000000\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("synth_train"), "{msg}");
     }
 
     #[test]
@@ -1126,8 +978,10 @@ epochs = 3
         assert_eq!(e.stages[0].epochs, 2);
         assert_eq!(e.stages[1].epochs, 2);
         assert!((e.stages[1].lr - 0.01).abs() < 1e-12);
-        assert!(e.replay.enabled);
-        assert_eq!(e.replay.tasks, ReplayTasks::List(vec!["seg".to_string()]));
+        // A strategy's table is kept as written (its registry resolves it).
+        let replay = &e.strategies["replay"];
+        assert_eq!(replay["enabled"].as_bool(), Some(true));
+        assert_eq!(replay["tasks"].as_array().map(Vec::len), Some(1));
         assert_eq!(e.model.weights, "none");
         assert_eq!(e.seed, 7);
 
@@ -1142,14 +996,37 @@ epochs = 3
     }
 
     #[test]
-    fn replayed_tasks_follow_stage_order_and_selection() {
-        let text = "name = \"t\"\n[[stages]]\ntask = \"seg\"\n[[stages]]\ntask = \"det\"\n[[stages]]\ntask = \"cls\"\n[replay]\nenabled = true\n";
-        let e = parse(text).unwrap();
-        assert!(e.replayed_tasks(0).is_empty());
-        assert_eq!(e.replayed_tasks(1), vec!["seg"]);
-        assert_eq!(e.replayed_tasks(2), vec!["seg", "det"]);
-        let only_seg = text.replace("enabled = true", "enabled = true\ntasks = [\"seg\"]");
-        let e = parse(&only_seg).unwrap();
-        assert_eq!(e.replayed_tasks(2), vec!["seg"]);
+    fn unknown_top_level_keys_name_their_line() {
+        let msg = parse(&format!("colour = 3{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("colour") && msg.contains("line 1"), "{msg}");
+        // A table outside the schema is kept for the strategy registry.
+        let e = parse(&format!("{MINIMAL}[foo]\nx = 1\n")).unwrap();
+        assert_eq!(e.strategies["foo"]["x"].as_integer(), Some(1));
+    }
+
+    #[test]
+    fn line_of_finds_keys_in_tables_and_headers() {
+        let text = "name = \"t\"\n[replay]\nenabled = true\n[[stages]]\ntask = \"seg\"\n[lwf.task_alpha]\nseg = 1\n";
+        assert_eq!(line_of(text, None, "name"), Some(1));
+        assert_eq!(line_of(text, None, "replay"), Some(2));
+        assert_eq!(line_of(text, Some("replay"), "enabled"), Some(3));
+        assert_eq!(line_of(text, Some("lwf"), "task_alpha"), Some(6));
+        assert_eq!(line_of(text, Some("replay"), "weight"), None);
+    }
+
+    #[test]
+    fn schema_keys_are_every_serialised_key() {
+        let mut e = parse(MINIMAL).unwrap();
+        e.seeds = Some(vec![1]);
+        e.tasks
+            .insert("det".into(), toml::Value::Table(Default::default()));
+        let t = e.to_value();
+        let keys: Vec<&String> = t.as_table().unwrap().keys().collect();
+        for k in &keys {
+            assert!(SCHEMA_KEYS.contains(&k.as_str()), "{k}");
+        }
+        assert_eq!(keys.len(), SCHEMA_KEYS.len());
     }
 }

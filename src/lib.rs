@@ -12,13 +12,16 @@
 
 pub mod bench;
 pub mod boxes;
+pub mod commands;
 pub mod config;
 pub mod data;
+pub mod files;
 pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod plugins;
 pub mod predict;
+pub mod registry;
 pub mod report;
 pub mod sweep;
 pub mod tasks;

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use onehead::config::Experiment;
-use onehead::tasks::Registry;
+use onehead::registry::Registry;
 use onehead::train::{evaluate_checkpoint, resume, run, RunOptions, Stopped};
 
 fn tiny_experiment(dir: &Path, replay: bool) -> Experiment {
@@ -36,7 +36,7 @@ batch_size = 4
     );
     let p = dir.join("tiny.toml");
     std::fs::write(&p, text).unwrap();
-    Experiment::load(&p, &[]).unwrap()
+    Registry::builtin().load(&p, &[]).unwrap()
 }
 
 #[test]
@@ -65,7 +65,9 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
     // The resume state is dropped once the run has finished.
     assert!(!dir.join("state").exists());
     // The stored config is the exact config that ran.
-    let stored = Experiment::load(&dir.join("config.toml"), &[]).unwrap();
+    let stored = Registry::builtin()
+        .load(&dir.join("config.toml"), &[])
+        .unwrap();
     assert_eq!(stored, exp);
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
@@ -295,7 +297,8 @@ fn shipped_experiments_are_valid() {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
-                let exp = Experiment::load(&path, &[])
+                let exp = Registry::builtin()
+                    .load(&path, &[])
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 names.push(exp.name.clone());
                 // The report's schedule: seg → det → cls.
@@ -396,7 +399,7 @@ fn a_damaged_resume_state_or_config_is_a_clear_error() {
     // A config.toml edited to fewer stages than the state has run: refused, not indexed.
     let cfg = dir.join("config.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    let mut edited = Experiment::load(&cfg, &[]).unwrap();
+    let mut edited = Registry::builtin().load(&cfg, &[]).unwrap();
     edited.stages.truncate(1);
     std::fs::write(&cfg, edited.to_toml()).unwrap();
     let msg = format!("{:#}", resume(&dir, &quiet).unwrap_err());

@@ -7,12 +7,10 @@ use std::path::Path;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use onehead::config::Experiment;
 use onehead::data::{Augment, Split};
+use onehead::registry::Registry;
 use onehead::tasks::det::DetSplit;
-use onehead::tasks::{
-    Batch, DistillParams, Evaluator, OpenOptions, Registry, Task, TaskLoss, TaskMetrics,
-};
+use onehead::tasks::{Batch, DistillParams, Evaluator, OpenOptions, Task, TaskLoss, TaskMetrics};
 use onehead::train::{run_with, RunOptions};
 
 /// Counting objects, a regression read from the detection data: one head channel, its
@@ -150,15 +148,20 @@ fn a_fourth_task_trains_through_the_same_loop() {
     let stages = "[[stages]]\ntask = \"seg\"\nepochs = 1\nbatch_size = 4\n[[stages]]\ntask = \"count\"\nepochs = 2\nbatch_size = 4\n[replay]\nenabled = true\nimages_per_batch = 2\n";
     let path = write_experiment(tmp.path(), stages, "");
     // The built-in registry does not know the task: a clear error naming the file.
-    let err = Experiment::load(&path, &[]).unwrap_err().to_string();
+    let err = Registry::builtin()
+        .load(&path, &[])
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("exp.toml") && err.contains("unknown task 'count'"),
         "{err}"
     );
 
     let mut registry = Registry::builtin();
-    registry.register("count", |o| Ok(Box::new(CountTask::open(o)?)));
-    let exp = Experiment::load_with(&path, &[], &registry.names()).unwrap();
+    registry
+        .tasks
+        .register("count", |o| Ok(Box::new(CountTask::open(o)?)));
+    let exp = registry.load(&path, &[]).unwrap();
     let out = run_with(
         &exp,
         &registry,
@@ -205,7 +208,7 @@ fn tasks_at_chance_are_not_learned_and_the_run_does_not_pass() {
     // One step of classification at a tiny learning rate: Top-1 stays near chance (0.1).
     let stages = "[[stages]]\ntask = \"cls\"\nepochs = 1\nbatch_size = 16\nlr = 1e-9\n";
     let path = write_experiment(tmp.path(), stages, "chance_margin = 0.3");
-    let exp = Experiment::load(&path, &[]).unwrap();
+    let exp = Registry::builtin().load(&path, &[]).unwrap();
     let out = onehead::train::run(
         &exp,
         &RunOptions {

@@ -24,9 +24,9 @@ use onehead::data::imageio::read_mask;
 use onehead::metrics::map::MapEvaluator;
 use onehead::metrics::miou::ConfusionMatrix;
 use onehead::predict::{predict, PredictOptions};
+use onehead::registry::Registry;
 use onehead::tasks::det::CocoResult;
-use onehead::tasks::Registry;
-use onehead::train::session::{build_model, open_tasks};
+use onehead::train::assemble::{build_model, open_tasks};
 use onehead::train::{evaluate_checkpoint_export, load_run};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -70,7 +70,7 @@ batch_size = 4
     );
     let p = dir.join("tiny.toml");
     std::fs::write(&p, text).unwrap();
-    Experiment::load(&p, &[]).unwrap()
+    Registry::builtin().load(&p, &[]).unwrap()
 }
 
 /// A run folder as a finished run leaves it (`config.toml`, `checkpoints/`), its three
@@ -79,7 +79,7 @@ fn untrained_run(dir: &Path, exp: &Experiment, registry: &Registry) -> PathBuf {
     let run_dir = dir.join("run");
     std::fs::create_dir_all(run_dir.join("checkpoints")).unwrap();
     std::fs::write(run_dir.join("config.toml"), exp.to_toml()).unwrap();
-    let tasks = open_tasks(exp, registry).unwrap();
+    let tasks = open_tasks(exp, &registry.tasks).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(exp.seed);
     let (varmap, _, _) = build_model(exp, &tasks, &Device::Cpu, &mut rng, false).unwrap();
     for ck in ["stage1-seg", "stage2-det", "stage3-cls"] {
@@ -287,8 +287,27 @@ fn export_round_trip_and_predict() {
     std::fs::write(busy.join("notes.txt"), "mine").unwrap();
     let err = evaluate_checkpoint_export(&run_dir, None, &registry, Some(&busy)).unwrap_err();
     assert!(
-        format!("{err:#}").contains("not an earlier export"),
+        format!("{err:#}").contains("onehead did not write"),
         "{err:#}"
+    );
+    // A foreign folder that happens to hold a `manifest.json` and a `seg/` folder: refused,
+    // and nothing in it deleted (it used to lose seg/, det/ and cls/).
+    let foreign = tmp.path().join("foreign");
+    std::fs::create_dir_all(foreign.join("seg")).unwrap();
+    std::fs::write(
+        foreign.join("manifest.json"),
+        r#"{"name": "not onehead's"}"#,
+    )
+    .unwrap();
+    std::fs::write(foreign.join("seg/keep.png"), "mine").unwrap();
+    let err = evaluate_checkpoint_export(&run_dir, None, &registry, Some(&foreign)).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("onehead did not write"),
+        "{err:#}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("seg/keep.png")).unwrap(),
+        "mine"
     );
     // Put the final export back for the comparisons below.
     evaluate_checkpoint_export(&run_dir, None, &registry, Some(&export)).unwrap();

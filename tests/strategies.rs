@@ -8,7 +8,8 @@ use std::path::Path;
 
 use onehead::config::Experiment;
 use onehead::plugins::{Plugin, Rows, StepView};
-use onehead::tasks::{Registry, Split};
+use onehead::registry::Registry;
+use onehead::tasks::Split;
 use onehead::train::{resume, run, RunOptions, Session, Stopped};
 use rand::SeedableRng;
 
@@ -30,7 +31,7 @@ batch_size = 8
     );
     let p = dir.join("exp.toml");
     std::fs::write(&p, text).unwrap();
-    Experiment::load(&p, &[]).unwrap()
+    Registry::builtin().load(&p, &[]).unwrap()
 }
 
 const THREE_STAGES: &str = r#"
@@ -141,10 +142,12 @@ fn distillation_is_zero_at_the_teacher_and_pulls_back_toward_it() {
         &format!("{THREE_STAGES}\n[lwf]\nalpha = 1.0\n"),
     );
     let registry = Registry::builtin();
-    let s = Session::start(&exp, &registry, quiet()).unwrap();
+    let s = Session::start(&exp, &registry, quiet(), None).unwrap();
     let env = &s.env;
     let pools = vec![(0..16).collect::<Vec<usize>>(), (0..16).collect()];
-    let mut lwf = onehead::plugins::lwf::Lwf::new(&exp.lwf);
+    let mut lwf = onehead::plugins::lwf::Lwf::new(
+        &onehead::plugins::registry::settings::<onehead::plugins::lwf::Lwf>(&exp).unwrap(),
+    );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     lwf.after_stage(&env.ctx(0, &pools), &mut rng).unwrap();
     let det = env.tasks.get("det").unwrap();
@@ -237,7 +240,7 @@ fn single_task_runs_restart_every_stage_from_the_initial_weights() {
     .unwrap_err();
     let dir = err.downcast_ref::<Stopped>().unwrap().run_dir.clone();
     let registry = Registry::builtin();
-    let fresh = Session::start(&exp, &registry, quiet()).unwrap();
+    let fresh = Session::start(&exp, &registry, quiet(), None).unwrap();
     let state_file = std::fs::read_dir(dir.join("state"))
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -59,6 +59,64 @@ impl CocoFile {
             .with_context(|| format!("parsing COCO JSON {}", path.display()))
     }
 
+    /// Check what pycocotools would trip over or silently mis-score, before anything trains
+    /// (`path` names the file in messages). Errors: no categories, a duplicate image,
+    /// annotation or category id, a box with a negative or non-finite size. Boxes reaching
+    /// outside their image are kept (the loader clips them to the image) and reported in
+    /// the returned warnings, with their annotation ids.
+    pub fn check(&self, path: &Path) -> Result<Vec<String>> {
+        let at = path.display();
+        anyhow::ensure!(
+            !self.categories.is_empty(),
+            "{at}: `categories` is empty: a detection set needs at least one category"
+        );
+        let dup = |ids: Vec<u64>| {
+            let mut ids = ids;
+            ids.sort_unstable();
+            ids.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
+        };
+        if let Some(id) = dup(self.images.iter().map(|i| i.id).collect()) {
+            anyhow::bail!("{at}: image id {id} is listed twice in `images`");
+        }
+        if let Some(id) = dup(self.annotations.iter().map(|a| a.id).collect()) {
+            anyhow::bail!("{at}: annotation id {id} is listed twice in `annotations`");
+        }
+        if let Some(id) = dup(self.categories.iter().map(|c| c.id).collect()) {
+            anyhow::bail!("{at}: category id {id} is listed twice in `categories`");
+        }
+        let sizes: std::collections::BTreeMap<u64, (u32, u32)> = self
+            .images
+            .iter()
+            .map(|i| (i.id, (i.width, i.height)))
+            .collect();
+        let mut outside = Vec::new();
+        for a in &self.annotations {
+            let [x, y, w, h] = a.bbox;
+            anyhow::ensure!(
+                a.bbox.iter().all(|v| v.is_finite()) && w >= 0.0 && h >= 0.0,
+                "{at}: annotation {} has bbox {:?}: width and height must be finite and >= 0 ([x, y, width, height])",
+                a.id,
+                a.bbox
+            );
+            if let Some(&(iw, ih)) = sizes.get(&a.image_id).filter(|(iw, ih)| *iw > 0 && *ih > 0) {
+                if x < 0.0 || y < 0.0 || x + w > iw as f64 || y + h > ih as f64 {
+                    outside.push(a.id);
+                }
+            }
+        }
+        let mut warnings = Vec::new();
+        if !outside.is_empty() {
+            let shown: Vec<String> = outside.iter().take(5).map(u64::to_string).collect();
+            warnings.push(format!(
+                "{at}: {} box(es) reach outside their image and are clipped to it (annotation ids {}{})",
+                outside.len(),
+                shown.join(", "),
+                if outside.len() > 5 { ", …" } else { "" }
+            ));
+        }
+        Ok(warnings)
+    }
+
     /// Write as pretty JSON (field order fixed by the structs, so output is deterministic).
     pub fn write(&self, path: &Path) -> Result<()> {
         let mut bytes = serde_json::to_vec_pretty(self)?;
@@ -77,4 +135,74 @@ pub fn chosen_categories() -> Vec<CocoCategory> {
             supercategory: String::new(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file() -> CocoFile {
+        CocoFile {
+            images: vec![
+                CocoImage {
+                    id: 1,
+                    file_name: "a.jpg".into(),
+                    width: 100,
+                    height: 80,
+                },
+                CocoImage {
+                    id: 2,
+                    file_name: "b.jpg".into(),
+                    width: 100,
+                    height: 80,
+                },
+            ],
+            annotations: vec![CocoAnnotation {
+                id: 7,
+                image_id: 1,
+                category_id: 3,
+                bbox: [10.0, 10.0, 20.0, 20.0],
+                area: 400.0,
+                iscrowd: 0,
+            }],
+            categories: vec![CocoCategory {
+                id: 3,
+                name: "cat".into(),
+                supercategory: String::new(),
+            }],
+        }
+    }
+
+    #[test]
+    fn what_pycocotools_would_trip_over_is_named() {
+        let p = Path::new("instances_val.json");
+        assert!(file().check(p).unwrap().is_empty());
+        let mut f = file();
+        f.images[1].id = 1;
+        let msg = f.check(p).unwrap_err().to_string();
+        assert!(msg.contains("image id 1 is listed twice"), "{msg}");
+        let mut f = file();
+        f.annotations.push(f.annotations[0].clone());
+        let msg = f.check(p).unwrap_err().to_string();
+        assert!(msg.contains("annotation id 7"), "{msg}");
+        let mut f = file();
+        f.categories.clear();
+        assert!(f
+            .check(p)
+            .unwrap_err()
+            .to_string()
+            .contains("`categories` is empty"));
+        let mut f = file();
+        f.annotations[0].bbox = [10.0, 10.0, -5.0, 20.0];
+        let msg = f.check(p).unwrap_err().to_string();
+        assert!(
+            msg.contains("annotation 7") && msg.contains("instances_val.json"),
+            "{msg}"
+        );
+        let mut f = file();
+        f.annotations[0].bbox = [90.0, 70.0, 20.0, 20.0];
+        let w = f.check(p).unwrap();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("clipped") && w[0].contains("7"), "{}", w[0]);
+    }
 }

@@ -298,7 +298,7 @@ pub fn download(spec: &ArchiveSpec, mirror: Option<&str>, dir: &Path) -> Result<
             .map(str::to_string)
     };
     let length: Option<u64> = header("content-length").and_then(|v| v.trim().parse().ok());
-    let (mut file, start, total) = match status {
+    let (file, start, total) = match status {
         206 if have > 0 => {
             // "Content-Range: bytes START-END/TOTAL": the server must resume where we stopped.
             let cr = header("content-range").unwrap_or_default();
@@ -337,35 +337,8 @@ pub fn download(spec: &ArchiveSpec, mirror: Option<&str>, dir: &Path) -> Result<
     if start > 0 {
         tracing::info!("resuming {url} at byte {start}");
     }
-    let pb = indicatif::ProgressBar::new(total.unwrap_or(0));
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_message(name.to_string());
-    pb.set_position(start);
     let mut body = resp.into_body().into_reader();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = body.read(&mut buf).with_context(|| {
-            format!(
-                "downloading {url} (the partial file {} is kept; run again to resume)",
-                part.display()
-            )
-        })?;
-        if n == 0 {
-            break;
-        }
-        file.write_all(&buf[..n])
-            .with_context(|| format!("writing {}", part.display()))?;
-        pb.inc(n as u64);
-    }
-    file.flush()?;
-    drop(file);
-    pb.finish_and_clear();
+    stream_to(&mut body, file, &part, &url, (start, total))?;
     let got = part.metadata()?.len();
     if let Some(t) = total {
         if got != t {
@@ -385,6 +358,50 @@ pub fn download(spec: &ArchiveSpec, mirror: Option<&str>, dir: &Path) -> Result<
         return Err(e);
     }
     Ok(dest)
+}
+
+/// Copy `body` to the end of `file` (the partial download `part`, `start` bytes in, of
+/// `total` when known), with a progress bar.
+fn stream_to(
+    body: &mut impl Read,
+    mut file: File,
+    part: &Path,
+    url: &str,
+    (start, total): (u64, Option<u64>),
+) -> Result<()> {
+    let pb = indicatif::ProgressBar::new(total.unwrap_or(0));
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(
+        part.file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".part").to_string())
+            .unwrap_or_default(),
+    );
+    pb.set_position(start);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = body.read(&mut buf).with_context(|| {
+            format!(
+                "downloading {url} (the partial file {} is kept; run again to resume)",
+                part.display()
+            )
+        })?;
+        if n == 0 {
+            break;
+        }
+        file.write_all(&buf[..n])
+            .with_context(|| format!("writing {}", part.display()))?;
+        pb.inc(n as u64);
+    }
+    file.flush()?;
+    drop(file);
+    pb.finish_and_clear();
+    Ok(())
 }
 
 /// Check a finished download against the known size and SHA-256 of `spec`.

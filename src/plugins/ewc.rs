@@ -17,9 +17,38 @@ use candle_core::{Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
 use super::{LossTerm, Plugin, PluginState, RunCtx, StepView};
-use crate::config::EwcConfig;
+use serde::{Deserialize, Serialize};
+
+use super::registry::{BuildCtx, Strategy};
+use crate::config::Experiment;
 use crate::model::info::is_running_stat;
 use crate::tasks::Split;
+
+/// Elastic weight consolidation (Kirkpatrick et al. 2017): a quadratic penalty
+/// `λ/2 · Σ F_i (θ_i − θ*_i)²` around the weights at the end of each stage, weighted by the
+/// diagonal Fisher information of the finished stage's task on its training images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EwcConfig {
+    /// Penalty strength (0 = off). The Fisher is normalised to mean 1 per task, so λ does
+    /// not depend on the loss scale.
+    pub lambda: f64,
+    /// Online EWC (Schwarz et al. 2018): `F ← γ·F + F_new`, anchored at the latest weights;
+    /// 1 keeps every task's Fisher in full.
+    pub gamma: f64,
+    /// Training images used to estimate the Fisher (0 = the whole stage pool).
+    pub samples: usize,
+}
+
+impl Default for EwcConfig {
+    fn default() -> Self {
+        Self {
+            lambda: 0.0,
+            gamma: 1.0,
+            samples: 0,
+        }
+    }
+}
 
 pub struct Ewc {
     cfg: EwcConfig,
@@ -41,6 +70,26 @@ fn trainable(ctx: &RunCtx) -> Vec<(String, Var)> {
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+impl Strategy for Ewc {
+    const NAME: &'static str = "ewc";
+    type Settings = EwcConfig;
+
+    fn is_on(s: &EwcConfig) -> bool {
+        s.lambda > 0.0
+    }
+
+    fn validate(c: &EwcConfig, _exp: &Experiment) -> Result<(), String> {
+        if !(c.lambda >= 0.0 && c.lambda.is_finite() && (0.0..=1.0).contains(&c.gamma)) {
+            return Err("ewc.lambda must be >= 0 and ewc.gamma in [0, 1]".into());
+        }
+        Ok(())
+    }
+
+    fn build(cfg: EwcConfig, _ctx: &BuildCtx) -> Result<Self> {
+        Ok(Self::new(&cfg))
+    }
 }
 
 impl Ewc {

@@ -16,9 +16,59 @@ use anyhow::{Context, Result};
 use rand_chacha::ChaCha8Rng;
 
 use super::{LossTerm, Plugin, PluginState, RunCtx, StepView};
-use crate::config::{LwfConfig, TeacherKind};
+use serde::{Deserialize, Serialize};
+
+use super::registry::{BuildCtx, Strategy};
+use crate::config::Experiment;
 use crate::model::Frozen;
 use crate::tasks::DistillParams;
+
+/// Which frozen model distillation pulls toward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherKind {
+    /// The model at the end of the previous stage, for every earlier task (one extra
+    /// forward pass per step).
+    Latest,
+    /// For each earlier task the model at the end of the stage that learned it, i.e. its
+    /// baseline (one extra forward pass per earlier task).
+    PerTask,
+}
+
+/// Learning without Forgetting: a frozen teacher's outputs for the earlier tasks, on every
+/// image of the step (new and replayed), are soft targets for the model's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LwfConfig {
+    /// Weight of the distillation term (0 = off).
+    pub alpha: f64,
+    /// Per-task weights overriding `alpha`, e.g. `{ seg = 10.0, det = 5.0 }`.
+    pub task_alpha: BTreeMap<String, f64>,
+    /// Softmax temperature of the soft targets (Hinton et al.; LwF uses 2).
+    pub temperature: f64,
+    pub teacher: TeacherKind,
+}
+
+impl Default for LwfConfig {
+    fn default() -> Self {
+        Self {
+            alpha: 0.0,
+            task_alpha: BTreeMap::new(),
+            temperature: 2.0,
+            teacher: TeacherKind::Latest,
+        }
+    }
+}
+
+impl LwfConfig {
+    pub fn alpha_of(&self, task: &str) -> f64 {
+        self.task_alpha.get(task).copied().unwrap_or(self.alpha)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.alpha > 0.0 || self.task_alpha.values().any(|&a| a > 0.0)
+    }
+}
 
 struct Teacher {
     /// The earlier tasks this teacher distils.
@@ -37,6 +87,31 @@ impl Lwf {
             cfg: cfg.clone(),
             teachers: vec![],
         }
+    }
+}
+
+impl Strategy for Lwf {
+    const NAME: &'static str = "lwf";
+    type Settings = LwfConfig;
+
+    fn is_on(s: &LwfConfig) -> bool {
+        s.enabled()
+    }
+
+    fn validate(w: &LwfConfig, exp: &Experiment) -> Result<(), String> {
+        super::registry::named_tasks("lwf.task_alpha", w.task_alpha.keys(), exp)?;
+        let ok = |a: f64| a >= 0.0 && a.is_finite();
+        if !(ok(w.alpha) && w.task_alpha.values().all(|a| ok(*a))) {
+            return Err("lwf.alpha and lwf.task_alpha must be finite numbers >= 0".into());
+        }
+        if !(w.temperature > 0.0 && w.temperature.is_finite()) {
+            return Err("lwf.temperature must be > 0".into());
+        }
+        Ok(())
+    }
+
+    fn build(cfg: LwfConfig, _ctx: &BuildCtx) -> Result<Self> {
+        Ok(Self::new(&cfg))
     }
 }
 

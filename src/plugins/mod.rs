@@ -7,10 +7,36 @@
 //! boundaries (snapshot a teacher, estimate Fisher information, fill a buffer). Every hook
 //! has a no-op default. Plug-in state — JSON and tensors — is saved after every epoch and
 //! restored on resume, so a resumed run continues bit-identically.
+//!
+//! A strategy is one file here plus one line in [`registry::Registry::builtin`]: it owns its
+//! TOML table, settings, checks and state ([`registry::Strategy`]). The reference modes
+//! (`joint`, `single_task`) are plug-ins too, chosen by `mode` rather than by a table.
+
+pub use registry::{BuildCtx, Registry, Strategy};
+
+impl Registry {
+    /// The built-in strategies, in hook order: replay (its batches first), LwF, EWC, and
+    /// uncertainty weighting last (it re-weighs every term). One line per strategy.
+    pub fn builtin() -> Self {
+        let mut r = Self::new();
+        r.register::<replay::Replay>();
+        r.register::<lwf::Lwf>();
+        r.register::<ewc::Ewc>();
+        r.register::<uncertainty::Uncertainty>();
+        r
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::builtin()
+    }
+}
 
 pub mod ewc;
 pub mod joint;
 pub mod lwf;
+pub mod registry;
 pub mod replay;
 pub mod single_task;
 pub mod uncertainty;
@@ -173,10 +199,15 @@ pub trait Plugin {
     }
 }
 
-/// The plug-ins an experiment asks for, in hook order: the reference modes, replay
-/// (its batches first), distillation, EWC, then the weighting of all terms. `varmap` holds
-/// the run's initial weights.
-pub fn build(exp: &Experiment, varmap: &VarMap, device: &Device) -> Result<Vec<Box<dyn Plugin>>> {
+/// The plug-ins of a run, in hook order: the reference mode's, then the strategies' in
+/// registry order (replay's batches first, weighting last). `varmap` holds the run's
+/// initial weights.
+pub fn build(
+    exp: &Experiment,
+    strategies: &Registry,
+    varmap: &VarMap,
+    device: &Device,
+) -> Result<Vec<Box<dyn Plugin>>> {
     let mut out: Vec<Box<dyn Plugin>> = Vec::new();
     match exp.mode {
         crate::config::Mode::Sequential => {}
@@ -185,20 +216,10 @@ pub fn build(exp: &Experiment, varmap: &VarMap, device: &Device) -> Result<Vec<B
             out.push(Box::new(single_task::SingleTask::new(varmap)?))
         }
     }
-    if exp.replay.enabled {
-        out.push(Box::new(replay::Replay::from_experiment(exp)));
-    }
-    if exp.lwf.enabled() {
-        out.push(Box::new(lwf::Lwf::new(&exp.lwf)));
-    }
-    if exp.ewc.lambda > 0.0 {
-        out.push(Box::new(ewc::Ewc::new(&exp.ewc)));
-    }
-    if exp.uncertainty.enabled {
-        out.push(Box::new(uncertainty::Uncertainty::new(
-            &exp.tasks_in_order(),
-            device,
-        )?));
-    }
+    out.extend(strategies.build(&BuildCtx {
+        exp,
+        varmap,
+        device,
+    })?);
     Ok(out)
 }

@@ -26,9 +26,115 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{ExtraBatch, LossTerm, Plugin, PluginState, RunCtx, StepView};
-use crate::config::{Experiment, ReplayConfig, ReplayNormalize, ReplayPolicy, ReplaySampling};
+use serde::{Deserialize, Serialize};
+
+use super::registry::{named_tasks, BuildCtx, Strategy};
+use crate::config::{Experiment, StageConfig, MAX_BATCH};
+
+/// Largest `capacity` accepted (images, with their stored outputs).
+const MAX_CAPACITY: usize = 10_000_000;
 use crate::data::Augment;
 use crate::tasks::{DistillParams, Split};
+
+/// Which earlier tasks a replay strategy draws from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ReplayTasks {
+    /// `"all"`: every task learned in an earlier stage.
+    Keyword(String),
+    /// An explicit list, e.g. `["seg"]` (the report's setup).
+    List(Vec<String>),
+}
+
+impl Default for ReplayTasks {
+    fn default() -> Self {
+        ReplayTasks::Keyword("all".into())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplaySampling {
+    /// Replayed samples cycle through the replayed tasks in order.
+    RoundRobin,
+    /// Each replayed sample picks its task uniformly at random.
+    Random,
+}
+
+/// Which earlier samples a replay buffer keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayPolicy {
+    /// Every image earlier stages trained on.
+    Full,
+    /// Reservoir sampling over the stream of trained images (uniform, not per task):
+    /// `capacity` images.
+    Reservoir,
+    /// `capacity` images split equally among the earlier tasks, shrunk at random as tasks
+    /// arrive.
+    TaskBalanced,
+}
+
+/// How each replayed task's loss is scaled before the weights apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayNormalize {
+    /// `weight · Σ_t (n_t / images_per_batch) · L_t` (the report's form).
+    None,
+    /// Each task's loss divided by its loss at the end of its own stage (measured then on
+    /// its buffer in inference mode), so that 1.0 means "as good as at baseline" and a task
+    /// with a large loss scale cannot swamp the new task.
+    Reference,
+}
+
+/// Experience replay: every batch of a later stage carries samples of earlier tasks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplayConfig {
+    pub enabled: bool,
+    /// Replayed samples added to every batch (the report: 4).
+    pub images_per_batch: usize,
+    /// `loss = L_new + weight · L_replay` (the report: 0.8).
+    pub weight: f64,
+    /// Per-task weights overriding `weight`, e.g. `{ det = 2.0 }`.
+    pub task_weights: BTreeMap<String, f64>,
+    pub tasks: ReplayTasks,
+    pub sampling: ReplaySampling,
+    pub policy: ReplayPolicy,
+    /// Buffer size in images for `reservoir` and `task_balanced` (ignored by `full`).
+    pub capacity: usize,
+    pub normalize: ReplayNormalize,
+    /// DER: with each buffered image keep the head's outputs of the end of its task's stage
+    /// and add `der_alpha · distill(now, then)` on un-augmented replays of it (0 = off).
+    pub der_alpha: f64,
+    /// Softmax temperature of the DER term's soft targets.
+    pub der_temperature: f64,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            images_per_batch: 4,
+            weight: 0.8,
+            task_weights: BTreeMap::new(),
+            tasks: ReplayTasks::default(),
+            sampling: ReplaySampling::RoundRobin,
+            policy: ReplayPolicy::Full,
+            capacity: 0,
+            normalize: ReplayNormalize::None,
+            der_alpha: 0.0,
+            der_temperature: 2.0,
+        }
+    }
+}
+
+impl ReplayConfig {
+    /// The replay weight of `task`.
+    pub fn weight_of(&self, task: &str) -> f64 {
+        self.task_weights.get(task).copied().unwrap_or(self.weight)
+    }
+}
 
 /// Images evaluated per batch when measuring reference losses and storing DER outputs.
 const BATCH: usize = 16;
@@ -51,10 +157,107 @@ pub struct Replay {
     cursor: usize,
 }
 
+impl Strategy for Replay {
+    const NAME: &'static str = "replay";
+    type Settings = ReplayConfig;
+
+    fn is_on(s: &ReplayConfig) -> bool {
+        s.enabled
+    }
+
+    fn validate(r: &ReplayConfig, exp: &Experiment) -> Result<(), String> {
+        named_tasks("replay.task_weights", r.task_weights.keys(), exp)?;
+        if !r.enabled {
+            return Ok(());
+        }
+        if r.images_per_batch == 0 || r.images_per_batch > MAX_BATCH {
+            return Err(format!(
+                "replay.images_per_batch = {} must be from 1 to {MAX_BATCH} when replay is enabled",
+                r.images_per_batch
+            ));
+        }
+        if r.capacity > MAX_CAPACITY {
+            return Err(format!(
+                "replay.capacity = {} is beyond {MAX_CAPACITY} images",
+                r.capacity
+            ));
+        }
+        let finite = |w: f64| w >= 0.0 && w.is_finite();
+        if !finite(r.weight) || !r.task_weights.values().all(|w| finite(*w)) {
+            return Err("replay.weight and replay.task_weights must be >= 0".into());
+        }
+        if r.policy != ReplayPolicy::Full && r.capacity == 0 {
+            return Err(format!(
+                "replay.policy = {:?} needs replay.capacity > 0 (images kept)",
+                r.policy
+            ));
+        }
+        if !finite(r.der_alpha) {
+            return Err("replay.der_alpha must be >= 0".into());
+        }
+        if !(r.der_temperature > 0.0 && r.der_temperature.is_finite()) {
+            return Err("replay.der_temperature must be > 0".into());
+        }
+        validate_tasks(&r.tasks, exp)
+    }
+
+    fn build(cfg: ReplayConfig, _ctx: &BuildCtx) -> Result<Self> {
+        Ok(Self::new(cfg))
+    }
+}
+
+/// `replay.tasks`: "all", or tasks that a stage before the last one learns.
+fn validate_tasks(tasks: &ReplayTasks, exp: &Experiment) -> Result<(), String> {
+    let list = match tasks {
+        ReplayTasks::Keyword(k) if k == "all" => return Ok(()),
+        ReplayTasks::Keyword(k) => {
+            return Err(format!(
+                "replay.tasks = \"{k}\": expected \"all\" or a list such as [\"seg\"]"
+            ))
+        }
+        ReplayTasks::List(list) => list,
+    };
+    if list.is_empty() {
+        return Err("replay.tasks is empty: list tasks or use \"all\"".into());
+    }
+    let last = exp.stages.len().saturating_sub(1);
+    for t in list {
+        match exp.stages.iter().position(|s| s.task == *t) {
+            None => return Err(format!("replay.tasks names '{t}', but no stage learns it")),
+            Some(first) if first == last => {
+                return Err(format!(
+                    "replay.tasks names '{t}', but it is first learned in the last stage: nothing later could replay it"
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Tasks that stage `stage` replays: those learned in earlier stages and selected.
+pub fn replayed_tasks(cfg: &ReplayConfig, stages: &[StageConfig], stage: usize) -> Vec<String> {
+    if !cfg.enabled {
+        return vec![];
+    }
+    let current = &stages[stage].task;
+    let mut out: Vec<String> = Vec::new();
+    for s in &stages[..stage] {
+        let selected = match &cfg.tasks {
+            ReplayTasks::Keyword(_) => true,
+            ReplayTasks::List(l) => l.contains(&s.task),
+        };
+        if selected && &s.task != current && !out.contains(&s.task) {
+            out.push(s.task.clone());
+        }
+    }
+    out
+}
+
 impl Replay {
-    pub fn from_experiment(exp: &Experiment) -> Self {
+    pub fn new(cfg: ReplayConfig) -> Self {
         Self {
-            cfg: exp.replay.clone(),
+            cfg,
             buffer: vec![],
             seen: 0,
             reference: BTreeMap::new(),
@@ -235,7 +438,7 @@ impl Plugin for Replay {
     }
 
     fn before_stage(&mut self, ctx: &RunCtx, _rng: &mut ChaCha8Rng) -> Result<()> {
-        self.tasks = ctx.exp.replayed_tasks(ctx.stage);
+        self.tasks = replayed_tasks(&self.cfg, ctx.stages, ctx.stage);
         self.cursor = 0;
         Ok(())
     }
@@ -312,7 +515,7 @@ impl Plugin for Replay {
                     .collect::<Result<_>>()?;
                 let target = Tensor::cat(&stored, 0)?;
                 let p = DistillParams {
-                    temperature: ctx.exp.lwf.temperature,
+                    temperature: self.cfg.der_temperature,
                 };
                 let d = task.distill(&out, &target, &p)?;
                 terms.push(LossTerm {
@@ -491,5 +694,47 @@ mod tests {
         }
         // Both tasks get a fair share over many steps.
         assert!(total[0] > 150 && total[1] > 150, "{total:?}");
+    }
+
+    fn experiment(extra: &str) -> (Experiment, ReplayConfig) {
+        let text = format!(
+            "name = \"t\"\n[[stages]]\ntask = \"seg\"\n[[stages]]\ntask = \"det\"\n[[stages]]\ntask = \"cls\"\n[replay]\nenabled = true\n{extra}"
+        );
+        let exp = Experiment::from_toml_str(&text, std::path::Path::new("x.toml"), &[]).unwrap();
+        let cfg: ReplayConfig = exp.strategies["replay"].clone().try_into().unwrap();
+        (exp, cfg)
+    }
+
+    #[test]
+    fn replayed_tasks_follow_stage_order_and_selection() {
+        let (exp, cfg) = experiment("");
+        assert!(replayed_tasks(&cfg, &exp.stages, 0).is_empty());
+        assert_eq!(replayed_tasks(&cfg, &exp.stages, 1), vec!["seg"]);
+        assert_eq!(replayed_tasks(&cfg, &exp.stages, 2), vec!["seg", "det"]);
+        let (exp, cfg) = experiment("tasks = [\"seg\"]\n");
+        assert_eq!(replayed_tasks(&cfg, &exp.stages, 2), vec!["seg"]);
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused() {
+        let check = |extra: &str| {
+            let (exp, cfg) = experiment(extra);
+            Replay::validate(&cfg, &exp)
+        };
+        assert!(check("").is_ok());
+        let msg = check("tasks = [\"depth\"]\n").unwrap_err();
+        assert!(msg.contains("no stage learns it"), "{msg}");
+        let msg = check("tasks = [\"cls\"]\n").unwrap_err();
+        assert!(msg.contains("last stage"), "{msg}");
+        let msg = check("policy = \"reservoir\"\n").unwrap_err();
+        assert!(msg.contains("capacity"), "{msg}");
+        let msg = check("task_weights = { depth = 1.0 }\n").unwrap_err();
+        assert!(msg.contains("replay.task_weights"), "{msg}");
+        let msg = check("der_temperature = 0.0\n").unwrap_err();
+        assert!(msg.contains("der_temperature"), "{msg}");
+        let msg = check("images_per_batch = 1000000000\n").unwrap_err();
+        assert!(msg.contains("images_per_batch"), "{msg}");
+        let msg = check("weight = inf\n").unwrap_err();
+        assert!(msg.contains("replay.weight"), "{msg}");
     }
 }

@@ -12,11 +12,38 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, Var};
 
+use serde::{Deserialize, Serialize};
+
+use super::registry::{BuildCtx, Strategy};
 use super::{LossTerm, Plugin, PluginState, RunCtx};
+
+/// Uncertainty weighting of task losses (Kendall, Gal & Cipolla 2018): every task's loss
+/// `L_t` becomes `½·e^{−s_t}·L_t + ½·s_t` with a learned log-variance `s_t`. Beware: for an
+/// earlier task the loss rises as it is forgotten, so this lowers its weight exactly then.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UncertaintyConfig {
+    pub enabled: bool,
+}
 
 pub struct Uncertainty {
     /// `s_t` per task, in the order tasks are first learned.
     log_vars: Vec<(String, Var)>,
+}
+
+impl Strategy for Uncertainty {
+    const NAME: &'static str = "uncertainty";
+    type Settings = UncertaintyConfig;
+    /// A loss weighting, not an anti-forgetting strategy: it may weigh a joint run's terms.
+    const IN_REFERENCE_RUNS: bool = true;
+
+    fn is_on(s: &UncertaintyConfig) -> bool {
+        s.enabled
+    }
+
+    fn build(_cfg: UncertaintyConfig, ctx: &BuildCtx) -> Result<Self> {
+        Self::new(&ctx.exp.tasks_in_order(), ctx.device)
+    }
 }
 
 impl Uncertainty {

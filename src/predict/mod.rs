@@ -24,9 +24,10 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 
 use crate::data::imageio::{decode_rgb, is_image, is_jpeg};
+use crate::registry::Registry;
 use crate::tasks::images::ImageSet;
-use crate::tasks::{PredictInput, Registry, Task};
-use crate::train::session::{load_run, LoadedRun};
+use crate::tasks::{PredictInput, Task};
+use crate::train::checkpoints::{load_run, LoadedRun};
 
 /// What to predict and where to write it.
 #[derive(Debug, Clone, Default)]
@@ -77,8 +78,7 @@ pub fn predict(opts: &PredictOptions, registry: &Registry) -> Result<PredictRepo
 /// [`predict`] with a run already loaded.
 pub fn predict_with(run: &LoadedRun, opts: &PredictOptions) -> Result<PredictReport> {
     let (items, mut failures) = collect_inputs(&opts.inputs);
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("creating {}", opts.out.display()))?;
+    crate::files::claim_output_dir(&opts.out, "--out", |_| false)?;
     let tasks: Vec<&dyn Task> = run
         .learned
         .iter()

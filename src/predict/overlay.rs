@@ -89,37 +89,7 @@ pub fn render(img: &RgbImage, marks: &[Mark]) -> Result<RgbImage> {
     let pad = (font_px * 0.4).round() as i32;
     let line_h = (font_px * 1.5).round() as i32;
 
-    // Caption lines, wrapped to the canvas width.
-    let mut lines: Vec<Vec<(i32, Piece)>> = Vec::new();
-    for m in marks {
-        let Mark::Legend { title, items } = m else {
-            continue;
-        };
-        let mut line: Vec<(i32, Piece)> = Vec::new();
-        let mut x = pad;
-        let title = format!("{title}:");
-        let tw = measure(&title).0;
-        line.push((x, Piece::Text(title, INK)));
-        x += tw + pad;
-        for (text, swatch) in items {
-            let sw = if swatch.is_some() {
-                font_px as i32 + pad / 2
-            } else {
-                0
-            };
-            let need = sw + measure(text).0;
-            if x + need > cw as i32 - pad && line.len() > 1 {
-                lines.push(std::mem::take(&mut line));
-                x = pad + tw + pad;
-            }
-            if let Some([r, g, b]) = swatch {
-                line.push((x, Piece::Swatch(RGBColor(*r, *g, *b))));
-            }
-            line.push((x + sw, Piece::Text(text.clone(), INK)));
-            x += need + 2 * pad;
-        }
-        lines.push(line);
-    }
+    let lines = caption_lines(marks, cw as i32, font_px, pad, &measure);
     let strip = if lines.is_empty() {
         0
     } else {
@@ -194,6 +164,47 @@ pub fn render(img: &RgbImage, marks: &[Mark]) -> Result<RgbImage> {
         root.present().map_err(err)?;
     }
     RgbImage::from_raw(ow, oh, buf).ok_or_else(|| anyhow!("overlay buffer of the wrong size"))
+}
+
+/// The legends' caption lines, wrapped to `width`: each a list of (x, piece).
+fn caption_lines(
+    marks: &[Mark],
+    width: i32,
+    font_px: f64,
+    pad: i32,
+    measure: &dyn Fn(&str) -> (i32, i32),
+) -> Vec<Vec<(i32, Piece)>> {
+    let mut lines: Vec<Vec<(i32, Piece)>> = Vec::new();
+    for m in marks {
+        let Mark::Legend { title, items } = m else {
+            continue;
+        };
+        let mut line: Vec<(i32, Piece)> = Vec::new();
+        let mut x = pad;
+        let title = format!("{title}:");
+        let tw = measure(&title).0;
+        line.push((x, Piece::Text(title, INK)));
+        x += tw + pad;
+        for (text, swatch) in items {
+            let sw = if swatch.is_some() {
+                font_px as i32 + pad / 2
+            } else {
+                0
+            };
+            let need = sw + measure(text).0;
+            if x + need > width - pad && line.len() > 1 {
+                lines.push(std::mem::take(&mut line));
+                x = pad + tw + pad;
+            }
+            if let Some([r, g, b]) = swatch {
+                line.push((x, Piece::Swatch(RGBColor(*r, *g, *b))));
+            }
+            line.push((x + sw, Piece::Text(text.clone(), INK)));
+            x += need + 2 * pad;
+        }
+        lines.push(line);
+    }
+    lines
 }
 
 /// Blend a `mw × mh` class map over `canvas` (nearest sample per canvas pixel); classes 0

@@ -100,9 +100,20 @@ impl Appender {
 
     /// Reopen the file of a resumed run: keep the rows whose `global_epoch` is at most
     /// `global_epoch` (later rows belong to epochs that will be trained again), then append.
+    /// A last line without its newline was torn by a kill mid-write: it is dropped (its
+    /// epoch is not in the saved state, so it is trained and written again).
     fn reopen(path: &Path, header: &[String], global_epoch: usize) -> Result<Self> {
-        let mut reader =
-            csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        if !text.ends_with('\n') {
+            let cut = text.rfind('\n').map_or(0, |i| i + 1);
+            tracing::warn!(
+                "{}: its last line was cut off mid-write (the run was killed): dropped",
+                path.display()
+            );
+            text.truncate(cut);
+        }
+        let mut reader = csv::Reader::from_reader(text.as_bytes());
         let old: Vec<String> = reader.headers()?.iter().map(String::from).collect();
         if old != header {
             anyhow::bail!(
@@ -127,7 +138,7 @@ impl Appender {
             }
         }
         let bytes = kept.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
-        crate::report::write_atomic(path, &bytes)?;
+        crate::files::write_atomic(path, &bytes)?;
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(path)
@@ -296,8 +307,17 @@ mod tests {
         assert_eq!(erows[0][3..], ["seg", "iou.cat", "0.500000"]);
         drop(log);
         // A resume after global epoch 2 drops epoch 3 from both files.
-        RunCsv::reopen(tmp.path(), cols, 2).unwrap();
+        RunCsv::reopen(tmp.path(), cols.clone(), 2).unwrap();
         assert_eq!(read(&tmp.path().join("epochs.csv")).1.len(), 2);
         assert_eq!(read(&tmp.path().join("eval.csv")).1.len(), 4);
+        // A kill in the middle of writing epoch 3's row: the torn line is dropped on resume.
+        let path = tmp.path().join("epochs.csv");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("1,seg,3,3,1.0e-3,1.5");
+        std::fs::write(&path, text).unwrap();
+        RunCsv::reopen(tmp.path(), cols, 2).unwrap();
+        let (_, rows) = read(&path);
+        assert_eq!(rows.len(), 2);
+        assert!(std::fs::read_to_string(&path).unwrap().ends_with('\n'));
     }
 }

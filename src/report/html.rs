@@ -187,6 +187,26 @@ pub(crate) fn write_run_report(run: &RunData, pngs: &[(String, Vec<u8>)]) -> Res
 
 pub(crate) fn run_report(run: &RunData, pngs: &[(String, Vec<u8>)]) -> String {
     let mut b = String::new();
+    run_header(&mut b, run);
+    run_facts(&mut b, run);
+    run_verdict_and_charts(&mut b, run, pngs);
+    run_params(&mut b, run);
+    if let Some(cfg) = &run.config_text {
+        let _ = write!(
+            b,
+            "<section><h2>Configuration</h2><pre>{}</pre></section>",
+            esc(cfg.trim_end())
+        );
+    }
+    page(
+        &format!("onehead · {}", run.name),
+        &b,
+        "SVG versions are in <code>plots/</code>",
+    )
+}
+
+/// Title, folder, time, version and the run's badge; then any warnings about its files.
+fn run_header(b: &mut String, run: &RunData) {
     let (class, label) = run_status(run);
     let summary = run.summary.as_ref();
     let meta = run.meta.as_ref();
@@ -204,7 +224,7 @@ pub(crate) fn run_report(run: &RunData, pngs: &[(String, Vec<u8>)]) -> String {
         sub.push(format!("onehead {}{commit}", esc(v)));
     }
     let _ = write!(
-        b,
+        *b,
         "<header><div><h1>{}</h1><p class=\"sub\">{}</p></div><span class=\"badge big {class}\">{label}</span></header>",
         esc(&run.name),
         sub.join(" · ")
@@ -212,12 +232,16 @@ pub(crate) fn run_report(run: &RunData, pngs: &[(String, Vec<u8>)]) -> String {
     if !run.warnings.is_empty() {
         b.push_str("<section class=\"warn\"><ul>");
         for w in &run.warnings {
-            let _ = write!(b, "<li>{}</li>", esc(w));
+            let _ = write!(*b, "<li>{}</li>", esc(w));
         }
         b.push_str("</ul></section>");
     }
+}
 
-    // Key facts.
+/// The key facts: tasks within tolerance, tolerance, time, parameters, latency, epochs…
+fn run_facts(b: &mut String, run: &RunData) {
+    let summary = run.summary.as_ref();
+    let meta = run.meta.as_ref();
     b.push_str("<section class=\"facts\">");
     let ok = run.tasks.iter().filter(|t| t.verdict == "ok").count();
     b.push_str(&fact(
@@ -269,10 +293,12 @@ pub(crate) fn run_report(run: &RunData, pngs: &[(String, Vec<u8>)]) -> String {
         b.push_str(&fact("seed", &esc(&seed)));
     }
     b.push_str("</section>");
+}
 
-    // Verdicts.
+/// The verdict table and the charts with their captions.
+fn run_verdict_and_charts(b: &mut String, run: &RunData, pngs: &[(String, Vec<u8>)]) {
     let _ = write!(
-        b,
+        *b,
         "<section><h2>Verdict</h2>{}{}</section>",
         verdict_table(run),
         if run.finished() {
@@ -293,14 +319,17 @@ pub(crate) fn run_report(run: &RunData, pngs: &[(String, Vec<u8>)]) -> String {
     for (stem, h, cap) in captions {
         if let Some((_, png)) = pngs.iter().find(|(s, _)| s == stem) {
             let _ = write!(
-                b,
+                *b,
                 "<section><h2>{h}</h2>{}</section>",
                 figure(png, &format!("{} — {h}", run.name), cap)
             );
         }
     }
+}
 
-    // Parameters, in detail when the summary breaks them down.
+/// Parameters, in detail when the summary breaks them down.
+fn run_params(b: &mut String, run: &RunData) {
+    let summary = run.summary.as_ref();
     if let Some(p) = summary
         .and_then(|s| s.get("params"))
         .and_then(|p| p.as_object())
@@ -312,7 +341,7 @@ pub(crate) fn run_report(run: &RunData, pngs: &[(String, Vec<u8>)]) -> String {
         for (k, v) in p {
             if let Some(n) = v.as_u64() {
                 let _ = write!(
-                    b,
+                    *b,
                     "<tr><td>{}</td><td class=\"num\">{}</td></tr>",
                     esc(k),
                     fmt_count(n)
@@ -321,19 +350,6 @@ pub(crate) fn run_report(run: &RunData, pngs: &[(String, Vec<u8>)]) -> String {
         }
         b.push_str("</tbody></table></div></section>");
     }
-
-    if let Some(cfg) = &run.config_text {
-        let _ = write!(
-            b,
-            "<section><h2>Configuration</h2><pre>{}</pre></section>",
-            esc(cfg.trim_end())
-        );
-    }
-    page(
-        &format!("onehead · {}", run.name),
-        &b,
-        "SVG versions are in <code>plots/</code>",
-    )
 }
 
 /// `report.html` of a comparison.

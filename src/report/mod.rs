@@ -10,6 +10,7 @@ pub(crate) mod glyphs;
 mod html;
 pub(crate) mod plot;
 mod run_files;
+pub mod sink;
 pub mod summary;
 mod tensorboard;
 
@@ -20,6 +21,7 @@ use anyhow::{Context, Result};
 
 pub use compare::{compare, CompareFormat, CompareOptions, CompareOutput};
 pub use csv_log::{EpochColumns, EpochRow, EvalRecord, RunCsv};
+pub use sink::{ConsoleLine, EpochSink};
 pub use summary::{judge, Judging, Matrix, RunSummary, TaskRef, TaskVerdict, Verdict};
 pub use tensorboard::{tag_for_column, TbWriter};
 
@@ -48,19 +50,7 @@ pub fn export_tensorboard(run_dir: &Path) -> Result<PathBuf> {
 
 /// The git commit the binary was built from (`-dirty` if the tree had changes).
 pub const GIT_COMMIT: &str = env!("ONEHEAD_GIT_COMMIT");
-
-/// Write `bytes` to `path` atomically: a temporary file in the same folder, then rename,
-/// so a reader (or a crash) never sees half a file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
-}
+pub use crate::files::write_atomic;
 
 /// UTC time as `YYYYMMDD-HHMMSS` (sortable), from seconds since the Unix epoch.
 pub fn utc_stamp(secs: u64) -> String {

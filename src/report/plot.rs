@@ -932,18 +932,18 @@ impl MatrixChart {
     pub fn from_run(run: &RunData) -> Option<Self> {
         let m = run.matrix.as_ref()?;
         let stages = run.epochs.stages();
+        // `matrix.csv` does not name the stages' tasks: `epochs.csv` does.
         let cols: Vec<String> = m
             .stages
             .iter()
             .enumerate()
-            .map(|(k, label)| {
-                if label.contains('(') {
-                    label.clone()
-                } else {
-                    match stages.iter().find(|s| s.index == k + 1) {
-                        Some(s) => format!("{label} ({})", s.task),
-                        None => label.clone(),
-                    }
+            .map(|(k, task)| {
+                let task = Some(task.as_str())
+                    .filter(|t| !t.is_empty())
+                    .or_else(|| Some(stages.iter().find(|s| s.index == k + 1)?.task.as_str()));
+                match task {
+                    Some(t) => format!("after stage {} ({t})", k + 1),
+                    None => format!("after stage {}", k + 1),
                 }
             })
             .collect();

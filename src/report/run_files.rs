@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::Value as Json;
 
+use super::summary::Matrix;
+
 /// Metric columns preferred as a task's headline metric when `summary.json` does not say.
 const PREFERRED_METRICS: [&str; 3] = ["seg_miou", "det_map50", "cls_top1"];
 
@@ -117,17 +119,6 @@ pub(crate) struct TaskResult {
     pub threshold: Option<f64>,
 }
 
-/// The task × stage matrix of verdict metrics.
-#[derive(Debug, Clone)]
-pub(crate) struct Matrix {
-    pub tasks: Vec<String>,
-    pub metrics: Vec<String>,
-    /// Column labels (`after stage 1`).
-    pub stages: Vec<String>,
-    /// `values[task][stage]`.
-    pub values: Vec<Vec<Option<f64>>>,
-}
-
 /// A run folder, read back.
 #[derive(Debug, Clone)]
 pub(crate) struct RunData {
@@ -193,7 +184,7 @@ impl RunData {
             );
         }
         let epochs = read_epochs(&epochs_path, &known_tasks, &mut warnings)?;
-        let matrix = match read_matrix(&dir.join("matrix.csv")) {
+        let matrix = match Matrix::read_csv(&dir.join("matrix.csv")) {
             Ok(Some(m)) => Some(m),
             Ok(None) => summary.as_ref().and_then(matrix_from_summary),
             Err(e) => {
@@ -498,24 +489,7 @@ pub(crate) fn read_epochs(
     known_tasks: &[String],
     warnings: &mut Vec<String>,
 ) -> Result<Epochs> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        bail!("{} is empty (no header)", path.display());
-    }
-    // A line without its terminator was cut off mid-write (the engine writes whole lines):
-    // drop it with a warning.
-    let mut text = String::from_utf8_lossy(&bytes).into_owned();
-    if !text.ends_with('\n') {
-        let cut = text.rfind('\n').map(|i| i + 1).unwrap_or(0);
-        if cut > 0 {
-            let line_no = text[..cut].lines().count() + 1;
-            warnings.push(format!(
-                "{}: line {line_no} is incomplete (the run was interrupted while writing it?); skipped",
-                path.display()
-            ));
-            text.truncate(cut);
-        }
-    }
+    let text = complete_lines(path, warnings)?;
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .from_reader(text.as_bytes());
@@ -525,31 +499,6 @@ pub(crate) fn read_epochs(
         .iter()
         .map(|h| h.trim().to_string())
         .collect();
-    let col = |name: &str| header.iter().position(|h| h == name);
-    let required = |name: &str| {
-        col(name).with_context(|| {
-            format!(
-                "{}: no column `{name}` (columns: {})",
-                path.display(),
-                header.join(", ")
-            )
-        })
-    };
-    let c_stage = required("stage")?;
-    let c_task = required("task")?;
-    let c_global = col("global_epoch");
-    let c_epoch = col("epoch");
-    if c_global.is_none() && c_epoch.is_none() {
-        bail!(
-            "{}: neither `global_epoch` nor `epoch` column",
-            path.display()
-        );
-    }
-    let c_lr = col("lr");
-    let c_new = col("loss_new");
-    let c_total = col("loss_total");
-    let c_seconds = col("seconds");
-
     let records: Vec<(u64, csv::StringRecord)> = reader
         .records()
         .map(|r| {
@@ -558,90 +507,19 @@ pub(crate) fn read_epochs(
             Ok((line, r))
         })
         .collect::<Result<_>>()?;
-    let mut tasks: Vec<String> = known_tasks.to_vec();
-    for (_, r) in &records {
-        if let Some(t) = r.get(c_task) {
-            if !t.is_empty() && !tasks.iter().any(|x| x == t) {
-                tasks.push(t.to_string());
-            }
-        }
-    }
-    let mut terms = Vec::new();
-    let mut metric_columns = Vec::new();
-    let mut others = Vec::new();
-    for (i, h) in header.iter().enumerate() {
-        if FIXED_COLUMNS.contains(&h.as_str()) || h == "loss_new" || h == "loss_total" {
-            continue;
-        }
-        if h.starts_with("loss_") {
-            terms.push((i, h.clone()));
-        } else if tasks.iter().any(|t| h.starts_with(&format!("{t}_"))) {
-            metric_columns.push((i, h.clone()));
-        } else {
-            others.push((i, h.clone()));
-        }
-    }
-
+    let cols = EpochColumnsRead::new(path, &header, known_tasks, &records)?;
     let n = records.len();
     let mut rows = Vec::with_capacity(n);
-    let mut other_values: Vec<Vec<Option<f64>>> = vec![Vec::new(); others.len()];
+    let mut other_values: Vec<Vec<Option<f64>>> = vec![Vec::new(); cols.others.len()];
     for (k, (line, r)) in records.iter().enumerate() {
-        let last = k + 1 == n;
-        let parsed = (|| -> std::result::Result<EpochRow, String> {
-            if r.len() != header.len() {
-                return Err(format!(
-                    "{} fields where the header has {}",
-                    r.len(),
-                    header.len()
-                ));
-            }
-            let int =
-                |c: usize, name: &str| -> std::result::Result<usize, String> {
-                    r.get(c).unwrap_or("").trim().parse::<usize>().map_err(|_| {
-                        format!("`{name}` is '{}', not a number", r.get(c).unwrap_or(""))
-                    })
-                };
-            let num = |c: Option<usize>| -> std::result::Result<Option<f64>, String> {
-                let Some(c) = c else { return Ok(None) };
-                let s = r.get(c).unwrap_or("");
-                if s.trim().is_empty() {
-                    return Ok(None);
-                }
-                parse_cell(s)
-                    .map(Some)
-                    .ok_or_else(|| format!("`{}` is '{s}', not a number", header[c]))
-            };
-            let stage = int(c_stage, "stage")?;
-            let global_epoch = match c_global {
-                Some(c) => int(c, "global_epoch")?,
-                None => 0,
-            };
-            Ok(EpochRow {
-                stage,
-                task: r.get(c_task).unwrap_or("").trim().to_string(),
-                global_epoch,
-                lr: num(c_lr)?,
-                loss_new: num(c_new)?,
-                loss_total: num(c_total)?,
-                terms: terms
-                    .iter()
-                    .map(|(c, _)| num(Some(*c)))
-                    .collect::<std::result::Result<_, _>>()?,
-                metrics: metric_columns
-                    .iter()
-                    .map(|(c, _)| num(Some(*c)))
-                    .collect::<std::result::Result<_, _>>()?,
-                seconds: num(c_seconds)?,
-            })
-        })();
-        match parsed {
+        match cols.row(r) {
             Ok(row) => {
-                for (slot, (c, _)) in other_values.iter_mut().zip(&others) {
+                for (slot, (c, _)) in other_values.iter_mut().zip(&cols.others) {
                     slot.push(r.get(*c).and_then(parse_cell));
                 }
                 rows.push(row);
             }
-            Err(e) if last => warnings.push(format!(
+            Err(e) if k + 1 == n => warnings.push(format!(
                 "{}: line {line} is incomplete or malformed ({e}); skipped",
                 path.display()
             )),
@@ -655,16 +533,17 @@ pub(crate) fn read_epochs(
         }
     }
     // Without `global_epoch`: count epochs over the run.
-    if c_global.is_none() {
+    if cols.global.is_none() {
         for (i, r) in rows.iter_mut().enumerate() {
             r.global_epoch = i + 1;
         }
     }
     Ok(Epochs {
         rows,
-        terms: terms.into_iter().map(|(_, h)| h).collect(),
-        metric_columns: metric_columns.into_iter().map(|(_, h)| h).collect(),
-        other: others
+        terms: cols.terms.into_iter().map(|(_, h)| h).collect(),
+        metric_columns: cols.metrics.into_iter().map(|(_, h)| h).collect(),
+        other: cols
+            .others
             .into_iter()
             .map(|(_, h)| h)
             .zip(other_values)
@@ -672,100 +551,155 @@ pub(crate) fn read_epochs(
     })
 }
 
-/// Read `matrix.csv` (`Ok(None)` when absent).
-fn read_matrix(path: &Path) -> Result<Option<Matrix>> {
-    if !path.is_file() {
-        return Ok(None);
+/// The file's text up to its last complete line: a line without its terminator was cut off
+/// mid-write (the engine writes whole lines), and is dropped with a warning.
+fn complete_lines(path: &Path, warnings: &mut Vec<String>) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        bail!("{} is empty (no header)", path.display());
     }
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_path(path)
-        .with_context(|| format!("reading {}", path.display()))?;
-    let header: Vec<String> = reader
-        .headers()
-        .with_context(|| format!("{}: cannot read the header", path.display()))?
-        .iter()
-        .map(|h| h.trim().to_string())
-        .collect();
-    let c_task = header
-        .iter()
-        .position(|h| h == "task")
-        .with_context(|| format!("{}: no column `task`", path.display()))?;
-    let c_metric = header.iter().position(|h| h == "metric");
-    let stage_cols: Vec<(usize, usize)> = header
-        .iter()
-        .enumerate()
-        .filter_map(|(i, h)| Some((i, h.strip_prefix("after_stage")?.parse::<usize>().ok()?)))
-        .collect();
-    let mut m = Matrix {
-        tasks: vec![],
-        metrics: vec![],
-        stages: stage_cols
-            .iter()
-            .map(|(_, k)| format!("after stage {k}"))
-            .collect(),
-        values: vec![],
-    };
-    for rec in reader.records() {
-        let Ok(rec) = rec else { continue };
-        let Some(task) = rec.get(c_task).filter(|t| !t.is_empty()) else {
-            continue;
-        };
-        m.tasks.push(task.to_string());
-        m.metrics
-            .push(c_metric.and_then(|c| rec.get(c)).unwrap_or("").to_string());
-        m.values.push(
-            stage_cols
-                .iter()
-                .map(|(c, _)| rec.get(*c).and_then(parse_cell))
-                .collect(),
-        );
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    if !text.ends_with('\n') {
+        let cut = text.rfind('\n').map(|i| i + 1).unwrap_or(0);
+        if cut > 0 {
+            let line_no = text[..cut].lines().count() + 1;
+            warnings.push(format!(
+                "{}: line {line_no} is incomplete (the run was interrupted while writing it?); skipped",
+                path.display()
+            ));
+            text.truncate(cut);
+        }
     }
-    Ok((!m.tasks.is_empty() && !m.stages.is_empty()).then_some(m))
+    Ok(text)
 }
 
-fn matrix_from_summary(s: &Json) -> Option<Matrix> {
-    let m = s.get("matrix")?;
-    let strings = |k: &str| -> Vec<String> {
-        m.get(k)
-            .and_then(|v| v.as_array())
-            .map(|a| {
-                a.iter()
-                    .map(|x| x.as_str().unwrap_or("").to_string())
-                    .collect()
+/// Where each field of an `epochs.csv` row is: the fixed columns, the loss terms, the task
+/// metrics (columns `<task>_…`) and anything else.
+struct EpochColumnsRead {
+    width: usize,
+    header: Vec<String>,
+    stage: usize,
+    task: usize,
+    global: Option<usize>,
+    lr: Option<usize>,
+    new: Option<usize>,
+    total: Option<usize>,
+    seconds: Option<usize>,
+    terms: Vec<(usize, String)>,
+    metrics: Vec<(usize, String)>,
+    others: Vec<(usize, String)>,
+}
+
+impl EpochColumnsRead {
+    fn new(
+        path: &Path,
+        header: &[String],
+        known_tasks: &[String],
+        records: &[(u64, csv::StringRecord)],
+    ) -> Result<Self> {
+        let col = |name: &str| header.iter().position(|h| h == name);
+        let required = |name: &str| {
+            col(name).with_context(|| {
+                format!(
+                    "{}: no column `{name}` (columns: {})",
+                    path.display(),
+                    header.join(", ")
+                )
             })
-            .unwrap_or_default()
-    };
-    let tasks = strings("tasks");
-    let stage_tasks = strings("stages");
-    let values: Vec<Vec<Option<f64>>> = m
-        .get("values")?
-        .as_array()?
-        .iter()
-        .map(|row| {
-            row.as_array()
-                .map(|r| r.iter().map(|v| v.as_f64()).collect())
-                .unwrap_or_default()
+        };
+        let (stage, task) = (required("stage")?, required("task")?);
+        if col("global_epoch").is_none() && col("epoch").is_none() {
+            bail!(
+                "{}: neither `global_epoch` nor `epoch` column",
+                path.display()
+            );
+        }
+        let mut tasks: Vec<String> = known_tasks.to_vec();
+        for (_, r) in records {
+            if let Some(t) = r.get(task) {
+                if !t.is_empty() && !tasks.iter().any(|x| x == t) {
+                    tasks.push(t.to_string());
+                }
+            }
+        }
+        let (mut terms, mut metrics, mut others) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, h) in header.iter().enumerate() {
+            if FIXED_COLUMNS.contains(&h.as_str()) || h == "loss_new" || h == "loss_total" {
+                continue;
+            }
+            if h.starts_with("loss_") {
+                terms.push((i, h.clone()));
+            } else if tasks.iter().any(|t| h.starts_with(&format!("{t}_"))) {
+                metrics.push((i, h.clone()));
+            } else {
+                others.push((i, h.clone()));
+            }
+        }
+        Ok(Self {
+            width: header.len(),
+            header: header.to_vec(),
+            stage,
+            task,
+            global: col("global_epoch"),
+            lr: col("lr"),
+            new: col("loss_new"),
+            total: col("loss_total"),
+            seconds: col("seconds"),
+            terms,
+            metrics,
+            others,
         })
-        .collect();
-    let n_stages = values.iter().map(|r| r.len()).max().unwrap_or(0);
-    if tasks.is_empty() || n_stages == 0 {
-        return None;
     }
-    let stages = (0..n_stages)
-        .map(|k| match stage_tasks.get(k).filter(|t| !t.is_empty()) {
-            Some(t) => format!("after stage {} ({t})", k + 1),
-            None => format!("after stage {}", k + 1),
+
+    /// One row, or what is wrong with it.
+    fn row(&self, r: &csv::StringRecord) -> std::result::Result<EpochRow, String> {
+        if r.len() != self.width {
+            return Err(format!(
+                "{} fields where the header has {}",
+                r.len(),
+                self.width
+            ));
+        }
+        let int = |c: usize, name: &str| -> std::result::Result<usize, String> {
+            let s = r.get(c).unwrap_or("");
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{name}` is '{s}', not a number"))
+        };
+        let num = |c: Option<usize>| -> std::result::Result<Option<f64>, String> {
+            let Some(c) = c else { return Ok(None) };
+            let s = r.get(c).unwrap_or("");
+            if s.trim().is_empty() {
+                return Ok(None);
+            }
+            parse_cell(s)
+                .map(Some)
+                .ok_or_else(|| format!("`{}` is '{s}', not a number", self.header[c]))
+        };
+        let many = |cols: &[(usize, String)]| -> std::result::Result<Vec<Option<f64>>, String> {
+            cols.iter().map(|(c, _)| num(Some(*c))).collect()
+        };
+        Ok(EpochRow {
+            stage: int(self.stage, "stage")?,
+            task: r.get(self.task).unwrap_or("").trim().to_string(),
+            global_epoch: match self.global {
+                Some(c) => int(c, "global_epoch")?,
+                None => 0,
+            },
+            lr: num(self.lr)?,
+            loss_new: num(self.new)?,
+            loss_total: num(self.total)?,
+            terms: many(&self.terms)?,
+            metrics: many(&self.metrics)?,
+            seconds: num(self.seconds)?,
         })
-        .collect();
-    let mut metrics = strings("metrics");
-    metrics.resize(tasks.len(), String::new());
-    Some(Matrix {
-        tasks,
-        metrics,
-        stages,
-        values,
-    })
+    }
+}
+
+/// The matrix `summary.json` holds.
+fn matrix_from_summary(s: &Json) -> Option<Matrix> {
+    let m: Matrix = serde_json::from_value(s.get("matrix")?.clone()).ok()?;
+    (!m.tasks.is_empty() && m.values.iter().any(|r| !r.is_empty())).then_some(m)
 }
 
 #[cfg(test)]

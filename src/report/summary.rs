@@ -226,6 +226,57 @@ impl Matrix {
         }
         w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))
     }
+
+    /// Read what [`Matrix::to_csv`] wrote (`Ok(None)` when the file is absent or holds no
+    /// value). The file does not name the stages' tasks: `stages` holds empty names.
+    pub fn read_csv(path: &std::path::Path) -> anyhow::Result<Option<Self>> {
+        use anyhow::Context;
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let mut reader = csv::ReaderBuilder::new()
+            .flexible(true)
+            .from_path(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let header: Vec<String> = reader
+            .headers()
+            .with_context(|| format!("{}: cannot read the header", path.display()))?
+            .iter()
+            .map(|h| h.trim().to_string())
+            .collect();
+        let c_task = header
+            .iter()
+            .position(|h| h == "task")
+            .with_context(|| format!("{}: no column `task`", path.display()))?;
+        let c_metric = header.iter().position(|h| h == "metric");
+        let stage_cols: Vec<usize> = header
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| {
+                h.strip_prefix("after_stage")
+                    .is_some_and(|k| k.parse::<usize>().is_ok())
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let mut m = Matrix {
+            tasks: vec![],
+            metrics: vec![],
+            stages: vec![String::new(); stage_cols.len()],
+            values: vec![],
+        };
+        for rec in reader.records() {
+            let Ok(rec) = rec else { continue };
+            let Some(task) = rec.get(c_task).filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            m.tasks.push(task.to_string());
+            m.metrics
+                .push(c_metric.and_then(|c| rec.get(c)).unwrap_or("").to_string());
+            let cell = |c: &usize| rec.get(*c).and_then(|v| v.trim().parse::<f64>().ok());
+            m.values.push(stage_cols.iter().map(cell).collect());
+        }
+        Ok((!m.tasks.is_empty() && !m.stages.is_empty()).then_some(m))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

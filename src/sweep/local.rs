@@ -196,24 +196,8 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
 
 /// An exclusive lock on `<sweep>/.lock` for as long as the file stays open: two sweeps
 /// running the same runs at once would write into the same run folders.
-fn lock_sweep(sweep_dir: &Path) -> Result<std::fs::File> {
-    use std::os::fd::AsRawFd as _;
-    let path = sweep_dir.join(".lock");
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a file descriptor we own; released when the file is closed.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        anyhow::bail!(
-            "another onehead sweep is running in {} (it holds {}): wait for it, or stop it first",
-            sweep_dir.display(),
-            path.display()
-        );
-    }
-    Ok(f)
+fn lock_sweep(sweep_dir: &Path) -> Result<crate::files::FolderLock> {
+    crate::files::lock_folder(sweep_dir, "sweep folder")
 }
 
 /// Run every unfinished run of the sweep in `manifest`, `opts.jobs` at a time.
@@ -221,158 +205,47 @@ pub fn run_local(manifest: &Manifest, opts: &LocalOptions) -> Result<SweepOutcom
     let sweep_dir = &manifest.sweep_dir;
     let _lock = lock_sweep(sweep_dir)?;
     install_stop_handler();
-    let mut records = index::read_records(manifest);
+    let records = index::read_records(manifest);
     let total = records.len();
     let skipped = records.iter().filter(|r| r.status == Status::Ok).count();
-    let mut queue: std::collections::VecDeque<usize> = records
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.status != Status::Ok)
-        .map(|(i, _)| i)
-        .collect();
     index::write_index(sweep_dir, &records)?;
-
-    let pb = if opts.quiet {
-        ProgressBar::hidden()
-    } else {
-        let pb = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} runs · {msg} ({elapsed})",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
-        );
-        pb.set_prefix(format!("sweep {}", manifest.name));
-        pb.set_position(skipped as u64);
-        pb
-    };
-    let say = |msg: String| {
-        if !opts.quiet {
-            pb.suspend(|| eprintln!("{msg}"));
-        }
+    let pb = progress_bar(manifest, total, skipped, opts.quiet);
+    let mut pool = Pool {
+        queue: (0..total)
+            .filter(|&i| records[i].status != Status::Ok)
+            .collect(),
+        records,
+        running: Vec::new(),
+        free_slots: (0..opts.jobs).rev().collect(),
+        failed: 0,
+        forwarded: false,
+        killed: false,
+        pb,
+        quiet: opts.quiet,
     };
     if skipped > 0 {
-        say(format!(
+        pool.say(format!(
             "{skipped} of {total} runs already finished: skipped"
         ));
     }
-    let mut running: Vec<Running> = Vec::new();
-    let mut free_slots: Vec<usize> = (0..opts.jobs).rev().collect();
-    let mut failed = 0usize;
-    let (mut forwarded, mut killed) = (false, false);
     loop {
         let stops = STOPS.load(Ordering::SeqCst);
-        if stops >= 1 && !forwarded {
-            forwarded = true;
-            say(format!(
-                "stopping: Ctrl-C forwarded to {} run(s); they save their state and exit (Ctrl-C again to kill them now)",
-                running.len()
-            ));
-            for r in &running {
-                send_signal(&r.child, libc::SIGINT);
-            }
+        pool.forward_stops(stops);
+        if stops == 0 {
+            pool.start_runs(opts);
         }
-        if stops >= 2 && !killed {
-            killed = true;
-            say("killing the runs now".into());
-            for r in &running {
-                send_signal(&r.child, libc::SIGKILL);
-            }
+        if pool.reap()? {
+            index::write_index(sweep_dir, &pool.records)?;
         }
-        while stops == 0 && !free_slots.is_empty() && !queue.is_empty() {
-            let i = queue.pop_front().expect("checked non-empty");
-            let slot = free_slots.pop().expect("checked non-empty");
-            let gpu = opts.gpus.get(slot).map(String::as_str);
-            match spawn(&records[i], opts, gpu) {
-                Ok(child) => {
-                    records[i].status = Status::Running;
-                    running.push(Running {
-                        slot,
-                        record: i,
-                        child,
-                        started: Instant::now(),
-                    });
-                }
-                Err(e) => {
-                    free_slots.push(slot);
-                    records[i].status = Status::Failed(format!("{e:#}"));
-                    failed += 1;
-                    pb.inc(1);
-                    say(format!("✗ {}: {e:#}", records[i].run.name));
-                }
-            }
-        }
-        // Reap finished children.
-        let mut changed = false;
-        let mut k = 0;
-        while k < running.len() {
-            let done = running[k]
-                .child
-                .try_wait()
-                .context("waiting for a sweep run")?;
-            let Some(status) = done else {
-                k += 1;
-                continue;
-            };
-            let r = running.swap_remove(k);
-            let i = r.record;
-            free_slots.push(r.slot);
-            let run = records[i].run.clone();
-            let code = exit_code(status);
-            let note = if forwarded && code != 0 && code != 1 && code != 3 {
-                " (stopped by the sweep)"
-            } else {
-                ""
-            };
-            log_line(
-                &run.run_dir,
-                &format!(
-                    "{LOG_EXIT} {code}{note} at {}",
-                    report::utc_rfc3339(report::now_secs())
-                ),
-            );
-            records[i] = index::record_from_dir(run);
-            let rec = &records[i];
-            let secs = r.started.elapsed().as_secs_f64();
-            match &rec.status {
-                Status::Ok => {
-                    pb.inc(1);
-                    let verdict = match rec.result.as_ref().and_then(|x| x.pass) {
-                        Some(true) => "pass",
-                        Some(false) => "FAIL (forgot)",
-                        None => "finished",
-                    };
-                    say(format!("✓ {} {verdict} ({secs:.0} s)", rec.run.name));
-                }
-                Status::Failed(reason) => {
-                    failed += 1;
-                    pb.inc(1);
-                    say(format!(
-                        "✗ {} failed: {reason} (log: {})",
-                        rec.run.name,
-                        rec.run.run_dir.join("log.txt").display()
-                    ));
-                }
-                other => say(format!(
-                    "· {} {}: {}",
-                    rec.run.name,
-                    other.label(),
-                    other.reason()
-                )),
-            }
-            changed = true;
-        }
-        pb.set_message(format!("running {} · failed {failed}", running.len()));
-        if changed {
-            index::write_index(sweep_dir, &records)?;
-        }
-        if running.is_empty() && (queue.is_empty() || STOPS.load(Ordering::SeqCst) > 0) {
+        let msg = format!("running {} · failed {}", pool.running.len(), pool.failed);
+        pool.pb.set_message(msg);
+        if pool.running.is_empty() && (pool.queue.is_empty() || STOPS.load(Ordering::SeqCst) > 0) {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    pb.finish_and_clear();
+    pool.pb.finish_and_clear();
+    let records = pool.records;
     // Runs neither finished nor failed: stopped by Ctrl-C (or a signal from elsewhere).
     let interrupted = records
         .iter()
@@ -384,6 +257,156 @@ pub fn run_local(manifest: &Manifest, opts: &LocalOptions) -> Result<SweepOutcom
         interrupted,
         skipped,
     })
+}
+
+/// The sweep's bar on stderr (hidden with `--quiet`).
+fn progress_bar(manifest: &Manifest, total: usize, skipped: usize, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} runs · {msg} ({elapsed})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(format!("sweep {}", manifest.name));
+    pb.set_position(skipped as u64);
+    pb
+}
+
+/// The runs of a local sweep: waiting, running (each in a slot), and what became of them.
+struct Pool {
+    records: Vec<RunRecord>,
+    queue: std::collections::VecDeque<usize>,
+    running: Vec<Running>,
+    free_slots: Vec<usize>,
+    failed: usize,
+    /// Ctrl-C was forwarded to the runs / they were killed.
+    forwarded: bool,
+    killed: bool,
+    pb: ProgressBar,
+    quiet: bool,
+}
+
+impl Pool {
+    fn say(&self, msg: String) {
+        if !self.quiet {
+            self.pb.suspend(|| eprintln!("{msg}"));
+        }
+    }
+
+    /// First Ctrl-C: forwarded, the runs save their state; second: they are killed.
+    fn forward_stops(&mut self, stops: usize) {
+        if stops >= 1 && !self.forwarded {
+            self.forwarded = true;
+            self.say(format!(
+                "stopping: Ctrl-C forwarded to {} run(s); they save their state and exit (Ctrl-C again to kill them now)",
+                self.running.len()
+            ));
+            for r in &self.running {
+                send_signal(&r.child, libc::SIGINT);
+            }
+        }
+        if stops >= 2 && !self.killed {
+            self.killed = true;
+            self.say("killing the runs now".into());
+            for r in &self.running {
+                send_signal(&r.child, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Start waiting runs while slots are free.
+    fn start_runs(&mut self, opts: &LocalOptions) {
+        while !self.free_slots.is_empty() && !self.queue.is_empty() {
+            let i = self.queue.pop_front().expect("checked non-empty");
+            let slot = self.free_slots.pop().expect("checked non-empty");
+            let gpu = opts.gpus.get(slot).map(String::as_str);
+            match spawn(&self.records[i], opts, gpu) {
+                Ok(child) => {
+                    self.records[i].status = Status::Running;
+                    self.running.push(Running {
+                        slot,
+                        record: i,
+                        child,
+                        started: Instant::now(),
+                    });
+                }
+                Err(e) => {
+                    self.free_slots.push(slot);
+                    self.records[i].status = Status::Failed(format!("{e:#}"));
+                    self.failed += 1;
+                    self.pb.inc(1);
+                    self.say(format!("✗ {}: {e:#}", self.records[i].run.name));
+                }
+            }
+        }
+    }
+
+    /// Collect the runs that ended; whether any did.
+    fn reap(&mut self) -> Result<bool> {
+        let mut changed = false;
+        let mut k = 0;
+        while k < self.running.len() {
+            let done = self.running[k]
+                .child
+                .try_wait()
+                .context("waiting for a sweep run")?;
+            let Some(status) = done else {
+                k += 1;
+                continue;
+            };
+            let r = self.running.swap_remove(k);
+            self.free_slots.push(r.slot);
+            self.ended(r, exit_code(status));
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Log a run's exit in its folder, read back what it left, and say so.
+    fn ended(&mut self, r: Running, code: i32) {
+        let i = r.record;
+        let run = self.records[i].run.clone();
+        let note = if self.forwarded && code != 0 && code != 1 && code != 3 {
+            " (stopped by the sweep)"
+        } else {
+            ""
+        };
+        log_line(
+            &run.run_dir,
+            &format!(
+                "{LOG_EXIT} {code}{note} at {}",
+                report::utc_rfc3339(report::now_secs())
+            ),
+        );
+        self.records[i] = index::record_from_dir(run);
+        let rec = &self.records[i];
+        let secs = r.started.elapsed().as_secs_f64();
+        let line = match &rec.status {
+            Status::Ok => {
+                self.pb.inc(1);
+                let verdict = match rec.result.as_ref().and_then(|x| x.pass) {
+                    Some(true) => "pass",
+                    Some(false) => "FAIL (forgot)",
+                    None => "finished",
+                };
+                format!("✓ {} {verdict} ({secs:.0} s)", rec.run.name)
+            }
+            Status::Failed(reason) => {
+                self.failed += 1;
+                self.pb.inc(1);
+                format!(
+                    "✗ {} failed: {reason} (log: {})",
+                    rec.run.name,
+                    rec.run.run_dir.join("log.txt").display()
+                )
+            }
+            other => format!("· {} {}: {}", rec.run.name, other.label(), other.reason()),
+        };
+        self.say(line);
+    }
 }
 
 #[cfg(test)]
@@ -414,8 +437,14 @@ mod tests {
     fn one_sweep_at_a_time_per_folder() {
         let tmp = tempfile::tempdir().unwrap();
         let first = lock_sweep(tmp.path()).unwrap();
-        let msg = lock_sweep(tmp.path()).unwrap_err().to_string();
-        assert!(msg.contains("another onehead sweep is running"), "{msg}");
+        let msg = match lock_sweep(tmp.path()) {
+            Ok(_) => panic!("a second sweep got the folder"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            msg.contains("sweep folder") && msg.contains("in use"),
+            "{msg}"
+        );
         drop(first);
         lock_sweep(tmp.path()).unwrap();
     }

@@ -115,8 +115,8 @@ fn path_str(p: &Path) -> String {
     shell_quote(&p.display().to_string())
 }
 
-/// The job-array script for the runs `indices` (the unfinished ones) of the sweep.
-pub fn script(manifest: &Manifest, indices: &[usize], exe: &Path, opts: &SlurmOptions) -> String {
+/// The `#SBATCH` lines of the job array.
+fn sbatch_lines(manifest: &Manifest, indices: &[usize], opts: &SlurmOptions) -> String {
     let dir = &manifest.sweep_dir;
     let mut s = String::new();
     let _ = writeln!(s, "#!/bin/bash");
@@ -152,6 +152,13 @@ pub fn script(manifest: &Manifest, indices: &[usize], exe: &Path, opts: &SlurmOp
     for e in &opts.extra {
         let _ = writeln!(s, "#SBATCH {e}");
     }
+    s
+}
+
+/// The job-array script for the runs `indices` (the unfinished ones) of the sweep.
+pub fn script(manifest: &Manifest, indices: &[usize], exe: &Path, opts: &SlurmOptions) -> String {
+    let dir = &manifest.sweep_dir;
+    let mut s = sbatch_lines(manifest, indices, opts);
     let _ = write!(
         s,
         r#"#

@@ -129,6 +129,9 @@ impl DetSplit {
             .into());
         }
         let mut coco = CocoFile::read(&json_path)?;
+        for w in coco.check(&json_path)? {
+            tracing::warn!("{w}");
+        }
         coco.categories.sort_by_key(|c| c.id);
         let cat_index: BTreeMap<u64, usize> = coco
             .categories
@@ -577,7 +580,7 @@ impl Exporter for DetExporter<'_> {
     }
 
     fn finish(self: Box<Self>) -> Result<serde_json::Value> {
-        crate::report::write_atomic(&self.file, &serde_json::to_vec(&self.results)?)?;
+        crate::files::write_atomic(&self.file, &serde_json::to_vec(&self.results)?)?;
         Ok(serde_json::json!({
             "results": "det/coco_results.json",
             "count": self.results.len(),

@@ -11,9 +11,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 
 use super::evaluate::evaluate;
+use super::launch::{RunOutcome, Stopped};
 use super::optim::{trainable_params, Optimizer, Param};
 use super::schedule::LrSchedule;
-use super::session::{RunOutcome, Session, Stopped};
+use super::session::Session;
 use super::state::PartialEpoch;
 use super::step::{train_step, StepLosses};
 use crate::config::Freeze;
@@ -73,7 +74,10 @@ pub fn train(mut s: Session) -> Result<RunOutcome> {
                 end_stage(&mut s, si)?;
             }
             s.save_state(&opt, seconds(&s))?;
-            if s.opts.stop_after_epochs == Some(s.progress.global_epoch) || interrupted(&s) {
+            // After the run's last epoch there is nothing left to resume: finish instead.
+            let last = si + 1 == s.env.stages.len() && epoch == stage.epochs;
+            let stop = s.opts.stop_after_epochs == Some(s.progress.global_epoch);
+            if !last && (stop || interrupted(&s)) {
                 return Err(stopped(&s, format!("epoch {}", s.progress.global_epoch)));
             }
         }
@@ -248,7 +252,7 @@ fn evaluate_epoch(s: &Session, si: usize, epoch: usize) -> Result<Vec<EvalRecord
         .collect()
 }
 
-/// One row of `epochs.csv`, the long rows of `eval.csv`, and a log line.
+/// The epoch's row, handed with its evaluations to every sink of the run.
 fn log_epoch(
     s: &mut Session,
     si: usize,
@@ -258,10 +262,9 @@ fn log_epoch(
     evals: &[EvalRecord],
     seconds: f64,
 ) -> Result<()> {
-    let stage = &s.env.stages[si];
     let mut row = EpochRow {
         stage: si,
-        task: stage.task.clone(),
+        task: s.env.stages[si].task.clone(),
         epoch,
         global_epoch: s.progress.global_epoch,
         lr,
@@ -269,42 +272,13 @@ fn log_epoch(
         seconds,
         ..Default::default()
     };
-    let mut shown = Vec::new();
     for e in evals {
         for (k, v) in &e.metrics {
             row.metrics.insert(format!("{}_{k}", e.task), *v);
         }
-        let primary = s.env.tasks.get(&e.task)?.primary_metric().to_string();
-        if let Some(v) = e.metrics.get(&primary) {
-            shown.push(format!("{} {primary} {v:.4}", e.task));
-        }
     }
-    let terms: Vec<String> = row
-        .losses
-        .iter()
-        .filter(|(k, _)| *k != "loss_total")
-        .map(|(k, v)| format!("{} {v:.4}", k.trim_start_matches("loss_")))
-        .collect();
-    tracing::info!(
-        "stage {}/{} {} epoch {}/{}: loss {:.4} ({}) · {} · {:.1} s",
-        si + 1,
-        s.env.stages.len(),
-        stage.task,
-        epoch,
-        stage.epochs,
-        row.losses.get("loss_total").copied().unwrap_or(0.0),
-        terms.join(", "),
-        shown.join(" · "),
-        seconds
-    );
-    s.csv.append(&row, evals)?;
-    if let Some(tb) = &mut s.tensorboard {
-        let mut cols: Vec<(&str, Option<f64>)> = vec![("lr", Some(row.lr))];
-        cols.extend(row.losses.iter().map(|(k, v)| (k.as_str(), Some(*v))));
-        cols.extend(row.metrics.iter().map(|(k, v)| (k.as_str(), Some(*v))));
-        cols.push(("seconds", Some(row.seconds)));
-        tb.add_epoch(row.global_epoch as u64, &cols)?;
-        tb.flush()?;
+    for sink in &mut s.sinks {
+        sink.epoch(&row, evals)?;
     }
     Ok(())
 }
@@ -318,7 +292,13 @@ fn end_stage(s: &mut Session, si: usize) -> Result<()> {
     ));
     let tmp = ckpt.with_extension("safetensors.tmp");
     s.env.varmap.save(&tmp)?;
-    std::fs::rename(&tmp, &ckpt)?;
+    // safetensors writes through a private temp file (mode 0600): give the checkpoint the
+    // mode of every other file of the run.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("setting the mode of {}", tmp.display()))?;
+    std::fs::rename(&tmp, &ckpt)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), ckpt.display()))?;
     s.write_matrix(si + 1)?;
     let ctx = s.env.ctx(si, &s.progress.pools);
     for p in s.plugins.iter_mut() {

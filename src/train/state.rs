@@ -64,6 +64,10 @@ pub struct RunState {
     pub started: u64,
     /// Tensor file (relative to the state folder).
     pub tensors: String,
+    /// The resolved experiment (`config.toml`'s text) the run trained with, so that a resume
+    /// notices a `config.toml` edited since (absent in states of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 fn state_dir(run_dir: &Path) -> PathBuf {

@@ -36,30 +36,46 @@ pub fn is_jpeg(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Regular files of `dir`, sorted by file name (byte order) so that every listing is
-/// deterministic across file systems.
+/// Regular files of `dir` (symbolic links followed), sorted by file name (byte order) so
+/// that every listing is deterministic across file systems.
 pub fn sorted_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-        if entry.file_type()?.is_file() {
-            out.push(entry.path());
-        }
-    }
+    let mut out: Vec<PathBuf> = entries(dir)?
+        .into_iter()
+        .filter(|(_, m)| m.is_file())
+        .map(|(p, _)| p)
+        .collect();
     out.sort();
     Ok(out)
 }
 
-/// Sub-folders of `dir`, sorted by name.
+/// Sub-folders of `dir` (symbolic links followed), sorted by name.
 pub fn sorted_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out: Vec<PathBuf> = entries(dir)?
+        .into_iter()
+        .filter(|(_, m)| m.is_dir())
+        .map(|(p, _)| p)
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Every entry of `dir` with the metadata of what it points to: a symbolic link counts as
+/// its target (a linked class folder is a class), and a link to nothing is an error naming
+/// it, never an entry quietly left out.
+fn entries(dir: &Path) -> Result<Vec<(PathBuf, std::fs::Metadata)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-        if entry.file_type()?.is_dir() {
-            out.push(entry.path());
-        }
+        let path = entry
+            .with_context(|| format!("listing {}", dir.display()))?
+            .path();
+        let meta = std::fs::metadata(&path).with_context(|| {
+            format!(
+                "{} cannot be read (a symbolic link to nothing?): fix or remove it",
+                path.display()
+            )
+        })?;
+        out.push((path, meta));
     }
-    out.sort();
     Ok(out)
 }
 
@@ -69,12 +85,31 @@ pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
         path: path.to_path_buf(),
         reason,
     };
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| corrupt(e.to_string()))?
+    let bytes = std::fs::read(path).map_err(|e| corrupt(format!("reading it failed: {e}")))?;
+    if is_jpeg(path) && !has_jpeg_end(&bytes) {
+        // Decoders fill a cut-off JPEG with grey and say nothing: a copy or download that
+        // stopped early would train as a half-grey image.
+        return Err(corrupt("truncated: the JPEG has no end-of-image marker".into()).into());
+    }
+    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
         .with_guessed_format()
         .map_err(|e| corrupt(e.to_string()))?;
-    let img = reader.decode().map_err(|e| corrupt(e.to_string()))?;
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => corrupt(format!(
+            "too large to decode ({}): above the decoder's memory limit; downscale it",
+            image::image_dimensions(path)
+                .map(|(w, h)| format!("{w}x{h} pixels"))
+                .unwrap_or_else(|_| "size unknown".into())
+        )),
+        e => corrupt(e.to_string()),
+    })?;
     Ok(img.to_rgb8())
+}
+
+/// Whether a JPEG ends with its end-of-image marker (`FF D9`, trailing zero padding allowed).
+fn has_jpeg_end(bytes: &[u8]) -> bool {
+    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    end >= 2 && bytes[end - 2..end] == [0xFF, 0xD9]
 }
 
 /// Width and height of an image file from its header (no full decode).
@@ -202,4 +237,59 @@ pub fn encode_jpeg(w: u32, h: u32, rgb: &[u8], quality: u8) -> Result<Vec<u8>> {
         .encode(rgb, w, h, image::ExtendedColorType::Rgb8)
         .context("encoding JPEG")?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg(dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(name);
+        RgbImage::from_fn(16, 12, |x, y| image::Rgb([x as u8 * 10, y as u8 * 10, 90]))
+            .save(&p)
+            .unwrap();
+        p
+    }
+
+    #[test]
+    fn a_cut_off_jpeg_is_named_not_decoded_half_grey() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = jpeg(tmp.path(), "ok.jpg");
+        assert_eq!(decode_rgb(&p).unwrap().dimensions(), (16, 12));
+        let bytes = std::fs::read(&p).unwrap();
+        let cut = tmp.path().join("cut.jpg");
+        std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+        let msg = decode_rgb(&cut).unwrap_err().to_string();
+        assert!(
+            msg.contains("cut.jpg") && msg.contains("truncated"),
+            "{msg}"
+        );
+        // Zero padding after the end marker is fine.
+        let padded = tmp.path().join("padded.jpg");
+        std::fs::write(&padded, [bytes.as_slice(), &[0, 0, 0]].concat()).unwrap();
+        assert!(decode_rgb(&padded).is_ok());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn linked_folders_and_files_count_and_a_dangling_link_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        std::fs::create_dir_all(&real).unwrap();
+        let img = jpeg(&real, "a.jpg");
+        let root = tmp.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(root.join("plain")).unwrap();
+        std::os::unix::fs::symlink(&real, root.join("linked")).unwrap();
+        std::os::unix::fs::symlink(&img, root.join("b.jpg")).unwrap();
+        let dirs = sorted_dirs(&root).unwrap();
+        assert_eq!(dirs, [root.join("linked"), root.join("plain")]);
+        assert_eq!(sorted_files(&root).unwrap(), [root.join("b.jpg")]);
+        std::os::unix::fs::symlink(tmp.path().join("gone"), root.join("gone")).unwrap();
+        let msg = sorted_dirs(&root).unwrap_err().to_string();
+        assert!(
+            msg.contains("gone") && msg.contains("symbolic link"),
+            "{msg}"
+        );
+    }
 }

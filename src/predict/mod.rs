@@ -220,7 +220,8 @@ fn collect_inputs(inputs: &[PathBuf]) -> (Vec<Item>, Vec<(PathBuf, String)>) {
     for input in inputs {
         if input.is_dir() {
             let mut found = Vec::new();
-            if let Err(e) = walk(input, input, &mut found) {
+            let mut visited = BTreeSet::new();
+            if let Err(e) = walk(input, input, &mut found, &mut visited) {
                 failures.push((input.clone(), format!("{e:#}")));
                 continue;
             }
@@ -255,7 +256,19 @@ fn collect_inputs(inputs: &[PathBuf]) -> (Vec<Item>, Vec<(PathBuf, String)>) {
     (items, failures)
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut Vec<Item>) -> Result<()> {
+/// Images under `dir`, symbolic links followed; a folder reached twice (a link back up, or
+/// two links to one folder) is walked once, so a loop neither repeats images nor hangs.
+fn walk(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<Item>,
+    visited: &mut BTreeSet<PathBuf>,
+) -> Result<()> {
+    let real =
+        std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    if !visited.insert(real) {
+        return Ok(());
+    }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .map(|e| e.map(|e| e.path()))
@@ -273,7 +286,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<Item>) -> Result<()> {
             continue;
         }
         if p.is_dir() {
-            walk(root, &p, out)?;
+            walk(root, &p, out, visited)?;
         } else if is_image(&p) {
             let stem = p.file_stem().unwrap_or_default().to_os_string();
             if !is_jpeg(&p) && jpeg_stems.contains(&stem) {
@@ -289,6 +302,21 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<Item>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_loop_is_walked_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("set");
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        std::fs::write(d.join("sub/a.jpg"), b"x").unwrap();
+        // Two loops: each folder links back to the top.
+        std::os::unix::fs::symlink(&d, d.join("sub/up")).unwrap();
+        std::os::unix::fs::symlink(&d, d.join("again")).unwrap();
+        let (items, failures) = collect_inputs(std::slice::from_ref(&d));
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(items.len(), 1, "one image, listed once");
+    }
 
     #[test]
     fn inputs_are_walked_named_uniquely_and_masks_skipped() {

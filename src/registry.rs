@@ -41,8 +41,38 @@ impl Registry {
         let mut exp = Experiment::from_toml_str(text, path, overrides)?;
         exp.validate(path)?;
         exp.validate_task_names(path, &self.tasks.names())?;
+        self.check_task_settings(&exp, path, text)?;
         self.strategies.resolve(&mut exp, path, text)?;
         Ok(exp)
+    }
+
+    /// Every `[tasks.<name>]` table through its task's check; errors name the file and, where
+    /// the message names a key, its line.
+    fn check_task_settings(
+        &self,
+        exp: &Experiment,
+        path: &Path,
+        text: &str,
+    ) -> Result<(), ConfigError> {
+        for (name, table) in &exp.tasks {
+            if let Err(e) = self.tasks.check_settings(name, table) {
+                let message = format!("{e:#}");
+                let table_name = format!("tasks.{name}");
+                let line = message
+                    .split('`')
+                    .nth(1)
+                    .and_then(|k| crate::config::line_of(text, Some(&table_name), k))
+                    .or_else(|| crate::config::line_of(text, None, &table_name));
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message: match line {
+                        Some(l) => format!("{message} (line {l})"),
+                        None => message,
+                    },
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The single-task reference of a sequential experiment: each stage's task trained alone

@@ -79,6 +79,26 @@ fn config_mistakes_are_errors_before_anything_is_written() {
         };
         assert!(err.contains(key) && err.contains("ok.toml"), "{set}: {err}");
     }
+    // A typo in a task's own table names the key, the file and the line.
+    let p = write(
+        tmp.path(),
+        "det.toml",
+        "[[stages]]\ntask = \"det\"\nepochs = 1\n[tasks.det]\nnms_iuo = 0.5\n",
+    );
+    let line = std::fs::read_to_string(&p)
+        .unwrap()
+        .lines()
+        .position(|l| l.starts_with("nms_iuo"))
+        .unwrap()
+        + 1;
+    let (code, err) = onehead(&["run", p.to_str().unwrap(), "--quiet"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("nms_iuo")
+            && err.contains("det.toml")
+            && err.contains(&format!("line {line}")),
+        "{err}"
+    );
     assert!(
         !tmp.path().join("results").exists(),
         "nothing may be written for a config that fails its checks"
@@ -111,6 +131,8 @@ fn subcommand_flags_are_checked() {
         (vec!["bench", "--batch", "0"], "--batch"),
         (vec!["bench", "--sizes", "100"], "multiple of 32"),
         (vec!["bench", "--steps", "0"], "--steps"),
+        (vec!["synth", "--out", "x", "--size", "0"], "--size"),
+        (vec!["prepare", "--out", "x", "--train", "0"], "--train"),
     ] {
         let (code, err) = onehead(&args);
         assert_eq!(code, Some(2), "{args:?}: {err}");
@@ -158,7 +180,10 @@ fn a_run_stopped_at_its_very_end_finishes_and_leftovers_are_cleaned() {
     let partial = [
         dir.join("checkpoints/.tmpAbC123"),
         dir.join("checkpoints/stage1-seg.safetensors.tmp"),
+        dir.join(".matrix.csv.tmp"),
     ];
+    // A file of the user's in the folder is not onehead's to remove.
+    std::fs::write(dir.join("notes.tmp"), b"mine").unwrap();
     for f in &partial {
         std::fs::write(f, b"half a checkpoint").unwrap();
     }
@@ -166,6 +191,7 @@ fn a_run_stopped_at_its_very_end_finishes_and_leftovers_are_cleaned() {
     for f in &partial {
         assert!(!f.exists(), "{} survived", f.display());
     }
+    assert_eq!(std::fs::read(dir.join("notes.tmp")).unwrap(), b"mine");
 }
 
 #[test]

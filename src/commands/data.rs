@@ -7,16 +7,20 @@ use anyhow::{Context, Result};
 
 #[derive(Debug, clap::Args)]
 pub struct SynthArgs {
+    /// The data root to write (created; must not exist yet).
     #[arg(long)]
     pub out: PathBuf,
+    /// The benchmark's own seed (`data.synth_seed`).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value_t = 240)]
+    /// Training images per task (1 to 100000).
+    #[arg(long, default_value_t = 240, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100000))]
     pub train: usize,
-    #[arg(long, default_value_t = 60)]
+    /// Validation images per task (1 to 100000).
+    #[arg(long, default_value_t = 60, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100000))]
     pub val: usize,
-    /// Side of the generated images in pixels.
-    #[arg(long, default_value_t = 160)]
+    /// Side of the generated images in pixels (32 to 1024).
+    #[arg(long, default_value_t = 160, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(32..=1024))]
     pub size: usize,
 }
 
@@ -25,6 +29,7 @@ pub struct PrepareArgs {
     /// The data root to write (only the small sampled sets go here).
     #[arg(long)]
     pub out: PathBuf,
+    /// Seed of the sampling of the images.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Fetch every archive as `<MIRROR>/<archive file name>` instead of the official URLs.
@@ -34,11 +39,11 @@ pub struct PrepareArgs {
     /// platform's cache folder + `onehead/downloads`, e.g. ~/.cache/onehead/downloads).
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
-    /// Training images sampled per dataset.
-    #[arg(long, default_value_t = 240)]
+    /// Training images sampled per dataset (1 to 100000).
+    #[arg(long, default_value_t = 240, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100000))]
     pub train: usize,
-    /// Validation images sampled per dataset.
-    #[arg(long, default_value_t = 60)]
+    /// Validation images sampled per dataset (1 to 100000).
+    #[arg(long, default_value_t = 60, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100000))]
     pub val: usize,
 }
 

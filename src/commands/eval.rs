@@ -36,8 +36,8 @@ pub struct PredictArgs {
     /// Checkpoint name, e.g. `stage1-seg`, or `last` (default: the final stage's).
     #[arg(long)]
     pub checkpoint: Option<String>,
-    /// Images per forward pass (default: the run's `[eval] batch_size`).
-    #[arg(long, value_name = "N")]
+    /// Images per forward pass, 1 to 1024 (default: the run's `[eval] batch_size`).
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     pub batch_size: Option<usize>,
     /// No progress bar.
     #[arg(long)]

@@ -86,34 +86,38 @@ impl EpochColumns {
 
 /// An append-only CSV with a fixed header, flushed after every record.
 struct Appender {
+    path: std::path::PathBuf,
     writer: csv::Writer<File>,
 }
 
 impl Appender {
     fn create(path: &Path, header: &[String]) -> Result<Self> {
-        let mut writer =
+        let writer =
             csv::Writer::from_path(path).with_context(|| format!("creating {}", path.display()))?;
-        writer.write_record(header)?;
-        writer.flush()?;
-        Ok(Self { writer })
+        let mut a = Self {
+            path: path.to_path_buf(),
+            writer,
+        };
+        a.append(header)?;
+        Ok(a)
     }
 
-    /// Reopen the file of a resumed run: keep the rows whose `global_epoch` is at most
-    /// `global_epoch` (later rows belong to epochs that will be trained again), then append.
-    /// A last line without its newline was torn by a kill mid-write: it is dropped (its
-    /// epoch is not in the saved state, so it is trained and written again).
+    /// Reopen the file of a resumed run and append to it in place: rows after `global_epoch`
+    /// (epochs that will be trained again) are cut off the end, as is a last line without
+    /// its newline (torn by a kill mid-write; its epoch is not in the saved state). The file
+    /// is never replaced: the run folder's lock guarantees no other writer holds it.
     fn reopen(path: &Path, header: &[String], global_epoch: usize) -> Result<Self> {
-        let mut text =
+        let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut keep = text.len();
         if !text.ends_with('\n') {
-            let cut = text.rfind('\n').map_or(0, |i| i + 1);
+            keep = text.rfind('\n').map_or(0, |i| i + 1);
             tracing::warn!(
                 "{}: its last line was cut off mid-write (the run was killed): dropped",
                 path.display()
             );
-            text.truncate(cut);
         }
-        let mut reader = csv::Reader::from_reader(text.as_bytes());
+        let mut reader = csv::Reader::from_reader(text[..keep].as_bytes());
         let old: Vec<String> = reader.headers()?.iter().map(String::from).collect();
         if old != header {
             anyhow::bail!(
@@ -125,35 +129,38 @@ impl Appender {
             .iter()
             .position(|h| h == "global_epoch")
             .context("global_epoch is a column")?;
-        let mut kept = csv::Writer::from_writer(Vec::new());
-        kept.write_record(header)?;
         for rec in reader.records() {
             let rec = rec.with_context(|| format!("reading {}", path.display()))?;
             let g: usize = rec
                 .get(col)
                 .and_then(|v| v.parse().ok())
                 .with_context(|| format!("{}: bad global_epoch in {rec:?}", path.display()))?;
-            if g <= global_epoch {
-                kept.write_record(&rec)?;
+            if g > global_epoch {
+                keep = rec.position().map_or(keep, |p| p.byte() as usize);
+                break;
             }
         }
-        let bytes = kept.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
-        crate::files::write_atomic(path, &bytes)?;
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
+        file.set_len(keep as u64)
+            .with_context(|| format!("cutting {} back to epoch {global_epoch}", path.display()))?;
         let writer = csv::WriterBuilder::new()
             .has_headers(false)
             .from_writer(file);
-        Ok(Self { writer })
+        Ok(Self {
+            path: path.to_path_buf(),
+            writer,
+        })
     }
 
     fn append(&mut self, rec: &[String]) -> Result<()> {
-        self.writer.write_record(rec)?;
         // Flush every epoch: the file is the live record of the run.
-        self.writer.flush()?;
-        Ok(())
+        self.writer
+            .write_record(rec)
+            .and_then(|()| Ok(self.writer.flush()?))
+            .with_context(|| format!("appending to {}", self.path.display()))
     }
 }
 
@@ -306,8 +313,13 @@ mod tests {
         assert_eq!(erows.len(), 6);
         assert_eq!(erows[0][3..], ["seg", "iou.cat", "0.500000"]);
         drop(log);
-        // A resume after global epoch 2 drops epoch 3 from both files.
+        // A resume after global epoch 2 drops epoch 3 from both files, in place (the same
+        // file, not a replacement: nothing written to it since may be lost).
+        use std::os::unix::fs::MetadataExt as _;
+        let inode = |f: &str| std::fs::metadata(tmp.path().join(f)).unwrap().ino();
+        let before = inode("epochs.csv");
         RunCsv::reopen(tmp.path(), cols.clone(), 2).unwrap();
+        assert_eq!(inode("epochs.csv"), before);
         assert_eq!(read(&tmp.path().join("epochs.csv")).1.len(), 2);
         assert_eq!(read(&tmp.path().join("eval.csv")).1.len(), 4);
         // A kill in the middle of writing epoch 3's row: the torn line is dropped on resume.

@@ -81,10 +81,19 @@ impl DetSettings {
             "tasks.det: score_threshold, display_score_threshold and nms_iou must be in [0, 1]"
         );
         anyhow::ensure!(
-            self.max_detections > 0 && self.pre_nms_top_k > 0,
-            "tasks.det: max_detections and pre_nms_top_k must be > 0"
+            (1..=10_000).contains(&self.max_detections)
+                && (1..=100_000).contains(&self.pre_nms_top_k),
+            "tasks.det: max_detections must be from 1 to 10000 and pre_nms_top_k from 1 to 100000"
         );
         Ok(())
+    }
+
+    /// Parse and validate a `[tasks.det]` table (defaults for absent keys).
+    pub fn check(table: &toml::Value) -> Result<()> {
+        let s: DetSettings = table.clone().try_into().map_err(|e: toml::de::Error| {
+            anyhow::anyhow!("[tasks.det]: {}", e.message().trim_end())
+        })?;
+        s.validate()
     }
 }
 

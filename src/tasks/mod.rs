@@ -246,15 +246,23 @@ impl OpenOptions {
 /// Builds a task from its data.
 pub type Opener = Box<dyn Fn(&OpenOptions) -> Result<Box<dyn Task>> + Send + Sync>;
 
+/// Checks a task's `[tasks.<name>]` table without opening any data (at config load).
+pub type SettingsCheck = Box<dyn Fn(&toml::Value) -> Result<()> + Send + Sync>;
+
 /// Task names → constructors, in the order their slices are laid out in the head.
 pub struct Registry {
     entries: Vec<(String, Opener)>,
+    /// Settings checks of the tasks that have settings.
+    checks: Vec<(String, SettingsCheck)>,
 }
 
 impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
-        Self { entries: vec![] }
+        Self {
+            entries: vec![],
+            checks: vec![],
+        }
     }
 
     /// `seg`, `det` and `cls`, in that order.
@@ -262,6 +270,7 @@ impl Registry {
         let mut r = Self::new();
         r.register("seg", |o| Ok(Box::new(seg::SegTask::open(o)?)));
         r.register("det", |o| Ok(Box::new(det::DetTask::open(o)?)));
+        r.register_settings("det", det::DetSettings::check);
         r.register("cls", |o| Ok(Box::new(cls::ClsTask::open(o)?)));
         r
     }
@@ -276,6 +285,26 @@ impl Registry {
         match self.entries.iter_mut().find(|(n, _)| n == name) {
             Some(e) => e.1 = open,
             None => self.entries.push((name.to_string(), open)),
+        }
+    }
+
+    /// Check `[tasks.<name>]` tables with `check` when an experiment is loaded, so that a
+    /// mistake there is an error naming the file before any data is opened.
+    pub fn register_settings(
+        &mut self,
+        name: &str,
+        check: impl Fn(&toml::Value) -> Result<()> + Send + Sync + 'static,
+    ) {
+        self.checks.retain(|(n, _)| n != name);
+        self.checks.push((name.to_string(), Box::new(check)));
+    }
+
+    /// Run the settings check of task `name` on its table (no check: accepted here, and
+    /// checked when the task opens).
+    pub fn check_settings(&self, name: &str, table: &toml::Value) -> Result<()> {
+        match self.checks.iter().find(|(n, _)| n == name) {
+            Some((_, check)) => check(table),
+            None => Ok(()),
         }
     }
 

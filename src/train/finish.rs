@@ -91,6 +91,7 @@ impl Session {
         // The resume state (model + optimiser moments) is only for unfinished runs: a
         // finished run keeps its per-stage checkpoints.
         let _ = std::fs::remove_dir_all(self.run_dir.join("state"));
+        super::session::remove_partial_files(&self.run_dir)?;
         // Pictures are a view of the files just written: a failure to draw them is reported,
         // never a failed run (`onehead plot` redraws them).
         match report::draw_run(&self.run_dir) {

@@ -158,7 +158,7 @@ impl Session {
         }
         // Before anything of the folder is read or replaced: a live run keeps it.
         let lock = lock_folder(run_dir, "run folder")?;
-        remove_partial_checkpoints(run_dir)?;
+        remove_partial_files(run_dir)?;
         let exp = registry.load(&run_dir.join("config.toml"), &[])?;
         let Assembly { env, plugins, .. } = assemble(&exp, registry, false)?;
         let (st, extra) = state::load(run_dir, &env.varmap, &env.device).with_context(|| {
@@ -325,19 +325,25 @@ fn check_state_fits(st: &RunState, env: &Env, plugins: usize, run_dir: &Path) ->
     Ok(())
 }
 
-/// Checkpoint files a kill left half-written (`*.safetensors.tmp`, and safetensors' own
-/// `.tmp*` files): ours to remove, in our own `checkpoints/` folder.
-fn remove_partial_checkpoints(run_dir: &Path) -> Result<()> {
-    let dir = run_dir.join("checkpoints");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Ok(());
-    };
-    for entry in entries {
-        let path = entry?.path();
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
-        if path.is_file() && (name.starts_with(".tmp") || name.ends_with(".safetensors.tmp")) {
-            tracing::info!("removing the partial checkpoint {}", path.display());
-            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+/// Files a kill left half-written: the run folder's own atomic-write temporaries
+/// (`.<name>.tmp`) and partial checkpoints (`*.safetensors.tmp`, safetensors' `.tmp*`).
+/// Ours to remove; nothing else is touched.
+pub(crate) fn remove_partial_files(run_dir: &Path) -> Result<()> {
+    for dir in [run_dir.to_path_buf(), run_dir.join("checkpoints")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let partial = name.starts_with('.') && name.ends_with(".tmp")
+                || name.ends_with(".safetensors.tmp")
+                || (dir != run_dir && name.starts_with(".tmp"));
+            if partial && path.is_file() {
+                tracing::info!("removing the partial file {}", path.display());
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
         }
     }
     Ok(())

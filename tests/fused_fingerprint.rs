@@ -15,7 +15,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use onehead::model::{init::init_all, OneHead, OneHeadConfig};
+use onehead::model::{init::init_all, Executor, OneHead, OneHeadConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -44,7 +44,8 @@ fn model() -> (VarMap, OneHead) {
         &OneHeadConfig::default(),
         VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
     )
-    .unwrap();
+    .unwrap()
+    .with_executor(Executor::Fused);
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     init_all(&vm, &mut rng, &[(25, -4.595)]).unwrap();
     let d = vm.data().lock().unwrap();

@@ -369,3 +369,6 @@ impl std::str::FromStr for Executor {
         }
     }
 }
+
+#[cfg(test)]
+mod kernels_tests;

@@ -19,6 +19,11 @@
 //! The plan is built by the model (`OneHead`, `MobileNetV3`, `Fpn`) from its own layers, so
 //! tensor names and the VarMap are unchanged. CPU f32 only; other devices use the per-layer
 //! path. Deterministic: fixed chunking and summation order everywhere.
+//!
+//! Code: `nodes/` holds one module per node kind (what it reads, its shape rule, forward,
+//! what it saves, backward), `exec` the op and the loops that dispatch to the kinds, value
+//! lifetimes and gradient accumulation, `kernels` the slice kernels. Which path a model
+//! takes is the model's explicit [`Executor`].
 
 mod exec;
 pub mod kernels;

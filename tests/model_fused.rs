@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use onehead::model::{OneHead, OneHeadConfig};
+use onehead::model::{Executor, OneHead, OneHeadConfig};
 use onehead::ops::fused::{self, Act, BnRef, ConvKind, PlanBuilder};
 use onehead::ops::upsample_nearest2x;
 
@@ -409,11 +409,17 @@ fn deterministic_model() -> (VarMap, OneHead) {
     (vm, m)
 }
 
-/// Two models with identical parameters and running statistics.
+/// Two models with identical parameters and running statistics: the first runs the fused
+/// executor, the second candle's per-layer ops.
 fn twin_models() -> (VarMap, OneHead, VarMap, OneHead) {
     let (vm_a, a) = deterministic_model();
     let (vm_b, b) = deterministic_model();
-    (vm_a, a, vm_b, b)
+    (
+        vm_a,
+        a.with_executor(Executor::Fused),
+        vm_b,
+        b.with_executor(Executor::PerLayer),
+    )
 }
 
 fn image(b: usize, h: usize, w: usize, seed: u64) -> Tensor {
@@ -428,7 +434,7 @@ fn compare_whole_model(backbone_train: bool, head_train: bool, batch: usize, h: 
         ((loss_of(&o.seg, 1) + loss_of(&o.det, 2)).unwrap() + loss_of(&o.cls, 3)).unwrap()
     };
     let oa = split(a.forward_parts(&x, backbone_train, head_train).unwrap());
-    let ob = fused::without(|| split(b.forward_parts(&x, backbone_train, head_train).unwrap()));
+    let ob = split(b.forward_parts(&x, backbone_train, head_train).unwrap());
     let what = format!("train=({backbone_train},{head_train}) {batch}x{h}x{w}");
     assert_close(&oa.seg, &ob.seg, 1e-4, &format!("{what}: seg"));
     assert_close(&oa.det, &ob.det, 1e-4, &format!("{what}: det"));
@@ -515,7 +521,7 @@ fn whole_model_matches_per_layer_path_in_eval() {
     let (_va, a, _vb, b) = twin_models();
     let x = image(2, 96, 64, 21);
     let oa = split(a.forward_t(&x, false).unwrap());
-    let ob = fused::without(|| split(b.forward_t(&x, false).unwrap()));
+    let ob = split(b.forward_t(&x, false).unwrap());
     assert_close(&oa.seg, &ob.seg, 1e-4, "eval seg");
     assert_close(&oa.det, &ob.det, 1e-4, "eval det");
     assert_close(&oa.cls, &ob.cls, 1e-4, "eval cls");
@@ -544,7 +550,7 @@ fn fused_model_gradient_wrt_input_matches() {
     let (_va, a, _vb, b) = twin_models();
     let xv = Var::from_tensor(&image(2, 64, 64, 22)).unwrap();
     let oa = split(a.forward_t(xv.as_tensor(), true).unwrap());
-    let ob = fused::without(|| split(b.forward_t(xv.as_tensor(), true).unwrap()));
+    let ob = split(b.forward_t(xv.as_tensor(), true).unwrap());
     let ga = loss_of(&oa.seg, 4).backward().unwrap();
     let gb = loss_of(&ob.seg, 4).backward().unwrap();
     assert_close(

@@ -21,6 +21,7 @@ pub use mobilenetv3::MobileNetV3;
 pub use weights::{load_backbone, resolve, LoadReport, WeightsSpec};
 
 use crate::ops;
+pub use crate::ops::fused::Executor;
 use layers::{torch_default_init, Conv, ConvKind};
 
 /// Stride of the map the unified head runs on.
@@ -115,11 +116,14 @@ pub struct OneHead {
     backbone: MobileNetV3,
     fpn: Fpn,
     head: UnifiedHead,
+    /// Which implementation runs `forward_t`/`forward_parts` (see [`Executor`]).
+    executor: Executor,
 }
 
 impl OneHead {
     /// Build with `vb` at the model root; variables are created in the VarMap behind `vb`
     /// (random init as torchvision) and can then be overwritten by [`load_backbone`].
+    /// The executor starts as [`Executor::from_env`]: fused, unless `ONEHEAD_FUSED=0`.
     pub fn new(cfg: &OneHeadConfig, vb: VarBuilder) -> Result<Self> {
         let backbone = MobileNetV3::small(vb.pp("backbone"))?;
         let fpn = Fpn::new(&mobilenetv3::TAP_CHANNELS, cfg.fpn_channels, vb.pp("fpn"))?;
@@ -129,11 +133,31 @@ impl OneHead {
             backbone,
             fpn,
             head,
+            executor: Executor::from_env(),
         })
     }
 
     pub fn config(&self) -> &OneHeadConfig {
         &self.cfg
+    }
+
+    /// Which implementation runs the forward and backward.
+    pub fn executor(&self) -> Executor {
+        self.executor
+    }
+
+    /// Choose the implementation: [`Executor::Fused`] (the whole network as one op where
+    /// [`ops::fused::supported`], i.e. CPU f32; per-layer ops elsewhere) or
+    /// [`Executor::PerLayer`]. Same computation either way (the fused path is tested against
+    /// the per-layer one); this wins over `ONEHEAD_FUSED`.
+    pub fn set_executor(&mut self, executor: Executor) {
+        self.executor = executor;
+    }
+
+    /// [`OneHead::set_executor`] as a builder.
+    pub fn with_executor(mut self, executor: Executor) -> Self {
+        self.executor = executor;
+        self
     }
 
     /// `x (B,3,H,W)`, H and W multiples of 32 -> the head map `(B, head_channels, H/8,
@@ -162,7 +186,7 @@ impl OneHead {
                 x.dims()
             )
         }
-        if ops::fused::enabled() && ops::fused::supported(x) {
+        if self.executor == Executor::Fused && ops::fused::supported(x) {
             // CPU: the whole network as one fused op (ops::fused), same computation.
             let mut pb = ops::fused::PlanBuilder::new();
             let input = pb.input();

@@ -1,5 +1,7 @@
 //! Optional per-kernel timing of the fused executor (off by default; `onehead bench
-//! --profile` turns it on). Each kernel call is timed as a whole; convolution gemms also
+//! --profile` turns it on). The executor times each node as a whole and charges it to the
+//! node's kind; kernels that mix kinds (a dense conv's im2col and gemms, a conv's bias)
+//! time those parts as nested sections, charged to their own kinds. Convolution gemms also
 //! count their floating-point operations so achieved GFLOP/s can be reported.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -112,16 +114,28 @@ pub fn clock() -> f64 {
     START.get_or_init(Instant::now).elapsed().as_secs_f64()
 }
 
-/// Run `f`, charging its time (and `flops`) to `kind` when timing is on.
+thread_local! {
+    /// Seconds charged by the sections nested in the innermost running [`time`] section of
+    /// this thread (so far).
+    static NESTED: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
+}
+
+/// Run `f`, charging its time (and `flops`) to `kind` when timing is on. Sections nest:
+/// time spent in a nested section is charged to the nested section's kind only, so the
+/// executor can time a whole node as its kind while the node's kernels time finer parts
+/// (a dense conv's im2col inside its gemm node).
 #[inline]
 pub fn time<R>(kind: Kind, flops: u64, f: impl FnOnce() -> R) -> R {
     if !ENABLED.load(Ordering::Relaxed) {
         return f();
     }
+    let outer = NESTED.with(|n| n.replace(0.0));
     let t0 = clock();
     let r = f();
+    let dt = clock() - t0;
+    let inner = NESTED.with(|n| n.replace(outer + dt));
     let i = kind.index();
-    NANOS[i].fetch_add(((clock() - t0) * 1e9) as u64, Ordering::Relaxed);
+    NANOS[i].fetch_add(((dt - inner).max(0.0) * 1e9) as u64, Ordering::Relaxed);
     FLOPS[i].fetch_add(flops, Ordering::Relaxed);
     r
 }

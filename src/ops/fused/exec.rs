@@ -1,0 +1,347 @@
+//! The executor: one `CustomOp2` whose forward walks the plan's nodes in order and whose
+//! backward walks them in reverse, each node's work done by its kind (`nodes`). What happens
+//! here is what every kind shares: value lifetimes (a value is freed after its last reader,
+//! or kept for the backward), gradient accumulation, the layout conversions at the op's
+//! boundary, and per-node profiling (one wrapper around each node's call).
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+
+use super::nodes::{Bwd, Dims, DimsCx, Fwd, Node, NodeOp, Saved};
+use super::prof::{self, time, Kind};
+use super::{kernels, pool, Id};
+use crate::ops::storage::f32_slice;
+
+/// A train-mode BatchNorm's batch mean, biased variance and values per channel.
+pub(super) type BatchStats = (Vec<f32>, Vec<f32>, usize);
+
+/// A BatchNorm's mode for one run: eps, batch statistics or not, running statistics (eval).
+pub(super) struct BnMode {
+    pub(super) eps: f64,
+    pub(super) train: bool,
+    pub(super) running: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// What the op needs besides its two tensor arguments; shared with the caller.
+pub(super) struct Core {
+    pub(super) nodes: Vec<Node>,
+    pub(super) output: Id,
+    /// Offset of each parameter in the flat parameter vector, and its length.
+    pub(super) offsets: Vec<(usize, usize)>,
+    /// Per BatchNorm: eps, train, and (eval mode) the running statistics.
+    pub(super) bns: Vec<BnMode>,
+    /// Batch statistics of the train-mode BatchNorms (mean, biased variance, values per
+    /// channel), filled by the forward.
+    pub(super) batch_stats: Mutex<Vec<Option<BatchStats>>>,
+}
+
+/// What the forward keeps for the backward.
+struct Tape {
+    b: usize,
+    dims: Vec<Dims>,
+    values: Vec<Option<Vec<f32>>>,
+    saved: Vec<Saved>,
+}
+
+impl Drop for Tape {
+    fn drop(&mut self) {
+        for v in self.values.iter_mut() {
+            if let Some(v) = v.take() {
+                pool::give(v);
+            }
+        }
+    }
+}
+
+pub(super) struct NetOp {
+    core: Arc<Core>,
+    /// Keep the forward's values for the backward (training). Otherwise (an evaluation
+    /// forward that stays differentiable) the backward recomputes them.
+    keep_tape: bool,
+    tape: Mutex<Option<Tape>>,
+}
+
+impl NetOp {
+    pub(super) fn new(core: Arc<Core>, keep_tape: bool) -> Self {
+        Self {
+            core,
+            keep_tape,
+            tape: Mutex::new(None),
+        }
+    }
+}
+
+fn cpu_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => f32_slice(c, l, what),
+        _ => candle_core::bail!("{what}: fused network runs on the CPU only"),
+    }
+}
+
+/// A node's description for profiles.
+fn label(n: &dyn NodeOp, (c, h, w): Dims, b: usize) -> String {
+    format!("{} -> {c}x{h}x{w} (B={b})", n.name())
+}
+
+/// Run `f`, node `i`'s work, charging its time to the node's kind (what its kernels do not
+/// charge to a finer kind themselves) and to the node's entry of the per-node profile.
+fn profiled<R>(
+    i: Id,
+    n: &dyn NodeOp,
+    dims: Dims,
+    b: usize,
+    backward: bool,
+    f: impl FnOnce() -> R,
+) -> R {
+    if !prof::enabled() {
+        return f();
+    }
+    let t0 = prof::clock();
+    let r = time(n.kind(), 0, f);
+    prof::node_time(i, || label(n, dims, b), prof::clock() - t0, backward);
+    r
+}
+
+/// `grads[j] += d` (or `d` itself for the first gradient of value `j`).
+fn accumulate(grads: &mut [Option<Vec<f32>>], j: Id, d: Vec<f32>) {
+    match &mut grads[j] {
+        Some(g) => {
+            time(Kind::AddUpsample, 0, || kernels::add_assign(g, &d));
+            pool::give(d);
+        }
+        slot => *slot = Some(d),
+    }
+}
+
+impl Core {
+    /// `(C, H, W)` of every value for an input `(b, cin, h, w)`; checks parameter sizes.
+    fn dims(&self, input: Dims) -> Result<Vec<Dims>> {
+        let mut dims: Vec<Dims> = Vec::with_capacity(self.nodes.len());
+        for (i, node) in self.nodes.iter().enumerate() {
+            let cx = DimsCx {
+                i,
+                input,
+                dims: &dims,
+                offsets: &self.offsets,
+            };
+            let d = node.op().dims(&cx)?;
+            dims.push(d);
+        }
+        Ok(dims)
+    }
+
+    /// Values some backward reads (inputs of convs, BatchNorms, activations, SE).
+    fn needed_by_backward(&self) -> Vec<bool> {
+        let mut need = vec![false; self.nodes.len()];
+        for node in &self.nodes {
+            if let Some(x) = node.op().backward_reads() {
+                need[x] = true;
+            }
+        }
+        need
+    }
+
+    /// The forward pass on `x (B, C, H, W)` -> the output `(B, O, Ho, Wo)`, and the tape when
+    /// `keep` (a backward follows).
+    fn forward(
+        &self,
+        x: &[f32],
+        (b, cin, h, w): (usize, usize, usize, usize),
+        flat: &[f32],
+        keep: bool,
+    ) -> Result<(Vec<f32>, Shape, Option<Tape>)> {
+        let dims = self.dims((cin, h, w))?;
+        let n = self.nodes.len();
+        let mut last_use = vec![0usize; n];
+        for (i, node) in self.nodes.iter().enumerate() {
+            for j in node.op().inputs() {
+                last_use[j] = i;
+            }
+        }
+        last_use[self.output] = usize::MAX;
+        let needed = self.needed_by_backward();
+        let mut values: Vec<Option<Vec<f32>>> = (0..n).map(|_| None).collect();
+        let mut saved: Vec<Saved> = (0..n).map(|_| Saved::None).collect();
+        let mut stats: Vec<Option<BatchStats>> = vec![None; self.bns.len()];
+        for i in 0..n {
+            let node = self.nodes[i].op();
+            let (out, s) = profiled(i, node, dims[i], b, false, || {
+                node.forward(&mut Fwd {
+                    i,
+                    b,
+                    dims: &dims,
+                    values: &mut values,
+                    last_use: &last_use,
+                    keep,
+                    flat,
+                    offsets: &self.offsets,
+                    bns: &self.bns,
+                    stats: &mut stats,
+                    x,
+                })
+            })?;
+            values[i] = Some(out);
+            if keep {
+                saved[i] = s;
+            }
+            for j in node.inputs() {
+                if last_use[j] == i && (!keep || !needed[j]) {
+                    if let Some(v) = values[j].take() {
+                        pool::give(v);
+                    }
+                }
+            }
+        }
+        *self.batch_stats.lock().expect("batch stats") = stats;
+        let (oc, oh, ow) = dims[self.output];
+        let out_cnhw = values[self.output].take().unwrap_or_default();
+        let mut y = vec![0f32; out_cnhw.len()];
+        time(Kind::Layout, 0, || {
+            kernels::chwn_to_nchw(&out_cnhw, oc, oh * ow, b, &mut y)
+        });
+        pool::give(out_cnhw);
+        let tape = if keep {
+            Some(Tape {
+                b,
+                dims,
+                values,
+                saved,
+            })
+        } else {
+            for v in values.iter_mut() {
+                if let Some(v) = v.take() {
+                    pool::give(v);
+                }
+            }
+            None
+        };
+        Ok((y, Shape::from((b, oc, oh, ow)), tape))
+    }
+
+    /// The backward pass: `dy (B, O, Ho, Wo)` -> (input gradient if `need_dx`, flat
+    /// parameter gradient).
+    fn backward(
+        &self,
+        mut tape: Tape,
+        flat: &[f32],
+        dy: &[f32],
+        need_dx: bool,
+    ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+        let b = tape.b;
+        let n = self.nodes.len();
+        let mut dflat = vec![0f32; flat.len()];
+        let mut grads: Vec<Option<Vec<f32>>> = (0..n).map(|_| None).collect();
+        let (oc, oh, ow) = tape.dims[self.output];
+        let mut g0 = pool::take(oc * b * oh * ow);
+        time(Kind::Layout, 0, || {
+            kernels::nchw_to_chwn(dy, b, oc, oh * ow, &mut g0)
+        });
+        grads[self.output] = Some(g0);
+        for i in (1..n).rev() {
+            let Some(d) = grads[i].take() else {
+                continue;
+            };
+            let node = self.nodes[i].op();
+            profiled(i, node, tape.dims[i], b, true, || -> Result<()> {
+                let mut cx = Bwd {
+                    i,
+                    b,
+                    dims: &tape.dims,
+                    values: &tape.values,
+                    saved: &tape.saved[i],
+                    flat,
+                    offsets: &self.offsets,
+                    dflat: &mut dflat,
+                    bns: &self.bns,
+                    need_dx,
+                };
+                for (j, g) in node.backward(&mut cx, d)? {
+                    accumulate(&mut grads, j, g);
+                }
+                Ok(())
+            })?;
+            // Every consumer of value i has run its backward: value i is no longer needed.
+            if let Some(v) = tape.values[i].take() {
+                pool::give(v);
+            }
+            tape.saved[i] = Saved::None;
+        }
+        let dx = match grads[0].take() {
+            Some(g) if need_dx => {
+                let (ci, h, w) = tape.dims[0];
+                let mut dx = vec![0f32; g.len()];
+                time(Kind::Layout, 0, || {
+                    kernels::chwn_to_nchw(&g, ci, h * w, b, &mut dx)
+                });
+                pool::give(g);
+                Some(dx)
+            }
+            Some(g) => {
+                pool::give(g);
+                None
+            }
+            None if need_dx => Some(vec![0f32; tape.values[0].as_ref().map_or(0, |v| v.len())]),
+            None => None,
+        };
+        Ok((dx, dflat))
+    }
+}
+
+impl CustomOp2 for NetOp {
+    fn name(&self) -> &'static str {
+        "fused-network"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "fused network input")?;
+        let flat = f32_slice(s2, l2, "fused network parameters")?;
+        let dims = l1.shape().dims4()?;
+        let (y, shape, tape) = self.core.forward(x, dims, flat, self.keep_tape)?;
+        *self.tape.lock().expect("tape") = tape;
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        flat: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let kept = self.tape.lock().expect("tape").take();
+        let need_dx = x.track_op();
+        let grad = grad.contiguous()?;
+        let (dx, dflat) = {
+            let (gs, gl) = grad.storage_and_layout();
+            let (fs, fl) = flat.storage_and_layout();
+            let g = cpu_f32(&gs, gl, "fused network gradient")?;
+            let f = cpu_f32(&fs, fl, "fused network parameters")?;
+            let tape = match kept {
+                Some(t) => t,
+                None => {
+                    // An evaluation forward (or a second backward): recompute the values.
+                    let (xs, xl) = x.storage_and_layout();
+                    let xv = cpu_f32(&xs, xl, "fused network input")?;
+                    let dims = xl.shape().dims4()?;
+                    match self.core.forward(xv, dims, f, true)?.2 {
+                        Some(t) => t,
+                        None => candle_core::bail!("fused network: no tape"),
+                    }
+                }
+            };
+            self.core.backward(tape, f, g, need_dx)?
+        };
+        let dx = dx
+            .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
+            .transpose()?;
+        let dflat = Tensor::from_vec(dflat, flat.shape(), flat.device())?;
+        Ok((dx, Some(dflat)))
+    }
+}

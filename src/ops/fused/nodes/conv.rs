@@ -1,0 +1,364 @@
+//! Convolutions (square kernel, padding `k/2`): 1×1 as one gemm over the whole batch, dense
+//! k×k as chunked im2col + one gemm per chunk, depthwise with the direct kernels; optional
+//! bias. The backward writes the weight (and bias) gradient and returns the input gradient
+//! unless nothing needs it (the network input when it is not tracked).
+
+use candle_core::Result;
+
+use super::{Bwd, Dims, DimsCx, Fwd, Node, NodeOp, Remap, Saved};
+use crate::ops::fused::kernels::{self, ConvGeom};
+use crate::ops::fused::prof::{time, Kind};
+use crate::ops::fused::{pool, ConvKind, Id};
+
+#[derive(Debug, Clone)]
+pub(in crate::ops::fused) struct Conv {
+    pub(in crate::ops::fused) x: Id,
+    pub(in crate::ops::fused) kind: ConvKind,
+    pub(in crate::ops::fused) cout: usize,
+    /// Weight `(O, C/groups, k, k)` and bias `(O,)` parameters.
+    pub(in crate::ops::fused) w: usize,
+    pub(in crate::ops::fused) bias: Option<usize>,
+}
+
+impl NodeOp for Conv {
+    fn inputs(&self) -> Vec<Id> {
+        vec![self.x]
+    }
+
+    fn backward_reads(&self) -> Option<Id> {
+        Some(self.x)
+    }
+
+    fn remap(&self, m: &mut Remap) -> Node {
+        Node::Conv(Conv {
+            x: m.value(self.x),
+            kind: self.kind,
+            cout: self.cout,
+            w: m.param(self.w),
+            bias: self.bias.map(|b| m.param(b)),
+        })
+    }
+
+    fn dims(&self, cx: &DimsCx) -> Result<Dims> {
+        let (i, kind, cout) = (cx.i, self.kind, self.cout);
+        let (c, h, w) = cx.dims[self.x];
+        let (want, out) = match kind {
+            ConvKind::Pointwise => (cout * c, (cout, h, w)),
+            ConvKind::Dense { k, stride } => {
+                if h + 2 * (k / 2) < k || w + 2 * (k / 2) < k || stride == 0 {
+                    candle_core::bail!("fused conv: {h}x{w} too small for k{k}")
+                }
+                let g = ConvGeom::new(1, c, h, w, k, stride);
+                (cout * c * k * k, (cout, g.ho, g.wo))
+            }
+            ConvKind::Depthwise { k, stride } => {
+                if cout != c || stride == 0 {
+                    candle_core::bail!("fused depthwise conv: {c} -> {cout} channels")
+                }
+                let g = ConvGeom::new(1, c, h, w, k, stride);
+                (c * k * k, (c, g.ho, g.wo))
+            }
+        };
+        if cx.plen(self.w) != want || self.bias.is_some_and(|b| cx.plen(b) != cout) {
+            candle_core::bail!(
+                "fused conv (value {i}): weight has {} values, input {c} channels, \
+                 {kind:?} to {cout} wants {want}",
+                cx.plen(self.w)
+            )
+        }
+        Ok(out)
+    }
+
+    fn kind(&self) -> Kind {
+        match self.kind {
+            ConvKind::Pointwise | ConvKind::Dense { .. } => Kind::Gemm,
+            ConvKind::Depthwise { .. } => Kind::Depthwise,
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("conv {:?}", self.kind)
+    }
+
+    fn forward(&self, cx: &mut Fwd) -> Result<(Vec<f32>, Saved)> {
+        let (_, hh, ww) = cx.out_dims();
+        let (ci, hi, wi) = cx.dims[self.x];
+        let xin = cx.value(self.x)?;
+        let mut y = pool::take(cx.out_len());
+        let geom = (cx.b, ci, hi, wi, self.cout);
+        conv_fwd(self.kind, geom, xin, cx.param(self.w), &mut y);
+        if let Some(bi) = self.bias {
+            let bias = cx.param(bi);
+            time(Kind::Activation, 0, || {
+                kernels::add_bias(&mut y, bias, cx.b * hh * ww)
+            });
+        }
+        Ok((y, Saved::None))
+    }
+
+    fn backward(&self, cx: &mut Bwd, d: Vec<f32>) -> Result<Vec<(Id, Vec<f32>)>> {
+        let b = cx.b;
+        if let Some(bi) = self.bias {
+            let (_, hh, ww) = cx.dims[cx.i];
+            let out = cx.dparam(bi);
+            time(Kind::Activation, 0, || {
+                kernels::row_sums(&d, b * hh * ww, out)
+            });
+        }
+        let (ci, hi, wi) = cx.dims[self.x];
+        let xin = cx.value(self.x);
+        let wt = cx.param(self.w);
+        let want_dx = self.x != 0 || cx.need_dx;
+        let geom = (b, ci, hi, wi, self.cout);
+        let dx = conv_bwd(self.kind, geom, xin, wt, &d, cx.dparam(self.w), want_dx);
+        pool::give(d);
+        Ok(dx.map(|dx| (self.x, dx)).into_iter().collect())
+    }
+}
+
+/// `(B, C, H, W, O)`: batch, input channels and size, output channels.
+type Geom = (usize, usize, usize, usize, usize);
+
+fn conv_fwd(kind: ConvKind, geom: Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
+    let (b, c, h, w, _) = geom;
+    match kind {
+        ConvKind::Pointwise => pointwise_fwd(geom, x, wt, y),
+        ConvKind::Dense { k, stride } => dense_fwd(geom, k, stride, x, wt, y),
+        ConvKind::Depthwise { k, stride } => {
+            kernels::depthwise_fwd(&ConvGeom::new(b, c, h, w, k, stride), x, wt, y)
+        }
+    }
+}
+
+fn pointwise_fwd((b, c, h, w, cout): Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
+    let n = b * h * w;
+    // SAFETY: y is (cout × n), wt (cout × c), x (c × n), all row-major and disjoint.
+    time(Kind::Gemm, (2 * cout * c * n) as u64, || unsafe {
+        kernels::sgemm(
+            cout,
+            n,
+            c,
+            y.as_mut_ptr(),
+            n,
+            false,
+            wt.as_ptr(),
+            c,
+            1,
+            x.as_ptr(),
+            n,
+            1,
+        )
+    })
+}
+
+fn dense_fwd(
+    (b, c, h, w, cout): Geom,
+    k: usize,
+    stride: usize,
+    x: &[f32],
+    wt: &[f32],
+    y: &mut [f32],
+) {
+    let g = ConvGeom::new(b, c, h, w, k, stride);
+    let (n, rows, nr) = (g.ho * g.wo * b, c * k * k, g.chunk_rows());
+    let per_row = g.wo * b;
+    let mut cols = pool::take(rows * nr * per_row);
+    // yᵀ = colsᵀ · wᵀ with wᵀ row-major: the faster storage order for this shape
+    // (see `sgemm_strided`); same values as y = w · cols.
+    let mut w_t = vec![0f32; rows * cout];
+    kernels::transpose(wt, cout, rows, &mut w_t);
+    let mut oy0 = 0;
+    while oy0 < g.ho {
+        let oy1 = (oy0 + nr).min(g.ho);
+        let nc = (oy1 - oy0) * per_row;
+        let cols = &mut cols[..rows * nc];
+        time(Kind::Im2col, 0, || kernels::im2col(&g, x, oy0, oy1, cols));
+        // SAFETY: yᵀ (nc × cout) is columns oy0·Wo·B.. of the (cout × n) output read
+        // column-major; colsᵀ (nc × rows) is cols (rows × nc) read column-major.
+        time(Kind::Gemm, (2 * cout * rows * nc) as u64, || unsafe {
+            kernels::sgemm_strided(
+                nc,
+                cout,
+                rows,
+                y.as_mut_ptr().add(oy0 * per_row),
+                1,
+                n,
+                false,
+                cols.as_ptr(),
+                1,
+                nc,
+                w_t.as_ptr(),
+                cout,
+                1,
+            )
+        });
+        oy0 = oy1;
+    }
+    pool::give(cols);
+}
+
+/// Weight gradient (written to `dw`) and, if `want_dx`, the input gradient of a conv.
+fn conv_bwd(
+    kind: ConvKind,
+    geom: Geom,
+    x: &[f32],
+    wt: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    want_dx: bool,
+) -> Option<Vec<f32>> {
+    let (b, c, h, w, _) = geom;
+    match kind {
+        ConvKind::Pointwise => pointwise_bwd(geom, x, wt, dy, dw, want_dx),
+        ConvKind::Dense { k, stride } => dense_bwd(geom, (k, stride), x, wt, dy, dw, want_dx),
+        ConvKind::Depthwise { k, stride } => {
+            let g = ConvGeom::new(b, c, h, w, k, stride);
+            kernels::depthwise_bwd_kernel(&g, x, dy, dw);
+            want_dx.then(|| {
+                let mut dx = pool::take(c * b * h * w);
+                kernels::depthwise_bwd_input(&g, dy, wt, &mut dx);
+                dx
+            })
+        }
+    }
+}
+
+fn pointwise_bwd(
+    (b, c, h, w, cout): Geom,
+    x: &[f32],
+    wt: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    want_dx: bool,
+) -> Option<Vec<f32>> {
+    let n = b * h * w;
+    let flops = (2 * cout * c * n) as u64;
+    // dw (cout × c) = dy (cout × n) · xᵀ, written column-major (the faster storage
+    // order for this shape, see `sgemm_strided`) and transposed.
+    let mut dwt = vec![0f32; cout * c];
+    // SAFETY: dwt holds (cout × c) column-major; dy (cout × n), x (c × n) row-major.
+    time(Kind::Gemm, flops, || unsafe {
+        kernels::sgemm_strided(
+            cout,
+            c,
+            n,
+            dwt.as_mut_ptr(),
+            1,
+            cout,
+            false,
+            dy.as_ptr(),
+            n,
+            1,
+            x.as_ptr(),
+            1,
+            n,
+        )
+    });
+    kernels::transpose(&dwt, c, cout, dw);
+    want_dx.then(|| {
+        let mut dx = pool::take(c * n);
+        // SAFETY: dx (c × n) = wtᵀ (c × cout) · dy (cout × n), row-major buffers.
+        time(Kind::Gemm, flops, || unsafe {
+            kernels::sgemm(
+                c,
+                n,
+                cout,
+                dx.as_mut_ptr(),
+                n,
+                false,
+                wt.as_ptr(),
+                1,
+                c,
+                dy.as_ptr(),
+                n,
+                1,
+            )
+        });
+        dx
+    })
+}
+
+fn dense_bwd(
+    (b, c, h, w, cout): Geom,
+    (k, stride): (usize, usize),
+    x: &[f32],
+    wt: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    want_dx: bool,
+) -> Option<Vec<f32>> {
+    let g = ConvGeom::new(b, c, h, w, k, stride);
+    let (n, rows, nr) = (g.ho * g.wo * b, c * k * k, g.chunk_rows());
+    let per_row = g.wo * b;
+    let mut cols = pool::take(rows * nr * per_row);
+    let mut dcols = if want_dx {
+        pool::take(rows * nr * per_row)
+    } else {
+        Vec::new()
+    };
+    let mut dx = if want_dx {
+        pool::take_zeroed(c * h * w * b)
+    } else {
+        Vec::new()
+    };
+    // dw accumulated column-major (the faster order here), transposed at the end.
+    let mut dwt = vec![0f32; cout * rows];
+    let mut oy0 = 0;
+    while oy0 < g.ho {
+        let oy1 = (oy0 + nr).min(g.ho);
+        let nc = (oy1 - oy0) * per_row;
+        let cols = &mut cols[..rows * nc];
+        time(Kind::Im2col, 0, || kernels::im2col(&g, x, oy0, oy1, cols));
+        let flops = (2 * cout * rows * nc) as u64;
+        // SAFETY: dwt (cout × rows, column-major) [+]= dy[:, chunk] (cout × nc) · colsᵀ.
+        time(Kind::Gemm, flops, || unsafe {
+            kernels::sgemm_strided(
+                cout,
+                rows,
+                nc,
+                dwt.as_mut_ptr(),
+                1,
+                cout,
+                oy0 > 0,
+                dy.as_ptr().add(oy0 * per_row),
+                n,
+                1,
+                cols.as_ptr(),
+                1,
+                nc,
+            )
+        });
+        if want_dx {
+            let dcols = &mut dcols[..rows * nc];
+            // SAFETY: dcols (rows × nc) = wtᵀ (rows × cout) · dy[:, chunk].
+            time(Kind::Gemm, flops, || unsafe {
+                kernels::sgemm(
+                    rows,
+                    nc,
+                    cout,
+                    dcols.as_mut_ptr(),
+                    nc,
+                    false,
+                    wt.as_ptr(),
+                    1,
+                    rows,
+                    dy.as_ptr().add(oy0 * per_row),
+                    n,
+                    1,
+                )
+            });
+            time(Kind::Im2col, 0, || {
+                kernels::col2im(&g, dcols, oy0, oy1, &mut dx)
+            });
+        }
+        oy0 = oy1;
+    }
+    kernels::transpose(&dwt, rows, cout, dw);
+    pool::give(cols);
+    if want_dx {
+        pool::give(dcols);
+        Some(dx)
+    } else {
+        None
+    }
+}

@@ -111,6 +111,12 @@ pub struct ModelConfig {
     pub fpn_channels: usize,
     /// Copy hub weights into this folder (pinning), e.g. `weights`. Empty: don't copy.
     pub pin_dir: Option<PathBuf>,
+    /// `fused` (the whole network as one op on the CPU: the fast path) or `per-layer`
+    /// (candle's ops one by one: the reference the fused path is tested against). Absent:
+    /// fused, unless the environment sets `ONEHEAD_FUSED=0`. Distillation teachers and
+    /// snapshots follow the environment's choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub executor: Option<crate::ops::fused::Executor>,
 }
 
 impl Default for ModelConfig {
@@ -120,6 +126,7 @@ impl Default for ModelConfig {
             image_size: 160,
             fpn_channels: 128,
             pin_dir: None,
+            executor: None,
         }
     }
 }
@@ -396,7 +403,7 @@ impl Default for EvalConfig {
 pub const MAX_IMAGE_SIZE: usize = 1024;
 pub const MAX_CHANNELS: usize = 1024;
 pub const MAX_BATCH: usize = 1024;
-/// Largest built-in benchmark split and image side.
+/// Largest built-in benchmark split (images per task and split).
 pub const MAX_SYNTH_IMAGES: usize = 100_000;
 
 /// The schema's own top-level keys; any other top-level table belongs to a strategy.

@@ -42,8 +42,37 @@ impl Registry {
         exp.validate(path)?;
         exp.validate_task_names(path, &self.tasks.names())?;
         self.check_task_settings(&exp, path, text)?;
+        self.check_verdict_metrics(&exp, path, text)?;
         self.strategies.resolve(&mut exp, path, text)?;
         Ok(exp)
+    }
+
+    /// `[eval] metric`: each named metric is one its task reports (for tasks that declare
+    /// their metrics; the others are checked once their data is open).
+    fn check_verdict_metrics(
+        &self,
+        exp: &Experiment,
+        path: &Path,
+        text: &str,
+    ) -> Result<(), ConfigError> {
+        for (task, metric) in &exp.eval.metric {
+            let Some(known) = self.tasks.metrics(task) else {
+                continue;
+            };
+            if !known.contains(metric) {
+                let line = crate::config::line_of(text, Some("eval"), "metric")
+                    .map(|l| format!(" (line {l})"))
+                    .unwrap_or_default();
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "eval.metric: task '{task}' has no metric '{metric}' (it has {}){line}",
+                        known.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Every `[tasks.<name>]` table through its task's check; errors name the file and, where

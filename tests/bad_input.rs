@@ -24,6 +24,12 @@ fn write(dir: &Path, file: &str, body: &str) -> std::path::PathBuf {
     p
 }
 
+/// The 1-based line of `path` that starts with `prefix`.
+fn line_of(path: &Path, prefix: &str) -> usize {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines().position(|l| l.starts_with(prefix)).unwrap() + 1
+}
+
 fn onehead(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_onehead"))
         .args(args)
@@ -85,12 +91,7 @@ fn config_mistakes_are_errors_before_anything_is_written() {
         "det.toml",
         "[[stages]]\ntask = \"det\"\nepochs = 1\n[tasks.det]\nnms_iuo = 0.5\n",
     );
-    let line = std::fs::read_to_string(&p)
-        .unwrap()
-        .lines()
-        .position(|l| l.starts_with("nms_iuo"))
-        .unwrap()
-        + 1;
+    let line = line_of(&p, "nms_iuo");
     let (code, err) = onehead(&["run", p.to_str().unwrap(), "--quiet"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(
@@ -103,25 +104,20 @@ fn config_mistakes_are_errors_before_anything_is_written() {
         !tmp.path().join("results").exists(),
         "nothing may be written for a config that fails its checks"
     );
-    // A verdict metric the task does not have: refused once the tasks are open, before any
-    // epoch is trained.
+    // A verdict metric the task does not have: refused at load, naming the file and line.
     let p = write(
         tmp.path(),
         "metric.toml",
         "[eval]\nmetric = { seg = \"top1\" }\n",
     );
-    let exp = Registry::builtin().load(&p, &[]).unwrap();
-    let err = run(&exp, &quiet()).unwrap_err().to_string();
+    let line = line_of(&p, "metric = ");
+    let msg = Registry::builtin().load(&p, &[]).unwrap_err().to_string();
     assert!(
-        err.contains("[eval] metric") && err.contains("top1"),
-        "{err}"
-    );
-    let trained = walk(&tmp.path().join("results")).iter().any(|f| {
-        f.ends_with("epochs.csv") && std::fs::read_to_string(f).unwrap().lines().count() > 1
-    });
-    assert!(
-        !trained,
-        "an epoch was trained before the metric was checked"
+        msg.contains("metric.toml")
+            && msg.contains("eval.metric")
+            && msg.contains("top1")
+            && msg.contains(&format!("line {line}")),
+        "{msg}"
     );
 }
 
@@ -132,6 +128,8 @@ fn subcommand_flags_are_checked() {
         (vec!["bench", "--sizes", "100"], "multiple of 32"),
         (vec!["bench", "--steps", "0"], "--steps"),
         (vec!["synth", "--out", "x", "--size", "0"], "--size"),
+        (vec!["info", "--image-size", "1073741824"], "--image-size"),
+        (vec!["info", "--image-size", "100"], "multiple of 32"),
         (vec!["prepare", "--out", "x", "--train", "0"], "--train"),
     ] {
         let (code, err) = onehead(&args);
@@ -228,20 +226,4 @@ fn a_setting_edited_in_a_stopped_run_is_not_resumed_silently() {
         },
     )
     .unwrap();
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }

@@ -12,8 +12,11 @@ use crate::train as engine;
 pub struct InfoArgs {
     /// Take image size, FPN width and device from this experiment.
     pub file: Option<PathBuf>,
-    #[arg(long)]
+    /// Square input side for the shapes and the latency (a multiple of 32, 64 to 1024;
+    /// default: the experiment's, else 224).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(64..=1024))]
     pub image_size: Option<usize>,
+    /// Device: auto, cpu, cuda or cuda:N (default: the experiment's, else auto).
     #[arg(long)]
     pub device: Option<String>,
 }
@@ -60,6 +63,9 @@ pub fn info(args: InfoArgs) -> Result<ExitCode> {
         Some(f) => Some(Registry::builtin().load(f, &[])?),
         None => None,
     };
+    if let Some(s) = image_size.filter(|s| s % 32 != 0) {
+        anyhow::bail!("info: --image-size {s} is not a multiple of 32 (the model's output stride)");
+    }
     let size = image_size
         .or(exp.as_ref().map(|e| e.model.image_size))
         .unwrap_or(224);

@@ -89,7 +89,7 @@ impl CocoFile {
             .iter()
             .map(|i| (i.id, (i.width, i.height)))
             .collect();
-        let mut outside = Vec::new();
+        let (mut outside, mut empty) = (Vec::new(), Vec::new());
         for a in &self.annotations {
             let [x, y, w, h] = a.bbox;
             anyhow::ensure!(
@@ -98,20 +98,36 @@ impl CocoFile {
                 a.id,
                 a.bbox
             );
+            if w == 0.0 || h == 0.0 {
+                empty.push(a.id);
+            }
             if let Some(&(iw, ih)) = sizes.get(&a.image_id).filter(|(iw, ih)| *iw > 0 && *ih > 0) {
                 if x < 0.0 || y < 0.0 || x + w > iw as f64 || y + h > ih as f64 {
                     outside.push(a.id);
                 }
             }
         }
+        let ids = |v: &[u64]| {
+            let shown: Vec<String> = v.iter().take(5).map(u64::to_string).collect();
+            format!(
+                "{}{}",
+                shown.join(", "),
+                if v.len() > 5 { ", …" } else { "" }
+            )
+        };
         let mut warnings = Vec::new();
         if !outside.is_empty() {
-            let shown: Vec<String> = outside.iter().take(5).map(u64::to_string).collect();
             warnings.push(format!(
-                "{at}: {} box(es) reach outside their image and are clipped to it (annotation ids {}{})",
+                "{at}: {} box(es) reach outside their image and are clipped to it (annotation ids {})",
                 outside.len(),
-                shown.join(", "),
-                if outside.len() > 5 { ", …" } else { "" }
+                ids(&outside)
+            ));
+        }
+        if !empty.is_empty() {
+            warnings.push(format!(
+                "{at}: {} box(es) of zero width or height carry nothing to learn and are dropped (annotation ids {})",
+                empty.len(),
+                ids(&empty)
             ));
         }
         Ok(warnings)
@@ -204,5 +220,12 @@ mod tests {
         let w = f.check(p).unwrap();
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("clipped") && w[0].contains("7"), "{}", w[0]);
+        let mut f = file();
+        f.annotations[0].bbox = [10.0, 10.0, 0.0, 20.0];
+        let w = f.check(p).unwrap();
+        assert!(
+            w.len() == 1 && w[0].contains("dropped") && w[0].contains("7"),
+            "{w:?}"
+        );
     }
 }

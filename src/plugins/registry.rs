@@ -1,10 +1,9 @@
 //! Strategies by name: each anti-forgetting strategy is one file that implements
 //! [`Strategy`] (its TOML table, its settings with defaults, its checks, when it is on, how
 //! it is built) and one line in `Registry::builtin` (in `plugins/mod.rs`, beside the
-//! strategies' modules). Nothing else in the engine names a
-//! strategy: the config keeps each strategy's table as it was written, this registry
-//! resolves and checks it, and reference runs switch every strategy off through
-//! [`Registry::all_off`] without knowing any of them.
+//! strategies' modules). Nothing else in the engine names a strategy: the config keeps each
+//! strategy's table as it was written, this registry resolves and checks it, and reference
+//! runs switch every strategy off through [`Registry::all_off`] without knowing any of them.
 //!
 //! A strategy's table sits at the top level of the experiment file (`[replay]`, `[lwf]`…),
 //! like the schema's own tables; a table that is neither is an error naming the file and line.
@@ -103,8 +102,9 @@ impl<S: Strategy> Entry for Typed<S> {
     }
 }
 
-/// The strategies an engine knows (the built-in ones: `Registry::builtin`), in hook order (a step's extra batches and loss terms
-/// come in this order; weighting strategies last, so that they see every term).
+/// The strategies an engine knows (the built-in ones: `Registry::builtin`), in hook order:
+/// a step's extra batches and loss terms come in this order, weighting strategies last so
+/// that they see every term.
 pub struct Registry {
     entries: Vec<Box<dyn Entry>>,
 }
@@ -264,5 +264,26 @@ fn with_line(message: String, text: &str, table: &str) -> String {
     match line {
         Some(l) => format!("{message} (line {l})"),
         None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_builtin_strategy_is_off_at_its_defaults() {
+        let r = Registry::builtin();
+        assert_eq!(r.names(), ["replay", "lwf", "ewc", "uncertainty"]);
+        for e in &r.entries {
+            assert_eq!(
+                e.is_on(&e.defaults()),
+                Ok(false),
+                "{} is on by default",
+                e.name()
+            );
+            // Resolving an absent table gives the defaults.
+            assert_eq!(e.resolve(None).unwrap(), e.defaults());
+        }
     }
 }

@@ -29,6 +29,9 @@ use crate::data::imageio::{is_image, sorted_dirs, sorted_files};
 use crate::data::{DataError, CLS_DIR};
 use crate::metrics::topk::TopK;
 
+/// The metrics classification reports (`top1` is its verdict metric by default).
+pub const METRICS: [&str; 3] = ["top1", "top5", "mean_acc"];
+
 /// One split: images and labels.
 pub struct ClsSplit {
     pub images: ImageSet,
@@ -214,7 +217,7 @@ impl Task for ClsTask {
     }
 
     fn metric_names(&self) -> Vec<String> {
-        vec!["top1".into(), "top5".into(), "mean_acc".into()]
+        METRICS.map(String::from).to_vec()
     }
 
     fn primary_metric(&self) -> &str {

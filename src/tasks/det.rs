@@ -34,6 +34,9 @@ use crate::data::{DataError, DET_DIR};
 use crate::metrics::map::MapEvaluator;
 use crate::model::OUTPUT_STRIDE;
 
+/// The metrics detection reports (`map50` is its verdict metric by default).
+pub const METRICS: [&str; 3] = ["map50", "map50_95", "map75"];
+
 /// Detection settings of an experiment (`[tasks.det]`).
 ///
 /// Evaluation keeps every candidate (`score_threshold = 0`, as pycocotools expects: it
@@ -411,7 +414,7 @@ impl Task for DetTask {
     }
 
     fn metric_names(&self) -> Vec<String> {
-        vec!["map50".into(), "map50_95".into(), "map75".into()]
+        METRICS.map(String::from).to_vec()
     }
 
     fn primary_metric(&self) -> &str {

@@ -254,6 +254,8 @@ pub struct Registry {
     entries: Vec<(String, Opener)>,
     /// Settings checks of the tasks that have settings.
     checks: Vec<(String, SettingsCheck)>,
+    /// The metric names of the tasks that declare them (for `[eval] metric` at load).
+    metrics: Vec<(String, Vec<String>)>,
 }
 
 impl Registry {
@@ -262,6 +264,7 @@ impl Registry {
         Self {
             entries: vec![],
             checks: vec![],
+            metrics: vec![],
         }
     }
 
@@ -269,9 +272,12 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut r = Self::new();
         r.register("seg", |o| Ok(Box::new(seg::SegTask::open(o)?)));
+        r.register_metrics("seg", &seg::METRICS);
         r.register("det", |o| Ok(Box::new(det::DetTask::open(o)?)));
         r.register_settings("det", det::DetSettings::check);
+        r.register_metrics("det", &det::METRICS);
         r.register("cls", |o| Ok(Box::new(cls::ClsTask::open(o)?)));
+        r.register_metrics("cls", &cls::METRICS);
         r
     }
 
@@ -297,6 +303,20 @@ impl Registry {
     ) {
         self.checks.retain(|(n, _)| n != name);
         self.checks.push((name.to_string(), Box::new(check)));
+    }
+
+    /// Declare the metric names of task `name` (what its `metric_names` returns), so that an
+    /// `[eval] metric` it does not have is refused when the experiment is loaded.
+    pub fn register_metrics(&mut self, name: &str, metrics: &[&str]) {
+        self.metrics.retain(|(n, _)| n != name);
+        let metrics = metrics.iter().map(|m| m.to_string()).collect();
+        self.metrics.push((name.to_string(), metrics));
+    }
+
+    /// The declared metric names of task `name`, if it declared them.
+    pub fn metrics(&self, name: &str) -> Option<&[String]> {
+        let found = self.metrics.iter().find(|(n, _)| n == name);
+        found.map(|(_, m)| m.as_slice())
     }
 
     /// Run the settings check of task `name` on its table (no check: accepted here, and

@@ -39,6 +39,9 @@ use crate::data::{DataError, IGNORE_INDEX, SEG_DIR, VOC_CLASSES};
 use crate::metrics::miou::ConfusionMatrix;
 use crate::ops::resize::resize_bilinear_argmax;
 
+/// The metrics segmentation reports (`miou` is its verdict metric by default).
+pub const METRICS: [&str; 4] = ["miou", "miou_classes", "miou_nanmean", "pixel_acc"];
+
 /// One split: images and their masks at the model input size (nearest-neighbour), and at
 /// their original size when kept (val splits: scoring; train splits with crops: cropping).
 pub struct SegSplit {
@@ -363,9 +366,7 @@ impl Task for SegTask {
     }
 
     fn metric_names(&self) -> Vec<String> {
-        ["miou", "miou_classes", "miou_nanmean", "pixel_acc"]
-            .map(String::from)
-            .to_vec()
+        METRICS.map(String::from).to_vec()
     }
 
     fn primary_metric(&self) -> &str {

@@ -126,7 +126,10 @@ pub fn build_model(
     };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let model = OneHead::new(&cfg, vb)?;
+    let mut model = OneHead::new(&cfg, vb)?;
+    if let Some(e) = exp.model.executor {
+        model.set_executor(e);
+    }
     init::init_all(&varmap, rng, &tasks.head_bias_init())?;
     let spec: WeightsSpec = exp
         .model

@@ -8,20 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 
-use super::nodes::{Bwd, Dims, DimsCx, Fwd, Node, NodeOp, Saved};
+use super::nodes::{BatchStats, BnMode, Bwd, Dims, DimsCx, Fwd, Node, NodeOp, Saved};
 use super::prof::{self, time, Kind};
 use super::{kernels, pool, Id};
 use crate::ops::storage::f32_slice;
-
-/// A train-mode BatchNorm's batch mean, biased variance and values per channel.
-pub(super) type BatchStats = (Vec<f32>, Vec<f32>, usize);
-
-/// A BatchNorm's mode for one run: eps, batch statistics or not, running statistics (eval).
-pub(super) struct BnMode {
-    pub(super) eps: f64,
-    pub(super) train: bool,
-    pub(super) running: Option<(Vec<f32>, Vec<f32>)>,
-}
 
 /// What the op needs besides its two tensor arguments; shared with the caller.
 pub(super) struct Core {

@@ -35,8 +35,9 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Result, Tensor, Var};
 
-use exec::{BnMode, Core, NetOp};
+use exec::{Core, NetOp};
 pub use kernels::Act;
+use nodes::BnMode;
 use nodes::Node;
 
 /// A value (activation) of the plan.

@@ -6,8 +6,8 @@
 use candle_core::Result;
 
 use super::{Bwd, Dims, DimsCx, Fwd, Node, NodeOp, Remap, Saved};
-use crate::ops::fused::exec::BnMode;
 use crate::ops::fused::kernels::{self, Act};
+use crate::ops::fused::nodes::BnMode;
 use crate::ops::fused::prof::Kind;
 use crate::ops::fused::{pool, Id};
 

@@ -13,10 +13,19 @@ mod up2_add;
 
 use candle_core::Result;
 
-use super::exec::{BatchStats, BnMode};
 use super::kernels::SeSaved;
 use super::prof::Kind;
 use super::Id;
+
+/// A train-mode BatchNorm's batch mean, biased variance and values per channel.
+pub(in crate::ops::fused) type BatchStats = (Vec<f32>, Vec<f32>, usize);
+
+/// A BatchNorm's mode for one run: eps, batch statistics or not, running statistics (eval).
+pub(in crate::ops::fused) struct BnMode {
+    pub(in crate::ops::fused) eps: f64,
+    pub(in crate::ops::fused) train: bool,
+    pub(in crate::ops::fused) running: Option<(Vec<f32>, Vec<f32>)>,
+}
 
 pub(super) use act::ActNode;
 pub(super) use add::Add;

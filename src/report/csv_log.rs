@@ -117,7 +117,7 @@ impl Appender {
                 path.display()
             );
         }
-        let mut reader = csv::Reader::from_reader(text[..keep].as_bytes());
+        let mut reader = csv::Reader::from_reader(&text.as_bytes()[..keep]);
         let old: Vec<String> = reader.headers()?.iter().map(String::from).collect();
         if old != header {
             anyhow::bail!(

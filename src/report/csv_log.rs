@@ -29,25 +29,26 @@ pub struct EvalRecord {
     pub metrics: TaskMetrics,
 }
 
-/// One epoch of training.
-#[derive(Debug, Clone, Default)]
+/// One epoch of training: one row of `epochs.csv`. The engine writes it and the pictures
+/// read it back (`run_files`) as this same type.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EpochRow {
-    /// 0-based stage index (written 1-based).
+    /// 1-based stage, as written.
     pub stage: usize,
     pub task: String,
-    /// 1-based epoch within the stage.
+    /// 1-based epoch within the stage (0 when read from a file without the column).
     pub epoch: usize,
     /// 1-based epoch over the whole run.
     pub global_epoch: usize,
-    /// Learning rate at the epoch's last step.
-    pub lr: f64,
+    /// Learning rate at the epoch's last step (`None`: an empty cell).
+    pub lr: Option<f64>,
     /// Mean over the epoch's steps of each loss column (`loss_new`, `loss_<term>`,
-    /// `loss_total`), by column name.
+    /// `loss_total`), by column name; absent = empty cell.
     pub losses: BTreeMap<String, f64>,
     /// Validation metrics by column name `<task>_<metric>`; absent = empty cell.
     pub metrics: BTreeMap<String, f64>,
     /// Wall-clock seconds of the epoch (training + evaluation).
-    pub seconds: f64,
+    pub seconds: Option<f64>,
 }
 
 /// The column layout of `epochs.csv`.
@@ -200,11 +201,11 @@ impl RunCsv {
     /// Append one epoch to `epochs.csv` and its evaluations to `eval.csv`.
     pub fn append(&mut self, row: &EpochRow, evals: &[EvalRecord]) -> Result<()> {
         let mut rec = vec![
-            (row.stage + 1).to_string(),
+            row.stage.to_string(),
             row.task.clone(),
             row.epoch.to_string(),
             row.global_epoch.to_string(),
-            format!("{:.6e}", row.lr),
+            row.lr.map(|v| format!("{v:.6e}")).unwrap_or_default(),
         ];
         for c in &self.columns.losses {
             rec.push(format!("{:.6}", row.losses.get(c).copied().unwrap_or(0.0)));
@@ -217,7 +218,7 @@ impl RunCsv {
                     .unwrap_or_default(),
             );
         }
-        rec.push(format!("{:.3}", row.seconds));
+        rec.push(row.seconds.map(|v| format!("{v:.3}")).unwrap_or_default());
         // eval.csv first: a crash between the two leaves an eval row without its epoch row,
         // which a resume drops again (same global_epoch rule).
         for e in evals {
@@ -263,12 +264,12 @@ mod tests {
         let mut log = RunCsv::create(tmp.path(), cols.clone()).unwrap();
         for g in 1..=3 {
             let mut row = EpochRow {
-                stage: 0,
+                stage: 1,
                 task: "seg".into(),
                 epoch: g,
                 global_epoch: g,
-                lr: 1e-3,
-                seconds: 2.0,
+                lr: Some(1e-3),
+                seconds: Some(2.0),
                 ..Default::default()
             };
             row.losses.insert("loss_new".into(), 1.5);

@@ -627,7 +627,7 @@ impl LossChart {
                     .rows
                     .iter()
                     .filter(|r| r.stage == s.index)
-                    .filter_map(|r| Some((r.global_epoch as f64, r.loss_new?)))
+                    .filter_map(|r| Some((r.global_epoch as f64, *r.losses.get("loss_new")?)))
                     .filter(|p| p.1.is_finite())
                     .collect::<Vec<_>>();
                 (s.index, s.task.clone(), pts)
@@ -639,12 +639,11 @@ impl LossChart {
         let terms: Vec<_> = e
             .terms
             .iter()
-            .enumerate()
-            .map(|(i, name)| {
+            .map(|name| {
                 let pts: Vec<(f64, f64)> = e
                     .rows
                     .iter()
-                    .filter_map(|r| Some((r.global_epoch as f64, r.terms[i]?)))
+                    .filter_map(|r| Some((r.global_epoch as f64, *r.losses.get(name)?)))
                     .filter(|p| p.1.is_finite())
                     .collect();
                 (name.trim_start_matches("loss_").to_string(), pts)
@@ -656,7 +655,7 @@ impl LossChart {
         let total = e
             .rows
             .iter()
-            .filter_map(|r| Some((r.global_epoch as f64, r.loss_total?)))
+            .filter_map(|r| Some((r.global_epoch as f64, *r.losses.get("loss_total")?)))
             .filter(|p| p.1.is_finite())
             .collect();
         Some(Self {

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::Value as Json;
 
+use super::csv_log::EpochRow;
 use super::summary::Matrix;
 
 /// Metric columns preferred as a task's headline metric when `summary.json` does not say.
@@ -20,23 +21,6 @@ const PREFERRED_METRICS: [&str; 3] = ["seg_miou", "det_map50", "cls_top1"];
 
 /// Columns of `epochs.csv` that are neither loss terms nor metrics.
 const FIXED_COLUMNS: [&str; 6] = ["stage", "task", "epoch", "global_epoch", "lr", "seconds"];
-
-/// One row of `epochs.csv`.
-#[derive(Debug, Clone)]
-pub(crate) struct EpochRow {
-    /// 1-based stage index (0-based files are shifted).
-    pub stage: usize,
-    pub task: String,
-    pub global_epoch: usize,
-    pub lr: Option<f64>,
-    pub loss_new: Option<f64>,
-    pub loss_total: Option<f64>,
-    /// Aligned with [`Epochs::terms`].
-    pub terms: Vec<Option<f64>>,
-    /// Aligned with [`Epochs::metric_columns`].
-    pub metrics: Vec<Option<f64>>,
-    pub seconds: Option<f64>,
-}
 
 /// One stage as seen in `epochs.csv`.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,12 +71,12 @@ impl Epochs {
 
     /// `(global_epoch, value)` of a metric column, skipping empty cells and NaN.
     pub fn series(&self, column: usize) -> Vec<(f64, f64)> {
+        let name = &self.metric_columns[column];
         self.rows
             .iter()
             .filter_map(|r| {
-                r.metrics[column]
-                    .filter(|v| v.is_finite())
-                    .map(|v| (r.global_epoch as f64, v))
+                let v = *r.metrics.get(name)?;
+                v.is_finite().then_some((r.global_epoch as f64, v))
             })
             .collect()
     }
@@ -581,6 +565,7 @@ struct EpochColumnsRead {
     stage: usize,
     task: usize,
     global: Option<usize>,
+    epoch: Option<usize>,
     lr: Option<usize>,
     new: Option<usize>,
     total: Option<usize>,
@@ -641,6 +626,7 @@ impl EpochColumnsRead {
             stage,
             task,
             global: col("global_epoch"),
+            epoch: col("epoch"),
             lr: col("lr"),
             new: col("loss_new"),
             total: col("loss_total"),
@@ -676,21 +662,37 @@ impl EpochColumnsRead {
                 .map(Some)
                 .ok_or_else(|| format!("`{}` is '{s}', not a number", self.header[c]))
         };
-        let many = |cols: &[(usize, String)]| -> std::result::Result<Vec<Option<f64>>, String> {
-            cols.iter().map(|(c, _)| num(Some(*c))).collect()
-        };
+        // Columns by name, the cells that hold a value.
+        let cells =
+            |cols: &[(usize, String)]| -> std::result::Result<BTreeMap<String, f64>, String> {
+                let mut out = BTreeMap::new();
+                for (c, name) in cols {
+                    if let Some(v) = num(Some(*c))? {
+                        out.insert(name.clone(), v);
+                    }
+                }
+                Ok(out)
+            };
+        let fixed: Vec<(usize, String)> = [(self.new, "loss_new"), (self.total, "loss_total")]
+            .into_iter()
+            .filter_map(|(c, n)| Some((c?, n.to_string())))
+            .collect();
+        let mut losses = cells(&fixed)?;
+        losses.extend(cells(&self.terms)?);
         Ok(EpochRow {
             stage: int(self.stage, "stage")?,
             task: r.get(self.task).unwrap_or("").trim().to_string(),
+            epoch: match self.epoch {
+                Some(c) => int(c, "epoch")?,
+                None => 0,
+            },
             global_epoch: match self.global {
                 Some(c) => int(c, "global_epoch")?,
                 None => 0,
             },
             lr: num(self.lr)?,
-            loss_new: num(self.new)?,
-            loss_total: num(self.total)?,
-            terms: many(&self.terms)?,
-            metrics: many(&self.metrics)?,
+            losses,
+            metrics: cells(&self.metrics)?,
             seconds: num(self.seconds)?,
         })
     }
@@ -724,7 +726,9 @@ mod tests {
         assert_eq!(e.terms, vec!["loss_replay"]);
         assert_eq!(e.metric_columns, vec!["seg_miou"]);
         assert!(e.other.contains_key("grad_norm"));
-        assert_eq!(e.rows[1].metrics[0], Some(0.2));
+        assert_eq!(e.rows[1].metrics.get("seg_miou"), Some(&0.2));
+        assert_eq!(e.rows[1].losses.get("loss_new"), Some(&1.5));
+        assert_eq!(e.rows[1].epoch, 2);
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].contains("line 4"), "{w:?}");
     }

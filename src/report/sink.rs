@@ -21,10 +21,10 @@ impl EpochSink for RunCsv {
 
 impl EpochSink for TbWriter {
     fn epoch(&mut self, row: &EpochRow, _evals: &[EvalRecord]) -> Result<()> {
-        let mut cols: Vec<(&str, Option<f64>)> = vec![("lr", Some(row.lr))];
+        let mut cols: Vec<(&str, Option<f64>)> = vec![("lr", row.lr)];
         cols.extend(row.losses.iter().map(|(k, v)| (k.as_str(), Some(*v))));
         cols.extend(row.metrics.iter().map(|(k, v)| (k.as_str(), Some(*v))));
-        cols.push(("seconds", Some(row.seconds)));
+        cols.push(("seconds", row.seconds));
         self.add_epoch(row.global_epoch as u64, &cols)?;
         self.flush()
     }
@@ -53,16 +53,16 @@ impl EpochSink for ConsoleLine {
             .filter(|(k, _)| *k != "loss_total")
             .map(|(k, v)| format!("{} {v:.4}", k.trim_start_matches("loss_")))
             .collect();
-        let (task, epochs) = &self.stages[row.stage];
+        let (task, epochs) = &self.stages[row.stage - 1];
         tracing::info!(
             "stage {}/{} {task} epoch {}/{epochs}: loss {:.4} ({}) · {} · {:.1} s",
-            row.stage + 1,
+            row.stage,
             self.stages.len(),
             row.epoch,
             row.losses.get("loss_total").copied().unwrap_or(0.0),
             terms.join(", "),
             shown.join(" · "),
-            row.seconds
+            row.seconds.unwrap_or(0.0)
         );
         Ok(())
     }

@@ -140,6 +140,17 @@ pub fn tag_for_column(column: &str) -> String {
     }
 }
 
+/// Each of `names` with its value in `values` (`None`: an empty cell).
+fn by_name<'a>(
+    names: &'a [String],
+    values: &std::collections::BTreeMap<String, f64>,
+) -> Vec<(&'a str, Option<f64>)> {
+    names
+        .iter()
+        .map(|n| (n.as_str(), values.get(n).copied()))
+        .collect()
+}
+
 /// Write a run's `epochs.csv` as a TensorBoard event file (for runs that ran without the
 /// sink). Columns this reader does not know go under `other/<column>`. Returns the file.
 pub(crate) fn export_run(run: &super::run_files::RunData) -> Result<PathBuf> {
@@ -149,22 +160,12 @@ pub(crate) fn export_run(run: &super::run_files::RunData) -> Result<PathBuf> {
         let step = r.global_epoch as u64;
         let mut cols: Vec<(&str, Option<f64>)> = vec![
             ("lr", r.lr),
-            ("loss_new", r.loss_new),
-            ("loss_total", r.loss_total),
+            ("loss_new", r.losses.get("loss_new").copied()),
+            ("loss_total", r.losses.get("loss_total").copied()),
             ("seconds", r.seconds),
         ];
-        cols.extend(
-            e.terms
-                .iter()
-                .map(String::as_str)
-                .zip(r.terms.iter().copied()),
-        );
-        cols.extend(
-            e.metric_columns
-                .iter()
-                .map(String::as_str)
-                .zip(r.metrics.iter().copied()),
-        );
+        cols.extend(by_name(&e.terms, &r.losses));
+        cols.extend(by_name(&e.metric_columns, &r.metrics));
         w.add_epoch(step, &cols)?;
         for (k, v) in &e.other {
             if let Some(v) = v[i].filter(|v| v.is_finite()) {

@@ -263,13 +263,13 @@ fn log_epoch(
     seconds: f64,
 ) -> Result<()> {
     let mut row = EpochRow {
-        stage: si,
+        stage: si + 1,
         task: s.env.stages[si].task.clone(),
         epoch,
         global_epoch: s.progress.global_epoch,
-        lr,
+        lr: Some(lr),
         losses,
-        seconds,
+        seconds: Some(seconds),
         ..Default::default()
     };
     for e in evals {

@@ -158,10 +158,19 @@ impl Appender {
 
     fn append(&mut self, rec: &[String]) -> Result<()> {
         // Flush every epoch: the file is the live record of the run.
-        self.writer
-            .write_record(rec)
-            .and_then(|()| Ok(self.writer.flush()?))
+        let written = self.writer.write_record(rec).map_err(plain_io);
+        written
+            .and_then(|()| self.writer.flush().map_err(anyhow::Error::from))
             .with_context(|| format!("appending to {}", self.path.display()))
+    }
+}
+
+/// A csv error as the I/O error it wraps, when it is one: csv's own error repeats the OS
+/// message as its source ("No space left on device … : No space left on device …").
+fn plain_io(e: csv::Error) -> anyhow::Error {
+    match e.into_kind() {
+        csv::ErrorKind::Io(io) => io.into(),
+        other => anyhow::anyhow!("{other:?}"),
     }
 }
 
@@ -332,5 +341,26 @@ mod tests {
         let (_, rows) = read(&path);
         assert_eq!(rows.len(), 2);
         assert!(std::fs::read_to_string(&path).unwrap().ends_with('\n'));
+    }
+
+    #[test]
+    fn a_full_disk_is_named_once() {
+        struct Full;
+        impl std::io::Write for Full {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::from_raw_os_error(28))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Err(std::io::Error::from_raw_os_error(28))
+            }
+        }
+        let mut w = csv::WriterBuilder::new()
+            .buffer_capacity(1)
+            .from_writer(Full);
+        let e = w.write_record(["a", "b"]).unwrap_err();
+        let msg = format!("{:#}", plain_io(e).context("appending to x/epochs.csv"));
+        let os = std::io::Error::from_raw_os_error(28).to_string();
+        assert_eq!(msg.matches(&os).count(), 1, "{msg}");
+        assert!(msg.starts_with("appending to x/epochs.csv"), "{msg}");
     }
 }

@@ -45,7 +45,7 @@ enum Command {
     /// Parameter counts, output shapes and inference latency of the model.
     Info(commands::inspect::InfoArgs),
     /// Training and inference throughput, batch-1 latency, peak memory, sgemm peak
-    /// (compare with shared/torch_ref/bench.py: scripts/bench_vs_torch.sh).
+    /// (side by side with PyTorch: scripts/bench_vs_torch.sh).
     Bench(commands::inspect::BenchArgs),
 }
 
@@ -84,5 +84,29 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Prepare(a) => data::prepare(a),
         Command::Info(a) => inspect::info(a),
         Command::Bench(a) => inspect::bench(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_option_and_argument_says_what_it_is_for() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if !matches!(id, "help" | "version") && arg.get_help().is_none() {
+                    missing.push(format!("{} --{id}", sub.get_name()));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "options without a description: {missing:?}"
+        );
     }
 }

@@ -19,6 +19,7 @@ pub struct SweepArgs {
     /// name skips its finished runs and resumes interrupted ones.
     #[arg(long)]
     pub name: Option<String>,
+    /// Folder the sweep folder goes under.
     #[arg(long, default_value = "results")]
     pub results: PathBuf,
     /// No progress bar.

@@ -343,10 +343,11 @@ pub struct LogConfig {
 }
 
 /// Which value of a task's metric the verdict compares the final value with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BaselineKind {
     /// The metric at the end of the stage that learned the task (its last such stage).
+    #[default]
     StageEnd,
     /// The best epoch of that stage (what the original report did).
     StageBest,
@@ -356,10 +357,11 @@ pub enum BaselineKind {
 }
 
 /// How the tolerance is read: the challenge's "≥ base − 5 %" is read both ways.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ToleranceKind {
     /// `(baseline − final) / baseline ≤ tolerance`.
+    #[default]
     Relative,
     /// `baseline − final ≤ tolerance` in metric points.
     Absolute,

@@ -16,7 +16,8 @@
 use serde::{Deserialize, Serialize};
 
 /// One task's summary.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TaskForgetting {
     pub task: String,
     pub final_value: Option<f64>,
@@ -27,7 +28,8 @@ pub struct TaskForgetting {
 }
 
 /// Per task, and averaged.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Forgetting {
     pub tasks: Vec<TaskForgetting>,
     /// Mean of `final` over tasks that have one.

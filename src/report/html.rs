@@ -178,6 +178,14 @@ fn str_field<'a>(j: Option<&'a serde_json::Value>, k: &str) -> Option<&'a str> {
     j?.get(k)?.as_str()
 }
 
+/// A text field of the summary, when it has a value.
+fn summary_text<'a>(
+    s: Option<&'a super::RunSummary>,
+    field: fn(&super::RunSummary) -> &String,
+) -> Option<&'a str> {
+    s.map(|s| field(s).as_str()).filter(|v| !v.is_empty())
+}
+
 /// Write `<run>/report.html`; `pngs` are the charts by stem (`loss`, `metrics`, `matrix`).
 pub(crate) fn write_run_report(run: &RunData, pngs: &[(String, Vec<u8>)]) -> Result<PathBuf> {
     let path = run.dir.join("report.html");
@@ -211,13 +219,15 @@ fn run_header(b: &mut String, run: &RunData) {
     let summary = run.summary.as_ref();
     let meta = run.meta.as_ref();
     let mut sub = vec![esc(&run.dir.display().to_string())];
-    if let Some(t) = str_field(summary, "finished_at") {
+    if let Some(t) = summary_text(summary, |s| &s.finished_at) {
         sub.push(format!("finished {}", esc(t)));
-    } else if let Some(t) = str_field(summary, "started_at").or(str_field(meta, "started_at")) {
+    } else if let Some(t) =
+        summary_text(summary, |s| &s.started_at).or(str_field(meta, "started_at"))
+    {
         sub.push(format!("started {}", esc(t)));
     }
-    if let Some(v) = str_field(summary, "version").or(str_field(meta, "version")) {
-        let commit = str_field(summary, "git_commit")
+    if let Some(v) = summary_text(summary, |s| &s.version).or(str_field(meta, "version")) {
+        let commit = summary_text(summary, |s| &s.git_commit)
             .or(str_field(meta, "git_commit"))
             .map(|c| format!(" ({})", esc(&c.chars().take(12).collect::<String>())))
             .unwrap_or_default();
@@ -269,7 +279,7 @@ fn run_facts(b: &mut String, run: &RunData) {
     ));
     b.push_str(&fact(
         "latency",
-        &run.summary_f64("latency_ms")
+        &run.latency_ms()
             .map(|l| format!("{l:.2} ms/image"))
             .unwrap_or_else(|| "—".into()),
     ));
@@ -281,13 +291,12 @@ fn run_facts(b: &mut String, run: &RunData) {
             run.epochs.stages().len()
         ),
     ));
-    let device = str_field(summary, "device").or(str_field(meta, "device"));
+    let device = summary_text(summary, |s| &s.device).or(str_field(meta, "device"));
     if let Some(d) = device {
         b.push_str(&fact("device", &esc(d)));
     }
     if let Some(seed) = summary
-        .and_then(|s| s.get("seed"))
-        .map(|v| v.to_string())
+        .map(|s| s.seed.to_string())
         .or_else(|| run.config.as_ref()?.get("seed").map(|v| v.to_string()))
     {
         b.push_str(&fact("seed", &esc(&seed)));
@@ -330,23 +339,23 @@ fn run_verdict_and_charts(b: &mut String, run: &RunData, pngs: &[(String, Vec<u8
 /// Parameters, in detail when the summary breaks them down.
 fn run_params(b: &mut String, run: &RunData) {
     let summary = run.summary.as_ref();
-    if let Some(p) = summary
-        .and_then(|s| s.get("params"))
-        .and_then(|p| p.as_object())
-    {
+    if let Some(p) = summary.map(|s| &s.params).filter(|p| p.total > 0) {
         b.push_str("<section><h2>Parameters</h2><div class=\"scroll\"><table><tbody>");
         // `total` first, then the parts.
-        let mut p: Vec<_> = p.iter().collect();
-        p.sort_by_key(|(k, _)| *k != "total");
-        for (k, v) in p {
-            if let Some(n) = v.as_u64() {
-                let _ = write!(
-                    *b,
-                    "<tr><td>{}</td><td class=\"num\">{}</td></tr>",
-                    esc(k),
-                    fmt_count(n)
-                );
-            }
+        let rows = [
+            ("total", p.total),
+            ("backbone", p.backbone),
+            ("head", p.head),
+            ("neck", p.neck),
+            ("used_in_forward", p.used_in_forward),
+        ];
+        for (k, n) in rows.into_iter().filter(|(_, n)| *n > 0) {
+            let _ = write!(
+                *b,
+                "<tr><td>{}</td><td class=\"num\">{}</td></tr>",
+                esc(k),
+                fmt_count(n as u64)
+            );
         }
         b.push_str("</tbody></table></div></section>");
     }

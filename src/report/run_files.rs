@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value as Json;
 
 use super::csv_log::EpochRow;
-use super::summary::Matrix;
+use super::summary::{Matrix, RunSummary};
 
 /// Metric columns preferred as a task's headline metric when `summary.json` does not say.
 const PREFERRED_METRICS: [&str; 3] = ["seg_miou", "det_map50", "cls_top1"];
@@ -110,7 +110,7 @@ pub(crate) struct RunData {
     pub name: String,
     pub config_text: Option<String>,
     pub config: Option<toml::Value>,
-    pub summary: Option<Json>,
+    pub summary: Option<RunSummary>,
     pub meta: Option<Json>,
     pub epochs: Epochs,
     pub matrix: Option<Matrix>,
@@ -134,7 +134,7 @@ impl RunData {
             );
         }
         let mut warnings = Vec::new();
-        let summary = read_json(&dir.join("summary.json"), &mut warnings);
+        let summary = read_summary(&dir.join("summary.json"), &mut warnings);
         let meta = read_json(&dir.join("meta.json"), &mut warnings);
         let config_path = dir.join("config.toml");
         let config_text = std::fs::read_to_string(&config_path).ok();
@@ -148,14 +148,8 @@ impl RunData {
                 }
             });
         let mut known_tasks: Vec<String> = Vec::new();
-        if let Some(ts) = summary
-            .as_ref()
-            .and_then(|s| s.get("tasks")?.as_array().cloned())
-        {
-            known_tasks.extend(
-                ts.iter()
-                    .filter_map(|t| Some(t.get("task")?.as_str()?.into())),
-            );
+        if let Some(s) = &summary {
+            known_tasks.extend(s.tasks.iter().map(|t| t.task.clone()));
         }
         if let Some(stages) = config
             .as_ref()
@@ -178,7 +172,8 @@ impl RunData {
         };
         let name = summary
             .as_ref()
-            .and_then(|s| s.get("name")?.as_str().map(String::from))
+            .map(|s| s.name.clone())
+            .filter(|n| !n.is_empty())
             .or_else(|| {
                 config
                     .as_ref()
@@ -217,28 +212,28 @@ impl RunData {
         self.summary.is_some()
     }
 
-    /// The summary's `f64` field `key`, if any.
-    pub fn summary_f64(&self, key: &str) -> Option<f64> {
-        self.summary.as_ref()?.get(key)?.as_f64()
+    /// Median batch-1 latency from the summary (ms per image).
+    pub fn latency_ms(&self) -> Option<f64> {
+        self.summary.as_ref().map(|s| s.latency_ms)
     }
 
     /// Training time: the summary's, else the sum of the epochs' seconds.
     pub fn train_seconds(&self) -> Option<f64> {
-        self.summary_f64("train_seconds").or_else(|| {
+        self.summary.as_ref().map(|s| s.train_seconds).or_else(|| {
             let s: Vec<f64> = self.epochs.rows.iter().filter_map(|r| r.seconds).collect();
             (!s.is_empty()).then(|| s.iter().sum())
         })
     }
 
-    /// Total parameter count (`params.total`, or `params` as a number).
+    /// Total parameter count (`None` when the summary has none).
     pub fn params_total(&self) -> Option<u64> {
-        let p = self.summary.as_ref()?.get("params")?;
-        p.as_u64().or_else(|| p.get("total")?.as_u64())
+        let total = self.summary.as_ref()?.params.total;
+        (total > 0).then_some(total as u64)
     }
 
     /// Whether every task passed (`None` for an unfinished run).
     pub fn pass(&self) -> Option<bool> {
-        self.summary.as_ref()?.get("pass")?.as_bool()
+        Some(self.summary.as_ref()?.pass)
     }
 
     /// `(task, epochs)` of each stage as the config plans them, if `config.toml` says.
@@ -308,50 +303,25 @@ impl RunData {
         let stages = self.epochs.stages();
         let planned = self.chart_stages();
         let mut out: Vec<TaskResult> = Vec::new();
-        let from_summary = self
-            .summary
-            .as_ref()
-            .and_then(|s| s.get("tasks")?.as_array().cloned())
-            .unwrap_or_default();
-        for t in &from_summary {
-            let Some(task) = t.get("task").and_then(|v| v.as_str()) else {
-                continue;
-            };
-            let metric = t.get("metric").and_then(|v| v.as_str()).unwrap_or("");
+        let from_summary = self.summary.as_ref().map_or(&[][..], |s| &s.tasks[..]);
+        for t in from_summary.iter().filter(|t| !t.task.is_empty()) {
+            let (task, metric) = (t.task.as_str(), t.metric.as_str());
             let column = self
                 .metric_column(task, Some(metric))
                 .unwrap_or_else(|| format!("{task}_{metric}"));
-            let f = |k: &str| t.get(k).and_then(|v| v.as_f64());
-            let verdict = t
-                .get("verdict")
-                .and_then(|v| v.as_str())
-                .map(String::from)
-                .or_else(|| {
-                    let pass = t.get("pass")?.as_bool()?;
-                    Some(if pass { "ok" } else { "forgot" }.into())
-                })
-                .unwrap_or_else(|| "?".into());
-            let stage = t
-                .get("stage")
-                .and_then(|v| v.as_u64())
-                .map(|s| s as usize)
-                .or_else(|| {
-                    stages
-                        .iter()
-                        .rev()
-                        .find(|s| s.task == task)
-                        .map(|s| s.index)
-                });
-            let baseline = f("baseline");
+            let stage = Some(t.stage).filter(|&s| s > 0).or_else(|| {
+                let own = stages.iter().rev().find(|s| s.task == task);
+                own.map(|s| s.index)
+            });
             out.push(TaskResult {
                 task: task.into(),
                 column,
                 stage,
-                baseline,
-                final_value: f("final_value"),
-                drop_rel: f("drop_rel"),
-                verdict,
-                threshold: baseline.map(|b| self.threshold(b)),
+                baseline: Some(t.baseline),
+                final_value: Some(t.final_value),
+                drop_rel: t.drop_rel,
+                verdict: t.verdict.key().to_string(),
+                threshold: Some(self.threshold(t.baseline)),
             });
         }
         // Tasks without a summary row (an unfinished run): worked out from epochs.csv. The
@@ -430,6 +400,21 @@ fn dir_label(dir: &Path) -> String {
         .unwrap_or_else(|| dir.display().to_string())
 }
 
+/// `summary.json` as the engine wrote it (`None`, with a warning, when it is not one).
+fn read_summary(path: &Path, warnings: &mut Vec<String>) -> Option<RunSummary> {
+    let json = read_json(path, warnings)?;
+    match serde_json::from_value(json) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warnings.push(format!(
+                "{}: not a run summary ({e}); ignored",
+                path.display()
+            ));
+            None
+        }
+    }
+}
+
 fn read_json(path: &Path, warnings: &mut Vec<String>) -> Option<Json> {
     let text = std::fs::read_to_string(path).ok()?;
     match serde_json::from_str(&text) {
@@ -442,17 +427,20 @@ fn read_json(path: &Path, warnings: &mut Vec<String>) -> Option<Json> {
 }
 
 /// `(tolerance, kind)`: from the summary, else `config.toml`'s `[eval]`, else 5 % relative.
-fn tolerance_of(summary: Option<&Json>, config: Option<&toml::Value>) -> (f64, String) {
+fn tolerance_of(summary: Option<&RunSummary>, config: Option<&toml::Value>) -> (f64, String) {
     let eval = config.and_then(|c| c.get("eval"));
     let tol = summary
-        .and_then(|s| s.get("tolerance")?.as_f64())
+        .map(|s| s.tolerance)
         .or_else(|| {
             let v = eval?.get("tolerance")?;
             v.as_float().or(v.as_integer().map(|i| i as f64))
         })
         .unwrap_or(0.05);
     let kind = summary
-        .and_then(|s| s.get("tolerance_kind")?.as_str().map(String::from))
+        .map(|s| match s.tolerance_kind {
+            crate::config::ToleranceKind::Relative => "relative".to_string(),
+            crate::config::ToleranceKind::Absolute => "absolute".to_string(),
+        })
         .or_else(|| Some(eval?.get("tolerance_kind")?.as_str()?.to_string()))
         .unwrap_or_else(|| "relative".into());
     (tol, kind)
@@ -698,10 +686,10 @@ impl EpochColumnsRead {
     }
 }
 
-/// The matrix `summary.json` holds.
-fn matrix_from_summary(s: &Json) -> Option<Matrix> {
-    let m: Matrix = serde_json::from_value(s.get("matrix")?.clone()).ok()?;
-    (!m.tasks.is_empty() && m.values.iter().any(|r| !r.is_empty())).then_some(m)
+/// The matrix `summary.json` holds, if it holds one.
+fn matrix_from_summary(s: &RunSummary) -> Option<Matrix> {
+    let m = &s.matrix;
+    (!m.tasks.is_empty() && m.values.iter().any(|r| !r.is_empty())).then(|| m.clone())
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use super::EvalRecord;
 use crate::config::{BaselineKind, ToleranceKind};
 
 /// The outcome for one task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// Learned, and within tolerance at the end.
@@ -25,6 +25,7 @@ pub enum Verdict {
     /// Learned, then dropped by more than the tolerance.
     Forgot,
     /// The baseline is not clearly above chance: there was nothing to keep.
+    #[default]
     NotLearned,
 }
 
@@ -36,9 +37,20 @@ impl Verdict {
             Verdict::NotLearned => "not learned",
         }
     }
+
+    /// The verdict as written in `summary.json` (`ok`, `forgot`, `not_learned`).
+    pub fn key(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Forgot => "forgot",
+            Verdict::NotLearned => "not_learned",
+        }
+    }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Read back with every field defaulted when absent (older or hand-made summaries).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TaskVerdict {
     pub task: String,
     /// The verdict metric (`miou`, `map50`, `top1`, …).
@@ -169,7 +181,8 @@ pub fn judge(
 
 /// Every task's verdict metric at the end of every stage (`None` before the task is first
 /// learned, or when that stage's last epoch was not evaluated for it).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Matrix {
     pub tasks: Vec<String>,
     pub metrics: Vec<String>,
@@ -279,7 +292,8 @@ impl Matrix {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ParamSummary {
     pub total: usize,
     pub backbone: usize,
@@ -290,7 +304,11 @@ pub struct ParamSummary {
     pub used_in_forward: usize,
 }
 
+/// `summary.json`: written by the engine at the end of a run, read back by the pictures,
+/// `compare` and the sweeps as this same type (fields absent from an older or hand-made file
+/// take their defaults; the tolerance the 5 % of the challenge).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RunSummary {
     pub name: String,
     pub run_dir: String,
@@ -324,6 +342,35 @@ pub struct RunSummary {
     pub peak_rss_mib: Option<f64>,
     pub started_at: String,
     pub finished_at: String,
+}
+
+impl Default for RunSummary {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            run_dir: String::new(),
+            version: String::new(),
+            git_commit: String::new(),
+            seed: 0,
+            device: String::new(),
+            tolerance: 0.05,
+            tolerance_kind: ToleranceKind::default(),
+            baseline_kind: BaselineKind::default(),
+            baseline_run: None,
+            chance_margin: 0.05,
+            tasks: vec![],
+            pass: false,
+            final_metrics: BTreeMap::new(),
+            matrix: Matrix::default(),
+            forgetting: Default::default(),
+            params: ParamSummary::default(),
+            latency_ms: 0.0,
+            train_seconds: 0.0,
+            peak_rss_mib: None,
+            started_at: String::new(),
+            finished_at: String::new(),
+        }
+    }
 }
 
 impl RunSummary {
@@ -381,6 +428,44 @@ impl RunSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_summary_reads_back_as_the_type_that_wrote_it_and_partial_files_default() {
+        let mut written = RunSummary {
+            name: "replay".into(),
+            seed: 3,
+            pass: true,
+            latency_ms: 4.5,
+            ..RunSummary::default()
+        };
+        written.tasks.push(TaskVerdict {
+            task: "seg".into(),
+            metric: "miou".into(),
+            stage: 1,
+            baseline: 0.5,
+            final_value: 0.49,
+            verdict: Verdict::Ok,
+            pass: true,
+            ..TaskVerdict::default()
+        });
+        let text = serde_json::to_string(&written).unwrap();
+        let back: RunSummary = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.tasks, written.tasks);
+        assert_eq!(
+            (back.name.as_str(), back.seed, back.pass),
+            ("replay", 3, true)
+        );
+        // An older or hand-made file: what it lacks takes the defaults, unknown keys are
+        // ignored.
+        let partial: RunSummary = serde_json::from_str(
+            r#"{"name": "x", "tasks": [{"task": "det", "verdict": "forgot"}], "future": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(partial.tolerance, 0.05);
+        assert_eq!(partial.tasks[0].verdict, Verdict::Forgot);
+        assert_eq!(partial.tasks[0].verdict.key(), "forgot");
+        assert!(partial.matrix.tasks.is_empty());
+    }
 
     fn judging(kind: ToleranceKind) -> Judging {
         Judging {

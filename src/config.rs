@@ -633,11 +633,12 @@ impl Experiment {
 
     fn check_data(&self) -> Result<(), String> {
         let d = &self.data;
-        let split_ok = |n: usize| (1..=MAX_SYNTH_IMAGES).contains(&n);
+        // At least one image per class of the 10-class classification set.
+        let split_ok = |n: usize| (10..=MAX_SYNTH_IMAGES).contains(&n);
         if d.source == DataSource::Synthetic && !(split_ok(d.synth_train) && split_ok(d.synth_val))
         {
             return Err(format!(
-                "data.synth_train and data.synth_val must be from 1 to {MAX_SYNTH_IMAGES}"
+                "data.synth_train and data.synth_val must be from 10 (one image per class) to {MAX_SYNTH_IMAGES}"
             ));
         }
         if d.source == DataSource::Synthetic && !(32..=MAX_IMAGE_SIZE).contains(&d.synth_size) {

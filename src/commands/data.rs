@@ -13,11 +13,11 @@ pub struct SynthArgs {
     /// The benchmark's own seed (`data.synth_seed`).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Training images per task (1 to 100000).
-    #[arg(long, default_value_t = 240, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100000))]
+    /// Training images per task (10 to 100000).
+    #[arg(long, default_value_t = 240, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(10..=100000))]
     pub train: usize,
-    /// Validation images per task (1 to 100000).
-    #[arg(long, default_value_t = 60, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100000))]
+    /// Validation images per task (10 to 100000).
+    #[arg(long, default_value_t = 60, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(10..=100000))]
     pub val: usize,
     /// Side of the generated images in pixels (32 to 1024).
     #[arg(long, default_value_t = 160, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(32..=1024))]

@@ -100,89 +100,101 @@ pub fn generate(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
         .into_iter()
         .enumerate()
     {
-        // Segmentation.
-        let dir = seg_root.join(split.name());
-        std::fs::create_dir_all(&dir)?;
-        (0..n).into_par_iter().try_for_each(|i| -> Result<()> {
-            let mut rng = image_rng(opts.seed, Stream::Seg, split, i);
-            let (img, mask) = render_seg(&mut rng, opts.size);
-            let stem = format!("synth_{}_{i:06}", split.name());
-            write(&dir.join(format!("{stem}.jpg")), &img.jpeg(&mut rng)?)?;
-            write(
-                &dir.join(format!("{stem}.png")),
-                &encode_mask_png(img.w as u32, img.h as u32, &mask)?,
-            )
-        })?;
+        write_seg_split(&seg_root, split, n, opts)?;
         summary.seg_images[si] = n;
-
-        // Detection.
-        let dir = det_root.join(split.name());
-        std::fs::create_dir_all(&dir)?;
-        let per_image: Vec<(CocoImage, Vec<CocoAnnotation>)> = (0..n)
-            .into_par_iter()
-            .map(|i| -> Result<_> {
-                let mut rng = image_rng(opts.seed, Stream::Det, split, i);
-                let (img, anns) = render_det(&mut rng, opts.size);
-                let file_name = format!("synth_{}_{i:06}.jpg", split.name());
-                write(&dir.join(&file_name), &img.jpeg(&mut rng)?)?;
-                let id = i as u64 + 1; // COCO ids start at 1
-                let info = CocoImage {
-                    id,
-                    file_name,
-                    width: img.w as u32,
-                    height: img.h as u32,
-                };
-                let anns = anns
-                    .into_iter()
-                    .map(|(category_id, bbox, area)| CocoAnnotation {
-                        id: 0,
-                        image_id: id,
-                        category_id,
-                        bbox,
-                        area,
-                        iscrowd: 0,
-                    })
-                    .collect();
-                Ok((info, anns))
-            })
-            .collect::<Result<_>>()?;
-        let mut coco = CocoFile {
-            images: Vec::new(),
-            annotations: Vec::new(),
-            categories: chosen_categories(),
-        };
-        for (info, anns) in per_image {
-            coco.images.push(info);
-            coco.annotations.extend(anns);
-        }
-        for (k, a) in coco.annotations.iter_mut().enumerate() {
-            a.id = k as u64 + 1;
-        }
+        summary.det_annotations[si] = write_det_split(&det_root, split, n, opts)?;
         summary.det_images[si] = n;
-        summary.det_annotations[si] = coco.annotations.len();
-        coco.write(
-            &det_root
-                .join("annotations")
-                .join(format!("instances_{}.json", split.name())),
-        )?;
-
-        // Classification: balanced, class = index mod 10.
-        let dir = cls_root.join(split.name());
-        for (wnid, _) in IMAGENETTE_CLASSES {
-            std::fs::create_dir_all(dir.join(wnid))?;
-        }
-        (0..n).into_par_iter().try_for_each(|i| -> Result<()> {
-            let mut rng = image_rng(opts.seed, Stream::Cls, split, i);
-            let class = i % IMAGENETTE_CLASSES.len();
-            let img = render_cls(&mut rng, opts.size, CLS_DOMINANT[class]);
-            let path = dir
-                .join(IMAGENETTE_CLASSES[class].0)
-                .join(format!("synth_{}_{i:06}.JPEG", split.name()));
-            write(&path, &img.jpeg(&mut rng)?)
-        })?;
+        write_cls_split(&cls_root, split, n, opts)?;
         summary.cls_images[si] = n;
     }
     Ok(summary)
+}
+
+/// The segmentation images and masks of one split.
+fn write_seg_split(seg_root: &Path, split: Split, n: usize, opts: &SynthOptions) -> Result<()> {
+    let dir = seg_root.join(split.name());
+    std::fs::create_dir_all(&dir)?;
+    (0..n).into_par_iter().try_for_each(|i| -> Result<()> {
+        let mut rng = image_rng(opts.seed, Stream::Seg, split, i);
+        let (img, mask) = render_seg(&mut rng, opts.size);
+        let stem = format!("synth_{}_{i:06}", split.name());
+        write(&dir.join(format!("{stem}.jpg")), &img.jpeg(&mut rng)?)?;
+        write(
+            &dir.join(format!("{stem}.png")),
+            &encode_mask_png(img.w as u32, img.h as u32, &mask)?,
+        )
+    })?;
+    Ok(())
+}
+
+/// The detection images and the COCO JSON of one split; the number of boxes.
+fn write_det_split(det_root: &Path, split: Split, n: usize, opts: &SynthOptions) -> Result<usize> {
+    let dir = det_root.join(split.name());
+    std::fs::create_dir_all(&dir)?;
+    let per_image: Vec<(CocoImage, Vec<CocoAnnotation>)> = (0..n)
+        .into_par_iter()
+        .map(|i| -> Result<_> {
+            let mut rng = image_rng(opts.seed, Stream::Det, split, i);
+            let (img, anns) = render_det(&mut rng, opts.size);
+            let file_name = format!("synth_{}_{i:06}.jpg", split.name());
+            write(&dir.join(&file_name), &img.jpeg(&mut rng)?)?;
+            let id = i as u64 + 1; // COCO ids start at 1
+            let info = CocoImage {
+                id,
+                file_name,
+                width: img.w as u32,
+                height: img.h as u32,
+            };
+            let anns = anns
+                .into_iter()
+                .map(|(category_id, bbox, area)| CocoAnnotation {
+                    id: 0,
+                    image_id: id,
+                    category_id,
+                    bbox,
+                    area,
+                    iscrowd: 0,
+                })
+                .collect();
+            Ok((info, anns))
+        })
+        .collect::<Result<_>>()?;
+    let mut coco = CocoFile {
+        images: Vec::new(),
+        annotations: Vec::new(),
+        categories: chosen_categories(),
+    };
+    for (info, anns) in per_image {
+        coco.images.push(info);
+        coco.annotations.extend(anns);
+    }
+    for (k, a) in coco.annotations.iter_mut().enumerate() {
+        a.id = k as u64 + 1;
+    }
+    coco.write(
+        &det_root
+            .join("annotations")
+            .join(format!("instances_{}.json", split.name())),
+    )?;
+    Ok(coco.annotations.len())
+}
+
+/// The classification images of one split: balanced, class = index mod 10.
+fn write_cls_split(cls_root: &Path, split: Split, n: usize, opts: &SynthOptions) -> Result<()> {
+    let dir = cls_root.join(split.name());
+    for (wnid, _) in IMAGENETTE_CLASSES {
+        std::fs::create_dir_all(dir.join(wnid))?;
+    }
+    (0..n).into_par_iter().try_for_each(|i| -> Result<()> {
+        let mut rng = image_rng(opts.seed, Stream::Cls, split, i);
+        let class = i % IMAGENETTE_CLASSES.len();
+        let img = render_cls(&mut rng, opts.size, CLS_DOMINANT[class]);
+        let path = dir
+            .join(IMAGENETTE_CLASSES[class].0)
+            .join(format!("synth_{}_{i:06}.JPEG", split.name()));
+        write(&path, &img.jpeg(&mut rng)?)
+    })?;
+    Ok(())
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {

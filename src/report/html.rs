@@ -179,10 +179,10 @@ fn str_field<'a>(j: Option<&'a serde_json::Value>, k: &str) -> Option<&'a str> {
 }
 
 /// A text field of the summary, when it has a value.
-fn summary_text<'a>(
-    s: Option<&'a super::RunSummary>,
+fn summary_text(
+    s: Option<&super::RunSummary>,
     field: fn(&super::RunSummary) -> &String,
-) -> Option<&'a str> {
+) -> Option<&str> {
     s.map(|s| field(s).as_str()).filter(|v| !v.is_empty())
 }
 

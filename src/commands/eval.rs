@@ -52,16 +52,19 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
         export,
     } = args;
     let registry = Registry::builtin();
-    for (task, metrics) in engine::evaluate_checkpoint_export(
+    let results = engine::evaluate_checkpoint_export(
         &run_dir,
         checkpoint.as_deref(),
         &registry,
         export.as_deref(),
-    )? {
-        println!("{task}:");
-        for (k, v) in metrics {
-            println!("  {k:<28} {v:.4}");
-        }
+    )?;
+    let learned =
+        engine::checkpoints::checkpoint_learned(&run_dir, checkpoint.as_deref(), &registry)?;
+    for (task, metrics) in results {
+        print!(
+            "{}",
+            metrics_text(&task, &metrics, &registry, learned.contains(&task))
+        );
     }
     if let Some(dir) = export {
         println!(
@@ -70,6 +73,39 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One task's metrics for the terminal: its headline metrics first (those the task declares,
+/// in its order), then the per-class ones; a head the checkpoint never trained is marked, so
+/// that its chance-level numbers are not read as a result.
+fn metrics_text(
+    task: &str,
+    metrics: &crate::tasks::TaskMetrics,
+    registry: &Registry,
+    trained: bool,
+) -> String {
+    let mut out = format!("{task}:");
+    if !trained {
+        out.push_str("  (head not trained by this checkpoint: its numbers are untrained outputs)");
+    }
+    out.push('\n');
+    let headline: Vec<&String> = registry.tasks.metrics(task).unwrap_or(&[]).iter().collect();
+    for k in &headline {
+        if let Some(v) = metrics.get(k.as_str()) {
+            out.push_str(&format!("  {k:<28} {v:.4}\n"));
+        }
+    }
+    let rest: Vec<_> = metrics
+        .iter()
+        .filter(|(k, _)| !headline.contains(k))
+        .collect();
+    if !rest.is_empty() && !headline.is_empty() {
+        out.push_str("  per class:\n");
+    }
+    for (k, v) in rest {
+        out.push_str(&format!("  {k:<28} {v:.4}\n"));
+    }
+    out
 }
 
 /// Run a trained model on images: per image a JSON of raw results (original-image
@@ -111,4 +147,36 @@ pub fn predict(args: PredictArgs) -> Result<ExitCode> {
         eprintln!("  {}: {why}", path.display());
     }
     Ok(ExitCode::from(2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headline_metrics_come_first_and_untrained_heads_are_marked() {
+        let r = Registry::builtin();
+        let mut m = crate::tasks::TaskMetrics::new();
+        for (k, v) in [
+            ("ap50.cat", 0.1),
+            ("map50", 0.5),
+            ("map75", 0.2),
+            ("map50_95", 0.3),
+        ] {
+            m.insert(k.into(), v);
+        }
+        let text = metrics_text("det", &m, &r, true);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "det:");
+        assert!(lines[1].trim_start().starts_with("map50 "), "{text}");
+        assert!(lines[2].trim_start().starts_with("map50_95"), "{text}");
+        assert!(lines[3].trim_start().starts_with("map75"), "{text}");
+        assert_eq!(lines[4].trim(), "per class:");
+        assert!(lines[5].trim_start().starts_with("ap50.cat"), "{text}");
+        assert!(metrics_text("det", &m, &r, false)
+            .lines()
+            .next()
+            .unwrap()
+            .contains("not trained"));
+    }
 }

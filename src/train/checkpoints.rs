@@ -137,11 +137,7 @@ pub fn load_run(
     varmap
         .load(&file)
         .with_context(|| format!("loading checkpoint {}", file.display()))?;
-    let stages = exp.plan().len();
-    let learned = match checkpoint_stage(&name) {
-        Some(k) if (1..=stages).contains(&k) => exp.evaluated_tasks(k - 1),
-        _ => exp.tasks_in_order(),
-    };
+    let learned = learned_by(&exp, &name);
     Ok(LoadedRun {
         run_dir: run_dir.to_path_buf(),
         exp,
@@ -151,6 +147,27 @@ pub fn load_run(
         checkpoint: name,
         learned,
     })
+}
+
+/// The tasks checkpoint `name` of `exp` has learned: those trained by the end of its stage
+/// (every task of the experiment for a checkpoint named otherwise).
+fn learned_by(exp: &Experiment, name: &str) -> Vec<String> {
+    let stages = exp.plan().len();
+    match checkpoint_stage(name) {
+        Some(k) if (1..=stages).contains(&k) => exp.evaluated_tasks(k - 1),
+        _ => exp.tasks_in_order(),
+    }
+}
+
+/// The tasks a run's checkpoint (see [`resolve_checkpoint`]) has learned, without loading it.
+pub fn checkpoint_learned(
+    run_dir: &Path,
+    checkpoint: Option<&str>,
+    registry: &Registry,
+) -> Result<Vec<String>> {
+    let exp = registry.load(&run_dir.join("config.toml"), &[])?;
+    let (name, _) = resolve_checkpoint(run_dir, &exp, checkpoint)?;
+    Ok(learned_by(&exp, &name))
 }
 
 /// Evaluate a run's checkpoint (default: the last stage's) on the val split of every task

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# onehead vs the PyTorch reference (../shared/torch_ref), measured back to back, never at the
+# onehead vs the PyTorch reference (docs/torch_ref), measured back to back, never at the
 # same time: ROUNDS rounds of `onehead bench --json` then the reference's own model and loss
-# (scripts/torch_ref_step.py, timed like shared/torch_ref/bench.py: 2 threads, batch 16, glibc
+# (scripts/torch_ref_step.py, timed like docs/torch_ref/bench.py: 2 threads, batch 16, glibc
 # malloc tuned), ratios taken round by round (pairing survives drift), medians printed.
 #
 # Usage: scripts/bench_vs_torch.sh [ROUNDS]      (default 3; needs a release build)
 # Env:   TORCH_PY   python with torch + torchvision   (default ~/.venvs/torch/bin/python;
 #                   python3 -m venv ~/.venvs/torch && ~/.venvs/torch/bin/pip install torch torchvision)
-#        TORCH_REF  the reference directory            (default ../shared/torch_ref)
+#        TORCH_REF  the reference directory            (default docs/torch_ref)
 #        ONEHEAD    the onehead binary                 (default target/release/onehead)
 #        STEPS      timed steps per measurement        (default 10)
 # Run it on an otherwise idle machine: each round prints the cores other processes kept busy.
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 PY=${TORCH_PY:-$HOME/.venvs/torch/bin/python}
-REF=${TORCH_REF:-../shared/torch_ref}
+REF=${TORCH_REF:-docs/torch_ref}
 ONEHEAD=${ONEHEAD:-target/release/onehead}
 STEPS=${STEPS:-10}
 OUT=$(mktemp -d)

@@ -1,10 +1,10 @@
-"""Time the PyTorch reference (shared/torch_ref) the way `onehead bench` times onehead.
+"""Time the PyTorch reference (docs/torch_ref) the way `onehead bench` times onehead.
 
 Usage: python scripts/torch_ref_step.py [--torch-ref DIR] [--threads 2] [--steps 10]
                                         [--sizes 160,224] [--clock wall|cpu] [--json]
 
 Imports the reference's own model and loss (`model.py`, `bench.py` in DIR, default
-../shared/torch_ref next to the repository) and measures, after 2 warm-ups, the median of:
+docs/torch_ref in the repository) and measures, after 2 warm-ups, the median of:
 training steps (batch 16, forward + backward + Adam step, the reference loss) per size,
 inference at batch 16 (224), batch-1 latency (224, 50 runs). `--clock cpu` reports process
 CPU time instead of wall time (robust to other processes; use with --threads 1).
@@ -19,7 +19,7 @@ import time
 
 ap = argparse.ArgumentParser()
 here = os.path.dirname(os.path.abspath(__file__))
-ap.add_argument("--torch-ref", default=os.path.join(here, "..", "..", "shared", "torch_ref"))
+ap.add_argument("--torch-ref", default=os.path.join(here, "..", "docs", "torch_ref"))
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--steps", type=int, default=10)
 ap.add_argument("--sizes", default="160,224")

@@ -1,7 +1,7 @@
 //! `onehead bench`: training and inference throughput, latency, peak memory, the machine's
 //! sgemm peak, and (optionally) a per-op-kind profile of a training step.
 //!
-//! The "reference" training step is the one `shared/torch_ref/bench.py` times for PyTorch
+//! The "reference" training step is the one `docs/torch_ref/bench.py` times for PyTorch
 //! (batch 16, `CE(seg upsampled bilinearly to the input size) + CE(cls) + MSE(det)`, forward +
 //! backward + optimiser step), so the two can be compared: run them one after the other, never
 //! at the same time (`scripts/bench_vs_torch.sh`). The "engine" step adds a replay batch the

@@ -179,7 +179,7 @@ impl OneHead {
         let (_, c, h, w) = x.dims4()?;
         // Multiples of 32 keep every level exactly half the previous one (FPN sums) and keep
         // H and W of equal parity for the stride-2 dense stem conv, whose candle backward
-        // fails otherwise (shared/CANDLE_NOTES.md).
+        // fails otherwise (docs/CANDLE_NOTES.md).
         if c != 3 || h % INPUT_MULTIPLE != 0 || w % INPUT_MULTIPLE != 0 || h == 0 || w == 0 {
             candle_core::bail!(
                 "onehead: input must be (B, 3, H, W) with H and W positive multiples of {INPUT_MULTIPLE}, got {:?}; resize or pad the images",

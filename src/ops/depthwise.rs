@@ -3,7 +3,7 @@
 //! Why: candle's `conv2d` with `groups > 1` runs one convolution per channel and concatenates;
 //! its backward goes through `narrow`, whose backward pads each group's gradient back to the
 //! full size, so the cost grows with C² (1.6–4.4 s per training step for MobileNetV3-Small's
-//! depthwise convs at 224×224, batch 16, see shared/CANDLE_NOTES.md). The direct loops here are
+//! depthwise convs at 224×224, batch 16, see docs/CANDLE_NOTES.md). The direct loops here are
 //! ≈ 20× faster and, unlike candle's strided dense conv backward, have no H/W parity trap.
 //!
 //! CPU, f32 only. On other devices [`depthwise_conv2d`] falls back to candle's grouped conv.

@@ -1,4 +1,4 @@
-//! Kernels candle lacks or gets slow/wrong for this model (see shared/CANDLE_NOTES.md).
+//! Kernels candle lacks or gets slow/wrong for this model (see docs/CANDLE_NOTES.md).
 //!
 //! - [`fused`]: on the CPU, `OneHead`'s whole forward and backward as one autograd node
 //!   (the training and inference path; see its module docs for why and how).

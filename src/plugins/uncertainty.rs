@@ -4,7 +4,7 @@
 //! becomes `½·e^{−s_t}·L_t + ½·s_t`. The
 //! optimum is `e^{s_t} = L_t`: the effective weight is ∝ 1/L_t.
 //!
-//! A warning from `shared/STRATEGIES.md`, measurable with this plug-in: for an earlier task
+//! A warning from `docs/STRATEGIES.md`, measurable with this plug-in: for an earlier task
 //! the loss *rises* as it is forgotten, so this lowers its weight exactly then.
 
 use std::collections::BTreeMap;

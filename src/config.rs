@@ -616,19 +616,20 @@ impl Experiment {
                 e.chance_margin
             ));
         }
-        for t in e.metric.keys() {
-            if !self.stages.iter().any(|s| &s.task == t) {
-                return Err(format!(
-                    "eval.metric names task '{t}', but no stage learns it"
-                ));
-            }
+        self.named_tasks("eval.metric", e.metric.keys())?;
+        self.named_tasks("a [tasks.<name>] table", self.tasks.keys())
+    }
+
+    /// Every task a per-task map or table (`what`) names must be learned by some stage.
+    pub fn named_tasks<'a>(
+        &self,
+        what: &str,
+        mut tasks: impl Iterator<Item = &'a String>,
+    ) -> Result<(), String> {
+        match tasks.find(|t| !self.stages.iter().any(|s| &s.task == *t)) {
+            Some(t) => Err(format!("{what} names task '{t}', but no stage learns it")),
+            None => Ok(()),
         }
-        for t in self.tasks.keys() {
-            if !self.stages.iter().any(|s| &s.task == t) {
-                return Err(format!("[tasks.{t}] is set, but no stage learns '{t}'"));
-            }
-        }
-        Ok(())
     }
 
     fn check_data(&self) -> Result<(), String> {
@@ -760,6 +761,23 @@ pub fn line_of(text: &str, table: Option<&str>, key: &str) -> Option<usize> {
         }
     }
     None
+}
+
+/// `message` about table `table` (e.g. `tasks.det`), with the line of the key it names in
+/// backticks, else of the table: toml's messages for a table deserialised on its own carry
+/// no position, so the key is looked up in the file as written.
+pub fn with_line(message: String, text: &str, table: &str) -> String {
+    let key = message
+        .split('`')
+        .nth(1)
+        .filter(|k| !k.is_empty() && !k.contains(' '));
+    let line = key
+        .and_then(|k| line_of(text, Some(table), k))
+        .or_else(|| line_of(text, None, table));
+    match line {
+        Some(l) => format!("{message} (line {l})"),
+        None => message,
+    }
 }
 
 /// Apply one `a.b.c=value` override to a parsed table. `stages.1.lr=…` indexes the stage

@@ -85,19 +85,13 @@ impl Registry {
     ) -> Result<(), ConfigError> {
         for (name, table) in &exp.tasks {
             if let Err(e) = self.tasks.check_settings(name, table) {
-                let message = format!("{e:#}");
-                let table_name = format!("tasks.{name}");
-                let line = message
-                    .split('`')
-                    .nth(1)
-                    .and_then(|k| crate::config::line_of(text, Some(&table_name), k))
-                    .or_else(|| crate::config::line_of(text, None, &table_name));
                 return Err(ConfigError::Invalid {
                     path: path.to_path_buf(),
-                    message: match line {
-                        Some(l) => format!("{message} (line {l})"),
-                        None => message,
-                    },
+                    message: crate::config::with_line(
+                        format!("{e:#}"),
+                        text,
+                        &format!("tasks.{name}"),
+                    ),
                 });
             }
         }

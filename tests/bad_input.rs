@@ -41,6 +41,16 @@ fn onehead(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
+/// A run of `exp` stopped (state saved) after its first epoch; its folder.
+fn stopped_after_one_epoch(exp: &onehead::config::Experiment) -> std::path::PathBuf {
+    let opts = RunOptions {
+        stop_after_epochs: Some(1),
+        ..quiet()
+    };
+    let err = run(exp, &opts).unwrap_err();
+    err.downcast_ref::<Stopped>().unwrap().run_dir.clone()
+}
+
 fn quiet() -> RunOptions {
     RunOptions {
         quiet: true,
@@ -166,15 +176,7 @@ fn a_run_stopped_at_its_very_end_finishes_and_leftovers_are_cleaned() {
 
     // Killed while a checkpoint was being written: the partial file does not survive the
     // resume into the finished folder.
-    let err = run(
-        &exp,
-        &RunOptions {
-            stop_after_epochs: Some(1),
-            ..quiet()
-        },
-    )
-    .unwrap_err();
-    let dir = err.downcast_ref::<Stopped>().unwrap().run_dir.clone();
+    let dir = stopped_after_one_epoch(&exp);
     let partial = [
         dir.join("checkpoints/.tmpAbC123"),
         dir.join("checkpoints/stage1-seg.safetensors.tmp"),
@@ -197,15 +199,7 @@ fn a_setting_edited_in_a_stopped_run_is_not_resumed_silently() {
     let tmp = tempfile::tempdir().unwrap();
     let p = write(tmp.path(), "edit.toml", "");
     let exp = Registry::builtin().load(&p, &[]).unwrap();
-    let err = run(
-        &exp,
-        &RunOptions {
-            stop_after_epochs: Some(1),
-            ..quiet()
-        },
-    )
-    .unwrap_err();
-    let dir = err.downcast_ref::<Stopped>().unwrap().run_dir.clone();
+    let dir = stopped_after_one_epoch(&exp);
     let cfg = dir.join("config.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
     let edited = text.replacen("lr = 0.001", "lr = 0.01", 1);

@@ -13,7 +13,9 @@
 //! the test prints the hashes and checks only that two runs agree bit for bit. The thread
 //! count is pinned (a rayon pool of 2) so the result does not depend on the host's cores.
 
-use candle_core::{DType, Device, Tensor, Var};
+mod common;
+
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use onehead::model::{init::init_all, Executor, OneHead, OneHeadConfig};
 use rand::{Rng, SeedableRng};
@@ -71,14 +73,6 @@ fn model() -> (VarMap, OneHead) {
     (vm, m)
 }
 
-fn input(b: usize, h: usize, w: usize, seed: u64) -> Var {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let v: Vec<f32> = (0..b * 3 * h * w)
-        .map(|_| rng.random::<f32>() * 4.0 - 2.0)
-        .collect();
-    Var::from_tensor(&Tensor::from_vec(v, (b, 3, h, w), &Device::Cpu).unwrap()).unwrap()
-}
-
 /// A fixed projection of the output to a scalar loss.
 fn loss(y: &Tensor, seed: u64) -> Tensor {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -98,7 +92,7 @@ fn case(
     (backbone_train, head_train): (bool, bool),
 ) -> Vec<(String, u64)> {
     let (vm, m) = model();
-    let x = input(b, h, w, 11);
+    let x = common::seeded_input(b, h, w, 11);
     let y = m
         .forward_parts(x.as_tensor(), backbone_train, head_train)
         .unwrap();

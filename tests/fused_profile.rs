@@ -3,11 +3,13 @@
 //! themselves; every kind is still charged and every node labelled. Its own test binary: the
 //! profile is process-wide state.
 
-use candle_core::{DType, Device, Tensor, Var};
+mod common;
+
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use onehead::model::{init::init_all, Executor, OneHead, OneHeadConfig};
 use onehead::ops::fused::prof;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 fn model() -> (VarMap, OneHead) {
@@ -22,14 +24,6 @@ fn model() -> (VarMap, OneHead) {
     (vm, m)
 }
 
-fn input(b: usize, h: usize, w: usize, seed: u64) -> Var {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let v: Vec<f32> = (0..b * 3 * h * w)
-        .map(|_| rng.random::<f32>() * 4.0 - 2.0)
-        .collect();
-    Var::from_tensor(&Tensor::from_vec(v, (b, 3, h, w), &Device::Cpu).unwrap()).unwrap()
-}
-
 fn loss(y: &Tensor) -> Tensor {
     let r = Tensor::ones(y.dims(), DType::F32, &Device::Cpu).unwrap();
     (y * r).unwrap().sum_all().unwrap()
@@ -39,7 +33,7 @@ fn loss(y: &Tensor) -> Tensor {
 #[test]
 fn profile_charges_every_kind_and_labels_every_node() {
     let (_vm, m) = model();
-    let x = input(2, 32, 32, 12);
+    let x = common::seeded_input(2, 32, 32, 12);
     prof::reset();
     prof::reset_nodes();
     prof::enable(true);

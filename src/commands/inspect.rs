@@ -85,34 +85,29 @@ pub fn info(args: InfoArgs) -> Result<ExitCode> {
 }
 
 /// Training and inference throughput, batch-1 latency, peak memory, sgemm peak
-/// (compare with shared/torch_ref/bench.py: scripts/bench_vs_torch.sh).
+/// (side by side with PyTorch: scripts/bench_vs_torch.sh).
 pub fn bench(args: BenchArgs) -> Result<ExitCode> {
-    let BenchArgs {
-        sizes,
-        batch,
-        replay,
-        steps,
-        inference_size,
-        latency_runs,
-        profile,
-        json,
-        device,
-    } = args;
-    if let Some(s) = sizes.iter().chain([&inference_size]).find(|s| *s % 32 != 0) {
+    let a = args;
+    if let Some(s) = a
+        .sizes
+        .iter()
+        .chain([&a.inference_size])
+        .find(|s| *s % 32 != 0)
+    {
         anyhow::bail!("bench: size {s} is not a multiple of 32 (the model's output stride)");
     }
-    let device = engine::select_device(&device)?;
+    let device = engine::select_device(&a.device)?;
     let opts = crate::bench::BenchOptions {
-        sizes,
-        batch,
-        replay,
-        steps,
-        inference_size,
-        latency_runs,
-        profile,
+        sizes: a.sizes,
+        batch: a.batch,
+        replay: a.replay,
+        steps: a.steps,
+        inference_size: a.inference_size,
+        latency_runs: a.latency_runs,
+        profile: a.profile,
     };
     let report = crate::bench::run_bench(&opts, &device)?;
-    if json {
+    if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("{report}");

@@ -99,7 +99,7 @@ impl Strategy for Lwf {
     }
 
     fn validate(w: &LwfConfig, exp: &Experiment) -> Result<(), String> {
-        super::registry::named_tasks("lwf.task_alpha", w.task_alpha.keys(), exp)?;
+        exp.named_tasks("lwf.task_alpha", w.task_alpha.keys())?;
         let ok = |a: f64| a >= 0.0 && a.is_finite();
         if !(ok(w.alpha) && w.task_alpha.values().all(|a| ok(*a))) {
             return Err("lwf.alpha and lwf.task_alpha must be finite numbers >= 0".into());

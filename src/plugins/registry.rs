@@ -155,7 +155,7 @@ impl Registry {
         for e in &self.entries {
             let resolved = e
                 .resolve(exp.strategies.get(e.name()))
-                .map_err(|m| bad(with_line(m, text, e.name())))?;
+                .map_err(|m| bad(crate::config::with_line(m, text, e.name())))?;
             exp.strategies.insert(e.name().to_string(), resolved);
         }
         self.validate(exp, path)
@@ -236,34 +236,6 @@ pub fn settings<S: Strategy>(exp: &Experiment) -> Result<S::Settings> {
             .settings(t)
             .map_err(anyhow::Error::msg),
         None => Ok(S::Settings::default()),
-    }
-}
-
-/// Every task a per-task map (`what`) names must be learned by some stage.
-pub fn named_tasks<'a>(
-    what: &str,
-    mut tasks: impl Iterator<Item = &'a String>,
-    exp: &Experiment,
-) -> Result<(), String> {
-    match tasks.find(|t| !exp.stages.iter().any(|s| &s.task == *t)) {
-        Some(t) => Err(format!("{what} names task '{t}', but no stage learns it")),
-        None => Ok(()),
-    }
-}
-
-/// `message` about table `table`, with the line of the key it names (toml's messages for
-/// a sub-table carry no position: the key is looked up in the file as written).
-fn with_line(message: String, text: &str, table: &str) -> String {
-    let key = message
-        .split('`')
-        .nth(1)
-        .filter(|k| !k.is_empty() && !k.contains(' '));
-    let line = key
-        .and_then(|k| crate::config::line_of(text, Some(table), k))
-        .or_else(|| crate::config::line_of(text, None, table));
-    match line {
-        Some(l) => format!("{message} (line {l})"),
-        None => message,
     }
 }
 

@@ -28,7 +28,7 @@ use rand_chacha::ChaCha8Rng;
 use super::{ExtraBatch, LossTerm, Plugin, PluginState, RunCtx, StepView};
 use serde::{Deserialize, Serialize};
 
-use super::registry::{named_tasks, BuildCtx, Strategy};
+use super::registry::{BuildCtx, Strategy};
 use crate::config::{Experiment, StageConfig, MAX_BATCH};
 
 /// Largest `capacity` accepted (images, with their stored outputs).
@@ -166,7 +166,7 @@ impl Strategy for Replay {
     }
 
     fn validate(r: &ReplayConfig, exp: &Experiment) -> Result<(), String> {
-        named_tasks("replay.task_weights", r.task_weights.keys(), exp)?;
+        exp.named_tasks("replay.task_weights", r.task_weights.keys())?;
         if !r.enabled {
             return Ok(());
         }

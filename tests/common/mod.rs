@@ -38,3 +38,14 @@ pub fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
         .collect();
     (h, rows)
 }
+
+/// A `(b, 3, h, w)` input in [-2, 2) from `seed`, tracked (gradients flow to it).
+pub fn seeded_input(b: usize, h: usize, w: usize, seed: u64) -> candle_core::Var {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..b * 3 * h * w)
+        .map(|_| rng.random::<f32>() * 4.0 - 2.0)
+        .collect();
+    let t = candle_core::Tensor::from_vec(v, (b, 3, h, w), &candle_core::Device::Cpu).unwrap();
+    candle_core::Var::from_tensor(&t).unwrap()
+}

@@ -346,14 +346,28 @@ pub struct LogConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BaselineKind {
-    /// The metric at the end of the stage that learned the task (its last such stage).
-    #[default]
+    /// The metric at the end of the stage that learned the task (its last such stage): "how
+    /// much did it forget since it learned", a different question than the challenge's.
     StageEnd,
     /// The best epoch of that stage (what the original report did).
     StageBest,
     /// The task trained alone from the same initialisation with its stage's budget (the
-    /// challenge's definition); the single-task run is made (or reused) automatically.
+    /// challenge's definition, the default); the single-task run is made once and found
+    /// again by every run that needs it (`train::reference`). A run of `mode = "single_task"`
+    /// is its own reference and is judged against its stage ends.
+    #[default]
     SingleTask,
+}
+
+impl BaselineKind {
+    /// As written in the experiment file.
+    pub fn label(self) -> &'static str {
+        match self {
+            BaselineKind::StageEnd => "stage_end",
+            BaselineKind::StageBest => "stage_best",
+            BaselineKind::SingleTask => "single_task",
+        }
+    }
 }
 
 /// How the tolerance is read: the challenge's "≥ base − 5 %" is read both ways.
@@ -379,10 +393,16 @@ pub struct EvalConfig {
     /// The verdict's metric per task, e.g. `{ det = "map50_95" }`; a task not listed is
     /// judged on its primary metric (seg `miou`, det `map50`, cls `top1`).
     pub metric: BTreeMap<String, String>,
-    /// A baseline must exceed the task's chance level by this many metric points, else the
-    /// task is reported as "not learned" and the run cannot pass.
+    /// Without per-image scores to test it (a task that gives none): a baseline must exceed
+    /// the task's chance level by this many metric points, else the task is "not learned".
+    /// With them, "learned" is a one-sided bootstrap test at `confidence` instead.
     pub chance_margin: f64,
     pub batch_size: usize,
+    /// Bootstrap resamples of the evaluated images behind every interval (0: no intervals,
+    /// point verdicts only).
+    pub resamples: usize,
+    /// Coverage of the intervals (two-sided) and of the one-sided "learned" test.
+    pub confidence: f64,
 }
 
 impl Default for EvalConfig {
@@ -391,10 +411,12 @@ impl Default for EvalConfig {
             every: 1,
             tolerance: 0.05,
             tolerance_kind: ToleranceKind::Relative,
-            baseline: BaselineKind::StageEnd,
+            baseline: BaselineKind::SingleTask,
             metric: BTreeMap::new(),
             chance_margin: 0.05,
             batch_size: 32,
+            resamples: 2000,
+            confidence: 0.95,
         }
     }
 }
@@ -595,10 +617,13 @@ impl Experiment {
     }
 
     fn check_eval(&self) -> Result<(), String> {
-        if self.eval.baseline == BaselineKind::SingleTask && self.mode != Mode::Sequential {
-            return Err("eval.baseline = \"single_task\" is for sequential runs".into());
-        }
         let e = &self.eval;
+        if e.resamples > 100_000 || !(e.confidence > 0.5 && e.confidence < 1.0) {
+            return Err(format!(
+                "eval.resamples = {} must be at most 100000 and eval.confidence = {} in (0.5, 1)",
+                e.resamples, e.confidence
+            ));
+        }
         if e.every == 0 || e.batch_size == 0 || e.batch_size > MAX_BATCH {
             return Err(format!(
                 "eval.every must be > 0 and eval.batch_size from 1 to {MAX_BATCH}"
@@ -712,6 +737,15 @@ impl Experiment {
             }
             Mode::SingleTask => vec![self.stages[stage].task.clone()],
             Mode::Joint => self.tasks_in_order(),
+        }
+    }
+
+    /// The baseline the verdict uses: `[eval] baseline`, except that a single-task run is
+    /// its own reference (judged against its stage ends).
+    pub fn baseline_kind(&self) -> BaselineKind {
+        match self.mode {
+            Mode::SingleTask => BaselineKind::StageEnd,
+            _ => self.eval.baseline,
         }
     }
 

@@ -25,6 +25,34 @@ pub struct FolderLock {
     _file: std::fs::File,
 }
 
+/// Another process holds the folder's lock (a caller may wait for it: the single-task
+/// reference does).
+#[derive(Debug)]
+pub struct FolderInUse {
+    pub what: String,
+    pub dir: std::path::PathBuf,
+    pub lock: std::path::PathBuf,
+    pub pid: Option<u32>,
+}
+
+impl std::fmt::Display for FolderInUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let holder = match self.pid {
+            Some(pid) => format!("process {pid}"),
+            None => "another process".to_string(),
+        };
+        write!(
+            f,
+            "the {} {} is in use by onehead {holder} (it holds {}): a folder has one writer; wait for it to finish or stop it first",
+            self.what,
+            self.dir.display(),
+            self.lock.display()
+        )
+    }
+}
+
+impl std::error::Error for FolderInUse {}
+
 /// Take the lock of `dir` (which must exist); `what` names the folder in the error ("run
 /// folder", "sweep folder").
 pub fn lock_folder(dir: &Path, what: &str) -> Result<FolderLock> {
@@ -42,15 +70,13 @@ pub fn lock_folder(dir: &Path, what: &str) -> Result<FolderLock> {
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let mut holder = String::new();
         let _ = file.read_to_string(&mut holder);
-        let holder = match holder.trim().parse::<u32>() {
-            Ok(pid) => format!("process {pid}"),
-            Err(_) => "another process".to_string(),
-        };
-        anyhow::bail!(
-            "the {what} {} is in use by onehead {holder} (it holds {}): a folder has one writer; wait for it to finish or stop it first",
-            dir.display(),
-            path.display()
-        );
+        return Err(FolderInUse {
+            what: what.to_string(),
+            dir: dir.to_path_buf(),
+            lock: path,
+            pid: holder.trim().parse().ok(),
+        }
+        .into());
     }
     let pid = std::process::id().to_string();
     file.set_len(0)

@@ -98,26 +98,90 @@ impl Registry {
         Ok(())
     }
 
-    /// The single-task reference of a sequential experiment: each stage's task trained alone
-    /// from the same initialisation with its stage's budget (epochs, batch, optimiser,
-    /// schedule), all layers at full rate and every strategy off. Named `<name>__single_task`.
+    /// The single-task reference of an experiment: each stage's task trained alone from the
+    /// same initialisation with its stage's budget (epochs, batch, optimiser, schedule), all
+    /// layers at full rate and every strategy off. Everything that cannot change what it
+    /// learns is set to one value (name, seeds list, logging, the verdict's settings, and
+    /// evaluation only at stage ends), so that every strategy of one benchmark and seed has
+    /// the same reference ([`Registry::reference_key`]).
     pub fn single_task_reference(&self, exp: &Experiment) -> Experiment {
         let mut r = exp.clone();
-        r.name = format!("{}__single_task", exp.name);
+        r.name = "single_task".into();
         r.mode = crate::config::Mode::SingleTask;
         r.seeds = None;
         self.strategies.all_off(&mut r);
-        r.eval.baseline = crate::config::BaselineKind::StageEnd;
+        r.log = Default::default();
+        r.eval = crate::config::EvalConfig {
+            baseline: crate::config::BaselineKind::StageEnd,
+            // Evaluated at stage ends only: that is all a baseline needs.
+            every: r.stages.iter().map(|s| s.epochs).max().unwrap_or(1).max(1),
+            batch_size: exp.eval.batch_size,
+            ..Default::default()
+        };
         for s in &mut r.stages {
             s.lr_scale = Default::default();
             s.freeze = crate::config::Freeze::None;
         }
         r
     }
+
+    /// The cache key of a single-task reference: a hash of its resolved config without the
+    /// folder it is written to, so that any run or sweep that needs the same reference finds
+    /// it again (`<results>/references/<key>/`).
+    pub fn reference_key(reference: &Experiment) -> String {
+        use sha2::Digest as _;
+        let mut r = reference.clone();
+        r.results_dir = Default::default();
+        let digest = sha2::Sha256::digest(r.to_toml().as_bytes());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 impl Default for Registry {
     fn default() -> Self {
         Self::builtin()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+name = "a"
+seed = 1
+[[stages]]
+task = "seg"
+epochs = 2
+[[stages]]
+task = "det"
+epochs = 2
+"#;
+
+    fn key(text: &str) -> String {
+        let r = Registry::builtin();
+        let exp = r.parse(text, Path::new("x.toml"), &[]).unwrap();
+        Registry::reference_key(&r.single_task_reference(&exp))
+    }
+
+    #[test]
+    fn strategies_of_one_benchmark_and_seed_share_one_reference() {
+        let control = key(BASE);
+        // Another name, a strategy, slowed layers, frozen BatchNorm, other verdict settings:
+        // none of it changes what the single-task reference learns.
+        let replay = format!(
+            "{}\n[replay]\nenabled = true\nimages_per_batch = 4\n[eval]\ntolerance = 0.1\nevery = 3\n",
+            BASE.replace("name = \"a\"", "name = \"b\"")
+                .replace("epochs = 2\n[[stages]]\ntask = \"det\"", "epochs = 2\n[[stages]]\ntask = \"det\"\nfreeze = \"backbone_bn\"")
+        );
+        assert_eq!(key(&replay), control);
+        let lwf = format!("{BASE}\n[lwf]\nalpha = 2.0\n");
+        assert_eq!(key(&lwf), control);
+        // The seed, the data and a stage's budget do.
+        assert_ne!(key(&BASE.replace("seed = 1", "seed = 2")), control);
+        assert_ne!(key(&format!("{BASE}\n[data]\nsynth_seed = 5\n")), control);
+        assert_ne!(key(&BASE.replacen("epochs = 2", "epochs = 3", 1)), control);
+        // The folder it is written to does not.
+        assert_eq!(key(&format!("results_dir = \"elsewhere\"\n{BASE}")), control);
     }
 }

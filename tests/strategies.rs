@@ -268,20 +268,38 @@ fn the_single_task_baseline_is_trained_once_and_reused() {
         &format!("{THREE_STAGES}\n[replay]\nenabled = true\nimages_per_batch = 2\n"),
     );
     let a = run(&exp, &quiet()).unwrap();
-    let b = run(&exp, &quiet()).unwrap();
+    // Another strategy on the same benchmark and seed: the same reference.
+    let lwf = experiment(
+        tmp.path(),
+        "",
+        "",
+        &format!("{THREE_STAGES}\n[lwf]\nalpha = 1.0\n"),
+    );
+    let b = run(&lwf, &quiet()).unwrap();
     let reference = a.summary.baseline_run.clone().unwrap();
     assert_eq!(b.summary.baseline_run.as_deref(), Some(reference.as_str()));
-    let refs = std::fs::read_dir(tmp.path().join("results/strat__single_task"))
+    let refs = std::fs::read_dir(tmp.path().join("results/references"))
         .unwrap()
         .count();
     assert_eq!(refs, 1, "the reference is reused, not retrained");
-    // The baselines are the reference's stage-end values, not this run's.
+    // The baselines are the reference's values on the held-out split, not this run's.
     let r: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(Path::new(&reference).join("summary.json")).unwrap(),
     )
     .unwrap();
+    assert_eq!(r["verdict_split"], "test");
     for (t, rt) in a.summary.tasks.iter().zip(r["tasks"].as_array().unwrap()) {
-        assert_eq!(t.baseline, rt["baseline"].as_f64().unwrap(), "{}", t.task);
+        assert_eq!(t.baseline, rt["final_value"].as_f64().unwrap(), "{}", t.task);
     }
     assert_eq!(a.summary.tasks.len(), 3);
+    // Every task, the last one included, has a paired-bootstrap interval from the per-image
+    // scores of the reference and of this run, both kept on disk.
+    assert_eq!(a.summary.verdict_split, "test");
+    for t in &a.summary.tasks {
+        let [lo, hi] = t.drop_interval.unwrap_or_else(|| panic!("{} has no interval", t.task));
+        assert!(lo <= hi, "{t:?}");
+        let [base, fin] = t.scores.clone().unwrap();
+        assert!(base.starts_with(&reference), "{base}");
+        assert!(Path::new(&base).is_file() && Path::new(&fin).is_file());
+    }
 }

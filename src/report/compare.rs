@@ -392,6 +392,7 @@ struct Row {
     baseline: String,
     final_value: String,
     change: String,
+    interval: String,
     verdict: String,
     pass: String,
     time: String,
@@ -415,7 +416,8 @@ fn rows_of(r: &RunData, label: &str) -> Vec<Row> {
             baseline: html::fmt_opt(t.baseline, 4),
             final_value: html::fmt_opt(t.final_value, 4),
             change: super::fmt::fmt_drop(t.drop_rel),
-            verdict: t.verdict.clone(),
+            interval: super::fmt::fmt_interval(t.drop_interval),
+            verdict: verdict_words(&t.verdict),
             pass: pass.clone(),
             time: time.clone(),
         })
@@ -428,6 +430,7 @@ fn rows_of(r: &RunData, label: &str) -> Vec<Row> {
             baseline: String::new(),
             final_value: String::new(),
             change: String::new(),
+            interval: String::new(),
             verdict: String::new(),
             pass,
             time,
@@ -436,19 +439,29 @@ fn rows_of(r: &RunData, label: &str) -> Vec<Row> {
     rows
 }
 
-const HEADERS: [&str; 9] = [
+/// A verdict as the console and the README write it (`not learned`, `within`; a summary
+/// written before the three-way verdict says `ok`).
+fn verdict_words(key: &str) -> String {
+    match key {
+        "ok" => "within".into(),
+        k => k.replace('_', " "),
+    }
+}
+
+const HEADERS: [&str; 10] = [
     "run",
     "task",
     "metric",
     "baseline",
     "final",
     "change",
+    "interval",
     "verdict",
     "pass",
     "train time",
 ];
 
-fn cells(r: &Row, first: bool) -> [String; 9] {
+fn cells(r: &Row, first: bool) -> [String; 10] {
     let (run, pass, time) = if first {
         (r.run.clone(), r.pass.clone(), r.time.clone())
     } else {
@@ -461,6 +474,7 @@ fn cells(r: &Row, first: bool) -> [String; 9] {
         r.baseline.clone(),
         r.final_value.clone(),
         r.change.clone(),
+        r.interval.clone(),
         r.verdict.clone(),
         pass,
         time,
@@ -468,13 +482,13 @@ fn cells(r: &Row, first: bool) -> [String; 9] {
 }
 
 fn summary_table(runs: &[RunData], labels: &[String], groups: &[Group]) -> String {
-    let mut lines: Vec<[String; 9]> = Vec::new();
+    let mut lines: Vec<[String; 10]> = Vec::new();
     for (r, l) in runs.iter().zip(labels) {
         for (k, row) in rows_of(r, l).iter().enumerate() {
             lines.push(cells(row, k == 0));
         }
     }
-    let right = [false, false, false, true, true, true, false, false, true];
+    let right = [false, false, false, true, true, true, true, false, false, true];
     let mut width: Vec<usize> = HEADERS.iter().map(|h| h.chars().count()).collect();
     for l in &lines {
         for (w, c) in width.iter_mut().zip(l) {
@@ -571,7 +585,10 @@ fn group_stats(runs: &[RunData], g: &Group) -> Vec<GroupStat> {
                     format!("{m:.4} ± {s:.4}")
                 }
             };
-            let ok = ts.iter().filter(|t| t.verdict == "ok").count();
+            let ok = ts
+                .iter()
+                .filter(|t| matches!(t.verdict.as_str(), "within" | "ok"))
+                .count();
             GroupStat {
                 task: t0.task.clone(),
                 column: t0.column.clone(),
@@ -588,7 +605,7 @@ fn summary_markdown(runs: &[RunData], labels: &[String]) -> String {
     let mut out = format!("| {} |\n|", HEADERS.join(" | "));
     for h in HEADERS {
         out.push_str(
-            if matches!(h, "baseline" | "final" | "change" | "train time") {
+            if matches!(h, "baseline" | "final" | "change" | "interval" | "train time") {
                 "---:|"
             } else {
                 "---|"
@@ -619,6 +636,8 @@ fn summary_csv(runs: &[RunData], labels: &[String], groups: &[Group]) -> Result<
         "baseline",
         "final",
         "drop_rel",
+        "drop_lo",
+        "drop_hi",
         "verdict",
         "pass",
         "train_seconds",
@@ -642,6 +661,8 @@ fn summary_csv(runs: &[RunData], labels: &[String], groups: &[Group]) -> Result<
                 num(t.baseline),
                 num(t.final_value),
                 num(t.drop_rel),
+                num(t.drop_interval.map(|i| i[0])),
+                num(t.drop_interval.map(|i| i[1])),
                 t.verdict.clone(),
                 pass.clone(),
                 num(r.train_seconds()),
@@ -679,10 +700,11 @@ fn summary_html(runs: &[RunData], labels: &[String]) -> String {
                 Some(x) => {
                     let _ = write!(
                         s,
-                        "<td class=\"cell\">{} → {}<br><span class=\"sub\">{}</span> {}</td>",
+                        "<td class=\"cell\">{} → {}<br><span class=\"sub\">{} {}</span> {}</td>",
                         html::fmt_opt(x.baseline, 3),
                         html::fmt_opt(x.final_value, 3),
                         super::fmt::fmt_drop(x.drop_rel),
+                        super::fmt::fmt_interval(x.drop_interval),
                         html::verdict_badge(&x.verdict)
                     );
                 }

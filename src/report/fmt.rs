@@ -11,7 +11,7 @@ pub(crate) fn pct(x: f64) -> String {
 }
 
 /// `+3.1 %` / `−17 %` (a drop is shown as a negative change).
-pub(crate) fn fmt_drop(d: Option<f64>) -> String {
+pub fn fmt_drop(d: Option<f64>) -> String {
     match d {
         Some(d) if d.is_finite() => {
             let p = d * 100.0;
@@ -22,5 +22,13 @@ pub(crate) fn fmt_drop(d: Option<f64>) -> String {
             }
         }
         _ => "—".into(),
+    }
+}
+
+/// A drop interval `[lo, hi]` shown as the interval of the change: `[−8.2 %, +1.9 %]`.
+pub fn fmt_interval(i: Option<[f64; 2]>) -> String {
+    match i {
+        Some([lo, hi]) => format!("[{}, {}]", fmt_drop(Some(hi)), fmt_drop(Some(lo))),
+        None => "—".into(),
     }
 }

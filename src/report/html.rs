@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use base64::Engine as _;
 
-use super::fmt::{fmt_drop, pct};
+use super::fmt::{fmt_drop, fmt_interval, pct};
 use super::run_files::RunData;
 
 const CSS: &str = r#"
@@ -37,9 +37,9 @@ tr:last-child td { border-bottom:none; }
 .scroll { overflow-x:auto; }
 .badge { display:inline-block; padding:2px 10px; border-radius:999px; font-size:13px; font-weight:600; }
 .badge.big { font-size:16px; padding:6px 16px; }
-.ok { color:var(--ok); background:var(--ok-bg); }
+.ok, .within { color:var(--ok); background:var(--ok-bg); }
 .forgot, .fail { color:var(--bad); background:var(--bad-bg); }
-.not_learned { color:var(--warn); background:var(--warn-bg); }
+.not_learned, .undecided { color:var(--warn); background:var(--warn-bg); }
 .unfinished, .running, .unknown { color:var(--info); background:var(--info-bg); }
 figure { margin:0; }
 figure img { display:block; max-width:100%; height:auto; margin:0 auto; }
@@ -96,12 +96,14 @@ pub(crate) fn figure(png: &[u8], alt: &str, caption: &str) -> String {
 
 pub(crate) fn verdict_badge(v: &str) -> String {
     let class = match v {
-        "ok" | "forgot" | "not_learned" | "unfinished" => v,
+        "within" | "forgot" | "undecided" | "not_learned" | "unfinished" => v,
+        // Summaries written before the three-way verdict.
+        "ok" => "within",
         _ => "unknown",
     };
     format!(
         "<span class=\"badge {class}\">{}</span>",
-        esc(&v.replace('_', " "))
+        esc(&class.replace('_', " "))
     )
 }
 
@@ -144,19 +146,20 @@ fn verdict_table(run: &RunData) -> String {
     let mut s = String::from(
         "<div class=\"scroll\"><table><thead><tr><th>task</th><th>metric</th><th class=\"num\">learned in</th>\
          <th class=\"num\">baseline</th><th class=\"num\">final</th><th class=\"num\">change</th>\
-         <th class=\"num\">threshold</th><th>verdict</th></tr></thead><tbody>",
+         <th class=\"num\">interval</th><th class=\"num\">threshold</th><th>verdict</th></tr></thead><tbody>",
     );
     for t in &run.tasks {
         let _ = write!(
             s,
             "<tr><td>{}</td><td><code>{}</code></td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
-             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
             esc(&t.task),
             esc(&t.column),
             t.stage.map(|s| format!("stage {s}")).unwrap_or_default(),
             fmt_opt(t.baseline, 4),
             fmt_opt(t.final_value, 4),
             fmt_drop(t.drop_rel),
+            fmt_interval(t.drop_interval),
             fmt_opt(t.threshold, 4),
             verdict_badge(&t.verdict)
         );
@@ -253,7 +256,11 @@ fn run_facts(b: &mut String, run: &RunData) {
     let summary = run.summary.as_ref();
     let meta = run.meta.as_ref();
     b.push_str("<section class=\"facts\">");
-    let ok = run.tasks.iter().filter(|t| t.verdict == "ok").count();
+    let ok = run
+        .tasks
+        .iter()
+        .filter(|t| matches!(t.verdict.as_str(), "within" | "ok"))
+        .count();
     b.push_str(&fact(
         "tasks within tolerance",
         &if run.finished() {

@@ -19,6 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
+pub use fmt::{fmt_drop, fmt_interval};
 pub use compare::{compare, CompareFormat, CompareOptions, CompareOutput};
 pub use csv_log::{EpochColumns, EpochRow, EvalRecord, RunCsv};
 pub use sink::{ConsoleLine, EpochSink};
@@ -92,6 +93,25 @@ fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
         ((rem % 3600) / 60) as u32,
         (rem % 60) as u32,
     )
+}
+
+/// The per-image scores of `task` at the end of 1-based `stage` on the verdict's split
+/// (`<run>/scores/stage<k>-<task>.json`, a [`crate::metrics::per_image::PerImage`]): what the
+/// bootstrap resamples, for this run and for every run that takes it as its reference.
+pub fn scores_file(run_dir: &Path, stage: usize, task: &str) -> PathBuf {
+    run_dir.join("scores").join(format!("stage{stage}-{task}.json"))
+}
+
+/// The per-image scores in `path`; `None` when the file is absent (a task that keeps none,
+/// a run of an older version).
+pub fn read_scores(path: &Path) -> Result<Option<crate::metrics::per_image::PerImage>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let scores =
+        serde_json::from_slice(&text).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(scores))
 }
 
 /// A fresh run directory `<results>/<name>/<YYYYMMDD-HHMMSS>[-N]`. Creation is exclusive

@@ -97,7 +97,10 @@ pub(crate) struct TaskResult {
     pub baseline: Option<f64>,
     pub final_value: Option<f64>,
     pub drop_rel: Option<f64>,
-    /// `ok`, `forgot`, `not_learned`, or `unfinished` when the run has no summary.
+    /// The drop's interval (tolerance units), when the verdict has one.
+    pub drop_interval: Option<[f64; 2]>,
+    /// `within`, `forgot`, `undecided`, `not_learned`, or `unfinished` when the run has no
+    /// summary.
     pub verdict: String,
     /// The value under which the task counts as forgotten.
     pub threshold: Option<f64>,
@@ -320,6 +323,7 @@ impl RunData {
                 baseline: Some(t.baseline),
                 final_value: Some(t.final_value),
                 drop_rel: t.drop_rel,
+                drop_interval: t.drop_interval,
                 verdict: t.verdict.key().to_string(),
                 threshold: Some(self.threshold(t.baseline)),
             });
@@ -365,6 +369,7 @@ impl RunData {
                 baseline,
                 final_value,
                 drop_rel,
+                drop_interval: None,
                 verdict: "unfinished".into(),
                 threshold: baseline.map(|b| self.threshold(b)),
             });

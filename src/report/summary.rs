@@ -13,36 +13,61 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use super::fmt::fmt_drop;
 use super::EvalRecord;
+use crate::metrics::bootstrap::DropInterval;
 use crate::config::{BaselineKind, ToleranceKind};
 
 /// The outcome for one task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
-    /// Learned, and within tolerance at the end.
-    Ok,
-    /// Learned, then dropped by more than the tolerance.
+    /// Learned, and the interval's worst end of the drop is within tolerance (without an
+    /// interval: the drop itself).
+    #[serde(alias = "ok")]
+    Within,
+    /// Learned, and even the interval's best end of the drop is beyond the tolerance.
     Forgot,
-    /// The baseline is not clearly above chance: there was nothing to keep.
+    /// Learned, and the interval straddles the tolerance: the images cannot tell.
+    Undecided,
+    /// The baseline is not significantly above chance: there was nothing to keep.
     #[default]
     NotLearned,
 }
 
 impl Verdict {
+    /// The verdict in words, the same in every output (console, CSV, HTML).
     pub fn label(self) -> &'static str {
         match self {
-            Verdict::Ok => "ok",
-            Verdict::Forgot => "FORGOT",
+            Verdict::Within => "within",
+            Verdict::Forgot => "forgot",
+            Verdict::Undecided => "undecided",
             Verdict::NotLearned => "not learned",
         }
     }
 
-    /// The verdict as written in `summary.json` (`ok`, `forgot`, `not_learned`).
+    /// The three-way verdict of a learned task from its drop interval (tolerance units):
+    /// within when the worst end is within `tolerance`, forgot when even the best end is
+    /// beyond it, undecided when it straddles.
+    pub fn from_interval(learned: bool, [lo, hi]: [f64; 2], tolerance: f64) -> Self {
+        if !learned {
+            Verdict::NotLearned
+        } else if hi <= tolerance + 1e-12 {
+            Verdict::Within
+        } else if lo > tolerance + 1e-12 {
+            Verdict::Forgot
+        } else {
+            Verdict::Undecided
+        }
+    }
+
+    /// The verdict as written in `summary.json` (`within`, `forgot`, `undecided`,
+    /// `not_learned`).
     pub fn key(self) -> &'static str {
         match self {
-            Verdict::Ok => "ok",
+            Verdict::Within => "within",
             Verdict::Forgot => "forgot",
+            Verdict::Undecided => "undecided",
             Verdict::NotLearned => "not_learned",
         }
     }
@@ -60,17 +85,34 @@ pub struct TaskVerdict {
     pub baseline: f64,
     /// Value at the end of the run.
     pub final_value: f64,
-    /// The metric's chance level on the val split.
+    /// The metric's chance level on the verdict's split.
     pub chance: f64,
-    /// `baseline ≥ chance + chance_margin`.
+    /// The baseline is above chance: by the one-sided bootstrap test when there is one
+    /// (`p_chance ≤ 1 − confidence`), else by `chance_margin` points.
     pub learned: bool,
     /// `(baseline − final) / baseline`; `None` when the task was not learned (a percentage
     /// of a baseline near zero means nothing). Negative: the task improved.
     pub drop_rel: Option<f64>,
     /// `baseline − final` in metric points.
     pub drop_abs: f64,
+    /// The interval of the drop in the tolerance's units (relative, or points), from the
+    /// paired bootstrap over the evaluated images; `None` without per-image scores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop_interval: Option<[f64; 2]>,
+    /// Share of bootstrap resamples whose baseline is not above chance (one-sided test).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p_chance: Option<f64>,
+    /// The run's own value at the end of the task's stage: `(stage_end − final) / stage_end`
+    /// is how much it forgot since it learned (a different question than the verdict's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage_end: Option<f64>,
+    /// The per-image scores the interval was resampled from: the baseline's (the
+    /// reference's, or this run's at its stage end) and the final's; a sweep pools them
+    /// over seeds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scores: Option<[String; 2]>,
     pub verdict: Verdict,
-    /// `verdict == ok`.
+    /// `verdict == within`.
     pub pass: bool,
 }
 
@@ -81,6 +123,7 @@ pub struct Judging {
     pub tolerance_kind: ToleranceKind,
     pub baseline: BaselineKind,
     pub chance_margin: f64,
+    pub confidence: f64,
 }
 
 /// What the verdict needs to know of one task.
@@ -94,7 +137,8 @@ pub struct TaskRef {
 }
 
 impl TaskVerdict {
-    /// Judge a task from its baseline and final value.
+    /// Judge a task from its baseline and final value alone (no interval): learned when
+    /// the baseline is `chance_margin` above chance, within when the drop is.
     pub fn new(t: &TaskRef, stage: usize, baseline: f64, final_value: f64, j: &Judging) -> Self {
         let learned = baseline - t.chance >= j.chance_margin - 1e-12;
         let drop_abs = baseline - final_value;
@@ -106,7 +150,7 @@ impl TaskVerdict {
         let verdict = if !learned {
             Verdict::NotLearned
         } else if within {
-            Verdict::Ok
+            Verdict::Within
         } else {
             Verdict::Forgot
         };
@@ -120,9 +164,38 @@ impl TaskVerdict {
             learned,
             drop_rel,
             drop_abs,
+            drop_interval: None,
+            p_chance: None,
+            stage_end: None,
+            scores: None,
             verdict,
-            pass: verdict == Verdict::Ok,
+            pass: verdict == Verdict::Within,
         }
+    }
+
+    /// The verdict from the paired bootstrap `b` instead of the point values: learned when
+    /// the baseline is above chance in all but `1 − confidence` of the resamples; within
+    /// when the interval's worst end of the drop is within tolerance, forgot when its best
+    /// end is beyond it, undecided when it straddles.
+    pub fn with_interval(mut self, b: &DropInterval, j: &Judging) -> Self {
+        let (lo, hi) = match j.tolerance_kind {
+            ToleranceKind::Relative => b.rel,
+            ToleranceKind::Absolute => b.abs,
+        };
+        self.learned = b.p_not_above_chance <= 1.0 - j.confidence + 1e-12 && self.baseline > 0.0;
+        self.p_chance = Some(b.p_not_above_chance);
+        self.drop_rel = (self.learned && self.baseline > 0.0).then(|| self.drop_abs / self.baseline);
+        self.drop_interval = Some([lo, hi]);
+        self.verdict = Verdict::from_interval(self.learned, [lo, hi], j.tolerance);
+        self.pass = self.verdict == Verdict::Within;
+        self
+    }
+
+    /// `(stage_end − final) / stage_end`: forgetting since the task was learned.
+    pub fn drop_since_learned(&self) -> Option<f64> {
+        self.stage_end
+            .filter(|s| *s > 0.0)
+            .map(|s| (s - self.final_value) / s)
     }
 }
 
@@ -131,50 +204,59 @@ fn value(r: &EvalRecord, metric: &str) -> Option<f64> {
     r.metrics.get(metric).copied()
 }
 
-/// The verdict of every task (in `tasks` order) from the run's evaluation history;
-/// `single_task` holds the baselines of the single-task reference run (by task) when the
-/// verdict compares against it.
+/// The verdict of every task (in `tasks` order), from its point values: `val` is the run's
+/// evaluation history on val (for `stage_best`), `verdict` its evaluations on the verdict's
+/// split at every stage end (test when the data has one, else val), `reference` the
+/// single-task reference's summary when the baseline is single-task. Intervals are added by
+/// the caller ([`TaskVerdict::with_interval`]), which holds the per-image scores.
 pub fn judge(
     tasks: &[TaskRef],
-    history: &[EvalRecord],
+    val: &[EvalRecord],
+    verdict: &[EvalRecord],
     j: &Judging,
-    single_task: Option<&BTreeMap<String, f64>>,
+    reference: Option<&RunSummary>,
 ) -> anyhow::Result<Vec<TaskVerdict>> {
     tasks
         .iter()
         .map(|t| {
             let stage = t.stage;
-            let of_stage: Vec<&EvalRecord> = history
-                .iter()
-                .filter(|r| r.task == t.task && r.stage == stage)
-                .collect();
-            let at_end = of_stage
-                .iter()
-                .max_by_key(|r| r.global_epoch)
-                .and_then(|r| value(r, &t.metric));
+            let last_of = |h: &[EvalRecord], stage: Option<usize>| {
+                h.iter()
+                    .filter(|r| r.task == t.task && stage.is_none_or(|s| r.stage == s))
+                    .max_by_key(|r| r.global_epoch)
+                    .and_then(|r| value(r, &t.metric))
+            };
+            let stage_end = last_of(verdict, Some(stage));
             let baseline = match j.baseline {
-                BaselineKind::StageEnd => at_end,
-                BaselineKind::StageBest => of_stage
+                BaselineKind::StageEnd => stage_end,
+                BaselineKind::StageBest => val
                     .iter()
+                    .filter(|r| r.task == t.task && r.stage == stage)
                     .filter_map(|r| value(r, &t.metric))
                     .reduce(f64::max),
-                BaselineKind::SingleTask => single_task.and_then(|m| m.get(&t.task).copied()),
+                BaselineKind::SingleTask => reference.and_then(|r| {
+                    r.final_metrics
+                        .get(&format!("{}_{}", t.task, t.metric))
+                        .copied()
+                }),
             }
             .ok_or_else(|| {
                 anyhow::anyhow!(
-                    "task '{}' has no '{}' at the end of stage {} (metric names: check [eval] metric)",
+                    "task '{}' has no '{}' baseline (stage {}; metric names: check [eval] metric)",
                     t.task,
                     t.metric,
                     stage + 1
                 )
             })?;
-            let final_value = history
-                .iter()
-                .filter(|r| r.task == t.task)
-                .max_by_key(|r| r.global_epoch)
-                .and_then(|r| value(r, &t.metric))
-                .unwrap_or(baseline);
-            Ok(TaskVerdict::new(t, stage + 1, baseline, final_value, j))
+            // stage_best is chosen on val, so it is judged on val throughout.
+            let final_value = match j.baseline {
+                BaselineKind::StageBest => last_of(val, None),
+                _ => last_of(verdict, None),
+            }
+            .unwrap_or(baseline);
+            let mut v = TaskVerdict::new(t, stage + 1, baseline, final_value, j);
+            v.stage_end = stage_end;
+            Ok(v)
         })
         .collect()
 }
@@ -324,10 +406,18 @@ pub struct RunSummary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline_run: Option<String>,
     pub chance_margin: f64,
+    /// The split the verdict and the matrix are measured on: `test` (held out, never used
+    /// for training or choices) when the data has one, else `val`.
+    pub verdict_split: String,
+    /// Coverage of the drop intervals and of the "learned" test, and the bootstrap
+    /// resamples behind them (0: point verdicts).
+    pub confidence: f64,
+    pub resamples: usize,
     pub tasks: Vec<TaskVerdict>,
-    /// Every task learned and within tolerance.
+    /// Every task learned and within tolerance (the interval's worst end, when there is one).
     pub pass: bool,
-    /// All final validation metrics, `<task>_<key>` → value.
+    /// Every task's final metrics on the verdict's split, `<task>_<key>` → value (in a
+    /// single-task run: each task at the end of its own stage).
     pub final_metrics: BTreeMap<String, f64>,
     pub matrix: Matrix,
     /// Final, best, forgetting and backward transfer per task and averaged, from `matrix`.
@@ -358,6 +448,9 @@ impl Default for RunSummary {
             baseline_kind: BaselineKind::default(),
             baseline_run: None,
             chance_margin: 0.05,
+            verdict_split: "val".into(),
+            confidence: 0.95,
+            resamples: 0,
             tasks: vec![],
             pass: false,
             final_metrics: BTreeMap::new(),
@@ -374,49 +467,70 @@ impl Default for RunSummary {
 }
 
 impl RunSummary {
-    /// A fixed-width table for the terminal.
+    /// A fixed-width table for the terminal: each task's change from its baseline with its
+    /// interval (negative: a drop), the change since its own stage ended, and the verdict.
     pub fn table(&self) -> String {
         let mut s = String::new();
-        let tol = match self.tolerance_kind {
-            ToleranceKind::Relative => format!("{:.1}%", self.tolerance * 100.0),
-            ToleranceKind::Absolute => format!("{:.3} points", self.tolerance),
+        let rel = self.tolerance_kind == ToleranceKind::Relative;
+        let tol = if rel {
+            format!("{:.1}%", self.tolerance * 100.0)
+        } else {
+            format!("{:.3} points", self.tolerance)
         };
         let _ = writeln!(
             s,
-            "{:<5} {:<9} {:>8} {:>9} {:>9} {:>8}  verdict (tolerance {tol}, baseline {})",
-            "task",
-            "metric",
-            "chance",
-            "baseline",
-            "final",
-            "drop",
-            match self.baseline_kind {
-                BaselineKind::StageEnd => "stage_end",
-                BaselineKind::StageBest => "stage_best",
-                BaselineKind::SingleTask => "single_task",
-            }
+            "{:<5} {:<8} {:>7} {:>8} {:>8} {:>8} {:>17} {:>9}  verdict",
+            "task", "metric", "chance", "baseline", "final", "change", "interval", "since own"
         );
         for t in &self.tasks {
-            let drop = match t.drop_rel {
-                Some(d) => format!("{:.2}%", d * 100.0),
+            let change = if rel {
+                fmt_drop(t.drop_rel)
+            } else {
+                format!("{:+.3}", -t.drop_abs)
+            };
+            let interval = match t.drop_interval {
+                Some([lo, hi]) if rel => format!("[{}, {}]", fmt_drop(Some(hi)), fmt_drop(Some(lo))),
+                Some([lo, hi]) => format!("[{:+.3}, {:+.3}]", -hi, -lo),
                 None => "—".into(),
             };
             let _ = writeln!(
                 s,
-                "{:<5} {:<9} {:>8.4} {:>9.4} {:>9.4} {:>8}  {}",
+                "{:<5} {:<8} {:>7.4} {:>8.4} {:>8.4} {:>8} {:>17} {:>9}  {}",
                 t.task,
                 t.metric,
                 t.chance,
                 t.baseline,
                 t.final_value,
-                drop,
+                change,
+                interval,
+                fmt_drop(t.drop_since_learned()),
                 t.verdict.label()
             );
         }
+        let intervals = if self.resamples > 0 {
+            format!(
+                "{:.0}% paired bootstrap intervals over the {} images ({} resamples)",
+                self.confidence * 100.0,
+                self.verdict_split,
+                self.resamples
+            )
+        } else {
+            "no intervals".into()
+        };
+        let _ = writeln!(
+            s,
+            "baseline {} · measured on {} · tolerance {tol} · {intervals}",
+            self.baseline_kind.label(),
+            self.verdict_split,
+        );
         let _ = writeln!(
             s,
             "overall: {}   params {} · {:.2} ms/image · trained {:.0} s",
-            if self.pass { "PASS" } else { "FAIL" },
+            if self.pass {
+                "PASS (every task within)"
+            } else {
+                "FAIL"
+            },
             self.params.total,
             self.latency_ms,
             self.train_seconds
@@ -473,7 +587,49 @@ mod tests {
             tolerance_kind: kind,
             baseline: BaselineKind::StageEnd,
             chance_margin: 0.05,
+            confidence: 0.95,
         }
+    }
+
+    fn interval(rel: (f64, f64), p_chance: f64) -> DropInterval {
+        DropInterval {
+            baseline: 0.5,
+            final_value: 0.5 * (1.0 - (rel.0 + rel.1) / 2.0),
+            drop_rel: (rel.0 + rel.1) / 2.0,
+            rel,
+            drop_abs: 0.5 * (rel.0 + rel.1) / 2.0,
+            abs: (0.5 * rel.0, 0.5 * rel.1),
+            baseline_lo: 0.4,
+            p_not_above_chance: p_chance,
+        }
+    }
+
+    #[test]
+    fn the_interval_decides_within_forgot_undecided_and_not_learned() {
+        let j = judging(ToleranceKind::Relative);
+        let point = TaskVerdict::new(&task(0.0), 1, 0.5, 0.49, &j);
+        assert_eq!(point.verdict, Verdict::Within);
+        // Worst end within 5 %: within.
+        let v = point.clone().with_interval(&interval((-0.03, 0.049), 0.0), &j);
+        assert_eq!((v.verdict, v.pass), (Verdict::Within, true));
+        assert_eq!(v.drop_interval, Some([-0.03, 0.049]));
+        // Straddles 5 %: undecided, and the run cannot pass on it.
+        let v = point.clone().with_interval(&interval((0.01, 0.09), 0.0), &j);
+        assert_eq!((v.verdict, v.pass), (Verdict::Undecided, false));
+        // Even the best end beyond 5 %: forgot.
+        let v = point.clone().with_interval(&interval((0.06, 0.2), 0.0), &j);
+        assert_eq!(v.verdict, Verdict::Forgot);
+        // A baseline above chance in only 90 % of the resamples is not learned at 95 %.
+        let v = point.clone().with_interval(&interval((0.0, 0.0), 0.1), &j);
+        assert_eq!((v.verdict, v.learned, v.drop_rel), (Verdict::NotLearned, false, None));
+        // Absolute tolerance reads the interval in points.
+        let a = judging(ToleranceKind::Absolute);
+        let v = point.with_interval(&interval((0.0, 0.08), 0.0), &a);
+        assert_eq!(v.drop_interval, Some([0.0, 0.04]));
+        assert_eq!(v.verdict, Verdict::Within);
+        // Old summaries said `ok`.
+        let old: TaskVerdict = serde_json::from_str(r#"{"verdict": "ok"}"#).unwrap();
+        assert_eq!(old.verdict, Verdict::Within);
     }
 
     fn task(chance: f64) -> TaskRef {
@@ -492,6 +648,7 @@ mod tests {
         assert!((v.drop_rel.unwrap() - 0.06).abs() < 1e-12);
         assert_eq!(v.verdict, Verdict::Forgot);
         let v = TaskVerdict::new(&task(0.0), 1, 0.5, 0.48, &j);
+        assert_eq!(v.verdict, Verdict::Within);
         assert!((v.drop_rel.unwrap() - 0.04).abs() < 1e-12);
         assert!(v.pass);
         // Exactly at the tolerance passes (≤ 5 %); improvement is a negative drop.
@@ -564,21 +721,36 @@ mod tests {
         ];
         let stages = ["a".to_string(), "b".to_string()];
         let mut j = judging(ToleranceKind::Relative);
-        let v = judge(&tasks, &h, &j, None).unwrap();
+        let v = judge(&tasks, &h, &h, &j, None).unwrap();
         assert_eq!(
             (v[0].baseline, v[0].final_value, v[0].stage),
             (0.5, 0.45, 1)
         );
+        assert_eq!(v[0].stage_end, Some(0.5));
         assert_eq!((v[1].baseline, v[1].final_value, v[1].stage), (0.7, 0.7, 2));
         j.baseline = BaselineKind::StageBest;
-        let v = judge(&tasks, &h, &j, None).unwrap();
+        let v = judge(&tasks, &h, &h, &j, None).unwrap();
         assert_eq!(v[0].baseline, 0.6);
         j.baseline = BaselineKind::SingleTask;
-        let single: BTreeMap<String, f64> = [("a".to_string(), 0.8), ("b".to_string(), 0.7)].into();
-        let v = judge(&tasks, &h, &j, Some(&single)).unwrap();
+        let single = RunSummary {
+            final_metrics: [("a_m".to_string(), 0.8), ("b_m".to_string(), 0.7)].into(),
+            ..RunSummary::default()
+        };
+        let v = judge(&tasks, &h, &h, &j, Some(&single)).unwrap();
         assert_eq!(v[0].baseline, 0.8);
         assert!((v[0].drop_rel.unwrap() - (0.8 - 0.45) / 0.8).abs() < 1e-12);
-        assert!(judge(&tasks, &h, &j, None).is_err(), "no single-task run");
+        // The last task is judged too: its final against the single-task value.
+        assert_eq!((v[1].baseline, v[1].final_value), (0.7, 0.7));
+        assert!(judge(&tasks, &h, &h, &j, None).is_err(), "no single-task run");
+        // The verdict's split (here a made-up test history) gives the finals and baselines;
+        // val only stage_best's choice.
+        let test: Vec<EvalRecord> = h.iter().cloned().map(|mut r| {
+            r.metrics.insert("m".into(), r.metrics["m"] - 0.1);
+            r
+        }).collect();
+        j.baseline = BaselineKind::StageEnd;
+        let v = judge(&tasks, &h, &test, &j, None).unwrap();
+        assert!((v[0].baseline - 0.4).abs() < 1e-12 && (v[0].final_value - 0.35).abs() < 1e-12);
         let m = Matrix::from_history(&tasks, &stages, 2, &h);
         assert_eq!(
             m.values,

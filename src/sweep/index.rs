@@ -59,7 +59,13 @@ pub struct TaskResult {
     pub baseline: Option<f64>,
     pub final_value: Option<f64>,
     pub drop_rel: Option<f64>,
-    /// `ok` | `forgot` | `not_learned` (older summaries: from their `pass` flag).
+    /// The drop's interval from the run's own bootstrap (tolerance units).
+    pub drop_interval: Option<[f64; 2]>,
+    pub chance: Option<f64>,
+    /// The per-image score files (baseline, final) the run's interval came from.
+    pub scores: Option<[PathBuf; 2]>,
+    /// `within` | `forgot` | `undecided` | `not_learned` (older summaries: `ok`, or from
+    /// their `pass` flag).
     pub verdict: Option<String>,
 }
 
@@ -70,6 +76,10 @@ pub struct RunResult {
     pub pass: Option<bool>,
     pub train_seconds: Option<f64>,
     pub seed: Option<u64>,
+    pub tolerance: Option<f64>,
+    /// `relative` | `absolute`.
+    pub tolerance_kind: Option<String>,
+    pub confidence: Option<f64>,
 }
 
 impl RunResult {
@@ -85,11 +95,17 @@ impl RunResult {
                         baseline: t["baseline"].as_f64(),
                         final_value: t["final_value"].as_f64(),
                         drop_rel: t["drop_rel"].as_f64(),
-                        verdict: t["verdict"].as_str().map(String::from).or_else(|| {
-                            t["pass"]
-                                .as_bool()
-                                .map(|p| if p { "ok" } else { "forgot" }.to_string())
-                        }),
+                        drop_interval: pair(&t["drop_interval"], Value::as_f64),
+                        chance: t["chance"].as_f64(),
+                        scores: pair(&t["scores"], |x| x.as_str().map(PathBuf::from)),
+                        verdict: t["verdict"]
+                            .as_str()
+                            .map(|v| if v == "ok" { "within" } else { v }.to_string())
+                            .or_else(|| {
+                                t["pass"]
+                                    .as_bool()
+                                    .map(|p| if p { "within" } else { "forgot" }.to_string())
+                            }),
                     })
                     .collect()
             })
@@ -99,6 +115,9 @@ impl RunResult {
             pass: v["pass"].as_bool(),
             train_seconds: v["train_seconds"].as_f64(),
             seed: v["seed"].as_u64(),
+            tolerance: v["tolerance"].as_f64(),
+            tolerance_kind: v["tolerance_kind"].as_str().map(String::from),
+            confidence: v["confidence"].as_f64(),
         }
     }
 
@@ -109,6 +128,14 @@ impl RunResult {
         let v: Value =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         Ok(Self::from_summary(&v))
+    }
+}
+
+/// A two-element JSON array read with `f`.
+fn pair<T>(v: &Value, f: impl Fn(&Value) -> Option<T>) -> Option<[T; 2]> {
+    match v.as_array().map(|a| a.as_slice()) {
+        Some([a, b]) => Some([f(a)?, f(b)?]),
+        _ => None,
     }
 }
 
@@ -263,6 +290,8 @@ pub fn index_table(records: &[RunRecord]) -> (Vec<String>, Vec<Vec<String>>) {
             format!("{t}_{m}_baseline"),
             format!("{t}_{m}_final"),
             format!("{t}_{m}_drop"),
+            format!("{t}_{m}_drop_lo"),
+            format!("{t}_{m}_drop_hi"),
             format!("{t}_verdict"),
         ]);
     }
@@ -288,6 +317,8 @@ pub fn index_table(records: &[RunRecord]) -> (Vec<String>, Vec<Vec<String>>) {
                     num(tr.and_then(|x| x.baseline)),
                     num(tr.and_then(|x| x.final_value)),
                     num(tr.and_then(|x| x.drop_rel)),
+                    num(tr.and_then(|x| x.drop_interval).map(|i| i[0])),
+                    num(tr.and_then(|x| x.drop_interval).map(|i| i[1])),
                     tr.and_then(|x| x.verdict.clone()).unwrap_or_default(),
                 ]);
             }
@@ -330,8 +361,10 @@ pub struct TaskAggregate {
     pub final_std: Option<f64>,
     pub drop_mean: Option<f64>,
     pub drop_std: Option<f64>,
-    /// Seeds whose verdict for this task is `ok`.
+    /// Seeds whose verdict for this task is `within`.
     pub n_pass: usize,
+    /// The drop pooled over the seeds (hierarchical bootstrap) and its verdict.
+    pub pooled: Option<super::stats::Pooled>,
 }
 
 /// One configuration (all varied values but the seed) over its seeds.
@@ -347,14 +380,16 @@ pub struct Aggregate {
     pub n_seeds: usize,
     pub seeds: Vec<u64>,
     pub tasks: Vec<TaskAggregate>,
-    /// Finished runs passing every task.
+    /// Finished runs passing every task, and the Clopper–Pearson 95 % interval of that
+    /// per-seed pass rate.
     pub n_pass: usize,
+    pub pass_interval: [f64; 2],
     pub train_seconds_mean: Option<f64>,
 }
 
 /// Group runs by configuration (file + varied values but `seed`, in plan order) and
 /// aggregate the finished ones.
-pub fn aggregate(records: &[RunRecord]) -> Vec<Aggregate> {
+pub fn aggregate(records: &[RunRecord], cache: &mut super::stats::ScoreCache) -> Vec<Aggregate> {
     let tasks = task_columns(records);
     struct Group<'a> {
         file: PathBuf,
@@ -397,7 +432,15 @@ pub fn aggregate(records: &[RunRecord]) -> Vec<Aggregate> {
                             .find(|x| &x.task == t && &x.metric == m)
                             .cloned()
                     };
-                    let trs: Vec<TaskResult> = done.iter().filter_map(|(_, r)| of(r)).collect();
+                    let pairs: Vec<(&RunResult, TaskResult)> =
+                        done.iter().filter_map(|(_, r)| Some((*r, of(r)?))).collect();
+                    let members: Vec<(&RunResult, &TaskResult)> =
+                        pairs.iter().map(|(r, t)| (*r, t)).collect();
+                    let pooled = super::stats::pooled_drop(&members, cache).unwrap_or_else(|e| {
+                        tracing::warn!("pooling {t} over seeds: {e:#}");
+                        None
+                    });
+                    let trs: Vec<TaskResult> = pairs.into_iter().map(|(_, t)| t).collect();
                     let finals: Vec<f64> = trs.iter().filter_map(|x| x.final_value).collect();
                     let drops: Vec<f64> = trs.iter().filter_map(|x| x.drop_rel).collect();
                     let (final_mean, final_std) = mean_std(&finals);
@@ -411,12 +454,14 @@ pub fn aggregate(records: &[RunRecord]) -> Vec<Aggregate> {
                         drop_std,
                         n_pass: trs
                             .iter()
-                            .filter(|x| x.verdict.as_deref() == Some("ok"))
+                            .filter(|x| x.verdict.as_deref() == Some("within"))
                             .count(),
+                        pooled,
                     }
                 })
                 .collect();
             let secs: Vec<f64> = done.iter().filter_map(|(_, r)| r.train_seconds).collect();
+            let n_pass = done.iter().filter(|(_, r)| r.pass == Some(true)).count();
             let label = members[0].run.config_name.clone();
             Aggregate {
                 label,
@@ -425,7 +470,12 @@ pub fn aggregate(records: &[RunRecord]) -> Vec<Aggregate> {
                 n_seeds: done.len(),
                 seeds: done.iter().map(|(r, _)| r.run.seed).collect(),
                 tasks: task_aggs,
-                n_pass: done.iter().filter(|(_, r)| r.pass == Some(true)).count(),
+                n_pass,
+                pass_interval: {
+                    let (lo, hi) =
+                        crate::metrics::bootstrap::clopper_pearson(n_pass, done.len(), 0.95);
+                    [lo, hi]
+                },
                 train_seconds_mean: mean_std(&secs).0,
                 configuration,
             }
@@ -461,10 +511,19 @@ pub fn summary_table(aggs: &[Aggregate]) -> (Vec<String>, Vec<Vec<String>>) {
             format!("{t}_{m}_final_std"),
             format!("{t}_drop_mean"),
             format!("{t}_drop_std"),
+            format!("{t}_drop_pooled"),
+            format!("{t}_drop_pooled_lo"),
+            format!("{t}_drop_pooled_hi"),
+            format!("{t}_verdict_pooled"),
             format!("{t}_n_pass"),
         ]);
     }
-    header.extend(["n_pass".into(), "train_seconds_mean".into()]);
+    header.extend([
+        "n_pass".into(),
+        "pass_rate_lo".into(),
+        "pass_rate_hi".into(),
+        "train_seconds_mean".into(),
+    ]);
     let rows = aggs
         .iter()
         .map(|a| {
@@ -485,11 +544,20 @@ pub fn summary_table(aggs: &[Aggregate]) -> (Vec<String>, Vec<Vec<String>>) {
                     num(t.final_std),
                     num(t.drop_mean),
                     num(t.drop_std),
+                    num(t.pooled.as_ref().map(|p| p.drop)),
+                    num(t.pooled.as_ref().map(|p| p.interval[0])),
+                    num(t.pooled.as_ref().map(|p| p.interval[1])),
+                    t.pooled
+                        .as_ref()
+                        .map(|p| p.verdict.key().to_string())
+                        .unwrap_or_default(),
                     t.n_pass.to_string(),
                 ]);
             }
             row.extend([
                 a.n_pass.to_string(),
+                num(Some(a.pass_interval[0])),
+                num(Some(a.pass_interval[1])),
                 a.train_seconds_mean
                     .map(|s| format!("{s:.1}"))
                     .unwrap_or_default(),
@@ -500,22 +568,25 @@ pub fn summary_table(aggs: &[Aggregate]) -> (Vec<String>, Vec<Vec<String>>) {
     (header, rows)
 }
 
-/// The aggregate as a terminal table: per task `final mean ± std` and `drop mean ± std`.
+/// The aggregate as a terminal table: per task the final (mean ± sd over seeds), the change
+/// pooled over the seeds with its interval (negative: a drop), the pooled verdict and the
+/// seeds within; per configuration the seeds passing every task with the Clopper–Pearson
+/// interval of that rate.
 pub fn summary_text(aggs: &[Aggregate]) -> String {
-    let pm = |m: Option<f64>, s: Option<f64>, scale: f64, suffix: &str| match (m, s) {
-        (Some(m), Some(s)) => format!("{:.3}{suffix} ± {:.3}{suffix}", m * scale, s * scale),
-        (Some(m), None) => format!("{:.3}{suffix}", m * scale),
+    let pm = |m: Option<f64>, s: Option<f64>| match (m, s) {
+        (Some(m), Some(s)) => format!("{m:.3} ± {s:.3}"),
+        (Some(m), None) => format!("{m:.3}"),
         _ => "-".into(),
     };
     let mut header = vec!["config".to_string(), "seeds".into()];
     if let Some(a) = aggs.first() {
         for t in &a.tasks {
             header.push(format!("{} {} final", t.task, t.metric));
-            header.push(format!("{} drop %", t.task));
-            header.push(format!("{} ok", t.task));
+            header.push(format!("{} change [interval]", t.task));
+            header.push(format!("{} verdict", t.task));
         }
     }
-    header.push("pass".into());
+    header.push("all within (seeds)".into());
     let mut rows = vec![header];
     for a in aggs {
         let mut row = vec![
@@ -527,11 +598,27 @@ pub fn summary_text(aggs: &[Aggregate]) -> String {
             },
         ];
         for t in &a.tasks {
-            row.push(pm(t.final_mean, t.final_std, 1.0, ""));
-            row.push(pm(t.drop_mean, t.drop_std, 100.0, ""));
-            row.push(format!("{}/{}", t.n_pass, a.n_seeds));
+            row.push(pm(t.final_mean, t.final_std));
+            row.push(match &t.pooled {
+                Some(p) => format!(
+                    "{} {}",
+                    crate::report::fmt_drop(Some(p.drop)),
+                    crate::report::fmt_interval(Some(p.interval))
+                ),
+                None => crate::report::fmt_drop(t.drop_mean),
+            });
+            row.push(match &t.pooled {
+                Some(p) => format!("{} ({}/{})", p.verdict.label(), t.n_pass, a.n_seeds),
+                None => format!("{}/{} within", t.n_pass, a.n_seeds),
+            });
         }
-        row.push(format!("{}/{}", a.n_pass, a.n_seeds));
+        row.push(format!(
+            "{}/{} [{:.0}–{:.0} %]",
+            a.n_pass,
+            a.n_seeds,
+            a.pass_interval[0] * 100.0,
+            a.pass_interval[1] * 100.0
+        ));
         rows.push(row);
     }
     let cols = rows[0].len();
@@ -576,9 +663,27 @@ fn write_csv(path: &Path, header: &[String], rows: &[Vec<String>]) -> Result<()>
 pub fn write_index(sweep_dir: &Path, records: &[RunRecord]) -> Result<Vec<Aggregate>> {
     let (h, rows) = index_table(records);
     write_csv(&sweep_dir.join("index.csv"), &h, &rows)?;
-    let aggs = aggregate(records);
+    let mut cache = super::stats::ScoreCache::default();
+    let aggs = aggregate(records, &mut cache);
     let (h, rows) = summary_table(&aggs);
     write_csv(&sweep_dir.join("summary.csv"), &h, &rows)?;
+    let groups: Vec<super::stats::Group> = aggs
+        .iter()
+        .map(|a| super::stats::Group {
+            label: a.label.clone(),
+            runs: records
+                .iter()
+                .filter(|r| {
+                    r.result.is_some()
+                        && r.run.file == a.file
+                        && r.run.configuration() == a.configuration
+                })
+                .collect(),
+        })
+        .collect();
+    let diffs = super::stats::differences(&groups, &mut cache)?;
+    let (h, rows) = super::stats::differences_table(&diffs);
+    write_csv(&sweep_dir.join("differences.csv"), &h, &rows)?;
     Ok(aggs)
 }
 

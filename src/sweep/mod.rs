@@ -26,6 +26,7 @@ pub mod index;
 pub mod local;
 pub mod plan;
 pub mod slurm;
+pub mod stats;
 
 pub use index::{collect, RunRecord, Status};
 pub use local::{run_local, thread_budget, LocalOptions, SweepOutcome};

@@ -272,7 +272,9 @@ pub fn plan(spec: &SweepSpec, sweep_dir: &Path) -> Result<Plan> {
             &labels,
         );
         exp.name = name.clone();
-        exp.results_dir = sweep_dir.join("runs");
+        // Runs go to `--run-dir runs/<name>`; the results folder is where they share their
+        // single-task references (`<sweep>/references/`).
+        exp.results_dir = sweep_dir.to_path_buf();
         let config = sweep_dir
             .join("configs")
             .join(format!("{index}-{name}.toml"));

@@ -19,7 +19,7 @@ use crate::model::{init, OneHead, OneHeadConfig};
 use crate::plugins::{self, Plugin, RunCtx};
 use crate::registry::Registry;
 use crate::report::TaskRef;
-use crate::tasks::{OpenOptions, TaskSet};
+use crate::tasks::{OpenOptions, Split, TaskSet};
 
 /// A run as built from its experiment, before any folder or state is touched.
 pub struct Assembly {
@@ -208,6 +208,18 @@ impl Env {
                 })
             })
             .collect()
+    }
+
+    /// The split the verdict is measured on: the held-out `test` when every task has one
+    /// (the built-in benchmark), else `val` (the course sets, whose 240/60 split the
+    /// challenge fixes; the summary says so).
+    pub fn verdict_split(&self) -> Split {
+        let all_have_test = self.tasks.iter().all(|(t, _)| t.len(Split::Test) > 0);
+        if all_have_test {
+            Split::Test
+        } else {
+            Split::Val
+        }
     }
 
     /// The stage tasks, in order.

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 
-use super::evaluate::evaluate;
+use super::evaluate::{evaluate, evaluate_scored};
 use super::launch::{RunOutcome, Stopped};
 use super::optim::{trainable_params, Optimizer, Param};
 use super::schedule::LrSchedule;
@@ -283,8 +283,10 @@ fn log_epoch(
     Ok(())
 }
 
-/// Stage end: checkpoint, matrix, and the plug-ins' `after_stage`.
+/// Stage end: the verdict split's evaluation, checkpoint, matrix, and the plug-ins'
+/// `after_stage`.
 fn end_stage(s: &mut Session, si: usize) -> Result<()> {
+    evaluate_stage_end(s, si)?;
     let ckpt = s.run_dir.join("checkpoints").join(format!(
         "stage{}-{}.safetensors",
         si + 1,
@@ -303,6 +305,37 @@ fn end_stage(s: &mut Session, si: usize) -> Result<()> {
     let ctx = s.env.ctx(si, &s.progress.pools);
     for p in s.plugins.iter_mut() {
         p.after_stage(&ctx, &mut s.rng)?;
+    }
+    Ok(())
+}
+
+/// Every task learned so far on the verdict's split (test when the data has one), with its
+/// per-image scores written to `scores/stage<k>-<task>.json` for the bootstrap. Only here:
+/// the held-out images are never seen during a stage, so nothing can be chosen on them.
+fn evaluate_stage_end(s: &mut Session, si: usize) -> Result<()> {
+    let exp = &s.env.exp;
+    let split = s.env.verdict_split();
+    for task in exp.evaluated_tasks(si) {
+        let (metrics, scores) = evaluate_scored(
+            &s.env.model,
+            &s.env.tasks,
+            &task,
+            split,
+            exp.eval.batch_size,
+            &s.env.device,
+        )?;
+        if let Some(scores) = scores {
+            let path = crate::report::scores_file(&s.run_dir, si + 1, &task);
+            std::fs::create_dir_all(path.parent().context("scores/ has a parent")?)?;
+            crate::report::write_atomic(&path, &serde_json::to_vec(&scores)?)?;
+        }
+        s.progress.verdict.push(EvalRecord {
+            stage: si,
+            epoch: s.env.stages[si].epochs,
+            global_epoch: s.progress.global_epoch,
+            task,
+            metrics,
+        });
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use candle_core::Device;
 
+use crate::metrics::per_image::PerImage;
 use crate::model::OneHead;
 use crate::tasks::{Split, TaskMetrics, TaskSet};
 
@@ -19,6 +20,29 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<TaskMetrics> {
     Ok(evaluate_and_export(model, tasks, name, batch_size, device, None)?.0)
+}
+
+/// Evaluate `model` on `split` of task `name`, with the per-image scores the bootstrap
+/// resamples (`None` for a task that keeps none).
+pub fn evaluate_scored(
+    model: &OneHead,
+    tasks: &TaskSet,
+    name: &str,
+    split: Split,
+    batch_size: usize,
+    device: &Device,
+) -> Result<(TaskMetrics, Option<PerImage>)> {
+    let task = tasks.get(name)?;
+    let mut ev = task.evaluator(split);
+    let n = task.len(split);
+    for start in (0..n).step_by(batch_size.max(1)) {
+        let idx: Vec<usize> = (start..(start + batch_size).min(n)).collect();
+        let batch = task.batch(split, &idx, &[], device)?;
+        let map = model.forward_t(&batch.images, false)?;
+        ev.add(&tasks.slice(&map, name)?, &batch)
+            .with_context(|| format!("evaluating {name} on {}", split.name()))?;
+    }
+    ev.finish_scored()
 }
 
 /// [`evaluate`], and with `export`, the task's exporter fed the very same head slices: its

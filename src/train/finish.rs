@@ -2,12 +2,16 @@
 //! the task × stage matrix, forgetting, parameters, latency, time), drop the resume state
 //! and draw the pictures.
 
+use std::path::PathBuf;
+
 use anyhow::Result;
 
 use super::launch::RunOutcome;
 use super::session::Session;
 use crate::report::summary::ParamSummary;
-use crate::report::{self, judge, Judging, RunSummary};
+use crate::config::BaselineKind;
+use crate::metrics::bootstrap::{paired_drop, BootstrapSpec, DropInterval};
+use crate::report::{self, judge, Judging, RunSummary, TaskRef};
 
 impl Session {
     /// Judge the run, write `summary.json`, drop the resume state.
@@ -18,15 +22,22 @@ impl Session {
         let judging = Judging {
             tolerance: exp.eval.tolerance,
             tolerance_kind: exp.eval.tolerance_kind,
-            baseline: exp.eval.baseline,
+            baseline: exp.baseline_kind(),
             chance_margin: exp.eval.chance_margin,
+            confidence: exp.eval.confidence,
         };
-        let history = &self.progress.history;
-        let single = self.single_task.as_ref().map(|(_, b)| b);
-        let tasks = judge(&refs, history, &judging, single)?;
+        let verdict = &self.progress.verdict;
+        let reference = self.single_task.as_ref().map(|(_, s)| s);
+        let mut tasks = judge(&refs, &self.progress.history, verdict, &judging, reference)?;
+        for (i, (t, r)) in tasks.iter_mut().zip(&refs).enumerate() {
+            if let Some((d, files)) = self.bootstrap(r, i)? {
+                *t = t.clone().with_interval(&d, &judging);
+                t.scores = Some(files.map(|f| f.display().to_string()));
+            }
+        }
         let mut final_metrics = std::collections::BTreeMap::new();
         for t in &refs {
-            if let Some(r) = history
+            if let Some(r) = verdict
                 .iter()
                 .filter(|r| r.task == t.task)
                 .max_by_key(|r| r.global_epoch)
@@ -55,12 +66,15 @@ impl Session {
             device: format!("{:?}", env.device),
             tolerance: exp.eval.tolerance,
             tolerance_kind: exp.eval.tolerance_kind,
-            baseline_kind: exp.eval.baseline,
+            baseline_kind: exp.baseline_kind(),
             baseline_run: self
                 .single_task
                 .as_ref()
                 .map(|(d, _)| d.display().to_string()),
             chance_margin: exp.eval.chance_margin,
+            verdict_split: env.verdict_split().name().into(),
+            confidence: exp.eval.confidence,
+            resamples: exp.eval.resamples,
             pass: tasks.iter().all(|t| t.pass),
             tasks,
             final_metrics,
@@ -106,5 +120,48 @@ impl Session {
             run_dir: self.run_dir,
             summary,
         })
+    }
+
+    /// The paired bootstrap of task `r`'s drop from its baseline's per-image scores (the
+    /// reference's, or this run's at the end of the task's stage) to its final ones; `None`
+    /// without scores on both sides, with `[eval] resamples = 0`, or for `stage_best`
+    /// (chosen on val, where no per-image scores are kept).
+    fn bootstrap(&self, r: &TaskRef, index: usize) -> Result<Option<(DropInterval, [PathBuf; 2])>> {
+        let exp = &self.env.exp;
+        let baseline_file = match (exp.baseline_kind(), &self.single_task) {
+            _ if exp.eval.resamples == 0 => return Ok(None),
+            (BaselineKind::SingleTask, Some((dir, summary))) => {
+                let Some(st) = summary.tasks.iter().find(|t| t.task == r.task) else {
+                    return Ok(None);
+                };
+                report::scores_file(dir, st.stage, &r.task)
+            }
+            (BaselineKind::StageEnd, _) => report::scores_file(&self.run_dir, r.stage + 1, &r.task),
+            _ => return Ok(None),
+        };
+        let Some(last) = self
+            .progress
+            .verdict
+            .iter()
+            .filter(|v| v.task == r.task)
+            .max_by_key(|v| v.global_epoch)
+        else {
+            return Ok(None);
+        };
+        let final_file = report::scores_file(&self.run_dir, last.stage + 1, &r.task);
+        let (Some(b), Some(f)) = (
+            report::read_scores(&baseline_file)?,
+            report::read_scores(&final_file)?,
+        ) else {
+            return Ok(None);
+        };
+        let spec = BootstrapSpec {
+            resamples: exp.eval.resamples,
+            confidence: exp.eval.confidence,
+            // Its own stream per task, fixed by the run's seed.
+            seed: exp.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64 + 1),
+        };
+        let d = paired_drop(&[(&b, &f)], &r.metric, r.chance, &spec)?;
+        Ok(Some((d, [baseline_file, final_file])))
     }
 }

@@ -44,7 +44,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<RunOutcome> {
 /// [`run`] with the tasks and strategies of `registry`. Single-task baselines, when the
 /// experiment is judged against them, are found or trained first, as a run of their own.
 pub fn run_with(exp: &Experiment, registry: &Registry, opts: &RunOptions) -> Result<RunOutcome> {
-    let baselines = reference::single_task_baselines(exp, registry, opts.quiet)?;
+    let baselines = reference::single_task_baselines(exp, registry, opts)?;
     engine::train(Session::start(exp, registry, opts.clone(), baselines)?)
 }
 
@@ -58,6 +58,6 @@ pub fn resume(run_dir: &Path, opts: &RunOptions) -> Result<RunOutcome> {
 /// [`resume`] with the tasks and strategies of `registry`.
 pub fn resume_with(run_dir: &Path, registry: &Registry, opts: &RunOptions) -> Result<RunOutcome> {
     let exp = registry.load(&run_dir.join("config.toml"), &[])?;
-    let baselines = reference::single_task_baselines(&exp, registry, opts.quiet)?;
+    let baselines = reference::single_task_baselines(&exp, registry, opts)?;
     engine::train(Session::resume(run_dir, registry, opts.clone(), baselines)?)
 }

@@ -1,76 +1,95 @@
-//! The challenge's single-task baselines: the reference run of a sequential experiment
-//! (each task alone from the same initialisation, every strategy off; see
-//! [`Registry::single_task_reference`]) is found among finished runs with the identical
-//! config, or trained first. Called before a run's session is built, never from inside one.
+//! The challenge's single-task baselines. The reference of an experiment (each task alone
+//! from the same initialisation, every strategy off; see [`Registry::single_task_reference`])
+//! is trained once per key ([`Registry::reference_key`]: a hash of exactly what determines
+//! it) into `<results>/references/<key>/` and found there again by every run and every sweep
+//! run that needs it; a sweep's runs share `<sweep>/references/`. A reference that another
+//! process is training is waited for; an interrupted one is resumed. Called before a run's
+//! session is built, never from inside one.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::RunOptions;
-use crate::config::Experiment;
+use super::{AlreadyFinished, RunOptions};
+use crate::config::{BaselineKind, Experiment};
+use crate::files::FolderInUse;
 use crate::registry::Registry;
 use crate::report::RunSummary;
 
-/// The reference run's folder and each task's baseline value.
-pub type Baselines = (PathBuf, BTreeMap<String, f64>);
+/// The reference run's folder and its summary (whose `final_metrics` and per-image scores
+/// hold each task's baseline).
+pub type Baselines = (PathBuf, RunSummary);
 
-/// With `[eval] baseline = "single_task"`: the baselines of the single-task reference run,
-/// reusing a finished one with the identical config under `<results>/<name>__single_task/`,
-/// or training it first.
+/// Where the single-task reference of `exp` lives.
+pub fn reference_dir(exp: &Experiment, registry: &Registry) -> PathBuf {
+    let reference = registry.single_task_reference(exp);
+    exp.results_dir
+        .join("references")
+        .join(Registry::reference_key(&reference))
+}
+
+/// With the single-task baseline (the default for sequential and joint runs): the reference
+/// run, found finished, resumed, waited for, or trained first. `opts` carries the caller's
+/// quietness and interrupt flag (a Ctrl-C while the reference trains saves it for later).
 pub fn single_task_baselines(
     exp: &Experiment,
     registry: &Registry,
-    quiet: bool,
+    opts: &RunOptions,
 ) -> Result<Option<Baselines>> {
-    if exp.eval.baseline != crate::config::BaselineKind::SingleTask {
+    if exp.baseline_kind() != BaselineKind::SingleTask {
         return Ok(None);
     }
     let reference = registry.single_task_reference(exp);
-    let folder = reference.results_dir.join(&reference.name);
-    let mut found = None;
-    if let Ok(entries) = std::fs::read_dir(&folder) {
-        let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        dirs.sort();
-        for d in dirs.into_iter().rev() {
-            let same = registry
-                .load(&d.join("config.toml"), &[])
-                .is_ok_and(|c| c == reference);
-            if same && d.join("summary.json").is_file() {
-                found = Some(d);
-                break;
+    let dir = reference_dir(exp, registry);
+    let mut waited = false;
+    loop {
+        if let Some(summary) = finished(&dir)? {
+            tracing::info!("single-task baselines from {}", dir.display());
+            return Ok(Some((dir, summary)));
+        }
+        if !waited {
+            tracing::info!(
+                "training the single-task reference first, in {} (found there by every later run that needs it)",
+                dir.display()
+            );
+        }
+        let ref_opts = RunOptions {
+            quiet: opts.quiet,
+            interrupt: opts.interrupt.clone(),
+            run_dir: Some(dir.clone()),
+            ..RunOptions::default()
+        };
+        match super::run_with(&reference, registry, &ref_opts) {
+            Ok(out) => return Ok(Some((out.run_dir, out.summary))),
+            Err(e) if e.downcast_ref::<AlreadyFinished>().is_some() => continue,
+            Err(e) if e.downcast_ref::<FolderInUse>().is_some() => {
+                if !waited {
+                    tracing::info!(
+                        "another onehead process is training the reference {}: waiting for it",
+                        dir.display()
+                    );
+                    waited = true;
+                }
+                std::thread::sleep(Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "training the single-task reference in {}",
+                    dir.display()
+                )))
             }
         }
     }
-    let (dir, summary) = match found {
-        Some(d) => {
-            tracing::info!("single-task baselines from {}", d.display());
-            let text = std::fs::read_to_string(d.join("summary.json"))?;
-            let s: RunSummary = serde_json::from_str(&text)
-                .with_context(|| format!("reading {}", d.join("summary.json").display()))?;
-            (d, s)
-        }
-        None => {
-            tracing::info!(
-                "training the single-task reference {} first",
-                reference.name
-            );
-            let out = super::run_with(
-                &reference,
-                registry,
-                &RunOptions {
-                    quiet,
-                    ..RunOptions::default()
-                },
-            )?;
-            (out.run_dir, out.summary)
-        }
-    };
-    let baselines = summary
-        .tasks
-        .iter()
-        .map(|t| (t.task.clone(), t.baseline))
-        .collect();
-    Ok(Some((dir, baselines)))
+}
+
+/// The summary of the finished run in `dir`, if there is one.
+fn finished(dir: &Path) -> Result<Option<RunSummary>> {
+    let path = dir.join("summary.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)?;
+    let s = serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(s))
 }

@@ -31,6 +31,9 @@ pub struct Progress {
     pub steps: usize,
     pub pools: Vec<Vec<usize>>,
     pub history: Vec<EvalRecord>,
+    /// Every task learned so far evaluated at each stage end on the verdict's split (test
+    /// when the data has one): the matrix, the finals and the verdict come from these.
+    pub verdict: Vec<EvalRecord>,
     /// A mid-epoch position to continue from.
     pub partial: Option<PartialEpoch>,
     /// Training seconds of earlier sessions of the run.
@@ -134,6 +137,7 @@ impl Session {
                 steps: 0,
                 pools: vec![],
                 history: vec![],
+                verdict: vec![],
                 partial: None,
                 seconds_before: 0.0,
                 started: report::now_secs(),
@@ -219,6 +223,7 @@ impl Session {
             rng: self.rng.clone(),
             pools: p.pools.clone(),
             history: p.history.clone(),
+            verdict: p.verdict.clone(),
             plugins: plugin_json,
             partial: p.partial.clone(),
             train_seconds,
@@ -247,7 +252,7 @@ impl Session {
             &self.env.task_refs()?,
             &self.env.stage_tasks(),
             stages_done,
-            &self.progress.history,
+            &self.progress.verdict,
         );
         report::write_atomic(&self.run_dir.join("matrix.csv"), &m.to_csv()?)?;
         Ok(m)
@@ -270,6 +275,7 @@ impl Progress {
             steps: 0,
             pools: st.pools.clone(),
             history: st.history.clone(),
+            verdict: st.verdict.clone(),
             partial: st.partial.clone(),
             seconds_before: st.train_seconds,
             started: st.started,

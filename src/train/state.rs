@@ -54,6 +54,10 @@ pub struct RunState {
     pub pools: Vec<Vec<usize>>,
     /// Every evaluation so far.
     pub history: Vec<EvalRecord>,
+    /// The stage-end evaluations on the verdict's split (absent in states of older
+    /// versions).
+    #[serde(default)]
+    pub verdict: Vec<EvalRecord>,
     /// One JSON value per plug-in, in hook order.
     pub plugins: Vec<serde_json::Value>,
     /// Set when the run was interrupted inside an epoch.

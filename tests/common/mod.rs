@@ -21,6 +21,7 @@ source = "synthetic"
 root = "{data}"
 synth_train = 16
 synth_val = 10
+synth_test = 10
 synth_size = 64
 "#,
         results = dir.join("results").display(),

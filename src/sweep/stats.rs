@@ -1,0 +1,212 @@
+//! Statistics over a sweep's seeds, from the per-image scores every finished run names in
+//! its `summary.json`: each configuration's drop pooled over its seeds (the hierarchical
+//! paired bootstrap: seeds, then images within each seed), its per-seed pass rate with a
+//! Clopper–Pearson interval, and the paired difference of finals between two
+//! configurations, seed by seed (`differences.csv`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use anyhow::Result;
+
+use super::index::{RunRecord, RunResult, TaskResult};
+use crate::metrics::bootstrap::{paired_difference, paired_drop, BootstrapSpec};
+use crate::metrics::per_image::PerImage;
+use crate::report::Verdict;
+
+/// Resamples behind the sweep's intervals (each run's own use its `[eval] resamples`).
+const RESAMPLES: usize = 2000;
+
+/// Per-image score files read once, however many configurations share them (every
+/// strategy of one seed shares the reference's).
+#[derive(Default)]
+pub struct ScoreCache {
+    files: HashMap<PathBuf, Option<Rc<PerImage>>>,
+}
+
+impl ScoreCache {
+    fn get(&mut self, path: &Path) -> Option<Rc<PerImage>> {
+        self.files
+            .entry(path.to_path_buf())
+            .or_insert_with(|| match crate::report::read_scores(path) {
+                Ok(s) => s.map(Rc::new),
+                Err(e) => {
+                    tracing::warn!("{e:#}");
+                    None
+                }
+            })
+            .clone()
+    }
+}
+
+/// One task's drop pooled over a configuration's seeds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pooled {
+    /// Seeds pooled (those with scores on both sides).
+    pub seeds: usize,
+    /// Drop of the mean final from the mean baseline, in the tolerance's units.
+    pub drop: f64,
+    pub interval: [f64; 2],
+    pub verdict: Verdict,
+}
+
+/// The hierarchical bootstrap of one task over the runs `members` (one per seed); `None`
+/// unless every member has per-image scores.
+pub fn pooled_drop(
+    members: &[(&RunResult, &TaskResult)],
+    cache: &mut ScoreCache,
+) -> Result<Option<Pooled>> {
+    let Some((run0, task0)) = members.first() else {
+        return Ok(None);
+    };
+    let mut pairs = Vec::new();
+    for (_, t) in members {
+        let Some([b, f]) = &t.scores else {
+            return Ok(None);
+        };
+        let (Some(b), Some(f)) = (cache.get(b), cache.get(f)) else {
+            return Ok(None);
+        };
+        pairs.push((b, f));
+    }
+    let refs: Vec<(&PerImage, &PerImage)> = pairs.iter().map(|(b, f)| (&**b, &**f)).collect();
+    let confidence = run0.confidence.unwrap_or(0.95);
+    let spec = BootstrapSpec {
+        resamples: RESAMPLES,
+        confidence,
+        seed: 0x5EED,
+    };
+    let chance = task0.chance.unwrap_or(0.0);
+    let d = paired_drop(&refs, &task0.metric, chance, &spec)?;
+    let absolute = run0.tolerance_kind.as_deref() == Some("absolute");
+    let (drop, (lo, hi)) = if absolute {
+        (d.drop_abs, d.abs)
+    } else {
+        (d.drop_rel, d.rel)
+    };
+    let learned = d.p_not_above_chance <= 1.0 - confidence + 1e-12 && d.baseline > 0.0;
+    let tolerance = run0.tolerance.unwrap_or(0.05);
+    Ok(Some(Pooled {
+        seeds: refs.len(),
+        drop,
+        interval: [lo, hi],
+        verdict: Verdict::from_interval(learned, [lo, hi], tolerance),
+    }))
+}
+
+/// The paired difference of one task's finals between two configurations over the seeds
+/// they share (same seed and same reference, hence the same test images).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Difference {
+    pub a: String,
+    pub b: String,
+    pub task: String,
+    pub metric: String,
+    pub seeds: usize,
+    /// Mean over the shared seeds of `final(a) − final(b)`, in metric points.
+    pub mean: f64,
+    pub interval: [f64; 2],
+}
+
+/// One configuration's finished runs, as [`differences`] needs them.
+pub struct Group<'a> {
+    pub label: String,
+    pub runs: Vec<&'a RunRecord>,
+}
+
+/// Every pair of configurations × task with at least one shared seed.
+pub fn differences(groups: &[Group], cache: &mut ScoreCache) -> Result<Vec<Difference>> {
+    let mut out = Vec::new();
+    for (i, ga) in groups.iter().enumerate() {
+        for gb in &groups[i + 1..] {
+            out.extend(pair_differences(ga, gb, cache)?);
+        }
+    }
+    Ok(out)
+}
+
+fn pair_differences(ga: &Group, gb: &Group, cache: &mut ScoreCache) -> Result<Vec<Difference>> {
+    let mut out = Vec::new();
+    let tasks = ga.runs.iter().filter_map(|r| r.result.as_ref()).next();
+    let Some(tasks) = tasks else { return Ok(out) };
+    for t in &tasks.tasks {
+        let mut a_scores = Vec::new();
+        let mut b_scores = Vec::new();
+        for ra in &ga.runs {
+            let Some(fa) = final_scores(ra, &t.task, cache) else {
+                continue;
+            };
+            let partner = gb.runs.iter().find(|rb| {
+                rb.run.seed == ra.run.seed
+                    && baseline_of(rb, &t.task).is_some()
+                    && baseline_of(rb, &t.task) == baseline_of(ra, &t.task)
+            });
+            if let Some(fb) = partner.and_then(|rb| final_scores(rb, &t.task, cache)) {
+                a_scores.push(fa);
+                b_scores.push(fb);
+            }
+        }
+        if a_scores.is_empty() {
+            continue;
+        }
+        let a: Vec<&PerImage> = a_scores.iter().map(|x| &**x).collect();
+        let b: Vec<&PerImage> = b_scores.iter().map(|x| &**x).collect();
+        let spec = BootstrapSpec {
+            resamples: RESAMPLES / 2,
+            confidence: 0.95,
+            seed: 0xD1FF,
+        };
+        let (mean, (lo, hi)) = paired_difference(&a, &b, &t.metric, &spec)?;
+        out.push(Difference {
+            a: ga.label.clone(),
+            b: gb.label.clone(),
+            task: t.task.clone(),
+            metric: t.metric.clone(),
+            seeds: a.len(),
+            mean,
+            interval: [lo, hi],
+        });
+    }
+    Ok(out)
+}
+
+fn task_of<'a>(r: &'a RunRecord, task: &str) -> Option<&'a TaskResult> {
+    r.result.as_ref()?.tasks.iter().find(|t| t.task == task)
+}
+
+/// The baseline scores a run's task was judged against: two runs that share it share the
+/// seed and the data.
+fn baseline_of<'a>(r: &'a RunRecord, task: &str) -> Option<&'a PathBuf> {
+    task_of(r, task)?.scores.as_ref().map(|[b, _]| b)
+}
+
+fn final_scores(r: &RunRecord, task: &str, cache: &mut ScoreCache) -> Option<Rc<PerImage>> {
+    let [_, f] = task_of(r, task)?.scores.as_ref()?;
+    cache.get(f)
+}
+
+/// The `differences.csv` table.
+pub fn differences_table(diffs: &[Difference]) -> (Vec<String>, Vec<Vec<String>>) {
+    let header = [
+        "a", "b", "task", "metric", "seeds", "final_a_minus_b", "lo", "hi",
+    ]
+    .map(String::from)
+    .to_vec();
+    let rows = diffs
+        .iter()
+        .map(|d| {
+            vec![
+                d.a.clone(),
+                d.b.clone(),
+                d.task.clone(),
+                d.metric.clone(),
+                d.seeds.to_string(),
+                d.mean.to_string(),
+                d.interval[0].to_string(),
+                d.interval[1].to_string(),
+            ]
+        })
+        .collect();
+    (header.to_vec(), rows)
+}

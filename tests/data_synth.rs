@@ -18,6 +18,7 @@ fn small(seed: u64) -> SynthOptions {
         seed,
         train: 10,
         val: 10,
+        test: 0,
         size: 48,
     }
 }

@@ -75,6 +75,7 @@ pub fn ensure_data(exp: &Experiment) -> Result<PathBuf> {
             seed: d.synth_seed,
             train: d.synth_train,
             val: d.synth_val,
+            test: d.synth_test,
             size: d.synth_size,
         },
     )

@@ -268,3 +268,173 @@ fn binomial_cdf(k: usize, n: usize, p: f64) -> f64 {
     }
     sum.min(1.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::per_image::TopHits;
+
+    /// Classification scores of `hits.len()` images, 10 classes: hit = rank 0, else rank 5.
+    fn hits(hits: &[bool]) -> PerImage {
+        PerImage::Hits(TopHits {
+            num_classes: 10,
+            labels: (0..hits.len() as u32).map(|i| i % 10).collect(),
+            ranks: hits.iter().map(|&h| if h { 0 } else { 5 }).collect(),
+        })
+    }
+
+    fn spec(seed: u64) -> BootstrapSpec {
+        BootstrapSpec {
+            seed,
+            ..BootstrapSpec::default()
+        }
+    }
+
+    #[test]
+    fn identical_scores_drop_nothing_with_a_zero_width_interval() {
+        let p = hits(&(0..50).map(|i| i % 3 != 0).collect::<Vec<_>>());
+        let d = paired_drop(&[(&p, &p)], "top1", 0.1, &spec(1)).unwrap();
+        assert_eq!((d.drop_abs, d.abs, d.drop_rel, d.rel), (0.0, (0.0, 0.0), 0.0, (0.0, 0.0)));
+        assert_eq!(d.baseline, d.final_value);
+        assert_eq!(d.p_not_above_chance, 0.0);
+        let (m, ci) = paired_difference(&[&p, &p], &[&p, &p], "top1", &spec(1)).unwrap();
+        assert_eq!((m, ci), (0.0, (0.0, 0.0)));
+    }
+
+    #[test]
+    fn a_ten_percent_drop_on_300_images_is_clearly_above_five_percent() {
+        let base = hits(&[true; 300]);
+        let fin = hits(&(0..300).map(|i| i % 10 != 0).collect::<Vec<_>>());
+        let d = paired_drop(&[(&base, &fin)], "top1", 0.1, &spec(2)).unwrap();
+        assert!((d.drop_rel - 0.1).abs() < 1e-12 && (d.drop_abs - 0.1).abs() < 1e-12);
+        assert!(d.rel.0 > 0.05 && d.rel.1 < 0.15, "{d:?}");
+        assert!(d.rel.0 < 0.1 && d.rel.1 > 0.1, "{d:?}");
+        assert_eq!((d.baseline_lo, d.p_not_above_chance), (1.0, 0.0));
+    }
+
+    #[test]
+    fn a_coin_flip_difference_on_20_images_straddles_five_percent() {
+        // Baseline right on 0..15, final on 2..16: 0.75 → 0.70, three discordant images.
+        let base = hits(&(0..20).map(|i| i < 15).collect::<Vec<_>>());
+        let fin = hits(&(0..20).map(|i| (2..16).contains(&i)).collect::<Vec<_>>());
+        let d = paired_drop(&[(&base, &fin)], "top1", 0.1, &spec(3)).unwrap();
+        assert!((d.drop_abs - 0.05).abs() < 1e-12);
+        assert!(d.rel.0 < 0.05 && d.rel.1 > 0.05, "{d:?}");
+        assert!(d.abs.0 < 0.0, "final better on some resamples: {d:?}");
+    }
+
+    #[test]
+    fn a_baseline_at_chance_is_flagged() {
+        // 10 classes, 10 of 100 right: exactly the chance level 0.1.
+        let base = hits(&(0..100).map(|i| i % 10 == 0).collect::<Vec<_>>());
+        let d = paired_drop(&[(&base, &base)], "top1", 0.1, &spec(4)).unwrap();
+        assert!(d.p_not_above_chance > 0.4, "{d:?}");
+        assert!(d.baseline_lo < 0.1);
+        // A zero baseline: no relative drop (see relative_drop), always "not above chance".
+        let zero = hits(&[false; 30]);
+        let d = paired_drop(&[(&zero, &zero)], "top1", 0.1, &spec(4)).unwrap();
+        assert_eq!((d.drop_rel, d.rel, d.p_not_above_chance), (0.0, (0.0, 0.0), 1.0));
+    }
+
+    #[test]
+    fn seeded_deterministic_and_hierarchical_over_seeds() {
+        let a = hits(&(0..40).map(|i| i % 4 != 0).collect::<Vec<_>>());
+        let b = hits(&(0..40).map(|i| i % 3 != 0).collect::<Vec<_>>());
+        let run = |seed| paired_drop(&[(&a, &b)], "top1", 0.1, &spec(seed)).unwrap();
+        assert_eq!(run(5), run(5));
+        assert_ne!(run(5).abs, run(6).abs);
+        // Two seeds: the point estimates are means over seeds.
+        let c = hits(&(0..40).map(|i| i % 5 != 0).collect::<Vec<_>>());
+        let d = paired_drop(&[(&a, &b), (&a, &c)], "top1", 0.1, &spec(5)).unwrap();
+        let (va, vb, vc) = (30.0 / 40.0, 26.0 / 40.0, 32.0 / 40.0);
+        assert!((d.baseline - va).abs() < 1e-12);
+        assert!((d.final_value - (vb + vc) / 2.0).abs() < 1e-12);
+        assert!(d.abs.0 <= d.drop_abs && d.drop_abs <= d.abs.1);
+        let (m, ci) = paired_difference(&[&b, &c], &[&a, &a], "top1", &spec(5)).unwrap();
+        assert!((m - ((vb + vc) / 2.0 - va)).abs() < 1e-12 && ci.0 <= m && m <= ci.1);
+    }
+
+    #[test]
+    fn mismatched_inputs_are_errors() {
+        let a = hits(&[true; 10]);
+        let b = hits(&[true; 11]);
+        assert!(paired_drop(&[(&a, &b)], "top1", 0.1, &spec(0)).is_err());
+        assert!(paired_drop(&[], "top1", 0.1, &spec(0)).is_err());
+        assert!(paired_drop(&[(&a, &a)], "miou", 0.1, &spec(0)).is_err());
+        assert!(paired_difference(&[&a], &[], "top1", &spec(0)).is_err());
+        let bad = BootstrapSpec {
+            confidence: 1.0,
+            ..spec(0)
+        };
+        assert!(paired_drop(&[(&a, &a)], "top1", 0.1, &bad).is_err());
+    }
+
+    #[test]
+    fn clopper_pearson_known_values() {
+        let near = |a: (f64, f64), b: (f64, f64)| (a.0 - b.0).abs() < 5e-5 && (a.1 - b.1).abs() < 5e-5;
+        assert!(near(clopper_pearson(0, 10, 0.95), (0.0, 0.3085)));
+        assert!(near(clopper_pearson(5, 10, 0.95), (0.1871, 0.8129)));
+        assert!(near(clopper_pearson(10, 10, 0.95), (0.6915, 1.0)));
+        // k = 0: the upper bound is 1 − (α/2)^(1/n) exactly.
+        let (_, hi) = clopper_pearson(0, 10, 0.95);
+        assert!((hi - (1.0 - 0.025f64.powf(0.1))).abs() < 1e-12);
+        assert_eq!(clopper_pearson(0, 0, 0.95), (0.0, 1.0));
+        // Large n stays finite (log-space CDF).
+        let (lo, hi) = clopper_pearson(500, 1000, 0.95);
+        assert!(lo > 0.46 && lo < 0.5 && hi > 0.5 && hi < 0.54, "{lo} {hi}");
+    }
+
+    /// Speed of 2,000 resamples on 300 images of each kind (not a test): `cargo test
+    /// --release --lib bootstrap_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bootstrap_speed() {
+        use crate::boxes::{DetBox, Detection};
+        use crate::metrics::miou::ConfusionMatrix;
+        use crate::metrics::per_image::IouCounts;
+        use crate::metrics::MapEvaluator;
+        use rand::{Rng, SeedableRng};
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        // Detection: 300 images, 10 classes, 3 objects and 100 detections per image.
+        let mut map = MapEvaluator::new(10);
+        for _ in 0..300 {
+            let mut bx = || {
+                let (x, y) = (rng.random_range(0.0..120.0f32), rng.random_range(0.0..120.0f32));
+                [x, y, x + rng.random_range(8.0..40.0), y + rng.random_range(8.0..40.0)]
+            };
+            let gts: Vec<DetBox> = (0..3)
+                .map(|k| DetBox { bbox: bx(), class: k * 3, crowd: false })
+                .collect();
+            let mut dets: Vec<Detection> = gts
+                .iter()
+                .map(|g| Detection { bbox: g.bbox, score: 0.9, class: g.class })
+                .collect();
+            for k in 0..97 {
+                dets.push(Detection { bbox: bx(), score: 0.001 * k as f32, class: k % 10 });
+            }
+            map.add_image(&dets, &gts).unwrap();
+        }
+        let det = PerImage::Boxes(map.per_image());
+        let mut seg = IouCounts::new(21);
+        for i in 0..300u64 {
+            let gt: Vec<u8> = (0..160 * 120).map(|p| ((p / 4000 + i) % 21) as u8).collect();
+            let pred: Vec<u8> = gt.iter().map(|&g| if g % 5 == 0 { 0 } else { g }).collect();
+            let mut one = ConfusionMatrix::new(21).unwrap();
+            one.add(&pred, &gt).unwrap();
+            seg.push(&one).unwrap();
+        }
+        let seg = PerImage::Iou(seg);
+        let cls = hits(&(0..300).map(|i| i % 7 != 0).collect::<Vec<_>>());
+        eprintln!("det JSON: {} bytes", serde_json::to_string(&det).unwrap().len());
+        for (p, metric) in [
+            (&seg, "miou"),
+            (&det, "map50"),
+            (&det, "map50_95"),
+            (&cls, "top1"),
+        ] {
+            let t = std::time::Instant::now();
+            paired_drop(&[(p, p)], metric, 0.0, &BootstrapSpec::default()).unwrap();
+            eprintln!("{metric}: 2000 resamples of 300 images in {:.3} s", t.elapsed().as_secs_f64());
+        }
+    }
+}

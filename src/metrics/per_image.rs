@@ -409,3 +409,240 @@ impl TopHits {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::boxes::{DetBox, Detection};
+    use crate::metrics::topk::{label_rank, TopK};
+    use crate::metrics::MapEvaluator;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-12
+    }
+
+    /// Round trip through JSON (what is written to disk) before scoring.
+    fn json(p: PerImage) -> PerImage {
+        serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap()
+    }
+
+    fn seg_image(rng: &mut ChaCha8Rng) -> (Vec<u8>, Vec<u8>) {
+        let n = rng.random_range(1..60);
+        let gt = (0..n)
+            .map(|_| match rng.random_range(0..10) {
+                0 => 255,
+                _ => rng.random_range(0..4),
+            })
+            .collect();
+        let pred = (0..n).map(|_| rng.random_range(0..5)).collect();
+        (pred, gt)
+    }
+
+    #[test]
+    fn iou_counts_reproduce_the_confusion_matrix_and_its_resamples() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let images: Vec<_> = (0..30).map(|_| seg_image(&mut rng)).collect();
+        let counts: Vec<u32> = (0..30).map(|_| rng.random_range(0..3)).collect();
+        let (mut all, mut resampled) = (ConfusionMatrix::new(6).unwrap(), ConfusionMatrix::new(6).unwrap());
+        let mut per = IouCounts::new(6);
+        for ((p, g), &w) in images.iter().zip(&counts) {
+            let mut one = ConfusionMatrix::new(6).unwrap();
+            one.add(p, g).unwrap();
+            all.merge(&one).unwrap();
+            per.push(&one).unwrap();
+            for _ in 0..w {
+                resampled.merge(&one).unwrap();
+            }
+        }
+        let per = json(PerImage::Iou(per));
+        let ones = vec![1; 30];
+        assert!(close(per.value("miou", &ones).unwrap(), all.miou()));
+        assert!(close(per.value("miou_nanmean", &ones).unwrap(), all.miou_nanmean()));
+        assert!(close(per.value("pixel_acc", &ones).unwrap(), all.pixel_accuracy()));
+        assert!(close(per.value("miou", &counts).unwrap(), resampled.miou()));
+        assert!(close(per.value("pixel_acc", &counts).unwrap(), resampled.pixel_accuracy()));
+        assert_eq!(per.value("map50", &ones), None);
+        assert_eq!(per.value("miou", &[1, 1]), None);
+    }
+
+    #[test]
+    fn iou_resamples_hand_computed() {
+        // Image 0: gt [0,0,1,1], pred [0,0,1,0]; image 1: gt [1,1], pred [0,0].
+        let mut per = IouCounts::new(2);
+        for (p, g) in [(&[0u8, 0, 1, 0][..], &[0u8, 0, 1, 1][..]), (&[0, 0], &[1, 1])] {
+            let mut one = ConfusionMatrix::new(2).unwrap();
+            one.add(p, g).unwrap();
+            per.push(&one).unwrap();
+        }
+        let per = PerImage::Iou(per);
+        // Both once: class 0 inter 2 / union 5, class 1 inter 1 / union 4.
+        assert!(close(per.value("miou", &[1, 1]).unwrap(), (0.4 + 0.25) / 2.0));
+        // Image 0 twice: class 0 4/8, class 1 2/6.
+        assert!(close(per.value("miou", &[2, 1]).unwrap(), (0.5 + 2.0 / 6.0) / 2.0));
+        assert!(close(per.value("pixel_acc", &[2, 1]).unwrap(), 6.0 / 10.0));
+        // Image 0 dropped: class 0 has no ground truth left (out of the mean), class 1 is 0.
+        assert_eq!(per.value("miou", &[0, 1]).unwrap(), 0.0);
+        // Image 1 dropped: class 0 2/3, class 1 1/2.
+        assert!(close(per.value("miou", &[1, 0]).unwrap(), (2.0 / 3.0 + 0.5) / 2.0));
+    }
+
+    fn det_image(rng: &mut ChaCha8Rng, classes: usize) -> (Vec<Detection>, Vec<DetBox>) {
+        let bx = |rng: &mut ChaCha8Rng| {
+            let (x, y) = (rng.random_range(0.0..80.0f32), rng.random_range(0.0..80.0f32));
+            [x, y, x + rng.random_range(5.0..40.0), y + rng.random_range(5.0..40.0)]
+        };
+        let gts: Vec<DetBox> = (0..rng.random_range(0..5))
+            .map(|_| DetBox {
+                bbox: bx(rng),
+                class: rng.random_range(0..classes),
+                crowd: rng.random_bool(0.1),
+            })
+            .collect();
+        // Scores on a coarse grid, so that ties across images are common, but distinct within
+        // an image (there copies of an image and a resample differ, see BoxScores::value).
+        let mut grid: Vec<f32> = (1..20).map(|k| k as f32 / 20.0).collect();
+        let mut score = |rng: &mut ChaCha8Rng| grid.swap_remove(rng.random_range(0..grid.len()));
+        let mut dets = Vec::new();
+        for g in &gts {
+            if rng.random_bool(0.3) {
+                continue; // missed
+            }
+            let j = rng.random_range(-4.0..4.0f32);
+            dets.push(Detection {
+                bbox: [g.bbox[0] + j, g.bbox[1], g.bbox[2] + j, g.bbox[3]],
+                score: score(rng),
+                class: g.class,
+            });
+        }
+        for _ in 0..rng.random_range(0..4) {
+            dets.push(Detection {
+                bbox: bx(rng),
+                score: score(rng),
+                class: rng.random_range(0..classes),
+            });
+        }
+        (dets, gts)
+    }
+
+    #[test]
+    fn box_scores_reproduce_map_and_its_resamples() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        for round in 0..20 {
+            let images: Vec<_> = (0..25).map(|_| det_image(&mut rng, 4)).collect();
+            let counts: Vec<u32> = (0..25).map(|_| rng.random_range(0..3)).collect();
+            let (mut all, mut resampled) = (MapEvaluator::new(4), MapEvaluator::new(4));
+            for ((d, g), &w) in images.iter().zip(&counts) {
+                all.add_image(d, g).unwrap();
+                for _ in 0..w {
+                    resampled.add_image(d, g).unwrap();
+                }
+            }
+            let per = json(PerImage::Boxes(all.per_image()));
+            let (s, r) = (all.summarize(), resampled.summarize());
+            let ones = vec![1; 25];
+            for (metric, a, b) in [
+                ("map50", s.map50, r.map50),
+                ("map75", s.map75, r.map75),
+                ("map50_95", s.map50_95, r.map50_95),
+            ] {
+                assert!(close(per.value(metric, &ones).unwrap(), a), "{round} {metric}");
+                // Copies adjacent in image order = what the resample scores (these images
+                // have no equal scores within one class of one image, almost surely).
+                let v = per.value(metric, &counts).unwrap();
+                assert!(close(v, b), "{round} {metric}: {v} vs {b}");
+            }
+            // With ties everywhere (two score levels), the split itself is still exact.
+            let mut tied = MapEvaluator::new(4);
+            for (d, g) in &images {
+                let d: Vec<Detection> = d
+                    .iter()
+                    .map(|x| Detection {
+                        score: if x.score > 0.5 { 1.0 } else { 0.5 },
+                        ..*x
+                    })
+                    .collect();
+                tied.add_image(&d, g).unwrap();
+            }
+            let per = PerImage::Boxes(tied.per_image());
+            let s = tied.summarize();
+            assert!(close(per.value("map50_95", &ones).unwrap(), s.map50_95));
+            assert!(close(per.value("map50", &ones).unwrap(), s.map50));
+        }
+    }
+
+    #[test]
+    fn box_resamples_hand_computed() {
+        let gt = |class| DetBox {
+            bbox: [10.0, 10.0, 50.0, 50.0],
+            class,
+            crowd: false,
+        };
+        let det = |x: f32, score| Detection {
+            bbox: [x, 10.0, x + 40.0, 50.0],
+            score,
+            class: 0,
+        };
+        // Image 0: a TP at 0.9; image 1: its object missed, an FP at 0.8 elsewhere.
+        let mut e = MapEvaluator::new(1);
+        e.add_image(&[det(10.0, 0.9)], &[gt(0)]).unwrap();
+        e.add_image(&[det(200.0, 0.8)], &[gt(0)]).unwrap();
+        let per = PerImage::Boxes(e.per_image());
+        // Recall 1/2 at precision 1: recall points 0..0.50 → 51/101.
+        assert!(close(per.value("map50", &[1, 1]).unwrap(), 51.0 / 101.0));
+        // Image 1 twice: recall 1/3 at precision 1 → points 0..0.33 → 34/101.
+        assert!(close(per.value("map50", &[1, 2]).unwrap(), 34.0 / 101.0));
+        // Image 0 twice: recall 2/3 at precision 1 → points 0..0.66 → 67/101.
+        assert!(close(per.value("map50", &[2, 1]).unwrap(), 67.0 / 101.0));
+        // Image 1 only: no TP → 0; image 0 only: perfect (1 − ε as COCO's precision).
+        assert_eq!(per.value("map50", &[0, 1]).unwrap(), 0.0);
+        assert!(close(per.value("map50_95", &[3, 0]).unwrap(), 1.0));
+        assert_eq!(per.value("top1", &[1, 1]), None);
+    }
+
+    #[test]
+    fn hits_reproduce_topk_and_its_resamples() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (mut all, mut resampled) = (TopK::new(), TopK::new());
+        let mut hits = TopHits::new(8);
+        let mut counts = Vec::new();
+        for _ in 0..40 {
+            let scores: Vec<f32> = (0..8).map(|_| rng.random_range(0..4) as f32).collect();
+            let y = rng.random_range(0..8);
+            let w = rng.random_range(0..3);
+            all.add(&scores, y).unwrap();
+            hits.push(y, label_rank(&scores, y)).unwrap();
+            for _ in 0..w {
+                resampled.add(&scores, y).unwrap();
+            }
+            counts.push(w);
+        }
+        let per = json(PerImage::Hits(hits));
+        let ones = vec![1; 40];
+        assert!(close(per.value("top1", &ones).unwrap(), all.top1()));
+        assert!(close(per.value("top5", &ones).unwrap(), all.top5().unwrap()));
+        assert!(close(per.value("mean_acc", &ones).unwrap(), all.mean_class_accuracy()));
+        assert!(close(per.value("top1", &counts).unwrap(), resampled.top1()));
+        assert!(close(per.value("mean_acc", &counts).unwrap(), resampled.mean_class_accuracy()));
+    }
+
+    #[test]
+    fn hits_resamples_hand_computed() {
+        let per = PerImage::Hits(TopHits {
+            num_classes: 10,
+            labels: vec![0, 1, 2, 3],
+            ranks: vec![0, 0, 3, 5],
+        });
+        assert_eq!(per.len(), 4);
+        assert!(close(per.value("top1", &[1, 1, 1, 1]).unwrap(), 0.5));
+        assert!(close(per.value("top5", &[1, 1, 1, 1]).unwrap(), 0.75));
+        // Image 2 twice: 2 hits of 5.
+        assert!(close(per.value("top1", &[1, 1, 2, 1]).unwrap(), 0.4));
+        // Misses dropped: 1.
+        assert!(close(per.value("top1", &[3, 1, 0, 0]).unwrap(), 1.0));
+        // Per class: classes 0 and 1 right, 2 and 3 wrong → 0.5 whatever the weights.
+        assert!(close(per.value("mean_acc", &[3, 1, 2, 1]).unwrap(), 0.5));
+    }
+}

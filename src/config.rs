@@ -146,7 +146,8 @@ pub enum DataSource {
 pub struct DataConfig {
     pub source: DataSource,
     /// Data root holding `mini_voc_seg/`, `mini_coco_det/`, `imagenette_160/`.
-    /// For `synthetic`, defaults to `data/synthetic-s<seed>-<size>px-<train>x<val>`.
+    /// For `synthetic`, defaults to `data/synthetic-s<seed>-<size>px-<train>x<val>x<test>`
+    /// (`…-<train>x<val>` when `synth_test = 0`).
     pub root: Option<PathBuf>,
     /// Seed of the synthetic benchmark (independent of the run seed, so that runs with
     /// different seeds see the same data).
@@ -154,6 +155,9 @@ pub struct DataConfig {
     /// Synthetic images per task and split.
     pub synth_train: usize,
     pub synth_val: usize,
+    /// Images per task of the held-out test split, never used for training, replay, Fisher
+    /// information, teachers or model selection; 0 = no test split.
+    pub synth_test: usize,
     /// Side of the generated synthetic images.
     pub synth_size: usize,
     /// Random horizontal flips of training images (and masks/boxes).
@@ -173,6 +177,7 @@ impl Default for DataConfig {
             synth_seed: 0,
             synth_train: 240,
             synth_val: 60,
+            synth_test: 300,
             synth_size: 160,
             flip: true,
             crop_scale: [1.0, 1.0],
@@ -185,10 +190,18 @@ impl DataConfig {
     pub fn resolved_root(&self) -> PathBuf {
         match (&self.root, self.source) {
             (Some(r), _) => r.clone(),
-            (None, DataSource::Synthetic) => PathBuf::from(format!(
-                "data/synthetic-s{}-{}px-{}x{}",
-                self.synth_seed, self.synth_size, self.synth_train, self.synth_val
-            )),
+            // The test count is in the name (the folder's contents depend on it); without
+            // a test split the name is the one written before test splits existed.
+            (None, DataSource::Synthetic) => {
+                let test = match self.synth_test {
+                    0 => String::new(),
+                    n => format!("x{n}"),
+                };
+                PathBuf::from(format!(
+                    "data/synthetic-s{}-{}px-{}x{}{test}",
+                    self.synth_seed, self.synth_size, self.synth_train, self.synth_val
+                ))
+            }
             (None, DataSource::Disk) => PathBuf::from("data/course"),
         }
     }
@@ -665,6 +678,12 @@ impl Experiment {
         {
             return Err(format!(
                 "data.synth_train and data.synth_val must be from 10 (one image per class) to {MAX_SYNTH_IMAGES}"
+            ));
+        }
+        if d.source == DataSource::Synthetic && d.synth_test != 0 && !split_ok(d.synth_test) {
+            return Err(format!(
+                "data.synth_test = {} must be 0 (no test split) or from 10 (one image per class) to {MAX_SYNTH_IMAGES}",
+                d.synth_test
             ));
         }
         if d.source == DataSource::Synthetic && !(32..=MAX_IMAGE_SIZE).contains(&d.synth_size) {

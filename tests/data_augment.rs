@@ -23,6 +23,7 @@ fn synth(dir: &Path) {
             seed: 3,
             train: 10,
             val: 10,
+            test: 0,
             size: 48,
         },
     )

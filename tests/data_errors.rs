@@ -14,6 +14,7 @@ fn synth(dir: &Path) {
         seed: 1,
         train: 10,
         val: 10,
+        test: 0,
         size: 32,
     };
     generate(dir, &o).unwrap();

@@ -18,6 +18,7 @@ fn small(seed: u64) -> SynthOptions {
         seed,
         train: 10,
         val: 10,
+        test: 0,
         size: 48,
     }
 }
@@ -68,6 +69,61 @@ fn same_seed_identical_bytes_different_seed_differs() {
 }
 
 #[test]
+fn test_split_leaves_train_and_val_bytes_unchanged() {
+    let (without, with) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    generate(without.path(), &small(5)).unwrap();
+    let sum = generate(with.path(), &SynthOptions { test: 10, ..small(5) }).unwrap();
+    assert_eq!(sum.cls_images, [10, 10, 10]);
+    assert_eq!(sum.det_images[2], 10);
+    let is_test = |p: &Path| {
+        let s = p.to_string_lossy();
+        s.contains("/test/") || s.ends_with("instances_test.json")
+    };
+    let (ta, tb) = (tree(without.path()), tree(with.path()));
+    let kept: Vec<_> = tb.iter().filter(|(p, _)| !is_test(p)).cloned().collect();
+    assert!(kept == ta, "train and val files must be byte-identical with a test split");
+    // 3 tasks x 10 test images, + 10 test masks, + the test JSON.
+    assert_eq!(tb.len() - ta.len(), 30 + 10 + 1);
+    assert!(ta.iter().all(|(p, _)| !is_test(p)), "no test folder without a test split");
+    // The test images are new images, not copies of val ones.
+    let val_bytes: BTreeSet<&Vec<u8>> = ta.iter().map(|(_, b)| b).collect();
+    assert!(tb
+        .iter()
+        .filter(|(p, _)| is_test(p) && p.extension().unwrap() == "jpg")
+        .all(|(_, b)| !val_bytes.contains(b)));
+    assert!(generate(with.path(), &SynthOptions { test: 5, ..small(5) }).is_err());
+}
+
+#[test]
+fn tasks_load_a_test_split_only_where_the_data_has_one() {
+    use onehead::tasks::{cls::ClsTask, det::DetTask, seg::SegTask, OpenOptions, Task};
+    let (without, with) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    generate(without.path(), &small(6)).unwrap();
+    generate(with.path(), &SynthOptions { test: 10, ..small(6) }).unwrap();
+    let dev = Device::Cpu;
+    for (root, n) in [(without.path(), 0), (with.path(), 10)] {
+        let o = OpenOptions::new(root, 32);
+        let tasks: Vec<Box<dyn Task>> = vec![
+            Box::new(SegTask::open(&o).unwrap()),
+            Box::new(DetTask::open(&o).unwrap()),
+            Box::new(ClsTask::open(&o).unwrap()),
+        ];
+        for t in &tasks {
+            assert_eq!(t.len(Split::Test), n, "{}", t.name());
+            let batch = t.batch(Split::Test, &[0], &[], &dev);
+            assert_eq!(batch.is_ok(), n > 0, "{}", t.name());
+            let chance = t.chance(t.primary_metric(), Split::Test);
+            // Classification's chance is 1/C on any split; the others' need the split.
+            assert_eq!(chance.is_some(), n > 0 || t.name() == "cls", "{}", t.name());
+        }
+        if n == 0 {
+            let err = tasks[0].batch(Split::Test, &[0], &[], &dev).err().unwrap();
+            assert!(format!("{err:#}").contains("no test split"), "{err:#}");
+        }
+    }
+}
+
+#[test]
 fn refuses_to_overwrite_foreign_folder() {
     let d = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(d.path().join(SEG_DIR)).unwrap();
@@ -83,7 +139,7 @@ fn refuses_to_overwrite_foreign_folder() {
 fn loaders_round_trip_synth() {
     let d = tempfile::tempdir().unwrap();
     let sum = generate(d.path(), &small(3)).unwrap();
-    assert_eq!(sum.seg_images, [10, 10]);
+    assert_eq!(sum.seg_images, [10, 10, 0]);
     let dev = Device::Cpu;
 
     // Segmentation: palette masks read back as indices 0..=20 and 255.

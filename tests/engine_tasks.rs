@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use onehead::data::{Augment, Split};
 use onehead::registry::Registry;
@@ -39,10 +39,12 @@ impl CountTask {
         Ok(Self { train, val, chance })
     }
 
-    fn split(&self, s: Split) -> &DetSplit {
+    /// This task reads no held-out test split: it has none.
+    fn split(&self, s: Split) -> Option<&DetSplit> {
         match s {
-            Split::Train => &self.train,
-            Split::Val => &self.val,
+            Split::Train => Some(&self.train),
+            Split::Val => Some(&self.val),
+            Split::Test => None,
         }
     }
 }
@@ -67,14 +69,15 @@ impl Task for CountTask {
     fn primary_metric(&self) -> &str {
         "acc"
     }
-    fn chance(&self, metric: &str) -> Option<f64> {
-        (metric == "acc").then_some(self.chance)
+    fn chance(&self, metric: &str, split: Split) -> Option<f64> {
+        (metric == "acc" && split == Split::Val).then_some(self.chance)
     }
     fn len(&self, split: Split) -> usize {
-        self.split(split).len()
+        self.split(split).map_or(0, |s| s.len())
     }
     fn batch(&self, split: Split, idx: &[usize], augs: &[Augment], dev: &Device) -> Result<Batch> {
-        let (images, boxes) = self.split(split).batch(idx, augs, dev)?;
+        let data = self.split(split).context("no such split")?;
+        let (images, boxes) = data.batch(idx, augs, dev)?;
         let counts: Vec<f32> = boxes
             .iter()
             .map(|b| b.iter().filter(|b| !b.crowd).count() as f32)
@@ -89,7 +92,7 @@ impl Task for CountTask {
             parts: vec![],
         })
     }
-    fn evaluator(&self) -> Box<dyn Evaluator + '_> {
+    fn evaluator(&self, _split: Split) -> Box<dyn Evaluator + '_> {
         Box::new(CountEval::default())
     }
     fn distill(&self, s: &Tensor, t: &Tensor, _: &DistillParams) -> Result<Tensor> {
@@ -242,7 +245,7 @@ fn classification_with_more_than_255_classes_evaluates() {
     let dev = Device::Cpu;
     let b = task.batch(Split::Val, &[0, 299], &[], &dev).unwrap();
     let out = Tensor::zeros((2, 300, 4, 4), DType::F32, &dev).unwrap();
-    let mut ev = task.evaluator();
+    let mut ev = task.evaluator(Split::Val);
     ev.add(&out, &b).unwrap();
     let m = ev.finish().unwrap();
     assert_eq!(

@@ -146,7 +146,7 @@ fn segmentation_is_scored_at_the_original_resolution() {
         }
     }
     let out = Tensor::from_vec(v, (1, 21, 4, 4), &dev).unwrap();
-    let mut ev = task.evaluator();
+    let mut ev = task.evaluator(Split::Val);
     ev.add(&out, &batch).unwrap();
     let m = ev.finish().unwrap();
     // Classes with ground truth: 0, 1 and the single pixel of 3.
@@ -158,5 +158,8 @@ fn segmentation_is_scored_at_the_original_resolution() {
     assert!((m["pixel_acc"] - (1.0 - 1.0 / (w * h) as f64)).abs() < 1e-9);
     // The chance level: background everywhere, over the same fixed class set.
     let bg = (w * h / 2) as f64 / (w * h) as f64;
-    assert!((task.chance("miou").unwrap() - bg / 3.0).abs() < 1e-9);
+    assert!((task.chance("miou", Split::Val).unwrap() - bg / 3.0).abs() < 1e-9);
+    // No test folder: no test split, no chance level on it.
+    assert_eq!(task.len(Split::Test), 0);
+    assert_eq!(task.chance("miou", Split::Test), None);
 }

@@ -47,6 +47,7 @@ source = "synthetic"
 root = "{data}"
 synth_train = 24
 synth_val = 10
+synth_test = 0
 synth_size = 96
 [[stages]]
 task = "seg"

@@ -19,6 +19,9 @@ pub struct SynthArgs {
     /// Validation images per task (10 to 100000).
     #[arg(long, default_value_t = 60, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(10..=100000))]
     pub val: usize,
+    /// Held-out test images per task (`data.synth_test`): 0 for none, else 10 to 100000.
+    #[arg(long, default_value_t = 300, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=100000))]
+    pub test: usize,
     /// Side of the generated images in pixels (32 to 1024).
     #[arg(long, default_value_t = 160, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(32..=1024))]
     pub size: usize,
@@ -54,6 +57,7 @@ pub fn synth(args: SynthArgs) -> Result<ExitCode> {
         seed,
         train,
         val,
+        test,
         size,
     } = args;
     let t = std::time::Instant::now();
@@ -63,6 +67,7 @@ pub fn synth(args: SynthArgs) -> Result<ExitCode> {
             seed,
             train,
             val,
+            test,
             size,
         },
     )

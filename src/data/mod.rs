@@ -4,11 +4,16 @@
 //!
 //! Layout under a data root (identical for the synthetic benchmark and the real sets):
 //! ```text
-//! ROOT/mini_voc_seg/{train,val}/<stem>.jpg + <stem>.png   (palette PNG, ids 0..C-1, 255 = ignore)
-//! ROOT/mini_coco_det/{train,val}/<file_name>              (images)
-//! ROOT/mini_coco_det/annotations/instances_{train,val}.json
-//! ROOT/imagenette_160/{train,val}/<class-folder>/*.JPEG
+//! ROOT/mini_voc_seg/{train,val,test}/<stem>.jpg + <stem>.png   (palette PNG, ids 0..C-1, 255 = ignore)
+//! ROOT/mini_coco_det/{train,val,test}/<file_name>              (images)
+//! ROOT/mini_coco_det/annotations/instances_{train,val,test}.json
+//! ROOT/imagenette_160/{train,val,test}/<class-folder>/*.JPEG
 //! ```
+//!
+//! The `test` split is held out: only the synthetic benchmark writes one (`data.synth_test`
+//! images per task), and nothing reads it for training, replay, Fisher information, teachers
+//! or model selection. The real course sets (`prepare`) have none; the tasks then report 0
+//! samples for it.
 //!
 //! Writers: [`generate()`] (`onehead synth --out ROOT`) draws the synthetic benchmark;
 //! [`prepare()`] (`onehead prepare --out ROOT`) downloads and samples the real course sets.
@@ -32,7 +37,10 @@ pub const IGNORE_INDEX: u8 = 255;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Split {
     Train,
+    /// Model selection, verdicts during development.
     Val,
+    /// Held out: scored only, never trained on or selected with (synthetic benchmark only).
+    Test,
 }
 
 impl Split {
@@ -40,6 +48,7 @@ impl Split {
         match self {
             Split::Train => "train",
             Split::Val => "val",
+            Split::Test => "test",
         }
     }
 }

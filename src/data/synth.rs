@@ -39,6 +39,9 @@ pub struct SynthOptions {
     pub train: usize,
     /// Validation images per task (≥ 10).
     pub val: usize,
+    /// Held-out test images per task (0 = no test split, else ≥ 10). Drawn from their own
+    /// random streams: the train and val images do not depend on this count.
+    pub test: usize,
     /// Longer side of detection/segmentation images and shorter side of classification images,
     /// in pixels (Imagenette-160 style). At least 32.
     pub size: usize,
@@ -50,6 +53,7 @@ impl Default for SynthOptions {
             seed: 0,
             train: 240,
             val: 60,
+            test: 300,
             size: 160,
         }
     }
@@ -60,14 +64,14 @@ impl Default for SynthOptions {
 pub struct SynthSummary {
     /// The data root (`--out`).
     pub root: PathBuf,
-    /// Image+mask pairs per split `[train, val]`.
-    pub seg_images: [usize; 2],
+    /// Image+mask pairs per split `[train, val, test]`.
+    pub seg_images: [usize; 3],
     /// Detection images per split.
-    pub det_images: [usize; 2],
+    pub det_images: [usize; 3],
     /// Detection annotations per split.
-    pub det_annotations: [usize; 2],
+    pub det_annotations: [usize; 3],
     /// Classification images per split.
-    pub cls_images: [usize; 2],
+    pub cls_images: [usize; 3],
 }
 
 /// Generate the synthetic benchmark under `out` (see the module docs and [`super`] for the
@@ -85,21 +89,30 @@ pub fn generate(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
         opts.train,
         opts.val
     );
+    anyhow::ensure!(
+        opts.test == 0 || opts.test >= 10,
+        "synth: --test must be 0 (no test split) or at least 10 (one image per class), got {}",
+        opts.test
+    );
     let seg_root = fresh_dataset_dir(&out.join(SEG_DIR), "synth")?;
     let det_root = fresh_dataset_dir(&out.join(DET_DIR), "synth")?;
     let cls_root = fresh_dataset_dir(&out.join(CLS_DIR), "synth")?;
     std::fs::create_dir_all(det_root.join("annotations"))?;
     let mut summary = SynthSummary {
         root: out.to_path_buf(),
-        seg_images: [0; 2],
-        det_images: [0; 2],
-        det_annotations: [0; 2],
-        cls_images: [0; 2],
+        seg_images: [0; 3],
+        det_images: [0; 3],
+        det_annotations: [0; 3],
+        cls_images: [0; 3],
     };
-    for (si, (split, n)) in [(Split::Train, opts.train), (Split::Val, opts.val)]
-        .into_iter()
-        .enumerate()
-    {
+    let splits = [
+        (Split::Train, opts.train),
+        (Split::Val, opts.val),
+        (Split::Test, opts.test),
+    ];
+    // No folder at all for an absent test split: the loaders take a missing folder to mean
+    // "this dataset has no test split", as for the real course sets.
+    for (si, (split, n)) in splits.into_iter().enumerate().filter(|(_, (_, n))| *n > 0) {
         write_seg_split(&seg_root, split, n, opts)?;
         summary.seg_images[si] = n;
         summary.det_annotations[si] = write_det_split(&det_root, split, n, opts)?;
@@ -235,7 +248,8 @@ enum Stream {
 }
 
 /// Per-image RNG from (seed, dataset, split, index): independent streams so that rayon's
-/// scheduling cannot change any image.
+/// scheduling cannot change any image, and so that adding the test split (key 3) leaves
+/// every train and val image as it was.
 fn image_rng(seed: u64, task: Stream, split: Split, index: usize) -> ChaCha8Rng {
     let t = match task {
         Stream::Seg => 1u64,
@@ -245,6 +259,7 @@ fn image_rng(seed: u64, task: Stream, split: Split, index: usize) -> ChaCha8Rng 
     let s = match split {
         Split::Train => 1u64,
         Split::Val => 2,
+        Split::Test => 3,
     };
     let mut k = splitmix(seed);
     k = splitmix(k ^ t);

@@ -16,6 +16,7 @@
 //! - categories without any non-crowd ground truth are excluded (COCO's −1), the summary
 //!   averages over the remaining categories.
 
+use super::per_image::{BoxScores, ImageBoxes};
 use super::MetricError;
 use crate::boxes::{self, DetBox, Detection};
 
@@ -202,6 +203,45 @@ impl MapEvaluator {
             ignored,
             num_gt,
         })
+    }
+
+    /// What every image contributes to the evaluation (COCO's `evaluateImg` output, per
+    /// image), in the order the images were added: [`BoxScores::value`] recomputes the
+    /// summary from it, and on any resample of the images.
+    pub fn per_image(&self) -> BoxScores {
+        let images = self
+            .images
+            .iter()
+            .map(|(dets, gts)| {
+                let mut im = ImageBoxes {
+                    gt: vec![0; self.num_classes],
+                    ..ImageBoxes::default()
+                };
+                for class in 0..self.num_classes {
+                    if let Some(e) = Self::evaluate_image(dets, gts, class) {
+                        im.gt[class] = e.num_gt as u32;
+                        for (di, &score) in e.scores.iter().enumerate() {
+                            let bits = |flags: &[Vec<bool>]| {
+                                (0..NUM_IOU_THRESHOLDS)
+                                    .filter(|&t| flags[t][di])
+                                    .fold(0u16, |m, t| m | 1 << t)
+                            };
+                            im.class.push(class as u32);
+                            // Exact: the scores were f32 before evaluate_image widened them.
+                            im.score.push(score as f32);
+                            im.matched.push(bits(&e.matched));
+                            im.ignored.push(bits(&e.ignored));
+                        }
+                    }
+                }
+                // Most images have no crowd box: leave the ignored flags out (all zero).
+                if im.ignored.iter().all(|&m| m == 0) {
+                    im.ignored.clear();
+                }
+                im
+            })
+            .collect();
+        BoxScores::new(self.num_classes, images)
     }
 
     /// AP of one category per IoU threshold, `None` without non-crowd ground truth.

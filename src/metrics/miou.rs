@@ -120,6 +120,12 @@ impl ConfusionMatrix {
         (0..self.num_classes).map(|p| self.count(k, p)).sum()
     }
 
+    /// Number of counted pixels predicted as class `k` (pixels whose ground truth is ignored
+    /// are not counted).
+    pub fn pred_pixels(&self, k: usize) -> u64 {
+        (0..self.num_classes).map(|g| self.count(g, k)).sum()
+    }
+
     /// The classes with at least one ground-truth pixel: the fixed class set of the split,
     /// which no prediction can change.
     pub fn classes_with_gt(&self) -> Vec<usize> {

@@ -30,6 +30,21 @@ fn score(v: f32) -> f32 {
     }
 }
 
+/// Rank of the true `label` among `scores` as [`TopK`] ranks it: the number of classes that
+/// beat it (higher score, or equal score and lower index; NaN counts as −∞). `label` must be
+/// `< scores.len()`.
+pub fn label_rank(scores: &[f32], label: usize) -> usize {
+    let sy = score(scores[label]);
+    scores
+        .iter()
+        .enumerate()
+        .filter(|&(j, &s)| {
+            let s = score(s);
+            s > sy || (s == sy && j < label)
+        })
+        .count()
+}
+
 impl TopK {
     pub fn new() -> Self {
         Self::default()
@@ -55,15 +70,7 @@ impl TopK {
             }
         }
         self.num_classes = Some(scores.len());
-        let sy = score(scores[label]);
-        let rank = scores
-            .iter()
-            .enumerate()
-            .filter(|&(j, &s)| {
-                let s = score(s);
-                s > sy || (s == sy && j < label)
-            })
-            .count();
+        let rank = label_rank(scores, label);
         self.total += 1;
         if self.per_class.len() < scores.len() {
             self.per_class.resize(scores.len(), (0, 0));

@@ -8,7 +8,9 @@
 //!   and `mean_acc`, the per-class mean of Top-1 (torchmetrics' `MulticlassAccuracy`
 //!   default, which the course's evaluation uses; pick it with `[eval] metric = { cls =
 //!   "mean_acc" }`). The two agree on a balanced split.
-//! - Chance: `1/C` (Top-1 and mean accuracy), `5/C` (Top-5).
+//! - Splits: train and val; a held-out `test` split when its folder exists (the synthetic
+//!   benchmark), scored exactly as val.
+//! - Chance: `1/C` (Top-1 and mean accuracy), `5/C` (Top-5), on any split.
 //! - Predictions (`onehead predict`) and exports (`onehead eval --export`): softmax
 //!   probabilities; the predicted class is the first highest logit, as Top-1 counts it.
 //!   Exports are a CSV `file,true,predicted,probability`.
@@ -22,12 +24,13 @@ use candle_core::{DType, Device, Tensor};
 use super::images::ImageSet;
 use super::seg::kl_distill;
 use super::{
-    check_request, require_dir, Augment, Batch, DistillParams, Evaluator, Exporter, Mark,
-    OpenOptions, PredictInput, Prediction, Split, Task, TaskLoss, TaskMetrics,
+    check_request, no_split, require_dir, Augment, Batch, DistillParams, Evaluator, Exporter,
+    Mark, OpenOptions, PerImage, PredictInput, Prediction, Split, Task, TaskLoss, TaskMetrics,
 };
 use crate::data::imageio::{is_image, sorted_dirs, sorted_files};
 use crate::data::{DataError, CLS_DIR};
-use crate::metrics::topk::TopK;
+use crate::metrics::per_image::TopHits;
+use crate::metrics::topk::{label_rank, TopK};
 
 /// The metrics classification reports (`top1` is its verdict metric by default).
 pub const METRICS: [&str; 3] = ["top1", "top5", "mean_acc"];
@@ -171,26 +174,38 @@ pub fn cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<Tensor> {
 pub struct ClsTask {
     pub train: ClsSplit,
     pub val: ClsSplit,
+    /// The held-out test split, when the data has one (the synthetic benchmark).
+    pub test: Option<ClsSplit>,
 }
 
 impl ClsTask {
     pub fn open(o: &OpenOptions) -> Result<Self> {
         let train = ClsSplit::open(&o.root, Split::Train, o.image_size, o.train_crops)?;
         let val = ClsSplit::open(&o.root, Split::Val, o.image_size, false)?;
-        anyhow::ensure!(
-            train.class_names == val.class_names,
-            "cls: the train and val splits under {} have different class folders ({} vs {})",
-            o.root.display(),
-            train.class_names.len(),
-            val.class_names.len()
-        );
-        Ok(Self { train, val })
+        // A missing test folder means the data has no test split (the course sets).
+        let test = match split_dir(&o.root, Split::Test).is_dir() {
+            true => Some(ClsSplit::open(&o.root, Split::Test, o.image_size, false)?),
+            false => None,
+        };
+        for (name, other) in [("val", Some(&val)), ("test", test.as_ref())] {
+            let Some(other) = other else { continue };
+            anyhow::ensure!(
+                train.class_names == other.class_names,
+                "cls: the train and {name} splits under {} have different class folders ({} vs {})",
+                o.root.display(),
+                train.class_names.len(),
+                other.class_names.len()
+            );
+        }
+        Ok(Self { train, val, test })
     }
 
-    fn split(&self, split: Split) -> &ClsSplit {
+    /// The split, `None` for a test split the data does not have.
+    fn split(&self, split: Split) -> Option<&ClsSplit> {
         match split {
-            Split::Train => &self.train,
-            Split::Val => &self.val,
+            Split::Train => Some(&self.train),
+            Split::Val => Some(&self.val),
+            Split::Test => self.test.as_ref(),
         }
     }
 }
@@ -224,7 +239,7 @@ impl Task for ClsTask {
         "top1"
     }
 
-    fn chance(&self, metric: &str) -> Option<f64> {
+    fn chance(&self, metric: &str, _split: Split) -> Option<f64> {
         let c = self.train.class_names.len() as f64;
         match metric {
             "top1" | "mean_acc" => Some(1.0 / c),
@@ -234,11 +249,11 @@ impl Task for ClsTask {
     }
 
     fn len(&self, split: Split) -> usize {
-        self.split(split).len()
+        self.split(split).map_or(0, |s| s.len())
     }
 
     fn image_aspect(&self, split: Split, i: usize) -> f32 {
-        self.split(split).images.aspect(i)
+        self.split(split).map_or(1.0, |s| s.images.aspect(i))
     }
 
     fn batch(
@@ -248,7 +263,8 @@ impl Task for ClsTask {
         augs: &[Augment],
         device: &Device,
     ) -> Result<Batch> {
-        let (images, labels) = self.split(split).batch(indices, augs, device)?;
+        let data = self.split(split).ok_or_else(|| no_split("cls", split))?;
+        let (images, labels) = data.batch(indices, augs, device)?;
         Ok(Batch::new(images, indices, labels))
     }
 
@@ -260,8 +276,12 @@ impl Task for ClsTask {
         })
     }
 
-    fn evaluator(&self) -> Box<dyn Evaluator + '_> {
-        Box::new(ClsEvaluator { topk: TopK::new() })
+    fn evaluator(&self, _split: Split) -> Box<dyn Evaluator + '_> {
+        // The split's labels come with its batches: one evaluator serves any split.
+        Box::new(ClsEvaluator {
+            topk: TopK::new(),
+            hits: TopHits::new(self.train.class_names.len()),
+        })
     }
 
     fn distill(&self, student: &Tensor, teacher: &Tensor, p: &DistillParams) -> Result<Tensor> {
@@ -370,6 +390,8 @@ impl Exporter for ClsExporter<'_> {
 
 struct ClsEvaluator {
     topk: TopK,
+    /// Each image's label and rank, for resampling.
+    hits: TopHits,
 }
 
 impl Evaluator for ClsEvaluator {
@@ -378,17 +400,28 @@ impl Evaluator for ClsEvaluator {
         let rows = logits(out)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         for (row, &y) in rows.iter().zip(labels) {
             self.topk.add(row, y)?;
+            self.hits.push(y, label_rank(row, y))?;
         }
         Ok(())
     }
 
     fn finish(self: Box<Self>) -> Result<TaskMetrics> {
+        Ok(self.metrics())
+    }
+
+    fn finish_scored(self: Box<Self>) -> Result<(TaskMetrics, Option<PerImage>)> {
+        Ok((self.metrics(), Some(PerImage::Hits(self.hits))))
+    }
+}
+
+impl ClsEvaluator {
+    fn metrics(&self) -> TaskMetrics {
         let mut m = TaskMetrics::new();
         m.insert("top1".into(), self.topk.top1());
         m.insert("mean_acc".into(), self.topk.mean_class_accuracy());
         if let Some(t5) = self.topk.top5() {
             m.insert("top5".into(), t5);
         }
-        Ok(m)
+        m
     }
 }

@@ -7,7 +7,12 @@
 //!   objectness, `C` class logits (independent sigmoids).
 //! - Loss: [`det_loss`] (centre sampling, BCE objectness and class, GIoU box).
 //! - Metric: COCO mAP (pycocotools' protocol) at IoU 0.5 and 0.5:0.95.
-//! - Chance: random boxes score about 0 mAP.
+//! - Splits: train and val; a held-out `test` split when its folder exists (the synthetic
+//!   benchmark), scored exactly as val.
+//! - Chance: the mAP of a prior-box predictor on the split ([`prior_boxes`],
+//!   [`prior_box_map`]): each class's mean training box, relative to the image, predicted
+//!   in every image with one constant score. A detector that has learned nothing about the
+//!   image still knows where objects tend to be; random boxes would set the bar too low.
 //! - Predictions (`onehead predict`) and exports (`onehead eval --export`): the evaluator's
 //!   detections (model-input pixels, the image stretched to `S × S`) scaled to the original
 //!   image's pixels; exports as a COCO results JSON with the dataset's own image and category
@@ -25,13 +30,14 @@ use serde::{Deserialize, Serialize};
 use super::det_loss::{det_loss, stable_bce_with_logits, DetLossParams};
 use super::images::{crop_rect, ImageSet};
 use super::{
-    aug_at, check_request, require_dir, Augment, Batch, DistillParams, Evaluator, Exporter, Mark,
-    OpenOptions, PredictInput, Prediction, Split, Task, TaskLoss, TaskMetrics,
+    aug_at, check_request, no_split, require_dir, Augment, Batch, DistillParams, Evaluator,
+    Exporter, Mark, OpenOptions, PerImage, PredictInput, Prediction, Split, Task, TaskLoss,
+    TaskMetrics,
 };
 use crate::boxes::{self, cell_coords, crop_boxes, decode_boxes, flip_boxes, DetBox, Detection};
 use crate::data::coco::CocoFile;
 use crate::data::{DataError, DET_DIR};
-use crate::metrics::map::MapEvaluator;
+use crate::metrics::map::{MapEvaluator, MapSummary};
 use crate::model::OUTPUT_STRIDE;
 
 /// The metrics detection reports (`map50` is its verdict metric by default).
@@ -335,13 +341,58 @@ pub fn decode(
     Ok(out)
 }
 
+/// The mean box of each class over `train`'s non-crowd boxes, `None` for a class without
+/// any. Every image is stretched to the same `S × S` model input, so a box in model-input
+/// pixels is its box relative to the image's width and height times `S`: the mean is the
+/// mean relative box, and predicting it in another image is the prior box scaled to that
+/// image's size.
+pub fn prior_boxes(train: &[Vec<DetBox>], num_classes: usize) -> Vec<Option<[f32; 4]>> {
+    let mut sums = vec![([0f64; 4], 0usize); num_classes];
+    for b in train.iter().flatten().filter(|b| !b.crowd && b.class < num_classes) {
+        let (sum, n) = &mut sums[b.class];
+        for (s, v) in sum.iter_mut().zip(b.bbox) {
+            *s += v as f64;
+        }
+        *n += 1;
+    }
+    sums.into_iter()
+        .map(|(sum, n)| (n > 0).then(|| sum.map(|v| (v / n as f64) as f32)))
+        .collect()
+}
+
+/// The COCO mAP of predicting `priors` (one box per class, score 1) in every image of a
+/// split with ground truths `gts`. All scores tie, so COCO's stable order (image order)
+/// ranks them.
+pub fn prior_box_map(priors: &[Option<[f32; 4]>], gts: &[Vec<DetBox>]) -> Result<MapSummary> {
+    let dets: Vec<Detection> = priors
+        .iter()
+        .enumerate()
+        .filter_map(|(class, b)| {
+            b.map(|bbox| Detection {
+                bbox,
+                score: 1.0,
+                class,
+            })
+        })
+        .collect();
+    let mut map = MapEvaluator::new(priors.len());
+    for gt in gts {
+        map.add_image(&dets, gt)?;
+    }
+    Ok(map.summarize())
+}
+
 /// Detection as a [`Task`].
 pub struct DetTask {
     pub train: DetSplit,
     pub val: DetSplit,
+    /// The held-out test split, when the data has one (the synthetic benchmark).
+    pub test: Option<DetSplit>,
     settings: DetSettings,
     /// The val split's COCO JSON (the ground truth of exports).
     val_json: PathBuf,
+    /// The prior-box predictor's mAP on each split (the chance levels).
+    chance: Vec<(Split, MapSummary)>,
 }
 
 impl DetTask {
@@ -350,18 +401,38 @@ impl DetTask {
         settings.validate()?;
         let train = DetSplit::open(&o.root, Split::Train, o.image_size, o.train_crops)?;
         let val = DetSplit::open(&o.root, Split::Val, o.image_size, false)?;
-        anyhow::ensure!(
-            train.class_names == val.class_names,
-            "det: the train and val annotations under {} have different categories ({} vs {})",
-            o.root.display(),
-            train.class_names.len(),
-            val.class_names.len()
-        );
+        // A missing test folder means the data has no test split (the course sets).
+        let test = match o.root.join(DET_DIR).join(Split::Test.name()).is_dir() {
+            true => Some(DetSplit::open(&o.root, Split::Test, o.image_size, false)?),
+            false => None,
+        };
+        for (name, other) in [("val", Some(&val)), ("test", test.as_ref())] {
+            let Some(other) = other else { continue };
+            anyhow::ensure!(
+                train.class_names == other.class_names,
+                "det: the train and {name} annotations under {} have different categories ({} vs {})",
+                o.root.display(),
+                train.class_names.len(),
+                other.class_names.len()
+            );
+        }
+        let priors = prior_boxes(&train.boxes, train.class_names.len());
+        let mut chance = Vec::new();
+        for (split, data) in [(Split::Train, Some(&train)), (Split::Val, Some(&val))]
+            .into_iter()
+            .chain([(Split::Test, test.as_ref())])
+        {
+            if let Some(data) = data {
+                chance.push((split, prior_box_map(&priors, &data.boxes)?));
+            }
+        }
         Ok(Self {
             train,
             val,
+            test,
             settings,
             val_json: coco_json_path(&o.root, Split::Val),
+            chance,
         })
     }
 
@@ -372,10 +443,12 @@ impl DetTask {
         decode(&cells(out)?, (h, w), (s, s), &self.settings)
     }
 
-    fn split(&self, split: Split) -> &DetSplit {
+    /// The split, `None` for a test split the data does not have.
+    fn split(&self, split: Split) -> Option<&DetSplit> {
         match split {
-            Split::Train => &self.train,
-            Split::Val => &self.val,
+            Split::Train => Some(&self.train),
+            Split::Val => Some(&self.val),
+            Split::Test => self.test.as_ref(),
         }
     }
 
@@ -421,16 +494,22 @@ impl Task for DetTask {
         "map50"
     }
 
-    fn chance(&self, metric: &str) -> Option<f64> {
-        matches!(metric, "map50" | "map50_95" | "map75").then_some(0.0)
+    fn chance(&self, metric: &str, split: Split) -> Option<f64> {
+        let (_, s) = self.chance.iter().find(|(sp, _)| *sp == split)?;
+        match metric {
+            "map50" => Some(s.map50),
+            "map50_95" => Some(s.map50_95),
+            "map75" => Some(s.map75),
+            _ => None,
+        }
     }
 
     fn len(&self, split: Split) -> usize {
-        self.split(split).len()
+        self.split(split).map_or(0, |s| s.len())
     }
 
     fn image_aspect(&self, split: Split, i: usize) -> f32 {
-        self.split(split).images.aspect(i)
+        self.split(split).map_or(1.0, |s| s.images.aspect(i))
     }
 
     fn batch(
@@ -440,7 +519,8 @@ impl Task for DetTask {
         augs: &[Augment],
         device: &Device,
     ) -> Result<Batch> {
-        let (images, boxes) = self.split(split).batch(indices, augs, device)?;
+        let data = self.split(split).ok_or_else(|| no_split("det", split))?;
+        let (images, boxes) = data.batch(indices, augs, device)?;
         Ok(Batch::new(images, indices, boxes))
     }
 
@@ -464,7 +544,8 @@ impl Task for DetTask {
         })
     }
 
-    fn evaluator(&self) -> Box<dyn Evaluator + '_> {
+    fn evaluator(&self, _split: Split) -> Box<dyn Evaluator + '_> {
+        // The split's ground truths come with its batches: one evaluator serves any split.
         Box::new(DetEvaluator {
             task: self,
             map: MapEvaluator::new(self.train.class_names.len()),
@@ -668,6 +749,16 @@ impl Evaluator for DetEvaluator<'_> {
     }
 
     fn finish(self: Box<Self>) -> Result<TaskMetrics> {
+        Ok(self.metrics())
+    }
+
+    fn finish_scored(self: Box<Self>) -> Result<(TaskMetrics, Option<PerImage>)> {
+        Ok((self.metrics(), Some(PerImage::Boxes(self.map.per_image()))))
+    }
+}
+
+impl DetEvaluator<'_> {
+    fn metrics(&self) -> TaskMetrics {
         let s = self.map.summarize();
         let mut m = TaskMetrics::new();
         m.insert("map50".into(), s.map50);
@@ -678,7 +769,7 @@ impl Evaluator for DetEvaluator<'_> {
                 m.insert(format!("ap50.{name}"), *ap);
             }
         }
-        Ok(m)
+        m
     }
 }
 

@@ -25,6 +25,7 @@ use candle_core::{Device, Tensor};
 
 pub use crate::data::augment::Augment;
 pub use crate::data::Split;
+pub use crate::metrics::per_image::PerImage;
 
 /// Validation metrics of one task, `key → value` (`miou`, `map50`, …, and per class
 /// `iou.<class>` / `ap50.<class>`).
@@ -92,6 +93,13 @@ pub trait Evaluator {
     /// `out` is the task's slice of the head map for `batch` (same rows, same order).
     fn add(&mut self, out: &Tensor, batch: &Batch) -> Result<()>;
     fn finish(self: Box<Self>) -> Result<TaskMetrics>;
+    /// The metrics and, when the task keeps them, the per-image scores they were computed
+    /// from (in the order the images were added), from which
+    /// [`crate::metrics::bootstrap`] recomputes the metrics on resamples. The default keeps
+    /// none: a task without per-image scores still evaluates, it only gets no intervals.
+    fn finish_scored(self: Box<Self>) -> Result<(TaskMetrics, Option<PerImage>)> {
+        Ok((self.finish()?, None))
+    }
 }
 
 /// What [`Task::predict`] knows about the image besides the task's slice of the head map.
@@ -169,10 +177,18 @@ pub trait Task: Send + Sync {
     fn metric_names(&self) -> Vec<String>;
     /// The metric judged for forgetting unless the experiment picks another.
     fn primary_metric(&self) -> &str;
-    /// The value of `metric` that guessing reaches on the val split (`None` for a metric the
-    /// task does not define); a baseline not clearly above it is "not learned".
-    fn chance(&self, metric: &str) -> Option<f64>;
-    /// Number of samples of a split.
+    /// The value of `metric` that a data-blind guess reaches on `split` (`None` for a metric
+    /// the task does not define, or a split it has no chance level for); a baseline not
+    /// clearly above it is "not learned". The built-in tasks: segmentation, the mIoU of
+    /// "background everywhere" on the split (val and test); detection, the mAP of a
+    /// prior-box predictor (each class's mean training box, in coordinates relative to the
+    /// image, predicted once in every image of the split with one constant score: so a class
+    /// that always sits at the same place has chance AP 1); classification, `1/C` (`5/C`
+    /// for Top-5) on any split.
+    fn chance(&self, metric: &str, split: Split) -> Option<f64>;
+    /// Number of samples of a split; 0 for a split the task's data does not have. Only the
+    /// synthetic benchmark has a [`Split::Test`]: callers ask `len(Split::Test) > 0` before
+    /// evaluating it (train and val are never empty, [`TaskSet::new`] checks).
     fn len(&self, split: Split) -> usize;
     /// Width / height of sample `i`'s original image (random crops are drawn in its pixels).
     fn image_aspect(&self, _split: Split, _i: usize) -> f32 {
@@ -190,8 +206,9 @@ pub trait Task: Send + Sync {
     /// The loss of `batch` given `out`, the task's slice `(B, head_channels, h, w)` of the
     /// head map for exactly the batch's rows.
     fn loss(&self, out: &Tensor, batch: &Batch) -> Result<TaskLoss>;
-    /// A fresh accumulator for the val split.
-    fn evaluator(&self) -> Box<dyn Evaluator + '_>;
+    /// A fresh accumulator for `split`, fed batches of that split. For a split the task does
+    /// not have (`len(split) == 0`), no batch can be made, and `add` fails if called.
+    fn evaluator(&self, split: Split) -> Box<dyn Evaluator + '_>;
     /// A distillation loss pulling `student` toward `teacher` (both the task's slices for
     /// the same images), 0 when they are equal.
     fn distill(&self, student: &Tensor, teacher: &Tensor, p: &DistillParams) -> Result<Tensor>;
@@ -454,6 +471,15 @@ pub(crate) fn require_dir(path: PathBuf, root: &Path) -> Result<PathBuf> {
         }
         .into())
     }
+}
+
+/// The error for a request of a split the task's data does not have (a test split of the
+/// real course sets).
+pub(crate) fn no_split(task: &str, split: Split) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{task}: the data has no {} split (only the synthetic benchmark has a test split; set data.synth_test > 0)",
+        split.name()
+    )
 }
 
 /// `path` made absolute (symbolic links resolved where it exists), for files that name

@@ -13,7 +13,9 @@
 //!   `miou` averages over the fixed set of classes with ground truth in the split (its size
 //!   is `miou_classes`), `miou_nanmean` over classes in ground truth or prediction (mmseg /
 //!   torchmetrics style, for comparison), `pixel_acc`, and `iou.<class>` per class.
-//! - Chance: the mIoU of predicting background everywhere on the val split.
+//! - Splits: train and val; a held-out `test` split when its folder exists (the synthetic
+//!   benchmark), scored exactly as val.
+//! - Chance: the mIoU of predicting background everywhere on the scored split (val, test).
 //! - Predictions (`onehead predict`) and exports (`onehead eval --export`): the class map at
 //!   the image's own size, computed exactly as scored, as a VOC-palette PNG (exports are
 //!   named like the ground-truth masks, so any VOC tool scores them).
@@ -29,14 +31,16 @@ use rayon::prelude::*;
 
 use super::images::{crop_rect, flip_mask, resize_crop_mask, ImageSet};
 use super::{
-    aug_at, check_request, require_dir, Augment, Batch, DistillParams, Evaluator, Exporter, Mark,
-    OpenOptions, PredictInput, Prediction, Split, Task, TaskLoss, TaskMetrics,
+    aug_at, check_request, no_split, require_dir, Augment, Batch, DistillParams, Evaluator,
+    Exporter, Mark, OpenOptions, PerImage, PredictInput, Prediction, Split, Task, TaskLoss,
+    TaskMetrics,
 };
 use crate::data::imageio::{
     encode_mask_png, is_image, is_jpeg, read_mask, resize_mask, sorted_files, voc_palette,
 };
 use crate::data::{DataError, IGNORE_INDEX, SEG_DIR, VOC_CLASSES};
 use crate::metrics::miou::ConfusionMatrix;
+use crate::metrics::per_image::IouCounts;
 use crate::ops::resize::resize_bilinear_argmax;
 
 /// The metrics segmentation reports (`miou` is its verdict metric by default).
@@ -220,48 +224,69 @@ fn load_mask(img_path: &Path, mask_path: &Path, size: usize) -> Result<(Vec<u8>,
 pub struct SegTask {
     pub train: SegSplit,
     pub val: SegSplit,
+    /// The held-out test split, when the data has one (the synthetic benchmark).
+    pub test: Option<SegSplit>,
     class_names: Vec<String>,
-    /// mIoU of "background everywhere" on the val split.
-    chance_miou: f64,
+    /// mIoU of "background everywhere" on the val and (if any) the test split.
+    chance_val: f64,
+    chance_test: Option<f64>,
 }
 
 impl SegTask {
     pub fn open(o: &OpenOptions) -> Result<Self> {
         let train = SegSplit::open(&o.root, Split::Train, o.image_size, o.train_crops)?;
         let val = SegSplit::open(&o.root, Split::Val, o.image_size, true)?;
+        // A missing test folder means the data has no test split (the course sets).
+        let test = match split_dir(&o.root, Split::Test).is_dir() {
+            true => Some(SegSplit::open(&o.root, Split::Test, o.image_size, true)?),
+            false => None,
+        };
         let class_names: Vec<String> = VOC_CLASSES.iter().map(|s| s.to_string()).collect();
-        let mut cm = ConfusionMatrix::new(class_names.len())?;
-        for m in &val.originals {
-            cm.add(&vec![0u8; m.len()], m)?;
-        }
         Ok(Self {
-            chance_miou: cm.miou(),
+            chance_val: background_miou(&val, class_names.len())?,
+            chance_test: match &test {
+                Some(t) => Some(background_miou(t, class_names.len())?),
+                None => None,
+            },
             train,
             val,
+            test,
             class_names,
         })
     }
 
-    fn split(&self, split: Split) -> &SegSplit {
+    /// The split, `None` for a test split the data does not have.
+    fn split(&self, split: Split) -> Option<&SegSplit> {
         match split {
-            Split::Train => &self.train,
-            Split::Val => &self.val,
+            Split::Train => Some(&self.train),
+            Split::Val => Some(&self.val),
+            Split::Test => self.test.as_ref(),
         }
     }
 
-    /// The predicted masks of the val samples of `batch` at their original sizes, as they
-    /// are scored: logits resized bilinearly to each image's own size, then the argmax.
-    fn val_predictions(&self, out: &Tensor, batch: &Batch) -> Result<Vec<Vec<u8>>> {
+    /// The predicted masks of the samples of `batch` (of `split`) at their original sizes, as
+    /// they are scored: logits resized bilinearly to each image's own size, then the argmax.
+    fn predictions(&self, split: Split, out: &Tensor, batch: &Batch) -> Result<Vec<Vec<u8>>> {
+        let data = self.split(split).ok_or_else(|| no_split("seg", split))?;
         batch
             .indices
             .iter()
             .enumerate()
             .map(|(k, &i)| {
-                let (w, h) = self.val.images.orig_sizes[i];
+                let (w, h) = data.images.orig_sizes[i];
                 mask_at(&out.narrow(0, k, 1)?, w as usize, h as usize)
             })
             .collect()
     }
+}
+
+/// The mIoU of predicting background everywhere on a split whose original masks are kept.
+fn background_miou(split: &SegSplit, num_classes: usize) -> Result<f64> {
+    let mut cm = ConfusionMatrix::new(num_classes)?;
+    for m in &split.originals {
+        cm.add(&vec![0u8; m.len()], m)?;
+    }
+    Ok(cm.miou())
 }
 
 /// The predicted class map of one image at `w × h` from its logits `(1, C, h', w')`:
@@ -373,16 +398,22 @@ impl Task for SegTask {
         "miou"
     }
 
-    fn chance(&self, metric: &str) -> Option<f64> {
-        (metric == "miou").then_some(self.chance_miou)
+    fn chance(&self, metric: &str, split: Split) -> Option<f64> {
+        let chance = match split {
+            // Training masks at their own size are not always kept: no chance level there.
+            Split::Train => None,
+            Split::Val => Some(self.chance_val),
+            Split::Test => self.chance_test,
+        };
+        chance.filter(|_| metric == "miou")
     }
 
     fn image_aspect(&self, split: Split, i: usize) -> f32 {
-        self.split(split).images.aspect(i)
+        self.split(split).map_or(1.0, |s| s.images.aspect(i))
     }
 
     fn len(&self, split: Split) -> usize {
-        self.split(split).len()
+        self.split(split).map_or(0, |s| s.len())
     }
 
     fn batch(
@@ -392,7 +423,8 @@ impl Task for SegTask {
         augs: &[Augment],
         device: &Device,
     ) -> Result<Batch> {
-        let (images, masks) = self.split(split).batch(indices, augs, device)?;
+        let data = self.split(split).ok_or_else(|| no_split("seg", split))?;
+        let (images, masks) = data.batch(indices, augs, device)?;
         Ok(Batch::new(images, indices, masks))
     }
 
@@ -408,10 +440,12 @@ impl Task for SegTask {
         })
     }
 
-    fn evaluator(&self) -> Box<dyn Evaluator + '_> {
+    fn evaluator(&self, split: Split) -> Box<dyn Evaluator + '_> {
         Box::new(SegEvaluator {
             task: self,
+            split,
             cm: ConfusionMatrix::new(self.class_names.len()).expect("≤ 255 VOC classes"),
+            per_image: IouCounts::new(self.class_names.len()),
         })
     }
 
@@ -489,24 +523,40 @@ impl Task for SegTask {
 
 struct SegEvaluator<'a> {
     task: &'a SegTask,
+    split: Split,
     cm: ConfusionMatrix,
+    /// Each image's own counts, for resampling.
+    per_image: IouCounts,
 }
 
 impl Evaluator for SegEvaluator<'_> {
     fn add(&mut self, out: &Tensor, batch: &Batch) -> Result<()> {
-        let preds = self.task.val_predictions(out, batch)?;
+        let preds = self.task.predictions(self.split, out, batch)?;
+        let data = self.task.split(self.split).context("split checked above")?;
         for (p, &i) in preds.iter().zip(&batch.indices) {
-            let (gt, _, _) = self
-                .task
-                .val
+            let (gt, _, _) = data
                 .original_mask(i)
-                .context("val masks are kept")?;
-            self.cm.add(p, gt)?;
+                .context("the masks of scored splits are kept")?;
+            let mut one = ConfusionMatrix::new(self.cm.num_classes())?;
+            one.add(p, gt)?;
+            self.cm.merge(&one)?;
+            self.per_image.push(&one)?;
         }
         Ok(())
     }
 
+    fn finish_scored(self: Box<Self>) -> Result<(TaskMetrics, Option<PerImage>)> {
+        let metrics = self.metrics();
+        Ok((metrics, Some(PerImage::Iou(self.per_image))))
+    }
+
     fn finish(self: Box<Self>) -> Result<TaskMetrics> {
+        Ok(self.metrics())
+    }
+}
+
+impl SegEvaluator<'_> {
+    fn metrics(&self) -> TaskMetrics {
         let mut m = TaskMetrics::new();
         m.insert("miou".into(), self.cm.miou());
         m.insert(
@@ -520,7 +570,7 @@ impl Evaluator for SegEvaluator<'_> {
                 m.insert(format!("iou.{name}"), iou);
             }
         }
-        Ok(m)
+        m
     }
 }
 
@@ -534,7 +584,7 @@ struct SegExporter<'a> {
 
 impl Exporter for SegExporter<'_> {
     fn add(&mut self, out: &Tensor, batch: &Batch) -> Result<()> {
-        let preds = self.task.val_predictions(out, batch)?;
+        let preds = self.task.predictions(Split::Val, out, batch)?;
         let val = &self.task.val;
         preds
             .par_iter()

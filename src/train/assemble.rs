@@ -75,6 +75,7 @@ pub fn ensure_data(exp: &Experiment) -> Result<PathBuf> {
             seed: d.synth_seed,
             train: d.synth_train,
             val: d.synth_val,
+            test: d.synth_test,
             size: d.synth_size,
         },
     )
@@ -201,7 +202,7 @@ impl Env {
                     .rposition(|s| s.task == name)
                     .unwrap_or(0);
                 Ok(TaskRef {
-                    chance: task.chance(&metric).unwrap_or(0.0),
+                    chance: task.chance(&metric, data::Split::Val).unwrap_or(0.0),
                     task: name,
                     metric,
                     stage,

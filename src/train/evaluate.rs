@@ -58,7 +58,7 @@ pub fn evaluate_and_export(
 ) -> Result<(TaskMetrics, Option<serde_json::Value>)> {
     let task = tasks.get(name)?;
     let n = task.len(Split::Val);
-    let mut ev = task.evaluator();
+    let mut ev = task.evaluator(Split::Val);
     let mut ex = match export {
         Some(dir) => task
             .exporter(dir)

@@ -6,8 +6,8 @@
 use std::path::Path;
 
 /// The experiment lines after its own top-level keys: CPU, results under `dir/results`, a
-/// 64-px model with a 16-channel neck, and the built-in benchmark with 16 / 10 images per
-/// split generated into `dir/data`. Tables follow (`[data]` is last, so a caller may add to it).
+/// 64-px model with a 16-channel neck, and the built-in benchmark with 16 / 10 / 10 images
+/// per split (train / val / held-out test) generated into `dir/data`. Tables follow (`[data]` is last, so a caller may add to it).
 pub fn tiny_setup(dir: &Path) -> String {
     format!(
         r#"device = "cpu"

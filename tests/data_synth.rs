@@ -367,3 +367,29 @@ fn coco_categories_sorted_by_id_and_png_images_accepted() {
     assert_eq!(cls.len(), 11);
     assert!(cls.images.files.iter().any(|f| f.ends_with("extra.png")));
 }
+
+#[test]
+fn synth_test_is_checked_and_named_in_the_data_root() {
+    use onehead::config::{DataConfig, Experiment};
+    let d = DataConfig::default();
+    assert_eq!(d.synth_test, 300);
+    let root = d.resolved_root();
+    assert_eq!(root, Path::new("data/synthetic-s0-160px-240x60x300"));
+    let none = DataConfig {
+        synth_test: 0,
+        ..DataConfig::default()
+    };
+    assert_eq!(none.resolved_root(), Path::new("data/synthetic-s0-160px-240x60"));
+    let p = Path::new("exp.toml");
+    let check = |test: usize| {
+        let text = format!("name = \"t\"\n[[stages]]\ntask = \"seg\"\n[data]\nsynth_test = {test}\n");
+        Experiment::from_toml_str(&text, p, &[])
+            .and_then(|e| e.validate(p))
+            .map_err(|e| e.to_string())
+    };
+    assert!(check(0).is_ok() && check(10).is_ok());
+    for bad in [5, 10_000_000] {
+        let msg = check(bad).unwrap_err();
+        assert!(msg.contains("data.synth_test"), "{msg}");
+    }
+}

@@ -274,7 +274,7 @@ impl BoxScores {
             _ => return None,
         };
         let ranked = self.ranked()?;
-        let mut buf = Vec::new();
+        let mut buf: [Vec<(f64, f64)>; NUM_IOU_THRESHOLDS] = Default::default();
         let (mut sum, mut n) = (0.0, 0usize);
         for (c, rc) in ranked.iter().enumerate() {
             let npig: u64 = self
@@ -288,32 +288,70 @@ impl BoxScores {
                 continue;
             }
             n += 1;
-            let aps = thresholds.iter().map(|&t| ap_at(rc, counts, npig, t, &mut buf));
-            sum += aps.sum::<f64>() / thresholds.len() as f64;
+            let aps = class_aps(rc, counts, npig, thresholds, &mut buf);
+            sum += thresholds.iter().map(|&t| aps[t]).sum::<f64>() / thresholds.len() as f64;
         }
         Some(if n == 0 { 0.0 } else { sum / n as f64 })
     }
 }
 
-/// AP of one class at threshold `t` on a resample: COCO's accumulate (precision made
-/// monotone, sampled at the 101 recall points, `searchsorted` left).
-fn ap_at(rc: &RankedClass, counts: &[u32], npig: u64, t: usize, pts: &mut Vec<(f64, f64)>) -> f64 {
-    pts.clear();
+/// AP of one class on a resample at each threshold of `thresholds`: COCO's accumulate
+/// (precision made monotone, sampled at the 101 recall points, `searchsorted` left).
+///
+/// One pass over the ranked detections serves every threshold, and only the points right
+/// after a true positive are kept: the monotone precision at recall `r` is the highest
+/// precision of any point with recall ≥ `r`, and a point after a false positive has the
+/// recall of an earlier point with a higher precision (or precision 0 before any true
+/// positive), so it never is that highest. Most detections are false positives at every
+/// threshold; they only bump one shared counter.
+fn class_aps(
+    rc: &RankedClass,
+    counts: &[u32],
+    npig: u64,
+    thresholds: &[usize],
+    pts: &mut [Vec<(f64, f64)>; NUM_IOU_THRESHOLDS],
+) -> [f64; NUM_IOU_THRESHOLDS] {
     let npig = npig as f64;
-    let (mut tp, mut fp) = (0.0f64, 0.0f64);
+    let wanted = thresholds.iter().fold(0u16, |m, &t| m | 1 << t);
+    let (mut tp, mut fp) = ([0.0f64; NUM_IOU_THRESHOLDS], [0.0f64; NUM_IOU_THRESHOLDS]);
+    let mut fp_all = 0.0f64;
+    for p in pts.iter_mut() {
+        p.clear();
+    }
     for k in 0..rc.image.len() {
-        let w = counts[rc.image[k] as usize];
-        // Ignored detections only repeat the previous point: dropping them changes nothing.
-        if w == 0 || (rc.ignored[k] >> t) & 1 == 1 {
+        let w = counts[rc.image[k] as usize] as f64;
+        let (matched, ignored) = (rc.matched[k] & wanted, rc.ignored[k] & wanted);
+        if w == 0.0 {
             continue;
         }
-        if (rc.matched[k] >> t) & 1 == 1 {
-            tp += w as f64;
-        } else {
-            fp += w as f64;
+        if matched | ignored == 0 {
+            fp_all += w;
+            continue;
         }
-        pts.push((tp / npig, tp / (fp + tp + f64::EPSILON)));
+        for &t in thresholds {
+            // Ignored detections only repeat the previous point: dropping them changes nothing.
+            if (ignored >> t) & 1 == 1 {
+                continue;
+            }
+            if (matched >> t) & 1 == 1 {
+                tp[t] += w;
+                let f = fp_all + fp[t];
+                pts[t].push((tp[t] / npig, tp[t] / (f + tp[t] + f64::EPSILON)));
+            } else {
+                fp[t] += w;
+            }
+        }
     }
+    let mut aps = [0.0; NUM_IOU_THRESHOLDS];
+    for &t in thresholds {
+        aps[t] = sampled_precision(&mut pts[t]);
+    }
+    aps
+}
+
+/// The mean over the 101 recall points of the monotone precision of `pts` (recall, precision)
+/// in order of non-decreasing recall.
+fn sampled_precision(pts: &mut [(f64, f64)]) -> f64 {
     for i in (1..pts.len()).rev() {
         if pts[i].1 > pts[i - 1].1 {
             pts[i - 1].1 = pts[i].1;

@@ -348,7 +348,11 @@ pub fn decode(
 /// image's size.
 pub fn prior_boxes(train: &[Vec<DetBox>], num_classes: usize) -> Vec<Option<[f32; 4]>> {
     let mut sums = vec![([0f64; 4], 0usize); num_classes];
-    for b in train.iter().flatten().filter(|b| !b.crowd && b.class < num_classes) {
+    for b in train
+        .iter()
+        .flatten()
+        .filter(|b| !b.crowd && b.class < num_classes)
+    {
         let (sum, n) = &mut sums[b.class];
         for (s, v) in sum.iter_mut().zip(b.bbox) {
             *s += v as f64;
@@ -794,12 +798,16 @@ mod tests {
             let y = [0.0, 0.0, 150.0, 150.0][i % 4];
             [x, y, x + 50.0, y + 50.0]
         };
-        let train: Vec<Vec<DetBox>> = (0..8).map(|i| vec![gt(fixed, 0), gt(spread(i), 1)]).collect();
+        let train: Vec<Vec<DetBox>> = (0..8)
+            .map(|i| vec![gt(fixed, 0), gt(spread(i), 1)])
+            .collect();
         let priors = prior_boxes(&train, 3);
         assert_eq!(priors[0], Some(fixed));
         assert_eq!(priors[1], Some([75.0, 75.0, 125.0, 125.0]));
         assert_eq!(priors[2], None, "no training box: no prediction");
-        let val: Vec<Vec<DetBox>> = (0..4).map(|i| vec![gt(fixed, 0), gt(spread(i + 1), 1)]).collect();
+        let val: Vec<Vec<DetBox>> = (0..4)
+            .map(|i| vec![gt(fixed, 0), gt(spread(i + 1), 1)])
+            .collect();
         let s = prior_box_map(&priors, &val).unwrap();
         assert!((s.per_class_ap50[0].unwrap() - 1.0).abs() < 1e-9);
         // The mean box of the four corners overlaps none of them by IoU 0.5: AP 0.

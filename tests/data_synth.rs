@@ -72,7 +72,14 @@ fn same_seed_identical_bytes_different_seed_differs() {
 fn test_split_leaves_train_and_val_bytes_unchanged() {
     let (without, with) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     generate(without.path(), &small(5)).unwrap();
-    let sum = generate(with.path(), &SynthOptions { test: 10, ..small(5) }).unwrap();
+    let sum = generate(
+        with.path(),
+        &SynthOptions {
+            test: 10,
+            ..small(5)
+        },
+    )
+    .unwrap();
     assert_eq!(sum.cls_images, [10, 10, 10]);
     assert_eq!(sum.det_images[2], 10);
     let is_test = |p: &Path| {
@@ -81,17 +88,30 @@ fn test_split_leaves_train_and_val_bytes_unchanged() {
     };
     let (ta, tb) = (tree(without.path()), tree(with.path()));
     let kept: Vec<_> = tb.iter().filter(|(p, _)| !is_test(p)).cloned().collect();
-    assert!(kept == ta, "train and val files must be byte-identical with a test split");
+    assert!(
+        kept == ta,
+        "train and val files must be byte-identical with a test split"
+    );
     // 3 tasks x 10 test images, + 10 test masks, + the test JSON.
     assert_eq!(tb.len() - ta.len(), 30 + 10 + 1);
-    assert!(ta.iter().all(|(p, _)| !is_test(p)), "no test folder without a test split");
+    assert!(
+        ta.iter().all(|(p, _)| !is_test(p)),
+        "no test folder without a test split"
+    );
     // The test images are new images, not copies of val ones.
     let val_bytes: BTreeSet<&Vec<u8>> = ta.iter().map(|(_, b)| b).collect();
     assert!(tb
         .iter()
         .filter(|(p, _)| is_test(p) && p.extension().unwrap() == "jpg")
         .all(|(_, b)| !val_bytes.contains(b)));
-    assert!(generate(with.path(), &SynthOptions { test: 5, ..small(5) }).is_err());
+    assert!(generate(
+        with.path(),
+        &SynthOptions {
+            test: 5,
+            ..small(5)
+        }
+    )
+    .is_err());
 }
 
 #[test]
@@ -99,7 +119,14 @@ fn tasks_load_a_test_split_only_where_the_data_has_one() {
     use onehead::tasks::{cls::ClsTask, det::DetTask, seg::SegTask, OpenOptions, Task};
     let (without, with) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     generate(without.path(), &small(6)).unwrap();
-    generate(with.path(), &SynthOptions { test: 10, ..small(6) }).unwrap();
+    generate(
+        with.path(),
+        &SynthOptions {
+            test: 10,
+            ..small(6)
+        },
+    )
+    .unwrap();
     let dev = Device::Cpu;
     for (root, n) in [(without.path(), 0), (with.path(), 10)] {
         let o = OpenOptions::new(root, 32);
@@ -366,4 +393,34 @@ fn coco_categories_sorted_by_id_and_png_images_accepted() {
     let cls = ClsSplit::open(d.path(), Split::Train, 16, false).unwrap();
     assert_eq!(cls.len(), 11);
     assert!(cls.images.files.iter().any(|f| f.ends_with("extra.png")));
+}
+
+#[test]
+fn synth_test_is_checked_and_named_in_the_data_root() {
+    use onehead::config::{DataConfig, Experiment};
+    let d = DataConfig::default();
+    assert_eq!(d.synth_test, 300);
+    let root = d.resolved_root();
+    assert_eq!(root, Path::new("data/synthetic-s0-160px-240x60x300"));
+    let none = DataConfig {
+        synth_test: 0,
+        ..DataConfig::default()
+    };
+    assert_eq!(
+        none.resolved_root(),
+        Path::new("data/synthetic-s0-160px-240x60")
+    );
+    let p = Path::new("exp.toml");
+    let check = |test: usize| {
+        let text =
+            format!("name = \"t\"\n[[stages]]\ntask = \"seg\"\n[data]\nsynth_test = {test}\n");
+        Experiment::from_toml_str(&text, p, &[])
+            .and_then(|e| e.validate(p))
+            .map_err(|e| e.to_string())
+    };
+    assert!(check(0).is_ok() && check(10).is_ok());
+    for bad in [5, 10_000_000] {
+        let msg = check(bad).unwrap_err();
+        assert!(msg.contains("data.synth_test"), "{msg}");
+    }
 }

@@ -86,7 +86,10 @@ pub fn paired_drop(
     let alpha = 1.0 - spec.confidence;
     let interval = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
-        (percentile(&v, alpha / 2.0), percentile(&v, 1.0 - alpha / 2.0))
+        (
+            percentile(&v, alpha / 2.0),
+            percentile(&v, 1.0 - alpha / 2.0),
+        )
     };
     let mut baselines: Vec<f64> = draws.iter().map(|d| d.0).collect();
     baselines.sort_by(f64::total_cmp);
@@ -127,14 +130,20 @@ pub fn paired_difference(
         .collect();
     d.sort_by(f64::total_cmp);
     let alpha = 1.0 - spec.confidence;
-    let interval = (percentile(&d, alpha / 2.0), percentile(&d, 1.0 - alpha / 2.0));
+    let interval = (
+        percentile(&d, alpha / 2.0),
+        percentile(&d, 1.0 - alpha / 2.0),
+    );
     Ok((ma - mb, interval))
 }
 
 /// Inputs a bootstrap can run on: a sane spec, at least one pair, both sides of a pair of
 /// the same kind and length (not empty). (The metric is checked by the first value.)
 fn check(pairs: &[(&PerImage, &PerImage)], spec: &BootstrapSpec) -> Result<()> {
-    anyhow::ensure!(spec.resamples >= 1, "bootstrap: resamples must be at least 1");
+    anyhow::ensure!(
+        spec.resamples >= 1,
+        "bootstrap: resamples must be at least 1"
+    );
     anyhow::ensure!(
         spec.confidence > 0.0 && spec.confidence < 1.0,
         "bootstrap: confidence {} must be in (0, 1)",
@@ -188,7 +197,11 @@ fn resample(
         let (mut x, mut y) = (0.0, 0.0);
         for k in 0..seeds {
             // One seed: no seed level to resample.
-            let (a, b) = pairs[if seeds == 1 { k } else { rng.random_range(0..seeds) }];
+            let (a, b) = pairs[if seeds == 1 {
+                k
+            } else {
+                rng.random_range(0..seeds)
+            }];
             draw_counts(&mut rng, a.len(), &mut counts);
             let fail = || format!("bootstrap: metric '{metric}' cannot be recomputed");
             x += a.value(metric, &counts).with_context(fail)?;
@@ -294,7 +307,10 @@ mod tests {
     fn identical_scores_drop_nothing_with_a_zero_width_interval() {
         let p = hits(&(0..50).map(|i| i % 3 != 0).collect::<Vec<_>>());
         let d = paired_drop(&[(&p, &p)], "top1", 0.1, &spec(1)).unwrap();
-        assert_eq!((d.drop_abs, d.abs, d.drop_rel, d.rel), (0.0, (0.0, 0.0), 0.0, (0.0, 0.0)));
+        assert_eq!(
+            (d.drop_abs, d.abs, d.drop_rel, d.rel),
+            (0.0, (0.0, 0.0), 0.0, (0.0, 0.0))
+        );
         assert_eq!(d.baseline, d.final_value);
         assert_eq!(d.p_not_above_chance, 0.0);
         let (m, ci) = paired_difference(&[&p, &p], &[&p, &p], "top1", &spec(1)).unwrap();
@@ -333,7 +349,10 @@ mod tests {
         // A zero baseline: no relative drop (see relative_drop), always "not above chance".
         let zero = hits(&[false; 30]);
         let d = paired_drop(&[(&zero, &zero)], "top1", 0.1, &spec(4)).unwrap();
-        assert_eq!((d.drop_rel, d.rel, d.p_not_above_chance), (0.0, (0.0, 0.0), 1.0));
+        assert_eq!(
+            (d.drop_rel, d.rel, d.p_not_above_chance),
+            (0.0, (0.0, 0.0), 1.0)
+        );
     }
 
     #[test]
@@ -371,7 +390,8 @@ mod tests {
 
     #[test]
     fn clopper_pearson_known_values() {
-        let near = |a: (f64, f64), b: (f64, f64)| (a.0 - b.0).abs() < 5e-5 && (a.1 - b.1).abs() < 5e-5;
+        let near =
+            |a: (f64, f64), b: (f64, f64)| (a.0 - b.0).abs() < 5e-5 && (a.1 - b.1).abs() < 5e-5;
         assert!(near(clopper_pearson(0, 10, 0.95), (0.0, 0.3085)));
         assert!(near(clopper_pearson(5, 10, 0.95), (0.1871, 0.8129)));
         assert!(near(clopper_pearson(10, 10, 0.95), (0.6915, 1.0)));
@@ -399,25 +419,47 @@ mod tests {
         let mut map = MapEvaluator::new(10);
         for _ in 0..300 {
             let mut bx = || {
-                let (x, y) = (rng.random_range(0.0..120.0f32), rng.random_range(0.0..120.0f32));
-                [x, y, x + rng.random_range(8.0..40.0), y + rng.random_range(8.0..40.0)]
+                let (x, y) = (
+                    rng.random_range(0.0..120.0f32),
+                    rng.random_range(0.0..120.0f32),
+                );
+                [
+                    x,
+                    y,
+                    x + rng.random_range(8.0..40.0),
+                    y + rng.random_range(8.0..40.0),
+                ]
             };
             let gts: Vec<DetBox> = (0..3)
-                .map(|k| DetBox { bbox: bx(), class: k * 3, crowd: false })
+                .map(|k| DetBox {
+                    bbox: bx(),
+                    class: k * 3,
+                    crowd: false,
+                })
                 .collect();
             let mut dets: Vec<Detection> = gts
                 .iter()
-                .map(|g| Detection { bbox: g.bbox, score: 0.9, class: g.class })
+                .map(|g| Detection {
+                    bbox: g.bbox,
+                    score: 0.9,
+                    class: g.class,
+                })
                 .collect();
             for k in 0..97 {
-                dets.push(Detection { bbox: bx(), score: 0.001 * k as f32, class: k % 10 });
+                dets.push(Detection {
+                    bbox: bx(),
+                    score: 0.001 * k as f32,
+                    class: k % 10,
+                });
             }
             map.add_image(&dets, &gts).unwrap();
         }
         let det = PerImage::Boxes(map.per_image());
         let mut seg = IouCounts::new(21);
         for i in 0..300u64 {
-            let gt: Vec<u8> = (0..160 * 120).map(|p| ((p / 4000 + i) % 21) as u8).collect();
+            let gt: Vec<u8> = (0..160 * 120)
+                .map(|p| ((p / 4000 + i) % 21) as u8)
+                .collect();
             let pred: Vec<u8> = gt.iter().map(|&g| if g % 5 == 0 { 0 } else { g }).collect();
             let mut one = ConfusionMatrix::new(21).unwrap();
             one.add(&pred, &gt).unwrap();
@@ -425,7 +467,10 @@ mod tests {
         }
         let seg = PerImage::Iou(seg);
         let cls = hits(&(0..300).map(|i| i % 7 != 0).collect::<Vec<_>>());
-        eprintln!("det JSON: {} bytes", serde_json::to_string(&det).unwrap().len());
+        eprintln!(
+            "det JSON: {} bytes",
+            serde_json::to_string(&det).unwrap().len()
+        );
         for (p, metric) in [
             (&seg, "miou"),
             (&det, "map50"),
@@ -434,7 +479,10 @@ mod tests {
         ] {
             let t = std::time::Instant::now();
             paired_drop(&[(p, p)], metric, 0.0, &BootstrapSpec::default()).unwrap();
-            eprintln!("{metric}: 2000 resamples of 300 images in {:.3} s", t.elapsed().as_secs_f64());
+            eprintln!(
+                "{metric}: 2000 resamples of 300 images in {:.3} s",
+                t.elapsed().as_secs_f64()
+            );
         }
     }
 }

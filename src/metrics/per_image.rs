@@ -213,10 +213,7 @@ impl BoxScores {
 
     /// The ranking, `None` when the scores are malformed.
     fn ranked(&self) -> Option<&[RankedClass]> {
-        self.ranked
-            .0
-            .get_or_init(|| self.rank())
-            .as_deref()
+        self.ranked.0.get_or_init(|| self.rank()).as_deref()
     }
 
     fn rank(&self) -> Option<Vec<RankedClass>> {
@@ -274,7 +271,7 @@ impl BoxScores {
             _ => return None,
         };
         let ranked = self.ranked()?;
-        let mut buf = Vec::new();
+        let mut buf: [Vec<(f64, f64)>; NUM_IOU_THRESHOLDS] = Default::default();
         let (mut sum, mut n) = (0.0, 0usize);
         for (c, rc) in ranked.iter().enumerate() {
             let npig: u64 = self
@@ -288,32 +285,70 @@ impl BoxScores {
                 continue;
             }
             n += 1;
-            let aps = thresholds.iter().map(|&t| ap_at(rc, counts, npig, t, &mut buf));
-            sum += aps.sum::<f64>() / thresholds.len() as f64;
+            let aps = class_aps(rc, counts, npig, thresholds, &mut buf);
+            sum += thresholds.iter().map(|&t| aps[t]).sum::<f64>() / thresholds.len() as f64;
         }
         Some(if n == 0 { 0.0 } else { sum / n as f64 })
     }
 }
 
-/// AP of one class at threshold `t` on a resample: COCO's accumulate (precision made
-/// monotone, sampled at the 101 recall points, `searchsorted` left).
-fn ap_at(rc: &RankedClass, counts: &[u32], npig: u64, t: usize, pts: &mut Vec<(f64, f64)>) -> f64 {
-    pts.clear();
+/// AP of one class on a resample at each threshold of `thresholds`: COCO's accumulate
+/// (precision made monotone, sampled at the 101 recall points, `searchsorted` left).
+///
+/// One pass over the ranked detections serves every threshold, and only the points right
+/// after a true positive are kept: the monotone precision at recall `r` is the highest
+/// precision of any point with recall ≥ `r`, and a point after a false positive has the
+/// recall of an earlier point with a higher precision (or precision 0 before any true
+/// positive), so it never is that highest. Most detections are false positives at every
+/// threshold; they only bump one shared counter.
+fn class_aps(
+    rc: &RankedClass,
+    counts: &[u32],
+    npig: u64,
+    thresholds: &[usize],
+    pts: &mut [Vec<(f64, f64)>; NUM_IOU_THRESHOLDS],
+) -> [f64; NUM_IOU_THRESHOLDS] {
     let npig = npig as f64;
-    let (mut tp, mut fp) = (0.0f64, 0.0f64);
+    let wanted = thresholds.iter().fold(0u16, |m, &t| m | 1 << t);
+    let (mut tp, mut fp) = ([0.0f64; NUM_IOU_THRESHOLDS], [0.0f64; NUM_IOU_THRESHOLDS]);
+    let mut fp_all = 0.0f64;
+    for p in pts.iter_mut() {
+        p.clear();
+    }
     for k in 0..rc.image.len() {
-        let w = counts[rc.image[k] as usize];
-        // Ignored detections only repeat the previous point: dropping them changes nothing.
-        if w == 0 || (rc.ignored[k] >> t) & 1 == 1 {
+        let w = counts[rc.image[k] as usize] as f64;
+        let (matched, ignored) = (rc.matched[k] & wanted, rc.ignored[k] & wanted);
+        if w == 0.0 {
             continue;
         }
-        if (rc.matched[k] >> t) & 1 == 1 {
-            tp += w as f64;
-        } else {
-            fp += w as f64;
+        if matched | ignored == 0 {
+            fp_all += w;
+            continue;
         }
-        pts.push((tp / npig, tp / (fp + tp + f64::EPSILON)));
+        for &t in thresholds {
+            // Ignored detections only repeat the previous point: dropping them changes nothing.
+            if (ignored >> t) & 1 == 1 {
+                continue;
+            }
+            if (matched >> t) & 1 == 1 {
+                tp[t] += w;
+                let f = fp_all + fp[t];
+                pts[t].push((tp[t] / npig, tp[t] / (f + tp[t] + f64::EPSILON)));
+            } else {
+                fp[t] += w;
+            }
+        }
     }
+    let mut aps = [0.0; NUM_IOU_THRESHOLDS];
+    for &t in thresholds {
+        aps[t] = sampled_precision(&mut pts[t]);
+    }
+    aps
+}
+
+/// The mean over the 101 recall points of the monotone precision of `pts` (recall, precision)
+/// in order of non-decreasing recall.
+fn sampled_precision(pts: &mut [(f64, f64)]) -> f64 {
     for i in (1..pts.len()).rev() {
         if pts[i].1 > pts[i - 1].1 {
             pts[i - 1].1 = pts[i].1;
@@ -374,7 +409,9 @@ impl TopHits {
         }
         let rows = || {
             let ranks = self.labels.iter().zip(&self.ranks);
-            ranks.zip(counts).map(|((&y, &r), &w)| (y as usize, r, w as u64))
+            ranks
+                .zip(counts)
+                .map(|((&y, &r), &w)| (y as usize, r, w as u64))
         };
         let total: u64 = rows().map(|(_, _, w)| w).sum();
         let share = |k: u8| {
@@ -446,7 +483,10 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let images: Vec<_> = (0..30).map(|_| seg_image(&mut rng)).collect();
         let counts: Vec<u32> = (0..30).map(|_| rng.random_range(0..3)).collect();
-        let (mut all, mut resampled) = (ConfusionMatrix::new(6).unwrap(), ConfusionMatrix::new(6).unwrap());
+        let (mut all, mut resampled) = (
+            ConfusionMatrix::new(6).unwrap(),
+            ConfusionMatrix::new(6).unwrap(),
+        );
         let mut per = IouCounts::new(6);
         for ((p, g), &w) in images.iter().zip(&counts) {
             let mut one = ConfusionMatrix::new(6).unwrap();
@@ -460,10 +500,19 @@ mod tests {
         let per = json(PerImage::Iou(per));
         let ones = vec![1; 30];
         assert!(close(per.value("miou", &ones).unwrap(), all.miou()));
-        assert!(close(per.value("miou_nanmean", &ones).unwrap(), all.miou_nanmean()));
-        assert!(close(per.value("pixel_acc", &ones).unwrap(), all.pixel_accuracy()));
+        assert!(close(
+            per.value("miou_nanmean", &ones).unwrap(),
+            all.miou_nanmean()
+        ));
+        assert!(close(
+            per.value("pixel_acc", &ones).unwrap(),
+            all.pixel_accuracy()
+        ));
         assert!(close(per.value("miou", &counts).unwrap(), resampled.miou()));
-        assert!(close(per.value("pixel_acc", &counts).unwrap(), resampled.pixel_accuracy()));
+        assert!(close(
+            per.value("pixel_acc", &counts).unwrap(),
+            resampled.pixel_accuracy()
+        ));
         assert_eq!(per.value("map50", &ones), None);
         assert_eq!(per.value("miou", &[1, 1]), None);
     }
@@ -472,27 +521,47 @@ mod tests {
     fn iou_resamples_hand_computed() {
         // Image 0: gt [0,0,1,1], pred [0,0,1,0]; image 1: gt [1,1], pred [0,0].
         let mut per = IouCounts::new(2);
-        for (p, g) in [(&[0u8, 0, 1, 0][..], &[0u8, 0, 1, 1][..]), (&[0, 0], &[1, 1])] {
+        for (p, g) in [
+            (&[0u8, 0, 1, 0][..], &[0u8, 0, 1, 1][..]),
+            (&[0, 0], &[1, 1]),
+        ] {
             let mut one = ConfusionMatrix::new(2).unwrap();
             one.add(p, g).unwrap();
             per.push(&one).unwrap();
         }
         let per = PerImage::Iou(per);
         // Both once: class 0 inter 2 / union 5, class 1 inter 1 / union 4.
-        assert!(close(per.value("miou", &[1, 1]).unwrap(), (0.4 + 0.25) / 2.0));
+        assert!(close(
+            per.value("miou", &[1, 1]).unwrap(),
+            (0.4 + 0.25) / 2.0
+        ));
         // Image 0 twice: class 0 4/8, class 1 2/6.
-        assert!(close(per.value("miou", &[2, 1]).unwrap(), (0.5 + 2.0 / 6.0) / 2.0));
+        assert!(close(
+            per.value("miou", &[2, 1]).unwrap(),
+            (0.5 + 2.0 / 6.0) / 2.0
+        ));
         assert!(close(per.value("pixel_acc", &[2, 1]).unwrap(), 6.0 / 10.0));
         // Image 0 dropped: class 0 has no ground truth left (out of the mean), class 1 is 0.
         assert_eq!(per.value("miou", &[0, 1]).unwrap(), 0.0);
         // Image 1 dropped: class 0 2/3, class 1 1/2.
-        assert!(close(per.value("miou", &[1, 0]).unwrap(), (2.0 / 3.0 + 0.5) / 2.0));
+        assert!(close(
+            per.value("miou", &[1, 0]).unwrap(),
+            (2.0 / 3.0 + 0.5) / 2.0
+        ));
     }
 
     fn det_image(rng: &mut ChaCha8Rng, classes: usize) -> (Vec<Detection>, Vec<DetBox>) {
         let bx = |rng: &mut ChaCha8Rng| {
-            let (x, y) = (rng.random_range(0.0..80.0f32), rng.random_range(0.0..80.0f32));
-            [x, y, x + rng.random_range(5.0..40.0), y + rng.random_range(5.0..40.0)]
+            let (x, y) = (
+                rng.random_range(0.0..80.0f32),
+                rng.random_range(0.0..80.0f32),
+            );
+            [
+                x,
+                y,
+                x + rng.random_range(5.0..40.0),
+                y + rng.random_range(5.0..40.0),
+            ]
         };
         let gts: Vec<DetBox> = (0..rng.random_range(0..5))
             .map(|_| DetBox {
@@ -548,7 +617,10 @@ mod tests {
                 ("map75", s.map75, r.map75),
                 ("map50_95", s.map50_95, r.map50_95),
             ] {
-                assert!(close(per.value(metric, &ones).unwrap(), a), "{round} {metric}");
+                assert!(
+                    close(per.value(metric, &ones).unwrap(), a),
+                    "{round} {metric}"
+                );
                 // Copies adjacent in image order = what the resample scores (these images
                 // have no equal scores within one class of one image, almost surely).
                 let v = per.value(metric, &counts).unwrap();
@@ -622,10 +694,19 @@ mod tests {
         let per = json(PerImage::Hits(hits));
         let ones = vec![1; 40];
         assert!(close(per.value("top1", &ones).unwrap(), all.top1()));
-        assert!(close(per.value("top5", &ones).unwrap(), all.top5().unwrap()));
-        assert!(close(per.value("mean_acc", &ones).unwrap(), all.mean_class_accuracy()));
+        assert!(close(
+            per.value("top5", &ones).unwrap(),
+            all.top5().unwrap()
+        ));
+        assert!(close(
+            per.value("mean_acc", &ones).unwrap(),
+            all.mean_class_accuracy()
+        ));
         assert!(close(per.value("top1", &counts).unwrap(), resampled.top1()));
-        assert!(close(per.value("mean_acc", &counts).unwrap(), resampled.mean_class_accuracy()));
+        assert!(close(
+            per.value("mean_acc", &counts).unwrap(),
+            resampled.mean_class_accuracy()
+        ));
     }
 
     #[test]

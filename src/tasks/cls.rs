@@ -24,8 +24,8 @@ use candle_core::{DType, Device, Tensor};
 use super::images::ImageSet;
 use super::seg::kl_distill;
 use super::{
-    check_request, no_split, require_dir, Augment, Batch, DistillParams, Evaluator, Exporter,
-    Mark, OpenOptions, PerImage, PredictInput, Prediction, Split, Task, TaskLoss, TaskMetrics,
+    check_request, no_split, require_dir, Augment, Batch, DistillParams, Evaluator, Exporter, Mark,
+    OpenOptions, PerImage, PredictInput, Prediction, Split, Task, TaskLoss, TaskMetrics,
 };
 use crate::data::imageio::{is_image, sorted_dirs, sorted_files};
 use crate::data::{DataError, CLS_DIR};

@@ -348,7 +348,11 @@ pub fn decode(
 /// image's size.
 pub fn prior_boxes(train: &[Vec<DetBox>], num_classes: usize) -> Vec<Option<[f32; 4]>> {
     let mut sums = vec![([0f64; 4], 0usize); num_classes];
-    for b in train.iter().flatten().filter(|b| !b.crowd && b.class < num_classes) {
+    for b in train
+        .iter()
+        .flatten()
+        .filter(|b| !b.crowd && b.class < num_classes)
+    {
         let (sum, n) = &mut sums[b.class];
         for (s, v) in sum.iter_mut().zip(b.bbox) {
             *s += v as f64;
@@ -776,6 +780,48 @@ impl DetEvaluator<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gt(bbox: [f32; 4], class: usize) -> DetBox {
+        DetBox {
+            bbox,
+            class,
+            crowd: false,
+        }
+    }
+
+    #[test]
+    fn prior_box_chance_is_one_where_objects_never_move_and_low_where_they_do() {
+        // Class 0 always at the same place; class 1 in every image too, but far apart.
+        let fixed = [20.0, 20.0, 60.0, 60.0];
+        let spread = |i: usize| {
+            let x = [0.0, 150.0, 0.0, 150.0][i % 4];
+            let y = [0.0, 0.0, 150.0, 150.0][i % 4];
+            [x, y, x + 50.0, y + 50.0]
+        };
+        let train: Vec<Vec<DetBox>> = (0..8)
+            .map(|i| vec![gt(fixed, 0), gt(spread(i), 1)])
+            .collect();
+        let priors = prior_boxes(&train, 3);
+        assert_eq!(priors[0], Some(fixed));
+        assert_eq!(priors[1], Some([75.0, 75.0, 125.0, 125.0]));
+        assert_eq!(priors[2], None, "no training box: no prediction");
+        let val: Vec<Vec<DetBox>> = (0..4)
+            .map(|i| vec![gt(fixed, 0), gt(spread(i + 1), 1)])
+            .collect();
+        let s = prior_box_map(&priors, &val).unwrap();
+        assert!((s.per_class_ap50[0].unwrap() - 1.0).abs() < 1e-9);
+        // The mean box of the four corners overlaps none of them by IoU 0.5: AP 0.
+        assert_eq!(s.per_class_ap50[1], Some(0.0));
+        assert!((s.map50 - 0.5).abs() < 1e-9);
+        // Crowd boxes do not move the prior.
+        let mut crowded = train.clone();
+        crowded[0].push(DetBox {
+            bbox: [0.0, 0.0, 200.0, 200.0],
+            class: 0,
+            crowd: true,
+        });
+        assert_eq!(prior_boxes(&crowded, 3)[0], Some(fixed));
+    }
 
     #[test]
     fn distillation_is_zero_at_the_teacher_and_grows_away_from_it() {

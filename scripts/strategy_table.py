@@ -1,96 +1,136 @@
 #!/usr/bin/env python3
-"""The README's strategy table from the `index.csv` of one or more sweeps.
+"""The README's strategy table from one or more sweep folders (one per data draw).
 
-    python3 scripts/strategy_table.py results/strategies/index.csv [more/index.csv ...] [--joint joint]
+    python3 scripts/strategy_table.py results/strategies [results/strategies-draw1 ...] [--joint joint]
 
-One row per experiment file (seeds pooled): baseline mean, final metric mean ± sd and relative change mean ± sd
-per task, how many seeds kept every task within tolerance, whether the seed-mean changes are all
-within 5 %, training time per run, and each final's distance to the `joint` reference
-(final − joint's final, in metric points). Only finished runs (`status = ok`) count.
+Per sweep (its `summary.csv`, `index.csv`, `differences.csv` and `references/`), one row per
+experiment file: the seeds; per task the final (mean ± sd over seeds), the change from the
+single-task baseline pooled over the seeds with its 95 % interval (hierarchical paired
+bootstrap: seeds, then test images) and the pooled verdict with the seeds whose own verdict is
+"within"; the seeds that kept every task within 5 % with the Clopper–Pearson interval of that
+rate; the training time per run; and each final's paired difference from the `joint`
+reference (same seeds, same test images) with its interval. The single-task references the
+runs were judged against are a row of their own. Only finished runs count.
 Standard library only.
 """
 import argparse
 import csv
+import glob
+import json
 import os
 import statistics
 import sys
-from collections import OrderedDict
 
 TASKS = [("seg", "miou", "mIoU"), ("det", "map50", "mAP@.5"), ("cls", "top1", "Top-1")]
 
 
-def mean_sd(xs):
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+def rows_of(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
-def pm(m, s, digits=3, pct=False):
-    if m is None:
+def num(x):
+    return float(x) if x not in (None, "") else None
+
+
+def pct(d):
+    """A drop as a signed change: 0.031 -> '−3.1 %'."""
+    if d is None:
         return "—"
-    def f(v):
-        if not pct:
-            return f"{v:.{digits}f}"
-        return "±0.0 %" if abs(v) < 5e-4 else f"{100 * v:+.1f} %".replace("-", "−")
-    return f(m) + ("" if s is None else (f" ± {100 * s:.1f}" if pct else f" ± {s:.{digits}f}"))
+    c = -100 * d
+    return "±0 %" if abs(c) < 0.05 else f"{c:+.1f} %".replace("-", "−")
+
+
+def pts(x):
+    return f"{x:+.3f}".replace("-", "−")
+
+
+def mean_sd(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "—"
+    m = statistics.fmean(xs)
+    return f"{m:.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+
+
+def stem(file):
+    return os.path.splitext(os.path.basename(file))[0]
+
+
+def references(sweep):
+    """Per task, the reference's finals (one per seed)."""
+    out = {t: [] for t, _, _ in TASKS}
+    for p in sorted(glob.glob(os.path.join(sweep, "references", "*", "summary.json"))):
+        s = json.load(open(p))
+        for t, m, _ in TASKS:
+            v = s.get("final_metrics", {}).get(f"{t}_{m}")
+            if v is not None:
+                out[t].append(v)
+    return out
+
+
+def table(sweep, joint):
+    summary = rows_of(os.path.join(sweep, "summary.csv"))
+    index = rows_of(os.path.join(sweep, "index.csv"))
+    diffs = rows_of(os.path.join(sweep, "differences.csv"))
+    head = ["experiment", "seeds"]
+    for t, _, label in TASKS:
+        head += [f"{t} {label} final", f"{t} change vs single-task [95 % CI], verdict (seeds within)"]
+    head += ["every task within (seeds) [95 % CI]", "time / run", "final − joint: seg / det / cls [95 % CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary:
+        name = stem(r["file"]) if r.get("file") else r["config"]
+        cells = [f"`{name}`", r["n_seeds"]]
+        for t, m, _ in TASKS:
+            finals = [num(x[f"{t}_{m}_final"]) for x in index
+                      if x.get("status") == "ok" and x.get("file") == r["file"]]
+            cells.append(mean_sd(finals))
+            d, lo, hi = (num(r.get(f"{t}_drop_pooled{s}")) for s in ("", "_lo", "_hi"))
+            verdict = (r.get(f"{t}_verdict_pooled") or "—").replace("_", " ")
+            if d is None:
+                cells.append("—")
+            else:
+                cells.append(f"{pct(d)} [{pct(hi)}, {pct(lo)}] {verdict} ({r[f'{t}_n_pass']}/{r['n_seeds']})")
+        lo, hi = num(r.get("pass_rate_lo")), num(r.get("pass_rate_hi"))
+        cells.append(f"{r['n_pass']}/{r['n_seeds']}" + ("" if lo is None else f" [{100 * lo:.0f}–{100 * hi:.0f} %]"))
+        secs = [num(x["train_seconds"]) for x in index if x.get("status") == "ok" and x.get("file") == r["file"]]
+        secs = [s for s in secs if s is not None]
+        cells.append(f"{statistics.fmean(secs) / 60:.1f} min" if secs else "—")
+        vs = []
+        for t, m, _ in TASKS:
+            cell = "—"
+            for dr in diffs:
+                if dr["task"] != t:
+                    continue
+                sign = 1 if (dr["a"], dr["b"]) == (r["config"], joint) else -1 if (dr["a"], dr["b"]) == (joint, r["config"]) else 0
+                if sign:
+                    v, a, b = (sign * float(dr[k]) for k in ("final_a_minus_b", "lo", "hi"))
+                    a, b = min(a, b), max(a, b)
+                    cell = f"{pts(v)} [{pts(a)}, {pts(b)}]"
+            vs.append(cell)
+        cells.append(" / ".join(vs) if r["config"] != joint else "reference")
+        lines.append("| " + " | ".join(cells) + " |")
+    refs = references(sweep)
+    n = max(len(v) for v in refs.values())
+    if n:
+        cells = ["single-task reference", str(n)]
+        for t, _, _ in TASKS:
+            cells += [mean_sd(refs[t]), "(the baseline)"]
+        cells += ["—", "—", "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("index", nargs="+")
-    ap.add_argument("--joint", default="joint", help="file stem of the joint reference experiment")
-    ap.add_argument("--tolerance", type=float, default=0.05)
-    ap.add_argument("--references", default="joint,single_task",
-                    help="file stems of reference modes (no verdict: nothing is learned in sequence)")
+    ap.add_argument("sweeps", nargs="+", help="sweep folders (results/<name>)")
+    ap.add_argument("--joint", default="joint", help="config name of the joint reference")
     a = ap.parse_args()
-    runs = OrderedDict()
-    for path in a.index:
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get("status") != "ok":
-                    continue
-                # Seeds of one experiment file pool into one row (run names carry the seed).
-                key = os.path.splitext(os.path.basename(row["file"]))[0] if row.get("file") else row["name"]
-                runs.setdefault(key, []).append(row)
-    joint = runs.get(a.joint, [])
-    head = ["experiment", "seeds"]
-    for t, _, label in TASKS:
-        head.append(f"{t} {label}: baseline → final (change)")
-    head += ["all within 5 % (seeds)", "mean within 5 %", "time / run"]
-    if joint:
-        head.append("final − joint (seg / det / cls)")
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for name, rows in runs.items():
-        cells = [f"`{name}`", str(len(rows))]
-        mean_ok = True
-        deltas = []
-        for t, m, _ in TASKS:
-            base = [float(r[f"{t}_{m}_baseline"]) for r in rows if r.get(f"{t}_{m}_baseline")]
-            fin = [float(r[f"{t}_{m}_final"]) for r in rows if r.get(f"{t}_{m}_final")]
-            drop = [float(r[f"{t}_{m}_drop"]) for r in rows if r.get(f"{t}_{m}_drop")]
-            fm, fs = mean_sd(fin)
-            dm, ds = mean_sd(drop)
-            # index.csv's drop is (baseline − final) / baseline; show the change (final vs base).
-            cm = None if dm is None else -dm
-            bm, _ = mean_sd(base)
-            cells.append(f"{pm(bm, None)} → {pm(fm, fs)} ({pm(cm, ds, 3, pct=True)})")
-            # A task never learned (baseline near chance) cannot pass, whatever its change.
-            if dm is None or dm > a.tolerance or any(r.get(f"{t}_verdict") == "not_learned" for r in rows):
-                mean_ok = False
-            jf = [float(r[f"{t}_{m}_final"]) for r in joint if r.get(f"{t}_{m}_final")]
-            deltas.append(None if not jf or fm is None else fm - statistics.fmean(jf))
-        n_pass = sum(r.get("pass") == "true" for r in rows)
-        secs = [float(r["train_seconds"]) for r in rows if r.get("train_seconds")]
-        is_ref = name in a.references.split(",")
-        cells += [
-            "reference" if is_ref else f"{n_pass}/{len(rows)}",
-            "reference" if is_ref else ("**yes**" if mean_ok else "no"),
-            f"{statistics.fmean(secs) / 60:.1f} min" if secs else "—",
-        ]
-        if joint:
-            cells.append(" / ".join("—" if d is None else f"{d:+.3f}".replace("-", "−") for d in deltas))
-        print("| " + " | ".join(cells) + " |")
+    for sweep in a.sweeps:
+        print(f"\n{sweep}:\n")
+        print(table(sweep, a.joint))
 
 
 if __name__ == "__main__":

@@ -182,6 +182,9 @@ epochs = 2
         assert_ne!(key(&format!("{BASE}\n[data]\nsynth_seed = 5\n")), control);
         assert_ne!(key(&BASE.replacen("epochs = 2", "epochs = 3", 1)), control);
         // The folder it is written to does not.
-        assert_eq!(key(&format!("results_dir = \"elsewhere\"\n{BASE}")), control);
+        assert_eq!(
+            key(&format!("results_dir = \"elsewhere\"\n{BASE}")),
+            control
+        );
     }
 }

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 
 use onehead::config::Experiment;
 use onehead::registry::Registry;
-use onehead::train::{evaluate_checkpoint, resume, run, RunOptions, Stopped};
+use onehead::tasks::Split;
+use onehead::train::{
+    evaluate_checkpoint, evaluate_checkpoint_on, resume, run, RunOptions, Stopped,
+};
 
 fn tiny_experiment(dir: &Path, replay: bool) -> Experiment {
     let text = format!(
@@ -93,26 +96,41 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
     assert_eq!(rows[0][col("loss_replay")].parse::<f64>().unwrap(), 0.0);
     assert!(rows[2][col("loss_replay")].parse::<f64>().unwrap() > 0.0);
 
-    // Baselines are the metric at the end of each task's own stage.
+    // The verdict is measured on the held-out test split, against the single-task reference
+    // (trained first, in results/references/<key>/); the val curves are epochs.csv's.
     let s = &out.summary;
+    assert_eq!(s.verdict_split, "test");
+    let reference = PathBuf::from(s.baseline_run.clone().expect("a single-task reference"));
+    assert!(reference.starts_with(tmp.path().join("results/references")));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reference.join("summary.json")).unwrap())
+            .unwrap();
     let seg = s.tasks.iter().find(|t| t.task == "seg").unwrap();
-    let at_end_of_stage1: f64 = rows[1][col("seg_miou")].parse().unwrap();
-    assert!((seg.baseline - at_end_of_stage1).abs() < 1e-5);
-    let seg_final: f64 = rows[3][col("seg_miou")].parse().unwrap();
-    assert!((seg.final_value - seg_final).abs() < 1e-5);
+    assert_eq!(
+        seg.baseline,
+        r["final_metrics"]["seg_miou"].as_f64().unwrap()
+    );
+    // The run's own end of stage 1 on test is in the matrix, and printed beside.
+    assert_eq!(seg.stage_end, s.matrix.values[0][0]);
+    assert_eq!(Some(seg.final_value), s.matrix.values[0][2]);
     assert_eq!(s.pass, s.tasks.iter().all(|t| t.pass));
     assert!(s.params.total > 100_000 && s.latency_ms > 0.0);
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(json["tasks"].as_array().unwrap().len(), 3);
 
-    // Checkpoints reload to the same model: evaluating them reproduces the logged metrics.
+    // Checkpoints reload to the same model: evaluating them reproduces the logged metrics,
+    // val (epochs.csv) and test (summary.json) alike.
     let reg = Registry::builtin();
+    let at_end_of_stage1: f64 = rows[1][col("seg_miou")].parse().unwrap();
     let at_stage1 = evaluate_checkpoint(dir, Some("stage1-seg"), &reg).unwrap();
     let (task, m) = &at_stage1[0];
     assert_eq!(task, "seg");
     assert!((m["miou"] - at_end_of_stage1).abs() < 1e-5);
     let last = evaluate_checkpoint(dir, None, &reg).unwrap();
+    let cls_top1: f64 = rows[3][col("cls_top1")].parse().unwrap();
+    assert!((last[2].1["top1"] - cls_top1).abs() < 1e-5);
+    let last = evaluate_checkpoint_on(dir, None, &reg, Split::Test).unwrap();
     for (task, m) in &last {
         for (k, v) in m {
             let key = format!("{task}_{k}");
@@ -146,7 +164,7 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
         None,
         "det is not evaluated before it is learned"
     );
-    // The matrix: seg after every stage, det from stage 2, cls in stage 3.
+    // The matrix (on test): seg after every stage, det from stage 2, cls in stage 3.
     let (mh, mrows) = common::read_csv(&dir.join("matrix.csv"));
     assert_eq!(
         mh,
@@ -158,16 +176,14 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
             "after_stage3"
         ]
     );
+    let cell = |v: Option<f64>| format!("{:.6}", v.unwrap());
+    let m = &out.summary.matrix.values;
     assert_eq!(
         mrows[0][..3],
-        [
-            "seg".to_string(),
-            "miou".into(),
-            rows[1][col("seg_miou")].clone()
-        ]
+        ["seg".to_string(), "miou".into(), cell(m[0][0])]
     );
     assert_eq!(mrows[1][2], "");
-    assert_eq!(mrows[2][4], rows[3][col("cls_top1")]);
+    assert_eq!(mrows[2][4], cell(m[2][2]));
     assert_eq!(json["matrix"]["values"][1][0], serde_json::Value::Null);
 
     // A second run never reuses the folder.
@@ -282,7 +298,13 @@ fn an_interrupted_run_resumes_to_exactly_the_same_result() {
             &full.run_dir.join("checkpoints/stage3-cls.safetensors"),
         );
         assert_eq!(resumed.summary.final_metrics, full.summary.final_metrics);
-        assert_eq!(resumed.summary.tasks, full.summary.tasks);
+        // Equal verdicts, intervals included (only the score files' folders differ).
+        let unfiled = |s: &onehead::report::RunSummary| {
+            let mut t = s.tasks.clone();
+            t.iter_mut().for_each(|t| t.scores = None);
+            t
+        };
+        assert_eq!(unfiled(&resumed.summary), unfiled(&full.summary));
     }
     // A finished run is never continued (nor overwritten).
     let msg = resume(&full.run_dir, &quiet).unwrap_err().to_string();

@@ -339,7 +339,7 @@ fn report_html_is_self_contained_and_every_image_decodes() {
         "quick_replay",
         "Verdict",
         "forgot",
-        "badge ok",
+        "badge within",
         "1\u{202F}605\u{202F}582",
         "5.20 ms/image",
         "<pre>name = &quot;quick_replay&quot;",

@@ -289,14 +289,21 @@ fn the_single_task_baseline_is_trained_once_and_reused() {
     .unwrap();
     assert_eq!(r["verdict_split"], "test");
     for (t, rt) in a.summary.tasks.iter().zip(r["tasks"].as_array().unwrap()) {
-        assert_eq!(t.baseline, rt["final_value"].as_f64().unwrap(), "{}", t.task);
+        assert_eq!(
+            t.baseline,
+            rt["final_value"].as_f64().unwrap(),
+            "{}",
+            t.task
+        );
     }
     assert_eq!(a.summary.tasks.len(), 3);
     // Every task, the last one included, has a paired-bootstrap interval from the per-image
     // scores of the reference and of this run, both kept on disk.
     assert_eq!(a.summary.verdict_split, "test");
     for t in &a.summary.tasks {
-        let [lo, hi] = t.drop_interval.unwrap_or_else(|| panic!("{} has no interval", t.task));
+        let [lo, hi] = t
+            .drop_interval
+            .unwrap_or_else(|| panic!("{} has no interval", t.task));
         assert!(lo <= hi, "{t:?}");
         let [base, fin] = t.scores.clone().unwrap();
         assert!(base.starts_with(&reference), "{base}");

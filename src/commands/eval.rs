@@ -21,6 +21,10 @@ pub struct EvalArgs {
     /// `manifest.json` (files, ground truth, metrics).
     #[arg(long, value_name = "DIR")]
     pub export: Option<PathBuf>,
+    /// The split to evaluate: `val`, or `test` (the held-out split the verdict and
+    /// `summary.json`'s finals are measured on, when the data has one; no `--export`).
+    #[arg(long, default_value = "val", value_parser = ["val", "test"])]
+    pub split: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -44,20 +48,34 @@ pub struct PredictArgs {
     pub quiet: bool,
 }
 
-/// Evaluate a run's checkpoint on the val splits (per-class figures included).
+/// Evaluate a run's checkpoint on the val (or test) splits, per-class figures included.
 pub fn eval(args: EvalArgs) -> Result<ExitCode> {
     let EvalArgs {
         run_dir,
         checkpoint,
         export,
+        split,
     } = args;
     let registry = Registry::builtin();
-    let results = engine::evaluate_checkpoint_export(
-        &run_dir,
-        checkpoint.as_deref(),
-        &registry,
-        export.as_deref(),
-    )?;
+    let results = if split == "test" {
+        anyhow::ensure!(
+            export.is_none(),
+            "--export writes val predictions (beside the val ground truth): drop --split test"
+        );
+        engine::evaluate_checkpoint_on(
+            &run_dir,
+            checkpoint.as_deref(),
+            &registry,
+            crate::data::Split::Test,
+        )?
+    } else {
+        engine::evaluate_checkpoint_export(
+            &run_dir,
+            checkpoint.as_deref(),
+            &registry,
+            export.as_deref(),
+        )?
+    };
     let learned =
         engine::checkpoints::checkpoint_learned(&run_dir, checkpoint.as_deref(), &registry)?;
     for (task, metrics) in results {

@@ -69,6 +69,18 @@ pub fn relative_drop(baseline: f64, final_value: f64) -> f64 {
     }
 }
 
+/// The chance level a baseline is tested against.
+#[derive(Debug, Clone, Copy)]
+pub enum Chance<'a> {
+    /// A constant (classification's `1/C`: a guess's expected Top-1 on any image set).
+    Level(f64),
+    /// The chance predictor's per-image scores on the same images, valued on every
+    /// resample with the baseline's counts: a metric that is a ratio over the resampled
+    /// images (mIoU, mAP) moves with the resample for a predictor that knows nothing too,
+    /// so only the paired comparison is fair.
+    Scores(&'a PerImage),
+}
+
 /// Paired bootstrap of the drop from baseline to final. `pairs[s]` = (baseline scores, final
 /// scores) of seed `s` on the SAME images (an error if their lengths or kinds differ). One
 /// pair: resample images (the same resampled counts for baseline and final). Several pairs:
@@ -77,12 +89,23 @@ pub fn relative_drop(baseline: f64, final_value: f64) -> f64 {
 pub fn paired_drop(
     pairs: &[(&PerImage, &PerImage)],
     metric: &str,
-    chance: f64,
+    chance: Chance,
     spec: &BootstrapSpec,
 ) -> Result<DropInterval> {
     check(pairs, spec)?;
     let (baseline, final_value) = point(pairs, metric)?;
-    let draws = resample(pairs, metric, spec)?;
+    let chance_scores = match chance {
+        Chance::Scores(c) => {
+            anyhow::ensure!(
+                pairs.iter().all(|(b, _)| b.len() == c.len()),
+                "bootstrap: chance scores of {} images for baselines of other sizes",
+                c.len()
+            );
+            Some(c)
+        }
+        Chance::Level(_) => None,
+    };
+    let draws = resample(pairs, chance_scores, metric, spec)?;
     let alpha = 1.0 - spec.confidence;
     let interval = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -93,7 +116,13 @@ pub fn paired_drop(
     };
     let mut baselines: Vec<f64> = draws.iter().map(|d| d.0).collect();
     baselines.sort_by(f64::total_cmp);
-    let not_above = baselines.iter().filter(|&&b| b <= chance).count();
+    let not_above = draws
+        .iter()
+        .filter(|d| match chance {
+            Chance::Level(c) => d.0 <= c,
+            Chance::Scores(_) => d.0 <= d.2,
+        })
+        .count();
     Ok(DropInterval {
         baseline,
         final_value,
@@ -124,9 +153,9 @@ pub fn paired_difference(
     let pairs: Vec<(&PerImage, &PerImage)> = a.iter().copied().zip(b.iter().copied()).collect();
     check(&pairs, spec)?;
     let (ma, mb) = point(&pairs, metric)?;
-    let mut d: Vec<f64> = resample(&pairs, metric, spec)?
+    let mut d: Vec<f64> = resample(&pairs, None, metric, spec)?
         .into_iter()
-        .map(|(x, y)| x - y)
+        .map(|(x, y, _)| x - y)
         .collect();
     d.sort_by(f64::total_cmp);
     let alpha = 1.0 - spec.confidence;
@@ -183,18 +212,20 @@ fn point(pairs: &[(&PerImage, &PerImage)], metric: &str) -> Result<(f64, f64)> {
     Ok((x / n, y / n))
 }
 
-/// `spec.resamples` draws of (mean left, mean right) over resampled seeds and images.
+/// `spec.resamples` draws of (mean left, mean right, mean chance) over resampled seeds and
+/// images; the chance scores (0 without them) are valued with each left side's counts.
 fn resample(
     pairs: &[(&PerImage, &PerImage)],
+    chance: Option<&PerImage>,
     metric: &str,
     spec: &BootstrapSpec,
-) -> Result<Vec<(f64, f64)>> {
+) -> Result<Vec<(f64, f64, f64)>> {
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     let mut counts = Vec::new();
     let mut out = Vec::with_capacity(spec.resamples);
     let seeds = pairs.len();
     for _ in 0..spec.resamples {
-        let (mut x, mut y) = (0.0, 0.0);
+        let (mut x, mut y, mut c) = (0.0, 0.0, 0.0);
         for k in 0..seeds {
             // One seed: no seed level to resample.
             let (a, b) = pairs[if seeds == 1 {
@@ -206,8 +237,12 @@ fn resample(
             let fail = || format!("bootstrap: metric '{metric}' cannot be recomputed");
             x += a.value(metric, &counts).with_context(fail)?;
             y += b.value(metric, &counts).with_context(fail)?;
+            if let Some(ch) = chance {
+                c += ch.value(metric, &counts).with_context(fail)?;
+            }
         }
-        out.push((x / seeds as f64, y / seeds as f64));
+        let n = seeds as f64;
+        out.push((x / n, y / n, c / n));
     }
     Ok(out)
 }
@@ -306,7 +341,7 @@ mod tests {
     #[test]
     fn identical_scores_drop_nothing_with_a_zero_width_interval() {
         let p = hits(&(0..50).map(|i| i % 3 != 0).collect::<Vec<_>>());
-        let d = paired_drop(&[(&p, &p)], "top1", 0.1, &spec(1)).unwrap();
+        let d = paired_drop(&[(&p, &p)], "top1", Chance::Level(0.1), &spec(1)).unwrap();
         assert_eq!(
             (d.drop_abs, d.abs, d.drop_rel, d.rel),
             (0.0, (0.0, 0.0), 0.0, (0.0, 0.0))
@@ -321,7 +356,7 @@ mod tests {
     fn a_ten_percent_drop_on_300_images_is_clearly_above_five_percent() {
         let base = hits(&[true; 300]);
         let fin = hits(&(0..300).map(|i| i % 10 != 0).collect::<Vec<_>>());
-        let d = paired_drop(&[(&base, &fin)], "top1", 0.1, &spec(2)).unwrap();
+        let d = paired_drop(&[(&base, &fin)], "top1", Chance::Level(0.1), &spec(2)).unwrap();
         assert!((d.drop_rel - 0.1).abs() < 1e-12 && (d.drop_abs - 0.1).abs() < 1e-12);
         assert!(d.rel.0 > 0.05 && d.rel.1 < 0.15, "{d:?}");
         assert!(d.rel.0 < 0.1 && d.rel.1 > 0.1, "{d:?}");
@@ -333,7 +368,7 @@ mod tests {
         // Baseline right on 0..15, final on 2..16: 0.75 → 0.70, three discordant images.
         let base = hits(&(0..20).map(|i| i < 15).collect::<Vec<_>>());
         let fin = hits(&(0..20).map(|i| (2..16).contains(&i)).collect::<Vec<_>>());
-        let d = paired_drop(&[(&base, &fin)], "top1", 0.1, &spec(3)).unwrap();
+        let d = paired_drop(&[(&base, &fin)], "top1", Chance::Level(0.1), &spec(3)).unwrap();
         assert!((d.drop_abs - 0.05).abs() < 1e-12);
         assert!(d.rel.0 < 0.05 && d.rel.1 > 0.05, "{d:?}");
         assert!(d.abs.0 < 0.0, "final better on some resamples: {d:?}");
@@ -343,12 +378,12 @@ mod tests {
     fn a_baseline_at_chance_is_flagged() {
         // 10 classes, 10 of 100 right: exactly the chance level 0.1.
         let base = hits(&(0..100).map(|i| i % 10 == 0).collect::<Vec<_>>());
-        let d = paired_drop(&[(&base, &base)], "top1", 0.1, &spec(4)).unwrap();
+        let d = paired_drop(&[(&base, &base)], "top1", Chance::Level(0.1), &spec(4)).unwrap();
         assert!(d.p_not_above_chance > 0.4, "{d:?}");
         assert!(d.baseline_lo < 0.1);
         // A zero baseline: no relative drop (see relative_drop), always "not above chance".
         let zero = hits(&[false; 30]);
-        let d = paired_drop(&[(&zero, &zero)], "top1", 0.1, &spec(4)).unwrap();
+        let d = paired_drop(&[(&zero, &zero)], "top1", Chance::Level(0.1), &spec(4)).unwrap();
         assert_eq!(
             (d.drop_rel, d.rel, d.p_not_above_chance),
             (0.0, (0.0, 0.0), 1.0)
@@ -359,12 +394,12 @@ mod tests {
     fn seeded_deterministic_and_hierarchical_over_seeds() {
         let a = hits(&(0..40).map(|i| i % 4 != 0).collect::<Vec<_>>());
         let b = hits(&(0..40).map(|i| i % 3 != 0).collect::<Vec<_>>());
-        let run = |seed| paired_drop(&[(&a, &b)], "top1", 0.1, &spec(seed)).unwrap();
+        let run = |seed| paired_drop(&[(&a, &b)], "top1", Chance::Level(0.1), &spec(seed)).unwrap();
         assert_eq!(run(5), run(5));
         assert_ne!(run(5).abs, run(6).abs);
         // Two seeds: the point estimates are means over seeds.
         let c = hits(&(0..40).map(|i| i % 5 != 0).collect::<Vec<_>>());
-        let d = paired_drop(&[(&a, &b), (&a, &c)], "top1", 0.1, &spec(5)).unwrap();
+        let d = paired_drop(&[(&a, &b), (&a, &c)], "top1", Chance::Level(0.1), &spec(5)).unwrap();
         let (va, vb, vc) = (30.0 / 40.0, 26.0 / 40.0, 32.0 / 40.0);
         assert!((d.baseline - va).abs() < 1e-12);
         assert!((d.final_value - (vb + vc) / 2.0).abs() < 1e-12);
@@ -377,15 +412,15 @@ mod tests {
     fn mismatched_inputs_are_errors() {
         let a = hits(&[true; 10]);
         let b = hits(&[true; 11]);
-        assert!(paired_drop(&[(&a, &b)], "top1", 0.1, &spec(0)).is_err());
-        assert!(paired_drop(&[], "top1", 0.1, &spec(0)).is_err());
-        assert!(paired_drop(&[(&a, &a)], "miou", 0.1, &spec(0)).is_err());
+        assert!(paired_drop(&[(&a, &b)], "top1", Chance::Level(0.1), &spec(0)).is_err());
+        assert!(paired_drop(&[], "top1", Chance::Level(0.1), &spec(0)).is_err());
+        assert!(paired_drop(&[(&a, &a)], "miou", Chance::Level(0.1), &spec(0)).is_err());
         assert!(paired_difference(&[&a], &[], "top1", &spec(0)).is_err());
         let bad = BootstrapSpec {
             confidence: 1.0,
             ..spec(0)
         };
-        assert!(paired_drop(&[(&a, &a)], "top1", 0.1, &bad).is_err());
+        assert!(paired_drop(&[(&a, &a)], "top1", Chance::Level(0.1), &bad).is_err());
     }
 
     #[test]
@@ -402,6 +437,69 @@ mod tests {
         // Large n stays finite (log-space CDF).
         let (lo, hi) = clopper_pearson(500, 1000, 0.95);
         assert!(lo > 0.46 && lo < 0.5 && hi > 0.5 && hi < 0.54, "{lo} {hi}");
+    }
+
+    /// Segmentation masks of `n` images: background and one object class each, a share
+    /// `fg` of the pixels; predicted as `pred` (0 = background everywhere).
+    fn seg(n: usize, predict_object: bool) -> PerImage {
+        use crate::metrics::miou::ConfusionMatrix;
+        use crate::metrics::per_image::IouCounts;
+        let mut counts = IouCounts::new(4);
+        for i in 0..n {
+            let class = 1 + (i % 3) as u8;
+            let fg = 10 + 7 * (i % 5);
+            let gt: Vec<u8> = (0..100).map(|p| if p < fg { class } else { 0 }).collect();
+            let pred: Vec<u8> = if predict_object {
+                gt.clone()
+            } else {
+                vec![0; 100]
+            };
+            let mut cm = ConfusionMatrix::new(4).unwrap();
+            cm.add(&pred, &gt).unwrap();
+            counts.push(&cm).unwrap();
+        }
+        PerImage::Iou(counts)
+    }
+
+    #[test]
+    fn above_chance_is_tested_against_the_chance_predictor_on_the_same_resample() {
+        // A model that predicts background everywhere *is* the chance predictor: never above
+        // it, whatever the resample. Against the fixed chance level of all images its
+        // resamples scatter on both sides of it (the class set and the background share move
+        // with the resample): a coin flip, where the paired test is certain.
+        let chance = seg(20, false);
+        let fixed = chance.value("miou", &[1; 20]).unwrap();
+        let d = paired_drop(
+            &[(&chance, &chance)],
+            "miou",
+            Chance::Scores(&chance),
+            &spec(6),
+        )
+        .unwrap();
+        assert_eq!(d.p_not_above_chance, 1.0);
+        let biased = paired_drop(
+            &[(&chance, &chance)],
+            "miou",
+            Chance::Level(fixed),
+            &spec(6),
+        )
+        .unwrap();
+        assert!(
+            biased.p_not_above_chance > 0.05 && biased.p_not_above_chance < 0.95,
+            "{biased:?}"
+        );
+        // A model that segments every object is above it on every resample.
+        let good = seg(20, true);
+        let d = paired_drop(&[(&good, &good)], "miou", Chance::Scores(&chance), &spec(6)).unwrap();
+        assert_eq!(d.p_not_above_chance, 0.0);
+        // Chance scores of other images are refused.
+        assert!(paired_drop(
+            &[(&good, &good)],
+            "miou",
+            Chance::Scores(&seg(5, false)),
+            &spec(6)
+        )
+        .is_err());
     }
 
     /// Speed of 2,000 resamples on 300 images of each kind (not a test): `cargo test
@@ -478,7 +576,13 @@ mod tests {
             (&cls, "top1"),
         ] {
             let t = std::time::Instant::now();
-            paired_drop(&[(p, p)], metric, 0.0, &BootstrapSpec::default()).unwrap();
+            paired_drop(
+                &[(p, p)],
+                metric,
+                Chance::Level(0.0),
+                &BootstrapSpec::default(),
+            )
+            .unwrap();
             eprintln!(
                 "{metric}: 2000 resamples of 300 images in {:.3} s",
                 t.elapsed().as_secs_f64()

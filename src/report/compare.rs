@@ -488,7 +488,9 @@ fn summary_table(runs: &[RunData], labels: &[String], groups: &[Group]) -> Strin
             lines.push(cells(row, k == 0));
         }
     }
-    let right = [false, false, false, true, true, true, true, false, false, true];
+    let right = [
+        false, false, false, true, true, true, true, false, false, true,
+    ];
     let mut width: Vec<usize> = HEADERS.iter().map(|h| h.chars().count()).collect();
     for l in &lines {
         for (w, c) in width.iter_mut().zip(l) {
@@ -605,7 +607,10 @@ fn summary_markdown(runs: &[RunData], labels: &[String]) -> String {
     let mut out = format!("| {} |\n|", HEADERS.join(" | "));
     for h in HEADERS {
         out.push_str(
-            if matches!(h, "baseline" | "final" | "change" | "interval" | "train time") {
+            if matches!(
+                h,
+                "baseline" | "final" | "change" | "interval" | "train time"
+            ) {
                 "---:|"
             } else {
                 "---|"

@@ -277,6 +277,21 @@ fn run_facts(b: &mut String, run: &RunData) {
             format!("−{} (relative)", pct(run.tolerance))
         }),
     ));
+    if let Some(s) = summary.filter(|s| !s.tasks.is_empty()) {
+        let intervals = if s.resamples > 0 {
+            format!(", {:.0} % intervals", s.confidence * 100.0)
+        } else {
+            String::new()
+        };
+        b.push_str(&fact(
+            "judged against",
+            &esc(&format!(
+                "{} baseline, on {}{intervals}",
+                s.baseline_kind.label().replace('_', "-"),
+                s.verdict_split
+            )),
+        ));
+    }
     b.push_str(&fact("training time", &fmt_seconds(run.train_seconds())));
     b.push_str(&fact(
         "parameters",

@@ -19,9 +19,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
-pub use fmt::{fmt_drop, fmt_interval};
 pub use compare::{compare, CompareFormat, CompareOptions, CompareOutput};
 pub use csv_log::{EpochColumns, EpochRow, EvalRecord, RunCsv};
+pub use fmt::{fmt_drop, fmt_interval};
 pub use sink::{ConsoleLine, EpochSink};
 pub use summary::{judge, Judging, Matrix, RunSummary, TaskRef, TaskVerdict, Verdict};
 pub use tensorboard::{tag_for_column, TbWriter};
@@ -99,7 +99,9 @@ fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
 /// (`<run>/scores/stage<k>-<task>.json`, a [`crate::metrics::per_image::PerImage`]): what the
 /// bootstrap resamples, for this run and for every run that takes it as its reference.
 pub fn scores_file(run_dir: &Path, stage: usize, task: &str) -> PathBuf {
-    run_dir.join("scores").join(format!("stage{stage}-{task}.json"))
+    run_dir
+        .join("scores")
+        .join(format!("stage{stage}-{task}.json"))
 }
 
 /// The per-image scores in `path`; `None` when the file is absent (a task that keeps none,

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::fmt::fmt_drop;
 use super::EvalRecord;
-use crate::metrics::bootstrap::DropInterval;
 use crate::config::{BaselineKind, ToleranceKind};
+use crate::metrics::bootstrap::DropInterval;
 
 /// The outcome for one task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -184,7 +184,8 @@ impl TaskVerdict {
         };
         self.learned = b.p_not_above_chance <= 1.0 - j.confidence + 1e-12 && self.baseline > 0.0;
         self.p_chance = Some(b.p_not_above_chance);
-        self.drop_rel = (self.learned && self.baseline > 0.0).then(|| self.drop_abs / self.baseline);
+        self.drop_rel =
+            (self.learned && self.baseline > 0.0).then(|| self.drop_abs / self.baseline);
         self.drop_interval = Some([lo, hi]);
         self.verdict = Verdict::from_interval(self.learned, [lo, hi], j.tolerance);
         self.pass = self.verdict == Verdict::Within;
@@ -489,7 +490,9 @@ impl RunSummary {
                 format!("{:+.3}", -t.drop_abs)
             };
             let interval = match t.drop_interval {
-                Some([lo, hi]) if rel => format!("[{}, {}]", fmt_drop(Some(hi)), fmt_drop(Some(lo))),
+                Some([lo, hi]) if rel => {
+                    format!("[{}, {}]", fmt_drop(Some(hi)), fmt_drop(Some(lo)))
+                }
                 Some([lo, hi]) => format!("[{:+.3}, {:+.3}]", -hi, -lo),
                 None => "—".into(),
             };
@@ -558,7 +561,7 @@ mod tests {
             stage: 1,
             baseline: 0.5,
             final_value: 0.49,
-            verdict: Verdict::Ok,
+            verdict: Verdict::Within,
             pass: true,
             ..TaskVerdict::default()
         });
@@ -610,18 +613,25 @@ mod tests {
         let point = TaskVerdict::new(&task(0.0), 1, 0.5, 0.49, &j);
         assert_eq!(point.verdict, Verdict::Within);
         // Worst end within 5 %: within.
-        let v = point.clone().with_interval(&interval((-0.03, 0.049), 0.0), &j);
+        let v = point
+            .clone()
+            .with_interval(&interval((-0.03, 0.049), 0.0), &j);
         assert_eq!((v.verdict, v.pass), (Verdict::Within, true));
         assert_eq!(v.drop_interval, Some([-0.03, 0.049]));
         // Straddles 5 %: undecided, and the run cannot pass on it.
-        let v = point.clone().with_interval(&interval((0.01, 0.09), 0.0), &j);
+        let v = point
+            .clone()
+            .with_interval(&interval((0.01, 0.09), 0.0), &j);
         assert_eq!((v.verdict, v.pass), (Verdict::Undecided, false));
         // Even the best end beyond 5 %: forgot.
         let v = point.clone().with_interval(&interval((0.06, 0.2), 0.0), &j);
         assert_eq!(v.verdict, Verdict::Forgot);
         // A baseline above chance in only 90 % of the resamples is not learned at 95 %.
         let v = point.clone().with_interval(&interval((0.0, 0.0), 0.1), &j);
-        assert_eq!((v.verdict, v.learned, v.drop_rel), (Verdict::NotLearned, false, None));
+        assert_eq!(
+            (v.verdict, v.learned, v.drop_rel),
+            (Verdict::NotLearned, false, None)
+        );
         // Absolute tolerance reads the interval in points.
         let a = judging(ToleranceKind::Absolute);
         let v = point.with_interval(&interval((0.0, 0.08), 0.0), &a);
@@ -741,13 +751,20 @@ mod tests {
         assert!((v[0].drop_rel.unwrap() - (0.8 - 0.45) / 0.8).abs() < 1e-12);
         // The last task is judged too: its final against the single-task value.
         assert_eq!((v[1].baseline, v[1].final_value), (0.7, 0.7));
-        assert!(judge(&tasks, &h, &h, &j, None).is_err(), "no single-task run");
+        assert!(
+            judge(&tasks, &h, &h, &j, None).is_err(),
+            "no single-task run"
+        );
         // The verdict's split (here a made-up test history) gives the finals and baselines;
         // val only stage_best's choice.
-        let test: Vec<EvalRecord> = h.iter().cloned().map(|mut r| {
-            r.metrics.insert("m".into(), r.metrics["m"] - 0.1);
-            r
-        }).collect();
+        let test: Vec<EvalRecord> = h
+            .iter()
+            .cloned()
+            .map(|mut r| {
+                r.metrics.insert("m".into(), r.metrics["m"] - 0.1);
+                r
+            })
+            .collect();
         j.baseline = BaselineKind::StageEnd;
         let v = judge(&tasks, &h, &test, &j, None).unwrap();
         assert!((v[0].baseline - 0.4).abs() < 1e-12 && (v[0].final_value - 0.35).abs() < 1e-12);

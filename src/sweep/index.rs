@@ -121,6 +121,22 @@ impl RunResult {
         }
     }
 
+    /// `every task within`, or each task's verdict (`seg within · det forgot · cls
+    /// undecided`), in the words the console and the report use.
+    pub fn verdict_words(&self) -> String {
+        if self.pass == Some(true) {
+            return "every task within".into();
+        }
+        self.tasks
+            .iter()
+            .map(|t| {
+                let v = t.verdict.as_deref().unwrap_or("?").replace('_', " ");
+                format!("{} {v}", t.task)
+            })
+            .collect::<Vec<_>>()
+            .join(" · ")
+    }
+
     pub fn read(run_dir: &Path) -> Result<Self> {
         let path = run_dir.join("summary.json");
         let text = std::fs::read_to_string(&path)
@@ -432,8 +448,10 @@ pub fn aggregate(records: &[RunRecord], cache: &mut super::stats::ScoreCache) ->
                             .find(|x| &x.task == t && &x.metric == m)
                             .cloned()
                     };
-                    let pairs: Vec<(&RunResult, TaskResult)> =
-                        done.iter().filter_map(|(_, r)| Some((*r, of(r)?))).collect();
+                    let pairs: Vec<(&RunResult, TaskResult)> = done
+                        .iter()
+                        .filter_map(|(_, r)| Some((*r, of(r)?)))
+                        .collect();
                     let members: Vec<(&RunResult, &TaskResult)> =
                         pairs.iter().map(|(r, t)| (*r, t)).collect();
                     let pooled = super::stats::pooled_drop(&members, cache).unwrap_or_else(|e| {
@@ -781,7 +799,7 @@ mod tests {
                 result: None,
             },
         ];
-        let aggs = aggregate(&records);
+        let aggs = aggregate(&records, &mut crate::sweep::stats::ScoreCache::default());
         assert_eq!(aggs.len(), 2);
         let a = &aggs[0];
         assert_eq!(a.label, "x__lr-0.1");

@@ -387,12 +387,12 @@ impl Pool {
         let line = match &rec.status {
             Status::Ok => {
                 self.pb.inc(1);
-                let verdict = match rec.result.as_ref().and_then(|x| x.pass) {
-                    Some(true) => "pass",
-                    Some(false) => "FAIL (forgot)",
-                    None => "finished",
-                };
-                format!("✓ {} {verdict} ({secs:.0} s)", rec.run.name)
+                let verdict = rec
+                    .result
+                    .as_ref()
+                    .map(index::RunResult::verdict_words)
+                    .unwrap_or_else(|| "finished".into());
+                format!("✓ {} finished: {verdict} ({secs:.0} s)", rec.run.name)
             }
             Status::Failed(reason) => {
                 self.failed += 1;

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use anyhow::Result;
 
 use super::index::{RunRecord, RunResult, TaskResult};
-use crate::metrics::bootstrap::{paired_difference, paired_drop, BootstrapSpec};
+use crate::metrics::bootstrap::{paired_difference, paired_drop, BootstrapSpec, Chance};
 use crate::metrics::per_image::PerImage;
 use crate::report::Verdict;
 
@@ -77,15 +77,23 @@ pub fn pooled_drop(
         confidence,
         seed: 0x5EED,
     };
-    let chance = task0.chance.unwrap_or(0.0);
-    let d = paired_drop(&refs, &task0.metric, chance, &spec)?;
+    // The chance predictor's scores are the task's, not the run's: here the pooled drop is
+    // taken as learned when every seed's own run found it learned.
+    let d = paired_drop(
+        &refs,
+        &task0.metric,
+        Chance::Level(f64::NEG_INFINITY),
+        &spec,
+    )?;
     let absolute = run0.tolerance_kind.as_deref() == Some("absolute");
     let (drop, (lo, hi)) = if absolute {
         (d.drop_abs, d.abs)
     } else {
         (d.drop_rel, d.rel)
     };
-    let learned = d.p_not_above_chance <= 1.0 - confidence + 1e-12 && d.baseline > 0.0;
+    let learned = members
+        .iter()
+        .all(|(_, t)| t.verdict.as_deref().is_some_and(|v| v != "not_learned"));
     let tolerance = run0.tolerance.unwrap_or(0.05);
     Ok(Some(Pooled {
         seeds: refs.len(),
@@ -189,7 +197,14 @@ fn final_scores(r: &RunRecord, task: &str, cache: &mut ScoreCache) -> Option<Rc<
 /// The `differences.csv` table.
 pub fn differences_table(diffs: &[Difference]) -> (Vec<String>, Vec<Vec<String>>) {
     let header = [
-        "a", "b", "task", "metric", "seeds", "final_a_minus_b", "lo", "hi",
+        "a",
+        "b",
+        "task",
+        "metric",
+        "seeds",
+        "final_a_minus_b",
+        "lo",
+        "hi",
     ]
     .map(String::from)
     .to_vec();

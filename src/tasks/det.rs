@@ -368,6 +368,11 @@ pub fn prior_boxes(train: &[Vec<DetBox>], num_classes: usize) -> Vec<Option<[f32
 /// split with ground truths `gts`. All scores tie, so COCO's stable order (image order)
 /// ranks them.
 pub fn prior_box_map(priors: &[Option<[f32; 4]>], gts: &[Vec<DetBox>]) -> Result<MapSummary> {
+    Ok(prior_box_evaluator(priors, gts)?.summarize())
+}
+
+/// The prior-box predictor's detections on a split, matched: its mAP and per-image scores.
+fn prior_box_evaluator(priors: &[Option<[f32; 4]>], gts: &[Vec<DetBox>]) -> Result<MapEvaluator> {
     let dets: Vec<Detection> = priors
         .iter()
         .enumerate()
@@ -383,7 +388,7 @@ pub fn prior_box_map(priors: &[Option<[f32; 4]>], gts: &[Vec<DetBox>]) -> Result
     for gt in gts {
         map.add_image(&dets, gt)?;
     }
-    Ok(map.summarize())
+    Ok(map)
 }
 
 /// Detection as a [`Task`].
@@ -395,8 +400,9 @@ pub struct DetTask {
     settings: DetSettings,
     /// The val split's COCO JSON (the ground truth of exports).
     val_json: PathBuf,
-    /// The prior-box predictor's mAP on each split (the chance levels).
-    chance: Vec<(Split, MapSummary)>,
+    /// The prior-box predictor's mAP on each split (the chance levels), and its per-image
+    /// scores (what the "learned" test resamples).
+    chance: Vec<(Split, MapSummary, PerImage)>,
 }
 
 impl DetTask {
@@ -427,7 +433,8 @@ impl DetTask {
             .chain([(Split::Test, test.as_ref())])
         {
             if let Some(data) = data {
-                chance.push((split, prior_box_map(&priors, &data.boxes)?));
+                let ev = prior_box_evaluator(&priors, &data.boxes)?;
+                chance.push((split, ev.summarize(), PerImage::Boxes(ev.per_image())));
             }
         }
         Ok(Self {
@@ -498,8 +505,13 @@ impl Task for DetTask {
         "map50"
     }
 
+    fn chance_scores(&self, split: Split) -> Option<PerImage> {
+        let (_, _, scores) = self.chance.iter().find(|(sp, _, _)| *sp == split)?;
+        Some(scores.clone())
+    }
+
     fn chance(&self, metric: &str, split: Split) -> Option<f64> {
-        let (_, s) = self.chance.iter().find(|(sp, _)| *sp == split)?;
+        let (_, s, _) = self.chance.iter().find(|(sp, _, _)| *sp == split)?;
         match metric {
             "map50" => Some(s.map50),
             "map50_95" => Some(s.map50_95),

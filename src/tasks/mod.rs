@@ -186,6 +186,13 @@ pub trait Task: Send + Sync {
     /// that always sits at the same place has chance AP 1); classification, `1/C` (`5/C`
     /// for Top-5) on any split.
     fn chance(&self, metric: &str, split: Split) -> Option<f64>;
+    /// The chance predictor's per-image scores on `split` (segmentation: all background;
+    /// detection: the prior boxes), so that "above chance" is tested on the same resampled
+    /// images as the baseline. `None`: the chance level is a constant (classification's
+    /// `1/C` is the expected Top-1 of a guess on any image set) or unknown.
+    fn chance_scores(&self, _split: Split) -> Option<PerImage> {
+        None
+    }
     /// Number of samples of a split; 0 for a split the task's data does not have. Only the
     /// synthetic benchmark has a [`Split::Test`]: callers ask `len(Split::Test) > 0` before
     /// evaluating it (train and val are never empty, [`TaskSet::new`] checks).

@@ -289,6 +289,17 @@ fn background_miou(split: &SegSplit, num_classes: usize) -> Result<f64> {
     Ok(cm.miou())
 }
 
+/// The per-image scores of predicting background everywhere (the chance predictor).
+fn background_scores(split: &SegSplit, num_classes: usize) -> Result<PerImage> {
+    let mut counts = IouCounts::new(num_classes);
+    for m in &split.originals {
+        let mut cm = ConfusionMatrix::new(num_classes)?;
+        cm.add(&vec![0u8; m.len()], m)?;
+        counts.push(&cm)?;
+    }
+    Ok(PerImage::Iou(counts))
+}
+
 /// The predicted class map of one image at `w × h` from its logits `(1, C, h', w')`:
 /// resized bilinearly to that size, then the argmax over classes (row-major ids). Computed
 /// on the CPU row by row ([`resize_bilinear_argmax`]), so any image size fits in memory,
@@ -406,6 +417,11 @@ impl Task for SegTask {
             Split::Test => self.chance_test,
         };
         chance.filter(|_| metric == "miou")
+    }
+
+    fn chance_scores(&self, split: Split) -> Option<PerImage> {
+        let data = self.split(split).filter(|_| split != Split::Train)?;
+        background_scores(data, self.class_names.len()).ok()
     }
 
     fn image_aspect(&self, split: Split, i: usize) -> f32 {

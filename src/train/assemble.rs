@@ -202,7 +202,7 @@ impl Env {
                     .rposition(|s| s.task == name)
                     .unwrap_or(0);
                 Ok(TaskRef {
-                    chance: task.chance(&metric, data::Split::Val).unwrap_or(0.0),
+                    chance: task.chance(&metric, self.verdict_split()).unwrap_or(0.0),
                     task: name,
                     metric,
                     stage,

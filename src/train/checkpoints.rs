@@ -180,6 +180,36 @@ pub fn evaluate_checkpoint(
     evaluate_checkpoint_export(run_dir, checkpoint, registry, None)
 }
 
+/// [`evaluate_checkpoint`] on another split of every task (`Split::Test`: the held-out
+/// split whose stage-end evaluations give `summary.json`'s finals); an error for a task
+/// without that split.
+pub fn evaluate_checkpoint_on(
+    run_dir: &Path,
+    checkpoint: Option<&str>,
+    registry: &Registry,
+    split: crate::data::Split,
+) -> Result<Vec<(String, TaskMetrics)>> {
+    let run = load_run(run_dir, checkpoint, registry)?;
+    let mut results = Vec::new();
+    for t in run.exp.tasks_in_order() {
+        anyhow::ensure!(
+            run.tasks.get(&t)?.len(split) > 0,
+            "task '{t}' has no {} split (only the built-in benchmark has a held-out test split)",
+            split.name()
+        );
+        let (m, _) = super::evaluate::evaluate_scored(
+            &run.model,
+            &run.tasks,
+            &t,
+            split,
+            run.exp.eval.batch_size,
+            &run.device,
+        )?;
+        results.push((t, m));
+    }
+    Ok(results)
+}
+
 /// [`evaluate_checkpoint`], and with `export`, every task's predictions on its val split
 /// written there in a standard format (`onehead eval --export DIR`: COCO results JSON,
 /// palette PNG masks, CSV), with `manifest.json` naming the files, the ground truth and the

@@ -315,6 +315,7 @@ fn end_stage(s: &mut Session, si: usize) -> Result<()> {
 fn evaluate_stage_end(s: &mut Session, si: usize) -> Result<()> {
     let exp = &s.env.exp;
     let split = s.env.verdict_split();
+    let clock = Instant::now();
     for task in exp.evaluated_tasks(si) {
         let (metrics, scores) = evaluate_scored(
             &s.env.model,
@@ -337,6 +338,12 @@ fn evaluate_stage_end(s: &mut Session, si: usize) -> Result<()> {
             metrics,
         });
     }
+    tracing::debug!(
+        "stage {} end: {} evaluated in {:.2} s",
+        si + 1,
+        split.name(),
+        clock.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -8,9 +8,9 @@ use anyhow::Result;
 
 use super::launch::RunOutcome;
 use super::session::Session;
-use crate::report::summary::ParamSummary;
 use crate::config::BaselineKind;
-use crate::metrics::bootstrap::{paired_drop, BootstrapSpec, DropInterval};
+use crate::metrics::bootstrap::{paired_drop, BootstrapSpec, Chance, DropInterval};
+use crate::report::summary::ParamSummary;
 use crate::report::{self, judge, Judging, RunSummary, TaskRef};
 
 impl Session {
@@ -29,12 +29,17 @@ impl Session {
         let verdict = &self.progress.verdict;
         let reference = self.single_task.as_ref().map(|(_, s)| s);
         let mut tasks = judge(&refs, &self.progress.history, verdict, &judging, reference)?;
+        let clock = std::time::Instant::now();
         for (i, (t, r)) in tasks.iter_mut().zip(&refs).enumerate() {
             if let Some((d, files)) = self.bootstrap(r, i)? {
                 *t = t.clone().with_interval(&d, &judging);
                 t.scores = Some(files.map(|f| f.display().to_string()));
             }
         }
+        tracing::debug!(
+            "verdict intervals in {:.2} s",
+            clock.elapsed().as_secs_f64()
+        );
         let mut final_metrics = std::collections::BTreeMap::new();
         for t in &refs {
             if let Some(r) = verdict
@@ -161,7 +166,16 @@ impl Session {
             // Its own stream per task, fixed by the run's seed.
             seed: exp.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64 + 1),
         };
-        let d = paired_drop(&[(&b, &f)], &r.metric, r.chance, &spec)?;
+        let chance_scores = self
+            .env
+            .tasks
+            .get(&r.task)?
+            .chance_scores(self.env.verdict_split());
+        let chance = match &chance_scores {
+            Some(c) if c.len() == b.len() => Chance::Scores(c),
+            _ => Chance::Level(r.chance),
+        };
+        let d = paired_drop(&[(&b, &f)], &r.metric, chance, &spec)?;
         Ok(Some((d, [baseline_file, final_file])))
     }
 }

@@ -25,8 +25,8 @@ use anyhow::Result;
 
 pub use assemble::{augment_config, ensure_data, open_tasks, Env};
 pub use checkpoints::{
-    evaluate_checkpoint, evaluate_checkpoint_export, list_checkpoints, load_run,
-    resolve_checkpoint, LoadedRun,
+    evaluate_checkpoint, evaluate_checkpoint_export, evaluate_checkpoint_on, list_checkpoints,
+    load_run, resolve_checkpoint, LoadedRun,
 };
 pub use device::select_device;
 pub use launch::{AlreadyFinished, RunOptions, RunOutcome, Stopped};

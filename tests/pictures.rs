@@ -1,6 +1,6 @@
 //! Pictures from run folders (issue 11): `draw_run`, `onehead plot`, `onehead compare`, the
 //! TensorBoard sink. The run folders are fixtures written here following the run-folder
-//! contract (`design/RUN_FILES.md`); nothing is trained.
+//! contract (README, "What a run leaves"); nothing is trained.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

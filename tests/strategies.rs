@@ -69,7 +69,7 @@ images_per_batch = 2
 policy = "reservoir"
 capacity = 8
 normalize = "reference"
-der_alpha = 0.5
+distill_alpha = 0.5
 task_weights = {{ det = 1.5 }}
 [lwf]
 alpha = 1.0
@@ -77,6 +77,11 @@ teacher = "per_task"
 [ewc]
 lambda = 10.0
 samples = 4
+[der]
+alpha = 0.3
+beta = 0.5
+capacity = 6
+images_per_batch = 2
 [uncertainty]
 enabled = true
 "#
@@ -90,13 +95,14 @@ enabled = true
             .unwrap_or_else(|| panic!("no {n}"))
     };
     let v = |r: usize, n: &str| rows[r][col(n)].parse::<f64>().unwrap();
-    for term in ["loss_replay", "loss_der", "loss_lwf", "loss_ewc"]
-        .into_iter()
-        .filter(|t| h.iter().any(|c| c == t))
-    {
+    for term in ["loss_replay", "loss_distill", "loss_lwf", "loss_ewc"] {
         assert_eq!(v(0, term), 0.0, "{term} in stage 1");
         assert!(v(2, term) > 0.0, "{term} in stage 2");
         assert!(v(3, term) > 0.0, "{term} in stage 3");
+    }
+    // DER replays its reservoir from the first stage on (the current task's stream too).
+    for term in ["loss_der", "loss_derpp"] {
+        assert!((0..4).all(|r| v(r, term) > 0.0), "{term}");
     }
     let secs = col("seconds");
     // Mid-epoch in stage 1, a stage boundary (teachers, Fisher, buffer just made), mid-det.
@@ -164,6 +170,7 @@ fn distillation_is_zero_at_the_teacher_and_pulls_back_toward_it() {
                 batch: &batch,
                 start: 0,
             },
+            new_augs: &[],
             mine: vec![],
         };
         let terms = lwf.loss(&env.ctx(1, &pools), &view).unwrap();
@@ -309,4 +316,129 @@ fn the_single_task_baseline_is_trained_once_and_reused() {
         assert!(base.starts_with(&reference), "{base}");
         assert!(Path::new(&base).is_file() && Path::new(&fin).is_file());
     }
+}
+
+#[test]
+fn two_runs_started_together_share_one_reference_the_second_waits_for_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let control = experiment(tmp.path(), "", "", THREE_STAGES);
+    let replay = experiment(
+        tmp.path(),
+        "",
+        "",
+        &format!("{THREE_STAGES}\n[replay]\nenabled = true\nimages_per_batch = 2\n"),
+    );
+    let handles: Vec<_> = [control, replay]
+        .into_iter()
+        .map(|exp| std::thread::spawn(move || run(&exp, &quiet()).unwrap()))
+        .collect();
+    let outs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let refs: Vec<_> = std::fs::read_dir(tmp.path().join("results/references"))
+        .unwrap()
+        .collect();
+    assert_eq!(refs.len(), 1, "one reference, trained once");
+    assert_eq!(outs[0].summary.baseline_run, outs[1].summary.baseline_run);
+    for (a, b) in outs[0].summary.tasks.iter().zip(&outs[1].summary.tasks) {
+        assert_eq!(a.baseline, b.baseline, "{}", a.task);
+    }
+}
+
+#[test]
+fn der_stores_each_image_with_its_outputs_when_trained_and_replays_it_aligned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = experiment(
+        tmp.path(),
+        "",
+        "",
+        &format!("{THREE_STAGES}\n[der]\nalpha = 1.0\ncapacity = 8\nimages_per_batch = 4\n"),
+    );
+    let registry = Registry::builtin();
+    let s = Session::start(&exp, &registry, quiet(), None).unwrap();
+    let env = &s.env;
+    let pools = vec![(0..16).collect::<Vec<usize>>()];
+    let ctx = env.ctx(0, &pools);
+    let settings =
+        onehead::plugins::registry::settings::<onehead::plugins::der::Der>(&exp).unwrap();
+    let mut der = <onehead::plugins::der::Der as onehead::plugins::Strategy>::build(
+        settings,
+        &onehead::plugins::BuildCtx {
+            exp: &exp,
+            varmap: &env.varmap,
+            device: &env.device,
+        },
+    )
+    .unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    // Empty buffer: nothing replayed yet.
+    assert!(der.extra_batches(&ctx, &mut rng).unwrap().is_empty());
+    // A step of 4 seg images, two of them flipped: all four go in with this step's outputs.
+    let seg = env.tasks.get("seg").unwrap();
+    let augs: Vec<onehead::data::Augment> = (0..4)
+        .map(|k| onehead::data::Augment::flip_only(k % 2 == 0))
+        .collect();
+    let batch = seg
+        .batch(Split::Train, &[3, 5, 7, 9], &augs, &env.device)
+        .unwrap();
+    let map = env.model.forward_t(&batch.images, false).unwrap();
+    let view = StepView {
+        images: &batch.images,
+        map: &map,
+        new: Rows {
+            task: "seg",
+            batch: &batch,
+            start: 0,
+        },
+        new_augs: &augs,
+        mine: vec![],
+    };
+    assert!(der.loss(&ctx, &view).unwrap().is_empty());
+    let stored: Vec<_> = der
+        .entries()
+        .map(|(t, i, o)| (t.to_string(), i, o.clone()))
+        .collect();
+    assert_eq!(stored.len(), 4);
+    let own = env.tasks.slice(&map, "seg").unwrap();
+    for (k, (task, index, outputs)) in stored.iter().enumerate() {
+        assert_eq!((task.as_str(), *index), ("seg", [3, 5, 7, 9][k]));
+        let diff = (outputs - own.narrow(0, k, 1).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "entry {k} holds the step's own outputs");
+    }
+    // The next step replays them with the augmentation they were trained with: the same
+    // model gives the same outputs, so the MSE is zero (a fresh flip would not).
+    let extra = der.extra_batches(&ctx, &mut rng).unwrap();
+    assert_eq!(extra.len(), 1);
+    let replayed = &extra[0].batch;
+    let next = seg
+        .batch(Split::Train, &[11, 12, 13, 14], &[], &env.device)
+        .unwrap();
+    let images = candle_core::Tensor::cat(&[&next.images, &replayed.images], 0).unwrap();
+    let map = env.model.forward_t(&images, false).unwrap();
+    let view = StepView {
+        images: &images,
+        map: &map,
+        new: Rows {
+            task: "seg",
+            batch: &next,
+            start: 0,
+        },
+        new_augs: &[onehead::data::Augment::default(); 4],
+        mine: vec![Rows {
+            task: "seg",
+            batch: replayed,
+            start: 4,
+        }],
+    };
+    let terms = der.loss(&ctx, &view).unwrap();
+    assert_eq!(terms.len(), 1);
+    let mse = terms[0].value.to_scalar::<f32>().unwrap();
+    assert!(mse < 1e-10, "{mse}");
+    // Capacity 8: the second step's four images were appended too.
+    assert_eq!(der.entries().count(), 8);
 }

@@ -15,11 +15,12 @@
 pub use registry::{BuildCtx, Registry, Strategy};
 
 impl Registry {
-    /// The built-in strategies, in hook order: replay (its batches first), LwF, EWC, and
-    /// uncertainty weighting last (it re-weighs every term). One line per strategy.
+    /// The built-in strategies, in hook order: replay and DER (their batches first), LwF,
+    /// EWC, and uncertainty weighting last (it re-weighs every term). One line per strategy.
     pub fn builtin() -> Self {
         let mut r = Self::new();
         r.register::<replay::Replay>();
+        r.register::<der::Der>();
         r.register::<lwf::Lwf>();
         r.register::<ewc::Ewc>();
         r.register::<uncertainty::Uncertainty>();
@@ -33,6 +34,7 @@ impl Default for Registry {
     }
 }
 
+pub mod der;
 pub mod ewc;
 pub mod joint;
 pub mod lwf;
@@ -115,6 +117,8 @@ pub struct StepView<'a> {
     pub map: &'a Tensor,
     /// The stage's own batch (rows from 0).
     pub new: Rows<'a>,
+    /// The augmentation of each image of the stage's batch, in row order.
+    pub new_augs: &'a [crate::data::Augment],
     /// This plug-in's extra batches, in the order it returned them.
     pub mine: Vec<Rows<'a>>,
 }
@@ -126,6 +130,31 @@ pub struct LossTerm {
     /// The task whose loss this is, when it is one task's loss (for re-weighting).
     pub task: Option<String>,
     pub value: Tensor,
+}
+
+/// What a rehearsal strategy holds at the end of a run (`summary.json`'s `buffers`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct BufferMemory {
+    /// Images kept.
+    pub images: usize,
+    /// Those images as float pixels at the model's input size, MiB (what a buffer of
+    /// images costs; onehead keeps their indices and reloads them).
+    pub images_mib: f64,
+    /// Stored head outputs (DER, end-of-stage distillation), MiB.
+    pub outputs_mib: f64,
+}
+
+impl BufferMemory {
+    /// `images` images of `size × size` pixels and `output_floats` stored output values.
+    pub fn new(images: usize, size: usize, output_floats: usize) -> Self {
+        let mib = |bytes: usize| bytes as f64 / (1024.0 * 1024.0);
+        Self {
+            images,
+            images_mib: mib(images * 3 * size * size * 4),
+            outputs_mib: mib(output_floats * 4),
+        }
+    }
 }
 
 /// A plug-in's saved state: anything JSON can hold, plus named tensors (saved as
@@ -186,6 +215,11 @@ pub trait Plugin {
     /// After the last epoch of stage `ctx.stage` (the model is the stage's final model).
     fn after_stage(&mut self, _ctx: &RunCtx, _rng: &mut ChaCha8Rng) -> Result<()> {
         Ok(())
+    }
+
+    /// A rehearsal strategy's buffer at this point (for the summary); `None`: no buffer.
+    fn memory(&self, _ctx: &RunCtx) -> Option<BufferMemory> {
+        None
     }
 
     /// State to save after every epoch.

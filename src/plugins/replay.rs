@@ -12,10 +12,13 @@
 //!   samples (round-robin or random), and `ref_t` = 1, or with `normalize = "reference"`
 //!   the task's loss on its buffer at the end of its own stage (so 1.0 means "as good as at
 //!   baseline", and a task with a large loss scale cannot swamp the new one).
-//! - DER (`der_alpha > 0`, Buzzega et al. 2020): each buffered image keeps the head's
-//!   outputs for its task at the end of its stage; replayed images are then drawn without
-//!   augmentation (the stored outputs belong to the plain image) and a `der` term pulls the
-//!   model's outputs toward the stored ones with the task's distillation loss.
+//! - Rehearsal with end-of-stage distillation (`distill_alpha > 0`; until 0.1 `der_alpha`,
+//!   which it still reads): each buffered image keeps the head's outputs for its task at the
+//!   end of its stage; replayed images are then drawn without augmentation (the stored
+//!   outputs belong to the plain image) and a `distill` term pulls the model's outputs toward
+//!   the stored ones with the task's distillation loss (KL at `distill_temperature`). It was
+//!   called DER here once; it is not: DER as published (outputs recorded when the image is
+//!   trained, a fixed-size reservoir, MSE on raw outputs) is [`super::der`].
 
 use std::collections::BTreeMap;
 
@@ -25,7 +28,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{ExtraBatch, LossTerm, Plugin, PluginState, RunCtx, StepView};
+use super::{BufferMemory, ExtraBatch, LossTerm, Plugin, PluginState, RunCtx, StepView};
 use serde::{Deserialize, Serialize};
 
 use super::registry::{BuildCtx, Strategy};
@@ -104,11 +107,13 @@ pub struct ReplayConfig {
     /// Buffer size in images for `reservoir` and `task_balanced` (ignored by `full`).
     pub capacity: usize,
     pub normalize: ReplayNormalize,
-    /// DER: with each buffered image keep the head's outputs of the end of its task's stage
-    /// and add `der_alpha · distill(now, then)` on un-augmented replays of it (0 = off).
-    pub der_alpha: f64,
-    /// Softmax temperature of the DER term's soft targets.
-    pub der_temperature: f64,
+    /// With each buffered image keep the head's outputs of the end of its task's stage and
+    /// add `distill_alpha · distill(now, then)` on un-augmented replays of it (0 = off).
+    #[serde(alias = "der_alpha")]
+    pub distill_alpha: f64,
+    /// Softmax temperature of the distillation term's soft targets.
+    #[serde(alias = "der_temperature")]
+    pub distill_temperature: f64,
 }
 
 impl Default for ReplayConfig {
@@ -123,8 +128,8 @@ impl Default for ReplayConfig {
             policy: ReplayPolicy::Full,
             capacity: 0,
             normalize: ReplayNormalize::None,
-            der_alpha: 0.0,
-            der_temperature: 2.0,
+            distill_alpha: 0.0,
+            distill_temperature: 2.0,
         }
     }
 }
@@ -136,7 +141,7 @@ impl ReplayConfig {
     }
 }
 
-/// Images evaluated per batch when measuring reference losses and storing DER outputs.
+/// Images evaluated per batch when measuring reference losses and storing outputs.
 const BATCH: usize = 16;
 
 pub struct Replay {
@@ -148,7 +153,7 @@ pub struct Replay {
     seen: u64,
     /// Each task's loss at the end of its stage (`normalize = "reference"`).
     reference: BTreeMap<String, f64>,
-    /// DER: the end-of-stage head outputs of buffered images, by `(task, index)`.
+    /// The end-of-stage head outputs of buffered images, by `(task, index)`.
     stored: BTreeMap<(String, usize), Tensor>,
     /// Tasks replayed in the current stage (their buffered images are looked up at each
     /// step, so that a buffer restored after `before_stage` on resume is seen).
@@ -192,11 +197,11 @@ impl Strategy for Replay {
                 r.policy
             ));
         }
-        if !finite(r.der_alpha) {
-            return Err("replay.der_alpha must be >= 0".into());
+        if !finite(r.distill_alpha) {
+            return Err("replay.distill_alpha must be >= 0".into());
         }
-        if !(r.der_temperature > 0.0 && r.der_temperature.is_finite()) {
-            return Err("replay.der_temperature must be > 0".into());
+        if !(r.distill_temperature > 0.0 && r.distill_temperature.is_finite()) {
+            return Err("replay.distill_temperature must be > 0".into());
         }
         validate_tasks(&r.tasks, exp)
     }
@@ -316,12 +321,12 @@ impl Replay {
         self.stored.retain(|k, _| live.contains(k));
     }
 
-    /// Reference loss and DER outputs of `task`'s buffered images, with the model as it is
+    /// Reference loss and stored outputs of `task`'s buffered images, with the model as it is
     /// at the end of the task's stage, in inference mode.
     fn measure(&mut self, ctx: &RunCtx, task_name: &str) -> Result<()> {
         let needs_ref = self.cfg.normalize == ReplayNormalize::Reference;
-        let needs_der = self.cfg.der_alpha > 0.0;
-        if !needs_ref && !needs_der {
+        let needs_out = self.cfg.distill_alpha > 0.0;
+        if !needs_ref && !needs_out {
             return Ok(());
         }
         let task = ctx.tasks.get(task_name)?;
@@ -338,7 +343,7 @@ impl Replay {
                 sum += l * chunk.len() as f64;
                 n += chunk.len();
             }
-            if needs_der {
+            if needs_out {
                 for (k, &i) in chunk.iter().enumerate() {
                     self.stored
                         .insert((task_name.to_string(), i), out.narrow(0, k, 1)?.copy()?);
@@ -431,8 +436,8 @@ impl Plugin for Replay {
 
     fn loss_terms(&self) -> Vec<String> {
         let mut t = vec!["replay".to_string()];
-        if self.cfg.der_alpha > 0.0 {
-            t.push("der".into());
+        if self.cfg.distill_alpha > 0.0 {
+            t.push("distill".into());
         }
         t
     }
@@ -463,8 +468,8 @@ impl Plugin for Replay {
                 .map(|_| pool[rng.random_range(0..pool.len())])
                 .collect();
             let t = ctx.tasks.get(task)?;
-            // DER's stored outputs belong to the plain image: no augmentation then.
-            let augs: Vec<Augment> = if self.cfg.der_alpha > 0.0 {
+            // The stored outputs belong to the plain image: no augmentation then.
+            let augs: Vec<Augment> = if self.cfg.distill_alpha > 0.0 {
                 vec![]
             } else {
                 indices
@@ -499,7 +504,7 @@ impl Plugin for Replay {
                 task: Some(rows.task.to_string()),
                 value: (l.total * w)?,
             });
-            if self.cfg.der_alpha > 0.0 {
+            if self.cfg.distill_alpha > 0.0 {
                 let stored: Vec<Tensor> = rows
                     .batch
                     .indices
@@ -509,19 +514,19 @@ impl Plugin for Replay {
                             .get(&(rows.task.to_string(), i))
                             .cloned()
                             .with_context(|| {
-                                format!("DER: no stored outputs for {} #{i}", rows.task)
+                                format!("replay: no stored outputs for {} #{i}", rows.task)
                             })
                     })
                     .collect::<Result<_>>()?;
                 let target = Tensor::cat(&stored, 0)?;
                 let p = DistillParams {
-                    temperature: self.cfg.der_temperature,
+                    temperature: self.cfg.distill_temperature,
                 };
                 let d = task.distill(&out, &target, &p)?;
                 terms.push(LossTerm {
-                    name: "der".into(),
+                    name: "distill".into(),
                     task: Some(rows.task.to_string()),
-                    value: (d * self.cfg.der_alpha)?,
+                    value: (d * self.cfg.distill_alpha)?,
                 });
             }
         }
@@ -540,6 +545,19 @@ impl Plugin for Replay {
             ..*ctx
         };
         self.measure(&from_next, &task)
+    }
+
+    fn memory(&self, ctx: &RunCtx) -> Option<BufferMemory> {
+        // What stage `ctx.stage` replays from: the buffered images of the tasks it replays.
+        let tasks = replayed_tasks(&self.cfg, ctx.stages, ctx.stage);
+        let images: usize = tasks.iter().map(|t| self.buffered(ctx, t).len()).sum();
+        let floats = self
+            .stored
+            .iter()
+            .filter(|((t, _), _)| tasks.contains(t))
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        Some(BufferMemory::new(images, ctx.exp.model.image_size, floats))
     }
 
     fn state(&self) -> Result<PluginState> {
@@ -730,8 +748,11 @@ mod tests {
         assert!(msg.contains("capacity"), "{msg}");
         let msg = check("task_weights = { depth = 1.0 }\n").unwrap_err();
         assert!(msg.contains("replay.task_weights"), "{msg}");
-        let msg = check("der_temperature = 0.0\n").unwrap_err();
-        assert!(msg.contains("der_temperature"), "{msg}");
+        let msg = check("distill_temperature = 0.0\n").unwrap_err();
+        assert!(msg.contains("distill_temperature"), "{msg}");
+        // The keys of the variant's old name still read (files written before 0.1.1).
+        let (_, cfg) = experiment("der_alpha = 0.7\nder_temperature = 3.0\n");
+        assert_eq!((cfg.distill_alpha, cfg.distill_temperature), (0.7, 3.0));
         let msg = check("images_per_batch = 1000000000\n").unwrap_err();
         assert!(msg.contains("images_per_batch"), "{msg}");
         let msg = check("weight = inf\n").unwrap_err();

@@ -1,5 +1,5 @@
 //! Reading a run folder back for pictures and comparisons: `epochs.csv`, `matrix.csv`,
-//! `summary.json`, `config.toml`, `meta.json` (formats: `design/RUN_FILES.md`).
+//! `summary.json`, `config.toml`, `meta.json` (formats: README, "What a run leaves").
 //!
 //! Everything here reads columns and fields by NAME and ignores the ones it does not know,
 //! so the engine can add columns without breaking the pictures. A run that is still going

@@ -424,6 +424,9 @@ pub struct RunSummary {
     /// Final, best, forgetting and backward transfer per task and averaged, from `matrix`.
     pub forgetting: crate::metrics::forgetting::Forgetting,
     pub params: ParamSummary,
+    /// Each rehearsal strategy's buffer at the end of the run (images and stored outputs).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub buffers: BTreeMap<String, crate::plugins::BufferMemory>,
     /// Median batch-1 inference latency per image, milliseconds.
     pub latency_ms: f64,
     pub train_seconds: f64,
@@ -458,6 +461,7 @@ impl Default for RunSummary {
             matrix: Matrix::default(),
             forgetting: Default::default(),
             params: ParamSummary::default(),
+            buffers: BTreeMap::new(),
             latency_ms: 0.0,
             train_seconds: 0.0,
             peak_rss_mib: None,

@@ -1,5 +1,5 @@
 //! What a sweep's runs left: each run's status (from its folder), its results (from
-//! `summary.json`, read as untyped JSON per `RUN_FILES.md`, tolerant of missing and extra
+//! `summary.json`, read as untyped JSON, tolerant of missing and extra
 //! fields), `index.csv` (one row per run) and `summary.csv` (one row per configuration, mean ±
 //! std over seeds).
 

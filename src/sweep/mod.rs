@@ -13,13 +13,18 @@
 //! index.csv              one row per run: status (ok | failed | interrupted | running |
 //!                        missing), reason, varied values, seed, per-task results
 //! summary.csv            one row per configuration (all varied keys but seed): mean ± std
-//!                        over seeds of every task's final value and drop, seeds passing
+//!                        over seeds of every task's final value and drop, the drop pooled
+//!                        over seeds with its interval and verdict ([`stats`]), seeds
+//!                        passing with the Clopper–Pearson interval of that rate
+//! differences.csv        every two configurations: the paired difference of each task's
+//!                        final over the seeds they share, with its interval
+//! references/<key>/      the single-task reference runs the sweep's runs are judged against
 //! sweep.sbatch, slurm/   the Slurm job-array script and its per-task output (`--slurm`)
 //! ```
 //!
 //! The sweep never calls the engine in-process: it only writes configs, starts the
 //! `onehead` binary and reads what the runs leave (`summary.json`, read as untyped JSON
-//! following `RUN_FILES.md`), so it keeps working whatever the engine's internals become.
+//! as README's "What a run leaves" documents it), so it keeps working whatever the engine's internals become.
 
 pub mod cli;
 pub mod index;

@@ -549,7 +549,7 @@ mod tests {
         // added at its default left out) is the same experiment: accepted.
         let stored = dir.join("configs/1-a__seed-1.toml");
         let text = std::fs::read_to_string(&stored).unwrap();
-        let older = text.replace("der_temperature = 2.0\n", "");
+        let older = text.replace("distill_temperature = 2.0\n", "");
         assert_ne!(older, text);
         std::fs::write(&stored, format!("# written by an older onehead\n{older}")).unwrap();
         let again = prepare_sweep_dir(&plan(&spec, &dir).unwrap(), "sw", &dir, &spec).unwrap();

@@ -67,7 +67,11 @@ pub fn ensure_data(exp: &Experiment) -> Result<PathBuf> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
-    let tmp = root.with_extension(format!("partial-{}", std::process::id()));
+    // Unique per process and per call: two runs (processes, or threads of a library user)
+    // may generate the same benchmark at once; the first rename wins.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = root.with_extension(format!("partial-{}-{call}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     data::synth::generate(
         &tmp,

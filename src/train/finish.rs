@@ -62,6 +62,13 @@ impl Session {
         let forgetting =
             crate::metrics::forgetting::forgetting(&matrix.tasks, &matrix.values, &learned);
         let counts = crate::model::count_params(&env.varmap);
+        let last = env.stages.len() - 1;
+        let ctx = env.ctx(last, &self.progress.pools);
+        let buffers = self
+            .plugins
+            .iter()
+            .filter_map(|p| Some((p.name().to_string(), p.memory(&ctx)?)))
+            .collect();
         let summary = RunSummary {
             name: exp.name.clone(),
             run_dir: self.run_dir.display().to_string(),
@@ -92,6 +99,7 @@ impl Session {
                 head: counts.head,
                 used_in_forward: counts.used(),
             },
+            buffers,
             latency_ms: crate::model::info::median_latency_ms(
                 &env.model,
                 exp.model.image_size,

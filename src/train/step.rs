@@ -84,6 +84,7 @@ pub fn train_step(
                 batch: &batch,
                 start: 0,
             },
+            new_augs: &augs,
             mine: rows,
         };
         terms.extend(p.loss(ctx, &view)?);

@@ -82,6 +82,10 @@ alpha = 0.3
 beta = 0.5
 capacity = 6
 images_per_batch = 2
+[agem]
+enabled = true
+capacity = 4
+images_per_batch = 2
 [uncertainty]
 enabled = true
 "#

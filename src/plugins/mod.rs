@@ -15,12 +15,14 @@
 pub use registry::{BuildCtx, Registry, Strategy};
 
 impl Registry {
-    /// The built-in strategies, in hook order: replay and DER (their batches first), LwF,
-    /// EWC, and uncertainty weighting last (it re-weighs every term). One line per strategy.
+    /// The built-in strategies, in hook order: replay and DER (their batches first), A-GEM
+    /// (its memory gradient after backward), LwF, EWC, and uncertainty weighting last (it
+    /// re-weighs every term). One line per strategy.
     pub fn builtin() -> Self {
         let mut r = Self::new();
         r.register::<replay::Replay>();
         r.register::<der::Der>();
+        r.register::<agem::Agem>();
         r.register::<lwf::Lwf>();
         r.register::<ewc::Ewc>();
         r.register::<uncertainty::Uncertainty>();
@@ -34,6 +36,7 @@ impl Default for Registry {
     }
 }
 
+pub mod agem;
 pub mod der;
 pub mod ewc;
 pub mod joint;

@@ -246,7 +246,10 @@ mod tests {
     #[test]
     fn every_builtin_strategy_is_off_at_its_defaults() {
         let r = Registry::builtin();
-        assert_eq!(r.names(), ["replay", "der", "lwf", "ewc", "uncertainty"]);
+        assert_eq!(
+            r.names(),
+            ["replay", "der", "agem", "lwf", "ewc", "uncertainty"]
+        );
         for e in &r.entries {
             assert_eq!(
                 e.is_on(&e.defaults()),

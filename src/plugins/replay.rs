@@ -2,7 +2,10 @@
 //! trains `images_per_batch` samples of earlier tasks, drawn from a buffer of the images
 //! those tasks' stages actually trained on.
 //!
-//! - Buffer (`policy`): `full` keeps every trained image; `reservoir` keeps `capacity`
+//! - Buffer (`policy`): `full` keeps every trained image (no memory budget: the unbounded
+//!   reference); with a budget, `capacity` images in total or, with `capacity_unit =
+//!   "per_task"`, `capacity` images of every task (a uniform sample of the images its stage
+//!   trained on, whichever policy); in total, `reservoir` keeps `capacity`
 //!   images by reservoir sampling over the stream of trained images (Vitter; Mammoth's
 //!   buffer); `task_balanced` keeps `capacity` images split equally among the earlier tasks
 //!   (Avalanche's `ExperienceBalancedBuffer`). Every item keeps its task (and so its
@@ -78,6 +81,16 @@ pub enum ReplayPolicy {
     TaskBalanced,
 }
 
+/// What `replay.capacity` counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CapacityUnit {
+    /// Images in the whole buffer.
+    Total,
+    /// Images of every task.
+    PerTask,
+}
+
 /// How each replayed task's loss is scaled before the weights apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -106,6 +119,8 @@ pub struct ReplayConfig {
     pub policy: ReplayPolicy,
     /// Buffer size in images for `reservoir` and `task_balanced` (ignored by `full`).
     pub capacity: usize,
+    /// `total` (the buffer's size) or `per_task` (images kept of every task).
+    pub capacity_unit: CapacityUnit,
     pub normalize: ReplayNormalize,
     /// With each buffered image keep the head's outputs of the end of its task's stage and
     /// add `distill_alpha · distill(now, then)` on un-augmented replays of it (0 = off).
@@ -127,6 +142,7 @@ impl Default for ReplayConfig {
             sampling: ReplaySampling::RoundRobin,
             policy: ReplayPolicy::Full,
             capacity: 0,
+            capacity_unit: CapacityUnit::Total,
             normalize: ReplayNormalize::None,
             distill_alpha: 0.0,
             distill_temperature: 2.0,
@@ -312,6 +328,12 @@ impl Replay {
         match self.cfg.policy {
             // The stages' pools are the buffer.
             ReplayPolicy::Full => return,
+            // Every task its own `cap` images: a uniform sample of its stream.
+            _ if self.cfg.capacity_unit == CapacityUnit::PerTask => {
+                self.buffer.retain(|(t, _)| *t != task);
+                self.buffer
+                    .extend(pool.iter().take(cap).map(|&i| (task.clone(), i)));
+            }
             ReplayPolicy::Reservoir => {
                 reservoir_add(&mut self.buffer, &mut self.seen, &task, &pool, cap, rng)
             }

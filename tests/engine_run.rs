@@ -176,7 +176,7 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
             "after_stage3"
         ]
     );
-    let cell = |v: Option<f64>| format!("{:.6}", v.unwrap());
+    let cell = |v: Option<f64>| format!("{}", v.unwrap());
     let m = &out.summary.matrix.values;
     assert_eq!(
         mrows[0][..3],

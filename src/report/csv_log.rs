@@ -214,16 +214,16 @@ impl RunCsv {
             row.task.clone(),
             row.epoch.to_string(),
             row.global_epoch.to_string(),
-            row.lr.map(|v| format!("{v:.6e}")).unwrap_or_default(),
+            row.lr.map(|v| format!("{v}")).unwrap_or_default(),
         ];
         for c in &self.columns.losses {
-            rec.push(format!("{:.6}", row.losses.get(c).copied().unwrap_or(0.0)));
+            rec.push(format!("{}", row.losses.get(c).copied().unwrap_or(0.0)));
         }
         for c in &self.columns.metrics {
             rec.push(
                 row.metrics
                     .get(c)
-                    .map(|v| format!("{v:.6}"))
+                    .map(|v| format!("{v}"))
                     .unwrap_or_default(),
             );
         }
@@ -238,7 +238,7 @@ impl RunCsv {
                     e.global_epoch.to_string(),
                     e.task.clone(),
                     metric.clone(),
-                    format!("{value:.6}"),
+                    format!("{value}"),
                 ])?;
             }
         }
@@ -315,13 +315,13 @@ mod tests {
         );
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[0][0], "1", "stages are written 1-based");
-        assert_eq!(rows[0][8], "0.250000");
+        assert_eq!(rows[0][8], "0.25");
         assert_eq!(rows[0][9], "", "a task not evaluated is an empty cell");
-        assert_eq!(rows[0][6], "0.000000", "a term the epoch did not add is 0");
+        assert_eq!(rows[0][6], "0", "a term the epoch did not add is 0");
         let (eh, erows) = read(&tmp.path().join("eval.csv"));
         assert_eq!(eh, EVAL_HEADER);
         assert_eq!(erows.len(), 6);
-        assert_eq!(erows[0][3..], ["seg", "iou.cat", "0.500000"]);
+        assert_eq!(erows[0][3..], ["seg", "iou.cat", "0.5"]);
         drop(log);
         // A resume after global epoch 2 drops epoch 3 from both files, in place (the same
         // file, not a replacement: nothing written to it since may be lost).

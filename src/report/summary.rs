@@ -316,7 +316,7 @@ impl Matrix {
             let mut rec = vec![t.clone(), m.clone()];
             rec.extend(
                 row.iter()
-                    .map(|v| v.map(|v| format!("{v:.6}")).unwrap_or_default()),
+                    .map(|v| v.map(|v| format!("{v}")).unwrap_or_default()),
             );
             w.write_record(&rec)?;
         }
@@ -780,7 +780,7 @@ mod tests {
         let csv = String::from_utf8(m.to_csv().unwrap()).unwrap();
         assert_eq!(
             csv,
-            "task,metric,after_stage1,after_stage2\na,m,0.500000,0.450000\nb,m,,0.700000\n"
+            "task,metric,after_stage1,after_stage2\na,m,0.5,0.45\nb,m,,0.7\n"
         );
     }
 }

@@ -288,7 +288,7 @@ fn value_of(varied: &[(String, String)], key: &str) -> String {
 }
 
 fn num(x: Option<f64>) -> String {
-    x.map(|v| format!("{v:.6}")).unwrap_or_default()
+    x.map(|v| format!("{v}")).unwrap_or_default()
 }
 
 /// `index.csv`: one row per planned run.
@@ -550,11 +550,15 @@ pub fn summary_table(aggs: &[Aggregate]) -> (Vec<String>, Vec<Vec<String>>) {
             row.extend([
                 a.n_runs.to_string(),
                 a.n_seeds.to_string(),
-                a.seeds
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                // Always a list (one type in the column, however many seeds).
+                format!(
+                    "[{}]",
+                    a.seeds
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ]);
             for t in &a.tasks {
                 row.extend([
@@ -836,8 +840,16 @@ mod tests {
         };
         assert_eq!(rows[0][col("stages.*.lr")], "0.1");
         assert_eq!(rows[0][col("n_seeds")], "3");
-        assert_eq!(rows[0][col("seg_miou_final_mean")], "0.500000");
-        assert_eq!(rows[0][col("seg_miou_final_std")], "0.100000");
+        // Numbers in their shortest exact form: parsed back, they are the values.
+        let num = |r: usize, c: &str| rows[r][col(c)].parse::<f64>().unwrap();
+        assert_eq!(
+            num(0, "seg_miou_final_mean"),
+            a.tasks[0].final_mean.unwrap()
+        );
+        assert_eq!(num(0, "seg_miou_final_std"), a.tasks[0].final_std.unwrap());
+        assert!((num(0, "seg_miou_final_std") - 0.1).abs() < 1e-12);
+        assert_eq!(rows[0][col("seeds")], "[0, 1, 2]");
+        assert_eq!(rows[1][col("seeds")], "[0]");
         assert_eq!(rows[0][col("seg_n_pass")], "2");
         assert_eq!(rows[0][col("train_seconds_mean")], "20.0");
         assert_eq!(rows[1][col("seg_miou_final_std")], "");
@@ -855,7 +867,7 @@ mod tests {
         assert_eq!(rows[4][col("reason")], "boom");
         assert_eq!(rows[5][col("status")], "missing");
         assert_eq!(rows[2][col("seed")], "2");
-        assert_eq!(rows[0][col("seg_miou_final")], "0.400000");
+        assert_eq!(rows[0][col("seg_miou_final")], "0.4");
         assert_eq!(rows[0][col("seg_verdict")], "forgot");
         assert_eq!(rows[0][col("pass")], "false");
 

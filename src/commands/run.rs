@@ -98,7 +98,13 @@ fn run_seeds(
         overrides: args.set,
     };
     let (jobs, threads) = sweep::thread_budget(None, None, &[], sweep::cli::cores())?;
-    sweep::cli::run_sweep_locally(&spec, results, &name, jobs, threads, vec![], args.quiet)
+    let local = sweep::cli::Local {
+        jobs,
+        threads,
+        quiet: args.quiet,
+        ..Default::default()
+    };
+    sweep::cli::run_sweep_locally(&spec, results, &name, &local)
 }
 
 /// Continue an interrupted run (or an interrupted sweep: a folder with manifest.json).
@@ -114,7 +120,13 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode> {
     if Manifest::path(&run_dir).is_file() {
         let manifest = Manifest::load(&run_dir)?;
         let (jobs, threads) = sweep::thread_budget(jobs, threads, &[], sweep::cli::cores())?;
-        return sweep::cli::local_sweep(&manifest, jobs, threads, vec![], quiet);
+        let local = sweep::cli::Local {
+            jobs,
+            threads,
+            quiet,
+            ..Default::default()
+        };
+        return sweep::cli::local_sweep(&manifest, &local);
     }
     if jobs.is_some() || threads.is_some() {
         anyhow::bail!(

@@ -71,6 +71,10 @@ pub struct SweepArgs {
     /// With --slurm: write the script and print the sbatch command, don't submit.
     #[arg(long, requires = "slurm")]
     pub dry_run: bool,
+    /// Exit 1 when some finished run did not keep every task within tolerance (for CI); by
+    /// default a sweep whose runs all finished exits 0, whatever they found.
+    #[arg(long)]
+    pub fail_on_forgetting: bool,
     /// Build index.csv / summary.csv of a sweep folder from whatever finished, and list
     /// the runs that did not.
     #[arg(long, value_name = "SWEEP_DIR", conflicts_with_all = ["files", "slurm", "jobs", "gpus", "name"])]
@@ -99,6 +103,7 @@ pub fn sweep(args: SweepArgs) -> Result<ExitCode> {
         signal_seconds,
         sbatch_arg,
         dry_run,
+        fail_on_forgetting,
         collect,
     } = args;
     if let Some(dir) = collect {
@@ -131,5 +136,12 @@ pub fn sweep(args: SweepArgs) -> Result<ExitCode> {
         return sweep::cli::slurm_sweep(&manifest, &opts, dry_run);
     }
     let (jobs, threads) = sweep::thread_budget(jobs, threads, &gpus, sweep::cli::cores())?;
-    sweep::cli::run_sweep_locally(&spec, &results, &name, jobs, threads, gpus, quiet)
+    let local = sweep::cli::Local {
+        jobs,
+        threads,
+        gpus,
+        quiet,
+        fail_on_forgetting,
+    };
+    sweep::cli::run_sweep_locally(&spec, &results, &name, &local)
 }

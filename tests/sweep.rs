@@ -363,3 +363,44 @@ fn slurm_writes_the_array_script_and_needs_sbatch_to_submit() {
     let out = onehead(&["sweep", file.to_str().unwrap(), "--partition", "x"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn sigterm_twice_still_ends_in_a_saved_state_never_an_abort() {
+    // What Slurm does on cancel, requeue or preemption: TERM to every process of the job,
+    // and the job script forwards another one. Both must end in a resumable state (exit 3),
+    // not in a second-Ctrl-C abort (exit 130).
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tiny(tmp.path(), "seed = 2", 30);
+    let dir = tmp.path().join("runs/term");
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            file.to_str().unwrap(),
+            "--set",
+            "eval.baseline=stage_end",
+        ])
+        .arg("--run-dir")
+        .arg(&dir)
+        .arg("--quiet")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = dir.join("state/state.json");
+    let t0 = Instant::now();
+    while !state.is_file() {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no saved state");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..2 {
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(!text(&out).contains("aborting"), "{}", text(&out));
+    assert!(state.is_file() && !dir.join("summary.json").exists());
+}

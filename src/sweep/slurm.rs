@@ -231,7 +231,9 @@ echo "onehead sweep: task $TASK run $RUN_DIR exited $rc$note" >&2
 # finished runs), 2 an error, 3 stopped with its state saved (resumable).
 if [ -f "$RUN_DIR/summary.json" ]; then exit 0; fi
 if [ "$stop" = USR1 ] || {{ [ -z "$stop" ] && [ "$rc" = 3 ]; }}; then
-  scontrol requeue "${{SLURM_JOB_ID}}" && exit 0
+  # This task only: for the task whose job id is the array's own, `$SLURM_JOB_ID` names
+  # the whole array (every task, finished or running, would be requeued).
+  scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}" && exit 0
   echo "onehead sweep: requeue failed: run the same onehead sweep --slurm command again to continue" >&2
   exit 3
 fi
@@ -398,7 +400,7 @@ mod tests {
             r#""$ONEHEAD" run "$CONFIG" --run-dir "$RUN_DIR" --quiet >>"$LOG" 2>&1 &"#,
             "trap 'on_signal USR1' USR1",
             r#"  if [ -n "$child" ]; then kill -"$sig" "$child" 2>/dev/null; fi"#,
-            r#"  scontrol requeue "${SLURM_JOB_ID}" && exit 0"#,
+            r#"  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" && exit 0"#,
             r#"export RAYON_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}""#,
         ] {
             assert!(s.lines().any(|l| l == line), "missing line {line:?} in\n{s}");

@@ -126,7 +126,7 @@ fn jobs_run_side_by_side_failures_are_marked_and_reruns_skip_finished_runs() {
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0][col(&h, "config")], "tiny__weights-none");
     assert_eq!(rows[0][col(&h, "n_seeds")], "2");
-    assert_eq!(rows[0][col(&h, "seeds")], "1 2");
+    assert_eq!(rows[0][col(&h, "seeds")], "[1, 2]");
     assert!(!rows[0][col(&h, "seg_miou_final_std")].is_empty());
     assert_eq!(rows[1][col(&h, "n_seeds")], "0");
 
@@ -289,7 +289,7 @@ fn run_with_seeds_runs_every_seed_and_reports_mean_and_std() {
     let (h, rows) = common::read_csv(&sweep.join("summary.csv"));
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0][col(&h, "n_seeds")], "2");
-    assert_eq!(rows[0][col(&h, "seeds")], "0 1");
+    assert_eq!(rows[0][col(&h, "seeds")], "[0, 1]");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(" ± "), "{stdout}");
     let (_, index) = common::read_csv(&sweep.join("index.csv"));

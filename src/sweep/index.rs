@@ -631,8 +631,14 @@ pub fn summary_text(aggs: &[Aggregate]) -> String {
             });
             row.push(match &t.pooled {
                 Some(p) => format!("{} ({}/{})", p.verdict.label(), t.n_pass, a.n_seeds),
+                None if a.n_seeds == 0 => "—".into(),
                 None => format!("{}/{} within", t.n_pass, a.n_seeds),
             });
+        }
+        if a.n_seeds == 0 {
+            row.push("— (nothing finished)".into());
+            rows.push(row);
+            continue;
         }
         row.push(format!(
             "{}/{} [{:.0}–{:.0} %]",

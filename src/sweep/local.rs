@@ -98,6 +98,7 @@ struct Running {
     record: usize,
     child: Child,
     started: Instant,
+    progress: super::progress::RunProgress,
 }
 
 fn send_signal(child: &Child, signal: libc::c_int) {
@@ -237,8 +238,7 @@ pub fn run_local(manifest: &Manifest, opts: &LocalOptions) -> Result<SweepOutcom
         if pool.reap()? {
             index::write_index(sweep_dir, &pool.records)?;
         }
-        let msg = format!("running {} · failed {}", pool.running.len(), pool.failed);
-        pool.pb.set_message(msg);
+        pool.follow();
         if pool.running.is_empty() && (pool.queue.is_empty() || STOPS.load(Ordering::SeqCst) > 0) {
             break;
         }
@@ -296,6 +296,31 @@ impl Pool {
         }
     }
 
+    /// Where the running runs are: the bar's message on a terminal; piped, a line per
+    /// finished epoch (nothing with `--quiet`).
+    fn follow(&mut self) {
+        let piped = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let mut lines = Vec::new();
+        let mut parts = Vec::new();
+        for r in &mut self.running {
+            let name = &self.records[r.record].run.name;
+            if r.progress.update() && piped {
+                lines.push(format!("· {name}: {}", r.progress.describe()));
+            }
+            parts.push(format!("{name} {}", r.progress.describe()));
+        }
+        for l in lines {
+            self.say(l);
+        }
+        let failed = if self.failed > 0 {
+            format!(" · failed {}", self.failed)
+        } else {
+            String::new()
+        };
+        self.pb
+            .set_message(format!("{}{failed}", parts.join(" · ")));
+    }
+
     /// First Ctrl-C: forwarded, the runs save their state; second: they are killed.
     fn forward_stops(&mut self, stops: usize) {
         if stops >= 1 && !self.forwarded {
@@ -326,11 +351,13 @@ impl Pool {
             match spawn(&self.records[i], opts, gpu) {
                 Ok(child) => {
                     self.records[i].status = Status::Running;
+                    let run = &self.records[i].run;
                     self.running.push(Running {
                         slot,
                         record: i,
                         child,
                         started: Instant::now(),
+                        progress: super::progress::RunProgress::new(&run.run_dir, &run.config),
                     });
                 }
                 Err(e) => {

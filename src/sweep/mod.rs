@@ -30,6 +30,7 @@ pub mod cli;
 pub mod index;
 pub mod local;
 pub mod plan;
+pub mod progress;
 pub mod slurm;
 pub mod stats;
 

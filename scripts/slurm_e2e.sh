@@ -150,7 +150,7 @@ images_per_batch = 2
 [eval]
 batch_size = 4
 EOF
-"$ONEHEAD" synth --out "$WORK/data" --train 16 --val 10 --size 64 >/dev/null
+"$ONEHEAD" synth --out "$WORK/data" --train 16 --val 10 --test 10 --size 64 >/dev/null
 say "\$ onehead sweep tiny.toml --set replay.enabled=false,true --slurm --name e2e --results $WORK/results --cpus-per-task 1 --array-parallelism 2"
 out=$("$ONEHEAD" sweep tiny.toml --set replay.enabled=false,true --slurm --name e2e \
   --results "$WORK/results" --cpus-per-task 1 --array-parallelism 2)

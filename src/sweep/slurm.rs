@@ -260,6 +260,24 @@ pub struct SlurmSubmission {
     pub job_id: Option<String>,
 }
 
+/// A copy of `exe` in `<sweep>/bin/onehead` for the array to run: a rebuild while the
+/// array waits in the queue must not change what its later tasks run. Replaced atomically
+/// (running tasks keep the file they started); left alone when it is already `exe`'s bytes.
+fn pin_binary(sweep_dir: &Path, exe: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pinned = sweep_dir.join("bin").join("onehead");
+    let bytes = std::fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
+    if std::fs::read(&pinned).is_ok_and(|b| b == bytes) {
+        return Ok(pinned);
+    }
+    std::fs::create_dir_all(pinned.parent().context("bin/ has a parent")?)?;
+    let tmp = pinned.with_extension("partial");
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, &pinned).with_context(|| format!("renaming to {}", pinned.display()))?;
+    Ok(pinned)
+}
+
 /// Write `sweep.sbatch` for the unfinished runs and submit it (unless `dry_run`).
 pub fn prepare_and_submit(
     manifest: &Manifest,
@@ -282,7 +300,11 @@ pub fn prepare_and_submit(
     if unfinished.is_empty() {
         return Ok(sub);
     }
-    report::write_atomic(&path, script(manifest, unfinished, exe, opts).as_bytes())?;
+    let pinned = pin_binary(dir, exe)?;
+    report::write_atomic(
+        &path,
+        script(manifest, unfinished, &pinned, opts).as_bytes(),
+    )?;
     if dry_run {
         return Ok(sub);
     }
@@ -468,16 +490,25 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut m = manifest(2);
         m.sweep_dir = tmp.path().to_path_buf();
-        let sub = prepare_and_submit(
-            &m,
-            &[0, 1],
-            Path::new("/x/onehead"),
-            &SlurmOptions::default(),
-            true,
-        )
-        .unwrap();
+        let exe = tmp.path().join("built/onehead");
+        std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+        std::fs::write(&exe, b"#!/bin/sh\necho v1\n").unwrap();
+        let sub = prepare_and_submit(&m, &[0, 1], &exe, &SlurmOptions::default(), true).unwrap();
         assert!(sub.script.is_file() && sub.job_id.is_none());
         assert!(sub.command.starts_with("sbatch --parsable "));
         assert!(tmp.path().join("slurm").is_dir());
+        // The array runs a copy pinned in the sweep folder, not the build's binary: a
+        // rebuild while the array is queued changes nothing it runs.
+        let pinned = tmp.path().join("bin/onehead");
+        let text = std::fs::read_to_string(&sub.script).unwrap();
+        assert!(
+            text.contains(&format!("ONEHEAD='{}'", pinned.display())),
+            "{text}"
+        );
+        std::fs::write(&exe, b"#!/bin/sh\necho v2\n").unwrap();
+        assert_eq!(std::fs::read(&pinned).unwrap(), b"#!/bin/sh\necho v1\n");
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&pinned).unwrap().permissions().mode();
+        assert_eq!(mode & 0o111, 0o111, "executable");
     }
 }

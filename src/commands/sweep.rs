@@ -68,6 +68,20 @@ pub struct SweepArgs {
         allow_hyphen_values = true
     )]
     pub sbatch_arg: Vec<String>,
+    /// A shell line every array task runs before onehead, e.g. `--setup 'module load
+    /// cuda/12'` (repeatable); kept in the sweep folder, so a later `--slurm` without it
+    /// keeps it.
+    #[arg(
+        long,
+        requires = "slurm",
+        value_name = "LINE",
+        allow_hyphen_values = true
+    )]
+    pub setup: Vec<String>,
+    /// Also submit a job that runs `sweep --collect` once the array has ended
+    /// (`--dependency=afterany`).
+    #[arg(long, requires = "slurm")]
+    pub collect_after: bool,
     /// With --slurm: write the script and print the sbatch command, don't submit.
     #[arg(long, requires = "slurm")]
     pub dry_run: bool,
@@ -102,6 +116,8 @@ pub fn sweep(args: SweepArgs) -> Result<ExitCode> {
         array_parallelism,
         signal_seconds,
         sbatch_arg,
+        setup,
+        collect_after,
         dry_run,
         fail_on_forgetting,
         collect,
@@ -130,6 +146,8 @@ pub fn sweep(args: SweepArgs) -> Result<ExitCode> {
             array_parallelism,
             signal_seconds,
             extra: sbatch_arg,
+            setup,
+            collect_after,
         };
         opts.validate()?;
         let manifest = sweep::cli::plan_sweep(&spec, &results, &name)?;

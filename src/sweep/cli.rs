@@ -187,5 +187,15 @@ pub fn slurm_sweep(manifest: &Manifest, opts: &SlurmOptions, dry_run: bool) -> R
         ),
         None => println!("dry run: submit with\n  {}", sub.command),
     }
+    match &sub.collect_job {
+        Some(id) => {
+            println!("collect job {id} runs `onehead sweep --collect` once the array has ended")
+        }
+        None if opts.collect_after && sub.job_id.is_none() => println!(
+            "and collect after it with\n  {}",
+            sweep::slurm::collect_command(dir, &dir.join("bin/onehead"), "<array job id>")
+        ),
+        None => {}
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -32,6 +32,11 @@ pub struct SlurmOptions {
     pub signal_seconds: u32,
     /// Extra `#SBATCH` lines, e.g. `--account=abc`, `--qos=long`.
     pub extra: Vec<String>,
+    /// Shell lines run before onehead in every task (`module load …`, environment); kept in
+    /// `slurm/setup.sh`, so that regenerating the script without them keeps them.
+    pub setup: Vec<String>,
+    /// Also submit a job that collects the index after the array (`--dependency=afterany`).
+    pub collect_after: bool,
 }
 
 impl Default for SlurmOptions {
@@ -45,6 +50,8 @@ impl Default for SlurmOptions {
             array_parallelism: None,
             signal_seconds: 120,
             extra: vec![],
+            setup: vec![],
+            collect_after: false,
         }
     }
 }
@@ -187,11 +194,19 @@ case "${{SLURM_ARRAY_TASK_ID:?run this script with sbatch}}" in
             path_str(&r.run_dir)
         );
     }
+    let setup = if opts.setup.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "# Set-up lines (--setup; kept in slurm/setup.sh):\n{}\n",
+            opts.setup.join("\n")
+        )
+    };
     let _ = write!(
         s,
         r#"  *) echo "onehead sweep: no run $SLURM_ARRAY_TASK_ID in this sweep" >&2; exit 2 ;;
 esac
-mkdir -p "$RUN_DIR"
+{setup}mkdir -p "$RUN_DIR"
 LOG="$RUN_DIR/log.txt"
 TASK="${{SLURM_ARRAY_JOB_ID:-?}}_${{SLURM_ARRAY_TASK_ID}}"
 export RAYON_NUM_THREADS="${{SLURM_CPUS_PER_TASK:-1}}"
@@ -244,6 +259,7 @@ exit "$rc"
 "#,
         start = LOG_START,
         exit = LOG_EXIT,
+        setup = setup,
     );
     s
 }
@@ -258,6 +274,8 @@ pub struct SlurmSubmission {
     pub command: String,
     /// The job id when submitted.
     pub job_id: Option<String>,
+    /// The collect job's id (`--collect-after`).
+    pub collect_job: Option<String>,
 }
 
 /// A copy of `exe` in `<sweep>/bin/onehead` for the array to run: a rebuild while the
@@ -296,11 +314,13 @@ pub fn prepare_and_submit(
         script: path.clone(),
         indices: unfinished.to_vec(),
         job_id: None,
+        collect_job: None,
     };
     if unfinished.is_empty() {
         return Ok(sub);
     }
     let pinned = pin_binary(dir, exe)?;
+    let opts = &with_setup(dir, opts)?;
     report::write_atomic(
         &path,
         script(manifest, unfinished, &pinned, opts).as_bytes(),
@@ -339,8 +359,47 @@ pub fn prepare_and_submit(
         array_spec(unfinished, opts.array_parallelism)
     );
     report::write_atomic(&dir.join("slurm/jobs.txt"), jobs.as_bytes())?;
+    if opts.collect_after {
+        let collect = collect_command(dir, &pinned, &id);
+        let out = Command::new("sh").arg("-c").arg(&collect).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "`{collect}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        sub.collect_job = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
     sub.job_id = Some(id);
     Ok(sub)
+}
+
+/// `opts` with the set-up lines: given ones are kept in `slurm/setup.sh` (replacing earlier
+/// ones), none given reads them back from there.
+fn with_setup(sweep_dir: &Path, opts: &SlurmOptions) -> Result<SlurmOptions> {
+    let file = sweep_dir.join("slurm/setup.sh");
+    let mut opts = opts.clone();
+    if opts.setup.is_empty() {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            opts.setup = text.lines().map(String::from).collect();
+        }
+    } else {
+        report::write_atomic(&file, format!("{}\n", opts.setup.join("\n")).as_bytes())?;
+    }
+    Ok(opts)
+}
+
+/// The `sbatch` line of the job that collects the sweep once array `job` has ended, however
+/// its tasks ended (`afterany`).
+pub fn collect_command(sweep_dir: &Path, exe: &Path, job: &str) -> String {
+    format!(
+        "sbatch --parsable --dependency=afterany:{job} --job-name=onehead-collect --output={} --wrap={}",
+        path_str(&sweep_dir.join("slurm/collect-%j.out")),
+        path_str(Path::new(&format!(
+            "{} sweep --collect {}",
+            path_str(exe),
+            path_str(sweep_dir)
+        )))
+    )
 }
 
 #[cfg(test)]
@@ -396,6 +455,7 @@ mod tests {
             array_parallelism: Some(2),
             signal_seconds: 120,
             extra: vec!["--account=abc".into()],
+            ..SlurmOptions::default()
         };
         opts.validate().unwrap();
         let s = script(
@@ -510,5 +570,24 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&pinned).unwrap().permissions().mode();
         assert_eq!(mode & 0o111, 0o111, "executable");
+        // Set-up lines go into every task before onehead and survive a regeneration
+        // without them.
+        let with = SlurmOptions {
+            setup: vec!["module load cuda/12".into(), "export X=1".into()],
+            ..SlurmOptions::default()
+        };
+        prepare_and_submit(&m, &[0, 1], &exe, &with, true).unwrap();
+        prepare_and_submit(&m, &[1], &exe, &SlurmOptions::default(), true).unwrap();
+        let text = std::fs::read_to_string(&sub.script).unwrap();
+        let setup = text
+            .find("module load cuda/12\nexport X=1\n")
+            .expect("setup lines");
+        assert!(setup < text.find("\"$ONEHEAD\" run").unwrap());
+        // The collect job waits for the array, however its tasks end.
+        let c = collect_command(tmp.path(), &pinned, "42");
+        assert!(
+            c.contains("--dependency=afterany:42") && c.contains("sweep --collect"),
+            "{c}"
+        );
     }
 }

@@ -71,7 +71,7 @@ def references(sweep):
     return out
 
 
-def table(sweep, joint):
+def table(sweep, joint, own_end):
     summary = rows_of(os.path.join(sweep, "summary.csv"))
     index = rows_of(os.path.join(sweep, "index.csv"))
     diffs = rows_of(os.path.join(sweep, "differences.csv"))
@@ -89,12 +89,17 @@ def table(sweep, joint):
             cells.append(mean_sd(finals))
             d, lo, hi = (num(r.get(f"{t}_drop_pooled{s}")) for s in ("", "_lo", "_hi"))
             verdict = (r.get(f"{t}_verdict_pooled") or "—").replace("_", " ")
-            if d is None:
+            if r["config"] in own_end:
+                cells.append("(reference)")
+            elif d is None:
                 cells.append("—")
             else:
                 cells.append(f"{pct(d)} [{pct(hi)}, {pct(lo)}] {verdict} ({r[f'{t}_n_pass']}/{r['n_seeds']})")
         lo, hi = num(r.get("pass_rate_lo")), num(r.get("pass_rate_hi"))
-        cells.append(f"{r['n_pass']}/{r['n_seeds']}" + ("" if lo is None else f" [{100 * lo:.0f}–{100 * hi:.0f} %]"))
+        if r["config"] in own_end:
+            cells.append("reference")
+        else:
+            cells.append(f"{r['n_pass']}/{r['n_seeds']}" + ("" if lo is None else f" [{100 * lo:.0f}–{100 * hi:.0f} %]"))
         secs = [num(x["train_seconds"]) for x in index if x.get("status") == "ok" and x.get("file") == r["file"]]
         secs = [s for s in secs if s is not None]
         cells.append(f"{statistics.fmean(secs) / 60:.1f} min" if secs else "—")
@@ -110,7 +115,7 @@ def table(sweep, joint):
                     a, b = min(a, b), max(a, b)
                     cell = f"{pts(v)} [{pts(a)}, {pts(b)}]"
             vs.append(cell)
-        cells.append(" / ".join(vs) if r["config"] != joint else "reference")
+        cells.append("reference" if r["config"] == joint else " / ".join(vs) if any(v != "—" for v in vs) else "not paired yet")
         lines.append("| " + " | ".join(cells) + " |")
     refs = references(sweep)
     n = max(len(v) for v in refs.values())
@@ -127,10 +132,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("sweeps", nargs="+", help="sweep folders (results/<name>)")
     ap.add_argument("--joint", default="joint", help="config name of the joint reference")
+    ap.add_argument("--own-end", default="joint_matched",
+                    help="comma-separated configs judged against their own end (references without a single-task baseline): finals only")
     a = ap.parse_args()
     for sweep in a.sweeps:
         print(f"\n{sweep}:\n")
-        print(table(sweep, a.joint))
+        print(table(sweep, a.joint, a.own_end.split(",")))
 
 
 if __name__ == "__main__":

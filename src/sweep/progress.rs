@@ -6,6 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// How often a running run's `epochs.csv` is read.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+
 /// One running run, as the sweep follows it.
 #[derive(Debug, Clone)]
 pub struct RunProgress {
@@ -17,6 +20,9 @@ pub struct RunProgress {
     place: Option<(String, String)>,
     /// The first epoch count this attempt saw, and when (resumed runs start midway).
     first: Option<(Instant, usize)>,
+    /// When `epochs.csv` was last read: the sweep's loop ticks every 100 ms, epochs take
+    /// seconds, so the file is read at most once a second.
+    looked: Option<Instant>,
 }
 
 impl RunProgress {
@@ -27,11 +33,16 @@ impl RunProgress {
             done: 0,
             place: None,
             first: None,
+            looked: None,
         }
     }
 
     /// Read the run's `epochs.csv` again; whether an epoch ended since the last look.
     pub fn update(&mut self) -> bool {
+        if self.looked.is_some_and(|t| t.elapsed() < LOOK_EVERY) {
+            return false;
+        }
+        self.looked = Some(Instant::now());
         let Some((done, place)) = read_epochs(&self.run_dir.join("epochs.csv")) else {
             return false;
         };
@@ -137,9 +148,13 @@ mod tests {
         assert!(p.describe().starts_with("starting"));
         let csv = tmp.path().join("epochs.csv");
         std::fs::write(&csv, "stage,task,epoch\n1,seg,1\n1,seg,2\n").unwrap();
+        p.looked = None;
         assert!(p.update());
         std::fs::write(&csv, "stage,task,epoch\n1,seg,1\n1,seg,2\n2,det,1\n").unwrap();
+        assert!(!p.update(), "read at most once a second");
+        p.looked = None;
         assert!(p.update());
+        p.looked = None;
         assert!(!p.update(), "nothing new");
         let d = p.describe();
         assert!(d.starts_with("epoch 3/15 (stage 2 det) · ETA "), "{d}");

@@ -100,7 +100,7 @@ enabled = true
     };
     let v = |r: usize, n: &str| rows[r][col(n)].parse::<f64>().unwrap();
     for term in ["loss_replay", "loss_distill", "loss_lwf", "loss_ewc"] {
-        assert_eq!(v(0, term), 0.0, "{term} in stage 1");
+        assert_eq!(rows[0][col(term)], "", "{term} in stage 1: an empty cell");
         assert!(v(2, term) > 0.0, "{term} in stage 2");
         assert!(v(3, term) > 0.0, "{term} in stage 3");
     }
@@ -108,7 +108,6 @@ enabled = true
     for term in ["loss_der", "loss_derpp"] {
         assert!((0..4).all(|r| v(r, term) > 0.0), "{term}");
     }
-    let secs = col("seconds");
     // Mid-epoch in stage 1, a stage boundary (teachers, Fisher, buffer just made), mid-det.
     for (epochs, steps) in [(None, Some(6)), (Some(2), None), (None, Some(10))] {
         let err = run(
@@ -127,7 +126,7 @@ enabled = true
         assert_eq!(again.len(), rows.len());
         for (r, (a, b)) in again.iter().zip(&rows).enumerate() {
             for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                if i != secs {
+                if !common::is_timing(&h[i]) {
                     assert_eq!(
                         x, y,
                         "stop {epochs:?}/{steps:?}: row {r} {} differs\n{a:?}\n{b:?}",

@@ -49,6 +49,9 @@ pub struct EpochRow {
     pub metrics: BTreeMap<String, f64>,
     /// Wall-clock seconds of the epoch (training + evaluation).
     pub seconds: Option<f64>,
+    /// When the epoch ended, Unix seconds (UTC), to the millisecond: the wall time of its
+    /// TensorBoard scalars, live and exported alike (`None`: a file without the column).
+    pub end_time: Option<f64>,
 }
 
 /// The column layout of `epochs.csv`.
@@ -58,6 +61,9 @@ pub struct EpochColumns {
     pub losses: Vec<String>,
     /// Metric columns `<task>_<metric>` in order.
     pub metrics: Vec<String>,
+    /// Whether the file has the `end_time` column (files of onehead 0.1 before it have not:
+    /// a run resumed from one keeps its layout).
+    pub end_time: bool,
 }
 
 impl EpochColumns {
@@ -70,7 +76,11 @@ impl EpochColumns {
             .iter()
             .flat_map(|(t, ms)| ms.iter().map(move |m| format!("{t}_{m}")))
             .collect();
-        Self { losses, metrics }
+        Self {
+            losses,
+            metrics,
+            end_time: true,
+        }
     }
 
     pub fn header(&self) -> Vec<String> {
@@ -81,6 +91,9 @@ impl EpochColumns {
         h.extend(self.losses.iter().cloned());
         h.extend(self.metrics.iter().cloned());
         h.push("seconds".into());
+        if self.end_time {
+            h.push("end_time".into());
+        }
         h
     }
 }
@@ -107,7 +120,9 @@ impl Appender {
     /// (epochs that will be trained again) are cut off the end, as is a last line without
     /// its newline (torn by a kill mid-write; its epoch is not in the saved state). The file
     /// is never replaced: the run folder's lock guarantees no other writer holds it.
-    fn reopen(path: &Path, header: &[String], global_epoch: usize) -> Result<Self> {
+    /// `headers`: the layouts this run may continue (the first is the current one); returns
+    /// which one the file has.
+    fn reopen(path: &Path, headers: &[Vec<String>], global_epoch: usize) -> Result<(Self, usize)> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut keep = text.len();
@@ -120,13 +135,13 @@ impl Appender {
         }
         let mut reader = csv::Reader::from_reader(&text.as_bytes()[..keep]);
         let old: Vec<String> = reader.headers()?.iter().map(String::from).collect();
-        if old != header {
+        let Some(layout) = headers.iter().position(|h| *h == old) else {
             anyhow::bail!(
                 "{} has other columns than this run writes (was it edited, or written by another onehead version?)",
                 path.display()
             );
-        }
-        let col = header
+        };
+        let col = old
             .iter()
             .position(|h| h == "global_epoch")
             .context("global_epoch is a column")?;
@@ -150,10 +165,13 @@ impl Appender {
         let writer = csv::WriterBuilder::new()
             .has_headers(false)
             .from_writer(file);
-        Ok(Self {
-            path: path.to_path_buf(),
-            writer,
-        })
+        Ok((
+            Self {
+                path: path.to_path_buf(),
+                writer,
+            },
+            layout,
+        ))
     }
 
     fn append(&mut self, rec: &[String]) -> Result<()> {
@@ -194,11 +212,22 @@ impl RunCsv {
     }
 
     /// Reopen the files of a resumed run, dropping rows after `global_epoch`.
-    pub fn reopen(run_dir: &Path, columns: EpochColumns, global_epoch: usize) -> Result<Self> {
+    pub fn reopen(run_dir: &Path, mut columns: EpochColumns, global_epoch: usize) -> Result<Self> {
         let eval_header: Vec<String> = EVAL_HEADER.iter().map(|s| s.to_string()).collect();
+        let older = EpochColumns {
+            end_time: false,
+            ..columns.clone()
+        };
+        let (epochs, layout) = Appender::reopen(
+            &run_dir.join("epochs.csv"),
+            &[columns.header(), older.header()],
+            global_epoch,
+        )?;
+        columns.end_time = layout == 0;
+        let (eval, _) = Appender::reopen(&run_dir.join("eval.csv"), &[eval_header], global_epoch)?;
         Ok(Self {
-            epochs: Appender::reopen(&run_dir.join("epochs.csv"), &columns.header(), global_epoch)?,
-            eval: Appender::reopen(&run_dir.join("eval.csv"), &eval_header, global_epoch)?,
+            epochs,
+            eval,
             columns,
         })
     }
@@ -216,8 +245,15 @@ impl RunCsv {
             row.global_epoch.to_string(),
             row.lr.map(|v| format!("{v}")).unwrap_or_default(),
         ];
+        // A term the epoch did not add (replay in the first stage) is an empty cell, not 0:
+        // the pictures and TensorBoard must not draw a loss that does not exist.
         for c in &self.columns.losses {
-            rec.push(format!("{}", row.losses.get(c).copied().unwrap_or(0.0)));
+            rec.push(
+                row.losses
+                    .get(c)
+                    .map(|v| format!("{v}"))
+                    .unwrap_or_default(),
+            );
         }
         for c in &self.columns.metrics {
             rec.push(
@@ -228,6 +264,9 @@ impl RunCsv {
             );
         }
         rec.push(row.seconds.map(|v| format!("{v:.3}")).unwrap_or_default());
+        if self.columns.end_time {
+            rec.push(row.end_time.map(|v| format!("{v:.3}")).unwrap_or_default());
+        }
         // eval.csv first: a crash between the two leaves an eval row without its epoch row,
         // which a resume drops again (same global_epoch rule).
         for e in evals {
@@ -310,14 +349,18 @@ mod tests {
                 "loss_total",
                 "seg_miou",
                 "det_map50",
-                "seconds"
+                "seconds",
+                "end_time"
             ]
         );
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[0][0], "1", "stages are written 1-based");
         assert_eq!(rows[0][8], "0.25");
         assert_eq!(rows[0][9], "", "a task not evaluated is an empty cell");
-        assert_eq!(rows[0][6], "0", "a term the epoch did not add is 0");
+        assert_eq!(
+            rows[0][6], "",
+            "a term the epoch did not add is an empty cell"
+        );
         let (eh, erows) = read(&tmp.path().join("eval.csv"));
         assert_eq!(eh, EVAL_HEADER);
         assert_eq!(erows.len(), 6);

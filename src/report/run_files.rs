@@ -20,7 +20,15 @@ use super::summary::{Matrix, RunSummary};
 const PREFERRED_METRICS: [&str; 3] = ["seg_miou", "det_map50", "cls_top1"];
 
 /// Columns of `epochs.csv` that are neither loss terms nor metrics.
-const FIXED_COLUMNS: [&str; 6] = ["stage", "task", "epoch", "global_epoch", "lr", "seconds"];
+const FIXED_COLUMNS: [&str; 7] = [
+    "stage",
+    "task",
+    "epoch",
+    "global_epoch",
+    "lr",
+    "seconds",
+    "end_time",
+];
 
 /// One stage as seen in `epochs.csv`.
 #[derive(Debug, Clone, PartialEq)]
@@ -563,6 +571,7 @@ struct EpochColumnsRead {
     new: Option<usize>,
     total: Option<usize>,
     seconds: Option<usize>,
+    end_time: Option<usize>,
     terms: Vec<(usize, String)>,
     metrics: Vec<(usize, String)>,
     others: Vec<(usize, String)>,
@@ -624,6 +633,7 @@ impl EpochColumnsRead {
             new: col("loss_new"),
             total: col("loss_total"),
             seconds: col("seconds"),
+            end_time: col("end_time"),
             terms,
             metrics,
             others,
@@ -687,6 +697,7 @@ impl EpochColumnsRead {
             losses,
             metrics: cells(&self.metrics)?,
             seconds: num(self.seconds)?,
+            end_time: num(self.end_time)?,
         })
     }
 }

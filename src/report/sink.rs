@@ -21,11 +21,7 @@ impl EpochSink for RunCsv {
 
 impl EpochSink for TbWriter {
     fn epoch(&mut self, row: &EpochRow, _evals: &[EvalRecord]) -> Result<()> {
-        let mut cols: Vec<(&str, Option<f64>)> = vec![("lr", row.lr)];
-        cols.extend(row.losses.iter().map(|(k, v)| (k.as_str(), Some(*v))));
-        cols.extend(row.metrics.iter().map(|(k, v)| (k.as_str(), Some(*v))));
-        cols.push(("seconds", row.seconds));
-        self.add_epoch(row.global_epoch as u64, &cols)?;
+        self.add_row(row)?;
         self.flush()
     }
 }

@@ -16,10 +16,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use super::csv_log::EpochRow;
+
 const CASTAGNOLI: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
 
-/// Writes scalars to a TensorBoard event file. Call [`TbWriter::add_scalar`] (or
-/// [`TbWriter::add_epoch`]) once per epoch and [`TbWriter::flush`] after each epoch, so a
+/// Writes scalars to a TensorBoard event file. Call [`TbWriter::add_row`] once per epoch and [`TbWriter::flush`] after each epoch, so a
 /// killed run keeps what it logged.
 pub struct TbWriter {
     out: BufWriter<File>,
@@ -73,31 +74,27 @@ impl TbWriter {
         &self.path
     }
 
-    /// One scalar at `step` (onehead uses the global epoch as the step).
-    pub fn add_scalar(&mut self, tag: &str, value: f64, step: u64) -> Result<()> {
+    /// One scalar at `step` (onehead uses the global epoch as the step), stamped `wall`
+    /// (Unix seconds).
+    pub fn add_scalar(&mut self, tag: &str, value: f64, step: u64, wall: f64) -> Result<()> {
         let mut val = Vec::new();
         put_bytes(&mut val, 1, tag.as_bytes());
         put_float(&mut val, 2, value as f32);
         let mut summary = Vec::new();
         put_bytes(&mut summary, 1, &val);
         let mut ev = Vec::new();
-        put_double(&mut ev, 1, wall_time());
+        put_double(&mut ev, 1, wall);
         put_varint_field(&mut ev, 2, step);
         put_bytes(&mut ev, 5, &summary);
         self.write_record(&ev)
     }
 
-    /// An epoch's `epochs.csv` columns as scalars, named by [`tag_for_column`]
-    /// (`loss_new` → `loss/new`, `seg_miou` → `seg/miou`); empty or non-finite values and the
-    /// `stage`/`epoch`/`global_epoch` columns are skipped.
-    pub fn add_epoch(&mut self, step: u64, columns: &[(&str, Option<f64>)]) -> Result<()> {
-        for (name, v) in columns {
-            if matches!(*name, "stage" | "task" | "epoch" | "global_epoch") {
-                continue;
-            }
-            if let Some(v) = v.filter(|v| v.is_finite()) {
-                self.add_scalar(&tag_for_column(name), v, step)?;
-            }
+    /// One epoch's scalars ([`epoch_scalars`]) at its global epoch, stamped with the time it
+    /// ended (now, for a row without one). The one path for live and exported events.
+    pub fn add_row(&mut self, row: &EpochRow) -> Result<()> {
+        let wall = row.end_time.unwrap_or_else(wall_time);
+        for (tag, v) in epoch_scalars(row) {
+            self.add_scalar(&tag, v, row.global_epoch as u64, wall)?;
         }
         Ok(())
     }
@@ -140,41 +137,84 @@ pub fn tag_for_column(column: &str) -> String {
     }
 }
 
-/// Each of `names` with its value in `values` (`None`: an empty cell).
-fn by_name<'a>(
-    names: &'a [String],
-    values: &std::collections::BTreeMap<String, f64>,
-) -> Vec<(&'a str, Option<f64>)> {
-    names
-        .iter()
-        .map(|n| (n.as_str(), values.get(n).copied()))
+/// An epoch's scalars by tag ([`tag_for_column`]): learning rate, every loss term, every
+/// metric evaluated (per-class ones too: `seg_iou.cat` → `seg/iou.cat`), the epoch's seconds.
+/// Empty and non-finite values are left out.
+pub fn epoch_scalars(row: &EpochRow) -> Vec<(String, f64)> {
+    let mut cols: Vec<(&str, Option<f64>)> = vec![("lr", row.lr)];
+    cols.extend(row.losses.iter().map(|(k, v)| (k.as_str(), Some(*v))));
+    cols.extend(row.metrics.iter().map(|(k, v)| (k.as_str(), Some(*v))));
+    cols.push(("seconds", row.seconds));
+    cols.into_iter()
+        .filter_map(|(name, v)| Some((tag_for_column(name), v.filter(|v| v.is_finite())?)))
         .collect()
 }
 
-/// Write a run's `epochs.csv` as a TensorBoard event file (for runs that ran without the
-/// sink). Columns this reader does not know go under `other/<column>`. Returns the file.
+/// Write a run's epochs as a TensorBoard event file after the fact (for runs that ran
+/// without the live sink): `epochs.csv`'s rows with every metric of `eval.csv` (as the live
+/// sink gets them), so the tags, steps, values and wall times are the live sink's. Rows of
+/// files without `end_time` (older runs) are dated back from the file's last write by the
+/// epochs' seconds. Columns this reader does not know go under `other/<column>`.
 pub(crate) fn export_run(run: &super::run_files::RunData) -> Result<PathBuf> {
-    let mut w = TbWriter::create(&run.dir)?;
     let e = &run.epochs;
+    let evals = read_eval_metrics(&run.dir.join("eval.csv"));
+    let ends = estimated_end_times(&run.dir.join("epochs.csv"), &e.rows);
+    let mut w = TbWriter::create(&run.dir)?;
     for (i, r) in e.rows.iter().enumerate() {
-        let step = r.global_epoch as u64;
-        let mut cols: Vec<(&str, Option<f64>)> = vec![
-            ("lr", r.lr),
-            ("loss_new", r.losses.get("loss_new").copied()),
-            ("loss_total", r.losses.get("loss_total").copied()),
-            ("seconds", r.seconds),
-        ];
-        cols.extend(by_name(&e.terms, &r.losses));
-        cols.extend(by_name(&e.metric_columns, &r.metrics));
-        w.add_epoch(step, &cols)?;
+        let mut row = r.clone();
+        row.end_time = r.end_time.or(ends[i]);
+        if let Some(m) = evals.get(&r.global_epoch) {
+            row.metrics.extend(m.iter().map(|(k, v)| (k.clone(), *v)));
+        }
+        w.add_row(&row)?;
         for (k, v) in &e.other {
             if let Some(v) = v[i].filter(|v| v.is_finite()) {
-                w.add_scalar(&format!("other/{k}"), v, step)?;
+                let wall = row.end_time.unwrap_or_else(wall_time);
+                w.add_scalar(&format!("other/{k}"), v, r.global_epoch as u64, wall)?;
             }
         }
     }
     w.flush()?;
     Ok(w.path().to_path_buf())
+}
+
+/// `eval.csv`'s metrics by global epoch, as `<task>_<metric>` (empty when it is missing).
+fn read_eval_metrics(path: &Path) -> std::collections::BTreeMap<usize, Vec<(String, f64)>> {
+    let mut out: std::collections::BTreeMap<usize, Vec<(String, f64)>> = Default::default();
+    let Ok(mut r) = csv::Reader::from_path(path) else {
+        return out;
+    };
+    for rec in r.records().map_while(|x| x.ok()) {
+        let (Some(g), Some(task), Some(metric), Some(v)) = (
+            rec.get(2).and_then(|g| g.parse().ok()),
+            rec.get(3),
+            rec.get(4),
+            rec.get(5).and_then(|v| v.parse::<f64>().ok()),
+        ) else {
+            continue;
+        };
+        out.entry(g)
+            .or_default()
+            .push((format!("{task}_{metric}"), v));
+    }
+    out
+}
+
+/// For rows without `end_time`: the last epoch ended at the file's last write, each earlier
+/// one the later epochs' seconds before it (exact for a run that was never interrupted).
+fn estimated_end_times(path: &Path, rows: &[EpochRow]) -> Vec<Option<f64>> {
+    let last = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64());
+    let mut out = vec![None; rows.len()];
+    let mut t = last;
+    for (i, r) in rows.iter().enumerate().rev() {
+        out[i] = t;
+        t = t.map(|t| t - r.seconds.unwrap_or(0.0));
+    }
+    out
 }
 
 fn wall_time() -> f64 {
@@ -272,12 +312,17 @@ pub(crate) mod tests {
         }
     }
 
-    /// `(tag, value, step)` of a scalar event (a minimal protobuf reader for the test).
-    pub(crate) fn decode_scalar(ev: &[u8]) -> Option<(String, f32, u64)> {
-        let (mut i, mut step, mut summary) = (0, 0, None);
+    /// `(tag, value, step, wall time)` of a scalar event (a minimal protobuf reader for the
+    /// tests).
+    pub(crate) fn decode_scalar(ev: &[u8]) -> Option<(String, f32, u64, f64)> {
+        let (mut i, mut step, mut summary, mut wall) = (0, 0, None, 0.0);
         while i < ev.len() {
             let key = varint(ev, &mut i);
             match (key >> 3, key & 7) {
+                (1, 1) => {
+                    wall = f64::from_le_bytes(ev[i..i + 8].try_into().unwrap());
+                    i += 8;
+                }
                 (_, 1) => i += 8,
                 (_, 5) => i += 4,
                 (2, 0) => step = varint(ev, &mut i),
@@ -316,7 +361,7 @@ pub(crate) mod tests {
                 _ => return None,
             }
         }
-        Some((tag, value, step))
+        Some((tag, value, step, wall))
     }
 
     #[test]
@@ -329,16 +374,14 @@ pub(crate) mod tests {
     fn writes_scalar_events_that_read_back() {
         let tmp = tempfile::tempdir().unwrap();
         let mut w = TbWriter::create(tmp.path()).unwrap();
-        w.add_scalar("loss/new", 1.5, 1).unwrap();
-        w.add_epoch(
-            2,
-            &[
-                ("seg_miou", Some(0.25)),
-                ("cls_top1", None),
-                ("global_epoch", Some(2.0)),
-            ],
-        )
-        .unwrap();
+        w.add_scalar("loss/new", 1.5, 1, 100.0).unwrap();
+        let row = EpochRow {
+            global_epoch: 2,
+            metrics: [("seg_miou".to_string(), 0.25)].into(),
+            end_time: Some(200.5),
+            ..Default::default()
+        };
+        w.add_row(&row).unwrap();
         w.flush().unwrap();
         let path = w.path().to_path_buf();
         assert!(path
@@ -349,11 +392,87 @@ pub(crate) mod tests {
         let recs = read_records(&path);
         assert_eq!(recs.len(), 3);
         assert!(recs[0].windows(13).any(|w| w == b"brain.Event:2"));
-        assert_eq!(decode_scalar(&recs[1]), Some(("loss/new".into(), 1.5, 1)));
-        assert_eq!(decode_scalar(&recs[2]), Some(("seg/miou".into(), 0.25, 2)));
+        assert_eq!(
+            decode_scalar(&recs[1]),
+            Some(("loss/new".into(), 1.5, 1, 100.0))
+        );
+        assert_eq!(
+            decode_scalar(&recs[2]),
+            Some(("seg/miou".into(), 0.25, 2, 200.5))
+        );
         // A second writer in the same run gets its own file.
         let w2 = TbWriter::create(tmp.path()).unwrap();
         assert_ne!(w2.path(), path);
+    }
+
+    /// The live sink (beside `epochs.csv`/`eval.csv`) and the export from those files write
+    /// the same events: tags (per-class metrics too), steps, values and wall times; a loss
+    /// term an epoch did not add is in neither.
+    #[test]
+    fn live_and_exported_events_are_the_same() {
+        use super::super::csv_log::{EpochColumns, EvalRecord, RunCsv};
+        use super::super::sink::EpochSink as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let cols = EpochColumns::new(
+            &["replay".to_string()],
+            &[("seg".into(), vec!["miou".into()])],
+        );
+        let mut csv = RunCsv::create(tmp.path(), cols).unwrap();
+        let live_dir = tmp.path().join("live");
+        let mut live = TbWriter::create(&live_dir).unwrap();
+        for g in 1..=4usize {
+            let metrics: std::collections::BTreeMap<String, f64> = [
+                ("miou".to_string(), 0.1 * g as f64),
+                ("iou.cat".to_string(), 0.3),
+            ]
+            .into();
+            let eval = EvalRecord {
+                stage: (g - 1) / 2,
+                epoch: 1 + (g - 1) % 2,
+                global_epoch: g,
+                task: "seg".into(),
+                metrics: metrics.clone().into_iter().collect(),
+            };
+            let mut row = EpochRow {
+                stage: 1 + (g - 1) / 2,
+                task: "seg".into(),
+                epoch: eval.epoch,
+                global_epoch: g,
+                lr: Some(1e-3 / g as f64),
+                seconds: Some(1.25),
+                end_time: Some(1_700_000_000.125 + g as f64),
+                ..Default::default()
+            };
+            row.losses.insert("loss_new".into(), 2.0 / g as f64);
+            row.losses.insert("loss_total".into(), 2.5 / g as f64);
+            if g > 2 {
+                row.losses.insert("loss_replay".into(), 0.5);
+            }
+            row.metrics = metrics
+                .iter()
+                .map(|(k, v)| (format!("seg_{k}"), *v))
+                .collect();
+            csv.epoch(&row, std::slice::from_ref(&eval)).unwrap();
+            live.epoch(&row, &[eval]).unwrap();
+        }
+        drop(csv);
+        let run = super::super::run_files::RunData::load(tmp.path()).unwrap();
+        let exported = export_run(&run).unwrap();
+        let events = |p: &Path| {
+            let mut v: Vec<(String, u64, f32, f64)> = read_records(p)
+                .iter()
+                .filter_map(|r| decode_scalar(r))
+                .map(|(t, x, s, w)| (t, s, x, w))
+                .collect();
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            v
+        };
+        let (a, b) = (events(live.path()), events(&exported));
+        assert_eq!(a.len(), 4 * 6 + 2, "{a:?}");
+        assert_eq!(a, b);
+        assert!(a.iter().any(|e| e.0 == "seg/iou.cat"));
+        assert_eq!(a.iter().filter(|e| e.0 == "loss/replay").count(), 2);
+        assert!(a.iter().all(|e| e.3 > 1_700_000_000.0), "real wall times");
     }
 
     #[test]

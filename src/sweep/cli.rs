@@ -135,15 +135,22 @@ pub fn print_sweep_report(
     );
 }
 
-/// `--collect`: 0 every run finished, 2 some failed, 3 some not finished (none failed).
+/// `--collect`: 0 every run finished, 2 some failed, 3 some not finished (running, pending,
+/// interrupted or missing; none failed).
 pub fn collect_sweep(dir: &std::path::Path) -> Result<ExitCode> {
     let manifest = Manifest::load(dir)?;
-    let (records, aggs) = sweep::collect(dir)?;
+    let (records, aggs, slurm) = sweep::collect(dir, &sweep::scheduler::Tools::default())?;
     print_sweep_report(&manifest, &records, &aggs);
+    let unfinished = records.iter().any(|r| r.status != Status::Ok);
+    if unfinished && !slurm.unavailable.is_empty() {
+        println!(
+            "could not ask Slurm ({}): a run with no exit recorded may be running or dead; its folder is all collect reads",
+            slurm.unavailable.join("; ")
+        );
+    }
     let failed = records
         .iter()
         .any(|r| matches!(r.status, Status::Failed(_)));
-    let unfinished = records.iter().any(|r| r.status != Status::Ok);
     Ok(if failed {
         ExitCode::from(2)
     } else if unfinished {

@@ -26,8 +26,10 @@ pub enum Status {
     Failed(String),
     /// Stopped (Ctrl-C, a signal, exit code 3) or killed: re-running the sweep resumes it.
     Interrupted(String),
-    /// Being run now by this process.
+    /// Being run now (by this process, or on Slurm as `sweep --collect` learns from it).
     Running,
+    /// Queued on Slurm (`--collect` asks `squeue`): the reason names the task.
+    Pending(String),
     /// Never started.
     Missing,
 }
@@ -39,13 +41,14 @@ impl Status {
             Status::Failed(_) => "failed",
             Status::Interrupted(_) => "interrupted",
             Status::Running => "running",
+            Status::Pending(_) => "pending",
             Status::Missing => "missing",
         }
     }
 
     pub fn reason(&self) -> &str {
         match self {
-            Status::Failed(r) | Status::Interrupted(r) => r,
+            Status::Failed(r) | Status::Interrupted(r) | Status::Pending(r) => r,
             _ => "",
         }
     }
@@ -718,7 +721,14 @@ pub fn write_index(sweep_dir: &Path, records: &[RunRecord]) -> Result<Vec<Aggreg
 /// Counts of records by status, for messages.
 pub fn status_counts(records: &[RunRecord]) -> String {
     let mut parts = Vec::new();
-    for label in ["ok", "failed", "interrupted", "running", "missing"] {
+    for label in [
+        "ok",
+        "failed",
+        "interrupted",
+        "running",
+        "pending",
+        "missing",
+    ] {
         let n = records.iter().filter(|r| r.status.label() == label).count();
         if n > 0 {
             parts.push(format!(
@@ -730,13 +740,19 @@ pub fn status_counts(records: &[RunRecord]) -> String {
     parts.join(", ")
 }
 
-/// `onehead sweep --collect SWEEP_DIR`: the index from whatever the runs left, and the list
-/// of runs that did not finish.
-pub fn collect(sweep_dir: &Path) -> Result<(Vec<RunRecord>, Vec<Aggregate>)> {
+/// `onehead sweep --collect SWEEP_DIR`: the index from whatever the runs left, told apart
+/// by what Slurm says about the sweep's arrays where it was submitted there, and the list of
+/// runs that did not finish.
+pub fn collect(
+    sweep_dir: &Path,
+    tools: &super::scheduler::Tools,
+) -> Result<(Vec<RunRecord>, Vec<Aggregate>, super::scheduler::Report)> {
     let manifest = Manifest::load(sweep_dir)?;
-    let records = read_records(&manifest);
+    let mut records = read_records(&manifest);
+    let slurm = super::scheduler::query(sweep_dir, tools);
+    super::scheduler::apply(&mut records, &slurm);
     let aggs = write_index(sweep_dir, &records)?;
-    Ok((records, aggs))
+    Ok((records, aggs, slurm))
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! configs/<i>-<name>.toml the resolved config of run i (what `onehead run` is given)
 //! runs/<name>/           run i's folder (`onehead run <config> --run-dir <it>`), with log.txt
 //! index.csv              one row per run: status (ok | failed | interrupted | running |
-//!                        missing), reason, varied values, seed, per-task results
+//!                        pending | missing), reason, varied values, seed, per-task results
 //! summary.csv            one row per configuration (all varied keys but seed): mean ± std
 //!                        over seeds of every task's final value and drop, the drop pooled
 //!                        over seeds with its interval and verdict ([`stats`]), seeds
@@ -31,6 +31,7 @@ pub mod index;
 pub mod local;
 pub mod plan;
 pub mod progress;
+pub mod scheduler;
 pub mod slurm;
 pub mod stats;
 

@@ -114,18 +114,24 @@ pub fn planned_epochs(config: &Path) -> Option<usize> {
     }
 }
 
-/// Rows of `epochs.csv` and the last row's stage and task (`None`: no file yet).
+/// Rows of `epochs.csv` and the last row's stage and task (`None`: no file yet). A last
+/// line being written as it is read is a short record: it is not counted.
 fn read_epochs(path: &Path) -> Option<(usize, Option<(String, String)>)> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines.next()?.split(',').collect();
-    let rows: Vec<&str> = lines.collect();
-    let last = rows.last().map(|r| r.split(',').collect::<Vec<_>>());
-    let cell = |row: &Vec<&str>, name: &str| {
-        let i = header.iter().position(|h| *h == name)?;
-        row.get(i).map(|c| c.to_string())
-    };
-    let place = last.and_then(|r| Some((cell(&r, "stage")?, cell(&r, "task")?)));
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(path)
+        .ok()?;
+    let header = reader.headers().ok()?.clone();
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let (stage, task) = (col("stage"), col("task"));
+    let rows: Vec<csv::StringRecord> = reader
+        .records()
+        .map_while(|r| r.ok())
+        .filter(|r| r.len() == header.len())
+        .collect();
+    let place = rows
+        .last()
+        .and_then(|r| Some((r.get(stage?)?.to_string(), r.get(task?)?.to_string())));
     Some((rows.len(), place))
 }
 
@@ -150,7 +156,7 @@ mod tests {
         std::fs::write(&csv, "stage,task,epoch\n1,seg,1\n1,seg,2\n").unwrap();
         p.looked = None;
         assert!(p.update());
-        std::fs::write(&csv, "stage,task,epoch\n1,seg,1\n1,seg,2\n2,det,1\n").unwrap();
+        std::fs::write(&csv, "stage,task,epoch\n1,seg,1\n1,seg,2\n2,det,1\n2,d").unwrap();
         assert!(!p.update(), "read at most once a second");
         p.looked = None;
         assert!(p.update());

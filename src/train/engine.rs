@@ -270,6 +270,7 @@ fn log_epoch(
         lr: Some(lr),
         losses,
         seconds: Some(seconds),
+        end_time: Some(unix_now_ms()),
         ..Default::default()
     };
     for e in evals {
@@ -281,6 +282,15 @@ fn log_epoch(
         sink.epoch(&row, evals)?;
     }
     Ok(())
+}
+
+/// Now as Unix seconds, to the millisecond (what `epochs.csv` keeps, so that live and
+/// exported TensorBoard scalars carry the same wall time).
+fn unix_now_ms() -> f64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    d.as_millis() as f64 / 1000.0
 }
 
 /// Stage end: the verdict split's evaluation, checkpoint, matrix, and the plug-ins'

@@ -29,6 +29,12 @@ synth_size = 64
     )
 }
 
+/// Whether an `epochs.csv` column holds wall-clock time (`seconds`, `end_time`): the only
+/// columns two identical runs, or a run and its resumed twin, may differ in.
+pub fn is_timing(column: &str) -> bool {
+    matches!(column, "seconds" | "end_time")
+}
+
 /// A CSV file's header and rows, as strings.
 pub fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
     let mut r = csv::Reader::from_path(path).unwrap();

@@ -97,13 +97,16 @@ pub fn compare(opts: &CompareOptions) -> Result<CompareOutput> {
             files.extend(plot::save_chart(&chart, out, &column)?);
             let png = std::fs::read(out.join(format!("{column}.png")))
                 .with_context(|| format!("reading {}/{column}.png", out.display()))?;
-            figures.push((column, png));
+            figures.push((super::fmt::metric_label(&column) + " (validation)", png));
         }
         let title = format!("onehead · comparison of {} runs", runs.len());
+        let tables = summary_html(&runs, &labels)
+            + &format!("<p class=\"sub\">{}</p>", baselines_note(&runs))
+            + &groups_html(&runs, &groups);
         files.push(html::write_compare_report(
             out,
             &title,
-            &(summary_html(&runs, &labels) + &groups_html(&runs, &groups)),
+            &tables,
             &runs_html(&runs, &labels, &groups),
             &figures,
         )?);
@@ -370,12 +373,24 @@ fn overlay_charts(runs: &[RunData], groups: &[Group]) -> Vec<(String, OverlayCha
         if series.is_empty() {
             continue;
         }
+        // Chance is the same for every run of one benchmark and split; runs that disagree
+        // (other data) get no line rather than a wrong one.
+        let chances: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.tasks.iter().find(|t| t.column == col)?.chance)
+            .collect();
+        let chance = chances
+            .first()
+            .copied()
+            .filter(|c| chances.iter().all(|x| (x - c).abs() < 1e-9));
+        let label = super::fmt::metric_label(&col);
         let chart = OverlayChart {
-            title: format!("{col} across {} runs", runs.len()),
-            y_desc: col.clone(),
+            title: format!("{label} (val) across {} runs", runs.len()),
+            y_desc: label,
             stages: stages.clone(),
             last_epoch,
             series,
+            chance,
         };
         out.push((col, chart));
     }
@@ -689,17 +704,16 @@ fn summary_html(runs: &[RunData], labels: &[String]) -> String {
         }
     }
     let mut s = String::from("<div class=\"scroll\"><table><thead><tr><th>run</th>");
-    for (t, c) in &tasks {
+    for (_, c) in &tasks {
         let _ = write!(
             s,
-            "<th>{} · <code>{}</code><br>baseline → final</th>",
-            esc(t),
-            esc(c)
+            "<th>{}<br>baseline → final</th>",
+            esc(&super::fmt::metric_label(c))
         );
     }
     s.push_str("<th>overall</th><th class=\"num\">train time</th></tr></thead><tbody>");
     for (r, l) in runs.iter().zip(labels) {
-        let _ = write!(s, "<tr><td>{}</td>", esc(l));
+        let _ = write!(s, "<tr><td class=\"name\">{}</td>", breakable(l));
         for (t, _) in &tasks {
             match r.tasks.iter().find(|x| &x.task == t) {
                 Some(x) => {
@@ -746,11 +760,10 @@ fn groups_html(runs: &[RunData], groups: &[Group]) -> String {
         for (k, st) in group_stats(runs, g).into_iter().enumerate() {
             let _ = write!(
                 s,
-                "<tr><td>{}</td><td>{} <code>{}</code></td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                "<tr><td class=\"name\">{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
                  <td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
-                if k == 0 { esc(&g.label) } else { String::new() },
-                esc(&st.task),
-                esc(&st.column),
+                if k == 0 { breakable(&g.label) } else { String::new() },
+                esc(&super::fmt::metric_label(&st.column)),
                 esc(&st.baseline),
                 esc(&st.final_value),
                 esc(&st.change),
@@ -760,6 +773,46 @@ fn groups_html(runs: &[RunData], groups: &[Group]) -> String {
     }
     s.push_str("</tbody></table></div>");
     s
+}
+
+/// A run name escaped for HTML with break opportunities after `__` and `,` (sweep names
+/// such as `replay__weight-0.5__seed-2` wrap there rather than overflow their cell).
+fn breakable(name: &str) -> String {
+    esc(name).replace("__", "__<wbr>").replace(',', ",<wbr>")
+}
+
+/// What "baseline" means in the tables, for the kinds the runs were judged against.
+fn baselines_note(runs: &[RunData]) -> String {
+    let mut kinds: Vec<&str> = runs
+        .iter()
+        .filter_map(|r| Some(r.summary.as_ref()?.baseline_kind.label()))
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let what = |k: &str| {
+        match k {
+        "single_task" => "single_task, the same task trained alone from the same initialisation with the same budget (the challenge's baseline)",
+        "stage_end" => "stage_end, the task's value at the end of its own stage in the same run",
+        "stage_best" => "stage_best, the task's best value during its own stage in the same run",
+        _ => "",
+    }
+    };
+    let list: Vec<&str> = kinds
+        .iter()
+        .map(|k| what(k))
+        .filter(|s| !s.is_empty())
+        .collect();
+    let judged = if list.is_empty() {
+        "Change: final value against each run's baseline.".to_string()
+    } else {
+        format!(
+            "Change: final value against the baseline: {}; the interval is a paired bootstrap over the verdict's images at the run's <code>[eval] confidence</code>.",
+            list.join("; ")
+        )
+    };
+    format!(
+        "{judged} Runs that differ only in their seed are grouped: their lines are the mean, the band ± one standard deviation; the dashed grey line is the metric's chance level."
+    )
 }
 
 fn runs_html(runs: &[RunData], labels: &[String], groups: &[Group]) -> String {
@@ -774,9 +827,9 @@ fn runs_html(runs: &[RunData], labels: &[String], groups: &[Group]) -> String {
             .unwrap_or("");
         let _ = write!(
             s,
-            "<tr><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
-            esc(l),
-            esc(g),
+            "<tr><td class=\"name\">{}</td><td class=\"name\">{}</td><td class=\"name\"><code>{}</code></td></tr>",
+            breakable(l),
+            breakable(g),
             esc(&r.dir.display().to_string())
         );
     }

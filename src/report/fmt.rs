@@ -10,6 +10,29 @@ pub(crate) fn pct(x: f64) -> String {
     }
 }
 
+/// A metric column as people write it: `seg_miou` → `seg mIoU`, `det_map50` →
+/// `det mAP@0.5`, `cls_top1` → `cls Top-1`; other columns with spaces for underscores.
+pub fn metric_label(column: &str) -> String {
+    let (task, metric) = column.split_once('_').unwrap_or(("", column));
+    let m = match metric {
+        "miou" => "mIoU".to_string(),
+        "miou_nanmean" => "mIoU (present classes)".to_string(),
+        "pixel_acc" => "pixel accuracy".to_string(),
+        "map50" => "mAP@0.5".to_string(),
+        "map75" => "mAP@0.75".to_string(),
+        "map50_95" => "mAP@[.5:.95]".to_string(),
+        "top1" => "Top-1".to_string(),
+        "top5" => "Top-5".to_string(),
+        "mean_acc" => "mean class accuracy".to_string(),
+        other => other.replace('_', " "),
+    };
+    if task.is_empty() {
+        m
+    } else {
+        format!("{task} {m}")
+    }
+}
+
 /// `+3.1 %` / `−17 %` (a drop is shown as a negative change).
 pub fn fmt_drop(d: Option<f64>) -> String {
     match d {

@@ -17,7 +17,7 @@ const CSS: &str = r#"
 * { box-sizing: border-box; }
 body { margin:0; background:var(--bg); color:var(--ink);
   font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1080px; margin: 0 auto; padding: 28px 24px 48px; }
+main { max-width: 1280px; margin: 0 auto; padding: 28px 24px 48px; }
 header { display:flex; align-items:flex-start; justify-content:space-between; gap:16px; margin-bottom:18px; }
 h1 { font-size: 26px; margin: 0 0 4px; letter-spacing:-0.01em; }
 h2 { font-size: 18px; margin: 0 0 12px; }
@@ -29,9 +29,11 @@ section { background:#fff; border:1px solid var(--line); border-radius:10px; pad
 .fact .v { font-size:17px; font-weight:600; font-variant-numeric: tabular-nums; }
 table { border-collapse: collapse; width:100%; font-variant-numeric: tabular-nums; }
 th, td { text-align:left; padding:7px 10px; border-bottom:1px solid var(--line); white-space:nowrap; }
-th { font-size:12.5px; color:var(--muted); font-weight:600; text-transform:uppercase; letter-spacing:.03em; }
+th { font-size:12.5px; color:var(--muted); font-weight:600; letter-spacing:.02em; }
 td.num, th.num { text-align:right; }
-td.cell { line-height:1.35; }
+td.cell { line-height:1.35; white-space:normal; min-width:12em; }
+td.name { white-space:normal; overflow-wrap:anywhere; min-width:8em; max-width:18em; }
+th { white-space:normal; }
 td .sub { font-size:12.5px; }
 tr:last-child td { border-bottom:none; }
 .scroll { overflow-x:auto; }
@@ -151,10 +153,10 @@ fn verdict_table(run: &RunData) -> String {
     for t in &run.tasks {
         let _ = write!(
             s,
-            "<tr><td>{}</td><td><code>{}</code></td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+            "<tr><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
              <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
             esc(&t.task),
-            esc(&t.column),
+            esc(&super::fmt::metric_label(&t.column)),
             t.stage.map(|s| format!("stage {s}")).unwrap_or_default(),
             fmt_opt(t.baseline, 4),
             fmt_opt(t.final_value, 4),
@@ -315,7 +317,7 @@ fn run_facts(b: &mut String, run: &RunData) {
     ));
     let device = summary_text(summary, |s| &s.device).or(str_field(meta, "device"));
     if let Some(d) = device {
-        b.push_str(&fact("device", &esc(d)));
+        b.push_str(&fact("device", &esc(&device_label(d))));
     }
     if let Some(seed) = summary
         .map(|s| s.seed.to_string())
@@ -358,6 +360,27 @@ fn run_verdict_and_charts(b: &mut String, run: &RunData, pngs: &[(String, Vec<u8
     }
 }
 
+/// A device as people write it: candle's `Cpu` → `CPU`, `Cuda(0)` / `Cuda { gpu_id: 0 }` →
+/// `CUDA 0`, `Metal…` → `Metal …`.
+pub(crate) fn device_label(d: &str) -> String {
+    let digits: String = d.chars().filter(|c| c.is_ascii_digit()).collect();
+    let lower = d.to_ascii_lowercase();
+    let kind = if lower.starts_with("cpu") {
+        return "CPU".into();
+    } else if lower.starts_with("cuda") {
+        "CUDA"
+    } else if lower.starts_with("metal") {
+        "Metal"
+    } else {
+        return d.to_string();
+    };
+    if digits.is_empty() {
+        kind.into()
+    } else {
+        format!("{kind} {digits}")
+    }
+}
+
 /// Parameters, in detail when the summary breaks them down.
 fn run_params(b: &mut String, run: &RunData) {
     let summary = run.summary.as_ref();
@@ -365,11 +388,11 @@ fn run_params(b: &mut String, run: &RunData) {
         b.push_str("<section><h2>Parameters</h2><div class=\"scroll\"><table><tbody>");
         // `total` first, then the parts.
         let rows = [
-            ("total", p.total),
-            ("backbone", p.backbone),
-            ("head", p.head),
-            ("neck", p.neck),
-            ("used_in_forward", p.used_in_forward),
+            ("Total", p.total),
+            ("Backbone (MobileNetV3-Small)", p.backbone),
+            ("Neck (FPN)", p.neck),
+            ("Head (shared two-layer head)", p.head),
+            ("Used in a forward pass", p.used_in_forward),
         ];
         for (k, n) in rows.into_iter().filter(|(_, n)| *n > 0) {
             let _ = write!(
@@ -398,12 +421,7 @@ pub(crate) fn write_compare_report(
         esc(title),
         esc(&dir.display().to_string())
     );
-    let _ = write!(
-        b,
-        "<section><h2>Summary</h2>{summary_table_html}<p class=\"sub\">Change: final value against the baseline \
-         (the task's metric at the end of its own stage). Runs that differ only in their seed are \
-         grouped: their lines are the mean, the band ± one standard deviation.</p></section>"
-    );
+    let _ = write!(b, "<section><h2>Summary</h2>{summary_table_html}</section>");
     for (label, png) in figures {
         let _ = write!(
             b,

@@ -16,7 +16,7 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::fmt::{fmt_drop, pct};
+use super::fmt::{fmt_drop, metric_label, pct};
 use super::glyphs::CrispText;
 use super::run_files::{RunData, Stage};
 
@@ -279,7 +279,9 @@ fn fit_text<DB: DrawingBackend>(
     "…".into()
 }
 
-/// Split `text` into lines that fit `max_px` (at spaces; a word too long is shortened).
+/// Split `text` into lines that fit `max_px`: at spaces, and inside a word too long for a
+/// line after `_`, `.`, `-`, `,` or `=` (sweep run names are one long word); what is still too
+/// long, or beyond `max_lines`, is shortened.
 fn wrap_text<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     text: &str,
@@ -292,19 +294,40 @@ fn wrap_text<DB: DrawingBackend>(
             .map(|(w, _)| w <= max_px)
             .unwrap_or(true)
     };
+    // (piece, glue before it): words glued with a space, a long word's pieces with nothing.
+    let mut pieces: Vec<(String, &str)> = Vec::new();
+    for (i, word) in text.split(' ').enumerate() {
+        let glue = if i == 0 { "" } else { " " };
+        if fits(word) {
+            pieces.push((word.to_string(), glue));
+            continue;
+        }
+        let mut cur = String::new();
+        let mut first = true;
+        for c in word.chars() {
+            cur.push(c);
+            if matches!(c, '_' | '.' | '-' | ',' | '=') {
+                pieces.push((std::mem::take(&mut cur), if first { glue } else { "" }));
+                first = false;
+            }
+        }
+        if !cur.is_empty() {
+            pieces.push((cur, if first { glue } else { "" }));
+        }
+    }
     let mut lines: Vec<String> = Vec::new();
     let mut cur = String::new();
-    for word in text.split(' ') {
+    for (piece, glue) in pieces {
         let cand = if cur.is_empty() {
-            word.to_string()
+            piece.clone()
         } else {
-            format!("{cur} {word}")
+            format!("{cur}{glue}{piece}")
         };
         if fits(&cand) || cur.is_empty() {
             cur = cand;
         } else {
             lines.push(std::mem::take(&mut cur));
-            cur = word.to_string();
+            cur = piece;
         }
     }
     lines.push(cur);
@@ -378,7 +401,7 @@ fn draw_legend<DB: DrawingBackend>(
             &e.label,
             &style,
             w.saturating_sub(text_x as u32 + 8),
-            3,
+            5,
         );
         for (k, l) in lines.iter().enumerate() {
             area.draw(&Text::new(
@@ -400,9 +423,23 @@ fn epoch_chart<'a, DB: DrawingBackend>(
     area: &'a DrawingArea<DB, Shift>,
     caption: Option<&str>,
     last_epoch: usize,
+    y: (f64, f64),
+    y_desc: &str,
+    x_desc: Option<&str>,
+) -> Result<EpochChart<'a, DB>> {
+    epoch_chart_scaled(area, caption, last_epoch, y, y_desc, x_desc, false)
+}
+
+/// [`epoch_chart`], with `log_y`: the y values given are log10 of the data (see
+/// [`log_scale`]) and the tick labels show the data's values.
+fn epoch_chart_scaled<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: Option<&str>,
+    last_epoch: usize,
     (y0, y1): (f64, f64),
     y_desc: &str,
     x_desc: Option<&str>,
+    log_y: bool,
 ) -> Result<EpochChart<'a, DB>> {
     let mut b = ChartBuilder::on(area);
     b.margin_left(8)
@@ -419,6 +456,12 @@ fn epoch_chart<'a, DB: DrawingBackend>(
     let mut chart = b
         .build_cartesian_2d(0.5..last as f64 + 0.5, y0..y1)
         .draw_err()?;
+    // Two significant digits: a log axis ticks at 10^0.5 steps (3.2, not 3.162).
+    let from_log = |v: &f64| {
+        let x = 10f64.powf(*v);
+        let digits = (1 - x.log10().floor() as i32).max(0) as usize;
+        fmt_value(&format!("{x:.digits$}").parse().unwrap_or(x))
+    };
     let mut mesh = chart.configure_mesh();
     mesh.disable_x_mesh()
         .light_line_style(TRANSPARENT)
@@ -427,7 +470,7 @@ fn epoch_chart<'a, DB: DrawingBackend>(
         .y_labels(6)
         .x_labels(last.min(12))
         .x_label_formatter(&fmt_epoch)
-        .y_label_formatter(&fmt_value)
+        .y_label_formatter(if log_y { &from_log } else { &fmt_value })
         .label_style(font(13.0))
         .axis_desc_style(font(14.0))
         .y_desc(y_desc);
@@ -640,9 +683,22 @@ impl LossChart {
             .terms
             .iter()
             .map(|name| {
+                // Files before empty cells wrote 0 where a term did not exist: a stage whose
+                // every value of the term is exactly 0 is drawn as absent, not as a zero loss.
+                let silent: Vec<usize> = stages
+                    .iter()
+                    .filter(|s| {
+                        e.rows
+                            .iter()
+                            .filter(|r| r.stage == s.index)
+                            .all(|r| r.losses.get(name).is_none_or(|v| *v == 0.0))
+                    })
+                    .map(|s| s.index)
+                    .collect();
                 let pts: Vec<(f64, f64)> = e
                     .rows
                     .iter()
+                    .filter(|r| !silent.contains(&r.stage))
                     .filter_map(|r| Some((r.global_epoch as f64, *r.losses.get(name)?)))
                     .filter(|p| p.1.is_finite())
                     .collect();
@@ -650,7 +706,7 @@ impl LossChart {
             })
             // A term that never added anything (a fixed `loss_replay` column of a run
             // without replay) is not drawn.
-            .filter(|(_, p)| p.iter().any(|(_, v)| *v != 0.0))
+            .filter(|(_, p)| !p.is_empty())
             .collect();
         let total = e
             .rows
@@ -697,19 +753,26 @@ impl Chart for LossChart {
         if with_terms {
             vals.extend(self.total.iter().map(|x| x.1));
         }
-        let yr = y_range(&vals, 1.15);
-        let mut chart = epoch_chart(
+        let log = log_scale(&vals);
+        let tf = |p: &[(f64, f64)]| if log { to_log(p) } else { p.to_vec() };
+        let yr = if log {
+            log_range(&vals)
+        } else {
+            y_range(&vals, 1.15)
+        };
+        let mut chart = epoch_chart_scaled(
             &top,
             with_terms.then_some("the new task's loss"),
             self.last_epoch,
             yr,
-            "loss",
+            if log { "loss (log scale)" } else { "loss" },
             (!with_terms).then_some("global epoch"),
+            log,
         )?;
         draw_stages(&mut chart, &self.stages, yr, true)?;
         let mut entries = Vec::new();
         if with_terms {
-            for seg in by_stage(&self.total, &self.stages) {
+            for seg in by_stage(&tf(&self.total), &self.stages) {
                 chart
                     .draw_series(DashedLineSeries::new(seg, 5, 4, GREY.stroke_width(1)))
                     .draw_err()?;
@@ -717,7 +780,7 @@ impl Chart for LossChart {
         }
         for (stage, task, pts) in &self.new_loss {
             let c = stage_colour(*stage);
-            draw_line(&mut chart, pts, c, 2)?;
+            draw_line(&mut chart, &tf(pts), c, 2)?;
             entries.push(LegendEntry::line(
                 c,
                 format!("{task} loss (stage {stage})"),
@@ -736,20 +799,27 @@ impl Chart for LossChart {
                 .iter()
                 .flat_map(|(_, p)| p.iter().map(|x| x.1))
                 .collect();
-            let yr = y_range(&vals, 1.1);
-            let mut chart = epoch_chart(
+            let log = log_scale(&vals);
+            let yr = if log {
+                log_range(&vals)
+            } else {
+                y_range(&vals, 1.1)
+            };
+            let mut chart = epoch_chart_scaled(
                 &bottom,
                 Some("strategy terms (weighted, as added to the total)"),
                 self.last_epoch,
                 yr,
-                "loss",
+                if log { "loss (log scale)" } else { "loss" },
                 Some("global epoch"),
+                log,
             )?;
             draw_stages(&mut chart, &self.stages, yr, false)?;
             let mut entries = Vec::new();
             for (i, (name, pts)) in self.terms.iter().enumerate() {
                 let c = term_colour(i);
-                for seg in by_stage(pts, &self.stages) {
+                let pts = if log { to_log(pts) } else { pts.clone() };
+                for seg in by_stage(&pts, &self.stages) {
                     draw_line(&mut chart, &seg, c, 2)?;
                 }
                 entries.push(LegendEntry::line(
@@ -764,14 +834,42 @@ impl Chart for LossChart {
     }
 }
 
+/// Whether losses spanning `vals` need a log axis (the largest over 30× the smallest
+/// positive one: detection's loss would otherwise flatten the others), and the transform.
+fn log_scale(vals: &[f64]) -> bool {
+    let pos: Vec<f64> = vals.iter().copied().filter(|v| *v > 0.0).collect();
+    let (lo, hi) = (min_of(&pos), max_of(&pos));
+    !pos.is_empty() && hi > 30.0 * lo
+}
+
+/// The log10 y range of the positive `vals`, with a little room.
+fn log_range(vals: &[f64]) -> (f64, f64) {
+    let l: Vec<f64> = vals
+        .iter()
+        .filter(|v| **v > 0.0)
+        .map(|v| v.log10())
+        .collect();
+    let (lo, hi) = (min_of(&l), max_of(&l));
+    (lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
+}
+
+/// `pts` with y as log10 (non-positive values, which a log axis cannot show, left out).
+fn to_log(pts: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    pts.iter()
+        .filter(|p| p.1 > 0.0)
+        .map(|&(x, y)| (x, y.log10()))
+        .collect()
+}
+
 /// One task's panel of the metrics chart.
 pub(crate) struct MetricPanel {
-    pub task: String,
     pub column: String,
     pub stage: usize,
     pub points: Vec<(f64, f64)>,
     pub baseline: Option<f64>,
     pub threshold: Option<f64>,
+    /// The metric's chance level (on the verdict's split): a verdict depends on it.
+    pub chance: Option<f64>,
     pub final_value: Option<f64>,
     pub drop_rel: Option<f64>,
     pub verdict: String,
@@ -783,6 +881,9 @@ pub(crate) struct MetricsChart {
     pub stages: Vec<Stage>,
     pub last_epoch: usize,
     pub tolerance_label: String,
+    /// The split the baselines, finals and chance were measured on (` (test)`; empty for
+    /// val, the curves' own split).
+    pub verdict_split: String,
     pub panels: Vec<MetricPanel>,
 }
 
@@ -812,12 +913,12 @@ impl MetricsChart {
                 continue;
             }
             panels.push(MetricPanel {
-                task: t.task.clone(),
                 column: t.column.clone(),
                 stage,
                 points,
                 baseline: t.baseline,
                 threshold: t.threshold,
+                chance: t.chance,
                 final_value: t.final_value,
                 drop_rel: t.drop_rel,
                 verdict: t.verdict.clone(),
@@ -836,6 +937,13 @@ impl MetricsChart {
             stages: run.chart_stages(),
             last_epoch: run.chart_last_epoch(),
             tolerance_label,
+            verdict_split: run
+                .summary
+                .as_ref()
+                .map(|s| s.verdict_split.as_str())
+                .filter(|s| !s.is_empty() && *s != "val")
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default(),
             panels,
         })
     }
@@ -862,20 +970,26 @@ impl Chart for MetricsChart {
         {
             let mut vals: Vec<f64> = p.points.iter().map(|x| x.1).collect();
             vals.extend(p.baseline);
+            vals.extend(p.chance);
             let yr = y_range(&vals, 1.2);
             let last = i + 1 == n;
-            let caption = format!("{} · {} (learned in stage {})", p.task, p.column, p.stage);
+            let label = metric_label(&p.column);
+            let caption = format!("{label} (learned in stage {})", p.stage);
             let mut chart = epoch_chart(
                 parea,
                 Some(&caption),
                 self.last_epoch,
                 yr,
-                &p.column,
+                &label,
                 last.then_some("global epoch"),
             )?;
             draw_stages(&mut chart, &self.stages, yr, i == 0)?;
             let c = stage_colour(p.stage);
-            let mut entries = vec![LegendEntry::line(c, p.column.clone(), markers_fit(&chart))];
+            let mut entries = vec![LegendEntry::line(
+                c,
+                format!("{label} (val)"),
+                markers_fit(&chart),
+            )];
             // Baseline and tolerance line from the start of the stage that learned the task.
             let from = self
                 .stages
@@ -885,7 +999,8 @@ impl Chart for MetricsChart {
                 .unwrap_or(x_span.0);
             if let Some(b) = p.baseline {
                 draw_hline(&mut chart, b, (from, x_span.1), INK.stroke_width(1), true)?;
-                entries.push(LegendEntry::dashed(INK, format!("baseline {b:.3}")));
+                let split = &self.verdict_split;
+                entries.push(LegendEntry::dashed(INK, format!("baseline {b:.3}{split}")));
             }
             if let Some(t) = p.threshold {
                 draw_hline(
@@ -900,13 +1015,18 @@ impl Chart for MetricsChart {
                     format!("{} = {t:.3}", self.tolerance_label),
                 ));
             }
+            if let Some(ch) = p.chance {
+                draw_hline(&mut chart, ch, x_span, GREY.stroke_width(1), true)?;
+                entries.push(LegendEntry::dashed(GREY, format!("chance {ch:.3}")));
+            }
             draw_line(&mut chart, &p.points, c, 2)?;
             if let Some(f) = p.final_value {
                 let drop = p
                     .drop_rel
                     .map(|d| format!(" ({})", fmt_drop(Some(d))))
                     .unwrap_or_default();
-                entries.push(LegendEntry::text(format!("final {f:.3}{drop}")));
+                let split = &self.verdict_split;
+                entries.push(LegendEntry::text(format!("final {f:.3}{split}{drop}")));
             }
             entries.push(LegendEntry::text(format!("verdict: {}", p.verdict)));
             draw_legend(larea, &entries, 34)?;
@@ -1140,6 +1260,8 @@ pub(crate) struct OverlayChart {
     pub stages: Vec<Stage>,
     pub last_epoch: usize,
     pub series: Vec<OverlaySeries>,
+    /// The metric's chance level, when the runs agree on one.
+    pub chance: Option<f64>,
 }
 
 impl Chart for OverlayChart {
@@ -1158,6 +1280,7 @@ impl Chart for OverlayChart {
                 vals.push(m - sd);
             }
         }
+        vals.extend(self.chance);
         let yr = y_range(&vals, 1.15);
         let mut chart = epoch_chart(
             &plot,
@@ -1189,6 +1312,11 @@ impl Chart for OverlayChart {
             } else {
                 LegendEntry::line(c, s.label.clone(), markers_fit(&chart))
             });
+        }
+        if let Some(ch) = self.chance {
+            let x = (0.5, self.last_epoch.max(1) as f64 + 0.5);
+            draw_hline(&mut chart, ch, x, GREY.stroke_width(1), true)?;
+            entries.push(LegendEntry::dashed(GREY, format!("chance {ch:.3}")));
         }
         draw_legend(&legend, &entries, 30)?;
         Ok(())

@@ -112,6 +112,8 @@ pub(crate) struct TaskResult {
     pub verdict: String,
     /// The value under which the task counts as forgotten.
     pub threshold: Option<f64>,
+    /// The metric's chance level on the verdict's split (from the summary).
+    pub chance: Option<f64>,
 }
 
 /// A run folder, read back.
@@ -334,6 +336,7 @@ impl RunData {
                 drop_interval: t.drop_interval,
                 verdict: t.verdict.key().to_string(),
                 threshold: Some(self.threshold(t.baseline)),
+                chance: Some(t.chance).filter(|c| c.is_finite()),
             });
         }
         // Tasks without a summary row (an unfinished run): worked out from epochs.csv. The
@@ -380,6 +383,7 @@ impl RunData {
                 drop_interval: None,
                 verdict: "unfinished".into(),
                 threshold: baseline.map(|b| self.threshold(b)),
+                chance: None,
             });
         }
         out.sort_by_key(|t| t.stage.unwrap_or(usize::MAX));

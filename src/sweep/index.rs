@@ -376,6 +376,8 @@ pub fn mean_std(xs: &[f64]) -> (Option<f64>, Option<f64>) {
 pub struct TaskAggregate {
     pub task: String,
     pub metric: String,
+    /// Mean of the seeds' baselines (each seed's own single-task reference by default).
+    pub baseline_mean: Option<f64>,
     pub final_mean: Option<f64>,
     pub final_std: Option<f64>,
     pub drop_mean: Option<f64>,
@@ -465,10 +467,13 @@ pub fn aggregate(records: &[RunRecord], cache: &mut super::stats::ScoreCache) ->
                     let finals: Vec<f64> = trs.iter().filter_map(|x| x.final_value).collect();
                     let drops: Vec<f64> = trs.iter().filter_map(|x| x.drop_rel).collect();
                     let (final_mean, final_std) = mean_std(&finals);
+                    let baselines: Vec<f64> = trs.iter().filter_map(|x| x.baseline).collect();
+                    let (baseline_mean, _) = mean_std(&baselines);
                     let (drop_mean, drop_std) = mean_std(&drops);
                     TaskAggregate {
                         task: t.clone(),
                         metric: m.clone(),
+                        baseline_mean,
                         final_mean,
                         final_std,
                         drop_mean,
@@ -528,6 +533,7 @@ pub fn summary_table(aggs: &[Aggregate]) -> (Vec<String>, Vec<Vec<String>>) {
     header.extend(["n_runs".into(), "n_seeds".into(), "seeds".into()]);
     for (t, m) in &tasks {
         header.extend([
+            format!("{t}_{m}_baseline_mean"),
             format!("{t}_{m}_final_mean"),
             format!("{t}_{m}_final_std"),
             format!("{t}_drop_mean"),
@@ -565,6 +571,7 @@ pub fn summary_table(aggs: &[Aggregate]) -> (Vec<String>, Vec<Vec<String>>) {
             ]);
             for t in &a.tasks {
                 row.extend([
+                    num(t.baseline_mean),
                     num(t.final_mean),
                     num(t.final_std),
                     num(t.drop_mean),
@@ -606,7 +613,7 @@ pub fn summary_text(aggs: &[Aggregate]) -> String {
     let mut header = vec!["config".to_string(), "seeds".into()];
     if let Some(a) = aggs.first() {
         for t in &a.tasks {
-            header.push(format!("{} {} final", t.task, t.metric));
+            header.push(format!("{} {} baseline → final", t.task, t.metric));
             header.push(format!("{} change [interval]", t.task));
             header.push(format!("{} verdict", t.task));
         }
@@ -623,7 +630,10 @@ pub fn summary_text(aggs: &[Aggregate]) -> String {
             },
         ];
         for t in &a.tasks {
-            row.push(pm(t.final_mean, t.final_std));
+            row.push(match t.baseline_mean {
+                Some(b) => format!("{b:.3} → {}", pm(t.final_mean, t.final_std)),
+                None => pm(t.final_mean, t.final_std),
+            });
             row.push(match &t.pooled {
                 Some(p) => format!(
                     "{} {}",

@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """The README's strategy table from one or more sweep folders (one per data draw).
 
-    python3 scripts/strategy_table.py results/strategies [results/strategies-draw1 ...] [--joint joint]
+    python3 scripts/strategy_table.py results/strategies [results/strategies-draw1 ...] [--joint joint_matched]
 
 Per sweep (its `summary.csv`, `index.csv`, `differences.csv` and `references/`), one row per
 experiment file: the seeds; per task the final (mean ± sd over seeds), the change from the
 single-task baseline pooled over the seeds with its 95 % interval (hierarchical paired
 bootstrap: seeds, then test images) and the pooled verdict with the seeds whose own verdict is
 "within"; the seeds that kept every task within 5 % with the Clopper–Pearson interval of that
-rate; the training time per run; and each final's paired difference from the `joint`
-reference (same seeds, same test images) with its interval. The single-task references the
+rate; the images the rehearsal buffers keep (and their pixels' MiB); the training time per
+run; and each final's paired difference from the `joint_matched` reference (compute-matched
+joint training; same seeds, same test images) with its interval. The single-task references the
 runs were judged against are a row of their own. Only finished runs count.
 Standard library only.
 """
@@ -71,6 +72,39 @@ def references(sweep):
     return out
 
 
+def tomllib_load(path):
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        return {}
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def images_kept(run_dir):
+    """Rehearsal memory of a run: images its buffers keep at the end (summary.json `buffers`,
+    else worked out from the config: `full` keeps every image of every earlier stage)."""
+    s = json.load(open(os.path.join(run_dir, "summary.json")))
+    bufs = s.get("buffers") or {}
+    if bufs:
+        n = sum(b.get("images", 0) for b in bufs.values())
+        mib = sum(b.get("images_mib", 0) + b.get("outputs_mib", 0) for b in bufs.values())
+        return f"{n} ({mib:.1f} MiB)"
+    cfg = tomllib_load(os.path.join(run_dir, "config.toml"))
+    rep = cfg.get("replay", {})
+    if not rep.get("enabled", False):
+        return "0"
+    stages = cfg.get("stages", [])
+    train = cfg.get("data", {}).get("synth_train", 240)
+    size = cfg.get("model", {}).get("image_size", 160)
+    if rep.get("policy", "full") == "full":
+        n = train * max(len(stages) - 1, 0)
+    else:
+        cap = rep.get("capacity", 0)
+        n = cap * max(len(stages) - 1, 0) if rep.get("capacity_unit") == "per_task" else cap
+    return f"{n} ({n * size * size * 3 / 2**20:.1f} MiB)"
+
+
 def table(sweep, joint, own_end):
     summary = rows_of(os.path.join(sweep, "summary.csv"))
     index = rows_of(os.path.join(sweep, "index.csv"))
@@ -78,7 +112,8 @@ def table(sweep, joint, own_end):
     head = ["experiment", "seeds"]
     for t, _, label in TASKS:
         head += [f"{t} {label} final", f"{t} change vs single-task [95 % CI], verdict (seeds within)"]
-    head += ["every task within (seeds) [95 % CI]", "time / run", "final − joint: seg / det / cls [95 % CI]"]
+    head += ["every task within (seeds) [95 % CI]", "images kept (pixels)", "time / run",
+             f"final − {joint}: seg / det / cls [95 % CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
         name = stem(r["file"]) if r.get("file") else r["config"]
@@ -100,7 +135,9 @@ def table(sweep, joint, own_end):
             cells.append("reference")
         else:
             cells.append(f"{r['n_pass']}/{r['n_seeds']}" + ("" if lo is None else f" [{100 * lo:.0f}–{100 * hi:.0f} %]"))
-        secs = [num(x["train_seconds"]) for x in index if x.get("status") == "ok" and x.get("file") == r["file"]]
+        done = [x for x in index if x.get("status") == "ok" and x.get("file") == r["file"]]
+        cells.append(images_kept(done[0]["run_dir"]) if done and done[0].get("run_dir") else "—")
+        secs = [num(x["train_seconds"]) for x in done]
         secs = [s for s in secs if s is not None]
         cells.append(f"{statistics.fmean(secs) / 60:.1f} min" if secs else "—")
         vs = []
@@ -123,7 +160,7 @@ def table(sweep, joint, own_end):
         cells = ["single-task reference", str(n)]
         for t, _, _ in TASKS:
             cells += [mean_sd(refs[t]), "(the baseline)"]
-        cells += ["—", "—", "—"]
+        cells += ["—", "—", "—", "—"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -131,7 +168,8 @@ def table(sweep, joint, own_end):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("sweeps", nargs="+", help="sweep folders (results/<name>)")
-    ap.add_argument("--joint", default="joint", help="config name of the joint reference")
+    ap.add_argument("--joint", default="joint_matched",
+                    help="config name of the joint reference the finals are compared with (default: the compute-matched one)")
     ap.add_argument("--own-end", default="joint_matched",
                     help="comma-separated configs judged against their own end (references without a single-task baseline): finals only")
     a = ap.parse_args()

@@ -8,8 +8,9 @@
 //!   trained on, whichever policy); in total, `reservoir` keeps `capacity`
 //!   images by reservoir sampling over the stream of trained images (Vitter; Mammoth's
 //!   buffer); `task_balanced` keeps `capacity` images split equally among the earlier tasks
-//!   (Avalanche's `ExperienceBalancedBuffer`). Every item keeps its task (and so its
-//!   targets).
+//!   (Avalanche's `ExperienceBalancedBuffer`); `class_balanced` splits each task's share
+//!   equally among its classes too (Avalanche's `ClassBalancedBuffer`, within a task). Every
+//!   item keeps its task (and so its targets).
 //! - Loss: `Σ_t w_t · (n_t / images_per_batch) · L_t / ref_t` as one `replay` term, with `w_t`
 //!   the task's weight (`weight` or `task_weights`), `n_t` its share of the step's replayed
 //!   samples (round-robin or random), and `ref_t` = 1, or with `normalize = "reference"`
@@ -79,6 +80,11 @@ pub enum ReplayPolicy {
     /// `capacity` images split equally among the earlier tasks, shrunk at random as tasks
     /// arrive.
     TaskBalanced,
+    /// As `task_balanced` between tasks, and within a task's share as many images of each
+    /// class as it allows (round-robin over the classes in a shuffled order; a task shrinks
+    /// from its most numerous classes first). An image's class is its label (cls), the class
+    /// of its largest box (det) or its most frequent foreground class (seg).
+    ClassBalanced,
 }
 
 /// What `replay.capacity` counts.
@@ -320,16 +326,18 @@ impl Replay {
 
     /// Offer the images stage `ctx.stage` trained on to the buffer (in a shuffled order: the
     /// order they stream in).
-    fn fill(&mut self, ctx: &RunCtx, rng: &mut ChaCha8Rng) {
+    fn fill(&mut self, ctx: &RunCtx, rng: &mut ChaCha8Rng) -> Result<()> {
         let task = ctx.stage_task().to_string();
         let mut pool = ctx.pools[ctx.stage].clone();
         pool.shuffle(rng);
         let cap = self.cfg.capacity;
         match self.cfg.policy {
             // The stages' pools are the buffer.
-            ReplayPolicy::Full => return,
+            ReplayPolicy::Full => return Ok(()),
             // Every task its own `cap` images: a uniform sample of its stream.
-            _ if self.cfg.capacity_unit == CapacityUnit::PerTask => {
+            ReplayPolicy::Reservoir | ReplayPolicy::TaskBalanced
+                if self.cfg.capacity_unit == CapacityUnit::PerTask =>
+            {
                 self.buffer.retain(|(t, _)| *t != task);
                 self.buffer
                     .extend(pool.iter().take(cap).map(|&i| (task.clone(), i)));
@@ -338,9 +346,26 @@ impl Replay {
                 reservoir_add(&mut self.buffer, &mut self.seen, &task, &pool, cap, rng)
             }
             ReplayPolicy::TaskBalanced => balanced_add(&mut self.buffer, &task, &pool, cap, rng),
+            ReplayPolicy::ClassBalanced => {
+                let t = ctx.tasks.get(&task)?;
+                let classes: Vec<Option<usize>> =
+                    pool.iter().map(|&i| t.image_class(Split::Train, i)).collect();
+                let order = class_round_robin(&pool, &classes);
+                let quota = match self.cfg.capacity_unit {
+                    CapacityUnit::PerTask => cap,
+                    CapacityUnit::Total => usize::MAX,
+                };
+                self.buffer.retain(|(t, _)| *t != task);
+                self.buffer
+                    .extend(order.into_iter().take(quota).map(|i| (task.clone(), i)));
+                if self.cfg.capacity_unit == CapacityUnit::Total {
+                    shrink_to_quota(&mut self.buffer, cap);
+                }
+            }
         }
         let live = &self.buffer;
         self.stored.retain(|k, _| live.contains(k));
+        Ok(())
     }
 
     /// Reference loss and stored outputs of `task`'s buffered images, with the model as it is
@@ -432,6 +457,42 @@ pub fn balanced_add(
             mine.truncate(quota);
         }
         kept.extend(mine);
+    }
+    *buffer = kept;
+}
+
+/// `items` (in their shuffled order) re-ordered round-robin over their classes: the first
+/// of each class (in order of first appearance), then the second of each, … Images without a
+/// class form one class of their own. Any prefix of the result is as class-balanced as its
+/// length allows.
+pub fn class_round_robin(items: &[usize], classes: &[Option<usize>]) -> Vec<usize> {
+    let mut by_class: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
+    for (&i, &c) in items.iter().zip(classes) {
+        match by_class.iter_mut().find(|(k, _)| *k == c) {
+            Some((_, v)) => v.push(i),
+            None => by_class.push((c, vec![i])),
+        }
+    }
+    let longest = by_class.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+    (0..longest)
+        .flat_map(|r| by_class.iter().filter_map(move |(_, v)| v.get(r).copied()))
+        .collect()
+}
+
+/// Shrink every task of `buffer` to `cap / number of tasks` entries by cutting its tail:
+/// entries are kept in round-robin class order, so the cut takes from the most numerous
+/// classes first.
+fn shrink_to_quota(buffer: &mut Vec<(String, usize)>, cap: usize) {
+    let mut tasks: Vec<String> = Vec::new();
+    for (t, _) in buffer.iter() {
+        if !tasks.contains(t) {
+            tasks.push(t.clone());
+        }
+    }
+    let quota = cap / tasks.len().max(1);
+    let mut kept = Vec::new();
+    for t in tasks {
+        kept.extend(buffer.iter().filter(|(u, _)| *u == t).take(quota).cloned());
     }
     *buffer = kept;
 }
@@ -557,7 +618,7 @@ impl Plugin for Replay {
 
     fn after_stage(&mut self, ctx: &RunCtx, rng: &mut ChaCha8Rng) -> Result<()> {
         if self.cfg.policy != ReplayPolicy::Full {
-            self.fill(ctx, rng);
+            self.fill(ctx, rng)?;
         }
         // Measured now, with the task's own end-of-stage model; as seen from the next stage,
         // so that this stage's images count among the earlier ones.
@@ -711,6 +772,30 @@ mod tests {
             (count(&buf, "a"), count(&buf, "b"), count(&buf, "c")),
             (20, 20, 2)
         );
+    }
+
+    #[test]
+    fn class_balanced_order_and_shrinking_keep_classes_even() {
+        // 10 images: class 0 has six, class 1 three, one image has no class.
+        let items: Vec<usize> = (0..10).collect();
+        let c = |k: usize| Some(k);
+        let classes = [c(0), c(0), c(1), c(0), None, c(0), c(1), c(0), c(1), c(0)];
+        let order = class_round_robin(&items, &classes);
+        assert_eq!(order, vec![0, 2, 4, 1, 6, 3, 8, 5, 7, 9]);
+        // Any prefix is balanced: the first 6 are two rounds over (0, 1, none) and the third
+        // round's first, class 0 again.
+        let prefix_classes: Vec<_> = order[..6].iter().map(|&i| classes[i]).collect();
+        assert_eq!(prefix_classes.iter().filter(|k| **k == c(1)).count(), 2);
+        assert_eq!(prefix_classes.iter().filter(|k| **k == c(0)).count(), 3);
+        // Total capacity 6 over two tasks: each task's round-robin prefix of 3.
+        let mut buf: Vec<(String, usize)> = order.iter().map(|&i| ("a".into(), i)).collect();
+        buf.extend([1, 2, 3, 4].map(|i| ("b".to_string(), i)));
+        shrink_to_quota(&mut buf, 6);
+        let of = |t: &str| -> Vec<usize> {
+            buf.iter().filter(|(u, _)| u == t).map(|x| x.1).collect()
+        };
+        assert_eq!(of("a"), vec![0, 2, 4], "one image of each class first");
+        assert_eq!(of("b"), vec![1, 2, 3]);
     }
 
     #[test]

@@ -147,10 +147,10 @@ fn pair_differences(ga: &Group, gb: &Group, cache: &mut ScoreCache) -> Result<Ve
             };
             let partner = gb.runs.iter().find(|rb| {
                 rb.run.seed == ra.run.seed
-                    && baseline_of(rb, &t.task).is_some()
-                    && baseline_of(rb, &t.task) == baseline_of(ra, &t.task)
+                    && (same_baseline(ra, rb, &t.task) || same_images(ra, rb))
             });
-            if let Some(fb) = partner.and_then(|rb| final_scores(rb, &t.task, cache)) {
+            let fb = partner.and_then(|rb| final_scores(rb, &t.task, cache));
+            if let Some(fb) = fb.filter(|fb| fb.len() == fa.len()) {
                 a_scores.push(fa);
                 b_scores.push(fb);
             }
@@ -181,6 +181,31 @@ fn pair_differences(ga: &Group, gb: &Group, cache: &mut ScoreCache) -> Result<Ve
 
 fn task_of<'a>(r: &'a RunRecord, task: &str) -> Option<&'a TaskResult> {
     r.result.as_ref()?.tasks.iter().find(|t| t.task == task)
+}
+
+/// Whether two runs' task was judged against the same baseline scores (then they share the
+/// seed and the data).
+fn same_baseline(ra: &RunRecord, rb: &RunRecord, task: &str) -> bool {
+    baseline_of(ra, task).is_some() && baseline_of(ra, task) == baseline_of(rb, task)
+}
+
+/// Whether two runs' verdicts were measured on the same images in the same order: the same
+/// data folder (`meta.json`) and split (`summary.json`). Runs judged against different
+/// baselines (a compute-matched joint reference judged against itself) pair this way.
+fn same_images(ra: &RunRecord, rb: &RunRecord) -> bool {
+    let data = |r: &RunRecord| -> Option<(String, String)> {
+        let read = |f: &str| -> Option<serde_json::Value> {
+            serde_json::from_str(&std::fs::read_to_string(r.run.run_dir.join(f)).ok()?).ok()
+        };
+        let root = read("meta.json")?.get("data_root")?.as_str()?.to_string();
+        let split = read("summary.json")?
+            .get("verdict_split")
+            .and_then(|s| s.as_str())
+            .unwrap_or("val")
+            .to_string();
+        Some((root, split))
+    };
+    data(ra).is_some_and(|a| data(rb).as_ref() == Some(&a))
 }
 
 /// The baseline scores a run's task was judged against: two runs that share it share the
@@ -224,4 +249,94 @@ pub fn differences_table(diffs: &[Difference]) -> (Vec<String>, Vec<Vec<String>>
         })
         .collect();
     (header.to_vec(), rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::index::Status;
+    use crate::sweep::plan::PlannedRun;
+
+    /// A finished run of `config` at `seed` in `dir`, whose cls Top-1 was judged on `data`'s
+    /// test split against the scores in `baseline`; its final hits are `hits` (1 = top-1).
+    fn run(
+        dir: &Path,
+        config: &str,
+        seed: u64,
+        data: &str,
+        baseline: &Path,
+        hits: &[u8],
+    ) -> RunRecord {
+        let run_dir = dir.join(format!("{config}-{seed}"));
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let scores = serde_json::json!({"kind": "hits", "num_classes": 10,
+            "labels": vec![0; hits.len()],
+            "ranks": hits.iter().map(|h| if *h == 1 { 0 } else { 3 }).collect::<Vec<_>>()});
+        let fin = run_dir.join("final.json");
+        std::fs::write(&fin, scores.to_string()).unwrap();
+        std::fs::write(
+            run_dir.join("meta.json"),
+            format!("{{\"data_root\": \"{data}\"}}"),
+        )
+        .unwrap();
+        std::fs::write(
+            run_dir.join("summary.json"),
+            "{\"verdict_split\": \"test\"}",
+        )
+        .unwrap();
+        let summary = serde_json::json!({"seed": seed, "tasks": [{"task": "cls", "metric": "top1",
+            "baseline": 0.5, "final_value": 0.5, "drop_rel": 0.0, "verdict": "within",
+            "scores": [baseline, fin]}]});
+        RunRecord {
+            run: PlannedRun {
+                index: 0,
+                name: format!("{config}__seed-{seed}"),
+                experiment: config.into(),
+                config_name: config.into(),
+                file: format!("{config}.toml").into(),
+                overrides: vec![],
+                varied: vec![("seed".into(), seed.to_string())],
+                seed,
+                config: run_dir.join("config.toml"),
+                run_dir,
+            },
+            status: Status::Ok,
+            result: Some(RunResult::from_summary(&summary)),
+        }
+    }
+
+    #[test]
+    fn runs_pair_by_seed_and_images_even_with_other_baselines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let (ref0, ref1) = (d.join("ref0.json"), d.join("ref1.json"));
+        // a: 8/10 and 6/10 right; b (judged against itself: other baseline files) 5/10 and
+        // 5/10; c: other data, never paired.
+        let one = [1, 1, 1, 1, 1, 1, 1, 1, 0, 0];
+        let two = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0];
+        let half = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0];
+        let a = [
+            run(d, "a", 0, "data/s0", &ref0, &one),
+            run(d, "a", 1, "data/s0", &ref1, &two),
+        ];
+        let b = [
+            run(d, "b", 0, "data/s0", &d.join("b0.json"), &half),
+            run(d, "b", 1, "data/s0", &d.join("b1.json"), &half),
+        ];
+        let c = [run(d, "c", 0, "data/s1", &d.join("c0.json"), &half)];
+        fn group<'a>(label: &str, rs: &'a [RunRecord]) -> Group<'a> {
+            Group {
+                label: label.into(),
+                runs: rs.iter().collect(),
+            }
+        }
+        let groups = [group("a", &a), group("b", &b), group("c", &c)];
+        let diffs = differences(&groups, &mut ScoreCache::default()).unwrap();
+        assert_eq!(diffs.len(), 1, "only a–b pair: {diffs:?}");
+        let ab = &diffs[0];
+        assert_eq!((ab.a.as_str(), ab.b.as_str(), ab.seeds), ("a", "b", 2));
+        // Mean final of a (0.7) minus mean final of b (0.5).
+        assert!((ab.mean - 0.2).abs() < 1e-9, "{}", ab.mean);
+        assert!(ab.interval[0] <= ab.mean && ab.mean <= ab.interval[1]);
+    }
 }

@@ -256,6 +256,12 @@ impl Task for ClsTask {
         self.split(split).map_or(1.0, |s| s.images.aspect(i))
     }
 
+    /// Its label.
+    fn image_class(&self, split: Split, i: usize) -> Option<usize> {
+        let s = self.split(split)?;
+        (i < s.len()).then(|| s.label(i))
+    }
+
     fn batch(
         &self,
         split: Split,

@@ -237,6 +237,11 @@ impl DetSplit {
         self.boxes.len()
     }
 
+    /// The boxes of sample `i` (model-input pixels); `None` past the end.
+    pub fn boxes_of(&self, i: usize) -> Option<&[DetBox]> {
+        self.boxes.get(i).map(|b| b.as_slice())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.boxes.is_empty()
     }
@@ -526,6 +531,16 @@ impl Task for DetTask {
 
     fn image_aspect(&self, split: Split, i: usize) -> f32 {
         self.split(split).map_or(1.0, |s| s.images.aspect(i))
+    }
+
+    /// The class of its largest box (ignore regions aside).
+    fn image_class(&self, split: Split, i: usize) -> Option<usize> {
+        let s = self.split(split)?;
+        s.boxes_of(i)?
+            .iter()
+            .filter(|b| !b.crowd)
+            .max_by(|a, b| boxes::area(&a.bbox).total_cmp(&boxes::area(&b.bbox)))
+            .map(|b| b.class)
     }
 
     fn batch(

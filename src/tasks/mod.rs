@@ -201,6 +201,11 @@ pub trait Task: Send + Sync {
     fn image_aspect(&self, _split: Split, _i: usize) -> f32 {
         1.0
     }
+    /// The one class that stands for sample `i` (for class-balanced rehearsal buffers);
+    /// `None` when it has none (no object, all background) or the task has no classes.
+    fn image_class(&self, _split: Split, _i: usize) -> Option<usize> {
+        None
+    }
     /// A batch of samples `indices` of `split`; sample k transformed by `augs[k]` (image and
     /// target alike), `augs` may be empty (no augmentation).
     fn batch(

@@ -428,6 +428,19 @@ impl Task for SegTask {
         self.split(split).map_or(1.0, |s| s.images.aspect(i))
     }
 
+    /// Its most frequent foreground class (background 0 and ignore 255 aside).
+    fn image_class(&self, split: Split, i: usize) -> Option<usize> {
+        let s = self.split(split)?;
+        let mask = (i < s.len()).then(|| s.mask(i))?;
+        let mut counts = [0usize; 256];
+        for &c in mask {
+            counts[c as usize] += 1;
+        }
+        (1..255)
+            .filter(|&c| counts[c] > 0)
+            .max_by_key(|&c| (counts[c], std::cmp::Reverse(c)))
+    }
+
     fn len(&self, split: Split) -> usize {
         self.split(split).map_or(0, |s| s.len())
     }

@@ -288,11 +288,12 @@ fn a_finished_run_gets_plots_of_the_expected_size_and_a_report() {
     assert!(svg.contains("replay term") && svg.contains("ewc term"));
     let svg = std::fs::read_to_string(run.join("plots/metrics.svg")).unwrap();
     for t in [
-        "seg_miou",
-        "det_map50",
-        "cls_top1",
+        "seg mIoU",
+        "det mAP@0.5",
+        "cls Top-1",
         "baseline",
         "(1 − 5 %) · baseline",
+        "chance",
     ] {
         assert!(svg.contains(t), "metrics.svg lacks {t}");
     }

@@ -348,8 +348,10 @@ impl Replay {
             ReplayPolicy::TaskBalanced => balanced_add(&mut self.buffer, &task, &pool, cap, rng),
             ReplayPolicy::ClassBalanced => {
                 let t = ctx.tasks.get(&task)?;
-                let classes: Vec<Option<usize>> =
-                    pool.iter().map(|&i| t.image_class(Split::Train, i)).collect();
+                let classes: Vec<Option<usize>> = pool
+                    .iter()
+                    .map(|&i| t.image_class(Split::Train, i))
+                    .collect();
                 let order = class_round_robin(&pool, &classes);
                 let quota = match self.cfg.capacity_unit {
                     CapacityUnit::PerTask => cap,
@@ -791,9 +793,8 @@ mod tests {
         let mut buf: Vec<(String, usize)> = order.iter().map(|&i| ("a".into(), i)).collect();
         buf.extend([1, 2, 3, 4].map(|i| ("b".to_string(), i)));
         shrink_to_quota(&mut buf, 6);
-        let of = |t: &str| -> Vec<usize> {
-            buf.iter().filter(|(u, _)| u == t).map(|x| x.1).collect()
-        };
+        let of =
+            |t: &str| -> Vec<usize> { buf.iter().filter(|(u, _)| u == t).map(|x| x.1).collect() };
         assert_eq!(of("a"), vec![0, 2, 4], "one image of each class first");
         assert_eq!(of("b"), vec![1, 2, 3]);
     }

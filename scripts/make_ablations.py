@@ -47,6 +47,9 @@ def ablations():
           BODY, '[replay]\nenabled = true\nimages_per_batch = 8\nweight = 1.0\nnormalize = "reference"\npolicy = "reservoir"\ncapacity = 30\ncapacity_unit = "per_task"\n')
     write("ablations", "replay_budget_class_balanced", [common, "replay_budget.toml with a class-balanced buffer (as many images of each class as the per-task budget allows); the same capacity grid."],
           BODY, '[replay]\nenabled = true\nimages_per_batch = 8\nweight = 1.0\nnormalize = "reference"\npolicy = "class_balanced"\ncapacity = 30\ncapacity_unit = "per_task"\n')
+    write("ablations", "distill_budget", [common, "strategies/der.toml (rehearsal with end-of-stage distillation) at a budget of 30 class-balanced images per task instead of every image:",
+          "the goal's memory budget; the grid: onehead sweep experiments/ablations/distill_budget.toml --set replay.capacity=10,30,100"],
+          BODY, '[replay]\nenabled = true\nimages_per_batch = 8\nweight = 0.5\nnormalize = "reference"\ndistill_alpha = 1.0\npolicy = "class_balanced"\ncapacity = 30\ncapacity_unit = "per_task"\n')
     write("ablations", "der_published", [common, "DER as published (Buzzega et al. 2020): 90-image reservoir (30 per task on average), MSE on raw outputs; alpha not tuned."],
           BODY, "[der]\nalpha = 0.5\ncapacity = 90\nimages_per_batch = 8\n")
     write("ablations", "derpp", [common, "DER++ as published: der_published.toml plus the buffered labels (beta); not tuned."],

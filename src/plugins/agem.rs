@@ -170,24 +170,15 @@ impl Plugin for Agem {
         let picks: Vec<(String, usize)> = (0..self.cfg.images_per_batch)
             .map(|_| self.memory[rng.random_range(0..self.memory.len())].clone())
             .collect();
-        let mut tasks: Vec<&str> = picks.iter().map(|(t, _)| t.as_str()).collect();
-        tasks.sort();
-        tasks.dedup();
-        for task in tasks {
-            let t = ctx.tasks.get(task)?;
-            let indices: Vec<usize> = picks
-                .iter()
-                .filter(|(u, _)| u == task)
-                .map(|(_, i)| *i)
-                .collect();
+        let items: Vec<(&str, usize)> = picks.iter().map(|(t, i)| (t.as_str(), *i)).collect();
+        for (task, indices) in super::group_by_task(&items) {
+            let t = ctx.tasks.get(&task)?;
             let augs: Vec<Augment> = indices
                 .iter()
                 .map(|&i| ctx.augment.draw(rng, t.image_aspect(Split::Train, i)))
                 .collect();
-            self.pending.push(ExtraBatch {
-                task: task.to_string(),
-                batch: t.batch(Split::Train, &indices, &augs, ctx.device)?,
-            });
+            let batch = t.batch(Split::Train, &indices, &augs, ctx.device)?;
+            self.pending.push(ExtraBatch { task, batch });
         }
         // Not part of the step's own forward pass: the memory's gradient must stay apart.
         Ok(vec![])

@@ -167,16 +167,11 @@ impl Der {
 
     /// Entries `idx` grouped by task (tasks in name order, entries in `idx` order).
     fn by_task(&self, idx: &[usize]) -> Vec<(String, Vec<usize>)> {
-        let mut out: Vec<(String, Vec<usize>)> = Vec::new();
-        for &i in idx {
-            let task = &self.buffer[i].task;
-            match out.iter_mut().find(|(t, _)| t == task) {
-                Some((_, v)) => v.push(i),
-                None => out.push((task.clone(), vec![i])),
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        let items: Vec<(&str, usize)> = idx
+            .iter()
+            .map(|&i| (self.buffer[i].task.as_str(), i))
+            .collect();
+        super::group_by_task(&items)
     }
 
     /// Entries `idx` as one extra batch per task, each image with the augmentation it was

@@ -135,6 +135,20 @@ pub struct LossTerm {
     pub value: Tensor,
 }
 
+/// Items grouped by their task: tasks in name order, each task's items in the order given
+/// (the rehearsal plug-ins build one extra batch per task of what they sampled).
+pub(crate) fn group_by_task<T: Copy>(items: &[(&str, T)]) -> Vec<(String, Vec<T>)> {
+    let mut out: Vec<(String, Vec<T>)> = Vec::new();
+    for &(task, item) in items {
+        match out.iter_mut().find(|(t, _)| t == task) {
+            Some((_, v)) => v.push(item),
+            None => out.push((task.to_string(), vec![item])),
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 /// What a rehearsal strategy holds at the end of a run (`summary.json`'s `buffers`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]

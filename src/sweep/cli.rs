@@ -139,7 +139,11 @@ pub fn print_sweep_report(
 /// interrupted or missing; none failed).
 pub fn collect_sweep(dir: &std::path::Path) -> Result<ExitCode> {
     let manifest = Manifest::load(dir)?;
-    let (records, aggs, slurm) = sweep::collect(dir, &sweep::scheduler::Tools::default())?;
+    // What the run folders say, told apart by what Slurm says where the sweep ran there.
+    let mut records = sweep::index::read_records(&manifest);
+    let slurm = sweep::scheduler::query(dir, &sweep::scheduler::Tools::default());
+    sweep::scheduler::apply(&mut records, &slurm);
+    let aggs = sweep::index::write_index(dir, &records)?;
     print_sweep_report(&manifest, &records, &aggs);
     let unfinished = records.iter().any(|r| r.status != Status::Ok);
     if unfinished && !slurm.unavailable.is_empty() {

@@ -31,11 +31,12 @@ pub mod index;
 pub mod local;
 pub mod plan;
 pub mod progress;
+pub mod record;
 pub mod scheduler;
 pub mod slurm;
 pub mod stats;
 
-pub use index::{collect, RunRecord, Status};
+pub use index::{RunRecord, Status};
 pub use local::{run_local, thread_budget, LocalOptions, SweepOutcome};
 pub use plan::{plan, prepare_sweep_dir, Manifest, PlannedRun, SweepSpec};
 pub use slurm::{SlurmOptions, SlurmSubmission};

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use super::index::{RunRecord, Status};
+use super::record::{RunRecord, Status};
 
 /// Where Slurm has a task.
 #[derive(Debug, Clone, PartialEq, Eq)]

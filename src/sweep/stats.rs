@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 use anyhow::Result;
 
-use super::index::{RunRecord, RunResult, TaskResult};
+use super::record::{RunRecord, RunResult, TaskResult};
 use crate::metrics::bootstrap::{paired_difference, paired_drop, BootstrapSpec, Chance};
 use crate::metrics::per_image::PerImage;
 use crate::report::Verdict;
@@ -254,8 +254,8 @@ pub fn differences_table(diffs: &[Difference]) -> (Vec<String>, Vec<Vec<String>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::index::Status;
     use crate::sweep::plan::PlannedRun;
+    use crate::sweep::record::Status;
 
     /// A finished run of `config` at `seed` in `dir`, whose cls Top-1 was judged on `data`'s
     /// test split against the scores in `baseline`; its final hits are `hits` (1 = top-1).

@@ -299,6 +299,52 @@ mod tests {
         (h, rows)
     }
 
+    /// A run written before `end_time` existed resumes in its own layout: no column is added
+    /// mid-file, and a file of any other layout is still refused.
+    #[test]
+    fn a_run_from_before_end_time_keeps_its_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cols = EpochColumns::new(&[], &[("seg".into(), vec!["miou".into()])]);
+        let older = EpochColumns {
+            end_time: false,
+            ..cols.clone()
+        };
+        let old_header = older.header().join(",");
+        std::fs::write(
+            tmp.path().join("epochs.csv"),
+            format!("{old_header}\n1,seg,1,1,0.001,1.5,1.5,0.2,3.0\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            tmp.path().join("eval.csv"),
+            format!("{}\n", EVAL_HEADER.join(",")),
+        )
+        .unwrap();
+        let mut log = RunCsv::reopen(tmp.path(), cols.clone(), 1).unwrap();
+        assert!(!log.columns().end_time);
+        let row = EpochRow {
+            stage: 1,
+            task: "seg".into(),
+            epoch: 2,
+            global_epoch: 2,
+            seconds: Some(2.0),
+            end_time: Some(1_700_000_000.0),
+            ..Default::default()
+        };
+        log.append(&row, &[]).unwrap();
+        drop(log);
+        let (h, rows) = read(&tmp.path().join("epochs.csv"));
+        assert_eq!(h.join(","), old_header);
+        assert!(rows.iter().all(|r| r.len() == h.len()), "{rows:?}");
+        // Another layout (a column that is not end_time) is refused, as before.
+        std::fs::write(
+            tmp.path().join("epochs.csv"),
+            format!("{old_header},extra\n"),
+        )
+        .unwrap();
+        assert!(RunCsv::reopen(tmp.path(), cols, 0).is_err());
+    }
+
     #[test]
     fn rows_are_flushed_unlearned_tasks_are_empty_and_resume_truncates() {
         let tmp = tempfile::tempdir().unwrap();

@@ -4,6 +4,7 @@
 //! They import no model or training code.
 
 pub mod bootstrap;
+pub mod coco;
 pub mod forgetting;
 pub mod map;
 pub mod miou;

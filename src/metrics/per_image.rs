@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
-use super::map::{recall_points, NUM_IOU_THRESHOLDS, NUM_RECALL_POINTS};
+use super::coco::{recall_points, NUM_IOU_THRESHOLDS, NUM_RECALL_POINTS};
 use super::miou::ConfusionMatrix;
 use super::MetricError;
 

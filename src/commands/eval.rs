@@ -78,11 +78,16 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
     };
     let learned =
         engine::checkpoints::checkpoint_learned(&run_dir, checkpoint.as_deref(), &registry)?;
-    for (task, metrics) in results {
+    // Every task's headline metrics first, then the per-class ones: a long per-class list
+    // of one task must not bury the next task's headline.
+    for (task, metrics) in &results {
         print!(
             "{}",
-            metrics_text(&task, &metrics, &registry, learned.contains(&task))
+            headline_text(task, metrics, &registry, learned.contains(task))
         );
+    }
+    for (task, metrics) in &results {
+        print!("{}", per_class_text(task, metrics, &registry));
     }
     if let Some(dir) = export {
         println!(
@@ -93,10 +98,10 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One task's metrics for the terminal: its headline metrics first (those the task declares,
-/// in its order), then the per-class ones; a head the checkpoint never trained is marked, so
-/// that its chance-level numbers are not read as a result.
-fn metrics_text(
+/// One task's headline metrics for the terminal (those the task declares, in its order); a
+/// head the checkpoint never trained is marked, so that its chance-level numbers are not read
+/// as a result.
+fn headline_text(
     task: &str,
     metrics: &crate::tasks::TaskMetrics,
     registry: &Registry,
@@ -107,19 +112,25 @@ fn metrics_text(
         out.push_str("  (head not trained by this checkpoint: its numbers are untrained outputs)");
     }
     out.push('\n');
-    let headline: Vec<&String> = registry.tasks.metrics(task).unwrap_or(&[]).iter().collect();
-    for k in &headline {
+    for k in registry.tasks.metrics(task).unwrap_or(&[]) {
         if let Some(v) = metrics.get(k.as_str()) {
             out.push_str(&format!("  {k:<28} {v:.4}\n"));
         }
     }
+    out
+}
+
+/// One task's other metrics (per class), after every task's headline; empty when it has none.
+fn per_class_text(task: &str, metrics: &crate::tasks::TaskMetrics, registry: &Registry) -> String {
+    let headline = registry.tasks.metrics(task).unwrap_or(&[]);
     let rest: Vec<_> = metrics
         .iter()
         .filter(|(k, _)| !headline.contains(k))
         .collect();
-    if !rest.is_empty() && !headline.is_empty() {
-        out.push_str("  per class:\n");
+    if rest.is_empty() {
+        return String::new();
     }
+    let mut out = format!("{task} per class:\n");
     for (k, v) in rest {
         out.push_str(&format!("  {k:<28} {v:.4}\n"));
     }
@@ -183,15 +194,19 @@ mod tests {
         ] {
             m.insert(k.into(), v);
         }
-        let text = metrics_text("det", &m, &r, true);
+        let text = headline_text("det", &m, &r, true);
         let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
         assert_eq!(lines[0], "det:");
         assert!(lines[1].trim_start().starts_with("map50 "), "{text}");
         assert!(lines[2].trim_start().starts_with("map50_95"), "{text}");
         assert!(lines[3].trim_start().starts_with("map75"), "{text}");
-        assert_eq!(lines[4].trim(), "per class:");
-        assert!(lines[5].trim_start().starts_with("ap50.cat"), "{text}");
-        assert!(metrics_text("det", &m, &r, false)
+        let rest = per_class_text("det", &m, &r);
+        let lines: Vec<&str> = rest.lines().collect();
+        assert_eq!(lines[0], "det per class:");
+        assert!(lines[1].trim_start().starts_with("ap50.cat"), "{rest}");
+        assert_eq!(lines.len(), 2, "{rest}");
+        assert!(headline_text("det", &m, &r, false)
             .lines()
             .next()
             .unwrap()

@@ -86,6 +86,7 @@ images_per_batch = 2
 enabled = true
 capacity = 4
 images_per_batch = 2
+class_balanced = true
 [uncertainty]
 enabled = true
 "#

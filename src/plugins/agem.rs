@@ -38,6 +38,9 @@ pub struct AgemConfig {
     pub capacity: usize,
     /// Memory images per step behind the reference gradient.
     pub images_per_batch: usize,
+    /// Keep as many images of each of the task's classes as `capacity` allows (as
+    /// `replay.policy = "class_balanced"`), instead of a uniform sample.
+    pub class_balanced: bool,
 }
 
 impl Default for AgemConfig {
@@ -46,6 +49,7 @@ impl Default for AgemConfig {
             enabled: false,
             capacity: 30,
             images_per_batch: 8,
+            class_balanced: false,
         }
     }
 }
@@ -216,6 +220,14 @@ impl Plugin for Agem {
         let task = ctx.stage_task().to_string();
         let mut pool = ctx.pools[ctx.stage].clone();
         pool.shuffle(rng);
+        if self.cfg.class_balanced {
+            let t = ctx.tasks.get(&task)?;
+            let classes: Vec<Option<usize>> = pool
+                .iter()
+                .map(|&i| t.image_class(Split::Train, i))
+                .collect();
+            pool = super::replay::class_round_robin(&pool, &classes);
+        }
         pool.truncate(self.cfg.capacity);
         self.memory.retain(|(t, _)| *t != task);
         self.memory

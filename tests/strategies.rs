@@ -464,4 +464,16 @@ fn a_per_task_budget_keeps_that_many_images_of_every_task_and_reports_its_memory
     assert_eq!(b.images, 6);
     assert!((b.images_mib - 6.0 * 3.0 * 64.0 * 64.0 * 4.0 / 1048576.0).abs() < 1e-12);
     assert_eq!(b.outputs_mib, 0.0);
+    // A class-balanced buffer of the same budget keeps as many images.
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = experiment(
+        tmp.path(),
+        "",
+        "baseline = \"stage_end\"",
+        &format!(
+            "{THREE_STAGES}\n[replay]\nenabled = true\nimages_per_batch = 2\npolicy = \"class_balanced\"\ncapacity = 3\ncapacity_unit = \"per_task\"\n"
+        ),
+    );
+    let out = run(&exp, &quiet()).unwrap();
+    assert_eq!(out.summary.buffers["replay"].images, 6);
 }

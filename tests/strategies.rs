@@ -449,31 +449,22 @@ fn der_stores_each_image_with_its_outputs_when_trained_and_replays_it_aligned() 
 
 #[test]
 fn a_per_task_budget_keeps_that_many_images_of_every_task_and_reports_its_memory() {
-    let tmp = tempfile::tempdir().unwrap();
-    let exp = experiment(
-        tmp.path(),
-        "",
-        "baseline = \"stage_end\"",
-        &format!(
-            "{THREE_STAGES}\n[replay]\nenabled = true\nimages_per_batch = 2\npolicy = \"reservoir\"\ncapacity = 3\ncapacity_unit = \"per_task\"\n"
-        ),
-    );
-    let out = run(&exp, &quiet()).unwrap();
-    // The last stage replays seg and det: 3 images of each, 64-px float pixels.
-    let b = &out.summary.buffers["replay"];
-    assert_eq!(b.images, 6);
-    assert!((b.images_mib - 6.0 * 3.0 * 64.0 * 64.0 * 4.0 / 1048576.0).abs() < 1e-12);
-    assert_eq!(b.outputs_mib, 0.0);
-    // A class-balanced buffer of the same budget keeps as many images.
-    let tmp = tempfile::tempdir().unwrap();
-    let exp = experiment(
-        tmp.path(),
-        "",
-        "baseline = \"stage_end\"",
-        &format!(
-            "{THREE_STAGES}\n[replay]\nenabled = true\nimages_per_batch = 2\npolicy = \"class_balanced\"\ncapacity = 3\ncapacity_unit = \"per_task\"\n"
-        ),
-    );
-    let out = run(&exp, &quiet()).unwrap();
-    assert_eq!(out.summary.buffers["replay"].images, 6);
+    // A reservoir and a class-balanced buffer of the same budget keep as many images.
+    for policy in ["reservoir", "class_balanced"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let exp = experiment(
+            tmp.path(),
+            "",
+            "baseline = \"stage_end\"",
+            &format!(
+                "{THREE_STAGES}\n[replay]\nenabled = true\nimages_per_batch = 2\npolicy = \"{policy}\"\ncapacity = 3\ncapacity_unit = \"per_task\"\n"
+            ),
+        );
+        let out = run(&exp, &quiet()).unwrap();
+        // The last stage replays seg and det: 3 images of each, 64-px float pixels.
+        let b = &out.summary.buffers["replay"];
+        assert_eq!(b.images, 6, "{policy}");
+        assert!((b.images_mib - 6.0 * 3.0 * 64.0 * 64.0 * 4.0 / 1048576.0).abs() < 1e-12);
+        assert_eq!(b.outputs_mib, 0.0);
+    }
 }

@@ -443,6 +443,19 @@ pub fn balanced_add(
 ) {
     buffer.retain(|(t, _)| t != task);
     buffer.extend(items.iter().map(|&i| (task.to_string(), i)));
+    shrink_per_task(buffer, cap, |mine, quota| {
+        mine.shuffle(rng);
+        mine.truncate(quota);
+    });
+}
+
+/// Bring every task of `buffer` down to `cap / number of tasks` entries: `cut` shrinks the
+/// entries of a task that has more (tasks and their entries keep their order otherwise).
+fn shrink_per_task(
+    buffer: &mut Vec<(String, usize)>,
+    cap: usize,
+    mut cut: impl FnMut(&mut Vec<(String, usize)>, usize),
+) {
     let mut tasks: Vec<String> = Vec::new();
     for (t, _) in buffer.iter() {
         if !tasks.contains(t) {
@@ -455,8 +468,7 @@ pub fn balanced_add(
         let mut mine: Vec<(String, usize)> =
             buffer.iter().filter(|(u, _)| *u == t).cloned().collect();
         if mine.len() > quota {
-            mine.shuffle(rng);
-            mine.truncate(quota);
+            cut(&mut mine, quota);
         }
         kept.extend(mine);
     }
@@ -485,18 +497,7 @@ pub fn class_round_robin(items: &[usize], classes: &[Option<usize>]) -> Vec<usiz
 /// entries are kept in round-robin class order, so the cut takes from the most numerous
 /// classes first.
 fn shrink_to_quota(buffer: &mut Vec<(String, usize)>, cap: usize) {
-    let mut tasks: Vec<String> = Vec::new();
-    for (t, _) in buffer.iter() {
-        if !tasks.contains(t) {
-            tasks.push(t.clone());
-        }
-    }
-    let quota = cap / tasks.len().max(1);
-    let mut kept = Vec::new();
-    for t in tasks {
-        kept.extend(buffer.iter().filter(|(u, _)| *u == t).take(quota).cloned());
-    }
-    *buffer = kept;
+    shrink_per_task(buffer, cap, |mine, quota| mine.truncate(quota));
 }
 
 /// The union of the training indices of every earlier stage that trained `task`.

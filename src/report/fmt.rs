@@ -55,3 +55,18 @@ pub fn fmt_interval(i: Option<[f64; 2]>) -> String {
         None => "—".into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_read_as_people_write_them() {
+        assert_eq!(metric_label("seg_miou"), "seg mIoU");
+        assert_eq!(metric_label("det_map50_95"), "det mAP@[.5:.95]");
+        assert_eq!(metric_label("cls_top1"), "cls Top-1");
+        assert_eq!(metric_label("seg_iou.cat"), "seg iou.cat");
+        assert_eq!(metric_label("grad_norm"), "grad norm");
+        assert_eq!(metric_label("loss"), "loss");
+    }
+}

@@ -363,18 +363,15 @@ fn run_verdict_and_charts(b: &mut String, run: &RunData, pngs: &[(String, Vec<u8
 /// A device as people write it: candle's `Cpu` → `CPU`, `Cuda(0)` / `Cuda { gpu_id: 0 }` →
 /// `CUDA 0`, `Metal…` → `Metal …`.
 pub(crate) fn device_label(d: &str) -> String {
-    let digits: String = d.chars().filter(|c| c.is_ascii_digit()).collect();
     let lower = d.to_ascii_lowercase();
-    let kind = if lower.starts_with("cpu") {
-        return "CPU".into();
-    } else if lower.starts_with("cuda") {
-        "CUDA"
-    } else if lower.starts_with("metal") {
-        "Metal"
-    } else {
+    let Some(kind) = [("cpu", "CPU"), ("cuda", "CUDA"), ("metal", "Metal")]
+        .into_iter()
+        .find_map(|(k, label)| lower.starts_with(k).then_some(label))
+    else {
         return d.to_string();
     };
-    if digits.is_empty() {
+    let digits: String = d.chars().filter(|c| c.is_ascii_digit()).collect();
+    if digits.is_empty() || kind == "CPU" {
         kind.into()
     } else {
         format!("{kind} {digits}")
@@ -437,4 +434,19 @@ pub(crate) fn write_compare_report(
         page(title, &b, "SVG versions are next to this file").as_bytes(),
     )?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_are_named_as_people_write_them() {
+        assert_eq!(device_label("Cpu"), "CPU");
+        assert_eq!(device_label("Cuda(1)"), "CUDA 1");
+        assert_eq!(device_label("Cuda { gpu_id: 0 }"), "CUDA 0");
+        assert_eq!(device_label("cuda"), "CUDA");
+        assert_eq!(device_label("Metal(2)"), "Metal 2");
+        assert_eq!(device_label("tpu"), "tpu");
+    }
 }

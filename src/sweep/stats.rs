@@ -19,10 +19,11 @@ use crate::report::Verdict;
 const RESAMPLES: usize = 2000;
 
 /// Per-image score files read once, however many configurations share them (every
-/// strategy of one seed shares the reference's).
+/// strategy of one seed shares the reference's); likewise each run's data identity.
 #[derive(Default)]
 pub struct ScoreCache {
     files: HashMap<PathBuf, Option<Rc<PerImage>>>,
+    data: HashMap<PathBuf, Option<(String, String)>>,
 }
 
 impl ScoreCache {
@@ -35,6 +36,27 @@ impl ScoreCache {
                     tracing::warn!("{e:#}");
                     None
                 }
+            })
+            .clone()
+    }
+
+    /// The images a run's verdict was measured on: its data folder (`meta.json`) and split
+    /// (`summary.json`), read once per run.
+    fn data_of(&mut self, r: &RunRecord) -> Option<(String, String)> {
+        let dir = &r.run.run_dir;
+        self.data
+            .entry(dir.clone())
+            .or_insert_with(|| {
+                let read = |f: &str| -> Option<serde_json::Value> {
+                    serde_json::from_str(&std::fs::read_to_string(dir.join(f)).ok()?).ok()
+                };
+                let root = read("meta.json")?.get("data_root")?.as_str()?.to_string();
+                let split = read("summary.json")?
+                    .get("verdict_split")
+                    .and_then(|s| s.as_str())
+                    .unwrap_or("val")
+                    .to_string();
+                Some((root, split))
             })
             .clone()
     }
@@ -147,7 +169,7 @@ fn pair_differences(ga: &Group, gb: &Group, cache: &mut ScoreCache) -> Result<Ve
             };
             let partner = gb.runs.iter().find(|rb| {
                 rb.run.seed == ra.run.seed
-                    && (same_baseline(ra, rb, &t.task) || same_images(ra, rb))
+                    && (same_baseline(ra, rb, &t.task) || same_images(ra, rb, cache))
             });
             let fb = partner.and_then(|rb| final_scores(rb, &t.task, cache));
             if let Some(fb) = fb.filter(|fb| fb.len() == fa.len()) {
@@ -192,20 +214,10 @@ fn same_baseline(ra: &RunRecord, rb: &RunRecord, task: &str) -> bool {
 /// Whether two runs' verdicts were measured on the same images in the same order: the same
 /// data folder (`meta.json`) and split (`summary.json`). Runs judged against different
 /// baselines (a compute-matched joint reference judged against itself) pair this way.
-fn same_images(ra: &RunRecord, rb: &RunRecord) -> bool {
-    let data = |r: &RunRecord| -> Option<(String, String)> {
-        let read = |f: &str| -> Option<serde_json::Value> {
-            serde_json::from_str(&std::fs::read_to_string(r.run.run_dir.join(f)).ok()?).ok()
-        };
-        let root = read("meta.json")?.get("data_root")?.as_str()?.to_string();
-        let split = read("summary.json")?
-            .get("verdict_split")
-            .and_then(|s| s.as_str())
-            .unwrap_or("val")
-            .to_string();
-        Some((root, split))
-    };
-    data(ra).is_some_and(|a| data(rb).as_ref() == Some(&a))
+fn same_images(ra: &RunRecord, rb: &RunRecord, cache: &mut ScoreCache) -> bool {
+    cache
+        .data_of(ra)
+        .is_some_and(|a| cache.data_of(rb).as_ref() == Some(&a))
 }
 
 /// The baseline scores a run's task was judged against: two runs that share it share the

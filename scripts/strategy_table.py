@@ -82,8 +82,11 @@ def tomllib_load(path):
 
 
 def images_kept(run_dir):
-    """Rehearsal memory of a run: images its buffers keep at the end (summary.json `buffers`,
-    else worked out from the config: `full` keeps every image of every earlier stage)."""
+    """Rehearsal memory of a run: images its buffers keep at the end and their MiB as onehead
+    holds them (f32 pixels plus stored outputs; summary.json `buffers`). A run from before that
+    record gets the count worked out from its config (`full` keeps every image of every earlier
+    stage) and the MiB of its f32 pixels only, marked with a dagger: its stored outputs are not
+    known."""
     s = json.load(open(os.path.join(run_dir, "summary.json")))
     bufs = s.get("buffers") or {}
     if bufs:
@@ -102,7 +105,7 @@ def images_kept(run_dir):
     else:
         cap = rep.get("capacity", 0)
         n = cap * max(len(stages) - 1, 0) if rep.get("capacity_unit") == "per_task" else cap
-    return f"{n} ({n * size * size * 3 / 2**20:.1f} MiB)"
+    return f"{n} ({n * size * size * 3 * 4 / 2**20:.1f} MiB†)" if n else "0"
 
 
 def table(sweep, joint, own_end):
@@ -115,8 +118,13 @@ def table(sweep, joint, own_end):
     head += ["every task within (seeds) [95 % CI]", "images kept (pixels)", "time / run",
              f"final − {joint}: seg / det / cls [95 % CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # Files are named by their stem (a grid over data.synth_seed suffixes the config names).
+    name_of = lambda r: stem(r["file"]) if r.get("file") else r["config"]
+    joint = next((r["config"] for r in summary if name_of(r) == joint), joint)
+    own_end = [r["config"] for r in summary if name_of(r) in own_end or r["config"] in own_end]
+    dagger = False
     for r in summary:
-        name = stem(r["file"]) if r.get("file") else r["config"]
+        name = name_of(r)
         cells = [f"`{name}`", r["n_seeds"]]
         for t, m, _ in TASKS:
             finals = [num(x[f"{t}_{m}_final"]) for x in index
@@ -136,7 +144,9 @@ def table(sweep, joint, own_end):
         else:
             cells.append(f"{r['n_pass']}/{r['n_seeds']}" + ("" if lo is None else f" [{100 * lo:.0f}–{100 * hi:.0f} %]"))
         done = [x for x in index if x.get("status") == "ok" and x.get("file") == r["file"]]
-        cells.append(images_kept(done[0]["run_dir"]) if done and done[0].get("run_dir") else "—")
+        kept = images_kept(done[0]["run_dir"]) if done and done[0].get("run_dir") else "—"
+        dagger |= "†" in kept
+        cells.append(kept)
         secs = [num(x["train_seconds"]) for x in done]
         secs = [s for s in secs if s is not None]
         cells.append(f"{statistics.fmean(secs) / 60:.1f} min" if secs else "—")
@@ -162,6 +172,9 @@ def table(sweep, joint, own_end):
             cells += [mean_sd(refs[t]), "(the baseline)"]
         cells += ["—", "—", "—", "—"]
         lines.append("| " + " | ".join(cells) + " |")
+    if dagger:
+        lines.append("\n† f32 pixels only: these runs predate `summary.json`'s `buffers` record, "
+                     "so the outputs they stored are not counted.")
     return "\n".join(lines)
 
 

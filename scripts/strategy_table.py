@@ -60,10 +60,20 @@ def stem(file):
     return os.path.splitext(os.path.basename(file))[0]
 
 
-def references(sweep):
-    """Per task, the reference's finals (one per seed)."""
+def references(sweep, index):
+    """Per task, the finals of the references the sweep's finished runs were judged against
+    (their summaries' `baseline_run`; one per seed and benchmark), not whatever else
+    `references/` holds."""
     out = {t: [] for t, _, _ in TASKS}
+    used = set()
+    for x in index:
+        if x.get("status") == "ok" and x.get("run_dir"):
+            s = json.load(open(os.path.join(x["run_dir"], "summary.json")))
+            if s.get("baseline_run"):
+                used.add(os.path.basename(s["baseline_run"].rstrip("/")))
     for p in sorted(glob.glob(os.path.join(sweep, "references", "*", "summary.json"))):
+        if os.path.basename(os.path.dirname(p)) not in used:
+            continue
         s = json.load(open(p))
         for t, m, _ in TASKS:
             v = s.get("final_metrics", {}).get(f"{t}_{m}")
@@ -164,7 +174,7 @@ def table(sweep, joint, own_end):
             vs.append(cell)
         cells.append("reference" if r["config"] == joint else " / ".join(vs) if any(v != "—" for v in vs) else "not paired yet")
         lines.append("| " + " | ".join(cells) + " |")
-    refs = references(sweep)
+    refs = references(sweep, index)
     n = max(len(v) for v in refs.values())
     if n:
         cells = ["single-task reference", str(n)]

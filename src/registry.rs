@@ -133,11 +133,14 @@ impl Registry {
 
     /// The cache key of a single-task reference: a hash of its resolved config without the
     /// folder it is written to, so that any run or sweep that needs the same reference finds
-    /// it again (`<results>/references/<key>/`).
+    /// it again (`<results>/references/<key>/`). The strategies' tables are left out too:
+    /// a reference has every strategy off, so they determine nothing, and a version that
+    /// adds a strategy (or a setting of one) still finds the references trained before it.
     pub fn reference_key(reference: &Experiment) -> String {
         use sha2::Digest as _;
         let mut r = reference.clone();
         r.results_dir = Default::default();
+        r.strategies.clear();
         let digest = sha2::Sha256::digest(r.to_toml().as_bytes());
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -194,6 +197,19 @@ epochs = 2
             .replace("task = \"tmp\"", "task = \"det\"");
         assert_ne!(swapped, BASE);
         assert_eq!(key(&swapped), control);
+        // Nor does a strategy the version adds (its table, all off in a reference).
+        let r = Registry::builtin();
+        let exp = r.parse(BASE, Path::new("x.toml"), &[]).unwrap();
+        let mut reference = r.single_task_reference(&exp);
+        assert!(!reference.strategies.is_empty());
+        reference.strategies.insert(
+            "newcomer".into(),
+            toml::Value::Table(toml::map::Map::from_iter([(
+                "enabled".to_string(),
+                toml::Value::Boolean(false),
+            )])),
+        );
+        assert_eq!(Registry::reference_key(&reference), control);
         // The folder it is written to does not.
         assert_eq!(
             key(&format!("results_dir = \"elsewhere\"\n{BASE}")),

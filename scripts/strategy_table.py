@@ -82,6 +82,12 @@ def references(sweep, index):
     return out
 
 
+def config_of(run):
+    """The config a run of index.csv belongs to: its name without the seed suffix."""
+    name = run.get("name", "")
+    return name.rsplit("__seed-", 1)[0] if "__seed-" in name else name
+
+
 def tomllib_load(path):
     try:
         import tomllib
@@ -128,8 +134,13 @@ def table(sweep, joint, own_end):
     head += ["every task within (seeds) [95 % CI]", "images kept (pixels)", "time / run",
              f"final − {joint}: seg / det / cls [95 % CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    # Files are named by their stem (a grid over data.synth_seed suffixes the config names).
-    name_of = lambda r: stem(r["file"]) if r.get("file") else r["config"]
+    # A row is named by its file's stem, unless a grid made several rows of one file (then by
+    # its config: `distill_budget__capacity-30`); a grid over data.synth_seed alone only
+    # suffixes the draw, which the caption says.
+    per_file = {}
+    for r in summary:
+        per_file[r.get("file")] = per_file.get(r.get("file"), 0) + 1
+    name_of = lambda r: (stem(r["file"]) if r.get("file") and per_file[r["file"]] == 1 else r["config"])
     joint = next((r["config"] for r in summary if name_of(r) == joint), joint)
     own_end = [r["config"] for r in summary if name_of(r) in own_end or r["config"] in own_end]
     dagger = False
@@ -138,7 +149,7 @@ def table(sweep, joint, own_end):
         cells = [f"`{name}`", r["n_seeds"]]
         for t, m, _ in TASKS:
             finals = [num(x[f"{t}_{m}_final"]) for x in index
-                      if x.get("status") == "ok" and x.get("file") == r["file"]]
+                      if x.get("status") == "ok" and config_of(x) == r["config"]]
             cells.append(mean_sd(finals))
             d, lo, hi = (num(r.get(f"{t}_drop_pooled{s}")) for s in ("", "_lo", "_hi"))
             verdict = (r.get(f"{t}_verdict_pooled") or "—").replace("_", " ")
@@ -153,7 +164,7 @@ def table(sweep, joint, own_end):
             cells.append("reference")
         else:
             cells.append(f"{r['n_pass']}/{r['n_seeds']}" + ("" if lo is None else f" [{100 * lo:.0f}–{100 * hi:.0f} %]"))
-        done = [x for x in index if x.get("status") == "ok" and x.get("file") == r["file"]]
+        done = [x for x in index if x.get("status") == "ok" and config_of(x) == r["config"]]
         kept = images_kept(done[0]["run_dir"]) if done and done[0].get("run_dir") else "—"
         dagger |= "†" in kept
         cells.append(kept)

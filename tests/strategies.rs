@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use onehead::config::Experiment;
 use onehead::plugins::{Plugin, Rows, StepView};
@@ -345,6 +345,44 @@ fn two_runs_started_together_share_one_reference_the_second_waits_for_it() {
     for (a, b) in outs[0].summary.tasks.iter().zip(&outs[1].summary.tasks) {
         assert_eq!(a.baseline, b.baseline, "{}", a.task);
     }
+}
+
+#[test]
+fn a_reference_under_another_key_is_found_by_what_it_trained() {
+    // A reference trained under an older key scheme (or copied from another sweep) sits in
+    // references/ under a name that is not today's key: a later run finds it by its config
+    // instead of training the same thing again.
+    let tmp = tempfile::tempdir().unwrap();
+    let control = experiment(tmp.path(), "", "", THREE_STAGES);
+    let first = run(&control, &quiet()).unwrap();
+    let refs = tmp.path().join("results/references");
+    let trained = PathBuf::from(first.summary.baseline_run.clone().unwrap());
+    let moved = refs.join("00000000older-key");
+    std::fs::rename(&trained, &moved).unwrap();
+    let replay = experiment(
+        tmp.path(),
+        "",
+        "",
+        &format!("{THREE_STAGES}\n[replay]\nenabled = true\nimages_per_batch = 2\n"),
+    );
+    let second = run(&replay, &quiet()).unwrap();
+    assert_eq!(
+        std::fs::read_dir(&refs).unwrap().count(),
+        1,
+        "not trained again"
+    );
+    assert_eq!(
+        second.summary.baseline_run.as_deref(),
+        Some(moved.to_str().unwrap())
+    );
+    for (a, b) in first.summary.tasks.iter().zip(&second.summary.tasks) {
+        assert_eq!(a.baseline, b.baseline, "{}", a.task);
+    }
+    // Another seed is another reference: trained, not matched to the moved one.
+    let mut other = control.clone();
+    other.seed += 1;
+    run(&other, &quiet()).unwrap();
+    assert_eq!(std::fs::read_dir(&refs).unwrap().count(), 2);
 }
 
 #[test]

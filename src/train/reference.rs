@@ -42,6 +42,12 @@ pub fn single_task_baselines(
     }
     let reference = registry.single_task_reference(exp);
     let dir = reference_dir(exp, registry);
+    if finished(&dir)?.is_none() {
+        if let Some(found) = finished_by_content(&dir, &reference, registry) {
+            tracing::info!("single-task baselines from {}", found.0.display());
+            return Ok(Some(found));
+        }
+    }
     let mut waited = false;
     loop {
         if let Some(summary) = finished(&dir)? {
@@ -81,6 +87,35 @@ pub fn single_task_baselines(
             }
         }
     }
+}
+
+/// A finished reference beside `dir` (in the same `references/` folder) that trained the
+/// same thing under another key: one from a version that hashed its config differently, or
+/// a copy brought over from another sweep. Its config must resolve to the same key now; the
+/// first such folder (in name order) is used.
+fn finished_by_content(
+    dir: &Path,
+    reference: &Experiment,
+    registry: &Registry,
+) -> Option<Baselines> {
+    let want = Registry::reference_key(reference);
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir.parent()?)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.as_path() != dir && p.is_dir())
+        .collect();
+    dirs.sort();
+    dirs.into_iter().find_map(|d| {
+        let path = d.join("config.toml");
+        let text = std::fs::read_to_string(&path).ok()?;
+        let other = registry.parse(&text, &path, &[]).ok()?;
+        let key = Registry::reference_key(&registry.single_task_reference(&other));
+        if key != want {
+            return None;
+        }
+        let summary = finished(&d).ok().flatten()?;
+        Some((d, summary))
+    })
 }
 
 /// The summary of the finished run in `dir`, if there is one.

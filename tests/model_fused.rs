@@ -96,13 +96,16 @@ where
 }
 
 #[test]
-fn dense_conv_matches_candle_odd_sizes_and_stride_2() {
+fn dense_conv_matches_candle_odd_sizes_stride_2_and_winograd() {
     for &(b, c, h, w, o, k, s) in &[
         (2, 5, 9, 7, 6, 3, 2),
         (3, 4, 7, 7, 3, 3, 1),
         (1, 3, 11, 9, 8, 3, 2),
         (2, 6, 5, 5, 4, 1, 2),
         (17, 3, 7, 5, 4, 3, 2),
+        // 3×3 stride 1 over 8 or more images: Winograd F(2×2, 3×3), even and odd maps.
+        (9, 4, 6, 8, 5, 3, 1),
+        (20, 3, 7, 5, 6, 3, 1),
     ] {
         let x = var(&[b, c, h, w], 1);
         let wt = var(&[o, c, k, k], 2);

@@ -30,6 +30,7 @@ pub mod kernels;
 mod nodes;
 pub mod pool;
 pub mod prof;
+pub mod winograd;
 
 use std::sync::{Arc, Mutex};
 

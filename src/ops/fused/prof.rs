@@ -24,9 +24,11 @@ pub enum Kind {
     AddUpsample,
     /// NCHW ↔ CNHW conversions at the op's boundary.
     Layout,
+    /// Winograd tile transforms of the 3×3 convolutions (their gemms count as `Gemm`).
+    Winograd,
 }
 
-pub const KINDS: [Kind; 8] = [
+pub const KINDS: [Kind; 9] = [
     Kind::Gemm,
     Kind::Im2col,
     Kind::Depthwise,
@@ -35,6 +37,7 @@ pub const KINDS: [Kind; 8] = [
     Kind::SqueezeExcite,
     Kind::AddUpsample,
     Kind::Layout,
+    Kind::Winograd,
 ];
 
 impl Kind {
@@ -48,6 +51,7 @@ impl Kind {
             Kind::SqueezeExcite => "squeeze-excite",
             Kind::AddUpsample => "adds / upsample / grad accumulation",
             Kind::Layout => "layout NCHW<->CNHW",
+            Kind::Winograd => "Winograd tile transforms",
         }
     }
 
@@ -57,8 +61,8 @@ impl Kind {
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static NANOS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
-static FLOPS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+static NANOS: [AtomicU64; KINDS.len()] = [const { AtomicU64::new(0) }; KINDS.len()];
+static FLOPS: [AtomicU64; KINDS.len()] = [const { AtomicU64::new(0) }; KINDS.len()];
 
 /// Turn timing on or off (process-wide).
 pub fn enable(on: bool) {

@@ -1,5 +1,6 @@
 //! Convolutions (square kernel, padding `k/2`): 1×1 as one gemm over the whole batch, dense
-//! k×k as chunked im2col + one gemm per chunk, depthwise with the direct kernels; optional
+//! 3×3 stride 1 by Winograd F(2×2, 3×3) (`winograd.rs`), other dense k×k as chunked im2col +
+//! one gemm per chunk, depthwise with the direct kernels; optional
 //! bias. The backward writes the weight (and bias) gradient and returns the input gradient
 //! unless nothing needs it (the network input when it is not tracked).
 
@@ -8,7 +9,7 @@ use candle_core::Result;
 use super::{Bwd, Dims, DimsCx, Fwd, Node, NodeOp, Remap, Saved};
 use crate::ops::fused::kernels::{self, ConvGeom};
 use crate::ops::fused::prof::{time, Kind};
-use crate::ops::fused::{pool, ConvKind, Id};
+use crate::ops::fused::{pool, winograd, ConvKind, Id};
 
 #[derive(Debug, Clone)]
 pub(in crate::ops::fused) struct Conv {
@@ -119,10 +120,17 @@ impl NodeOp for Conv {
 /// `(B, C, H, W, O)`: batch, input channels and size, output channels.
 type Geom = (usize, usize, usize, usize, usize);
 
+fn wino((b, c, h, w, o): Geom) -> winograd::Geom {
+    winograd::Geom { b, c, h, w, o }
+}
+
 fn conv_fwd(kind: ConvKind, geom: Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
     let (b, c, h, w, _) = geom;
     match kind {
         ConvKind::Pointwise => pointwise_fwd(geom, x, wt, y),
+        ConvKind::Dense { k: 3, stride: 1 } if winograd::applies(b) => {
+            winograd::forward(&wino(geom), x, wt, y)
+        }
         ConvKind::Dense { k, stride } => dense_fwd(geom, k, stride, x, wt, y),
         ConvKind::Depthwise { k, stride } => {
             kernels::depthwise_fwd(&ConvGeom::new(b, c, h, w, k, stride), x, wt, y)
@@ -210,6 +218,9 @@ fn conv_bwd(
     let (b, c, h, w, _) = geom;
     match kind {
         ConvKind::Pointwise => pointwise_bwd(geom, x, wt, dy, dw, want_dx),
+        ConvKind::Dense { k: 3, stride: 1 } if winograd::applies(b) => {
+            winograd::backward(&wino(geom), x, wt, dy, dw, want_dx)
+        }
         ConvKind::Dense { k, stride } => dense_bwd(geom, (k, stride), x, wt, dy, dw, want_dx),
         ConvKind::Depthwise { k, stride } => {
             let g = ConvGeom::new(b, c, h, w, k, stride);

@@ -1,0 +1,684 @@
+//! Winograd F(2×2, 3×3) for the dense 3×3 stride-1 convolutions (the FPN's output conv and
+//! the head's first conv, padding 1): forward, input gradient and weight gradient.
+//!
+//! Why: those two convolutions run at stride 8 with 128 channels in and out and carry about
+//! 70 % of a forward's floating-point work (and of the backward's gemms). Winograd's minimal
+//! filtering (Lavin & Gray 2016) computes a 2×2 output tile from a 4×4 input tile with 16
+//! products per channel pair instead of 36: each 4×4 window `d` is transformed
+//! (`V = Bᵀ d B`), each kernel too (`U = G g Gᵀ`), the 16 transformed positions `ξ` are 16
+//! gemms over the channels (`M_ξ = U_ξ · V_ξ`), and `Y = Aᵀ M A` gives the tile: 2.25× fewer
+//! multiplications, and the transforms replace im2col's 9× copy of the input.
+//! - The input gradient is the same convolution of `dy` with the kernel flipped and its
+//!   channels swapped (stride 1, padding 1), so it reuses the forward.
+//! - The weight gradient is F(3×3, 2×2): for each tile, the 3×3 correlation of the same 4×4
+//!   input window with the 2×2 tile of `dy`. With the forward's `V`, `dy`'s tiles transformed
+//!   by `G'` (`U' = G' t G'ᵀ`), one gemm per `ξ` sums `U'_ξ · V_ξᵀ` over every tile and image,
+//!   and `dW = A'ᵀ (·) A'` maps each 4×4 sum to the 3×3 kernel gradient. `G'` and `A'` are
+//!   the transposed Toom–Cook construction on the same points (0, 1, −1, ∞), with `Bᵀ`'s
+//!   row scaling moved into `G'` so that `V` is shared (derivation in the tests' comments).
+//!
+//! The values differ from the im2col path by float rounding only (checked against f64
+//! direct convolutions in the tests and against candle's ops in `tests/model_fused.rs`);
+//! fixed chunking and summation order keep it deterministic. `ONEHEAD_WINOGRAD=0` turns it
+//! off (the im2col path, for comparisons).
+//!
+//! Layout: values `(C, H, W, B)`; tiles `ti, tj` of 2×2 outputs, `ceil(H/2) × ceil(W/2)`; a
+//! chunk of tile rows holds `T = rows · tiles_per_row · B` columns, column `(tile · B + b)`;
+//! transformed inputs `V (C, 16, T)`, products `M (O, 16, T)`, kernels `U (16, O, C)`.
+
+use rayon::prelude::*;
+
+use super::kernels::{sgemm, sgemm_strided};
+use super::pool;
+use super::prof::{time, Kind};
+use crate::ops::simd::multiversion;
+
+/// Whether a dense 3×3 stride-1 convolution over `b` images takes this path: not with
+/// `ONEHEAD_WINOGRAD=0`, nor below 8 images, where most of each 16-image lane would be
+/// empty and im2col is faster (batch-1 latency).
+pub fn applies(b: usize) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    b >= 8 && *ON.get_or_init(|| std::env::var("ONEHEAD_WINOGRAD").map_or(true, |v| v != "0"))
+}
+
+/// A 3×3, stride-1, padding-1 convolution of `x (c, h, w, b)` to `o` channels.
+#[derive(Debug, Clone, Copy)]
+pub struct Geom {
+    pub b: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub o: usize,
+}
+
+impl Geom {
+    fn th(&self) -> usize {
+        self.h.div_ceil(2)
+    }
+
+    fn tw(&self) -> usize {
+        self.w.div_ceil(2)
+    }
+
+    /// Tile rows per chunk: at most ~4096 columns, and the larger of the chunk's transformed
+    /// inputs and products at most 16 MiB (both stay in the last-level cache).
+    fn chunk_rows(&self) -> usize {
+        let per_row = (self.tw() * self.b).max(1);
+        let by_cols = 4096usize.div_ceil(per_row);
+        let by_bytes = ((16usize << 20) / (4 * 16 * self.c.max(self.o).max(1) * per_row)).max(1);
+        by_cols.min(by_bytes).clamp(1, self.th().max(1))
+    }
+
+    /// The same convolution with input and output channels swapped (the input gradient's).
+    fn swapped(&self) -> Geom {
+        Geom {
+            c: self.o,
+            o: self.c,
+            ..*self
+        }
+    }
+}
+
+/// Minimum channels per rayon task (~16 K values of work each).
+fn grain(per_item: usize) -> usize {
+    (16384 / per_item.max(1)).max(1)
+}
+
+/// `y (o, h, w, b) = conv3×3(x, wt)` for `wt (o, c, 3, 3)` (no bias).
+pub fn forward(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
+    let u = kernel_tiles(g, wt);
+    let (tw, nr) = (g.tw(), g.chunk_rows());
+    let per_row = tw * g.b;
+    let mut v = pool::take(g.c * 16 * nr * per_row);
+    let mut m = pool::take(g.o * 16 * nr * per_row);
+    let mut t0 = 0;
+    while t0 < g.th() {
+        let t1 = (t0 + nr).min(g.th());
+        let n = (t1 - t0) * per_row;
+        let (v, m) = (&mut v[..g.c * 16 * n], &mut m[..g.o * 16 * n]);
+        time(Kind::Winograd, 0, || input_tiles(g, x, t0, t1, v));
+        let flops = (2 * 16 * g.o * g.c * n) as u64;
+        // SAFETY: for each ξ, M_ξ (o × n, row stride 16n) = U_ξ (o × c) · V_ξ (c × n, row
+        // stride 16n); the three buffers hold these sizes and are disjoint.
+        time(Kind::Gemm, flops, || unsafe {
+            for xi in 0..16 {
+                sgemm(
+                    g.o,
+                    n,
+                    g.c,
+                    m.as_mut_ptr().add(xi * n),
+                    16 * n,
+                    false,
+                    u.as_ptr().add(xi * g.o * g.c),
+                    g.c,
+                    1,
+                    v.as_ptr().add(xi * n),
+                    16 * n,
+                    1,
+                )
+            }
+        });
+        time(Kind::Winograd, 0, || output_tiles(g, m, t0, t1, y));
+        t0 = t1;
+    }
+    pool::give(v);
+    pool::give(m);
+    pool::give(u);
+}
+
+/// Weight gradient (written to `dw (o, c, 3, 3)`) and, if `want_dx`, the input gradient.
+pub fn backward(
+    g: &Geom,
+    x: &[f32],
+    wt: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    want_dx: bool,
+) -> Option<Vec<f32>> {
+    weight_grad(g, x, dy, dw);
+    want_dx.then(|| {
+        // dx[c, h, w] = Σ_o Σ_(ky,kx) wt[o, c, 2 − ky, 2 − kx] · dy[o, h + ky − 1, w + kx − 1].
+        let mut flipped = vec![0f32; wt.len()];
+        for o in 0..g.o {
+            for c in 0..g.c {
+                for k in 0..9 {
+                    flipped[(c * g.o + o) * 9 + k] = wt[(o * g.c + c) * 9 + 8 - k];
+                }
+            }
+        }
+        let mut dx = pool::take(g.c * g.h * g.w * g.b);
+        forward(&g.swapped(), dy, &flipped, &mut dx);
+        dx
+    })
+}
+
+fn weight_grad(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let (tw, nr) = (g.tw(), g.chunk_rows());
+    let per_row = tw * g.b;
+    let mut v = pool::take(g.c * 16 * nr * per_row);
+    let mut ut = pool::take(g.o * 16 * nr * per_row);
+    // Σ over tiles of U'_ξ · V_ξᵀ: (16, o, c).
+    let mut sums = pool::take(16 * g.o * g.c);
+    let mut t0 = 0;
+    while t0 < g.th() {
+        let t1 = (t0 + nr).min(g.th());
+        let n = (t1 - t0) * per_row;
+        let (v, ut) = (&mut v[..g.c * 16 * n], &mut ut[..g.o * 16 * n]);
+        time(Kind::Winograd, 0, || {
+            input_tiles(g, x, t0, t1, v);
+            grad_tiles(g, dy, t0, t1, ut);
+        });
+        let flops = (2 * 16 * g.o * g.c * n) as u64;
+        // SAFETY: for each ξ, sums_ξ (o × c) [+]= U'_ξ (o × n, row stride 16n) · V_ξᵀ
+        // (n × c: V_ξ read column-major, column stride 16n); disjoint buffers of these sizes.
+        time(Kind::Gemm, flops, || unsafe {
+            for xi in 0..16 {
+                sgemm_strided(
+                    g.o,
+                    g.c,
+                    n,
+                    sums.as_mut_ptr().add(xi * g.o * g.c),
+                    g.c,
+                    1,
+                    t0 > 0,
+                    ut.as_ptr().add(xi * n),
+                    16 * n,
+                    1,
+                    v.as_ptr().add(xi * n),
+                    1,
+                    16 * n,
+                )
+            }
+        });
+        t0 = t1;
+    }
+    pool::give(v);
+    pool::give(ut);
+    time(Kind::Winograd, 0, || kernel_grad(g, &sums, dw));
+    pool::give(sums);
+}
+
+/// `U (16, o, c)`: each 3×3 kernel as `G g Gᵀ`, G = [[1,0,0],[½,½,½],[½,−½,½],[0,0,1]].
+fn kernel_tiles(g: &Geom, wt: &[f32]) -> Vec<f32> {
+    let (o_n, c_n) = (g.o, g.c);
+    let mut u = pool::take(16 * o_n * c_n);
+    let gm = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+    for o in 0..o_n {
+        for c in 0..c_n {
+            let k = &wt[(o * c_n + c) * 9..(o * c_n + c + 1) * 9];
+            // Rows: G applied down each column of the kernel.
+            let cols: [[f32; 4]; 3] = std::array::from_fn(|j| gm(k[j], k[3 + j], k[6 + j]));
+            for p in 0..4 {
+                let row = gm(cols[0][p], cols[1][p], cols[2][p]);
+                for (q, &val) in row.iter().enumerate() {
+                    u[((p * 4 + q) * o_n + o) * c_n + c] = val;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// `dw (o, c, 3, 3) = A'ᵀ S A'` of each 4×4 sum, A'ᵀ = [[1,1,1,0],[0,1,−1,0],[0,1,1,1]].
+fn kernel_grad(g: &Geom, sums: &[f32], dw: &mut [f32]) {
+    let (o_n, c_n) = (g.o, g.c);
+    let at = |s: [f32; 4]| [s[0] + s[1] + s[2], s[1] - s[2], s[1] + s[2] + s[3]];
+    for o in 0..o_n {
+        for c in 0..c_n {
+            let s = |p: usize, q: usize| sums[((p * 4 + q) * o_n + o) * c_n + c];
+            let rows: [[f32; 3]; 4] =
+                std::array::from_fn(|p| at([s(p, 0), s(p, 1), s(p, 2), s(p, 3)]));
+            for kx in 0..3 {
+                let col = at([rows[0][kx], rows[1][kx], rows[2][kx], rows[3][kx]]);
+                for (ky, &val) in col.iter().enumerate() {
+                    dw[(o * c_n + c) * 9 + ky * 3 + kx] = val;
+                }
+            }
+        }
+    }
+}
+
+/// Images per vector: the transforms work on `[f32; L]` lanes (images `l0 .. l0 + L` of one
+/// tile), which the compiler turns into one AVX-512 (or two AVX2) registers per value.
+const L: usize = 16;
+type Lane = [f32; L];
+
+#[inline(always)]
+fn add(a: &Lane, b: &Lane) -> Lane {
+    let mut r = [0f32; L];
+    for i in 0..L {
+        r[i] = a[i] + b[i];
+    }
+    r
+}
+
+#[inline(always)]
+fn sub(a: &Lane, b: &Lane) -> Lane {
+    let mut r = [0f32; L];
+    for i in 0..L {
+        r[i] = a[i] - b[i];
+    }
+    r
+}
+
+#[inline(always)]
+fn half(a: &Lane) -> Lane {
+    let mut r = [0f32; L];
+    for i in 0..L {
+        r[i] = 0.5 * a[i];
+    }
+    r
+}
+
+#[inline(always)]
+fn neg(a: &Lane) -> Lane {
+    let mut r = [0f32; L];
+    for i in 0..L {
+        r[i] = -a[i];
+    }
+    r
+}
+
+/// `Bᵀ d` for Bᵀ = [[1,0,−1,0],[0,1,1,0],[0,−1,1,0],[0,1,0,−1]].
+#[inline(always)]
+fn bt(d: [&Lane; 4]) -> [Lane; 4] {
+    [
+        sub(d[0], d[2]),
+        add(d[1], d[2]),
+        sub(d[2], d[1]),
+        sub(d[1], d[3]),
+    ]
+}
+
+/// `Aᵀ m` for Aᵀ = [[1,1,1,0],[0,1,−1,−1]].
+#[inline(always)]
+fn at(m: [&Lane; 4]) -> [Lane; 2] {
+    [add(&add(m[0], m[1]), m[2]), sub(&sub(m[1], m[2]), m[3])]
+}
+
+/// `G' t` for G' = [[1,0],[½,½],[½,−½],[0,−1]].
+#[inline(always)]
+fn gp(t: [&Lane; 2]) -> [Lane; 4] {
+    [
+        *t[0],
+        half(&add(t[0], t[1])),
+        half(&sub(t[0], t[1])),
+        neg(t[1]),
+    ]
+}
+
+/// `src[at .. at + nl]` into `dst` (the rest zero). A full lane is a fixed-size copy (vector
+/// moves, not a `memcpy` call per value).
+#[inline(always)]
+fn load(src: &[f32], at: usize, nl: usize, dst: &mut Lane) {
+    if nl == L {
+        dst.copy_from_slice(&src[at..at + L]);
+    } else {
+        dst[..nl].copy_from_slice(&src[at..at + nl]);
+        dst[nl..].fill(0.0);
+    }
+}
+
+/// `val[..nl]` into `dst[at ..]`.
+#[inline(always)]
+fn store(dst: &mut [f32], at: usize, nl: usize, val: &Lane) {
+    if nl == L {
+        dst[at..at + L].copy_from_slice(val);
+    } else {
+        dst[at..at + nl].copy_from_slice(&val[..nl]);
+    }
+}
+
+/// `V (c, 16, n)` of tile rows `t0..t1`: every 4×4 window (rows `2ti − 1 ..`, columns
+/// `2tj − 1 ..`, zero outside the map) as `Bᵀ d B`.
+fn input_tiles(g: &Geom, x: &[f32], t0: usize, t1: usize, v: &mut [f32]) {
+    let n = (t1 - t0) * g.tw() * g.b;
+    let plane = g.h * g.w * g.b;
+    v.par_chunks_mut(16 * n)
+        .with_min_len(grain(16 * n))
+        .enumerate()
+        .for_each(|(c, vc)| {
+            input_tiles_channel(&x[c * plane..(c + 1) * plane], g.h, g.w, g.b, t0, t1, vc)
+        });
+}
+
+multiversion! {
+    fn input_tiles_channel(
+        xc: &[f32],
+        h: usize,
+        w: usize,
+        b: usize,
+        t0: usize,
+        t1: usize,
+        vc: &mut [f32],
+    ) {
+        let tw = w.div_ceil(2);
+        let n = (t1 - t0) * tw * b;
+        let mut d = [[0f32; L]; 16];
+        for ti in t0..t1 {
+            for tj in 0..tw {
+                let col = ((ti - t0) * tw + tj) * b;
+                for l0 in (0..b).step_by(L) {
+                    let nl = (b - l0).min(L);
+                    // Window (r, s) is map pixel (2ti + r − 1, 2tj + s − 1).
+                    for r in 0..4 {
+                        for s in 0..4 {
+                            let (y, xx) = (2 * ti + r, 2 * tj + s);
+                            if (1..=h).contains(&y) && (1..=w).contains(&xx) {
+                                load(xc, ((y - 1) * w + xx - 1) * b + l0, nl, &mut d[r * 4 + s]);
+                            } else {
+                                d[r * 4 + s] = [0.0; L];
+                            }
+                        }
+                    }
+                    // Bᵀ down the columns, then along the rows.
+                    let mut cols = [[[0f32; L]; 4]; 4];
+                    for (s, c) in cols.iter_mut().enumerate() {
+                        *c = bt([&d[s], &d[4 + s], &d[8 + s], &d[12 + s]]);
+                    }
+                    for p in 0..4 {
+                        let row = bt([&cols[0][p], &cols[1][p], &cols[2][p], &cols[3][p]]);
+                        for (q, val) in row.iter().enumerate() {
+                            store(vc, (p * 4 + q) * n + col + l0, nl, val);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y`'s tile rows `t0..t1` from `M (o, 16, n)`: `Aᵀ M A`.
+fn output_tiles(g: &Geom, m: &[f32], t0: usize, t1: usize, y: &mut [f32]) {
+    let n = (t1 - t0) * g.tw() * g.b;
+    let plane = g.h * g.w * g.b;
+    y.par_chunks_mut(plane)
+        .with_min_len(grain(16 * n))
+        .enumerate()
+        .for_each(|(o, yo)| {
+            output_tiles_channel(&m[o * 16 * n..(o + 1) * 16 * n], g.h, g.w, g.b, t0, t1, yo)
+        });
+}
+
+multiversion! {
+    fn output_tiles_channel(
+        mo: &[f32],
+        h: usize,
+        w: usize,
+        b: usize,
+        t0: usize,
+        t1: usize,
+        yo: &mut [f32],
+    ) {
+        let tw = w.div_ceil(2);
+        let n = (t1 - t0) * tw * b;
+        let mut e = [[0f32; L]; 16];
+        for ti in t0..t1 {
+            let rows = (h - 2 * ti).min(2);
+            for tj in 0..tw {
+                let cols = (w - 2 * tj).min(2);
+                let col = ((ti - t0) * tw + tj) * b;
+                for l0 in (0..b).step_by(L) {
+                    let nl = (b - l0).min(L);
+                    for (k, ek) in e.iter_mut().enumerate() {
+                        load(mo, k * n + col + l0, nl, ek);
+                    }
+                    let mut t = [[[0f32; L]; 2]; 4];
+                    for (p, tp) in t.iter_mut().enumerate() {
+                        *tp = at([&e[p * 4], &e[p * 4 + 1], &e[p * 4 + 2], &e[p * 4 + 3]]);
+                    }
+                    for j in 0..cols {
+                        let out = at([&t[0][j], &t[1][j], &t[2][j], &t[3][j]]);
+                        for (i, val) in out.iter().enumerate().take(rows) {
+                            store(yo, ((2 * ti + i) * w + 2 * tj + j) * b + l0, nl, val);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `U' (o, 16, n)` of `dy`'s 2×2 tiles (zero outside the map) in tile rows `t0..t1`:
+/// `G' t G'ᵀ`.
+fn grad_tiles(g: &Geom, dy: &[f32], t0: usize, t1: usize, ut: &mut [f32]) {
+    let n = (t1 - t0) * g.tw() * g.b;
+    let plane = g.h * g.w * g.b;
+    ut.par_chunks_mut(16 * n)
+        .with_min_len(grain(16 * n))
+        .enumerate()
+        .for_each(|(o, uo)| {
+            grad_tiles_channel(&dy[o * plane..(o + 1) * plane], g.h, g.w, g.b, t0, t1, uo)
+        });
+}
+
+multiversion! {
+    fn grad_tiles_channel(
+        dyo: &[f32],
+        h: usize,
+        w: usize,
+        b: usize,
+        t0: usize,
+        t1: usize,
+        uo: &mut [f32],
+    ) {
+        let tw = w.div_ceil(2);
+        let n = (t1 - t0) * tw * b;
+        let mut d = [[0f32; L]; 4];
+        for ti in t0..t1 {
+            for tj in 0..tw {
+                let col = ((ti - t0) * tw + tj) * b;
+                for l0 in (0..b).step_by(L) {
+                    let nl = (b - l0).min(L);
+                    for i in 0..2 {
+                        for j in 0..2 {
+                            let (y, xx) = (2 * ti + i, 2 * tj + j);
+                            if y < h && xx < w {
+                                load(dyo, (y * w + xx) * b + l0, nl, &mut d[i * 2 + j]);
+                            } else {
+                                d[i * 2 + j] = [0.0; L];
+                            }
+                        }
+                    }
+                    let c0 = gp([&d[0], &d[2]]);
+                    let c1 = gp([&d[1], &d[3]]);
+                    for p in 0..4 {
+                        let row = gp([&c0[p], &c1[p]]);
+                        for (q, val) in row.iter().enumerate() {
+                            store(uo, (p * 4 + q) * n + col + l0, nl, val);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vals(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e3779b97f4a7c15).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Direct 3×3 convolution in f64: y (o, h, w, b).
+    fn conv64(g: &Geom, x: &[f32], wt: &[f32]) -> Vec<f64> {
+        let mut y = vec![0f64; g.o * g.h * g.w * g.b];
+        for o in 0..g.o {
+            for yy in 0..g.h {
+                for xx in 0..g.w {
+                    for l in 0..g.b {
+                        let mut s = 0f64;
+                        for c in 0..g.c {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (iy, ix) = (yy + ky, xx + kx);
+                                    if iy < 1 || ix < 1 || iy > g.h || ix > g.w {
+                                        continue;
+                                    }
+                                    let xv = x[((c * g.h + iy - 1) * g.w + ix - 1) * g.b + l];
+                                    s += wt[(o * g.c + c) * 9 + ky * 3 + kx] as f64 * xv as f64;
+                                }
+                            }
+                        }
+                        y[((o * g.h + yy) * g.w + xx) * g.b + l] = s;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn close(a: &[f32], b: &[f64], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+            let d = (x as f64 - y).abs();
+            assert!(d <= 1e-4 * y.abs().max(1.0), "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    /// Even and odd maps (partial tiles), one and several images, several tile-row chunks.
+    const CASES: [Geom; 4] = [
+        Geom {
+            b: 1,
+            c: 2,
+            h: 4,
+            w: 4,
+            o: 3,
+        },
+        Geom {
+            b: 3,
+            c: 5,
+            h: 7,
+            w: 5,
+            o: 4,
+        },
+        Geom {
+            b: 16,
+            c: 3,
+            h: 6,
+            w: 9,
+            o: 2,
+        },
+        Geom {
+            b: 2,
+            c: 4,
+            h: 1,
+            w: 3,
+            o: 2,
+        },
+    ];
+
+    #[test]
+    fn forward_matches_a_direct_convolution() {
+        for g in CASES {
+            let x = vals(g.c * g.h * g.w * g.b, 1);
+            let wt = vals(g.o * g.c * 9, 2);
+            let mut y = vec![f32::NAN; g.o * g.h * g.w * g.b];
+            forward(&g, &x, &wt, &mut y);
+            close(&y, &conv64(&g, &x, &wt), &format!("y {g:?}"));
+        }
+    }
+
+    #[test]
+    fn gradients_match_the_adjoint_of_a_direct_convolution() {
+        for g in CASES {
+            let x = vals(g.c * g.h * g.w * g.b, 3);
+            let wt = vals(g.o * g.c * 9, 4);
+            let dy = vals(g.o * g.h * g.w * g.b, 5);
+            let mut dw = vec![f32::NAN; wt.len()];
+            let dx = backward(&g, &x, &wt, &dy, &mut dw, true).unwrap();
+            // dw[o,c,ky,kx] = Σ dy[o,y,x,l] · x[c, y+ky−1, x+kx−1, l]
+            let mut dw64 = vec![0f64; wt.len()];
+            let mut dx64 = vec![0f64; x.len()];
+            for o in 0..g.o {
+                for c in 0..g.c {
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            for yy in 0..g.h {
+                                for xx in 0..g.w {
+                                    let (iy, ix) = (yy + ky, xx + kx);
+                                    if iy < 1 || ix < 1 || iy > g.h || ix > g.w {
+                                        continue;
+                                    }
+                                    for l in 0..g.b {
+                                        let d = dy[((o * g.h + yy) * g.w + xx) * g.b + l] as f64;
+                                        let xi = ((c * g.h + iy - 1) * g.w + ix - 1) * g.b + l;
+                                        dw64[(o * g.c + c) * 9 + ky * 3 + kx] += d * x[xi] as f64;
+                                        dx64[xi] += d * wt[(o * g.c + c) * 9 + ky * 3 + kx] as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            close(&dw, &dw64, &format!("dw {g:?}"));
+            close(&dx, &dx64, &format!("dx {g:?}"));
+            assert!(backward(&g, &x, &wt, &dy, &mut dw, false).is_none());
+        }
+    }
+
+    #[test]
+    fn chunks_cover_every_tile_row_once() {
+        // A map wide enough that a chunk holds fewer tile rows than the map has.
+        let g = Geom {
+            b: 16,
+            c: 2,
+            h: 40,
+            w: 600,
+            o: 2,
+        };
+        assert!(g.chunk_rows() < g.th());
+        let x = vals(g.c * g.h * g.w * g.b, 6);
+        let wt = vals(g.o * g.c * 9, 7);
+        let mut y = vec![f32::NAN; g.o * g.h * g.w * g.b];
+        forward(&g, &x, &wt, &mut y);
+        close(&y, &conv64(&g, &x, &wt), "y");
+    }
+
+    /// Timing of each part at the head's shape (not a check; `cargo test --release --lib
+    /// winograd_parts -- --ignored --nocapture`, with `ONEHEAD_PROFILE_CPU=1` on a busy machine).
+    #[test]
+    #[ignore]
+    fn winograd_parts() {
+        let g = Geom {
+            b: 16,
+            c: 128,
+            h: 28,
+            w: 28,
+            o: 128,
+        };
+        let x = vals(g.c * g.h * g.w * g.b, 1);
+        let wt = vals(g.o * g.c * 9, 2);
+        let mut y = vec![0f32; g.o * g.h * g.w * g.b];
+        let n = g.th() * g.tw() * g.b;
+        let mut v = vec![0f32; g.c * 16 * n];
+        let mut m = vec![0f32; g.o * 16 * n];
+        let clock = crate::ops::fused::prof::clock;
+        for round in 0..3 {
+            let t = clock();
+            input_tiles(&g, &x, 0, g.th(), &mut v);
+            let t1 = clock();
+            output_tiles(&g, &m, 0, g.th(), &mut y);
+            let t2 = clock();
+            grad_tiles(&g, &y, 0, g.th(), &mut m);
+            let t3 = clock();
+            forward(&g, &x, &wt, &mut y);
+            let t4 = clock();
+            eprintln!(
+                "round {round}: input {:.2} ms, output {:.2} ms, grad {:.2} ms, forward {:.2} ms (chunk rows {})",
+                (t1 - t) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t4 - t3) * 1e3, g.chunk_rows()
+            );
+        }
+    }
+}

@@ -76,6 +76,14 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["version"], env!("CARGO_PKG_VERSION"));
     assert!(!meta["git_commit"].as_str().unwrap().is_empty());
+    // The switches that change the arithmetic, exactly as this process has them.
+    let env = meta["env"].as_object().unwrap();
+    for (k, v) in std::env::vars() {
+        if k.starts_with("ONEHEAD_") || k == "RAYON_NUM_THREADS" {
+            assert_eq!(env[&k], v, "{k}");
+        }
+    }
+    assert!(env.keys().all(|k| k.starts_with("ONEHEAD_") || k == "RAYON_NUM_THREADS"));
     for ck in ["stage1-seg", "stage2-det", "stage3-cls"] {
         assert!(dir
             .join("checkpoints")

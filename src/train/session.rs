@@ -296,6 +296,11 @@ fn write_run_files(run_dir: &Path, env: &Env) -> Result<()> {
         "device": format!("{:?}", env.device),
         "data_root": exp.data.resolved_root().display().to_string(),
         "command": std::env::args().collect::<Vec<_>>(),
+        // The ONEHEAD_* switches that change the arithmetic (executor, Winograd, threads):
+        // a run made with one of them set is reproduced only with it set again.
+        "env": std::env::vars()
+            .filter(|(k, _)| k.starts_with("ONEHEAD_") || k == "RAYON_NUM_THREADS")
+            .collect::<std::collections::BTreeMap<_, _>>(),
     });
     report::write_atomic(
         &run_dir.join("meta.json"),

@@ -83,7 +83,9 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
             assert_eq!(env[&k], v, "{k}");
         }
     }
-    assert!(env.keys().all(|k| k.starts_with("ONEHEAD_") || k == "RAYON_NUM_THREADS"));
+    assert!(env
+        .keys()
+        .all(|k| k.starts_with("ONEHEAD_") || k == "RAYON_NUM_THREADS"));
     for ck in ["stage1-seg", "stage2-det", "stage3-cls"] {
         assert!(dir
             .join("checkpoints")

@@ -39,6 +39,11 @@ fn profile_charges_every_kind_and_labels_every_node() {
     prof::enable(true);
     let y = m.forward_t(x.as_tensor(), true).unwrap();
     loss(&y).backward().unwrap();
+    let nodes = prof::nodes();
+    // 8 images: the 3×3 stride-1 convs take the Winograd path (its transforms are a kind).
+    let x8 = common::seeded_input(8, 32, 32, 13);
+    let y8 = m.forward_t(x8.as_tensor(), true).unwrap();
+    loss(&y8).backward().unwrap();
     prof::enable(false);
     for (kind, secs, flops) in prof::snapshot() {
         assert!(secs > 0.0, "{}: no time charged", kind.name());
@@ -49,7 +54,6 @@ fn profile_charges_every_kind_and_labels_every_node() {
             kind.name()
         );
     }
-    let nodes = prof::nodes();
     assert_eq!(nodes[0].0, "input -> 3x32x32 (B=2)");
     for want in [
         "conv Dense { k: 3, stride: 2 } -> 16x16x16 (B=2)",

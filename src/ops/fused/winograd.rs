@@ -376,6 +376,8 @@ multiversion! {
                     for (s, c) in cols.iter_mut().enumerate() {
                         *c = bt([&d[s], &d[4 + s], &d[8 + s], &d[12 + s]]);
                     }
+                    // p indexes the second axis of every column: a transpose, not an iteration.
+                    #[allow(clippy::needless_range_loop)]
                     for p in 0..4 {
                         let row = bt([&cols[0][p], &cols[1][p], &cols[2][p], &cols[3][p]]);
                         for (q, val) in row.iter().enumerate() {
@@ -427,6 +429,8 @@ multiversion! {
                     for (p, tp) in t.iter_mut().enumerate() {
                         *tp = at([&e[p * 4], &e[p * 4 + 1], &e[p * 4 + 2], &e[p * 4 + 3]]);
                     }
+                    // j indexes the second axis of every row (and only the map's columns).
+                    #[allow(clippy::needless_range_loop)]
                     for j in 0..cols {
                         let out = at([&t[0][j], &t[1][j], &t[2][j], &t[3][j]]);
                         for (i, val) in out.iter().enumerate().take(rows) {

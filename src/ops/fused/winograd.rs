@@ -679,9 +679,12 @@ mod tests {
             let t3 = clock();
             forward(&g, &x, &wt, &mut y);
             let t4 = clock();
+            let mut dw = vec![0f32; wt.len()];
+            weight_grad(&g, &x, &y, &mut dw);
+            let t5 = clock();
             eprintln!(
-                "round {round}: input {:.2} ms, output {:.2} ms, grad {:.2} ms, forward {:.2} ms (chunk rows {})",
-                (t1 - t) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t4 - t3) * 1e3, g.chunk_rows()
+                "round {round}: input {:.2} ms, output {:.2} ms, grad {:.2} ms, forward {:.2} ms, weight grad {:.2} ms (chunk rows {})",
+                (t1 - t) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t4 - t3) * 1e3, (t5 - t4) * 1e3, g.chunk_rows()
             );
         }
     }

@@ -1,6 +1,6 @@
 //! Convolutions (square kernel, padding `k/2`): 1×1 as one gemm over the whole batch, dense
-//! 3×3 stride 1 by Winograd F(2×2, 3×3) (`winograd.rs`), other dense k×k as chunked im2col +
-//! one gemm per chunk, depthwise with the direct kernels; optional
+//! 3×3 stride 1 over 8 or more images by Winograd F(2×2, 3×3) (`winograd.rs`), other dense
+//! k×k as chunked im2col + one gemm per chunk, depthwise with the direct kernels; optional
 //! bias. The backward writes the weight (and bias) gradient and returns the input gradient
 //! unless nothing needs it (the network input when it is not tracked).
 

@@ -144,7 +144,10 @@ def table(sweep, joint, own_end):
     joint = next((r["config"] for r in summary if name_of(r) == joint), joint)
     own_end = [r["config"] for r in summary if name_of(r) in own_end or r["config"] in own_end]
     dagger = False
+    has_joint = any(r["config"] == joint for r in summary)
     for r in summary:
+        if r.get("n_seeds") in ("0", 0):
+            continue  # nothing finished yet
         name = name_of(r)
         cells = [f"`{name}`", r["n_seeds"]]
         for t, m, _ in TASKS:
@@ -183,7 +186,12 @@ def table(sweep, joint, own_end):
                     a, b = min(a, b), max(a, b)
                     cell = f"{pts(v)} [{pts(a)}, {pts(b)}]"
             vs.append(cell)
-        cells.append("reference" if r["config"] == joint else " / ".join(vs) if any(v != "—" for v in vs) else "not paired yet")
+        if r["config"] == joint:
+            cells.append("reference")
+        elif any(v != "—" for v in vs):
+            cells.append(" / ".join(vs))
+        else:
+            cells.append("not paired yet" if has_joint else f"— (no {joint} in this sweep)")
         lines.append("| " + " | ".join(cells) + " |")
     refs = references(sweep, index)
     n = max(len(v) for v in refs.values())

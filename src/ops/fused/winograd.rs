@@ -1,30 +1,36 @@
-//! Winograd F(2×2, 3×3) for the dense 3×3 stride-1 convolutions (the FPN's output conv and
+//! Winograd convolution for the dense 3×3 stride-1 convolutions (the FPN's output conv and
 //! the head's first conv, padding 1): forward, input gradient and weight gradient.
 //!
 //! Why: those two convolutions run at stride 8 with 128 channels in and out and carry about
 //! 70 % of a forward's floating-point work (and of the backward's gemms). Winograd's minimal
-//! filtering (Lavin & Gray 2016) computes a 2×2 output tile from a 4×4 input tile with 16
-//! products per channel pair instead of 36: each 4×4 window `d` is transformed
-//! (`V = Bᵀ d B`), each kernel too (`U = G g Gᵀ`), the 16 transformed positions `ξ` are 16
-//! gemms over the channels (`M_ξ = U_ξ · V_ξ`), and `Y = Aᵀ M A` gives the tile: 2.25× fewer
-//! multiplications, and the transforms replace im2col's 9× copy of the input.
+//! filtering (Lavin & Gray 2016) transforms each input window (`V = Bᵀ d B`) and each kernel
+//! (`U = G g Gᵀ`), multiplies them position by position — one gemm over the channels per
+//! transformed position `ξ`, `M_ξ = U_ξ · V_ξ` — and maps the products back to an output
+//! tile (`Y = Aᵀ M A`); the transforms replace im2col's 9× copy of the input.
+//! - **Forward: F(4×4, 3×3)** (points 0, ±1, ±2, ∞): a 6×6 window gives a 4×4 tile with 36
+//!   products per channel pair instead of 144, 4× fewer multiplications, and 2.25 transformed
+//!   floats per input float (F(2×2, 3×3), tried first, writes 4 and was slower: the
+//!   transforms are bound by memory traffic).
 //! - The input gradient is the same convolution of `dy` with the kernel flipped and its
 //!   channels swapped (stride 1, padding 1), so it reuses the forward.
-//! - The weight gradient is F(3×3, 2×2): for each tile, the 3×3 correlation of the same 4×4
-//!   input window with the 2×2 tile of `dy`. With the forward's `V`, `dy`'s tiles transformed
-//!   by `G'` (`U' = G' t G'ᵀ`), one gemm per `ξ` sums `U'_ξ · V_ξᵀ` over every tile and image,
-//!   and `dW = A'ᵀ (·) A'` maps each 4×4 sum to the 3×3 kernel gradient. `G'` and `A'` are
-//!   the transposed Toom–Cook construction on the same points (0, 1, −1, ∞), with `Bᵀ`'s
-//!   row scaling moved into `G'` so that `V` is shared (derivation in the tests' comments).
+//! - **Weight gradient: F(3×3, 2×2)** on 2×2 tiles of `dy`: for each tile, the 3×3
+//!   correlation of the 4×4 input window with the 2×2 tile. The window is transformed by
+//!   F(2×2, 3×3)'s `Bᵀ`, `dy`'s tiles by `G'` (`U' = G' t G'ᵀ`), one gemm per `ξ` (16) sums
+//!   `U'_ξ · V_ξᵀ` over every tile and image, and `dW = A'ᵀ (·) A'` maps each 4×4 sum to the
+//!   3×3 kernel gradient. `G'` and `A'` are the transposed Toom–Cook construction on the
+//!   points 0, 1, −1, ∞ (correlation `y = A_hᵀ[(A_g g) ⊙ (Cᵀ d)]` for the linear-convolution
+//!   algorithm `s = C[(A_g g) ⊙ (A_h h)]`), with `Cᵀ = diag(1, ½, ½, −1) Bᵀ`'s row scaling
+//!   moved into `G'`.
 //!
 //! The values differ from the im2col path by float rounding only (checked against f64
 //! direct convolutions in the tests and against candle's ops in `tests/model_fused.rs`);
 //! fixed chunking and summation order keep it deterministic. `ONEHEAD_WINOGRAD=0` turns it
 //! off (the im2col path, for comparisons).
 //!
-//! Layout: values `(C, H, W, B)`; tiles `ti, tj` of 2×2 outputs, `ceil(H/2) × ceil(W/2)`; a
-//! chunk of tile rows holds `T = rows · tiles_per_row · B` columns, column `(tile · B + b)`;
-//! transformed inputs `V (C, 16, T)`, products `M (O, 16, T)`, kernels `U (16, O, C)`.
+//! Layout: values `(C, H, W, B)`; output tiles `ti, tj` of 4×4 (forward) or 2×2 (weight
+//! gradient); a chunk of tile rows holds `T = rows · tiles_per_row · B` columns, column
+//! `(tile · B + b)`; transformed inputs `V (C, ξ, T)`, products `M (O, ξ, T)`, kernels
+//! `U (ξ, O, C)`, with 36 or 16 positions `ξ`.
 
 use rayon::prelude::*;
 
@@ -52,6 +58,7 @@ pub struct Geom {
 }
 
 impl Geom {
+    /// 2×2 tiles (the weight gradient's).
     fn th(&self) -> usize {
         self.h.div_ceil(2)
     }
@@ -69,6 +76,23 @@ impl Geom {
         by_cols.min(by_bytes).clamp(1, self.th().max(1))
     }
 
+    /// 4×4 tiles (the forward's).
+    fn th4(&self) -> usize {
+        self.h.div_ceil(4)
+    }
+
+    fn tw4(&self) -> usize {
+        self.w.div_ceil(4)
+    }
+
+    /// As [`Geom::chunk_rows`] for 4×4 tiles and 36 positions.
+    fn chunk_rows4(&self) -> usize {
+        let per_row = (self.tw4() * self.b).max(1);
+        let by_cols = 4096usize.div_ceil(per_row);
+        let by_bytes = ((16usize << 20) / (4 * 36 * self.c.max(self.o).max(1) * per_row)).max(1);
+        by_cols.min(by_bytes).clamp(1, self.th4().max(1))
+    }
+
     /// The same convolution with input and output channels swapped (the input gradient's).
     fn swapped(&self) -> Geom {
         Geom {
@@ -82,48 +106,6 @@ impl Geom {
 /// Minimum channels per rayon task (~16 K values of work each).
 fn grain(per_item: usize) -> usize {
     (16384 / per_item.max(1)).max(1)
-}
-
-/// `y (o, h, w, b) = conv3×3(x, wt)` for `wt (o, c, 3, 3)` (no bias).
-pub fn forward(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
-    let u = kernel_tiles(g, wt);
-    let (tw, nr) = (g.tw(), g.chunk_rows());
-    let per_row = tw * g.b;
-    let mut v = pool::take(g.c * 16 * nr * per_row);
-    let mut m = pool::take(g.o * 16 * nr * per_row);
-    let mut t0 = 0;
-    while t0 < g.th() {
-        let t1 = (t0 + nr).min(g.th());
-        let n = (t1 - t0) * per_row;
-        let (v, m) = (&mut v[..g.c * 16 * n], &mut m[..g.o * 16 * n]);
-        time(Kind::Winograd, 0, || input_tiles(g, x, t0, t1, v));
-        let flops = (2 * 16 * g.o * g.c * n) as u64;
-        // SAFETY: for each ξ, M_ξ (o × n, row stride 16n) = U_ξ (o × c) · V_ξ (c × n, row
-        // stride 16n); the three buffers hold these sizes and are disjoint.
-        time(Kind::Gemm, flops, || unsafe {
-            for xi in 0..16 {
-                sgemm(
-                    g.o,
-                    n,
-                    g.c,
-                    m.as_mut_ptr().add(xi * n),
-                    16 * n,
-                    false,
-                    u.as_ptr().add(xi * g.o * g.c),
-                    g.c,
-                    1,
-                    v.as_ptr().add(xi * n),
-                    16 * n,
-                    1,
-                )
-            }
-        });
-        time(Kind::Winograd, 0, || output_tiles(g, m, t0, t1, y));
-        t0 = t1;
-    }
-    pool::give(v);
-    pool::give(m);
-    pool::give(u);
 }
 
 /// Weight gradient (written to `dw (o, c, 3, 3)`) and, if `want_dx`, the input gradient.
@@ -198,27 +180,6 @@ fn weight_grad(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     pool::give(sums);
 }
 
-/// `U (16, o, c)`: each 3×3 kernel as `G g Gᵀ`, G = [[1,0,0],[½,½,½],[½,−½,½],[0,0,1]].
-fn kernel_tiles(g: &Geom, wt: &[f32]) -> Vec<f32> {
-    let (o_n, c_n) = (g.o, g.c);
-    let mut u = pool::take(16 * o_n * c_n);
-    let gm = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-    for o in 0..o_n {
-        for c in 0..c_n {
-            let k = &wt[(o * c_n + c) * 9..(o * c_n + c + 1) * 9];
-            // Rows: G applied down each column of the kernel.
-            let cols: [[f32; 4]; 3] = std::array::from_fn(|j| gm(k[j], k[3 + j], k[6 + j]));
-            for p in 0..4 {
-                let row = gm(cols[0][p], cols[1][p], cols[2][p]);
-                for (q, &val) in row.iter().enumerate() {
-                    u[((p * 4 + q) * o_n + o) * c_n + c] = val;
-                }
-            }
-        }
-    }
-    u
-}
-
 /// `dw (o, c, 3, 3) = A'ᵀ S A'` of each 4×4 sum, A'ᵀ = [[1,1,1,0],[0,1,−1,0],[0,1,1,1]].
 fn kernel_grad(g: &Geom, sums: &[f32], dw: &mut [f32]) {
     let (o_n, c_n) = (g.o, g.c);
@@ -288,12 +249,6 @@ fn bt(d: [&Lane; 4]) -> [Lane; 4] {
         sub(d[2], d[1]),
         sub(d[1], d[3]),
     ]
-}
-
-/// `Aᵀ m` for Aᵀ = [[1,1,1,0],[0,1,−1,−1]].
-#[inline(always)]
-fn at(m: [&Lane; 4]) -> [Lane; 2] {
-    [add(&add(m[0], m[1]), m[2]), sub(&sub(m[1], m[2]), m[3])]
 }
 
 /// `G' t` for G' = [[1,0],[½,½],[½,−½],[0,−1]].
@@ -390,59 +345,6 @@ multiversion! {
     }
 }
 
-/// `y`'s tile rows `t0..t1` from `M (o, 16, n)`: `Aᵀ M A`.
-fn output_tiles(g: &Geom, m: &[f32], t0: usize, t1: usize, y: &mut [f32]) {
-    let n = (t1 - t0) * g.tw() * g.b;
-    let plane = g.h * g.w * g.b;
-    y.par_chunks_mut(plane)
-        .with_min_len(grain(16 * n))
-        .enumerate()
-        .for_each(|(o, yo)| {
-            output_tiles_channel(&m[o * 16 * n..(o + 1) * 16 * n], g.h, g.w, g.b, t0, t1, yo)
-        });
-}
-
-multiversion! {
-    fn output_tiles_channel(
-        mo: &[f32],
-        h: usize,
-        w: usize,
-        b: usize,
-        t0: usize,
-        t1: usize,
-        yo: &mut [f32],
-    ) {
-        let tw = w.div_ceil(2);
-        let n = (t1 - t0) * tw * b;
-        let mut e = [[0f32; L]; 16];
-        for ti in t0..t1 {
-            let rows = (h - 2 * ti).min(2);
-            for tj in 0..tw {
-                let cols = (w - 2 * tj).min(2);
-                let col = ((ti - t0) * tw + tj) * b;
-                for l0 in (0..b).step_by(L) {
-                    let nl = (b - l0).min(L);
-                    for (k, ek) in e.iter_mut().enumerate() {
-                        load(mo, k * n + col + l0, nl, ek);
-                    }
-                    let mut t = [[[0f32; L]; 2]; 4];
-                    for (p, tp) in t.iter_mut().enumerate() {
-                        *tp = at([&e[p * 4], &e[p * 4 + 1], &e[p * 4 + 2], &e[p * 4 + 3]]);
-                    }
-                    // j indexes the second axis of every row (and only the map's columns).
-                    #[allow(clippy::needless_range_loop)]
-                    for j in 0..cols {
-                        let out = at([&t[0][j], &t[1][j], &t[2][j], &t[3][j]]);
-                        for (i, val) in out.iter().enumerate().take(rows) {
-                            store(yo, ((2 * ti + i) * w + 2 * tj + j) * b + l0, nl, val);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// `U' (o, 16, n)` of `dy`'s 2×2 tiles (zero outside the map) in tile rows `t0..t1`:
 /// `G' t G'ᵀ`.
 fn grad_tiles(g: &Geom, dy: &[f32], t0: usize, t1: usize, ut: &mut [f32]) {
@@ -490,6 +392,226 @@ multiversion! {
                         let row = gp([&c0[p], &c1[p]]);
                         for (q, val) in row.iter().enumerate() {
                             store(uo, (p * 4 + q) * n + col + l0, nl, val);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The forward, F(4×4, 3×3): 6×6 windows (rows `4ti − 1 ..`), 36 positions, 4×4 output tiles,
+// Lavin & Gray's matrices.
+
+/// `y (o, h, w, b) = conv3×3(x, wt)` for `wt (o, c, 3, 3)` (no bias), by F(4×4, 3×3).
+pub fn forward(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
+    let u = kernel_tiles4(g, wt);
+    let (tw, nr) = (g.tw4(), g.chunk_rows4());
+    let per_row = tw * g.b;
+    let mut v = pool::take(g.c * 36 * nr * per_row);
+    let mut m = pool::take(g.o * 36 * nr * per_row);
+    let mut t0 = 0;
+    while t0 < g.th4() {
+        let t1 = (t0 + nr).min(g.th4());
+        let n = (t1 - t0) * per_row;
+        let (v, m) = (&mut v[..g.c * 36 * n], &mut m[..g.o * 36 * n]);
+        let plane = g.h * g.w * g.b;
+        time(Kind::Winograd, 0, || {
+            v.par_chunks_mut(36 * n)
+                .with_min_len(grain(36 * n))
+                .enumerate()
+                .for_each(|(c, vc)| {
+                    input_tiles4_channel(&x[c * plane..(c + 1) * plane], g.h, g.w, g.b, t0, t1, vc)
+                })
+        });
+        let flops = (2 * 36 * g.o * g.c * n) as u64;
+        // SAFETY: for each ξ, M_ξ (o × n, row stride 36n) = U_ξ (o × c) · V_ξ (c × n, row
+        // stride 36n); the three buffers hold these sizes and are disjoint.
+        time(Kind::Gemm, flops, || unsafe {
+            for xi in 0..36 {
+                sgemm(
+                    g.o,
+                    n,
+                    g.c,
+                    m.as_mut_ptr().add(xi * n),
+                    36 * n,
+                    false,
+                    u.as_ptr().add(xi * g.o * g.c),
+                    g.c,
+                    1,
+                    v.as_ptr().add(xi * n),
+                    36 * n,
+                    1,
+                )
+            }
+        });
+        time(Kind::Winograd, 0, || {
+            y.par_chunks_mut(plane)
+                .with_min_len(grain(36 * n))
+                .enumerate()
+                .for_each(|(o, yo)| {
+                    output_tiles4_channel(
+                        &m[o * 36 * n..(o + 1) * 36 * n],
+                        g.h,
+                        g.w,
+                        g.b,
+                        t0,
+                        t1,
+                        yo,
+                    )
+                })
+        });
+        t0 = t1;
+    }
+    pool::give(v);
+    pool::give(m);
+    pool::give(u);
+}
+
+/// `G g` down a 3-vector: G = [[¼,0,0],[−⅙,−⅙,−⅙],[−⅙,⅙,−⅙],[1/24,1/12,⅙],[1/24,−1/12,⅙],[0,0,1]].
+fn g6(a: f32, b: f32, c: f32) -> [f32; 6] {
+    [
+        a / 4.0,
+        -(a + b + c) / 6.0,
+        -(a - b + c) / 6.0,
+        a / 24.0 + b / 12.0 + c / 6.0,
+        a / 24.0 - b / 12.0 + c / 6.0,
+        c,
+    ]
+}
+
+/// `U (36, o, c)`: each kernel as `G g Gᵀ`.
+fn kernel_tiles4(g: &Geom, wt: &[f32]) -> Vec<f32> {
+    let (o_n, c_n) = (g.o, g.c);
+    let mut u = pool::take(36 * o_n * c_n);
+    for o in 0..o_n {
+        for c in 0..c_n {
+            let k = &wt[(o * c_n + c) * 9..(o * c_n + c + 1) * 9];
+            let cols: [[f32; 6]; 3] = [0, 1, 2].map(|j| g6(k[j], k[3 + j], k[6 + j]));
+            for p in 0..6 {
+                let row = g6(cols[0][p], cols[1][p], cols[2][p]);
+                for (q, &val) in row.iter().enumerate() {
+                    u[((p * 6 + q) * o_n + o) * c_n + c] = val;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// `Bᵀ d` for the 6-point Bᵀ (rows [4,0,−5,0,1,0], [0,−4,−4,1,1,0], [0,4,−4,−1,1,0],
+/// [0,−2,−1,2,1,0], [0,2,−1,−2,1,0], [0,4,0,−5,0,1]).
+#[inline(always)]
+fn bt6(d: [&Lane; 6]) -> [Lane; 6] {
+    let mut r = [[0f32; L]; 6];
+    for i in 0..L {
+        let (d0, d1, d2, d3, d4, d5) = (d[0][i], d[1][i], d[2][i], d[3][i], d[4][i], d[5][i]);
+        r[0][i] = 4.0 * d0 - 5.0 * d2 + d4;
+        r[1][i] = -4.0 * (d1 + d2) + d3 + d4;
+        r[2][i] = 4.0 * (d1 - d2) - d3 + d4;
+        r[3][i] = 2.0 * (d3 - d1) - d2 + d4;
+        r[4][i] = 2.0 * (d1 - d3) - d2 + d4;
+        r[5][i] = 4.0 * d1 - 5.0 * d3 + d5;
+    }
+    r
+}
+
+/// `Aᵀ m` for Aᵀ = [[1,1,1,1,1,0],[0,1,−1,2,−2,0],[0,1,1,4,4,0],[0,1,−1,8,−8,1]].
+#[inline(always)]
+fn at6(m: [&Lane; 6]) -> [Lane; 4] {
+    let mut r = [[0f32; L]; 4];
+    for i in 0..L {
+        let (m0, m1, m2, m3, m4, m5) = (m[0][i], m[1][i], m[2][i], m[3][i], m[4][i], m[5][i]);
+        let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+        r[0][i] = m0 + s12 + s34;
+        r[1][i] = d12 + 2.0 * d34;
+        r[2][i] = s12 + 4.0 * s34;
+        r[3][i] = d12 + 8.0 * d34 + m5;
+    }
+    r
+}
+
+multiversion! {
+    fn input_tiles4_channel(
+        xc: &[f32],
+        h: usize,
+        w: usize,
+        b: usize,
+        t0: usize,
+        t1: usize,
+        vc: &mut [f32],
+    ) {
+        let tw = w.div_ceil(4);
+        let n = (t1 - t0) * tw * b;
+        let mut d = [[0f32; L]; 36];
+        for ti in t0..t1 {
+            for tj in 0..tw {
+                let col = ((ti - t0) * tw + tj) * b;
+                for l0 in (0..b).step_by(L) {
+                    let nl = (b - l0).min(L);
+                    for r in 0..6 {
+                        for s in 0..6 {
+                            let (yy, xx) = (4 * ti + r, 4 * tj + s);
+                            if (1..=h).contains(&yy) && (1..=w).contains(&xx) {
+                                load(xc, ((yy - 1) * w + xx - 1) * b + l0, nl, &mut d[r * 6 + s]);
+                            } else {
+                                d[r * 6 + s] = [0.0; L];
+                            }
+                        }
+                    }
+                    let mut cols = [[[0f32; L]; 6]; 6];
+                    for (s, c) in cols.iter_mut().enumerate() {
+                        *c = bt6([&d[s], &d[6 + s], &d[12 + s], &d[18 + s], &d[24 + s], &d[30 + s]]);
+                    }
+                    // p indexes the second axis of every column: a transpose, not an iteration.
+                    #[allow(clippy::needless_range_loop)]
+                    for p in 0..6 {
+                        let row = bt6([&cols[0][p], &cols[1][p], &cols[2][p], &cols[3][p], &cols[4][p], &cols[5][p]]);
+                        for (q, val) in row.iter().enumerate() {
+                            store(vc, (p * 6 + q) * n + col + l0, nl, val);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn output_tiles4_channel(
+        mo: &[f32],
+        h: usize,
+        w: usize,
+        b: usize,
+        t0: usize,
+        t1: usize,
+        yo: &mut [f32],
+    ) {
+        let tw = w.div_ceil(4);
+        let n = (t1 - t0) * tw * b;
+        let mut e = [[0f32; L]; 36];
+        for ti in t0..t1 {
+            let rows = (h - 4 * ti).min(4);
+            for tj in 0..tw {
+                let cols = (w - 4 * tj).min(4);
+                let col = ((ti - t0) * tw + tj) * b;
+                for l0 in (0..b).step_by(L) {
+                    let nl = (b - l0).min(L);
+                    for (k, ek) in e.iter_mut().enumerate() {
+                        load(mo, k * n + col + l0, nl, ek);
+                    }
+                    let mut t = [[[0f32; L]; 4]; 6];
+                    for (p, tp) in t.iter_mut().enumerate() {
+                        let r = &e[p * 6..p * 6 + 6];
+                        *tp = at6([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
+                    }
+                    // j indexes the second axis of every row (and only the map's columns).
+                    #[allow(clippy::needless_range_loop)]
+                    for j in 0..cols {
+                        let out = at6([&t[0][j], &t[1][j], &t[2][j], &t[3][j], &t[4][j], &t[5][j]]);
+                        for (i, val) in out.iter().enumerate().take(rows) {
+                            store(yo, ((4 * ti + i) * w + 4 * tj + j) * b + l0, nl, val);
                         }
                     }
                 }
@@ -584,13 +706,60 @@ mod tests {
 
     #[test]
     fn forward_matches_a_direct_convolution() {
-        for g in CASES {
+        let more = [
+            Geom {
+                b: 16,
+                c: 6,
+                h: 9,
+                w: 12,
+                o: 5,
+            },
+            Geom {
+                b: 17,
+                c: 4,
+                h: 8,
+                w: 3,
+                o: 3,
+            },
+        ];
+        for g in CASES.iter().chain(&more) {
             let x = vals(g.c * g.h * g.w * g.b, 1);
             let wt = vals(g.o * g.c * 9, 2);
             let mut y = vec![f32::NAN; g.o * g.h * g.w * g.b];
-            forward(&g, &x, &wt, &mut y);
-            close(&y, &conv64(&g, &x, &wt), &format!("y {g:?}"));
+            forward(g, &x, &wt, &mut y);
+            close(&y, &conv64(g, &x, &wt), &format!("y {g:?}"));
         }
+    }
+
+    /// `(dw, dx)` of a direct convolution in f64: dw[o,c,ky,kx] = Σ dy[o,y,x,l] ·
+    /// x[c, y+ky−1, x+kx−1, l], dx its adjoint in x.
+    fn adjoint64(g: &Geom, x: &[f32], wt: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>) {
+        let mut dw64 = vec![0f64; wt.len()];
+        let mut dx64 = vec![0f64; x.len()];
+        for o in 0..g.o {
+            for c in 0..g.c {
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let k = (o * g.c + c) * 9 + ky * 3 + kx;
+                        for yy in 0..g.h {
+                            for xx in 0..g.w {
+                                let (iy, ix) = (yy + ky, xx + kx);
+                                if iy < 1 || ix < 1 || iy > g.h || ix > g.w {
+                                    continue;
+                                }
+                                for l in 0..g.b {
+                                    let d = dy[((o * g.h + yy) * g.w + xx) * g.b + l] as f64;
+                                    let xi = ((c * g.h + iy - 1) * g.w + ix - 1) * g.b + l;
+                                    dw64[k] += d * x[xi] as f64;
+                                    dx64[xi] += d * wt[k] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (dw64, dx64)
     }
 
     #[test]
@@ -601,31 +770,7 @@ mod tests {
             let dy = vals(g.o * g.h * g.w * g.b, 5);
             let mut dw = vec![f32::NAN; wt.len()];
             let dx = backward(&g, &x, &wt, &dy, &mut dw, true).unwrap();
-            // dw[o,c,ky,kx] = Σ dy[o,y,x,l] · x[c, y+ky−1, x+kx−1, l]
-            let mut dw64 = vec![0f64; wt.len()];
-            let mut dx64 = vec![0f64; x.len()];
-            for o in 0..g.o {
-                for c in 0..g.c {
-                    for ky in 0..3 {
-                        for kx in 0..3 {
-                            for yy in 0..g.h {
-                                for xx in 0..g.w {
-                                    let (iy, ix) = (yy + ky, xx + kx);
-                                    if iy < 1 || ix < 1 || iy > g.h || ix > g.w {
-                                        continue;
-                                    }
-                                    for l in 0..g.b {
-                                        let d = dy[((o * g.h + yy) * g.w + xx) * g.b + l] as f64;
-                                        let xi = ((c * g.h + iy - 1) * g.w + ix - 1) * g.b + l;
-                                        dw64[(o * g.c + c) * 9 + ky * 3 + kx] += d * x[xi] as f64;
-                                        dx64[xi] += d * wt[(o * g.c + c) * 9 + ky * 3 + kx] as f64;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+            let (dw64, dx64) = adjoint64(&g, &x, &wt, &dy);
             close(&dw, &dw64, &format!("dw {g:?}"));
             close(&dx, &dx64, &format!("dx {g:?}"));
             assert!(backward(&g, &x, &wt, &dy, &mut dw, false).is_none());
@@ -634,7 +779,8 @@ mod tests {
 
     #[test]
     fn chunks_cover_every_tile_row_once() {
-        // A map wide enough that a chunk holds fewer tile rows than the map has.
+        // A map wide enough that a chunk holds fewer tile rows than the map has, in both
+        // tilings.
         let g = Geom {
             b: 16,
             c: 2,
@@ -642,12 +788,18 @@ mod tests {
             w: 600,
             o: 2,
         };
-        assert!(g.chunk_rows() < g.th());
+        assert!(g.chunk_rows4() < g.th4() && g.chunk_rows() < g.th());
         let x = vals(g.c * g.h * g.w * g.b, 6);
         let wt = vals(g.o * g.c * 9, 7);
+        let dy = vals(g.o * g.h * g.w * g.b, 8);
         let mut y = vec![f32::NAN; g.o * g.h * g.w * g.b];
         forward(&g, &x, &wt, &mut y);
         close(&y, &conv64(&g, &x, &wt), "y");
+        let mut dw = vec![f32::NAN; wt.len()];
+        let dx = backward(&g, &x, &wt, &dy, &mut dw, true).unwrap();
+        let (dw64, dx64) = adjoint64(&g, &x, &wt, &dy);
+        close(&dw, &dw64, "dw");
+        close(&dx, &dx64, "dx");
     }
 
     /// Timing of each part at the head's shape (not a check; `cargo test --release --lib
@@ -673,18 +825,16 @@ mod tests {
             let t = clock();
             input_tiles(&g, &x, 0, g.th(), &mut v);
             let t1 = clock();
-            output_tiles(&g, &m, 0, g.th(), &mut y);
-            let t2 = clock();
             grad_tiles(&g, &y, 0, g.th(), &mut m);
-            let t3 = clock();
+            let t2 = clock();
             forward(&g, &x, &wt, &mut y);
-            let t4 = clock();
+            let t3 = clock();
             let mut dw = vec![0f32; wt.len()];
             weight_grad(&g, &x, &y, &mut dw);
-            let t5 = clock();
+            let t4 = clock();
             eprintln!(
-                "round {round}: input {:.2} ms, output {:.2} ms, grad {:.2} ms, forward {:.2} ms, weight grad {:.2} ms (chunk rows {})",
-                (t1 - t) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t4 - t3) * 1e3, (t5 - t4) * 1e3, g.chunk_rows()
+                "round {round}: 2x2-tile input {:.2} ms, dy tiles {:.2} ms, forward {:.2} ms, weight grad {:.2} ms",
+                (t1 - t) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t4 - t3) * 1e3
             );
         }
     }

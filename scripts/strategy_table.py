@@ -61,25 +61,32 @@ def stem(file):
 
 
 def references(sweep, index):
-    """Per task, the finals of the references the sweep's finished runs were judged against
-    (their summaries' `baseline_run`; one per seed and benchmark), not whatever else
-    `references/` holds."""
-    out = {t: [] for t, _, _ in TASKS}
+    """The references the sweep's finished runs were judged against (their summaries'
+    `baseline_run`; one per seed and benchmark), not whatever else `references/` holds,
+    grouped by their stages' epochs (a longer first stage is another reference): a list of
+    `(label, {task: [finals]})`."""
     used = set()
     for x in index:
         if x.get("status") == "ok" and x.get("run_dir"):
             s = json.load(open(os.path.join(x["run_dir"], "summary.json")))
             if s.get("baseline_run"):
                 used.add(os.path.basename(s["baseline_run"].rstrip("/")))
+    groups = {}
     for p in sorted(glob.glob(os.path.join(sweep, "references", "*", "summary.json"))):
-        if os.path.basename(os.path.dirname(p)) not in used:
+        d = os.path.dirname(p)
+        if os.path.basename(d) not in used:
             continue
+        stages = tomllib_load(os.path.join(d, "config.toml")).get("stages", [])
+        key = " / ".join(f"{st.get('task')} {st.get('epochs')}" for st in stages)
+        out = groups.setdefault(key, {t: [] for t, _, _ in TASKS})
         s = json.load(open(p))
         for t, m, _ in TASKS:
             v = s.get("final_metrics", {}).get(f"{t}_{m}")
             if v is not None:
                 out[t].append(v)
-    return out
+    if len(groups) <= 1:
+        return [("single-task reference", g) for g in groups.values()]
+    return [(f"single-task reference ({k} epochs)", g) for k, g in groups.items()]
 
 
 def config_of(run):
@@ -193,14 +200,14 @@ def table(sweep, joint, own_end):
         else:
             cells.append("not paired yet" if has_joint else f"— (no {joint} in this sweep)")
         lines.append("| " + " | ".join(cells) + " |")
-    refs = references(sweep, index)
-    n = max(len(v) for v in refs.values())
-    if n:
-        cells = ["single-task reference", str(n)]
-        for t, _, _ in TASKS:
-            cells += [mean_sd(refs[t]), "(the baseline)"]
-        cells += ["—", "—", "—", "—"]
-        lines.append("| " + " | ".join(cells) + " |")
+    for label, refs in references(sweep, index):
+        n = max(len(v) for v in refs.values())
+        if n:
+            cells = [label, str(n)]
+            for t, _, _ in TASKS:
+                cells += [mean_sd(refs[t]), "(the baseline)"]
+            cells += ["—", "—", "—", "—"]
+            lines.append("| " + " | ".join(cells) + " |")
     if dagger:
         lines.append("\n† f32 pixels only: these runs predate `summary.json`'s `buffers` record, "
                      "so the outputs they stored are not counted.")

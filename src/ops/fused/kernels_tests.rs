@@ -10,7 +10,7 @@
 use super::kernels::{self, Act, ConvGeom};
 
 /// Deterministic values in `[-scale, scale)`.
-fn vals(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+pub(super) fn vals(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9e3779b97f4a7c15).wrapping_add(1);
     (0..n)
         .map(|_| {
@@ -23,7 +23,7 @@ fn vals(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 /// `|a − b| ≤ tol · max(1, |b|)` elementwise.
-fn assert_close(a: &[f32], b: &[f64], tol: f64, what: &str) {
+pub(super) fn assert_close(a: &[f32], b: &[f64], tol: f64, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
     for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
         let d = (x as f64 - y).abs();

@@ -284,6 +284,32 @@ fn store(dst: &mut [f32], at: usize, nl: usize, val: &Lane) {
     }
 }
 
+/// Lanes `l0 .. l0 + nl` of a `k×k` window of the map `xc (h, w, b)` into `d` (row-major),
+/// window `(r, s)` being map pixel `(y0 + r − 1, x0 + s − 1)`, zero outside the map.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn gather(
+    xc: &[f32],
+    (h, w, b): (usize, usize, usize),
+    k: usize,
+    y0: usize,
+    x0: usize,
+    l0: usize,
+    nl: usize,
+    d: &mut [Lane],
+) {
+    for r in 0..k {
+        for s in 0..k {
+            let (y, x) = (y0 + r, x0 + s);
+            if (1..=h).contains(&y) && (1..=w).contains(&x) {
+                load(xc, ((y - 1) * w + x - 1) * b + l0, nl, &mut d[r * k + s]);
+            } else {
+                d[r * k + s] = [0.0; L];
+            }
+        }
+    }
+}
+
 /// `V (c, 16, n)` of tile rows `t0..t1`: every 4×4 window (rows `2ti − 1 ..`, columns
 /// `2tj − 1 ..`, zero outside the map) as `Bᵀ d B`.
 fn input_tiles(g: &Geom, x: &[f32], t0: usize, t1: usize, v: &mut [f32]) {
@@ -315,17 +341,7 @@ multiversion! {
                 let col = ((ti - t0) * tw + tj) * b;
                 for l0 in (0..b).step_by(L) {
                     let nl = (b - l0).min(L);
-                    // Window (r, s) is map pixel (2ti + r − 1, 2tj + s − 1).
-                    for r in 0..4 {
-                        for s in 0..4 {
-                            let (y, xx) = (2 * ti + r, 2 * tj + s);
-                            if (1..=h).contains(&y) && (1..=w).contains(&xx) {
-                                load(xc, ((y - 1) * w + xx - 1) * b + l0, nl, &mut d[r * 4 + s]);
-                            } else {
-                                d[r * 4 + s] = [0.0; L];
-                            }
-                        }
-                    }
+                    gather(xc, (h, w, b), 4, 2 * ti, 2 * tj, l0, nl, &mut d);
                     // Bᵀ down the columns, then along the rows.
                     let mut cols = [[[0f32; L]; 4]; 4];
                     for (s, c) in cols.iter_mut().enumerate() {
@@ -376,16 +392,8 @@ multiversion! {
                 let col = ((ti - t0) * tw + tj) * b;
                 for l0 in (0..b).step_by(L) {
                     let nl = (b - l0).min(L);
-                    for i in 0..2 {
-                        for j in 0..2 {
-                            let (y, xx) = (2 * ti + i, 2 * tj + j);
-                            if y < h && xx < w {
-                                load(dyo, (y * w + xx) * b + l0, nl, &mut d[i * 2 + j]);
-                            } else {
-                                d[i * 2 + j] = [0.0; L];
-                            }
-                        }
-                    }
+                    // The tile's pixels (2ti + i, 2tj + j): a window one pixel further on.
+                    gather(dyo, (h, w, b), 2, 2 * ti + 1, 2 * tj + 1, l0, nl, &mut d);
                     let c0 = gp([&d[0], &d[2]]);
                     let c1 = gp([&d[1], &d[3]]);
                     for p in 0..4 {
@@ -550,16 +558,7 @@ multiversion! {
                 let col = ((ti - t0) * tw + tj) * b;
                 for l0 in (0..b).step_by(L) {
                     let nl = (b - l0).min(L);
-                    for r in 0..6 {
-                        for s in 0..6 {
-                            let (yy, xx) = (4 * ti + r, 4 * tj + s);
-                            if (1..=h).contains(&yy) && (1..=w).contains(&xx) {
-                                load(xc, ((yy - 1) * w + xx - 1) * b + l0, nl, &mut d[r * 6 + s]);
-                            } else {
-                                d[r * 6 + s] = [0.0; L];
-                            }
-                        }
-                    }
+                    gather(xc, (h, w, b), 6, 4 * ti, 4 * tj, l0, nl, &mut d);
                     let mut cols = [[[0f32; L]; 6]; 6];
                     for (s, c) in cols.iter_mut().enumerate() {
                         *c = bt6([&d[s], &d[6 + s], &d[12 + s], &d[18 + s], &d[24 + s], &d[30 + s]]);
@@ -625,15 +624,7 @@ mod tests {
     use super::*;
 
     fn vals(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9e3779b97f4a7c15).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
+        crate::ops::fused::kernels_tests::vals(n, seed, 1.0)
     }
 
     /// Direct 3×3 convolution in f64: y (o, h, w, b).
@@ -665,11 +656,7 @@ mod tests {
     }
 
     fn close(a: &[f32], b: &[f64], what: &str) {
-        assert_eq!(a.len(), b.len(), "{what}: lengths");
-        for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-            let d = (x as f64 - y).abs();
-            assert!(d <= 1e-4 * y.abs().max(1.0), "{what}[{i}]: {x} vs {y}");
-        }
+        crate::ops::fused::kernels_tests::assert_close(a, b, 1e-4, what)
     }
 
     /// Even and odd maps (partial tiles), one and several images, several tile-row chunks.

@@ -17,7 +17,7 @@ pub struct Server {
 }
 
 impl Server {
-    /// Requests answered so far.
+    /// Requests received so far (counted before the answer is written).
     pub fn requests(&self) -> usize {
         self.count.load(Ordering::SeqCst)
     }
@@ -70,12 +70,14 @@ pub fn serve(repo: &str, rev: &str, file: &str, body: Vec<u8>) -> Server {
                     range_start = Some((a, b));
                 }
             }
+            // Count before answering: the client may return (and the test read the count)
+            // as soon as the last byte is written, before this thread runs on.
+            served.fetch_add(1, Ordering::SeqCst);
             let mut out = stream;
             if target != path {
                 let _ = out.write_all(
                     b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
                 );
-                served.fetch_add(1, Ordering::SeqCst);
                 continue;
             }
             let len = body.len();
@@ -89,7 +91,6 @@ pub fn serve(repo: &str, rev: &str, file: &str, body: Vec<u8>) -> Server {
             let _ = out.write_all(head.as_bytes());
             let _ = out.write_all(chunk);
             let _ = out.flush();
-            served.fetch_add(1, Ordering::SeqCst);
         }
     });
     Server { endpoint, count }

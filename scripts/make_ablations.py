@@ -49,7 +49,7 @@ def ablations():
           BODY, '[replay]\nenabled = true\nimages_per_batch = 8\nweight = 1.0\nnormalize = "reference"\npolicy = "class_balanced"\ncapacity = 30\ncapacity_unit = "per_task"\n')
     write("ablations", "distill_budget", [common, "strategies/der.toml (rehearsal with end-of-stage distillation) at a budget of 30 class-balanced images per task instead of every image:",
           "the goal's memory budget; the grid: onehead sweep experiments/ablations/distill_budget.toml --set replay.capacity=10,30,100"],
-          BODY, '[replay]\nenabled = true\nimages_per_batch = 8\nweight = 0.5\nnormalize = "reference"\ndistill_alpha = 1.0\npolicy = "class_balanced"\ncapacity = 30\ncapacity_unit = "per_task"\n')
+          BODY, DISTILL_BUDGET)
     write("ablations", "der_published", [common, "DER as published (Buzzega et al. 2020): 90-image reservoir (30 per task on average), MSE on raw outputs; alpha not tuned."],
           BODY, "[der]\nalpha = 0.5\ncapacity = 90\nimages_per_batch = 8\n")
     write("ablations", "derpp", [common, "DER++ as published: der_published.toml plus the buffered labels (beta); not tuned."],
@@ -58,6 +58,9 @@ def ablations():
           BODY, "[agem]\nenabled = true\ncapacity = 30\nimages_per_batch = 8\n")
     converged = re.sub(r'(task = "seg"\nepochs = )20', r"\g<1>60", BODY)
     write("ablations", "seg_converged", [common, "The first stage trained 3x longer (60 epochs), so that later 'gains' on segmentation are not continued training."], converged)
+
+
+DISTILL_BUDGET = '[replay]\nenabled = true\nimages_per_batch = 8\nweight = 0.5\nnormalize = "reference"\ndistill_alpha = 1.0\npolicy = "class_balanced"\ncapacity = 30\ncapacity_unit = "per_task"\n'
 
 
 def orders():
@@ -69,7 +72,9 @@ def orders():
         # Every task but the last one learned is distilled; cls (never distilled in the
         # default order) at weight 1, not tuned.
         "lwf": (FROZEN_BN, LWF.replace("det = 5.0 }", "det = 5.0, cls = 1.0 }")),
-        "replay_balanced": ("", '[replay]\nenabled = true\nimages_per_batch = 8\nweight = 1.0\nnormalize = "reference"\n'),
+        # The goal's candidate (ablations/distill_budget.toml): rehearsal with end-of-stage
+        # distillation, 30 class-balanced images per earlier task.
+        "distill_budget": ("", DISTILL_BUDGET),
     }
     for perm in itertools.permutations(tasks):
         for strat, (later, tables) in strategies.items():

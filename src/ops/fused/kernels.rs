@@ -498,9 +498,42 @@ fn corr_lanes<const L: usize>(
         ho,
         wo,
     };
+    // Outputs whose taps all lie inside the row: from `ox_in` up to `ox_out`.
+    let ox_in = pad.div_ceil(s).min(wo);
+    let ox_out = if w + pad >= k {
+        ((w + pad - k) / s + 1).clamp(ox_in, wo)
+    } else {
+        ox_in
+    };
     for oy in 0..ho {
         let (ky0, ky1) = g.taps(oy, h);
-        for ox in 0..wo {
+        let mut ox = 0;
+        while ox < wo {
+            // NB neighbouring outputs at once: independent accumulators hide the FMA latency
+            // (one accumulator is a chain of k² dependent FMAs); each output still sums its
+            // taps in the same order, so the values are those of the one-output loop.
+            if ox >= ox_in && ox + NB <= ox_out {
+                let mut acc = [[0f32; L]; NB];
+                for ky in ky0..ky1 {
+                    let iy = oy * s + ky - pad;
+                    for kx in 0..k {
+                        let wv = wt[ky * k + kx];
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            let o = (iy * w + (ox + j) * s + kx - pad) * b + j0;
+                            let src: &[f32; L] = x[o..o + L].try_into().unwrap();
+                            for l in 0..L {
+                                a[l] = wv.mul_add(src[l], a[l]);
+                            }
+                        }
+                    }
+                }
+                for (j, a) in acc.iter().enumerate() {
+                    let o = (oy * wo + ox + j) * b + j0;
+                    y[o..o + L].copy_from_slice(a);
+                }
+                ox += NB;
+                continue;
+            }
             let (kx0, kx1) = g.taps(ox, w);
             let mut acc = [0f32; L];
             for ky in ky0..ky1 {
@@ -517,9 +550,13 @@ fn corr_lanes<const L: usize>(
             }
             let o = (oy * wo + ox) * b + j0;
             y[o..o + L].copy_from_slice(&acc);
+            ox += 1;
         }
     }
 }
+
+/// Outputs per block of [`corr_lanes`]'s interior.
+const NB: usize = 4;
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -583,38 +620,93 @@ fn bwd_in_lanes<const L: usize>(g: &ConvGeom, dy: &[f32], j0: usize, wt: &[f32],
     }
 }
 
-/// One lane block of one tap's kernel gradient: `Σ_{oy,ox} dy · x(shifted)` per lane.
+/// One lane block of one kernel row's gradient: for each tap `kx`, `Σ_{oy,ox} dy · x(shifted)`
+/// (lanes summed in order). The row's `K` taps run side by side — independent accumulators
+/// instead of one chain of dependent FMAs per tap — and each tap still adds its pixels in
+/// row-major order, so the sums are those of one tap at a time.
 #[inline(always)]
-fn tap_dot_lanes<const L: usize>(
+fn tap_row_lanes<const L: usize, const K: usize>(
     g: &ConvGeom,
     x: &[f32],
     dy: &[f32],
     j0: usize,
     ky: usize,
-    kx: usize,
-) -> f32 {
-    let (s, b) = (g.stride, g.b);
+) -> [f32; K] {
+    let s = g.stride;
     let (oy0, oy1) = g.valid(ky, g.h, g.ho);
-    let (ox0, ox1) = g.valid(kx, g.w, g.wo);
-    let mut acc = [0f32; L];
+    let ranges: [(usize, usize); K] = std::array::from_fn(|kx| g.valid(kx, g.w, g.wo));
+    let first = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+    let last = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+    // Where every tap is valid (empty on maps narrower than the kernel).
+    let lo = ranges.iter().map(|r| r.0).max().unwrap_or(0);
+    let hi = ranges.iter().map(|r| r.1).min().unwrap_or(0).max(lo);
+    let mut acc = [[0f32; L]; K];
     for oy in oy0..oy1 {
         let iy = oy * s + ky - g.pad;
-        for ox in ox0..ox1 {
-            let ix = ox * s + kx - g.pad;
-            let xo = (iy * g.w + ix) * b + j0;
-            let d = (oy * g.wo + ox) * b + j0;
+        let row = (g, x, dy, j0, oy, iy);
+        for ox in first..lo.min(last) {
+            tap_pixel(row, &ranges, ox, false, &mut acc);
+        }
+        for ox in lo..hi {
+            tap_pixel(row, &ranges, ox, true, &mut acc);
+        }
+        for ox in hi.max(first)..last {
+            tap_pixel(row, &ranges, ox, false, &mut acc);
+        }
+    }
+    acc.map(|a| {
+        let mut total = 0f32;
+        for v in a {
+            total += v;
+        }
+        total
+    })
+}
+
+/// One output pixel's terms of [`tap_row_lanes`]: every tap valid there (`all`: every tap).
+/// A function, not a closure: closures do not inherit the caller's target features, and
+/// `mul_add` without FMA is a library call.
+#[inline(always)]
+fn tap_pixel<const L: usize, const K: usize>(
+    (g, x, dy, j0, oy, iy): (&ConvGeom, &[f32], &[f32], usize, usize, usize),
+    ranges: &[(usize, usize); K],
+    ox: usize,
+    all: bool,
+    acc: &mut [[f32; L]; K],
+) {
+    let b = g.b;
+    let d = (oy * g.wo + ox) * b + j0;
+    let ds: &[f32; L] = dy[d..d + L].try_into().unwrap();
+    for (kx, a) in acc.iter_mut().enumerate() {
+        if all || (ranges[kx].0..ranges[kx].1).contains(&ox) {
+            let xo = (iy * g.w + ox * g.stride + kx - g.pad) * b + j0;
             let xs: &[f32; L] = x[xo..xo + L].try_into().unwrap();
-            let ds: &[f32; L] = dy[d..d + L].try_into().unwrap();
             for l in 0..L {
-                acc[l] = ds[l].mul_add(xs[l], acc[l]);
+                a[l] = ds[l].mul_add(xs[l], a[l]);
             }
         }
     }
-    let mut total = 0f32;
-    for v in acc {
-        total += v;
+}
+
+/// Each tap's gradient of kernel row `ky` (`gk[ky·k ..]`), lane blocks summed in f64 in a
+/// fixed order.
+#[inline(always)]
+fn tap_row<const K: usize>(g: &ConvGeom, xc: &[f32], dyc: &[f32], ky: usize, gk: &mut [f32]) {
+    let mut total = [0f64; K];
+    for (j0, l) in lane_blocks(g.b) {
+        let part: [f32; K] = match l {
+            16 => tap_row_lanes::<16, K>(g, xc, dyc, j0, ky),
+            8 => tap_row_lanes::<8, K>(g, xc, dyc, j0, ky),
+            4 => tap_row_lanes::<4, K>(g, xc, dyc, j0, ky),
+            _ => tap_row_lanes::<1, K>(g, xc, dyc, j0, ky),
+        };
+        for (t, p) in total.iter_mut().zip(part) {
+            *t += p as f64;
+        }
     }
-    total
+    for (kx, t) in total.iter().enumerate() {
+        gk[ky * K + kx] = *t as f32;
+    }
 }
 
 /// Small batches (< 8 images: too few lanes to vectorise over): each image's plane is copied
@@ -704,20 +796,16 @@ multiversion! {
     /// One channel of the depthwise kernel gradient: `gk (k·k)` (overwritten), lane blocks
     /// summed in f64 in a fixed order.
     fn dw_bwd_kernel_channel(g: &ConvGeom, xc: &[f32], dyc: &[f32], gk: &mut [f32]) {
-        let k = g.k;
-        for ky in 0..k {
-            for kx in 0..k {
-                let mut total = 0f64;
-                for (j0, l) in lane_blocks(g.b) {
-                    let part = match l {
-                        16 => tap_dot_lanes::<16>(g, xc, dyc, j0, ky, kx),
-                        8 => tap_dot_lanes::<8>(g, xc, dyc, j0, ky, kx),
-                        4 => tap_dot_lanes::<4>(g, xc, dyc, j0, ky, kx),
-                        _ => tap_dot_lanes::<1>(g, xc, dyc, j0, ky, kx),
-                    };
-                    total += part as f64;
-                }
-                gk[ky * k + kx] = total as f32;
+        for ky in 0..g.k {
+            match g.k {
+                1 => tap_row::<1>(g, xc, dyc, ky, gk),
+                2 => tap_row::<2>(g, xc, dyc, ky, gk),
+                3 => tap_row::<3>(g, xc, dyc, ky, gk),
+                4 => tap_row::<4>(g, xc, dyc, ky, gk),
+                5 => tap_row::<5>(g, xc, dyc, ky, gk),
+                6 => tap_row::<6>(g, xc, dyc, ky, gk),
+                7 => tap_row::<7>(g, xc, dyc, ky, gk),
+                _ => unreachable!("depthwise kernels up to 7x7"),
             }
         }
     }

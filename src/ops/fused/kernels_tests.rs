@@ -545,3 +545,47 @@ fn layout_conversions_are_inverse_transposes() {
     kernels::chwn_to_nchw(&chwn, c, hw, b, &mut back);
     assert_eq!(back, nchw);
 }
+
+/// Timing of the depthwise kernels at MobileNetV3-Small's shapes, batch 16 at 224 px (not a
+/// check; `cargo test --release --lib depthwise_parts -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn depthwise_parts() {
+    use super::kernels::{depthwise_bwd_input, depthwise_bwd_kernel, depthwise_fwd, ConvGeom};
+    let clock = super::prof::clock;
+    for &(c, hw, k, s) in &[
+        (16usize, 112usize, 3usize, 2usize),
+        (72, 56, 3, 2),
+        (88, 28, 3, 1),
+        (96, 28, 5, 2),
+        (240, 14, 5, 1),
+        (288, 14, 5, 2),
+        (576, 7, 5, 1),
+    ] {
+        let g = ConvGeom::new(16, c, hw, hw, k, s);
+        let x = vals(c * hw * hw * 16, 1, 1.0);
+        let w = vals(c * k * k, 2, 1.0);
+        let dy = vals(c * g.ho * g.wo * 16, 3, 1.0);
+        let mut y = vec![0f32; dy.len()];
+        let mut dx = vec![0f32; x.len()];
+        let mut dw = vec![0f32; w.len()];
+        let flops = (2 * c * g.ho * g.wo * 16 * k * k) as f64;
+        let mut best = [f64::MAX; 3];
+        for _ in 0..5 {
+            let t0 = clock();
+            depthwise_fwd(&g, &x, &w, &mut y);
+            let t1 = clock();
+            depthwise_bwd_input(&g, &dy, &w, &mut dx);
+            let t2 = clock();
+            depthwise_bwd_kernel(&g, &x, &dy, &mut dw);
+            let t3 = clock();
+            best[0] = best[0].min(t1 - t0);
+            best[1] = best[1].min(t2 - t1);
+            best[2] = best[2].min(t3 - t2);
+        }
+        eprintln!(
+            "c {c} {hw}x{hw} k{k} s{s}: fwd {:.2} ms ({:.0} GFLOP/s), dx {:.2} ms ({:.0}), dw {:.2} ms ({:.0})",
+            best[0] * 1e3, flops / best[0] / 1e9, best[1] * 1e3, flops / best[1] / 1e9, best[2] * 1e3, flops / best[2] / 1e9
+        );
+    }
+}

@@ -19,6 +19,7 @@ import csv
 import glob
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -63,30 +64,52 @@ def stem(file):
 def references(sweep, index):
     """The references the sweep's finished runs were judged against (their summaries'
     `baseline_run`; one per seed and benchmark), not whatever else `references/` holds,
-    grouped by their stages' epochs (a longer first stage is another reference): a list of
-    `(label, {task: [finals]})`."""
+    grouped by data draw and by their stages' epochs (a longer first stage is another
+    reference): a list of `(label, {task: [finals]})`. A run copied from another sweep names
+    a reference there; it is read where the run names it, else under this sweep's
+    `references/` by its key."""
     used = set()
     for x in index:
         if x.get("status") == "ok" and x.get("run_dir"):
             s = json.load(open(os.path.join(x["run_dir"], "summary.json")))
-            if s.get("baseline_run"):
-                used.add(os.path.basename(s["baseline_run"].rstrip("/")))
+            ref = (s.get("baseline_run") or "").rstrip("/")
+            if not ref:
+                continue
+            here = os.path.join(sweep, "references", os.path.basename(ref))
+            for d in (ref, here):
+                if os.path.exists(os.path.join(d, "summary.json")):
+                    used.add(os.path.realpath(d))
+                    break
+    # One folder trained once may be reached by two paths (hard-linked copies): count each
+    # reference by its key once.
+    by_key = {}
+    for d in sorted(used):
+        by_key.setdefault(os.path.basename(d), d)
     groups = {}
-    for p in sorted(glob.glob(os.path.join(sweep, "references", "*", "summary.json"))):
-        d = os.path.dirname(p)
-        if os.path.basename(d) not in used:
-            continue
-        stages = tomllib_load(os.path.join(d, "config.toml")).get("stages", [])
-        key = " / ".join(f"{st.get('task')} {st.get('epochs')}" for st in stages)
-        out = groups.setdefault(key, {t: [] for t, _, _ in TASKS})
-        s = json.load(open(p))
+    for d in by_key.values():
+        cfg = tomllib_load(os.path.join(d, "config.toml"))
+        stages = cfg.get("stages", [])
+        draw = cfg.get("data", {}).get("synth_seed", 0)
+        epochs = " / ".join(f"{st.get('task')} {st.get('epochs')}" for st in stages)
+        out = groups.setdefault((draw, epochs), {t: [] for t, _, _ in TASKS})
+        s = json.load(open(os.path.join(d, "summary.json")))
         for t, m, _ in TASKS:
             v = s.get("final_metrics", {}).get(f"{t}_{m}")
             if v is not None:
                 out[t].append(v)
-    if len(groups) <= 1:
-        return [("single-task reference", g) for g in groups.values()]
-    return [(f"single-task reference ({k} epochs)", g) for k, g in groups.items()]
+    draws = {k[0] for k in groups}
+    kinds = {k[1] for k in groups}
+    out = []
+    for (draw, epochs), g in sorted(groups.items()):
+        parts = ([f"synth_seed {draw}"] if len(draws) > 1 else []) + ([f"{epochs} epochs"] if len(kinds) > 1 else [])
+        out.append(("single-task reference" + (f" ({', '.join(parts)})" if parts else ""), g))
+    return out
+
+
+def draw_suffix(config):
+    """`__synth_seed-1` of a config made by a grid over data.synth_seed, else ''."""
+    m = re.search(r"__synth_seed-\d+", config)
+    return m.group(0) if m else ""
 
 
 def config_of(run):
@@ -148,11 +171,18 @@ def table(sweep, joint, own_end):
     for r in summary:
         per_file[r.get("file")] = per_file.get(r.get("file"), 0) + 1
     name_of = lambda r: (stem(r["file"]) if r.get("file") and per_file[r["file"]] == 1 else r["config"])
-    joint = next((r["config"] for r in summary if name_of(r) == joint), joint)
-    own_end = [r["config"] for r in summary if name_of(r) in own_end or r["config"] in own_end]
+    configs = {r["config"] for r in summary}
+    # The joint reference of a row: the same draw's when the sweep has a grid over
+    # data.synth_seed (`joint_matched__synth_seed-1` for `x__synth_seed-1`).
+    joint_of = lambda c: next((j for j in (joint + draw_suffix(c), joint) if j in configs),
+                              next((r["config"] for r in summary if name_of(r) == joint), joint))
+    base = lambda c: c.replace(draw_suffix(c), "")
+    own_end = [r["config"] for r in summary
+               if name_of(r) in own_end or r["config"] in own_end or base(r["config"]) in own_end]
     dagger = False
-    has_joint = any(r["config"] == joint for r in summary)
+    has_joint = any(base(c) == joint for c in configs)
     for r in summary:
+        joint_r = joint_of(r["config"])
         if r.get("n_seeds") in ("0", 0):
             continue  # nothing finished yet
         name = name_of(r)
@@ -187,13 +217,13 @@ def table(sweep, joint, own_end):
             for dr in diffs:
                 if dr["task"] != t:
                     continue
-                sign = 1 if (dr["a"], dr["b"]) == (r["config"], joint) else -1 if (dr["a"], dr["b"]) == (joint, r["config"]) else 0
+                sign = 1 if (dr["a"], dr["b"]) == (r["config"], joint_r) else -1 if (dr["a"], dr["b"]) == (joint_r, r["config"]) else 0
                 if sign:
                     v, a, b = (sign * float(dr[k]) for k in ("final_a_minus_b", "lo", "hi"))
                     a, b = min(a, b), max(a, b)
                     cell = f"{pts(v)} [{pts(a)}, {pts(b)}]"
             vs.append(cell)
-        if r["config"] == joint:
+        if r["config"] == joint_r:
             cells.append("reference")
         elif any(v != "—" for v in vs):
             cells.append(" / ".join(vs))

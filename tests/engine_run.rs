@@ -347,6 +347,7 @@ fn shipped_experiments_are_valid() {
         names_in(&root),
         [
             "der",
+            "distill_budget",
             "lwf",
             "no_replay",
             "quickstart_no_replay",
@@ -359,6 +360,26 @@ fn shipped_experiments_are_valid() {
     let strategies = names_in(&root.join("strategies"));
     for s in ["control", "replay", "lwf", "ewc", "joint", "joint_matched"] {
         assert!(strategies.iter().any(|n| n == s), "no strategies/{s}.toml");
+    }
+    // The ablations load; the task orders load and are the six permutations of each of the
+    // three strategies, named for their order.
+    assert!(!names_in(&root.join("ablations")).is_empty());
+    let mut orders = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for entry in std::fs::read_dir(root.join("orders")).unwrap() {
+        let path = entry.unwrap().path();
+        let exp = Registry::builtin()
+            .load(&path, &[])
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let tasks: Vec<_> = exp.stages.iter().map(|s| s.task.clone()).collect();
+        let (strategy, order) = exp.name.split_once("__").expect("strategy__order");
+        assert_eq!(order, tasks.join("_"), "{}", path.display());
+        orders.entry(strategy.into()).or_default().push(order.into());
+    }
+    assert_eq!(orders.len(), 3, "{orders:?}");
+    for (strategy, mut list) in orders {
+        list.sort();
+        list.dedup();
+        assert_eq!(list.len(), 6, "{strategy}: {list:?}");
     }
 }
 

@@ -373,7 +373,10 @@ fn shipped_experiments_are_valid() {
         let tasks: Vec<_> = exp.stages.iter().map(|s| s.task.clone()).collect();
         let (strategy, order) = exp.name.split_once("__").expect("strategy__order");
         assert_eq!(order, tasks.join("_"), "{}", path.display());
-        orders.entry(strategy.into()).or_default().push(order.into());
+        orders
+            .entry(strategy.into())
+            .or_default()
+            .push(order.into());
     }
     assert_eq!(orders.len(), 3, "{orders:?}");
     for (strategy, mut list) in orders {

@@ -158,8 +158,27 @@ pub unsafe fn sgemm_strided(
         false,
         false,
         false,
-        gemm::Parallelism::Rayon(threads()),
+        if SERIAL.with(|s| s.get()) {
+            gemm::Parallelism::None
+        } else {
+            gemm::Parallelism::Rayon(threads())
+        },
     )
+}
+
+thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with this thread's gemms single-threaded: for callers that spread independent
+/// gemms over the threads themselves (the gemm crate does not split small products well
+/// between threads). The values do not depend on it: the crate splits rows and columns,
+/// never the sum.
+pub fn serial_gemms<R>(f: impl FnOnce() -> R) -> R {
+    let before = SERIAL.with(|s| s.replace(true));
+    let r = f();
+    SERIAL.with(|s| s.set(before));
+    r
 }
 
 /// `dst (cols × rows) = srcᵀ` for `src (rows × cols)`, both row-major.

@@ -34,7 +34,7 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{sgemm, sgemm_strided};
+use super::kernels::{serial_gemms, sgemm, sgemm_strided};
 use super::pool;
 use super::prof::{time, Kind};
 use crate::ops::simd::multiversion;
@@ -145,26 +145,35 @@ fn weight_grad(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
                 });
         });
         let flops = (2 * 36 * g.o * g.c * n) as u64;
+        let (sp, yp, vp) = (
+            Ptr(sums.as_mut_ptr()),
+            Ptr(ut.as_mut_ptr()),
+            Ptr(v.as_mut_ptr()),
+        );
         // SAFETY: for each ξ, sums_ξ (o × c) [+]= Ŷ_ξ (o × n, row stride 36n) · V_ξᵀ
-        // (n × c: V_ξ read column-major, column stride 36n); disjoint buffers of these sizes.
-        time(Kind::Gemm, flops, || unsafe {
-            for xi in 0..36 {
-                sgemm_strided(
-                    g.o,
-                    g.c,
-                    n,
-                    sums.as_mut_ptr().add(xi * g.o * g.c),
-                    g.c,
-                    1,
-                    t0 > 0,
-                    ut.as_ptr().add(xi * n),
-                    36 * n,
-                    1,
-                    v.as_ptr().add(xi * n),
-                    1,
-                    36 * n,
-                )
-            }
+        // (n × c: V_ξ read column-major, column stride 36n); disjoint buffers of these sizes,
+        // and each task writes only its own ξ's slab of sums.
+        time(Kind::Gemm, flops, || {
+            (0..36).into_par_iter().for_each(|xi| {
+                let (sp, yp, vp) = (&sp, &yp, &vp);
+                serial_gemms(|| unsafe {
+                    sgemm_strided(
+                        g.o,
+                        g.c,
+                        n,
+                        sp.0.add(xi * g.o * g.c),
+                        g.c,
+                        1,
+                        t0 > 0,
+                        yp.0.add(xi * n),
+                        36 * n,
+                        1,
+                        vp.0.add(xi * n),
+                        1,
+                        36 * n,
+                    )
+                })
+            })
         });
         t0 = t1;
     }
@@ -202,6 +211,12 @@ fn kernel_grad(g: &Geom, sums: &[f32], dw: &mut [f32]) {
         }
     }
 }
+
+/// A raw pointer shared by the tasks of one parallel loop that write disjoint parts of it.
+struct Ptr(*mut f32);
+// SAFETY: only used where every task reads shared inputs and writes its own disjoint part.
+unsafe impl Sync for Ptr {}
+unsafe impl Send for Ptr {}
 
 /// Images per vector: the transforms work on `[f32; L]` lanes (images `l0 .. l0 + L` of one
 /// tile), which the compiler turns into one AVX-512 (or two AVX2) registers per value.
@@ -282,25 +297,35 @@ pub fn forward(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
                 })
         });
         let flops = (2 * 36 * g.o * g.c * n) as u64;
+        let (mp, up, vp) = (
+            Ptr(m.as_mut_ptr()),
+            Ptr(u.as_ptr() as *mut f32),
+            Ptr(v.as_mut_ptr()),
+        );
+        // The 36 products are independent: one per thread task, each single-threaded.
         // SAFETY: for each ξ, M_ξ (o × n, row stride 36n) = U_ξ (o × c) · V_ξ (c × n, row
-        // stride 36n); the three buffers hold these sizes and are disjoint.
-        time(Kind::Gemm, flops, || unsafe {
-            for xi in 0..36 {
-                sgemm(
-                    g.o,
-                    n,
-                    g.c,
-                    m.as_mut_ptr().add(xi * n),
-                    36 * n,
-                    false,
-                    u.as_ptr().add(xi * g.o * g.c),
-                    g.c,
-                    1,
-                    v.as_ptr().add(xi * n),
-                    36 * n,
-                    1,
-                )
-            }
+        // stride 36n); the three buffers hold these sizes and are disjoint, and each task
+        // writes only its own ξ's columns of M.
+        time(Kind::Gemm, flops, || {
+            (0..36).into_par_iter().for_each(|xi| {
+                let (mp, up, vp) = (&mp, &up, &vp);
+                serial_gemms(|| unsafe {
+                    sgemm(
+                        g.o,
+                        n,
+                        g.c,
+                        mp.0.add(xi * n),
+                        36 * n,
+                        false,
+                        up.0.add(xi * g.o * g.c),
+                        g.c,
+                        1,
+                        vp.0.add(xi * n),
+                        36 * n,
+                        1,
+                    )
+                })
+            })
         });
         time(Kind::Winograd, 0, || {
             y.par_chunks_mut(plane)

@@ -120,7 +120,6 @@ pub fn backward(
 fn weight_grad(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     let (tw, nr) = (g.tw4(), g.chunk_rows4());
     let per_row = tw * g.b;
-    let plane = g.h * g.w * g.b;
     let mut v = pool::take(g.c * 36 * nr * per_row);
     let mut ut = pool::take(g.o * 36 * nr * per_row);
     // Σ over tiles of Ŷ_ξ · V_ξᵀ: (36, o, c).
@@ -131,18 +130,8 @@ fn weight_grad(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
         let n = (t1 - t0) * per_row;
         let (v, ut) = (&mut v[..g.c * 36 * n], &mut ut[..g.o * 36 * n]);
         time(Kind::Winograd, 0, || {
-            v.par_chunks_mut(36 * n)
-                .with_min_len(grain(36 * n))
-                .enumerate()
-                .for_each(|(c, vc)| {
-                    input_tiles4_channel(&x[c * plane..(c + 1) * plane], g.h, g.w, g.b, t0, t1, vc)
-                });
-            ut.par_chunks_mut(36 * n)
-                .with_min_len(grain(36 * n))
-                .enumerate()
-                .for_each(|(o, uo)| {
-                    grad_tiles4_channel(&dy[o * plane..(o + 1) * plane], g.h, g.w, g.b, t0, t1, uo)
-                });
+            tiles(g, x, (t0, t1), v, input_tiles4_channel);
+            tiles(g, dy, (t0, t1), ut, grad_tiles4_channel);
         });
         let flops = (2 * 36 * g.o * g.c * n) as u64;
         let (sp, yp, vp) = (
@@ -289,12 +278,7 @@ pub fn forward(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
         let (v, m) = (&mut v[..g.c * 36 * n], &mut m[..g.o * 36 * n]);
         let plane = g.h * g.w * g.b;
         time(Kind::Winograd, 0, || {
-            v.par_chunks_mut(36 * n)
-                .with_min_len(grain(36 * n))
-                .enumerate()
-                .for_each(|(c, vc)| {
-                    input_tiles4_channel(&x[c * plane..(c + 1) * plane], g.h, g.w, g.b, t0, t1, vc)
-                })
+            tiles(g, x, (t0, t1), v, input_tiles4_channel)
         });
         let flops = (2 * 36 * g.o * g.c * n) as u64;
         let (mp, up, vp) = (
@@ -413,40 +397,81 @@ fn at6(m: [&Lane; 6]) -> [Lane; 4] {
     r
 }
 
-multiversion! {
-    fn input_tiles4_channel(
-        xc: &[f32],
-        h: usize,
-        w: usize,
-        b: usize,
-        t0: usize,
-        t1: usize,
-        vc: &mut [f32],
-    ) {
-        let tw = w.div_ceil(4);
-        let n = (t1 - t0) * tw * b;
-        let mut d = [[0f32; L]; 36];
-        for ti in t0..t1 {
-            for tj in 0..tw {
-                let col = ((ti - t0) * tw + tj) * b;
-                for l0 in (0..b).step_by(L) {
-                    let nl = (b - l0).min(L);
-                    gather(xc, (h, w, b), 6, 4 * ti, 4 * tj, l0, nl, &mut d);
-                    let mut cols = [[[0f32; L]; 6]; 6];
-                    for (s, c) in cols.iter_mut().enumerate() {
-                        *c = bt6([&d[s], &d[6 + s], &d[12 + s], &d[18 + s], &d[24 + s], &d[30 + s]]);
-                    }
-                    // p indexes the second axis of every column: a transpose, not an iteration.
-                    #[allow(clippy::needless_range_loop)]
-                    for p in 0..6 {
-                        let row = bt6([&cols[0][p], &cols[1][p], &cols[2][p], &cols[3][p], &cols[4][p], &cols[5][p]]);
-                        for (q, val) in row.iter().enumerate() {
-                            store(vc, (p * 6 + q) * n + col + l0, nl, val);
-                        }
+/// The per-channel transform of [`tiles`]: `(map, h, w, b, t0, t1, out)`.
+type ChannelTiles = fn(&[f32], usize, usize, usize, usize, usize, &mut [f32]);
+
+/// `out (channels, 36, n)`: every channel of `src (channels, h, w, b)` in tile rows
+/// `t0..t1`, transformed by `per_channel`, channels in parallel.
+fn tiles(
+    g: &Geom,
+    src: &[f32],
+    (t0, t1): (usize, usize),
+    out: &mut [f32],
+    per_channel: ChannelTiles,
+) {
+    let n = (t1 - t0) * g.tw4() * g.b;
+    let plane = g.h * g.w * g.b;
+    out.par_chunks_mut(36 * n)
+        .with_min_len(grain(36 * n))
+        .enumerate()
+        .for_each(|(c, oc)| {
+            per_channel(&src[c * plane..(c + 1) * plane], g.h, g.w, g.b, t0, t1, oc)
+        });
+}
+
+/// One channel's `K×K` windows at stride 4 (window `(r, s)` of tile `(ti, tj)` being map pixel
+/// `(4ti + shift + r − 1, 4tj + shift + s − 1)`, zero outside the map), each as `T d Tᵀ` for
+/// the 1-D transform `t` (K values to 6), into `out (36, n)`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn window_tiles<const K: usize>(
+    src: &[f32],
+    (h, w, b): (usize, usize, usize),
+    (t0, t1): (usize, usize),
+    shift: usize,
+    t: impl Fn([&Lane; K]) -> [Lane; 6],
+    out: &mut [f32],
+) {
+    let tw = w.div_ceil(4);
+    let n = (t1 - t0) * tw * b;
+    let mut d = [[0f32; L]; 36];
+    for ti in t0..t1 {
+        for tj in 0..tw {
+            let col = ((ti - t0) * tw + tj) * b;
+            for l0 in (0..b).step_by(L) {
+                let nl = (b - l0).min(L);
+                gather(
+                    src,
+                    (h, w, b),
+                    K,
+                    4 * ti + shift,
+                    4 * tj + shift,
+                    l0,
+                    nl,
+                    &mut d,
+                );
+                // The transform down the columns, then along the rows.
+                let mut cols = [[[0f32; L]; 6]; K];
+                for (s, c) in cols.iter_mut().enumerate() {
+                    *c = t(std::array::from_fn(|r| &d[r * K + s]));
+                }
+                // p indexes the second axis of every column: a transpose, not an iteration.
+                #[allow(clippy::needless_range_loop)]
+                for p in 0..6 {
+                    let row = t(std::array::from_fn(|s| &cols[s][p]));
+                    for (q, val) in row.iter().enumerate() {
+                        store(out, (p * 6 + q) * n + col + l0, nl, val);
                     }
                 }
             }
         }
+    }
+}
+
+multiversion! {
+    /// `V (c, 36, n)` of one channel of `x`: each 6×6 window (rows `4ti − 1 ..`) as `Bᵀ d B`.
+    fn input_tiles4_channel(xc: &[f32], h: usize, w: usize, b: usize, t0: usize, t1: usize, vc: &mut [f32]) {
+        window_tiles::<6>(xc, (h, w, b), (t0, t1), 0, bt6, vc)
     }
 }
 
@@ -470,42 +495,10 @@ fn a6(f: [&Lane; 4]) -> [Lane; 6] {
 }
 
 multiversion! {
-    /// `Ŷ (o, 36, n)` of one channel of `dy`: each 4×4 tile (zero outside the map) as
-    /// `A f Aᵀ`, in tile rows `t0..t1`.
-    fn grad_tiles4_channel(
-        dyo: &[f32],
-        h: usize,
-        w: usize,
-        b: usize,
-        t0: usize,
-        t1: usize,
-        uo: &mut [f32],
-    ) {
-        let tw = w.div_ceil(4);
-        let n = (t1 - t0) * tw * b;
-        let mut d = [[0f32; L]; 16];
-        for ti in t0..t1 {
-            for tj in 0..tw {
-                let col = ((ti - t0) * tw + tj) * b;
-                for l0 in (0..b).step_by(L) {
-                    let nl = (b - l0).min(L);
-                    // The tile's pixels (4ti + i, 4tj + j): a window one pixel further on.
-                    gather(dyo, (h, w, b), 4, 4 * ti + 1, 4 * tj + 1, l0, nl, &mut d);
-                    let mut cols = [[[0f32; L]; 6]; 4];
-                    for (s, c) in cols.iter_mut().enumerate() {
-                        *c = a6([&d[s], &d[4 + s], &d[8 + s], &d[12 + s]]);
-                    }
-                    // p indexes the second axis of every column: a transpose, not an iteration.
-                    #[allow(clippy::needless_range_loop)]
-                    for p in 0..6 {
-                        let row = a6([&cols[0][p], &cols[1][p], &cols[2][p], &cols[3][p]]);
-                        for (q, val) in row.iter().enumerate() {
-                            store(uo, (p * 6 + q) * n + col + l0, nl, val);
-                        }
-                    }
-                }
-            }
-        }
+    /// `Ŷ (o, 36, n)` of one channel of `dy`: each 4×4 tile (its pixels `(4ti + i, 4tj + j)`:
+    /// a window one pixel further on) as `A f Aᵀ`.
+    fn grad_tiles4_channel(dyo: &[f32], h: usize, w: usize, b: usize, t0: usize, t1: usize, uo: &mut [f32]) {
+        window_tiles::<4>(dyo, (h, w, b), (t0, t1), 1, a6, uo)
     }
 }
 

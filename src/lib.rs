@@ -27,5 +27,9 @@ pub mod sweep;
 pub mod tasks;
 pub mod train;
 
+/// Cache-line-aligned large blocks for the vector kernels (see `ops::aligned_alloc`).
+#[global_allocator]
+static ALLOCATOR: ops::aligned_alloc::CacheAligned = ops::aligned_alloc::CacheAligned;
+
 pub use config::Experiment;
 pub use train::{resume, run, RunOptions, RunOutcome};

@@ -7,6 +7,7 @@
 //!   against; [`loss`] holds the pixel cross-entropies (one of them fused with the bilinear
 //!   upsampling of the logits), [`fastmath`] a vectorisable `exp`/`ln`.
 
+pub mod aligned_alloc;
 pub mod channel;
 pub mod depthwise;
 pub mod fastmath;

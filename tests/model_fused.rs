@@ -103,9 +103,13 @@ fn dense_conv_matches_candle_odd_sizes_stride_2_and_winograd() {
         (1, 3, 11, 9, 8, 3, 2),
         (2, 6, 5, 5, 4, 1, 2),
         (17, 3, 7, 5, 4, 3, 2),
-        // 3×3 stride 1 over 8 or more images: Winograd F(2×2, 3×3), even and odd maps.
+        // 3×3 stride 1 over 8 or more images: Winograd F(4×4, 3×3), even and odd maps.
         (9, 4, 6, 8, 5, 3, 1),
         (20, 3, 7, 5, 6, 3, 1),
+        // The stem's direct forward (whole 16-image lanes, 16 output channels, few taps),
+        // odd maps and two channel blocks.
+        (16, 3, 9, 7, 16, 3, 2),
+        (32, 3, 8, 8, 32, 3, 2),
     ] {
         let x = var(&[b, c, h, w], 1);
         let wt = var(&[o, c, k, k], 2);

@@ -356,7 +356,7 @@ impl ConvGeom {
 
     /// Taps `ky` with `o·s + ky − pad` inside `0..len`.
     #[inline(always)]
-    fn taps(&self, o: usize, len: usize) -> (usize, usize) {
+    pub fn taps(&self, o: usize, len: usize) -> (usize, usize) {
         let base = o * self.stride;
         let t0 = self.pad.saturating_sub(base);
         let t1 = (len + self.pad).saturating_sub(base).min(self.k);

@@ -25,6 +25,7 @@
 //! lifetimes and gradient accumulation, `kernels` the slice kernels. Which path a model
 //! takes is the model's explicit [`Executor`].
 
+mod direct;
 mod exec;
 pub mod kernels;
 mod nodes;

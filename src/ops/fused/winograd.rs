@@ -43,8 +43,16 @@ use crate::ops::simd::multiversion;
 /// `ONEHEAD_WINOGRAD=0`, nor below 8 images, where most of each 16-image lane would be
 /// empty and im2col is faster (batch-1 latency).
 pub fn applies(b: usize) -> bool {
+    b >= 8 && fast_dense_paths()
+}
+
+/// Whether dense convolutions may leave the im2col path (this file's Winograd, the direct
+/// stem in `direct.rs`). `ONEHEAD_WINOGRAD=0` keeps every dense convolution on im2col + gemm:
+/// the arithmetic the README's strategy tables were computed with, for reproducing them bit
+/// for bit.
+pub fn fast_dense_paths() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    b >= 8 && *ON.get_or_init(|| std::env::var("ONEHEAD_WINOGRAD").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| std::env::var("ONEHEAD_WINOGRAD").map_or(true, |v| v != "0"))
 }
 
 /// A 3×3, stride-1, padding-1 convolution of `x (c, h, w, b)` to `o` channels.

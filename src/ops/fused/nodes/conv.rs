@@ -1,6 +1,7 @@
 //! Convolutions (square kernel, padding `k/2`): 1×1 as one gemm over the whole batch, dense
-//! 3×3 stride 1 over 8 or more images by Winograd F(2×2, 3×3) (`winograd.rs`), other dense
-//! k×k as chunked im2col + one gemm per chunk, depthwise with the direct kernels; optional
+//! 3×3 stride 1 over 8 or more images by Winograd F(4×4, 3×3) (`winograd.rs`), the stem's
+//! forward (few input channels) directly (`direct.rs`), other dense k×k as chunked im2col +
+//! one gemm per chunk, depthwise with the direct kernels; optional
 //! bias. The backward writes the weight (and bias) gradient and returns the input gradient
 //! unless nothing needs it (the network input when it is not tracked).
 
@@ -9,7 +10,7 @@ use candle_core::Result;
 use super::{Bwd, Dims, DimsCx, Fwd, Node, NodeOp, Remap, Saved};
 use crate::ops::fused::kernels::{self, ConvGeom};
 use crate::ops::fused::prof::{time, Kind};
-use crate::ops::fused::{pool, winograd, ConvKind, Id};
+use crate::ops::fused::{direct, pool, winograd, ConvKind, Id};
 
 #[derive(Debug, Clone)]
 pub(in crate::ops::fused) struct Conv {
@@ -125,11 +126,14 @@ fn wino((b, c, h, w, o): Geom) -> winograd::Geom {
 }
 
 fn conv_fwd(kind: ConvKind, geom: Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
-    let (b, c, h, w, _) = geom;
+    let (b, c, h, w, o) = geom;
     match kind {
         ConvKind::Pointwise => pointwise_fwd(geom, x, wt, y),
         ConvKind::Dense { k: 3, stride: 1 } if winograd::applies(b) => {
             winograd::forward(&wino(geom), x, wt, y)
+        }
+        ConvKind::Dense { k, stride } if direct::applies(b, c, k, o) => {
+            direct::forward(&ConvGeom::new(b, c, h, w, k, stride), o, x, wt, y)
         }
         ConvKind::Dense { k, stride } => dense_fwd(geom, k, stride, x, wt, y),
         ConvKind::Depthwise { k, stride } => {

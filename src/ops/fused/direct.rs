@@ -32,7 +32,11 @@ type Lane = [f32; L];
 /// channels, and few input taps (each input lane feeds 16 outputs; with many taps the gemm
 /// path is better).
 pub fn applies(b: usize, c: usize, k: usize, o: usize) -> bool {
-    b % L == 0 && b > 0 && o % OB == 0 && c * k * k <= 64 && super::winograd::fast_dense_paths()
+    b.is_multiple_of(L)
+        && b > 0
+        && o.is_multiple_of(OB)
+        && c * k * k <= 64
+        && super::winograd::fast_dense_paths()
 }
 
 struct Out(*mut f32);

@@ -175,7 +175,13 @@ fn depthwise_conv_matches_candle_odd_sizes_and_stride_2() {
 
 #[test]
 fn pointwise_conv_matches_candle() {
-    let (b, c, h, w, o) = (3, 7, 5, 3, 4);
+    // The second has 9216 pixel columns: its weight gradient is summed in parts side by side.
+    for (b, c, h, w, o) in [(3, 7, 5, 3, 4), (16, 7, 24, 24, 4)] {
+        pointwise_case(b, c, h, w, o);
+    }
+}
+
+fn pointwise_case(b: usize, c: usize, h: usize, w: usize, o: usize) {
     let x = var(&[b, c, h, w], 6);
     let wt = var(&[o, c, 1, 1], 7);
     let wt2 = wt.as_tensor().clone();
@@ -516,6 +522,13 @@ fn whole_model_matches_per_layer_path_in_training() {
 fn whole_model_matches_per_layer_path_at_batch_20() {
     compare_whole_model(true, true, 20, 32, 64);
     compare_whole_model(false, true, 17, 32, 32);
+}
+
+/// Whole 16-image lanes at 96×96: the stem's direct forward and its weight gradient summed in
+/// chunks side by side, the first 1×1 convs' weight gradients in parts (24×24×16 columns).
+#[test]
+fn whole_model_matches_per_layer_path_at_batch_16() {
+    compare_whole_model(true, true, 16, 96, 96);
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! unless nothing needs it (the network input when it is not tracked).
 
 use candle_core::Result;
+use rayon::prelude::*;
 
 use super::{Bwd, Dims, DimsCx, Fwd, Node, NodeOp, Remap, Saved};
 use crate::ops::fused::kernels::{self, ConvGeom};
@@ -251,23 +252,8 @@ fn pointwise_bwd(
     // dw (cout × c) = dy (cout × n) · xᵀ, written column-major (the faster storage
     // order for this shape, see `sgemm_strided`) and transposed.
     let mut dwt = vec![0f32; cout * c];
-    // SAFETY: dwt holds (cout × c) column-major; dy (cout × n), x (c × n) row-major.
-    time(Kind::Gemm, flops, || unsafe {
-        kernels::sgemm_strided(
-            cout,
-            c,
-            n,
-            dwt.as_mut_ptr(),
-            1,
-            cout,
-            false,
-            dy.as_ptr(),
-            n,
-            1,
-            x.as_ptr(),
-            1,
-            n,
-        )
+    time(Kind::Gemm, flops, || {
+        pointwise_weight_grad((cout, c, n), dy, x, &mut dwt)
     });
     kernels::transpose(&dwt, c, cout, dw);
     want_dx.then(|| {
@@ -293,6 +279,63 @@ fn pointwise_bwd(
     })
 }
 
+/// Pixels (times images) per part of a split 1×1 weight gradient.
+const WGRAD_PART: usize = 4096;
+
+/// `dwt (cout × c, column-major) = dy (cout × n) · xᵀ` for `x (c × n)`.
+///
+/// Why split: the backbone's early 1×1 convs have tiny weight gradients (16 × 72) summed over
+/// 50 K pixel columns; the gemm crate splits a product's rows and columns between threads,
+/// never its sum, so one thread did all of it (a 2-thread step spent longer on it than a
+/// 1-thread one). A long sum runs as parts of [`WGRAD_PART`] columns, one single-threaded
+/// gemm per part side by side, and the parts are added in order: a fixed split, so the
+/// values do not depend on the thread count. `ONEHEAD_WINOGRAD=0` keeps the one gemm (the
+/// tables' arithmetic).
+fn pointwise_weight_grad(
+    (cout, c, n): (usize, usize, usize),
+    dy: &[f32],
+    x: &[f32],
+    dwt: &mut [f32],
+) {
+    // SAFETY (both calls): out holds (cout × c) column-major; dy (cout × n) and x (c × n)
+    // row-major with row stride n, read from column j0 on, `len` columns.
+    let part = |j0: usize, len: usize, out: &mut [f32]| unsafe {
+        kernels::sgemm_strided(
+            cout,
+            c,
+            len,
+            out.as_mut_ptr(),
+            1,
+            cout,
+            false,
+            dy.as_ptr().add(j0),
+            n,
+            1,
+            x.as_ptr().add(j0),
+            1,
+            n,
+        )
+    };
+    if n < 2 * WGRAD_PART || !winograd::fast_dense_paths() {
+        return part(0, n, dwt);
+    }
+    let parts = n.div_ceil(WGRAD_PART);
+    let mut partial = vec![0f32; parts * cout * c];
+    partial
+        .par_chunks_mut(cout * c)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let j0 = i * WGRAD_PART;
+            kernels::serial_gemms(|| part(j0, WGRAD_PART.min(n - j0), out))
+        });
+    dwt.copy_from_slice(&partial[..cout * c]);
+    for p in partial.chunks_exact(cout * c).skip(1) {
+        for (d, v) in dwt.iter_mut().zip(p) {
+            *d += v;
+        }
+    }
+}
+
 fn dense_bwd(
     (b, c, h, w, cout): Geom,
     (k, stride): (usize, usize),
@@ -305,6 +348,14 @@ fn dense_bwd(
     let g = ConvGeom::new(b, c, h, w, k, stride);
     let (n, rows, nr) = (g.ho * g.wo * b, c * k * k, g.chunk_rows());
     let per_row = g.wo * b;
+    if !want_dx && g.ho > nr && winograd::fast_dense_paths() {
+        // The stem (the network input needs no gradient): a small weight gradient summed
+        // over many chunks, chunks side by side (see `dense_weight_grad_parts`).
+        let mut dwt = vec![0f32; cout * rows];
+        dense_weight_grad_parts(&g, cout, x, dy, &mut dwt);
+        kernels::transpose(&dwt, rows, cout, dw);
+        return None;
+    }
     let mut cols = pool::take(rows * nr * per_row);
     let mut dcols = if want_dx {
         pool::take(rows * nr * per_row)
@@ -375,5 +426,55 @@ fn dense_bwd(
         Some(dx)
     } else {
         None
+    }
+}
+
+/// `dwt (cout × C·k·k, column-major) = dy · colsᵀ` summed over the im2col chunks of `g`: each
+/// chunk's im2col and single-threaded gemm into its own part, chunks side by side, parts
+/// added in order (a fixed split: the values do not depend on the thread count). Why: the
+/// stem's 16 × 27 gradient over 200 K columns was one thread's work (the gemm crate splits
+/// rows and columns, never the sum).
+fn dense_weight_grad_parts(g: &ConvGeom, cout: usize, x: &[f32], dy: &[f32], dwt: &mut [f32]) {
+    let (n, rows, nr) = (g.ho * g.wo * g.b, g.c * g.k * g.k, g.chunk_rows());
+    let per_row = g.wo * g.b;
+    let chunks = g.ho.div_ceil(nr);
+    let mut partial = vec![0f32; chunks * cout * rows];
+    // One profile section around the parallel parts (the profile's sections are per thread);
+    // the chunks' im2col counts as gemm time here.
+    time(Kind::Gemm, (2 * cout * rows * n) as u64, || {
+        partial
+            .par_chunks_mut(cout * rows)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let (oy0, oy1) = (i * nr, ((i + 1) * nr).min(g.ho));
+                let nc = (oy1 - oy0) * per_row;
+                let mut cols = pool::take(rows * nc);
+                kernels::im2col(g, x, oy0, oy1, &mut cols);
+                // SAFETY: out (cout × rows, column-major) = dy[:, chunk] (cout × nc) · colsᵀ.
+                kernels::serial_gemms(|| unsafe {
+                    kernels::sgemm_strided(
+                        cout,
+                        rows,
+                        nc,
+                        out.as_mut_ptr(),
+                        1,
+                        cout,
+                        false,
+                        dy.as_ptr().add(oy0 * per_row),
+                        n,
+                        1,
+                        cols.as_ptr(),
+                        1,
+                        nc,
+                    )
+                });
+                pool::give(cols);
+            })
+    });
+    dwt.copy_from_slice(&partial[..cout * rows]);
+    for p in partial.chunks_exact(cout * rows).skip(1) {
+        for (d, v) in dwt.iter_mut().zip(p) {
+            *d += v;
+        }
     }
 }

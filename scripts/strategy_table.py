@@ -154,16 +154,56 @@ def images_kept(run_dir):
     return f"{n} ({n * size * size * 3 * 4 / 2**20:.1f} MiB†)" if n else "0"
 
 
-def table(sweep, joint, own_end):
-    summary = rows_of(os.path.join(sweep, "summary.csv"))
-    index = rows_of(os.path.join(sweep, "index.csv"))
-    diffs = rows_of(os.path.join(sweep, "differences.csv"))
+def header(joint):
     head = ["experiment", "seeds"]
     for t, _, label in TASKS:
         head += [f"{t} {label} final", f"{t} change vs single-task [95 % CI], verdict (seeds within)"]
     head += ["every task within (seeds) [95 % CI]", "images kept (pixels)", "time / run",
              f"final − {joint}: seg / det / cls [95 % CI]"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
+def table(sweep, joint, own_end):
+    rows, refs, dagger = sweep_rows(sweep, joint, own_end)
+    lines = header(joint) + ["| " + " | ".join(c) + " |" for c in rows + refs]
+    if dagger:
+        lines.append(DAGGER)
+    return "\n".join(lines)
+
+
+DAGGER = ("\n† f32 pixels only: these runs predate `summary.json`'s `buffers` record, "
+          "so the outputs they stored are not counted.")
+
+
+def one_table(sweeps, joint, own_end):
+    """Every sweep's rows in one table, each experiment named `sweep/experiment`; the
+    single-task reference rows once each (a row shared by several sweeps — the same references
+    hard-linked into each — names them all)."""
+    lines, refs, dagger = header(joint), {}, False
+    for sweep in sweeps:
+        name = os.path.basename(os.path.normpath(sweep))
+        rows, ref_rows, d = sweep_rows(sweep, joint, own_end)
+        dagger |= d
+        for c in rows:
+            c[0] = f"`{name}/{c[0].strip('`')}`"
+            lines.append("| " + " | ".join(c) + " |")
+        for c in ref_rows:
+            refs.setdefault(tuple(c), []).append(name)
+    for c, names in refs.items():
+        c = list(c)
+        c[0] = f"{c[0]} — {', '.join(names)}"
+        lines.append("| " + " | ".join(c) + " |")
+    if dagger:
+        lines.append(DAGGER)
+    return "\n".join(lines)
+
+
+def sweep_rows(sweep, joint, own_end):
+    """The table cells of a sweep: `(experiment rows, single-task reference rows, dagger)`."""
+    summary = rows_of(os.path.join(sweep, "summary.csv"))
+    index = rows_of(os.path.join(sweep, "index.csv"))
+    diffs = rows_of(os.path.join(sweep, "differences.csv"))
+    lines, ref_lines = [], []
     # A row is named by its file's stem, unless a grid made several rows of one file (then by
     # its config: `distill_budget__capacity-30`); a grid over data.synth_seed alone only
     # suffixes the draw, which the caption says.
@@ -229,7 +269,7 @@ def table(sweep, joint, own_end):
             cells.append(" / ".join(vs))
         else:
             cells.append("not paired yet" if has_joint else f"— (no {joint} in this sweep)")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(cells)
     for label, refs in references(sweep, index):
         n = max(len(v) for v in refs.values())
         if n:
@@ -237,11 +277,8 @@ def table(sweep, joint, own_end):
             for t, _, _ in TASKS:
                 cells += [mean_sd(refs[t]), "(the baseline)"]
             cells += ["—", "—", "—", "—"]
-            lines.append("| " + " | ".join(cells) + " |")
-    if dagger:
-        lines.append("\n† f32 pixels only: these runs predate `summary.json`'s `buffers` record, "
-                     "so the outputs they stored are not counted.")
-    return "\n".join(lines)
+            ref_lines.append(cells)
+    return lines, ref_lines, dagger
 
 
 def main():
@@ -251,7 +288,12 @@ def main():
                     help="config name of the joint reference the finals are compared with (default: the compute-matched one)")
     ap.add_argument("--own-end", default="joint_matched",
                     help="comma-separated configs judged against their own end (references without a single-task baseline): finals only")
+    ap.add_argument("--one-table", action="store_true",
+                    help="all sweeps' rows in one table (experiments named sweep/experiment)")
     a = ap.parse_args()
+    if a.one_table:
+        print(one_table(a.sweeps, a.joint, a.own_end.split(",")))
+        return
     for sweep in a.sweeps:
         print(f"\n{sweep}:\n")
         print(table(sweep, a.joint, a.own_end.split(",")))

@@ -297,8 +297,8 @@ fn pointwise_weight_grad(
     x: &[f32],
     dwt: &mut [f32],
 ) {
-    // SAFETY (both calls): out holds (cout × c) column-major; dy (cout × n) and x (c × n)
-    // row-major with row stride n, read from column j0 on, `len` columns.
+    // SAFETY: out holds (cout × c) column-major; dy (cout × n) and x (c × n) row-major with
+    // row stride n, read from column j0 on, `len` columns (j0 + len ≤ n).
     let part = |j0: usize, len: usize, out: &mut [f32]| unsafe {
         kernels::sgemm_strided(
             cout,
@@ -328,9 +328,18 @@ fn pointwise_weight_grad(
             let j0 = i * WGRAD_PART;
             kernels::serial_gemms(|| part(j0, WGRAD_PART.min(n - j0), out))
         });
-    dwt.copy_from_slice(&partial[..cout * c]);
-    for p in partial.chunks_exact(cout * c).skip(1) {
-        for (d, v) in dwt.iter_mut().zip(p) {
+    add_parts_in_order(&partial, dwt);
+}
+
+/// `out = Σ parts` over the consecutive `out.len()`-long parts of `partial`, first to last
+/// (a fixed order: the sum does not depend on which thread computed which part).
+fn add_parts_in_order(partial: &[f32], out: &mut [f32]) {
+    let mut parts = partial.chunks_exact(out.len());
+    if let Some(first) = parts.next() {
+        out.copy_from_slice(first);
+    }
+    for p in parts {
+        for (d, v) in out.iter_mut().zip(p) {
             *d += v;
         }
     }
@@ -471,10 +480,5 @@ fn dense_weight_grad_parts(g: &ConvGeom, cout: usize, x: &[f32], dy: &[f32], dwt
                 pool::give(cols);
             })
     });
-    dwt.copy_from_slice(&partial[..cout * rows]);
-    for p in partial.chunks_exact(cout * rows).skip(1) {
-        for (d, v) in dwt.iter_mut().zip(p) {
-            *d += v;
-        }
-    }
+    add_parts_in_order(&partial, dwt);
 }

@@ -15,6 +15,7 @@
 use rayon::prelude::*;
 
 use super::kernels::ConvGeom;
+use super::winograd::Ptr;
 use crate::ops::simd::multiversion;
 
 /// Output channels computed together: four groups of four accumulators (one vector register
@@ -38,11 +39,6 @@ pub fn applies(b: usize, c: usize, k: usize, o: usize) -> bool {
         && c * k * k <= 64
         && super::winograd::fast_dense_paths()
 }
-
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint output rows (see `forward`).
-unsafe impl Sync for Out {}
-unsafe impl Send for Out {}
 
 /// `y (o, ho, wo, b) = conv(x (c, h, w, b), wt (o, c, k, k))`, stride and padding of `g`.
 pub fn forward(g: &ConvGeom, o: usize, x: &[f32], wt: &[f32], y: &mut [f32]) {
@@ -68,7 +64,7 @@ pub fn forward(g: &ConvGeom, o: usize, x: &[f32], wt: &[f32], y: &mut [f32]) {
             ((c * g.h + ky) * g.w + kx) * g.b
         })
         .collect();
-    let out = Out(y.as_mut_ptr());
+    let out = Ptr(y.as_mut_ptr());
     (0..o / OB * g.ho).into_par_iter().for_each(|task| {
         let (ob, oy) = (task / g.ho, task % g.ho);
         let out = &out;

@@ -210,7 +210,7 @@ fn kernel_grad(g: &Geom, sums: &[f32], dw: &mut [f32]) {
 }
 
 /// A raw pointer shared by the tasks of one parallel loop that write disjoint parts of it.
-struct Ptr(*mut f32);
+pub(super) struct Ptr(pub(super) *mut f32);
 // SAFETY: only used where every task reads shared inputs and writes its own disjoint part.
 unsafe impl Sync for Ptr {}
 unsafe impl Send for Ptr {}

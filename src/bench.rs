@@ -333,11 +333,23 @@ pub fn sgemm_peak_gflops() -> f64 {
     best
 }
 
-/// Wall time of one whole built-in-benchmark epoch, in seconds: the detection epoch of a
-/// two-stage run (seg 1 epoch, then det 1 epoch with 4 replayed seg images per batch) at
-/// `image_size`, as the engine runs it: data loading, augmentation, training steps, and the
-/// evaluation of both tasks. The run (and its generated data) lives in a temporary folder.
-pub fn whole_epoch_seconds(image_size: usize, device: &Device) -> anyhow::Result<Option<f64>> {
+/// One engine epoch's wall time and where it went (`epochs.csv`'s time columns), seconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EpochTime {
+    pub seconds: f64,
+    /// Assembling the training batches: augmentation draws, decoding, cropping, resizing.
+    pub data_s: f64,
+    /// The training steps' forward, losses, backward and update.
+    pub steps_s: f64,
+    /// Evaluating every task learned so far.
+    pub eval_s: f64,
+}
+
+/// One whole built-in-benchmark epoch: the detection epoch of a two-stage run (seg 1 epoch,
+/// then det 1 epoch with 4 replayed seg images per batch) at `image_size`, as the engine
+/// runs it: data loading, augmentation, training steps, and the evaluation of both tasks.
+/// The run (and its generated data) lives in a temporary folder.
+pub fn whole_epoch(image_size: usize, device: &Device) -> anyhow::Result<EpochTime> {
     let tmp = tempfile::tempdir()?;
     let dev = match device {
         Device::Cpu => "cpu",
@@ -384,12 +396,20 @@ tensorboard = false
     let out = crate::train::run(&exp, &opts)?;
     let mut rows = csv::Reader::from_path(out.run_dir.join("epochs.csv"))?;
     let headers = rows.headers()?.clone();
-    let col = headers
-        .iter()
-        .position(|h| h == "seconds")
-        .context("epochs.csv has a seconds column")?;
     let last = rows.records().last().context("epochs.csv has rows")??;
-    Ok(Some(last[col].parse()?))
+    let cell = |name: &str| -> anyhow::Result<f64> {
+        let c = headers
+            .iter()
+            .position(|h| h == name)
+            .with_context(|| format!("epochs.csv has a {name} column"))?;
+        Ok(last[c].parse()?)
+    };
+    Ok(EpochTime {
+        seconds: cell("seconds")?,
+        data_s: cell("data_seconds")?,
+        steps_s: cell("step_seconds")?,
+        eval_s: cell("eval_seconds")?,
+    })
 }
 
 /// Everything `onehead bench` reports.
@@ -408,7 +428,7 @@ pub struct BenchReport {
     pub latency_b1_ms: f64,
     pub latency_runs: usize,
     pub latency_size: usize,
-    pub whole_epoch_s: Option<f64>,
+    pub whole_epoch: EpochTime,
     pub peak_rss_mib: Option<f64>,
     /// Cores kept busy by other processes during the run (average; from /proc/stat): figures
     /// taken with this above ≈ 0.2 are contaminated.
@@ -510,7 +530,7 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> anyhow::Result<BenchRe
     let runs = opts.latency_runs.max(30);
     let latency_b1_ms =
         crate::model::info::median_latency_ms(&model, opts.inference_size, device, runs)?;
-    let whole_epoch_s = whole_epoch_seconds(opts.sizes[0], device)?;
+    let whole_epoch = whole_epoch(opts.sizes[0], device)?;
     let foreign_cores_busy = match (load0, cpu_sample()) {
         (Some(a), Some(b)) if b.0 > a.0 => {
             Some((((b.1 - a.1) - (b.2 - a.2)) / (b.0 - a.0)).max(0.0))
@@ -528,7 +548,7 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> anyhow::Result<BenchRe
         latency_b1_ms,
         latency_runs: runs,
         latency_size: opts.inference_size,
-        whole_epoch_s,
+        whole_epoch,
         peak_rss_mib: crate::ops::peak_rss_mib(),
         foreign_cores_busy,
         clock: if prof::cpu_clock() { "cpu" } else { "wall" },
@@ -582,14 +602,12 @@ impl std::fmt::Display for BenchReport {
             self.latency_size,
             self.latency_runs
         )?;
-        match self.whole_epoch_s {
-            Some(s) => writeln!(f, "{:<40} {s:.1} s", "one built-in-benchmark epoch")?,
-            None => writeln!(
-                f,
-                "{:<40} n/a (not wired to the engine yet)",
-                "one built-in-benchmark epoch"
-            )?,
-        }
+        let e = &self.whole_epoch;
+        writeln!(
+            f,
+            "{:<40} {:.1} s (data {:.1} s, steps {:.1} s, evaluation {:.1} s)",
+            "one built-in-benchmark epoch", e.seconds, e.data_s, e.steps_s, e.eval_s
+        )?;
         match self.peak_rss_mib {
             Some(m) => writeln!(f, "{:<40} {m:.0} MiB", "peak resident memory")?,
             None => writeln!(f, "{:<40} n/a", "peak resident memory")?,

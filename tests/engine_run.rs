@@ -109,6 +109,18 @@ fn a_run_leaves_config_csv_summary_and_checkpoints() {
         "no replay term in stage 1: an empty cell"
     );
     assert!(rows[2][col("loss_replay")].parse::<f64>().unwrap() > 0.0);
+    // Each epoch's seconds split into batches, steps and evaluation: every part measured,
+    // and together no more than the whole (the rest is hooks and logging).
+    for r in &rows {
+        let t = |name: &str| r[col(name)].parse::<f64>().unwrap();
+        let parts = t("data_seconds") + t("step_seconds") + t("eval_seconds");
+        assert!(t("data_seconds") > 0.0 && t("step_seconds") > 0.0 && t("eval_seconds") > 0.0);
+        assert!(
+            parts <= t("seconds") + 0.002,
+            "{parts} > {} in {r:?}",
+            t("seconds")
+        );
+    }
 
     // The verdict is measured on the held-out test split, against the single-task reference
     // (trained first, in results/references/<key>/); the val curves are epochs.csv's.

@@ -52,7 +52,16 @@ pub struct EpochRow {
     /// When the epoch ended, Unix seconds (UTC), to the millisecond: the wall time of its
     /// TensorBoard scalars, live and exported alike (`None`: a file without the column).
     pub end_time: Option<f64>,
+    /// Of `seconds`: assembling the training batches (augmentation, decoding, the plug-ins'
+    /// extra batches), the steps' forward/backward/update, and the evaluation. The rest
+    /// (progress, plug-in epoch hooks) is in `seconds` only. `None`: a file without them.
+    pub data_seconds: Option<f64>,
+    pub step_seconds: Option<f64>,
+    pub eval_seconds: Option<f64>,
 }
+
+/// The columns of [`EpochRow`]'s time split, in file order (after `end_time`).
+pub const PHASE_COLUMNS: [&str; 3] = ["data_seconds", "step_seconds", "eval_seconds"];
 
 /// The column layout of `epochs.csv`.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +73,8 @@ pub struct EpochColumns {
     /// Whether the file has the `end_time` column (files of onehead 0.1 before it have not:
     /// a run resumed from one keeps its layout).
     pub end_time: bool,
+    /// Whether it has the [`PHASE_COLUMNS`] (files of onehead before them have not).
+    pub phases: bool,
 }
 
 impl EpochColumns {
@@ -80,7 +91,22 @@ impl EpochColumns {
             losses,
             metrics,
             end_time: true,
+            phases: true,
         }
+    }
+
+    /// The layouts a resumed run may find, newest first: each older one lacks the columns
+    /// added after it.
+    fn layouts(&self) -> [Self; 3] {
+        let no_phases = Self {
+            phases: false,
+            ..self.clone()
+        };
+        let oldest = Self {
+            end_time: false,
+            ..no_phases.clone()
+        };
+        [self.clone(), no_phases, oldest]
     }
 
     pub fn header(&self) -> Vec<String> {
@@ -93,6 +119,9 @@ impl EpochColumns {
         h.push("seconds".into());
         if self.end_time {
             h.push("end_time".into());
+        }
+        if self.phases {
+            h.extend(PHASE_COLUMNS.iter().map(|c| c.to_string()));
         }
         h
     }
@@ -214,16 +243,11 @@ impl RunCsv {
     /// Reopen the files of a resumed run, dropping rows after `global_epoch`.
     pub fn reopen(run_dir: &Path, mut columns: EpochColumns, global_epoch: usize) -> Result<Self> {
         let eval_header: Vec<String> = EVAL_HEADER.iter().map(|s| s.to_string()).collect();
-        let older = EpochColumns {
-            end_time: false,
-            ..columns.clone()
-        };
-        let (epochs, layout) = Appender::reopen(
-            &run_dir.join("epochs.csv"),
-            &[columns.header(), older.header()],
-            global_epoch,
-        )?;
-        columns.end_time = layout == 0;
+        let layouts = columns.layouts();
+        let headers: Vec<Vec<String>> = layouts.iter().map(EpochColumns::header).collect();
+        let (epochs, layout) =
+            Appender::reopen(&run_dir.join("epochs.csv"), &headers, global_epoch)?;
+        columns = layouts[layout].clone();
         let (eval, _) = Appender::reopen(&run_dir.join("eval.csv"), &[eval_header], global_epoch)?;
         Ok(Self {
             epochs,
@@ -264,8 +288,12 @@ impl RunCsv {
             );
         }
         rec.push(row.seconds.map(|v| format!("{v:.3}")).unwrap_or_default());
+        let secs = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
         if self.columns.end_time {
-            rec.push(row.end_time.map(|v| format!("{v:.3}")).unwrap_or_default());
+            rec.push(secs(row.end_time));
+        }
+        if self.columns.phases {
+            rec.extend([row.data_seconds, row.step_seconds, row.eval_seconds].map(secs));
         }
         // eval.csv first: a crash between the two leaves an eval row without its epoch row,
         // which a resume drops again (same global_epoch rule).
@@ -299,50 +327,53 @@ mod tests {
         (h, rows)
     }
 
-    /// A run written before `end_time` existed resumes in its own layout: no column is added
-    /// mid-file, and a file of any other layout is still refused.
+    /// A run written before `end_time`, or before the time split, existed resumes in its own
+    /// layout: no column is added mid-file, and a file of any other layout is still refused.
     #[test]
-    fn a_run_from_before_end_time_keeps_its_layout() {
-        let tmp = tempfile::tempdir().unwrap();
+    fn a_run_from_an_older_layout_keeps_it() {
         let cols = EpochColumns::new(&[], &[("seg".into(), vec!["miou".into()])]);
-        let older = EpochColumns {
-            end_time: false,
-            ..cols.clone()
-        };
-        let old_header = older.header().join(",");
-        std::fs::write(
-            tmp.path().join("epochs.csv"),
-            format!("{old_header}\n1,seg,1,1,0.001,1.5,1.5,0.2,3.0\n"),
-        )
-        .unwrap();
-        std::fs::write(
-            tmp.path().join("eval.csv"),
-            format!("{}\n", EVAL_HEADER.join(",")),
-        )
-        .unwrap();
-        let mut log = RunCsv::reopen(tmp.path(), cols.clone(), 1).unwrap();
-        assert!(!log.columns().end_time);
-        let row = EpochRow {
-            stage: 1,
-            task: "seg".into(),
-            epoch: 2,
-            global_epoch: 2,
-            seconds: Some(2.0),
-            end_time: Some(1_700_000_000.0),
-            ..Default::default()
-        };
-        log.append(&row, &[]).unwrap();
-        drop(log);
-        let (h, rows) = read(&tmp.path().join("epochs.csv"));
-        assert_eq!(h.join(","), old_header);
-        assert!(rows.iter().all(|r| r.len() == h.len()), "{rows:?}");
-        // Another layout (a column that is not end_time) is refused, as before.
-        std::fs::write(
-            tmp.path().join("epochs.csv"),
-            format!("{old_header},extra\n"),
-        )
-        .unwrap();
-        assert!(RunCsv::reopen(tmp.path(), cols, 0).is_err());
+        let [_, no_phases, oldest] = cols.layouts();
+        for (older, end_time) in [(no_phases, true), (oldest, false)] {
+            let tmp = tempfile::tempdir().unwrap();
+            let old_header = older.header().join(",");
+            let first = if end_time { ",1700000000.0" } else { "" };
+            std::fs::write(
+                tmp.path().join("epochs.csv"),
+                format!("{old_header}\n1,seg,1,1,0.001,1.5,1.5,0.2,3.0{first}\n"),
+            )
+            .unwrap();
+            std::fs::write(
+                tmp.path().join("eval.csv"),
+                format!("{}\n", EVAL_HEADER.join(",")),
+            )
+            .unwrap();
+            let mut log = RunCsv::reopen(tmp.path(), cols.clone(), 1).unwrap();
+            assert_eq!(log.columns().end_time, end_time);
+            assert!(!log.columns().phases);
+            let row = EpochRow {
+                stage: 1,
+                task: "seg".into(),
+                epoch: 2,
+                global_epoch: 2,
+                seconds: Some(2.0),
+                end_time: Some(1_700_000_000.0),
+                data_seconds: Some(0.5),
+                ..Default::default()
+            };
+            log.append(&row, &[]).unwrap();
+            drop(log);
+            let (h, rows) = read(&tmp.path().join("epochs.csv"));
+            assert_eq!(h.join(","), old_header);
+            assert_eq!(rows.len(), 2);
+            assert!(rows.iter().all(|r| r.len() == h.len()), "{rows:?}");
+            // Another layout (a column that is not one of onehead's) is refused, as before.
+            std::fs::write(
+                tmp.path().join("epochs.csv"),
+                format!("{old_header},extra\n"),
+            )
+            .unwrap();
+            assert!(RunCsv::reopen(tmp.path(), cols.clone(), 0).is_err());
+        }
     }
 
     #[test]
@@ -396,7 +427,10 @@ mod tests {
                 "seg_miou",
                 "det_map50",
                 "seconds",
-                "end_time"
+                "end_time",
+                "data_seconds",
+                "step_seconds",
+                "eval_seconds"
             ]
         );
         assert_eq!(rows.len(), 3);

@@ -20,7 +20,7 @@ use super::summary::{Matrix, RunSummary};
 const PREFERRED_METRICS: [&str; 3] = ["seg_miou", "det_map50", "cls_top1"];
 
 /// Columns of `epochs.csv` that are neither loss terms nor metrics.
-const FIXED_COLUMNS: [&str; 7] = [
+const FIXED_COLUMNS: [&str; 10] = [
     "stage",
     "task",
     "epoch",
@@ -28,6 +28,9 @@ const FIXED_COLUMNS: [&str; 7] = [
     "lr",
     "seconds",
     "end_time",
+    "data_seconds",
+    "step_seconds",
+    "eval_seconds",
 ];
 
 /// One stage as seen in `epochs.csv`.
@@ -576,6 +579,8 @@ struct EpochColumnsRead {
     total: Option<usize>,
     seconds: Option<usize>,
     end_time: Option<usize>,
+    /// The [`super::csv_log::PHASE_COLUMNS`], where the file has them.
+    phases: [Option<usize>; 3],
     terms: Vec<(usize, String)>,
     metrics: Vec<(usize, String)>,
     others: Vec<(usize, String)>,
@@ -638,6 +643,7 @@ impl EpochColumnsRead {
             total: col("loss_total"),
             seconds: col("seconds"),
             end_time: col("end_time"),
+            phases: super::csv_log::PHASE_COLUMNS.map(col),
             terms,
             metrics,
             others,
@@ -702,6 +708,9 @@ impl EpochColumnsRead {
             metrics: cells(&self.metrics)?,
             seconds: num(self.seconds)?,
             end_time: num(self.end_time)?,
+            data_seconds: num(self.phases[0])?,
+            step_seconds: num(self.phases[1])?,
+            eval_seconds: num(self.phases[2])?,
         })
     }
 }

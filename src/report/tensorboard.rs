@@ -125,11 +125,13 @@ impl Drop for TbWriter {
 }
 
 /// The TensorBoard tag of an `epochs.csv` column: `loss_<x>` → `loss/<x>`, `lr` → `train/lr`,
-/// `seconds` → `time/epoch_seconds`, `<task>_<metric>` → `<task>/<metric>` (first `_`).
+/// `seconds` → `time/epoch_seconds`, `data_seconds` (and the other parts of the epoch's time)
+/// → `time/data_seconds`, `<task>_<metric>` → `<task>/<metric>` (first `_`).
 pub fn tag_for_column(column: &str) -> String {
     match column {
         "lr" => "train/lr".into(),
         "seconds" => "time/epoch_seconds".into(),
+        c if super::csv_log::PHASE_COLUMNS.contains(&c) => format!("time/{c}"),
         c => match c.split_once('_') {
             Some((a, b)) if !a.is_empty() && !b.is_empty() => format!("{a}/{b}"),
             _ => c.to_string(),
@@ -138,13 +140,16 @@ pub fn tag_for_column(column: &str) -> String {
 }
 
 /// An epoch's scalars by tag ([`tag_for_column`]): learning rate, every loss term, every
-/// metric evaluated (per-class ones too: `seg_iou.cat` → `seg/iou.cat`), the epoch's seconds.
+/// metric evaluated (per-class ones too: `seg_iou.cat` → `seg/iou.cat`), the epoch's seconds
+/// and their split.
 /// Empty and non-finite values are left out.
 pub fn epoch_scalars(row: &EpochRow) -> Vec<(String, f64)> {
     let mut cols: Vec<(&str, Option<f64>)> = vec![("lr", row.lr)];
     cols.extend(row.losses.iter().map(|(k, v)| (k.as_str(), Some(*v))));
     cols.extend(row.metrics.iter().map(|(k, v)| (k.as_str(), Some(*v))));
     cols.push(("seconds", row.seconds));
+    let phases = [row.data_seconds, row.step_seconds, row.eval_seconds];
+    cols.extend(super::csv_log::PHASE_COLUMNS.into_iter().zip(phases));
     cols.into_iter()
         .filter_map(|(name, v)| Some((tag_for_column(name), v.filter(|v| v.is_finite())?)))
         .collect()
@@ -481,5 +486,6 @@ pub(crate) mod tests {
         assert_eq!(tag_for_column("det_map50_95"), "det/map50_95");
         assert_eq!(tag_for_column("lr"), "train/lr");
         assert_eq!(tag_for_column("seconds"), "time/epoch_seconds");
+        assert_eq!(tag_for_column("data_seconds"), "time/data_seconds");
     }
 }

@@ -16,7 +16,7 @@ use super::optim::{trainable_params, Optimizer, Param};
 use super::schedule::LrSchedule;
 use super::session::Session;
 use super::state::PartialEpoch;
-use super::step::{train_step, StepLosses};
+use super::step::{train_step, StepLosses, StepTimes};
 use crate::config::Freeze;
 use crate::report::{EpochRow, EvalRecord};
 use crate::tasks::Split;
@@ -40,8 +40,7 @@ pub fn train(mut s: Session) -> Result<RunOutcome> {
         let schedule = LrSchedule::for_stage(&stage, steps);
         for epoch in s.progress.next_epoch..=stage.epochs {
             let t0 = Instant::now();
-            let Some((losses, lr, before)) = train_epoch(&mut s, &mut opt, &schedule, si, epoch)?
-            else {
+            let Some(done) = train_epoch(&mut s, &mut opt, &schedule, si, epoch)? else {
                 s.save_state(&opt, seconds(&s))?;
                 let p = s
                     .progress
@@ -55,16 +54,14 @@ pub fn train(mut s: Session) -> Result<RunOutcome> {
             };
             s.progress.global_epoch += 1;
             s.progress.next_epoch = epoch + 1;
+            let t_eval = Instant::now();
             let evals = evaluate_epoch(&s, si, epoch)?;
-            log_epoch(
-                &mut s,
-                si,
-                epoch,
-                lr,
-                losses,
-                &evals,
-                before + t0.elapsed().as_secs_f64(),
-            )?;
+            let times = EpochTimes {
+                total: done.before + t0.elapsed().as_secs_f64(),
+                steps: done.times,
+                eval: t_eval.elapsed().as_secs_f64(),
+            };
+            log_epoch(&mut s, si, epoch, done.lr, done.losses, &evals, times)?;
             s.progress.history.extend(evals);
             let ctx = s.env.ctx(si, &s.progress.pools);
             for p in s.plugins.iter_mut() {
@@ -155,27 +152,49 @@ fn before_stage(s: &mut Session, si: usize) -> Result<()> {
     Ok(())
 }
 
+/// A trained epoch: its mean losses, last learning rate, the seconds an earlier session
+/// already spent in it, and (over both sessions) where the steps' time went.
+struct EpochDone {
+    losses: StepLosses,
+    lr: f64,
+    before: f64,
+    times: StepTimes,
+}
+
+/// An epoch's wall time for `epochs.csv`: the whole, the steps' data and compute parts, and
+/// the evaluation.
+struct EpochTimes {
+    total: f64,
+    steps: StepTimes,
+    eval: f64,
+}
+
 /// Train one epoch (or the rest of an interrupted one). `None` when interrupted mid-epoch
-/// (the position is in `s.progress.partial`); otherwise the mean losses, the last learning
-/// rate, and the seconds an earlier session already spent in this epoch.
+/// (the position is in `s.progress.partial`).
 fn train_epoch(
     s: &mut Session,
     opt: &mut Optimizer,
     schedule: &LrSchedule,
     si: usize,
     epoch: usize,
-) -> Result<Option<(StepLosses, f64, f64)>> {
+) -> Result<Option<EpochDone>> {
     let stage = s.env.stages[si].clone();
     let pool = &s.progress.pools[si];
     let bs = stage.batch_size.min(pool.len());
     // Drop the last incomplete batch: a batch of 1 would wreck BatchNorm statistics.
     let steps = (pool.len() / bs).max(1);
-    let (order, first, mut sums, before) = match s.progress.partial.take() {
-        Some(p) if p.epoch == epoch => (p.order, p.steps_done, p.sums, p.seconds),
+    let (order, first, mut sums, before, mut times) = match s.progress.partial.take() {
+        Some(p) if p.epoch == epoch => {
+            let times = StepTimes {
+                data: p.data_seconds,
+                compute: p.step_seconds,
+            };
+            (p.order, p.steps_done, p.sums, p.seconds, times)
+        }
         _ => {
             let mut order = pool.clone();
             order.shuffle(&mut s.rng);
-            (order, 0, BTreeMap::new(), 0.0)
+            (order, 0, BTreeMap::new(), 0.0, StepTimes::default())
         }
     };
     let t0 = Instant::now();
@@ -186,7 +205,7 @@ fn train_epoch(
         let idx = &order[step * bs..(step + 1) * bs];
         lr = schedule.lr((epoch - 1) * steps + step);
         let ctx = s.env.ctx(si, &s.progress.pools);
-        let losses =
+        let (losses, t) =
             train_step(&ctx, &mut s.plugins, opt, &mut s.rng, idx, lr).with_context(|| {
                 format!(
                     "stage {} ({}), epoch {epoch}, step {step}",
@@ -197,6 +216,8 @@ fn train_epoch(
         for (k, v) in losses {
             *sums.entry(k).or_insert(0.0) += v;
         }
+        times.data += t.data;
+        times.compute += t.compute;
         s.progress.steps += 1;
         pb.inc(1);
         pb.set_message(format!(
@@ -212,6 +233,8 @@ fn train_epoch(
                 steps_done: step + 1,
                 sums,
                 seconds: before + t0.elapsed().as_secs_f64(),
+                data_seconds: times.data,
+                step_seconds: times.compute,
             });
             return Ok(None);
         }
@@ -221,7 +244,12 @@ fn train_epoch(
         .into_iter()
         .map(|(k, v)| (k, v / steps as f64))
         .collect();
-    Ok(Some((means, lr, before)))
+    Ok(Some(EpochDone {
+        losses: means,
+        lr,
+        before,
+        times,
+    }))
 }
 
 /// Evaluate every task learned so far, when this epoch is due (every `eval.every` epochs
@@ -260,7 +288,7 @@ fn log_epoch(
     lr: f64,
     losses: StepLosses,
     evals: &[EvalRecord],
-    seconds: f64,
+    times: EpochTimes,
 ) -> Result<()> {
     let mut row = EpochRow {
         stage: si + 1,
@@ -269,8 +297,11 @@ fn log_epoch(
         global_epoch: s.progress.global_epoch,
         lr: Some(lr),
         losses,
-        seconds: Some(seconds),
+        seconds: Some(times.total),
         end_time: Some(unix_now_ms()),
+        data_seconds: Some(times.steps.data),
+        step_seconds: Some(times.steps.compute),
+        eval_seconds: Some(times.eval),
         ..Default::default()
     };
     for e in evals {

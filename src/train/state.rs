@@ -35,6 +35,12 @@ pub struct PartialEpoch {
     pub sums: BTreeMap<String, f64>,
     /// Seconds spent in the epoch before the interruption.
     pub seconds: f64,
+    /// Of those, the seconds spent assembling batches and computing steps (absent in
+    /// states of older versions: the split then counts the resumed part only).
+    #[serde(default)]
+    pub data_seconds: f64,
+    #[serde(default)]
+    pub step_seconds: f64,
 }
 
 /// Everything besides tensors that the training loop needs to continue.

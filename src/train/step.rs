@@ -16,6 +16,15 @@ use crate::tasks::Split;
 /// Loss values of one step by `epochs.csv` column (`loss_new`, `loss_<term>`, `loss_total`).
 pub type StepLosses = BTreeMap<String, f64>;
 
+/// Where a step's wall time went, in seconds: assembling its batches (augmentation draws,
+/// decoding, resizing, the plug-ins' extra batches) and the rest (forward, losses,
+/// backward, update).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimes {
+    pub data: f64,
+    pub compute: f64,
+}
+
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
@@ -28,7 +37,8 @@ pub fn train_step(
     rng: &mut ChaCha8Rng,
     idx: &[usize],
     lr: f64,
-) -> Result<StepLosses> {
+) -> Result<(StepLosses, StepTimes)> {
+    let clock = std::time::Instant::now();
     let stage = &ctx.stages[ctx.stage];
     let task = ctx.tasks.get(&stage.task)?;
     // Draw order (part of the reproducible stream): the stage batch's augmentations, then
@@ -42,6 +52,7 @@ pub fn train_step(
     for p in plugins.iter_mut() {
         extras.push(p.extra_batches(ctx, rng)?);
     }
+    let data = clock.elapsed().as_secs_f64();
     let images = if extras.iter().all(|e| e.is_empty()) {
         batch.images.clone()
     } else {
@@ -132,5 +143,9 @@ pub fn train_step(
         *out.entry(format!("loss_{}", t.name)).or_insert(0.0) += scalar(&t.value)?;
     }
     out.insert("loss_total".into(), total_v);
-    Ok(out)
+    let times = StepTimes {
+        data,
+        compute: clock.elapsed().as_secs_f64() - data,
+    };
+    Ok((out, times))
 }

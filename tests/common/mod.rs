@@ -29,10 +29,13 @@ synth_size = 64
     )
 }
 
-/// Whether an `epochs.csv` column holds wall-clock time (`seconds`, `end_time`): the only
+/// Whether an `epochs.csv` column holds wall-clock time (`seconds`, `end_time`, the split of the seconds): the only
 /// columns two identical runs, or a run and its resumed twin, may differ in.
 pub fn is_timing(column: &str) -> bool {
-    matches!(column, "seconds" | "end_time")
+    matches!(
+        column,
+        "seconds" | "end_time" | "data_seconds" | "step_seconds" | "eval_seconds"
+    )
 }
 
 /// A CSV file's header and rows, as strings.

@@ -97,10 +97,7 @@ fn run_seeds(
         grid: vec![],
         overrides: args.set,
     };
-    let (jobs, threads) = sweep::thread_budget(None, None, &[], sweep::cli::cores())?;
     let local = sweep::cli::Local {
-        jobs,
-        threads,
         quiet: args.quiet,
         ..Default::default()
     };
@@ -119,7 +116,7 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode> {
     } = args;
     if Manifest::path(&run_dir).is_file() {
         let manifest = Manifest::load(&run_dir)?;
-        let (jobs, threads) = sweep::thread_budget(jobs, threads, &[], sweep::cli::cores())?;
+        sweep::thread_budget(jobs, threads, &[], sweep::cli::cores(), 1)?;
         let local = sweep::cli::Local {
             jobs,
             threads,

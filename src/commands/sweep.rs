@@ -25,8 +25,9 @@ pub struct SweepArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
-    /// Runs at once on this machine, each a child process (default 1; with --gpus, one
-    /// per GPU).
+    /// Runs at once on this machine, each a child process (default: cores / --threads, and
+    /// no more than the runs still to do; with --gpus, one per GPU). Each run holds its own
+    /// model, data and buffers in memory: lower it where memory is short.
     #[arg(long, value_name = "N")]
     pub jobs: Option<usize>,
     /// Threads per run (default: cores / jobs). Given explicitly, jobs × threads may
@@ -153,7 +154,8 @@ pub fn sweep(args: SweepArgs) -> Result<ExitCode> {
         let manifest = sweep::cli::plan_sweep(&spec, &results, &name)?;
         return sweep::cli::slurm_sweep(&manifest, &opts, dry_run);
     }
-    let (jobs, threads) = sweep::thread_budget(jobs, threads, &gpus, sweep::cli::cores())?;
+    // A bad --jobs / --threads is refused before planning writes the sweep folder.
+    sweep::thread_budget(jobs, threads, &gpus, sweep::cli::cores(), 1)?;
     let local = sweep::cli::Local {
         jobs,
         threads,

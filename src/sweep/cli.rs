@@ -19,11 +19,12 @@ pub fn plan_sweep(spec: &SweepSpec, results: &std::path::Path, name: &str) -> Re
     sweep::prepare_sweep_dir(&plan, name, &dir, spec)
 }
 
-/// How a sweep runs on this machine.
+/// How a sweep runs on this machine: `--jobs` and `--threads` as given (`None`: chosen by
+/// [`sweep::thread_budget`] once the runs still to do are known).
 #[derive(Debug, Clone, Default)]
 pub struct Local {
-    pub jobs: usize,
-    pub threads: usize,
+    pub jobs: Option<usize>,
+    pub threads: Option<usize>,
     pub gpus: Vec<String>,
     pub quiet: bool,
     /// Exit 1 when a finished run did not keep every task within tolerance (for CI); by
@@ -53,6 +54,11 @@ pub fn local_sweep(manifest: &Manifest, local: &Local) -> Result<ExitCode> {
     } = local.clone();
     let exe = std::env::current_exe().context("locating the onehead binary")?;
     let n = manifest.runs.len();
+    let to_do = sweep::index::read_records(manifest)
+        .iter()
+        .filter(|r| r.status != Status::Ok)
+        .count();
+    let (jobs, threads) = sweep::thread_budget(jobs, threads, &gpus, cores(), to_do)?;
     if !quiet {
         eprintln!(
             "sweep {}: {n} runs, {jobs} at a time ({}) in {}",

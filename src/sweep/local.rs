@@ -38,10 +38,10 @@ pub struct LocalOptions {
 /// Parallelism of a local sweep with `to_do` runs left: `(jobs, threads per job)`. With
 /// GPUs, one run per GPU. By default as many runs at once as there are cores (and runs), the
 /// cores shared out among them: on the 2-core machine of the README, two 1-thread runs side
-/// by side finish 1.5× the runs per hour of one 2-thread run (README "Speed": a run's
-/// one-threaded parts and the hand-offs between threads of its small layers leave a core
-/// idle that the other run fills). `jobs × threads > cores` is refused unless `--threads`
-/// was given on purpose.
+/// by side finish 1.5× the runs per hour of one 2-thread run (README "Sweeps at scale"; the
+/// likely reason, not measured apart: a run's one-threaded parts and the hand-offs between
+/// threads of its small layers leave a core idle that the other run fills). `jobs × threads
+/// > cores` is refused unless `--threads` was given on purpose.
 pub fn thread_budget(
     jobs: Option<usize>,
     threads: Option<usize>,

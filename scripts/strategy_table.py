@@ -80,17 +80,18 @@ def references(sweep, index):
                 if os.path.exists(os.path.join(d, "summary.json")):
                     used.add(os.path.realpath(d))
                     break
-    # One folder trained once may be reached by two paths (hard-linked copies): count each
-    # reference by its key once.
+    # One reference may be reached by two paths (hard-linked copies), or trained under two
+    # keys (a config section added since changes the key, not the training): count one per
+    # seed, data draw and stage epochs.
     by_key = {}
     for d in sorted(used):
-        by_key.setdefault(os.path.basename(d), d)
-    groups = {}
-    for d in by_key.values():
         cfg = tomllib_load(os.path.join(d, "config.toml"))
         stages = cfg.get("stages", [])
         draw = cfg.get("data", {}).get("synth_seed", 0)
         epochs = " / ".join(f"{st.get('task')} {st.get('epochs')}" for st in stages)
+        by_key.setdefault((cfg.get("seed"), draw, epochs), d)
+    groups = {}
+    for (_, draw, epochs), d in by_key.items():
         out = groups.setdefault((draw, epochs), {t: [] for t, _, _ in TASKS})
         s = json.load(open(os.path.join(d, "summary.json")))
         for t, m, _ in TASKS:

@@ -214,7 +214,7 @@ pub fn run_local(manifest: &Manifest, opts: &LocalOptions) -> Result<SweepOutcom
     let records = index::read_records(manifest);
     let total = records.len();
     let skipped = records.iter().filter(|r| r.status == Status::Ok).count();
-    index::write_index(sweep_dir, &records)?;
+    index::write_run_list(sweep_dir, &records)?;
     let pb = progress_bar(manifest, total, skipped, opts.quiet);
     let mut pool = Pool {
         queue: (0..total)
@@ -241,7 +241,8 @@ pub fn run_local(manifest: &Manifest, opts: &LocalOptions) -> Result<SweepOutcom
             pool.start_runs(opts);
         }
         if pool.reap()? {
-            index::write_index(sweep_dir, &pool.records)?;
+            // index.csv only: the summary and the differences wait for the end (below).
+            index::write_run_list(sweep_dir, &pool.records)?;
         }
         pool.follow();
         if pool.running.is_empty() && (pool.queue.is_empty() || STOPS.load(Ordering::SeqCst) > 0) {

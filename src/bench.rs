@@ -394,21 +394,17 @@ tensorboard = false
         ..Default::default()
     };
     let out = crate::train::run(&exp, &opts)?;
-    let mut rows = csv::Reader::from_path(out.run_dir.join("epochs.csv"))?;
-    let headers = rows.headers()?.clone();
-    let last = rows.records().last().context("epochs.csv has rows")??;
-    let cell = |name: &str| -> anyhow::Result<f64> {
-        let c = headers
-            .iter()
-            .position(|h| h == name)
-            .with_context(|| format!("epochs.csv has a {name} column"))?;
-        Ok(last[c].parse()?)
+    let path = out.run_dir.join("epochs.csv");
+    let epochs = crate::report::read_epochs(&path, &[], &mut Vec::new())?;
+    let last = epochs.rows.last().context("epochs.csv has rows")?;
+    let cell = |v: Option<f64>, name: &str| {
+        v.with_context(|| format!("{}: no {name} in the last row", path.display()))
     };
     Ok(EpochTime {
-        seconds: cell("seconds")?,
-        data_s: cell("data_seconds")?,
-        steps_s: cell("step_seconds")?,
-        eval_s: cell("eval_seconds")?,
+        seconds: cell(last.seconds, "seconds")?,
+        data_s: cell(last.data_seconds, "data_seconds")?,
+        steps_s: cell(last.step_seconds, "step_seconds")?,
+        eval_s: cell(last.eval_seconds, "eval_seconds")?,
     })
 }
 

@@ -10,6 +10,7 @@ pub(crate) mod glyphs;
 mod html;
 pub(crate) mod plot;
 mod run_files;
+pub(crate) use run_files::read_epochs;
 pub mod sink;
 pub mod summary;
 mod tensorboard;

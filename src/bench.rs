@@ -522,6 +522,10 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> anyhow::Result<BenchRe
         }
     }
     let inference_b16 = bench_inference(opts.inference_size, 16, opts.steps.max(10), device)?;
+    if std::env::var("ONEHEAD_PROFILE_B1").is_ok_and(|v| v == "1") {
+        let r = bench_inference(opts.inference_size, 1, 50, device)?;
+        eprintln!("b1 median {:.2} ms", r.ms_per_step);
+    }
     let (_, model) = setup(device)?;
     let runs = opts.latency_runs.max(30);
     let latency_b1_ms =

@@ -278,6 +278,18 @@ impl Core {
     }
 }
 
+/// Run `f` on a thread of rayon's pool. Called from outside the pool, each of a pass's ~100
+/// parallel loops hands its work to the pool and sleeps until it is done (a futex wake and
+/// wait per loop, most of the cost of a small forward); run from inside, the loops split
+/// between the workers, which spin a while between loops before they sleep.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 impl CustomOp2 for NetOp {
     fn name(&self) -> &'static str {
         "fused-network"
@@ -293,7 +305,7 @@ impl CustomOp2 for NetOp {
         let x = f32_slice(s1, l1, "fused network input")?;
         let flat = f32_slice(s2, l2, "fused network parameters")?;
         let dims = l1.shape().dims4()?;
-        let (y, shape, tape) = self.core.forward(x, dims, flat, self.keep_tape)?;
+        let (y, shape, tape) = on_pool(|| self.core.forward(x, dims, flat, self.keep_tape))?;
         *self.tape.lock().expect("tape") = tape;
         Ok((CpuStorage::F32(y), shape))
     }
@@ -320,13 +332,13 @@ impl CustomOp2 for NetOp {
                     let (xs, xl) = x.storage_and_layout();
                     let xv = cpu_f32(&xs, xl, "fused network input")?;
                     let dims = xl.shape().dims4()?;
-                    match self.core.forward(xv, dims, f, true)?.2 {
+                    match on_pool(|| self.core.forward(xv, dims, f, true))?.2 {
                         Some(t) => t,
                         None => candle_core::bail!("fused network: no tape"),
                     }
                 }
             };
-            self.core.backward(tape, f, g, need_dx)?
+            on_pool(|| self.core.backward(tape, f, g, need_dx))?
         };
         let dx = dx
             .map(|v| Tensor::from_vec(v, x.shape(), x.device()))

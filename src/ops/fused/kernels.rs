@@ -729,53 +729,115 @@ fn tap_row<const K: usize>(g: &ConvGeom, xc: &[f32], dyc: &[f32], ky: usize, gk:
 }
 
 /// Small batches (< 8 images: too few lanes to vectorise over): each image's plane is copied
-/// into a zero-padded scratch split into `stride` column phases, so that every tap reads a
-/// contiguous run of the row; 16 output pixels of a row are one register accumulator.
+/// into a zero-padded scratch split into `S` (the stride) column phases, so that every tap
+/// reads a contiguous run of the row.
+/// The stride is a constant so that the phase split is shifts, not divisions (the copy with a
+/// run-time `% s` and `/ s` per pixel took most of the kernel's time at batch 1).
 #[inline(always)]
-fn dw_fwd_rows(g: &ConvGeom, xc: &[f32], wc: &[f32], yc: &mut [f32]) {
-    let (k, s, b) = (g.k, g.stride, g.b);
-    let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
-    let pw = wp.div_ceil(s) + 16;
-    let mut buf = vec![0f32; s * hp * pw];
+fn dw_fwd_rows<const S: usize>(
+    g: &ConvGeom,
+    xc: &[f32],
+    wc: &[f32],
+    yc: &mut [f32],
+    buf: &mut Vec<f32>,
+) {
+    let (b, pad) = (g.b, g.pad);
+    let (hp, wp) = (g.h + 2 * pad, g.w + 2 * pad);
+    let pw = wp.div_ceil(S) + 8;
+    buf.clear();
+    buf.resize(S * hp * pw, 0.0);
     for bi in 0..b {
         if bi > 0 {
             buf.fill(0.0);
         }
         for iy in 0..g.h {
-            let r = iy + g.pad;
-            for ix in 0..g.w {
-                let cc = ix + g.pad;
-                buf[((cc % s) * hp + r) * pw + cc / s] = xc[(iy * g.w + ix) * b + bi];
+            let r = iy + pad;
+            let src = &xc[iy * g.w * b..(iy + 1) * g.w * b];
+            for ph in 0..S {
+                // Input columns ix with (ix + pad) % S == ph land at phase ph, column (ix + pad) / S.
+                let ix0 = (ph + S - pad % S) % S;
+                let row = &mut buf[(ph * hp + r) * pw..(ph * hp + r + 1) * pw];
+                let mut cc = (ix0 + pad) / S;
+                for ix in (ix0..g.w).step_by(S) {
+                    row[cc] = src[ix * b + bi];
+                    cc += 1;
+                }
             }
         }
-        for oy in 0..g.ho {
-            for ox0 in (0..g.wo).step_by(16) {
-                let mut acc = [0f32; 16];
-                for ky in 0..k {
-                    let r = oy * s + ky;
-                    for kx in 0..k {
-                        let wv = wc[ky * k + kx];
-                        let o = ((kx % s) * hp + r) * pw + ox0 + kx / s;
-                        let src: &[f32; 16] = buf[o..o + 16].try_into().unwrap();
-                        for l in 0..16 {
-                            acc[l] = wv.mul_add(src[l], acc[l]);
-                        }
+        let mut oy = 0;
+        while oy < g.ho {
+            let rows = (g.ho - oy).min(4);
+            let at = (oy, bi);
+            match rows {
+                4 => dw_rows_block::<S, 4>(g, buf, (hp, pw), wc, at, yc),
+                3 => dw_rows_block::<S, 3>(g, buf, (hp, pw), wc, at, yc),
+                2 => dw_rows_block::<S, 2>(g, buf, (hp, pw), wc, at, yc),
+                _ => dw_rows_block::<S, 1>(g, buf, (hp, pw), wc, at, yc),
+            }
+            oy += rows;
+        }
+    }
+}
+
+/// `R` output rows from `oy` of image `bi` for [`dw_fwd_rows`], 8 pixels of each row per
+/// register: the `R` rows' sums are independent chains (one chain per output would wait on
+/// each FMA's latency), each still summed tap by tap in order.
+#[inline(always)]
+fn dw_rows_block<const S: usize, const R: usize>(
+    g: &ConvGeom,
+    buf: &[f32],
+    (hp, pw): (usize, usize),
+    wc: &[f32],
+    (oy, bi): (usize, usize),
+    yc: &mut [f32],
+) {
+    let (k, b) = (g.k, g.b);
+    for ox0 in (0..g.wo).step_by(8) {
+        let mut acc = [[0f32; 8]; R];
+        for ky in 0..k {
+            for kx in 0..k {
+                let wv = wc[ky * k + kx];
+                let base = (kx % S) * hp * pw + ox0 + kx / S;
+                for (rr, a) in acc.iter_mut().enumerate() {
+                    let o = base + ((oy + rr) * S + ky) * pw;
+                    let src: &[f32; 8] = buf[o..o + 8].try_into().unwrap();
+                    for l in 0..8 {
+                        a[l] = wv.mul_add(src[l], a[l]);
                     }
                 }
-                let n = (g.wo - ox0).min(16);
-                for (l, &v) in acc[..n].iter().enumerate() {
-                    yc[(oy * g.wo + ox0 + l) * b + bi] = v;
+            }
+        }
+        let n = (g.wo - ox0).min(8);
+        for (rr, a) in acc.iter().enumerate() {
+            let p = (oy + rr) * g.wo + ox0;
+            if b == 1 {
+                yc[p..p + n].copy_from_slice(&a[..n]);
+            } else {
+                for (l, &v) in a[..n].iter().enumerate() {
+                    yc[(p + l) * b + bi] = v;
                 }
             }
         }
     }
 }
 
+thread_local! {
+    /// Per-thread scratch of the small-batch depthwise forward (one padded plane).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 multiversion! {
     /// One channel of the depthwise forward: `yc (Ho, Wo, B)` from `xc (H, W, B)`.
     fn dw_fwd_channel(g: &ConvGeom, xc: &[f32], wc: &[f32], yc: &mut [f32]) {
-        if g.b < 8 {
-            dw_fwd_rows(g, xc, wc, yc);
+        if g.b < 8 && g.stride <= 2 {
+            // Taken out of the thread-local and put back: a closure would not inherit this
+            // function's target features (its `mul_add` would become a libm call).
+            let mut buf = SCRATCH.take();
+            match g.stride {
+                1 => dw_fwd_rows::<1>(g, xc, wc, yc, &mut buf),
+                _ => dw_fwd_rows::<2>(g, xc, wc, yc, &mut buf),
+            }
+            SCRATCH.set(buf);
         } else {
             corr(xc, (g.h, g.w, g.b), wc, (g.k, g.stride, g.pad), (g.ho, g.wo), yc);
         }

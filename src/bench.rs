@@ -522,9 +522,10 @@ pub fn run_bench(opts: &BenchOptions, device: &Device) -> anyhow::Result<BenchRe
         }
     }
     let inference_b16 = bench_inference(opts.inference_size, 16, opts.steps.max(10), device)?;
-    if std::env::var("ONEHEAD_PROFILE_B1").is_ok_and(|v| v == "1") {
+    if std::env::var("ONEHEAD_PROFILE_NODES").is_ok_and(|v| v == "1") {
+        // The batch-1 forward's nodes too (the latency figure below is taken unprofiled).
         let r = bench_inference(opts.inference_size, 1, 50, device)?;
-        eprintln!("b1 median {:.2} ms", r.ms_per_step);
+        eprintln!("batch 1, profiled: median {:.2} ms", r.ms_per_step);
     }
     let (_, model) = setup(device)?;
     let runs = opts.latency_runs.max(30);

@@ -809,6 +809,8 @@ fn dw_rows_block<const S: usize, const R: usize>(
         }
         let n = (g.wo - ox0).min(8);
         for (rr, a) in acc.iter().enumerate() {
+            // A copy: indexing the accumulators by the run-time `n` would keep them in memory.
+            let a: [f32; 8] = *a;
             let p = (oy + rr) * g.wo + ox0;
             if b == 1 {
                 yc[p..p + n].copy_from_slice(&a[..n]);
@@ -1265,14 +1267,34 @@ pub fn up2_add(small: &[f32], big: &[f32], (h, w, b): (usize, usize, usize), y: 
         .for_each(|(c, o)| {
             let s = &small[c * sp..(c + 1) * sp];
             let bg = &big[c * bpl..(c + 1) * bpl];
-            for yy in 0..2 * h {
+            up2_add_channel(o, bg, s, (h, w, b));
+        });
+}
+
+multiversion! {
+    /// One channel of [`up2_add`]. One loop for every batch size: a call per pixel's lane
+    /// (the former inner step) cost more than the add itself at batch 1.
+    fn up2_add_channel(o: &mut [f32], bg: &[f32], s: &[f32], hwb: (usize, usize, usize)) {
+        let (h, w, b) = hwb;
+        for yy in 0..2 * h {
+            let orow = &mut o[yy * 2 * w * b..(yy + 1) * 2 * w * b];
+            let brow = &bg[yy * 2 * w * b..(yy + 1) * 2 * w * b];
+            let srow = &s[(yy / 2) * w * b..(yy / 2 + 1) * w * b];
+            if b == 1 {
+                for (x, &v) in srow.iter().enumerate() {
+                    orow[2 * x] = brow[2 * x] + v;
+                    orow[2 * x + 1] = brow[2 * x + 1] + v;
+                }
+            } else {
                 for xx in 0..2 * w {
-                    let o0 = (yy * 2 * w + xx) * b;
-                    let s0 = ((yy / 2) * w + xx / 2) * b;
-                    add_chunk(&mut o[o0..o0 + b], &bg[o0..o0 + b], &s[s0..s0 + b]);
+                    let (o0, s0) = (xx * b, (xx / 2) * b);
+                    for l in 0..b {
+                        orow[o0 + l] = brow[o0 + l] + srow[s0 + l];
+                    }
                 }
             }
-        });
+        }
+    }
 }
 
 /// Gradient of [`up2_add`] with respect to `small`: 2×2 block sums of `dy`.

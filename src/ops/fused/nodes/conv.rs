@@ -136,6 +136,9 @@ fn conv_fwd(kind: ConvKind, geom: Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
         ConvKind::Dense { k, stride } if direct::applies(b, c, k, o) => {
             direct::forward(&ConvGeom::new(b, c, h, w, k, stride), o, x, wt, y)
         }
+        ConvKind::Dense { k, stride } if direct::applies_small(b, c, (k, stride), o) => {
+            direct::forward_small(&ConvGeom::new(b, c, h, w, k, stride), o, x, wt, y)
+        }
         ConvKind::Dense { k, stride } => dense_fwd(geom, k, stride, x, wt, y),
         ConvKind::Depthwise { k, stride } => {
             kernels::depthwise_fwd(&ConvGeom::new(b, c, h, w, k, stride), x, wt, y)

@@ -565,6 +565,32 @@ fn whole_model_matches_per_layer_path_in_eval() {
     assert_close(&od.seg, &oa.seg, 0.0, "eval seg again");
 }
 
+/// One image: the batch-1 kernels (the stem's small-batch direct conv, Winograd with lanes
+/// over tiles, the depthwise row kernel, one-lane squeeze-excite and upsampling) against
+/// candle's ops, forward and the gradients of a backward through them.
+#[test]
+fn whole_model_matches_per_layer_path_at_batch_1() {
+    let (va, a, vb, b) = twin_models();
+    let x = image(1, 96, 128, 23);
+    let oa = split(a.forward_t(&x, false).unwrap());
+    let ob = split(b.forward_t(&x, false).unwrap());
+    assert_close(&oa.seg, &ob.seg, 1e-4, "b1 seg");
+    assert_close(&oa.det, &ob.det, 1e-4, "b1 det");
+    assert_close(&oa.cls, &ob.cls, 1e-4, "b1 cls");
+    let ga = loss_of(&oa.seg, 7).backward().unwrap();
+    let gb = loss_of(&ob.seg, 7).backward().unwrap();
+    let (da, db) = (va.data().lock().unwrap(), vb.data().lock().unwrap());
+    let mut checked = 0;
+    for (name, v) in da.iter() {
+        if let Some(g) = ga.get(v.as_tensor()) {
+            let gref = gb.get(db[name].as_tensor()).unwrap();
+            assert_close(g, gref, 2e-3, &format!("b1 gradient of {name}"));
+            checked += 1;
+        }
+    }
+    assert!(checked > 100, "only {checked} gradients compared");
+}
+
 #[test]
 fn fused_model_gradient_wrt_input_matches() {
     let (_va, a, _vb, b) = twin_models();

@@ -52,7 +52,7 @@ pub fn applies_small(b: usize, c: usize, (k, stride): (usize, usize), o: usize) 
 }
 
 /// Output channels of one [`forward_small`] block, and pixels per vector.
-const SG: usize = 4;
+const SG: usize = 4; // a0..a3 in `small_row`
 const PX: usize = 8;
 
 /// [`forward`] for fewer images than a lane: every input plane is copied once into a
@@ -135,20 +135,19 @@ multiversion! {
         }
         let mut rows = rows;
         for ox0 in (0..g.wo).step_by(PX) {
-            let mut acc = [[0f32; PX]; SG];
+            // Four named accumulators (an array of them was vectorised across the channels,
+            // with shuffles, in some builds).
+            let (mut a0, mut a1, mut a2, mut a3) = ([0f32; PX], [0f32; PX], [0f32; PX], [0f32; PX]);
             for (&off, wv) in offs[..taps].iter().zip(&w4) {
                 let o = off + ox0;
                 let xv: &[f32; PX] = xs[o..o + PX].try_into().expect("a full vector");
-                for (a, &wj) in acc.iter_mut().zip(wv) {
-                    for l in 0..PX {
-                        a[l] = wj.mul_add(xv[l], a[l]);
-                    }
-                }
+                fma8(&mut a0, wv[0], xv);
+                fma8(&mut a1, wv[1], xv);
+                fma8(&mut a2, wv[2], xv);
+                fma8(&mut a3, wv[3], xv);
             }
             let n = (g.wo - ox0).min(PX);
-            for (r, a) in rows.iter_mut().zip(&acc) {
-                // A copy: indexing the accumulators by the run-time `n` would keep them in memory.
-                let a: [f32; PX] = *a;
+            for (r, a) in rows.iter_mut().zip([a0, a1, a2, a3]) {
                 for (l, &v) in a[..n].iter().enumerate() {
                     r[(ox0 + l) * g.b + bi] = v;
                 }
@@ -240,6 +239,14 @@ multiversion! {
                 }
             }
         }
+    }
+}
+
+/// `a += w · x`, 8 pixels.
+#[inline(always)]
+fn fma8(a: &mut [f32; PX], w: f32, x: &[f32; PX]) {
+    for l in 0..PX {
+        a[l] = w.mul_add(x[l], a[l]);
     }
 }
 

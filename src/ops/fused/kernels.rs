@@ -1364,6 +1364,13 @@ multiversion! {
     /// `o[p, l] = x[p, l] · gate[l]` over pixels of one channel.
     fn scale_lanes(o: &mut [f32], x: &[f32], gate: &[f32]) {
         let b = gate.len();
+        if b == 1 {
+            // One image: a plain scaled copy (the per-pixel chunks below do not vectorise).
+            for (ov, &xv) in o.iter_mut().zip(x) {
+                *ov = xv * gate[0];
+            }
+            return;
+        }
         for (op, xp) in o.chunks_exact_mut(b).zip(x.chunks_exact(b)) {
             for ((ov, &xv), &gv) in op.iter_mut().zip(xp).zip(gate) {
                 *ov = xv * gv;

@@ -46,6 +46,13 @@ pub fn applies(b: usize) -> bool {
     b >= 8 && fast_dense_paths()
 }
 
+/// Whether the forward takes this path: as [`applies`], and at batch 1 too, where the
+/// transforms' lanes run over 16 neighbouring tiles instead of 16 images (the batch-1
+/// latency; the backward of a 1-image step stays on im2col).
+pub fn applies_forward(b: usize) -> bool {
+    (b >= 8 || b == 1) && fast_dense_paths()
+}
+
 /// Whether dense convolutions may leave the im2col path (this file's Winograd, the direct
 /// stem in `direct.rs`). `ONEHEAD_WINOGRAD=0` keeps every dense convolution on im2col + gemm:
 /// the arithmetic the README's strategy tables were computed with, for reproducing them bit
@@ -285,9 +292,13 @@ pub fn forward(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
         let n = (t1 - t0) * per_row;
         let (v, m) = (&mut v[..g.c * 36 * n], &mut m[..g.o * 36 * n]);
         let plane = g.h * g.w * g.b;
-        time(Kind::Winograd, 0, || {
-            tiles(g, x, (t0, t1), v, input_tiles4_channel)
-        });
+        // One image: the lanes run over tiles (see `input_tiles4_b1_channel`).
+        let (input_t, output_t): (ChannelTiles, ChannelTiles) = if g.b == 1 {
+            (input_tiles4_b1_channel, output_tiles4_b1_channel)
+        } else {
+            (input_tiles4_channel, output_tiles4_channel)
+        };
+        time(Kind::Winograd, 0, || tiles(g, x, (t0, t1), v, input_t));
         let flops = (2 * 36 * g.o * g.c * n) as u64;
         let (mp, up, vp) = (
             Ptr(m.as_mut_ptr()),
@@ -324,15 +335,7 @@ pub fn forward(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
                 .with_min_len(grain(36 * n))
                 .enumerate()
                 .for_each(|(o, yo)| {
-                    output_tiles4_channel(
-                        &m[o * 36 * n..(o + 1) * 36 * n],
-                        g.h,
-                        g.w,
-                        g.b,
-                        t0,
-                        t1,
-                        yo,
-                    )
+                    output_t(&m[o * 36 * n..(o + 1) * 36 * n], g.h, g.w, g.b, t0, t1, yo)
                 })
         });
         t0 = t1;
@@ -343,6 +346,7 @@ pub fn forward(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
 }
 
 /// `G g` down a 3-vector: G = [[¼,0,0],[−⅙,−⅙,−⅙],[−⅙,⅙,−⅙],[1/24,1/12,⅙],[1/24,−1/12,⅙],[0,0,1]].
+#[inline(always)]
 fn g6(a: f32, b: f32, c: f32) -> [f32; 6] {
     [
         a / 4.0,
@@ -354,23 +358,71 @@ fn g6(a: f32, b: f32, c: f32) -> [f32; 6] {
     ]
 }
 
-/// `U (36, o, c)`: each kernel as `G g Gᵀ`.
+/// `U (36, o, c)`: each kernel as `G g Gᵀ`. Output channels in parallel, each with its input
+/// channels as vectors (`g6`'s divisions, one kernel at a time, took ~1 ms per call at
+/// 128 × 128: as much as a batch-1 convolution's gemms); every value is computed as before.
 fn kernel_tiles4(g: &Geom, wt: &[f32]) -> Vec<f32> {
     let (o_n, c_n) = (g.o, g.c);
     let mut u = pool::take(36 * o_n * c_n);
-    for o in 0..o_n {
-        for c in 0..c_n {
-            let k = &wt[(o * c_n + c) * 9..(o * c_n + c + 1) * 9];
-            let cols: [[f32; 6]; 3] = [0, 1, 2].map(|j| g6(k[j], k[3 + j], k[6 + j]));
+    // wt9[j] (o, c): tap j of every kernel, so that an output channel's taps are runs over c.
+    let mut wt9 = pool::take(9 * o_n * c_n);
+    for (oc, k) in wt.chunks_exact(9).enumerate() {
+        for (j, &v) in k.iter().enumerate() {
+            wt9[j * o_n * c_n + oc] = v;
+        }
+    }
+    let up = Ptr(u.as_mut_ptr());
+    (0..o_n)
+        .into_par_iter()
+        .with_min_len(grain(36 * c_n))
+        .for_each(|o| {
+            let up = &up;
+            let taps: [&[f32]; 9] =
+                std::array::from_fn(|j| &wt9[(j * o_n + o) * c_n..(j * o_n + o + 1) * c_n]);
+            // SAFETY: output channel o writes only the 36 runs u[(pq · o_n + o) · c_n ..][..c_n]:
+            // disjoint across tasks, inside u (36 · o_n · c_n).
+            let rows: [&mut [f32]; 36] = std::array::from_fn(|pq| unsafe {
+                std::slice::from_raw_parts_mut(up.0.add((pq * o_n + o) * c_n), c_n)
+            });
+            kernel_tiles4_channel(taps, rows);
+        });
+    pool::give(wt9);
+    u
+}
+
+multiversion! {
+    /// One output channel of [`kernel_tiles4`]: `rows[p·6 + q][c]` from `taps[j][c]`.
+    fn kernel_tiles4_channel(taps: [&[f32]; 9], rows: [&mut [f32]; 36]) {
+        let rows = rows;
+        let c_n = taps[0].len();
+        for c0 in (0..c_n).step_by(L) {
+            let nl = (c_n - c0).min(L);
+            let mut k = [[0f32; L]; 9];
+            for (kj, t) in k.iter_mut().zip(&taps) {
+                load(t, c0, nl, kj);
+            }
+            let cols: [[Lane; 6]; 3] = [0, 1, 2].map(|j| g6_lanes(&k[j], &k[3 + j], &k[6 + j]));
             for p in 0..6 {
-                let row = g6(cols[0][p], cols[1][p], cols[2][p]);
-                for (q, &val) in row.iter().enumerate() {
-                    u[((p * 6 + q) * o_n + o) * c_n + c] = val;
+                let row = g6_lanes(&cols[0][p], &cols[1][p], &cols[2][p]);
+                for (q, val) in row.iter().enumerate() {
+                    store(rows[p * 6 + q], c0, nl, val);
                 }
             }
         }
     }
-    u
+}
+
+/// [`g6`] lane by lane.
+#[inline(always)]
+fn g6_lanes(a: &Lane, b: &Lane, c: &Lane) -> [Lane; 6] {
+    let mut r = [[0f32; L]; 6];
+    for i in 0..L {
+        let v = g6(a[i], b[i], c[i]);
+        for (q, rq) in r.iter_mut().enumerate() {
+            rq[i] = v[q];
+        }
+    }
+    r
 }
 
 /// `Bᵀ d` for the 6-point Bᵀ (rows [4,0,−5,0,1,0], [0,−4,−4,1,1,0], [0,4,−4,−1,1,0],
@@ -480,6 +532,93 @@ multiversion! {
     /// `V (c, 36, n)` of one channel of `x`: each 6×6 window (rows `4ti − 1 ..`) as `Bᵀ d B`.
     fn input_tiles4_channel(xc: &[f32], h: usize, w: usize, b: usize, t0: usize, t1: usize, vc: &mut [f32]) {
         window_tiles::<6>(xc, (h, w, b), (t0, t1), 0, bt6, vc)
+    }
+}
+
+/// Map positions `(y, x)` of the top-left corner (minus one: window pixel `(r, s)` is map pixel
+/// `(y + r − 1, x + s − 1)`) of the windows of tiles `n0 .. n0 + nl` of a chunk starting at
+/// tile row `t0`, `tw` tiles per row: the lanes of the batch-1 transforms.
+#[inline(always)]
+fn b1_corners(n0: usize, nl: usize, t0: usize, tw: usize) -> ([usize; L], [usize; L]) {
+    let (mut ys, mut xs) = ([0usize; L], [0usize; L]);
+    for l in 0..nl {
+        let t = n0 + l;
+        ys[l] = 4 * (t0 + t / tw);
+        xs[l] = 4 * (t % tw);
+    }
+    (ys, xs)
+}
+
+multiversion! {
+    /// [`input_tiles4_channel`] for one image (`b` = 1): the lanes are 16 consecutive tiles of
+    /// the chunk (gathered pixel by pixel: a tile's window is 4 pixels from its neighbour's),
+    /// so the transforms run on full vectors and store contiguous runs of `V`'s columns.
+    fn input_tiles4_b1_channel(xc: &[f32], h: usize, w: usize, _b: usize, t0: usize, t1: usize, vc: &mut [f32]) {
+        let tw = w.div_ceil(4);
+        let n = (t1 - t0) * tw;
+        let mut d = [[0f32; L]; 36];
+        for n0 in (0..n).step_by(L) {
+            let nl = (n - n0).min(L);
+            let (ys, xs) = b1_corners(n0, nl, t0, tw);
+            for r in 0..6 {
+                for s in 0..6 {
+                    let lane = &mut d[r * 6 + s];
+                    for l in 0..L {
+                        let (y, x) = (ys[l] + r, xs[l] + s);
+                        lane[l] = if l < nl && (1..=h).contains(&y) && (1..=w).contains(&x) {
+                            xc[(y - 1) * w + x - 1]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+            let mut cols = [[[0f32; L]; 6]; 6];
+            for (s, c) in cols.iter_mut().enumerate() {
+                *c = bt6(std::array::from_fn(|r| &d[r * 6 + s]));
+            }
+            // p indexes the second axis of every column: a transpose, not an iteration.
+            #[allow(clippy::needless_range_loop)]
+            for p in 0..6 {
+                let row = bt6(std::array::from_fn(|s| &cols[s][p]));
+                for (q, val) in row.iter().enumerate() {
+                    store(vc, (p * 6 + q) * n + n0, nl, val);
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// [`output_tiles4_channel`] for one image: lanes over 16 consecutive tiles, as
+    /// [`input_tiles4_b1_channel`]; each tile's 4×4 outputs are scattered to the map.
+    fn output_tiles4_b1_channel(mo: &[f32], h: usize, w: usize, _b: usize, t0: usize, t1: usize, yo: &mut [f32]) {
+        let tw = w.div_ceil(4);
+        let n = (t1 - t0) * tw;
+        let mut e = [[0f32; L]; 36];
+        for n0 in (0..n).step_by(L) {
+            let nl = (n - n0).min(L);
+            let (ys, xs) = b1_corners(n0, nl, t0, tw);
+            for (k, ek) in e.iter_mut().enumerate() {
+                load(mo, k * n + n0, nl, ek);
+            }
+            let mut t = [[[0f32; L]; 4]; 6];
+            for (p, tp) in t.iter_mut().enumerate() {
+                let r = &e[p * 6..p * 6 + 6];
+                *tp = at6([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
+            }
+            for j in 0..4 {
+                let out = at6([&t[0][j], &t[1][j], &t[2][j], &t[3][j], &t[4][j], &t[5][j]]);
+                for (i, val) in out.iter().enumerate() {
+                    for l in 0..nl {
+                        let (y, x) = (ys[l] + i, xs[l] + j);
+                        if y < h && x < w {
+                            yo[y * w + x] = val[l];
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -640,6 +779,22 @@ mod tests {
                 h: 8,
                 w: 3,
                 o: 3,
+            },
+            // One image (lanes over tiles): 35 tiles (2 lane blocks + 3), partial edge tiles,
+            // and the head's map at 224 px in a chunk of its own.
+            Geom {
+                b: 1,
+                c: 3,
+                h: 18,
+                w: 27,
+                o: 4,
+            },
+            Geom {
+                b: 1,
+                c: 5,
+                h: 28,
+                w: 28,
+                o: 6,
             },
         ];
         for g in CASES.iter().chain(&more) {

@@ -130,7 +130,7 @@ fn conv_fwd(kind: ConvKind, geom: Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
     let (b, c, h, w, o) = geom;
     match kind {
         ConvKind::Pointwise => pointwise_fwd(geom, x, wt, y),
-        ConvKind::Dense { k: 3, stride: 1 } if winograd::applies(b) => {
+        ConvKind::Dense { k: 3, stride: 1 } if winograd::applies_forward(b) => {
             winograd::forward(&wino(geom), x, wt, y)
         }
         ConvKind::Dense { k, stride } if direct::applies(b, c, k, o) => {

@@ -1286,10 +1286,13 @@ multiversion! {
                     orow[2 * x + 1] = brow[2 * x + 1] + v;
                 }
             } else {
-                for xx in 0..2 * w {
-                    let (o0, s0) = (xx * b, (xx / 2) * b);
-                    for l in 0..b {
-                        orow[o0 + l] = brow[o0 + l] + srow[s0 + l];
+                for ((op, bp), sp) in orow
+                    .chunks_exact_mut(b)
+                    .zip(brow.chunks_exact(b))
+                    .zip(srow.chunks_exact(b).flat_map(|p| [p, p]))
+                {
+                    for ((ov, &u), &v) in op.iter_mut().zip(bp).zip(sp) {
+                        *ov = u + v;
                     }
                 }
             }

@@ -563,6 +563,16 @@ fn whole_model_matches_per_layer_path_in_eval() {
     // Same input again: bit-identical outputs.
     let od = split(a.forward_t(&x.detach(), false).unwrap());
     assert_close(&od.seg, &oa.seg, 0.0, "eval seg again");
+    // 16 images: the lane kernels, each BatchNorm applied by the convolution before it
+    // (the stem's direct kernel, depthwise channels, 1×1 column blocks).
+    let x16 = image(16, 64, 96, 22);
+    let (oa, ob) = (
+        split(a.forward_t(&x16, false).unwrap()),
+        split(b.forward_t(&x16, false).unwrap()),
+    );
+    assert_close(&oa.seg, &ob.seg, 1e-4, "eval b16 seg");
+    assert_close(&oa.det, &ob.det, 1e-4, "eval b16 det");
+    assert_close(&oa.cls, &ob.cls, 1e-4, "eval b16 cls");
 }
 
 /// One image: the batch-1 kernels (the stem's small-batch direct conv, Winograd with lanes

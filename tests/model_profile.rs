@@ -319,7 +319,7 @@ fn fused_depthwise_kernels() {
             }
             (cpu_time_s() - t0) * 1e3 / reps as f64
         };
-        let a = t(&mut || depthwise_fwd(&g, &x, &w, &mut y));
+        let a = t(&mut || depthwise_fwd(&g, &x, &w, &mut y, None));
         let bb = t(&mut || depthwise_bwd_input(&g, &dy, &w, &mut dx));
         let cc = t(&mut || depthwise_bwd_kernel(&g, &x, &dy, &mut dw));
         println!("dw c{c} {h}x{h} k{k} s{s}: fwd {a:.2} ms, bwd-in {bb:.2} ms, bwd-k {cc:.2} ms");

@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use super::kernels::ConvGeom;
+use super::kernels::{ConvGeom, Epilogue};
 use super::winograd::Ptr;
 use crate::ops::simd::multiversion;
 
@@ -157,7 +157,14 @@ multiversion! {
 }
 
 /// `y (o, ho, wo, b) = conv(x (c, h, w, b), wt (o, c, k, k))`, stride and padding of `g`.
-pub fn forward(g: &ConvGeom, o: usize, x: &[f32], wt: &[f32], y: &mut [f32]) {
+pub fn forward(
+    g: &ConvGeom,
+    o: usize,
+    x: &[f32],
+    wt: &[f32],
+    y: &mut [f32],
+    ep: Option<&Epilogue>,
+) {
     let taps = g.c * g.k * g.k;
     assert!(
         x.len() == g.c * g.h * g.w * g.b
@@ -190,14 +197,20 @@ pub fn forward(g: &ConvGeom, o: usize, x: &[f32], wt: &[f32], y: &mut [f32]) {
             let at = (((ob * OB + j) * g.ho + oy) * g.wo) * g.b;
             std::slice::from_raw_parts_mut(out.0.add(at), g.wo * g.b)
         });
+        let mut rows = rows;
         row(
             g,
             oy,
             x,
             &wt_t[ob * taps * OB..(ob + 1) * taps * OB],
             &offsets,
-            rows,
+            rows.each_mut().map(|r| &mut **r),
         );
+        if let Some(e) = ep {
+            for (j, r) in rows.iter_mut().enumerate() {
+                e.apply(ob * OB + j, r);
+            }
+        }
     });
 }
 
@@ -316,7 +329,7 @@ mod tests {
             let x = crate::ops::fused::kernels_tests::vals(c * h * w * b, 1, 1.0);
             let wt = crate::ops::fused::kernels_tests::vals(o * c * k * k, 2, 1.0);
             let mut y = vec![f32::NAN; o * g.ho * g.wo * b];
-            forward(&g, o, &x, &wt, &mut y);
+            forward(&g, o, &x, &wt, &mut y, None);
             let want = conv64(&g, o, &x, &wt);
             close(&y, &want, b);
         }

@@ -132,6 +132,37 @@ impl Core {
         need
     }
 
+    /// What node `i`'s forward sees.
+    #[allow(clippy::type_complexity)]
+    fn fwd_cx<'a>(
+        &'a self,
+        i: Id,
+        b: usize,
+        dims: &'a [Dims],
+        (values, last_use, stats): (
+            &'a mut [Option<Vec<f32>>],
+            &'a [usize],
+            &'a mut [Option<BatchStats>],
+        ),
+        (flat, x): (&'a [f32], &'a [f32]),
+        keep: bool,
+    ) -> Fwd<'a> {
+        Fwd {
+            i,
+            b,
+            dims,
+            values,
+            last_use,
+            keep,
+            flat,
+            offsets: &self.offsets,
+            bns: &self.bns,
+            stats,
+            x,
+            epilogue: None,
+        }
+    }
+
     /// The forward pass on `x (B, C, H, W)` -> the output `(B, O, Ho, Wo)`, and the tape when
     /// `keep` (a backward follows).
     fn forward(
@@ -154,23 +185,58 @@ impl Core {
         let mut values: Vec<Option<Vec<f32>>> = (0..n).map(|_| None).collect();
         let mut saved: Vec<Saved> = (0..n).map(|_| Saved::None).collect();
         let mut stats: Vec<Option<BatchStats>> = vec![None; self.bns.len()];
-        for i in 0..n {
+        let mut i = 0;
+        while i < n {
             let node = self.nodes[i].op();
+            // An evaluation BatchNorm that only reads this conv's output: the conv applies it.
+            let fused_bn = match (&self.nodes[i], self.nodes.get(i + 1)) {
+                (Node::Conv(_), Some(Node::BnAct(bn)))
+                    if !keep && bn.x == i && last_use[i] == i + 1 =>
+                {
+                    let cx = self.fwd_cx(
+                        i,
+                        b,
+                        &dims,
+                        (&mut values, &last_use, &mut stats),
+                        (flat, x),
+                        keep,
+                    );
+                    bn.eval_affine(&cx)
+                }
+                _ => None,
+            };
+            let epilogue = fused_bn
+                .as_ref()
+                .map(|(scale, shift, act)| kernels::Epilogue {
+                    scale,
+                    shift,
+                    act: *act,
+                });
             let (out, s) = profiled(i, node, dims[i], b, false, || {
-                node.forward(&mut Fwd {
+                let mut cx = self.fwd_cx(
                     i,
                     b,
-                    dims: &dims,
-                    values: &mut values,
-                    last_use: &last_use,
+                    &dims,
+                    (&mut values, &last_use, &mut stats),
+                    (flat, x),
                     keep,
-                    flat,
-                    offsets: &self.offsets,
-                    bns: &self.bns,
-                    stats: &mut stats,
-                    x,
-                })
+                );
+                cx.epilogue = epilogue;
+                node.forward(&mut cx)
             })?;
+            if fused_bn.is_some() {
+                // The output is the BatchNorm's value; value i is never stored.
+                values[i + 1] = Some(out);
+                for j in node.inputs() {
+                    if last_use[j] == i {
+                        if let Some(v) = values[j].take() {
+                            pool::give(v);
+                        }
+                    }
+                }
+                i += 2;
+                continue;
+            }
             values[i] = Some(out);
             if keep {
                 saved[i] = s;
@@ -182,6 +248,7 @@ impl Core {
                     }
                 }
             }
+            i += 1;
         }
         *self.batch_stats.lock().expect("batch stats") = stats;
         let (oc, oh, ow) = dims[self.output];

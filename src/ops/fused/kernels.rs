@@ -894,8 +894,8 @@ multiversion! {
     }
 }
 
-/// Depthwise forward on CHWN: `y (C, Ho, Wo, B)`.
-pub fn depthwise_fwd(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
+/// Depthwise forward on CHWN: `y (C, Ho, Wo, B)`, each channel then through `ep`.
+pub fn depthwise_fwd(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], ep: Option<&Epilogue>) {
     let (hwb, pb, kk) = (g.h * g.w * g.b, g.ho * g.wo * g.b, g.k * g.k);
     if pb == 0 {
         return;
@@ -904,7 +904,10 @@ pub fn depthwise_fwd(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
         .with_min_len(grain(pb * kk))
         .enumerate()
         .for_each(|(c, yc)| {
-            dw_fwd_channel(g, &x[c * hwb..(c + 1) * hwb], &w[c * kk..(c + 1) * kk], yc)
+            dw_fwd_channel(g, &x[c * hwb..(c + 1) * hwb], &w[c * kk..(c + 1) * kk], yc);
+            if let Some(e) = ep {
+                e.apply(c, yc);
+            }
         });
 }
 
@@ -1027,6 +1030,29 @@ multiversion! {
             Act::HardSwish => go!(|u: f32| u * ((u + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0))),
             Act::HardSigmoid => go!(|u: f32| (u + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0)),
         }
+    }
+}
+
+/// An evaluation BatchNorm + activation applied by the convolution that feeds it, to each
+/// block of its output while the block is still in cache (one pass over memory fewer; the
+/// values are those of the separate pass: the same `affine_act_row` on the same inputs).
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a> {
+    pub scale: &'a [f32],
+    pub shift: &'a [f32],
+    pub act: Act,
+}
+
+impl Epilogue<'_> {
+    /// `row = act(row·scale[c] + shift[c])` for values of channel `c`.
+    #[inline]
+    pub fn apply(&self, c: usize, row: &mut [f32]) {
+        affine_act_row(row, None, self.scale[c], self.shift[c], self.act);
+    }
+
+    /// The whole output `y (C, n)` in one pass (the convolution paths that apply no blocks).
+    pub fn apply_all(&self, y: &mut [f32], n: usize) {
+        affine_act_inplace(y, n, self.scale, self.shift, self.act);
     }
 }
 

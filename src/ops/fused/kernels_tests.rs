@@ -452,7 +452,7 @@ fn depthwise_forward_and_backward_match_a_naive_reference_at_strides_1_and_2() {
         let what = format!("depthwise B{b} C{c} {h}x{w} k{k} s{s}");
         // Stale contents in the outputs (as from the pool): every element must be written.
         let mut y = vec![f32::NAN; y_ref.len()];
-        kernels::depthwise_fwd(&g, &x, &wt, &mut y);
+        kernels::depthwise_fwd(&g, &x, &wt, &mut y, None);
         assert_close(&y, &y_ref, 1e-5, &format!("{what}: y"));
         let mut dx = vec![f32::NAN; x.len()];
         kernels::depthwise_bwd_input(&g, &dy, &wt, &mut dx);
@@ -573,7 +573,7 @@ fn depthwise_parts() {
         let mut best = [f64::MAX; 3];
         for _ in 0..5 {
             let t0 = clock();
-            depthwise_fwd(&g, &x, &w, &mut y);
+            depthwise_fwd(&g, &x, &w, &mut y, None);
             let t1 = clock();
             depthwise_bwd_input(&g, &dy, &w, &mut dx);
             let t2 = clock();

@@ -30,6 +30,26 @@ pub(in crate::ops::fused) struct BnSaved {
     shift: Vec<f32>,
 }
 
+impl BnAct {
+    /// `(scale, shift, act)` of an evaluation-mode BatchNorm reading value `x` (none in
+    /// training mode): what a convolution feeding it may apply itself ([`kernels::Epilogue`]),
+    /// computed exactly as [`NodeOp::forward`] does.
+    pub(in crate::ops::fused) fn eval_affine(&self, cx: &Fwd) -> Option<(Vec<f32>, Vec<f32>, Act)> {
+        let BnMode {
+            eps,
+            train,
+            running,
+        } = &cx.bns[self.bn];
+        if *train {
+            return None;
+        }
+        let (mean, var) = running.clone().unwrap_or_default();
+        let (scale, shift, _) =
+            kernels::bn_scale_shift(cx.param(self.gamma), cx.param(self.beta), &mean, &var, *eps);
+        Some((scale, shift, self.act))
+    }
+}
+
 impl NodeOp for BnAct {
     fn inputs(&self) -> Vec<Id> {
         vec![self.x]

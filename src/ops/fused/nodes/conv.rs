@@ -9,7 +9,7 @@ use candle_core::Result;
 use rayon::prelude::*;
 
 use super::{Bwd, Dims, DimsCx, Fwd, Node, NodeOp, Remap, Saved};
-use crate::ops::fused::kernels::{self, ConvGeom};
+use crate::ops::fused::kernels::{self, serial_gemms, ConvGeom, Epilogue};
 use crate::ops::fused::prof::{time, Kind};
 use crate::ops::fused::{direct, pool, winograd, ConvKind, Id};
 
@@ -89,7 +89,9 @@ impl NodeOp for Conv {
         let xin = cx.value(self.x)?;
         let mut y = pool::take(cx.out_len());
         let geom = (cx.b, ci, hi, wi, self.cout);
-        conv_fwd(self.kind, geom, xin, cx.param(self.w), &mut y);
+        // The executor hands a following evaluation BatchNorm only to bias-free convs.
+        let ep = cx.epilogue.filter(|_| self.bias.is_none());
+        conv_fwd(self.kind, geom, xin, cx.param(self.w), &mut y, ep.as_ref());
         if let Some(bi) = self.bias {
             let bias = cx.param(bi);
             time(Kind::Activation, 0, || {
@@ -126,24 +128,91 @@ fn wino((b, c, h, w, o): Geom) -> winograd::Geom {
     winograd::Geom { b, c, h, w, o }
 }
 
-fn conv_fwd(kind: ConvKind, geom: Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
+/// `y = conv(x, wt)`, then through `ep` (block by block where the kernel allows it).
+fn conv_fwd(
+    kind: ConvKind,
+    geom: Geom,
+    x: &[f32],
+    wt: &[f32],
+    y: &mut [f32],
+    ep: Option<&Epilogue>,
+) {
     let (b, c, h, w, o) = geom;
+    let mut ep_left = ep;
     match kind {
+        ConvKind::Pointwise if ep.is_some() => {
+            pointwise_fwd_blocks(geom, x, wt, y, ep);
+            ep_left = None;
+        }
         ConvKind::Pointwise => pointwise_fwd(geom, x, wt, y),
         ConvKind::Dense { k: 3, stride: 1 } if winograd::applies_forward(b) => {
             winograd::forward(&wino(geom), x, wt, y)
         }
         ConvKind::Dense { k, stride } if direct::applies(b, c, k, o) => {
-            direct::forward(&ConvGeom::new(b, c, h, w, k, stride), o, x, wt, y)
+            direct::forward(&ConvGeom::new(b, c, h, w, k, stride), o, x, wt, y, ep);
+            ep_left = None;
         }
         ConvKind::Dense { k, stride } if direct::applies_small(b, c, (k, stride), o) => {
             direct::forward_small(&ConvGeom::new(b, c, h, w, k, stride), o, x, wt, y)
         }
         ConvKind::Dense { k, stride } => dense_fwd(geom, k, stride, x, wt, y),
         ConvKind::Depthwise { k, stride } => {
-            kernels::depthwise_fwd(&ConvGeom::new(b, c, h, w, k, stride), x, wt, y)
+            let g = ConvGeom::new(b, c, h, w, k, stride);
+            kernels::depthwise_fwd(&g, x, wt, y, ep);
+            ep_left = None;
         }
     }
+    if let Some(e) = ep_left {
+        let n = y.len() / o.max(1);
+        time(Kind::BatchNorm, 0, || e.apply_all(y, n));
+    }
+}
+
+/// [`pointwise_fwd`] with `ep` applied as it goes: column blocks of about 64 K outputs (in
+/// cache until the epilogue has run), one single-threaded gemm each, blocks in parallel.
+/// The values are the one gemm's: the gemm crate splits rows and columns, never the sum.
+fn pointwise_fwd_blocks(
+    (b, c, h, w, cout): Geom,
+    x: &[f32],
+    wt: &[f32],
+    y: &mut [f32],
+    ep: Option<&Epilogue>,
+) {
+    let n = b * h * w;
+    let nb = (65536 / cout.max(1)).next_multiple_of(64).min(n.max(1));
+    let yp = winograd::Ptr(y.as_mut_ptr());
+    time(Kind::Gemm, (2 * cout * c * n) as u64, || {
+        (0..n.div_ceil(nb)).into_par_iter().for_each(|blk| {
+            let yp = &yp;
+            let (j0, len) = (blk * nb, nb.min(n - blk * nb));
+            // SAFETY: block blk writes only columns j0 .. j0 + len of y (cout × n): disjoint
+            // across blocks; x (c × n) and wt (cout × c) are read-only; sizes as in
+            // `pointwise_fwd`.
+            serial_gemms(|| unsafe {
+                kernels::sgemm(
+                    cout,
+                    len,
+                    c,
+                    yp.0.add(j0),
+                    n,
+                    false,
+                    wt.as_ptr(),
+                    c,
+                    1,
+                    x.as_ptr().add(j0),
+                    n,
+                    1,
+                )
+            });
+            if let Some(e) = ep {
+                for o in 0..cout {
+                    // SAFETY: as above, row o's part of this block.
+                    let row = unsafe { std::slice::from_raw_parts_mut(yp.0.add(o * n + j0), len) };
+                    e.apply(o, row);
+                }
+            }
+        })
+    })
 }
 
 fn pointwise_fwd((b, c, h, w, cout): Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {

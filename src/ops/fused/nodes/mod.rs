@@ -13,7 +13,7 @@ mod up2_add;
 
 use candle_core::Result;
 
-use super::kernels::SeSaved;
+use super::kernels::{Epilogue, SeSaved};
 use super::prof::Kind;
 use super::Id;
 
@@ -163,6 +163,9 @@ pub(super) struct Fwd<'a> {
     pub(super) stats: &'a mut [Option<BatchStats>],
     /// The op's input `(B, C, H, W)`.
     pub(super) x: &'a [f32],
+    /// An evaluation BatchNorm + activation that reads only this node's output, for a
+    /// convolution to apply as it writes (the executor then skips the BatchNorm's node).
+    pub(super) epilogue: Option<Epilogue<'a>>,
 }
 
 impl<'a> Fwd<'a> {

@@ -5,8 +5,10 @@
 //! - The per-layer ops ([`depthwise`], [`im2col`], [`channel`], [`resize`]) are what the
 //!   model's `Module` implementations use on other devices and what the fused path is tested
 //!   against; [`loss`] holds the pixel cross-entropies (one of them fused with the bilinear
-//!   upsampling of the logits), [`fastmath`] a vectorisable `exp`/`ln`.
+//!   upsampling of the logits), [`fastmath`] a vectorisable `exp`/`ln`, [`adamw_cpu`] the
+//!   optimiser's update in one pass.
 
+mod adamw;
 pub mod aligned_alloc;
 pub mod channel;
 pub mod depthwise;
@@ -18,6 +20,7 @@ pub mod resize;
 mod simd;
 mod storage;
 
+pub use adamw::{adamw_cpu, AdamConsts};
 pub use depthwise::depthwise_conv2d;
 pub use im2col::conv2d_im2col;
 pub use loss::{pixel_cross_entropy, upsampled_pixel_cross_entropy};

@@ -55,6 +55,9 @@ pub struct Optimizer {
     /// AdamW second moments.
     v: Vec<Option<Tensor>>,
     step: u64,
+    /// AdamW on contiguous f32 CPU tensors in one pass ([`crate::ops::adamw_cpu`]); off only
+    /// in the test that holds it to the tensor ops.
+    fused_cpu: bool,
 }
 
 impl Optimizer {
@@ -71,6 +74,7 @@ impl Optimizer {
             m: vec![None; n],
             v: vec![None; n],
             step: 0,
+            fused_cpu: true,
         }
     }
 
@@ -120,6 +124,24 @@ impl Optimizer {
             }
             match self.kind {
                 OptimizerKind::Adamw => {
+                    let consts = crate::ops::AdamConsts {
+                        beta: (self.beta1, self.beta2),
+                        bias_correction: (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t)),
+                        eps: self.eps,
+                        lr,
+                        wd,
+                    };
+                    let moments = (self.m[i].as_ref(), self.v[i].as_ref());
+                    let fused = match self.fused_cpu {
+                        true => crate::ops::adamw_cpu(theta, &g, moments, &consts)?,
+                        false => None,
+                    };
+                    if let Some((theta_new, m, v)) = fused {
+                        p.var.set(&theta_new)?;
+                        self.m[i] = Some(m);
+                        self.v[i] = Some(v);
+                        continue;
+                    }
                     let m = match &self.m[i] {
                         Some(m) => ((m * self.beta1)? + (&g * (1.0 - self.beta1))?)?,
                         None => (&g * (1.0 - self.beta1))?,
@@ -235,6 +257,88 @@ mod tests {
         for a in b_new {
             assert!((a - 1.01).abs() < 1e-6, "{a}");
         }
+    }
+
+    /// The one-pass CPU update gives the tensor ops' bits: θ, m and v over five steps, with and
+    /// without weight decay, a gradient scale, zero and negative gradients.
+    #[test]
+    fn adamw_cpu_pass_matches_the_tensor_ops_bit_for_bit() {
+        let vals = |n: usize, seed: u64| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    let h = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15 ^ seed);
+                    let x = ((h >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
+                    if i % 7 == 0 {
+                        0.0
+                    } else {
+                        x * 3.0
+                    }
+                })
+                .collect()
+        };
+        let make = || {
+            vec![
+                param("w", &vals(96, 1), &[8, 12]),
+                param("b", &vals(13, 2), &[13]),
+            ]
+        };
+        let mut opts = [true, false].map(|fused| {
+            let mut o = Optimizer::new(OptimizerKind::Adamw, make(), 0.05, 0.0);
+            o.fused_cpu = fused;
+            o
+        });
+        for step in 0..5u64 {
+            for o in opts.iter_mut() {
+                let loss = o
+                    .params()
+                    .iter()
+                    .enumerate()
+                    .map(|(k, p)| {
+                        let r = Tensor::from_vec(
+                            vals(p.var.elem_count(), 10 + step + k as u64),
+                            p.var.shape(),
+                            &Device::Cpu,
+                        )
+                        .unwrap();
+                        (p.var.as_tensor() * r).unwrap().sum_all().unwrap()
+                    })
+                    .reduce(|a, b| (a + b).unwrap())
+                    .unwrap();
+                let grads = loss.backward().unwrap();
+                let scale = if step == 3 { 0.37 } else { 1.0 };
+                o.step(&grads, 0.01, scale).unwrap();
+            }
+        }
+        let bits = |o: &Optimizer| -> Vec<u32> {
+            let mut out: Vec<u32> = Vec::new();
+            for t in o.state_tensors().unwrap().values().chain(
+                o.params()
+                    .iter()
+                    .map(|p| p.var.as_tensor())
+                    .collect::<Vec<_>>(),
+            ) {
+                if t.dtype() == DType::F32 {
+                    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    out.extend(v.iter().map(|x| x.to_bits()));
+                }
+            }
+            out
+        };
+        // The fused optimiser did take the one-pass path.
+        let t = opts[0].params()[0].var.as_tensor().clone();
+        let c = crate::ops::AdamConsts {
+            beta: (0.9, 0.999),
+            bias_correction: (0.1, 0.001),
+            eps: 1e-8,
+            lr: 0.01,
+            wd: 0.0,
+        };
+        assert!(crate::ops::adamw_cpu(&t, &t, (None, None), &c)
+            .unwrap()
+            .is_some());
+        let (a, b) = (bits(&opts[0]), bits(&opts[1]));
+        assert_eq!(a.len(), 2 * (96 + 13) + 96 + 13);
+        assert_eq!(a, b, "fused AdamW differs from the tensor ops");
     }
 
     #[test]

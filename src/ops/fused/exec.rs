@@ -2,7 +2,9 @@
 //! backward walks them in reverse, each node's work done by its kind (`nodes`). What happens
 //! here is what every kind shares: value lifetimes (a value is freed after its last reader,
 //! or kept for the backward), gradient accumulation, the layout conversions at the op's
-//! boundary, and per-node profiling (one wrapper around each node's call).
+//! boundary, and per-node profiling (one wrapper around each node's call). Both passes run
+//! on a thread of rayon's pool (`on_pool`), and an evaluation forward hands a BatchNorm that
+//! only reads a convolution's output to that convolution (`Fwd::epilogue`).
 
 use std::sync::{Arc, Mutex};
 
@@ -132,34 +134,16 @@ impl Core {
         need
     }
 
-    /// What node `i`'s forward sees.
-    #[allow(clippy::type_complexity)]
-    fn fwd_cx<'a>(
-        &'a self,
-        i: Id,
-        b: usize,
-        dims: &'a [Dims],
-        (values, last_use, stats): (
-            &'a mut [Option<Vec<f32>>],
-            &'a [usize],
-            &'a mut [Option<BatchStats>],
-        ),
-        (flat, x): (&'a [f32], &'a [f32]),
-        keep: bool,
-    ) -> Fwd<'a> {
-        Fwd {
-            i,
-            b,
-            dims,
-            values,
-            last_use,
-            keep,
-            flat,
-            offsets: &self.offsets,
-            bns: &self.bns,
-            stats,
-            x,
-            epilogue: None,
+    /// An evaluation BatchNorm + activation that only reads node `i`'s output when that is a
+    /// convolution: its `(scale, shift, act)`, for the convolution to apply as it writes.
+    fn fusable_bn(&self, i: Id, keep: bool, last_use: &[usize], flat: &[f32]) -> Option<Affine> {
+        match (&self.nodes[i], self.nodes.get(i + 1)) {
+            (Node::Conv(_), Some(Node::BnAct(bn)))
+                if !keep && bn.x == i && last_use[i] == i + 1 =>
+            {
+                bn.eval_affine(flat, &self.offsets, &self.bns)
+            }
+            _ => None,
         }
     }
 
@@ -188,23 +172,7 @@ impl Core {
         let mut i = 0;
         while i < n {
             let node = self.nodes[i].op();
-            // An evaluation BatchNorm that only reads this conv's output: the conv applies it.
-            let fused_bn = match (&self.nodes[i], self.nodes.get(i + 1)) {
-                (Node::Conv(_), Some(Node::BnAct(bn)))
-                    if !keep && bn.x == i && last_use[i] == i + 1 =>
-                {
-                    let cx = self.fwd_cx(
-                        i,
-                        b,
-                        &dims,
-                        (&mut values, &last_use, &mut stats),
-                        (flat, x),
-                        keep,
-                    );
-                    bn.eval_affine(&cx)
-                }
-                _ => None,
-            };
+            let fused_bn = self.fusable_bn(i, keep, &last_use, flat);
             let epilogue = fused_bn
                 .as_ref()
                 .map(|(scale, shift, act)| kernels::Epilogue {
@@ -213,27 +181,26 @@ impl Core {
                     act: *act,
                 });
             let (out, s) = profiled(i, node, dims[i], b, false, || {
-                let mut cx = self.fwd_cx(
+                node.forward(&mut Fwd {
                     i,
                     b,
-                    &dims,
-                    (&mut values, &last_use, &mut stats),
-                    (flat, x),
+                    dims: &dims,
+                    values: &mut values,
+                    last_use: &last_use,
                     keep,
-                );
-                cx.epilogue = epilogue;
-                node.forward(&mut cx)
+                    flat,
+                    offsets: &self.offsets,
+                    bns: &self.bns,
+                    stats: &mut stats,
+                    x,
+                    epilogue,
+                })
             })?;
             if fused_bn.is_some() {
-                // The output is the BatchNorm's value; value i is never stored.
+                // The output is the BatchNorm's value (node i + 1 is skipped); value i is
+                // never stored.
                 values[i + 1] = Some(out);
-                for j in node.inputs() {
-                    if last_use[j] == i {
-                        if let Some(v) = values[j].take() {
-                            pool::give(v);
-                        }
-                    }
-                }
+                release_inputs(node, i, &last_use, &mut values, |_| false);
                 i += 2;
                 continue;
             }
@@ -241,13 +208,7 @@ impl Core {
             if keep {
                 saved[i] = s;
             }
-            for j in node.inputs() {
-                if last_use[j] == i && (!keep || !needed[j]) {
-                    if let Some(v) = values[j].take() {
-                        pool::give(v);
-                    }
-                }
-            }
+            release_inputs(node, i, &last_use, &mut values, |j| keep && needed[j]);
             i += 1;
         }
         *self.batch_stats.lock().expect("batch stats") = stats;
@@ -342,6 +303,26 @@ impl Core {
             None => None,
         };
         Ok((dx, dflat))
+    }
+}
+
+/// `(scale, shift, act)` of an evaluation BatchNorm.
+type Affine = (Vec<f32>, Vec<f32>, kernels::Act);
+
+/// Free the inputs of node `i` that no later node reads, unless `kept` (the backward's).
+fn release_inputs(
+    node: &dyn NodeOp,
+    i: Id,
+    last_use: &[usize],
+    values: &mut [Option<Vec<f32>>],
+    kept: impl Fn(Id) -> bool,
+) {
+    for j in node.inputs() {
+        if last_use[j] == i && !kept(j) {
+            if let Some(v) = values[j].take() {
+                pool::give(v);
+            }
+        }
     }
 }
 

@@ -41,9 +41,9 @@ use super::pool;
 use super::prof::{time, Kind};
 use crate::ops::simd::multiversion;
 
-/// Whether a dense 3×3 stride-1 convolution over `b` images takes this path: not with
-/// `ONEHEAD_WINOGRAD=0`, nor below 8 images, where most of each 16-image lane would be
-/// empty and im2col is faster (batch-1 latency).
+/// Whether a dense 3×3 stride-1 convolution's backward over `b` images takes this path: not
+/// with `ONEHEAD_WINOGRAD=0`, nor below 8 images, where most of each 16-image lane would be
+/// empty and im2col is faster.
 pub fn applies(b: usize) -> bool {
     b >= 8 && fast_dense_paths()
 }

@@ -31,21 +31,27 @@ pub(in crate::ops::fused) struct BnSaved {
 }
 
 impl BnAct {
-    /// `(scale, shift, act)` of an evaluation-mode BatchNorm reading value `x` (none in
-    /// training mode): what a convolution feeding it may apply itself ([`kernels::Epilogue`]),
-    /// computed exactly as [`NodeOp::forward`] does.
-    pub(in crate::ops::fused) fn eval_affine(&self, cx: &Fwd) -> Option<(Vec<f32>, Vec<f32>, Act)> {
+    /// `(scale, shift, act)` of an evaluation-mode BatchNorm (none in training mode), given
+    /// the flat parameters, their offsets and the plan's BatchNorms: what a convolution
+    /// feeding it may apply itself ([`kernels::Epilogue`]), computed as the forward does.
+    pub(in crate::ops::fused) fn eval_affine(
+        &self,
+        flat: &[f32],
+        offsets: &[(usize, usize)],
+        bns: &[BnMode],
+    ) -> Option<(Vec<f32>, Vec<f32>, Act)> {
         let BnMode {
             eps,
             train,
             running,
-        } = &cx.bns[self.bn];
+        } = &bns[self.bn];
         if *train {
             return None;
         }
+        let param = |p: usize| &flat[offsets[p].0..offsets[p].0 + offsets[p].1];
         let (mean, var) = running.clone().unwrap_or_default();
         let (scale, shift, _) =
-            kernels::bn_scale_shift(cx.param(self.gamma), cx.param(self.beta), &mean, &var, *eps);
+            kernels::bn_scale_shift(param(self.gamma), param(self.beta), &mean, &var, *eps);
         Some((scale, shift, self.act))
     }
 }

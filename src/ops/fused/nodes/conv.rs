@@ -1,9 +1,11 @@
 //! Convolutions (square kernel, padding `k/2`): 1×1 as one gemm over the whole batch, dense
-//! 3×3 stride 1 over 8 or more images by Winograd F(4×4, 3×3) (`winograd.rs`), the stem's
-//! forward (few input channels) directly (`direct.rs`), other dense k×k as chunked im2col +
-//! one gemm per chunk, depthwise with the direct kernels; optional
-//! bias. The backward writes the weight (and bias) gradient and returns the input gradient
-//! unless nothing needs it (the network input when it is not tracked).
+//! 3×3 stride 1 over 1 or 8+ images by Winograd F(4×4, 3×3) (`winograd.rs`; the backward
+//! from 8 images), the stem's forward (few input channels) directly (`direct.rs`, below 8
+//! images over padded planes), other dense k×k as chunked im2col + one gemm per chunk,
+//! depthwise with the direct kernels; optional bias. An evaluation forward may be handed the
+//! following BatchNorm + activation to apply as it writes (`kernels::Epilogue`). The
+//! backward writes the weight (and bias) gradient and returns the input gradient unless
+//! nothing needs it (the network input when it is not tracked).
 
 use candle_core::Result;
 use rayon::prelude::*;

@@ -756,11 +756,9 @@ fn dw_fwd_rows<const S: usize>(
             for ph in 0..S {
                 // Input columns ix with (ix + pad) % S == ph land at phase ph, column (ix + pad) / S.
                 let ix0 = (ph + S - pad % S) % S;
-                let row = &mut buf[(ph * hp + r) * pw..(ph * hp + r + 1) * pw];
-                let mut cc = (ix0 + pad) / S;
-                for ix in (ix0..g.w).step_by(S) {
-                    row[cc] = src[ix * b + bi];
-                    cc += 1;
+                let row = &mut buf[(ph * hp + r) * pw + (ix0 + pad) / S..(ph * hp + r + 1) * pw];
+                for (d, ix) in row.iter_mut().zip((ix0..g.w).step_by(S)) {
+                    *d = src[ix * b + bi];
                 }
             }
         }

@@ -427,7 +427,6 @@ fn kernel_tiles4(g: &Geom, wt: &[f32]) -> Vec<f32> {
 multiversion! {
     /// One output channel of [`kernel_tiles4`]: `rows[p·6 + q][c]` from `taps[j][c]`.
     fn kernel_tiles4_channel(taps: [&[f32]; 9], rows: [&mut [f32]; 36]) {
-        let rows = rows;
         let c_n = taps[0].len();
         for c0 in (0..c_n).step_by(L) {
             let nl = (c_n - c0).min(L);
@@ -641,6 +640,8 @@ multiversion! {
                 let r = &e[p * 6..p * 6 + 6];
                 *tp = at6([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
             }
+            // j indexes the second axis of every row.
+            #[allow(clippy::needless_range_loop)]
             for j in 0..4 {
                 let out = at6([&t[0][j], &t[1][j], &t[2][j], &t[3][j], &t[4][j], &t[5][j]]);
                 for (i, val) in out.iter().enumerate() {

@@ -79,18 +79,19 @@ pub fn forward_small(g: &ConvGeom, o: usize, x: &[f32], wt: &[f32], y: &mut [f32
         pad_phases(g, &x[(i % g.c) * g.h * g.w * g.b..], i / g.c, (hp, pw), p)
     });
     let out = Ptr(y.as_mut_ptr());
-    (0..g.b * g.ho).into_par_iter().for_each(|task| {
-        let (bi, oy) = (task / g.ho, task % g.ho);
+    (0..g.ho).into_par_iter().for_each(|oy| {
         let out = &out;
-        let xs = &planes[bi * g.c * plane..(bi + 1) * g.c * plane];
-        for oc in (0..o).step_by(SG) {
-            // SAFETY: task (bi, oy) writes only pixels (oc.., oy, .., bi) of y (sizes checked).
-            let row = |j: usize| unsafe {
-                let at = ((oc + j) * g.ho + oy) * g.wo * g.b;
-                std::slice::from_raw_parts_mut(out.0.add(at), g.wo * g.b)
-            };
-            let rows: [&mut [f32]; SG] = std::array::from_fn(row);
-            small_row(g, (hp, pw), xs, &wt[oc * g.c * g.k * g.k..], (oy, bi), rows);
+        for (bi, xs) in planes.chunks_exact(g.c * plane).enumerate() {
+            for oc in (0..o).step_by(SG) {
+                // SAFETY: task oy alone touches output row oy of every channel: rows
+                // (oc + j, oy) of y, each `wo · b` values inside y (sizes checked above).
+                let row = |j: usize| unsafe {
+                    let at = ((oc + j) * g.ho + oy) * g.wo * g.b;
+                    std::slice::from_raw_parts_mut(out.0.add(at), g.wo * g.b)
+                };
+                let rows: [&mut [f32]; SG] = std::array::from_fn(row);
+                small_row(g, (hp, pw), xs, &wt[oc * g.c * g.k * g.k..], (oy, bi), rows);
+            }
         }
     });
     super::pool::give(planes);

@@ -52,6 +52,13 @@ struct Out {
     cls: Tensor,
 }
 
+/// Every head of `a` within 1e-4 (relative) of `b`.
+fn assert_outputs_close(a: &Out, b: &Out, what: &str) {
+    assert_close(&a.seg, &b.seg, 1e-4, &format!("{what}: seg"));
+    assert_close(&a.det, &b.det, 1e-4, &format!("{what}: det"));
+    assert_close(&a.cls, &b.cls, 1e-4, &format!("{what}: cls"));
+}
+
 fn split(map: Tensor) -> Out {
     Out {
         seg: map.narrow(1, 0, 21).unwrap(),
@@ -449,9 +456,7 @@ fn compare_whole_model(backbone_train: bool, head_train: bool, batch: usize, h: 
     let oa = split(a.forward_parts(&x, backbone_train, head_train).unwrap());
     let ob = split(b.forward_parts(&x, backbone_train, head_train).unwrap());
     let what = format!("train=({backbone_train},{head_train}) {batch}x{h}x{w}");
-    assert_close(&oa.seg, &ob.seg, 1e-4, &format!("{what}: seg"));
-    assert_close(&oa.det, &ob.det, 1e-4, &format!("{what}: det"));
-    assert_close(&oa.cls, &ob.cls, 1e-4, &format!("{what}: cls"));
+    assert_outputs_close(&oa, &ob, &what);
     let ga = loss(&oa).backward().unwrap();
     let gb = loss(&ob).backward().unwrap();
     let da = vm_a.data().lock().unwrap();
@@ -542,9 +547,7 @@ fn whole_model_matches_per_layer_path_in_eval() {
     let x = image(2, 96, 64, 21);
     let oa = split(a.forward_t(&x, false).unwrap());
     let ob = split(b.forward_t(&x, false).unwrap());
-    assert_close(&oa.seg, &ob.seg, 1e-4, "eval seg");
-    assert_close(&oa.det, &ob.det, 1e-4, "eval det");
-    assert_close(&oa.cls, &ob.cls, 1e-4, "eval cls");
+    assert_outputs_close(&oa, &ob, "eval");
     // An evaluation forward keeps no activations but stays differentiable (the backward
     // recomputes them): same gradients as the per-layer path, also for a second backward.
     let ga = loss_of(&oa.seg, 6).backward().unwrap();
@@ -570,9 +573,7 @@ fn whole_model_matches_per_layer_path_in_eval() {
         split(a.forward_t(&x16, false).unwrap()),
         split(b.forward_t(&x16, false).unwrap()),
     );
-    assert_close(&oa.seg, &ob.seg, 1e-4, "eval b16 seg");
-    assert_close(&oa.det, &ob.det, 1e-4, "eval b16 det");
-    assert_close(&oa.cls, &ob.cls, 1e-4, "eval b16 cls");
+    assert_outputs_close(&oa, &ob, "eval b16");
 }
 
 /// One image: the batch-1 kernels (the stem's small-batch direct conv, Winograd with lanes
@@ -584,9 +585,7 @@ fn whole_model_matches_per_layer_path_at_batch_1() {
     let x = image(1, 96, 128, 23);
     let oa = split(a.forward_t(&x, false).unwrap());
     let ob = split(b.forward_t(&x, false).unwrap());
-    assert_close(&oa.seg, &ob.seg, 1e-4, "b1 seg");
-    assert_close(&oa.det, &ob.det, 1e-4, "b1 det");
-    assert_close(&oa.cls, &ob.cls, 1e-4, "b1 cls");
+    assert_outputs_close(&oa, &ob, "b1");
     let ga = loss_of(&oa.seg, 7).backward().unwrap();
     let gb = loss_of(&ob.seg, 7).backward().unwrap();
     let (da, db) = (va.data().lock().unwrap(), vb.data().lock().unwrap());

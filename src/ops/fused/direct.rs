@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{ConvGeom, Epilogue};
+use super::kernels::{pad_phases, ConvGeom, Epilogue};
 use super::winograd::Ptr;
 use crate::ops::simd::multiversion;
 
@@ -76,7 +76,11 @@ pub fn forward_small(g: &ConvGeom, o: usize, x: &[f32], wt: &[f32], y: &mut [f32
     let mut planes = super::pool::take(g.b * g.c * plane);
     planes.par_chunks_mut(plane).enumerate().for_each(|(i, p)| {
         p.fill(0.0);
-        pad_phases(g, &x[(i % g.c) * g.h * g.w * g.b..], i / g.c, (hp, pw), p)
+        let xc = &x[(i % g.c) * g.h * g.w * g.b..];
+        match s {
+            1 => pad_phases::<1>(g, xc, i / g.c, (hp, pw), p),
+            _ => pad_phases::<2>(g, xc, i / g.c, (hp, pw), p),
+        }
     });
     let out = Ptr(y.as_mut_ptr());
     (0..g.ho).into_par_iter().for_each(|oy| {
@@ -95,25 +99,6 @@ pub fn forward_small(g: &ConvGeom, o: usize, x: &[f32], wt: &[f32], y: &mut [f32
         }
     });
     super::pool::give(planes);
-}
-
-/// Image `bi`'s channel (`xc` from its start) into `p`: `stride` phases of `(hp, pw)`, zero
-/// borders; input column `ix` lands in phase `(ix + pad) % s` at column `(ix + pad) / s`.
-fn pad_phases(g: &ConvGeom, xc: &[f32], bi: usize, (hp, pw): (usize, usize), p: &mut [f32]) {
-    let (s, pad) = (g.stride, g.pad);
-    for iy in 0..g.h {
-        let src = &xc[iy * g.w * g.b..(iy + 1) * g.w * g.b];
-        for ph in 0..s {
-            // The first column of phase `ph`, then one phase column per `s` input columns (a
-            // `%` and a `/` per pixel took most of the small-batch stem's time).
-            let ix0 = (ph + s - pad % s) % s;
-            let at = (ph * hp + iy + pad) * pw + (ix0 + pad) / s;
-            let row = &mut p[at..at + g.w.saturating_sub(ix0).div_ceil(s)];
-            for (d, ix) in row.iter_mut().zip((ix0..g.w).step_by(s)) {
-                *d = src[ix * g.b + bi];
-            }
-        }
-    }
 }
 
 multiversion! {
@@ -318,48 +303,50 @@ mod tests {
         y
     }
 
-    #[test]
-    fn forward_matches_a_direct_convolution_in_f64() {
-        // The stem's shape (small), two lanes and two channel blocks, odd sizes, stride 1.
-        for (b, c, h, w, k, s, o) in [
-            (16, 3, 16, 16, 3, 2, 16),
-            (32, 3, 9, 7, 3, 2, 32),
-            (16, 2, 5, 6, 3, 1, 16),
-        ] {
+    type Case = (usize, usize, usize, usize, usize, usize, usize);
+
+    /// `conv` on each `(b, c, h, w, k, stride, o)` case against [`conv64`].
+    fn check(
+        cases: &[Case],
+        seed: u64,
+        conv: impl Fn(&ConvGeom, usize, &[f32], &[f32], &mut [f32]),
+    ) {
+        for &(b, c, h, w, k, s, o) in cases {
             let g = ConvGeom::new(b, c, h, w, k, s);
-            let x = crate::ops::fused::kernels_tests::vals(c * h * w * b, 1, 1.0);
-            let wt = crate::ops::fused::kernels_tests::vals(o * c * k * k, 2, 1.0);
+            let x = crate::ops::fused::kernels_tests::vals(c * h * w * b, seed, 1.0);
+            let wt = crate::ops::fused::kernels_tests::vals(o * c * k * k, seed + 1, 1.0);
             let mut y = vec![f32::NAN; o * g.ho * g.wo * b];
-            forward(&g, o, &x, &wt, &mut y, None);
+            conv(&g, o, &x, &wt, &mut y);
             let want = conv64(&g, o, &x, &wt);
-            close(&y, &want, b);
+            for (i, (&a, &e)) in y.iter().zip(&want).enumerate() {
+                assert!(
+                    (a as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                    "b{b} value {i}: {a} vs {e}"
+                );
+            }
         }
     }
 
-    fn close(y: &[f32], want: &[f64], b: usize) {
-        for (i, (&a, &e)) in y.iter().zip(want).enumerate() {
-            assert!(
-                (a as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
-                "b{b} value {i}: {a} vs {e}"
-            );
-        }
+    #[test]
+    fn forward_matches_a_direct_convolution_in_f64() {
+        // The stem's shape (small), two lanes and two channel blocks, odd sizes, stride 1.
+        let cases = [
+            (16, 3, 16, 16, 3, 2, 16),
+            (32, 3, 9, 7, 3, 2, 32),
+            (16, 2, 5, 6, 3, 1, 16),
+        ];
+        check(&cases, 1, |g, o, x, wt, y| forward(g, o, x, wt, y, None));
     }
 
     #[test]
     fn small_batch_forward_matches_a_direct_convolution_in_f64() {
         // Batch 1 at the stem's shape (small), odd sizes and 3 images, stride 1, 8 channels.
-        for (b, c, h, w, k, s, o) in [
+        let cases = [
             (1, 3, 16, 16, 3, 2, 16),
             (3, 3, 9, 7, 3, 2, 8),
             (2, 2, 5, 13, 3, 1, 4),
             (1, 1, 6, 9, 5, 1, 4),
-        ] {
-            let g = ConvGeom::new(b, c, h, w, k, s);
-            let x = crate::ops::fused::kernels_tests::vals(c * h * w * b, 3, 1.0);
-            let wt = crate::ops::fused::kernels_tests::vals(o * c * k * k, 4, 1.0);
-            let mut y = vec![f32::NAN; o * g.ho * g.wo * b];
-            forward_small(&g, o, &x, &wt, &mut y);
-            close(&y, &conv64(&g, o, &x, &wt), b);
-        }
+        ];
+        check(&cases, 3, forward_small);
     }
 }

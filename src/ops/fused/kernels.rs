@@ -750,18 +750,7 @@ fn dw_fwd_rows<const S: usize>(
         if bi > 0 {
             buf.fill(0.0);
         }
-        for iy in 0..g.h {
-            let r = iy + pad;
-            let src = &xc[iy * g.w * b..(iy + 1) * g.w * b];
-            for ph in 0..S {
-                // Input columns ix with (ix + pad) % S == ph land at phase ph, column (ix + pad) / S.
-                let ix0 = (ph + S - pad % S) % S;
-                let row = &mut buf[(ph * hp + r) * pw + (ix0 + pad) / S..(ph * hp + r + 1) * pw];
-                for (d, ix) in row.iter_mut().zip((ix0..g.w).step_by(S)) {
-                    *d = src[ix * b + bi];
-                }
-            }
-        }
+        pad_phases::<S>(g, xc, bi, (hp, pw), buf);
         let mut oy = 0;
         while oy < g.ho {
             let rows = (g.ho - oy).min(4);
@@ -816,6 +805,35 @@ fn dw_rows_block<const S: usize, const R: usize>(
                 for (l, &v) in a[..n].iter().enumerate() {
                     yc[(p + l) * b + bi] = v;
                 }
+            }
+        }
+    }
+}
+
+/// Image `bi`'s plane of one channel (`xc (h, w, b)`) into `p`, zeroed by the caller:
+/// `stride` column phases of `(hp, pw)` with `pad` rows and columns of border; input column
+/// `ix` lands in phase `(ix + pad) % s` at column `(ix + pad) / s`, so that a strided tap
+/// reads a contiguous run of its phase row (the small-batch depthwise and stem kernels).
+/// `S` is the stride (`g.stride`), a constant so that the per-row phase arithmetic is shifts.
+#[inline(always)]
+pub fn pad_phases<const S: usize>(
+    g: &ConvGeom,
+    xc: &[f32],
+    bi: usize,
+    (hp, pw): (usize, usize),
+    p: &mut [f32],
+) {
+    let (s, pad) = (S, g.pad);
+    for iy in 0..g.h {
+        let src = &xc[iy * g.w * g.b..(iy + 1) * g.w * g.b];
+        for ph in 0..s {
+            // The first column of phase `ph`, then one phase column per `s` input columns (a
+            // `%` and a `/` per pixel took most of these kernels' time at batch 1).
+            let ix0 = (ph + s - pad % s) % s;
+            let at = (ph * hp + iy + pad) * pw + (ix0 + pad) / s;
+            let row = &mut p[at..at + g.w.saturating_sub(ix0).div_ceil(s)];
+            for (d, ix) in row.iter_mut().zip((ix0..g.w).step_by(s)) {
+                *d = src[ix * g.b + bi];
             }
         }
     }

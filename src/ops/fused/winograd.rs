@@ -512,6 +512,33 @@ fn tiles(
         });
 }
 
+/// `T d Tᵀ` of a `K×K` window `d` (row-major) for the 1-D transform `t` (K values to 6): the
+/// transform down the columns, then along the rows; `[p][q]` is position `p·6 + q`.
+#[inline(always)]
+fn window_transform<const K: usize>(
+    d: &[Lane],
+    t: &impl Fn([&Lane; K]) -> [Lane; 6],
+) -> [[Lane; 6]; 6] {
+    let mut cols = [[[0f32; L]; 6]; K];
+    for (s, c) in cols.iter_mut().enumerate() {
+        *c = t(std::array::from_fn(|r| &d[r * K + s]));
+    }
+    // p indexes the second axis of every column: a transpose, not an iteration.
+    std::array::from_fn(|p| t(std::array::from_fn(|s| &cols[s][p])))
+}
+
+/// `Aᵀ M A` of a tile's 36 products `e` (row-major 6×6): `[j][i]` is output row `i`, column
+/// `j` of the 4×4 tile.
+#[inline(always)]
+fn tile_outputs(e: &[Lane; 36]) -> [[Lane; 4]; 4] {
+    let mut t = [[[0f32; L]; 4]; 6];
+    for (p, tp) in t.iter_mut().enumerate() {
+        let r = &e[p * 6..p * 6 + 6];
+        *tp = at6([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
+    }
+    std::array::from_fn(|j| at6([&t[0][j], &t[1][j], &t[2][j], &t[3][j], &t[4][j], &t[5][j]]))
+}
+
 /// One channel's `K×K` windows at stride 4 (window `(r, s)` of tile `(ti, tj)` being map pixel
 /// `(4ti + shift + r − 1, 4tj + shift + s − 1)`, zero outside the map), each as `T d Tᵀ` for
 /// the 1-D transform `t` (K values to 6), into `out (36, n)`.
@@ -543,18 +570,8 @@ fn window_tiles<const K: usize>(
                     nl,
                     &mut d,
                 );
-                // The transform down the columns, then along the rows.
-                let mut cols = [[[0f32; L]; 6]; K];
-                for (s, c) in cols.iter_mut().enumerate() {
-                    *c = t(std::array::from_fn(|r| &d[r * K + s]));
-                }
-                // p indexes the second axis of every column: a transpose, not an iteration.
-                #[allow(clippy::needless_range_loop)]
-                for p in 0..6 {
-                    let row = t(std::array::from_fn(|s| &cols[s][p]));
-                    for (q, val) in row.iter().enumerate() {
-                        store(out, (p * 6 + q) * n + col + l0, nl, val);
-                    }
+                for (pq, val) in window_transform::<K>(&d, &t).iter().flatten().enumerate() {
+                    store(out, pq * n + col + l0, nl, val);
                 }
             }
         }
@@ -606,17 +623,8 @@ multiversion! {
                     }
                 }
             }
-            let mut cols = [[[0f32; L]; 6]; 6];
-            for (s, c) in cols.iter_mut().enumerate() {
-                *c = bt6(std::array::from_fn(|r| &d[r * 6 + s]));
-            }
-            // p indexes the second axis of every column: a transpose, not an iteration.
-            #[allow(clippy::needless_range_loop)]
-            for p in 0..6 {
-                let row = bt6(std::array::from_fn(|s| &cols[s][p]));
-                for (q, val) in row.iter().enumerate() {
-                    store(vc, (p * 6 + q) * n + n0, nl, val);
-                }
+            for (pq, val) in window_transform::<6>(&d, &bt6).iter().flatten().enumerate() {
+                store(vc, pq * n + n0, nl, val);
             }
         }
     }
@@ -635,15 +643,7 @@ multiversion! {
             for (k, ek) in e.iter_mut().enumerate() {
                 load(mo, k * n + n0, nl, ek);
             }
-            let mut t = [[[0f32; L]; 4]; 6];
-            for (p, tp) in t.iter_mut().enumerate() {
-                let r = &e[p * 6..p * 6 + 6];
-                *tp = at6([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
-            }
-            // j indexes the second axis of every row.
-            #[allow(clippy::needless_range_loop)]
-            for j in 0..4 {
-                let out = at6([&t[0][j], &t[1][j], &t[2][j], &t[3][j], &t[4][j], &t[5][j]]);
+            for (j, out) in tile_outputs(&e).iter().enumerate() {
                 for (i, val) in out.iter().enumerate() {
                     for l in 0..nl {
                         let (y, x) = (ys[l] + i, xs[l] + j);
@@ -707,15 +707,8 @@ multiversion! {
                     for (k, ek) in e.iter_mut().enumerate() {
                         load(mo, k * n + col + l0, nl, ek);
                     }
-                    let mut t = [[[0f32; L]; 4]; 6];
-                    for (p, tp) in t.iter_mut().enumerate() {
-                        let r = &e[p * 6..p * 6 + 6];
-                        *tp = at6([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
-                    }
-                    // j indexes the second axis of every row (and only the map's columns).
-                    #[allow(clippy::needless_range_loop)]
-                    for j in 0..cols {
-                        let out = at6([&t[0][j], &t[1][j], &t[2][j], &t[3][j], &t[4][j], &t[5][j]]);
+                    // Only the map's rows and columns of the tile.
+                    for (j, out) in tile_outputs(&e).iter().enumerate().take(cols) {
                         for (i, val) in out.iter().enumerate().take(rows) {
                             store(yo, ((4 * ti + i) * w + 4 * tj + j) * b + l0, nl, val);
                         }

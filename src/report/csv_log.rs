@@ -293,7 +293,10 @@ impl RunCsv {
             rec.push(secs(row.end_time));
         }
         if self.columns.phases {
-            rec.extend([row.data_seconds, row.step_seconds, row.eval_seconds].map(secs));
+            // Microseconds: a short phase (a few small batches, a tiny val split) takes under a
+            // millisecond, which three decimals wrote as 0.
+            let fine = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
+            rec.extend([row.data_seconds, row.step_seconds, row.eval_seconds].map(fine));
         }
         // eval.csv first: a crash between the two leaves an eval row without its epoch row,
         // which a resume drops again (same global_epoch rule).

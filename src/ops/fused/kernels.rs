@@ -743,7 +743,7 @@ fn dw_fwd_rows<const S: usize>(
 ) {
     let (b, pad) = (g.b, g.pad);
     let (hp, wp) = (g.h + 2 * pad, g.w + 2 * pad);
-    let pw = wp.div_ceil(S) + 8;
+    let pw = wp.div_ceil(S) + DW_W;
     buf.clear();
     buf.resize(S * hp * pw, 0.0);
     for bi in 0..b {
@@ -766,9 +766,13 @@ fn dw_fwd_rows<const S: usize>(
     }
 }
 
-/// `R` output rows from `oy` of image `bi` for [`dw_fwd_rows`], 8 pixels of each row per
-/// register: the `R` rows' sums are independent chains (one chain per output would wait on
-/// each FMA's latency), each still summed tap by tap in order.
+/// Output pixels per register row of [`dw_rows_block`]: one AVX-512 register (the rows are
+/// 7 to 112 pixels; 8 per register took twice the loads and FMAs at 14 and 28 pixels).
+const DW_W: usize = 16;
+
+/// `R` output rows from `oy` of image `bi` for [`dw_fwd_rows`], [`DW_W`] pixels of each row
+/// per register: the `R` rows' sums are independent chains (one chain per output would wait
+/// on each FMA's latency), each still summed tap by tap in order.
 #[inline(always)]
 fn dw_rows_block<const S: usize, const R: usize>(
     g: &ConvGeom,
@@ -779,28 +783,29 @@ fn dw_rows_block<const S: usize, const R: usize>(
     yc: &mut [f32],
 ) {
     let (k, b) = (g.k, g.b);
-    for ox0 in (0..g.wo).step_by(8) {
-        let mut acc = [[0f32; 8]; R];
+    for ox0 in (0..g.wo).step_by(DW_W) {
+        let mut acc = [[0f32; DW_W]; R];
         for ky in 0..k {
             for kx in 0..k {
                 let wv = wc[ky * k + kx];
                 let base = (kx % S) * hp * pw + ox0 + kx / S;
                 for (rr, a) in acc.iter_mut().enumerate() {
                     let o = base + ((oy + rr) * S + ky) * pw;
-                    let src: &[f32; 8] = buf[o..o + 8].try_into().unwrap();
-                    for l in 0..8 {
+                    let src: &[f32; DW_W] = buf[o..o + DW_W].try_into().unwrap();
+                    for l in 0..DW_W {
                         a[l] = wv.mul_add(src[l], a[l]);
                     }
                 }
             }
         }
-        let n = (g.wo - ox0).min(8);
+        let n = (g.wo - ox0).min(DW_W);
         for (rr, a) in acc.iter().enumerate() {
             // A copy: indexing the accumulators by the run-time `n` would keep them in memory.
-            let a: [f32; 8] = *a;
+            let a: [f32; DW_W] = *a;
             let p = (oy + rr) * g.wo + ox0;
-            if b == 1 {
-                yc[p..p + n].copy_from_slice(&a[..n]);
+            if b == 1 && n == DW_W {
+                // A fixed-size copy: a run-time length is a `memcpy` call per row block.
+                yc[p..p + DW_W].copy_from_slice(&a);
             } else {
                 for (l, &v) in a[..n].iter().enumerate() {
                     yc[(p + l) * b + bi] = v;

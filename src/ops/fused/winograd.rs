@@ -599,27 +599,46 @@ fn b1_corners(n0: usize, nl: usize, t0: usize, tw: usize) -> ([usize; L], [usize
     (ys, xs)
 }
 
+thread_local! {
+    /// Per-thread scratch of the batch-1 input transform: one channel's zero-bordered rows.
+    static PLANE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 multiversion! {
     /// [`input_tiles4_channel`] for one image (`b` = 1): the lanes are 16 consecutive tiles of
     /// the chunk (gathered pixel by pixel: a tile's window is 4 pixels from its neighbour's),
     /// so the transforms run on full vectors and store contiguous runs of `V`'s columns.
+    /// The chunk's rows are copied into a zero-bordered plane first, so that the gathers need
+    /// no bounds test per pixel (they were most of this transform's time); lanes past the last
+    /// tile read the plane's corner and are never stored.
     fn input_tiles4_b1_channel(xc: &[f32], h: usize, w: usize, _b: usize, t0: usize, t1: usize, vc: &mut [f32]) {
         let tw = w.div_ceil(4);
         let n = (t1 - t0) * tw;
+        // Plane pixel (pr, pc) is map pixel (4·t0 − 1 + pr, pc − 1).
+        let (rows, cols) = (4 * (t1 - t0) + 2, 4 * tw + 2);
+        let mut plane = PLANE.take();
+        plane.clear();
+        plane.resize(rows * cols, 0.0);
+        for pr in 0..rows {
+            let y = (4 * t0 + pr) as isize - 1;
+            if (0..h as isize).contains(&y) {
+                let y = y as usize;
+                plane[pr * cols + 1..][..w].copy_from_slice(&xc[y * w..(y + 1) * w]);
+            }
+        }
         let mut d = [[0f32; L]; 36];
         for n0 in (0..n).step_by(L) {
             let nl = (n - n0).min(L);
             let (ys, xs) = b1_corners(n0, nl, t0, tw);
+            let base = b1_bases(&ys, &xs, nl, t0, cols);
+            // Every read below is at most base + 5·cols + 5, inside the plane.
+            assert!(base.iter().all(|&at| at + 5 * cols + 5 < plane.len()));
             for r in 0..6 {
                 for s in 0..6 {
                     let lane = &mut d[r * 6 + s];
                     for l in 0..L {
-                        let (y, x) = (ys[l] + r, xs[l] + s);
-                        lane[l] = if l < nl && (1..=h).contains(&y) && (1..=w).contains(&x) {
-                            xc[(y - 1) * w + x - 1]
-                        } else {
-                            0.0
-                        };
+                        // SAFETY: checked by the assertion above.
+                        lane[l] = unsafe { *plane.get_unchecked(base[l] + r * cols + s) };
                     }
                 }
             }
@@ -627,6 +646,7 @@ multiversion! {
                 store(vc, pq * n + n0, nl, val);
             }
         }
+        PLANE.set(plane);
     }
 }
 
@@ -636,6 +656,12 @@ multiversion! {
     fn output_tiles4_b1_channel(mo: &[f32], h: usize, w: usize, _b: usize, t0: usize, t1: usize, yo: &mut [f32]) {
         let tw = w.div_ceil(4);
         let n = (t1 - t0) * tw;
+        // The chunk's whole tiles, written without a bounds test per pixel (plane pixel (pr,
+        // pc) is map pixel (4·t0 + pr, pc)); the map's part is copied out at the end.
+        let cols = 4 * tw;
+        let mut plane = PLANE.take();
+        plane.clear();
+        plane.resize(4 * (t1 - t0) * cols, 0.0);
         let mut e = [[0f32; L]; 36];
         for n0 in (0..n).step_by(L) {
             let nl = (n - n0).min(L);
@@ -643,18 +669,33 @@ multiversion! {
             for (k, ek) in e.iter_mut().enumerate() {
                 load(mo, k * n + n0, nl, ek);
             }
+            let base = b1_bases(&ys, &xs, nl, t0, cols);
+            // Every write below is at most base + 3·cols + 3, inside the plane.
+            assert!(base.iter().all(|&at| at + 3 * cols + 3 < plane.len()));
             for (j, out) in tile_outputs(&e).iter().enumerate() {
                 for (i, val) in out.iter().enumerate() {
                     for l in 0..nl {
-                        let (y, x) = (ys[l] + i, xs[l] + j);
-                        if y < h && x < w {
-                            yo[y * w + x] = val[l];
-                        }
+                        // SAFETY: checked by the assertion above.
+                        unsafe { *plane.get_unchecked_mut(base[l] + i * cols + j) = val[l] };
                     }
                 }
             }
         }
+        for (y, row) in (4 * t0..h.min(4 * t1)).zip(plane.chunks_exact(cols)) {
+            yo[y * w..(y + 1) * w].copy_from_slice(&row[..w]);
+        }
+        PLANE.set(plane);
     }
+}
+
+/// Plane offsets `(ys − 4·t0) · cols + xs` of the batch-1 lanes' tile corners (0 past `nl`).
+#[inline(always)]
+fn b1_bases(ys: &[usize; L], xs: &[usize; L], nl: usize, t0: usize, cols: usize) -> [usize; L] {
+    let mut base = [0usize; L];
+    for l in 0..nl {
+        base[l] = (ys[l] - 4 * t0) * cols + xs[l];
+    }
+    base
 }
 
 /// `A f` for a 4-vector, A = Aᵀ's transpose: rows [1,0,0,0], [1,1,1,1], [1,−1,1,−1],
@@ -850,6 +891,15 @@ mod tests {
                 h: 28,
                 w: 28,
                 o: 6,
+            },
+            // One image in two chunks (63 + 2 tile rows: the batch-1 planes of a chunk that
+            // starts below the first row), partial edge tiles.
+            Geom {
+                b: 1,
+                c: 2,
+                h: 258,
+                w: 262,
+                o: 2,
             },
         ];
         for g in CASES.iter().chain(&more) {

@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
-use super::kernels::{serial_gemms, sgemm, sgemm_strided};
+use super::kernels::{prefetch, serial_gemms, sgemm, sgemm_strided};
 use super::pool;
 use super::prof::{time, Kind};
 use crate::ops::simd::multiversion;
@@ -249,30 +249,6 @@ fn store(dst: &mut [f32], at: usize, nl: usize, val: &Lane) {
     } else {
         dst[at..at + nl].copy_from_slice(&val[..nl]);
     }
-}
-
-/// Ask for the cache lines of `buf[at .. at + len]` (for writing if `write`): a hint, no
-/// effect on the values; nothing past the end of `buf` is touched.
-#[inline(always)]
-fn prefetch_lanes(buf: &[f32], at: usize, len: usize, write: bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
-        let end = (at + len).min(buf.len());
-        for a in (at..end).step_by(16) {
-            let p = buf[a..].as_ptr() as *const i8;
-            // SAFETY: a prefetch reads and writes nothing; `p` points into `buf`.
-            unsafe {
-                if write {
-                    _mm_prefetch::<_MM_HINT_ET0>(p)
-                } else {
-                    _mm_prefetch::<_MM_HINT_T0>(p)
-                }
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (buf, at, len, write);
 }
 
 /// Lanes `l0 .. l0 + nl` of a `k×k` window of the map `xc (h, w, b)` into `d` (row-major),
@@ -588,7 +564,7 @@ fn window_tiles<const K: usize>(
             // cache).
             if col + b < n {
                 for pq in 0..36 {
-                    prefetch_lanes(out, pq * n + col + b, b, true);
+                    prefetch(out, pq * n + col + b, b, true);
                 }
             }
             for l0 in (0..b).step_by(L) {
@@ -780,7 +756,7 @@ multiversion! {
                 // → 0.9 ms for a first pass over a 28 × 28 × 16 map).
                 if col + b < n {
                     for k in 0..36 {
-                        prefetch_lanes(mo, k * n + col + b, b, false);
+                        prefetch(mo, k * n + col + b, b, false);
                     }
                 }
                 for l0 in (0..b).step_by(L) {

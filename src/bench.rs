@@ -265,10 +265,12 @@ pub fn bench_inference(
     let mut times = Vec::with_capacity(steps);
     let nodes = std::env::var("ONEHEAD_PROFILE_NODES").is_ok_and(|v| v == "1");
     prof::reset_nodes();
+    // As `predict` and the evaluation: the model prepared once for evaluation forwards.
+    let model = model.inference()?;
     for i in 0..WARMUP_STEPS + steps.max(1) {
         prof::enable(nodes && i >= WARMUP_STEPS);
         let t0 = prof::clock();
-        let out = model.forward_t(&x, false)?;
+        let out = model.forward(&x)?;
         // What PyTorch's model returns too: the class logits (the mean over the map), read back
         // (which also waits for asynchronous devices). The segmentation and detection slices
         // are views there and are not touched here either (a candle reduction over a channel

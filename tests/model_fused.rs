@@ -576,6 +576,53 @@ fn whole_model_matches_per_layer_path_in_eval() {
     assert_outputs_close(&oa, &ob, "eval b16");
 }
 
+/// `OneHead::inference` (the fused plan prepared once): the values of `forward_t(x, false)`
+/// bit for bit, on both executors; a snapshot (a weight changed afterwards does not reach it,
+/// a new one sees it); refused for a plan with train-mode BatchNorm.
+#[test]
+fn prepared_inference_is_the_eval_forward_and_a_snapshot() {
+    let (va, a, _vb, b) = twin_models();
+    for (m, what) in [(&a, "fused"), (&b, "per-layer")] {
+        let inf = m.inference().unwrap();
+        for x in [image(1, 64, 96, 24), image(16, 64, 64, 25)] {
+            let want = m.forward_t(&x, false).unwrap();
+            let got = inf.forward(&x).unwrap();
+            assert_close(&got, &want, 0.0, what);
+        }
+    }
+    let x = image(2, 64, 64, 26);
+    let inf = a.inference().unwrap();
+    let before = inf.forward(&x).unwrap();
+    let w = va.data().lock().unwrap()["head.out.weight"].clone();
+    w.set(&(w.as_tensor() * 2.0).unwrap()).unwrap();
+    assert_close(&inf.forward(&x).unwrap(), &before, 0.0, "snapshot");
+    let after = a.inference().unwrap().forward(&x).unwrap();
+    assert!(
+        max_abs(&(after.clone() - &before).unwrap()) > 1e-3,
+        "a new one sees it"
+    );
+    assert_close(&after, &a.forward_t(&x, false).unwrap(), 0.0, "new weights");
+    let mut pb = PlanBuilder::new();
+    let mean = Var::from_tensor(&Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let var1 = Var::from_tensor(&Tensor::ones(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let (g, bb) = (var(&[3], 1), var(&[3], 2));
+    let bn = BnRef {
+        running_mean: mean,
+        running_var: var1,
+        eps: 1e-3,
+        momentum: 0.1,
+        train: true,
+    };
+    let input = pb.input();
+    let y = pb.bn_act(input, g.as_tensor(), bb.as_tensor(), bn, Act::Relu);
+    let err = pb
+        .finish(y)
+        .prepare()
+        .err()
+        .expect("train-mode BatchNorm refused");
+    assert!(err.to_string().contains("evaluation"), "{err}");
+}
+
 /// One image: the batch-1 kernels (the stem's small-batch direct conv, Winograd with lanes
 /// over tiles, the depthwise row kernel, one-lane squeeze-excite and upsampling) against
 /// candle's ops, forward and the gradients of a backward through them.

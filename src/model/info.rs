@@ -132,14 +132,16 @@ pub fn median_latency_ms(
     runs: usize,
 ) -> anyhow::Result<f64> {
     let x = Tensor::randn(0f32, 1f32, (1, 3, image_size, image_size), device)?;
+    // What `predict` runs: the model prepared once for evaluation forwards.
+    let model = model.inference()?;
     for _ in 0..3 {
-        model.forward_t(&x, false)?.sum_all()?.to_scalar::<f32>()?;
+        model.forward(&x)?.sum_all()?.to_scalar::<f32>()?;
     }
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs.max(1) {
         // Wall time (or process CPU time under ONEHEAD_PROFILE_CPU=1, see ops::fused::prof).
         let t0 = crate::ops::fused::prof::clock();
-        let o = model.forward_t(&x, false)?;
+        let o = model.forward(&x)?;
         // Reading the outputs back synchronises asynchronous devices.
         o.sum_all()?.to_scalar::<f32>()?;
         times.push((crate::ops::fused::prof::clock() - t0) * 1e3);

@@ -176,24 +176,12 @@ impl OneHead {
         head_train: bool,
     ) -> Result<Tensor> {
         let _ = head_train;
-        let (_, c, h, w) = x.dims4()?;
-        // Multiples of 32 keep every level exactly half the previous one (FPN sums) and keep
-        // H and W of equal parity for the stride-2 dense stem conv, whose candle backward
-        // fails otherwise (docs/CANDLE_NOTES.md).
-        if c != 3 || h % INPUT_MULTIPLE != 0 || w % INPUT_MULTIPLE != 0 || h == 0 || w == 0 {
-            candle_core::bail!(
-                "onehead: input must be (B, 3, H, W) with H and W positive multiples of {INPUT_MULTIPLE}, got {:?}; resize or pad the images",
-                x.dims()
-            )
-        }
+        check_input(x)?;
         if self.executor == Executor::Fused && ops::fused::supported(x) {
             // CPU: the whole network as one fused op (ops::fused), same computation.
-            let mut pb = ops::fused::PlanBuilder::new();
-            let input = pb.input();
-            let taps = self.backbone.plan(&mut pb, input, backbone_train)?;
-            let level0 = self.fpn.plan_finest(&mut pb, &taps)?;
-            let y = self.head.plan(&mut pb, level0)?;
-            return pb.finish(y).run(x, backbone_train || head_train);
+            return self
+                .plan(backbone_train)?
+                .run(x, backbone_train || head_train);
         }
         let taps = self.backbone.forward_features(x, backbone_train)?;
         // Only the finest FPN level feeds the head: the coarser outputs and the max-pool
@@ -201,6 +189,72 @@ impl OneHead {
         // report's layout and parameter count, but get no gradient).
         let finest = self.fpn.forward_finest(&taps)?;
         self.head.forward(&finest)
+    }
+
+    /// The whole network as a fused plan (`train`: BatchNorms with batch statistics).
+    fn plan(&self, train: bool) -> Result<ops::fused::Plan> {
+        let mut pb = ops::fused::PlanBuilder::new();
+        let input = pb.input();
+        let taps = self.backbone.plan(&mut pb, input, train)?;
+        let level0 = self.fpn.plan_finest(&mut pb, &taps)?;
+        let y = self.head.plan(&mut pb, level0)?;
+        Ok(pb.finish(y))
+    }
+
+    /// The model ready for many evaluation forwards with its weights as they are now (a
+    /// batch of evaluation, prediction, a latency run): [`Inference::forward`] gives the
+    /// values of `forward_t(x, false)` without redoing the per-call set-up of the fused op.
+    /// Weights changed after this call do not reach it.
+    pub fn inference(&self) -> Result<Inference> {
+        let prepared = match self.executor {
+            Executor::Fused => {
+                let plan = self.plan(false)?;
+                // Other devices take the per-layer path, as in `forward_parts`.
+                plan.params_supported()
+                    .then(|| plan.prepare())
+                    .transpose()?
+            }
+            Executor::PerLayer => None,
+        };
+        Ok(Inference {
+            model: self.clone(),
+            prepared,
+        })
+    }
+}
+
+/// `x` must be `(B, 3, H, W)` with H and W positive multiples of [`INPUT_MULTIPLE`].
+fn check_input(x: &Tensor) -> Result<()> {
+    let (_, c, h, w) = x.dims4()?;
+    // Multiples of 32 keep every level exactly half the previous one (FPN sums) and keep
+    // H and W of equal parity for the stride-2 dense stem conv, whose candle backward
+    // fails otherwise (docs/CANDLE_NOTES.md).
+    if c != 3 || h % INPUT_MULTIPLE != 0 || w % INPUT_MULTIPLE != 0 || h == 0 || w == 0 {
+        candle_core::bail!(
+            "onehead: input must be (B, 3, H, W) with H and W positive multiples of {INPUT_MULTIPLE}, got {:?}; resize or pad the images",
+            x.dims()
+        )
+    }
+    Ok(())
+}
+
+/// A model prepared for evaluation forwards ([`OneHead::inference`]).
+pub struct Inference {
+    model: OneHead,
+    /// The fused plan with the weights copied in (CPU f32 with the fused executor).
+    prepared: Option<ops::fused::Prepared>,
+}
+
+impl Inference {
+    /// `forward_t(x, false)`'s values; not differentiable on the fused path.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.prepared {
+            Some(p) if ops::fused::supported(x) => {
+                check_input(x)?;
+                p.run(x)
+            }
+            _ => self.model.forward_t(x, false),
+        }
     }
 }
 

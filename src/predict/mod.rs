@@ -97,6 +97,7 @@ pub fn predict_with(run: &LoadedRun, opts: &PredictOptions) -> Result<PredictRep
             .progress_chars("=> "),
     );
     let mut written = Vec::new();
+    let model = run.model.inference()?;
     for chunk in items.chunks(bs) {
         let decoded: Vec<Result<image::RgbImage>> =
             chunk.par_iter().map(|it| decode_rgb(&it.path)).collect();
@@ -115,7 +116,7 @@ pub fn predict_with(run: &LoadedRun, opts: &PredictOptions) -> Result<PredictRep
             let set = ImageSet::from_decoded(files, &images, s);
             let idx: Vec<usize> = (0..ok.len()).collect();
             let x = set.tensor(&idx, &[], &run.device)?;
-            let map = run.model.forward_t(&x, false)?;
+            let map = model.forward(&x)?;
             let slices = tasks
                 .iter()
                 .map(|t| run.tasks.slice(&map, t.name()))

@@ -35,10 +35,11 @@ pub fn evaluate_scored(
     let task = tasks.get(name)?;
     let mut ev = task.evaluator(split);
     let n = task.len(split);
+    let model = model.inference()?;
     for start in (0..n).step_by(batch_size.max(1)) {
         let idx: Vec<usize> = (start..(start + batch_size).min(n)).collect();
         let batch = task.batch(split, &idx, &[], device)?;
-        let map = model.forward_t(&batch.images, false)?;
+        let map = model.forward(&batch.images)?;
         ev.add(&tasks.slice(&map, name)?, &batch)
             .with_context(|| format!("evaluating {name} on {}", split.name()))?;
     }
@@ -59,6 +60,7 @@ pub fn evaluate_and_export(
     let task = tasks.get(name)?;
     let n = task.len(Split::Val);
     let mut ev = task.evaluator(Split::Val);
+    let model = model.inference()?;
     let mut ex = match export {
         Some(dir) => task
             .exporter(dir)
@@ -68,7 +70,7 @@ pub fn evaluate_and_export(
     for start in (0..n).step_by(batch_size.max(1)) {
         let idx: Vec<usize> = (start..(start + batch_size).min(n)).collect();
         let batch = task.batch(Split::Val, &idx, &[], device)?;
-        let map = model.forward_t(&batch.images, false)?;
+        let map = model.forward(&batch.images)?;
         let out = tasks.slice(&map, name)?;
         ev.add(&out, &batch)
             .with_context(|| format!("evaluating {name}"))?;

@@ -463,6 +463,55 @@ fn depthwise_forward_and_backward_match_a_naive_reference_at_strides_1_and_2() {
     }
 }
 
+/// The lane kernels' outputs are one f32 FMA chain over the valid taps in `(ky, kx)` order,
+/// bit for bit: on the plane itself and on its zero-bordered copy (stride 1 with k = 5), the
+/// blocks that overlap at a row's end (widths not a multiple of 4) included.
+#[test]
+fn depthwise_lanes_sum_the_valid_taps_in_order_exactly() {
+    for &(b, h, w, k, s) in &[
+        (16, 7, 7, 5, 1),
+        (16, 14, 13, 5, 1),
+        (24, 6, 5, 5, 1),
+        (16, 9, 10, 3, 1),
+        (16, 11, 9, 5, 2),
+        (16, 12, 12, 3, 2),
+    ] {
+        let c = 2;
+        let g = ConvGeom::new(b, c, h, w, k, s);
+        let x = vals(c * h * w * b, 40, 1.0);
+        let wt = vals(c * k * k, 41, 1.0);
+        let mut y = vec![f32::NAN; c * g.ho * g.wo * b];
+        kernels::depthwise_fwd(&g, &x, &wt, &mut y, None);
+        for ci in 0..c {
+            for oy in 0..g.ho {
+                for ox in 0..g.wo {
+                    for l in 0..b {
+                        let mut acc = 0f32;
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let (Some(iy), Some(ix)) = (
+                                    (oy * s + ky).checked_sub(g.pad).filter(|&i| i < h),
+                                    (ox * s + kx).checked_sub(g.pad).filter(|&i| i < w),
+                                ) else {
+                                    continue;
+                                };
+                                let xv = x[((ci * h + iy) * w + ix) * b + l];
+                                acc = wt[(ci * k + ky) * k + kx].mul_add(xv, acc);
+                            }
+                        }
+                        let got = y[((ci * g.ho + oy) * g.wo + ox) * b + l];
+                        assert_eq!(
+                            got.to_bits(),
+                            acc.to_bits(),
+                            "B{b} {h}x{w} k{k} s{s}: c{ci} ({oy},{ox}) lane {l}: {got} vs {acc}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dense-conv columns and layouts.
 

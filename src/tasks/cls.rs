@@ -118,6 +118,9 @@ impl ClsSplit {
 /// The class logits `(B, C)` from the head slice `(B, C, h, w)` (global average pool).
 pub fn logits(out: &Tensor) -> Result<Tensor> {
     let (b, c, _, _) = out.dims4()?;
+    // Contiguous first: `out` is a channel slice of the head map, and candle's sum over a
+    // strided view indexes every element (~0.3 ms of a batch-16 inference at 224 px).
+    let out = out.contiguous()?;
     Ok(out.mean_keepdim(3)?.mean_keepdim(2)?.reshape((b, c))?)
 }
 

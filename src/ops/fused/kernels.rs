@@ -888,6 +888,15 @@ pub fn pad_phases<const S: usize>(
             let ix0 = (ph + s - pad % s) % s;
             let at = (ph * hp + iy + pad) * pw + (ix0 + pad) / s;
             let row = &mut p[at..at + g.w.saturating_sub(ix0).div_ceil(s)];
+            if g.b == 1 {
+                // One image: the row's every s-th value from ix0, a loop over a slice that
+                // vectorises (the general loop below copied one value per iteration with a
+                // bounds check, ~1/8 of a batch-1 depthwise conv).
+                for (d, v) in row.iter_mut().zip(src[ix0..].chunks(s)) {
+                    *d = v[0];
+                }
+                continue;
+            }
             for (d, ix) in row.iter_mut().zip((ix0..g.w).step_by(s)) {
                 *d = src[ix * g.b + bi];
             }

@@ -835,6 +835,13 @@ fn dw_rows_block<const S: usize, const R: usize>(
 ) {
     let (k, b) = (g.k, g.b);
     for ox0 in (0..g.wo).step_by(DW_W) {
+        // The largest read below (last phase, row and tap) checked once: a check per load
+        // and its index arithmetic outnumbered the FMAs (as in `corr_lanes`).
+        let last = ((S - 1) * hp + (oy + R - 1) * S + k - 1) * pw + ox0 + (k - 1) / S + DW_W;
+        assert!(
+            last <= buf.len() && wc.len() >= k * k,
+            "depthwise rows out of bounds"
+        );
         let mut acc = [[0f32; DW_W]; R];
         for ky in 0..k {
             for kx in 0..k {
@@ -842,7 +849,8 @@ fn dw_rows_block<const S: usize, const R: usize>(
                 let base = (kx % S) * hp * pw + ox0 + kx / S;
                 for (rr, a) in acc.iter_mut().enumerate() {
                     let o = base + ((oy + rr) * S + ky) * pw;
-                    let src: &[f32; DW_W] = buf[o..o + DW_W].try_into().unwrap();
+                    // SAFETY: o + DW_W ≤ last ≤ buf.len() (asserted above).
+                    let src = unsafe { &*buf.as_ptr().add(o).cast::<[f32; DW_W]>() };
                     for l in 0..DW_W {
                         a[l] = wv.mul_add(src[l], a[l]);
                     }

@@ -261,6 +261,22 @@ fn lane_sums<F: Fn(f32, f32) -> f32>(a: &[f32], c: &[f32], b: usize, f: F, out: 
     if b == 0 {
         return;
     }
+    if b == 16 {
+        // 16 lanes: the sums in one register (the same order; the general loop below keeps
+        // them in memory, its lane count unknown to the compiler).
+        for (ba, bc) in a.chunks(64 * 16).zip(c.chunks(64 * 16)) {
+            let mut acc = [0f32; 16];
+            for (pa, pc) in ba.as_chunks::<16>().0.iter().zip(bc.as_chunks::<16>().0) {
+                for l in 0..16 {
+                    acc[l] += f(pa[l], pc[l]);
+                }
+            }
+            for (o, &s) in out.iter_mut().zip(&acc) {
+                *o += s as f64;
+            }
+        }
+        return;
+    }
     let mut acc = vec![0f32; b];
     for (ba, bc) in a.chunks(64 * b).zip(c.chunks(64 * b)) {
         acc.fill(0.0);

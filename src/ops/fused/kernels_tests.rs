@@ -313,8 +313,9 @@ fn se_reference(
 
 #[test]
 fn squeeze_excite_forward_and_backward_match_a_naive_reference() {
-    // b = 1 takes the single-lane pooling path, 3 and 17 the per-lane sums.
-    for &(c, hw, b, rd) in &[(5, 7, 1, 3), (6, 9, 3, 4), (4, 70, 17, 2)] {
+    // b = 1 takes the single-lane pooling path, 3 and 17 the per-lane sums, 16 the 16-lane
+    // sums in one register (over two 64-pixel blocks here).
+    for &(c, hw, b, rd) in &[(5, 7, 1, 3), (6, 9, 3, 4), (4, 70, 17, 2), (3, 100, 16, 2)] {
         let x = vals(c * hw * b, 10, 2.0);
         let dy = vals(x.len(), 11, 1.0);
         let wr = vals(rd * c, 12, 1.0);
@@ -324,6 +325,26 @@ fn squeeze_excite_forward_and_backward_match_a_naive_reference() {
         let be = vals(c, 15, 1.0);
         let mut y = vec![0f32; x.len()];
         let saved = kernels::se_fwd(&x, c, b, hw, rd, &wr, &br, &we, &be, &mut y);
+        // The pooled means exactly (lanes): f32 sums over blocks of 64 pixels in order, then
+        // f64. (One image sums its plane with `sum`, another order.)
+        for ci in (0..c).filter(|_| b > 1) {
+            for l in 0..b {
+                let mut total = 0f64;
+                for blk in (0..hw).step_by(64) {
+                    let mut s = 0f32;
+                    for p in blk..(blk + 64).min(hw) {
+                        s += x[(ci * hw + p) * b + l];
+                    }
+                    total += s as f64;
+                }
+                let want = (total / hw as f64) as f32;
+                assert_eq!(
+                    saved.pooled[ci * b + l].to_bits(),
+                    want.to_bits(),
+                    "pooled c{ci} l{l}"
+                );
+            }
+        }
         let r = se_reference(&x, &dy, (c, hw, b, rd), &wr, &br, &we, &be);
         let what = format!("SE c{c} hw{hw} b{b} rd{rd}");
         assert_close(&y, &r.y, 1e-5, &format!("{what}: y"));

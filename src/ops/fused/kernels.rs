@@ -342,6 +342,25 @@ pub fn chwn_to_nchw(src: &[f32], c: usize, hw: usize, b: usize, dst: &mut [f32])
     if hw == 0 || c == 0 {
         return;
     }
+    if b == 16 {
+        // 16 images: blocks of 16 pixels × 16 lanes transposed in registers, a channel per
+        // task (one value per iteration, as below, read with a stride of 16).
+        let out = super::winograd::Ptr(dst.as_mut_ptr());
+        assert!(src.len() == c * hw * 16 && dst.len() == src.len());
+        (0..c)
+            .into_par_iter()
+            .with_min_len(grain(hw * 16))
+            .for_each(|ci| {
+                let out = &out;
+                // SAFETY: channel ci writes only rows (bi, ci) of dst: hw values at
+                // (bi·c + ci)·hw, disjoint across channels, inside dst (asserted above).
+                let rows: [&mut [f32]; 16] = std::array::from_fn(|bi| unsafe {
+                    std::slice::from_raw_parts_mut(out.0.add((bi * c + ci) * hw), hw)
+                });
+                from_lanes16(&src[ci * hw * 16..(ci + 1) * hw * 16], rows);
+            });
+        return;
+    }
     dst.par_chunks_mut(hw)
         .with_min_len(grain(hw))
         .enumerate()
@@ -352,6 +371,27 @@ pub fn chwn_to_nchw(src: &[f32], c: usize, hw: usize, b: usize, dst: &mut [f32])
                 *v = s[p * b + bi];
             }
         });
+}
+
+multiversion! {
+    /// One channel's `(HW, 16)` lanes into 16 rows of `HW` values.
+    fn from_lanes16(sc: &[f32], rows: [&mut [f32]; 16]) {
+        let mut rows = rows;
+        let lanes = sc.as_chunks::<16>().0;
+        let mut p = 0;
+        for blk in lanes.chunks_exact(16) {
+            for (bi, r) in rows.iter_mut().enumerate() {
+                let v: [f32; 16] = std::array::from_fn(|q| blk[q][bi]);
+                r[p..p + 16].copy_from_slice(&v);
+            }
+            p += 16;
+        }
+        for (q, lane) in lanes[p..].iter().enumerate() {
+            for (bi, r) in rows.iter_mut().enumerate() {
+                r[p + q] = lane[bi];
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

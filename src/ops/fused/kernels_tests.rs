@@ -600,7 +600,13 @@ fn col2im_is_the_adjoint_of_im2col() {
 
 #[test]
 fn layout_conversions_are_inverse_transposes() {
-    let (b, c, hw) = (3, 5, 70);
+    // 16 images take the 16 × 16 block transpose back (70 pixels: 4 blocks and 6 more).
+    for (b, c, hw) in [(3, 5, 70), (16, 3, 70)] {
+        layout_case(b, c, hw);
+    }
+}
+
+fn layout_case(b: usize, c: usize, hw: usize) {
     let nchw = vals(b * c * hw, 50, 1.0);
     let mut chwn = vec![f32::NAN; nchw.len()];
     kernels::nchw_to_chwn(&nchw, b, c, hw, &mut chwn);

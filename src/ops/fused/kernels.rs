@@ -727,14 +727,18 @@ fn bwd_in_lanes<const L: usize>(g: &ConvGeom, dy: &[f32], j0: usize, wt: &[f32],
             .collect()
     };
     let (ty, tx) = (table(g.h, g.ho), table(g.w, g.wo));
+    // Every read below is of an output pixel (oy < ho, ox < wo: the tables') and a tap: checked
+    // once here rather than per load (the checks outnumbered the FMAs, as in `corr_lanes`).
+    assert!(dy.len() >= g.ho * g.wo * b && j0 + L <= b && wt.len() >= k * k);
     for (iy, &(ey, ny)) in ty.iter().enumerate() {
         for (ix, &(ex, nx)) in tx.iter().enumerate() {
             let mut acc = [0f32; L];
             for &(ky, oy) in &ey[..ny] {
                 for &(kx, ox) in &ex[..nx] {
-                    let wv = wt[ky * k + kx];
+                    // SAFETY: ky, kx < k and (oy·wo + ox)·b + j0 + L ≤ ho·wo·b (asserted above).
+                    let wv = unsafe { *wt.get_unchecked(ky * k + kx) };
                     let o = (oy * g.wo + ox) * b + j0;
-                    let src: &[f32; L] = dy[o..o + L].try_into().unwrap();
+                    let src = unsafe { &*dy.as_ptr().add(o).cast::<[f32; L]>() };
                     for l in 0..L {
                         acc[l] = wv.mul_add(src[l], acc[l]);
                     }
@@ -766,6 +770,9 @@ fn tap_row_lanes<const L: usize, const K: usize>(
     // Where every tap is valid (empty on maps narrower than the kernel).
     let lo = ranges.iter().map(|r| r.0).max().unwrap_or(0);
     let hi = ranges.iter().map(|r| r.1).min().unwrap_or(0).max(lo);
+    // `tap_pixel` reads only output pixels and, for taps valid there, input pixels of the
+    // map: checked once here rather than per load.
+    assert!(dy.len() >= g.ho * g.wo * g.b && x.len() >= g.h * g.w * g.b && j0 + L <= g.b);
     let mut acc = [[0f32; L]; K];
     for oy in oy0..oy1 {
         let iy = oy * s + ky - g.pad;
@@ -802,11 +809,14 @@ fn tap_pixel<const L: usize, const K: usize>(
 ) {
     let b = g.b;
     let d = (oy * g.wo + ox) * b + j0;
-    let ds: &[f32; L] = dy[d..d + L].try_into().unwrap();
+    // SAFETY: oy < ho, ox < wo, j0 + L ≤ b: inside dy (asserted by `tap_row_lanes`).
+    let ds = unsafe { &*dy.as_ptr().add(d).cast::<[f32; L]>() };
     for (kx, a) in acc.iter_mut().enumerate() {
         if all || (ranges[kx].0..ranges[kx].1).contains(&ox) {
             let xo = (iy * g.w + ox * g.stride + kx - g.pad) * b + j0;
-            let xs: &[f32; L] = x[xo..xo + L].try_into().unwrap();
+            // SAFETY: tap kx is valid at (oy, ox): input pixel (iy, ox·s + kx − pad) is in
+            // the map, so xo + L ≤ h·w·b ≤ x.len() (asserted by `tap_row_lanes`).
+            let xs = unsafe { &*x.as_ptr().add(xo).cast::<[f32; L]>() };
             for l in 0..L {
                 a[l] = ds[l].mul_add(xs[l], a[l]);
             }

@@ -204,7 +204,8 @@ impl OneHead {
     /// The model ready for many evaluation forwards with its weights as they are now (a
     /// batch of evaluation, prediction, a latency run): [`Inference::forward`] gives the
     /// values of `forward_t(x, false)` without redoing the per-call set-up of the fused op.
-    /// Weights changed after this call do not reach it.
+    /// On that path it is a snapshot: weights and statistics changed after this call do not
+    /// reach it (the per-layer path reads the variables at each call).
     pub fn inference(&self) -> Result<Inference> {
         let prepared = match self.executor {
             Executor::Fused => {

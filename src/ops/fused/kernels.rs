@@ -625,7 +625,7 @@ fn corr_lanes<const L: usize>(
                 next
             };
             if ox >= ox_in && ox + NB <= ox_out && ky0 < ky1 {
-                // Every tap of the block lies inside the row: the reads run from `first`
+                // Every tap of the block lies inside the row: the reads run from `row0(ky0)`
                 // (row ky0, column ox·s − pad) to `end` (row ky1 − 1, column
                 // (ox + NB − 1)·s − pad + k − 1, lanes to j0 + L ≤ b), checked once here
                 // rather than per load (the checks and their index arithmetic took more

@@ -67,6 +67,15 @@ fn pick(free: &[Vec<f32>], n: usize) -> Option<usize> {
     })
 }
 
+/// A buffer that goes back to the free list when dropped (a value kept on a tape).
+pub struct Pooled(pub Vec<f32>);
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        give(std::mem::take(&mut self.0));
+    }
+}
+
 /// A zero-filled buffer of length `n`.
 pub fn take_zeroed(n: usize) -> Vec<f32> {
     let mut v = take(n);

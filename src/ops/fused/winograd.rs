@@ -109,6 +109,7 @@ fn grain(per_item: usize) -> usize {
 }
 
 /// Weight gradient (written to `dw (o, c, 3, 3)`) and, if `want_dx`, the input gradient.
+/// `v`: the forward's transformed input when it kept it ([`forward_keeping`]).
 pub fn backward(
     g: &Geom,
     x: &[f32],
@@ -116,8 +117,9 @@ pub fn backward(
     dy: &[f32],
     dw: &mut [f32],
     want_dx: bool,
+    v: Option<&[f32]>,
 ) -> Option<Vec<f32>> {
-    weight_grad(g, x, dy, dw);
+    weight_grad(g, x, dy, dw, v);
     want_dx.then(|| {
         // dx[c, h, w] = Σ_o Σ_(ky,kx) wt[o, c, 2 − ky, 2 − kx] · dy[o, h + ky − 1, w + kx − 1].
         let mut flipped = vec![0f32; wt.len()];
@@ -134,10 +136,16 @@ pub fn backward(
     })
 }
 
-fn weight_grad(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+fn weight_grad(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32], kept: Option<&[f32]>) {
     let (tw, nr) = (g.tw4(), g.chunk_rows4());
     let per_row = tw * g.b;
-    let mut v = pool::take(g.c * 36 * nr * per_row);
+    // The forward's transformed input, when the map is one chunk (the same tiles, the same
+    // function: the same values).
+    let kept = kept.filter(|v| nr >= g.th4() && v.len() == g.c * 36 * g.th4() * per_row);
+    let mut v = match kept {
+        Some(_) => Vec::new(),
+        None => pool::take(g.c * 36 * nr * per_row),
+    };
     let mut ut = pool::take(g.o * 36 * nr * per_row);
     // Σ over tiles of Ŷ_ξ · V_ξᵀ: (36, o, c).
     let mut sums = pool::take(36 * g.o * g.c);
@@ -145,16 +153,25 @@ fn weight_grad(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     while t0 < g.th4() {
         let t1 = (t0 + nr).min(g.th4());
         let n = (t1 - t0) * per_row;
-        let (v, ut) = (&mut v[..g.c * 36 * n], &mut ut[..g.o * 36 * n]);
+        let ut = &mut ut[..g.o * 36 * n];
+        let v: &[f32] = match kept {
+            Some(k) => k,
+            None => {
+                let v = &mut v[..g.c * 36 * n];
+                time(Kind::Winograd, 0, || {
+                    tiles(g, x, (t0, t1), v, input_tiles4_channel)
+                });
+                v
+            }
+        };
         time(Kind::Winograd, 0, || {
-            tiles(g, x, (t0, t1), v, input_tiles4_channel);
-            tiles(g, dy, (t0, t1), ut, grad_tiles4_channel);
+            tiles(g, dy, (t0, t1), ut, grad_tiles4_channel)
         });
         let flops = (2 * 36 * g.o * g.c * n) as u64;
         let (sp, yp, vp) = (
             Ptr(sums.as_mut_ptr()),
             Ptr(ut.as_mut_ptr()),
-            Ptr(v.as_mut_ptr()),
+            Ptr(v.as_ptr() as *mut f32),
         );
         // SAFETY: for each ξ, sums_ξ (o × c) [+]= Ŷ_ξ (o × n, row stride 36n) · V_ξᵀ
         // (n × c: V_ξ read column-major, column stride 36n); disjoint buffers of these sizes,
@@ -183,7 +200,9 @@ fn weight_grad(g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
         });
         t0 = t1;
     }
-    pool::give(v);
+    if kept.is_none() {
+        pool::give(v);
+    }
     pool::give(ut);
     time(Kind::Winograd, 0, || kernel_grad(g, &sums, dw));
     pool::give(sums);
@@ -283,6 +302,19 @@ fn gather(
 
 /// `y (o, h, w, b) = conv3×3(x, wt)` for `wt (o, c, 3, 3)` (no bias), by F(4×4, 3×3).
 pub fn forward(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
+    if let Some(v) = forward_impl(g, x, wt, y, false) {
+        pool::give(v);
+    }
+}
+
+/// [`forward`], and the transformed input `V` for [`backward`] when the map is one chunk of
+/// 8 images or more (what the weight gradient would compute again: one of its two
+/// transforms; 14 MB for a 128-channel 28 × 28 map of 16 images).
+pub fn forward_keeping(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32]) -> Option<Vec<f32>> {
+    forward_impl(g, x, wt, y, g.b >= 8 && g.chunk_rows4() >= g.th4())
+}
+
+fn forward_impl(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32], keep: bool) -> Option<Vec<f32>> {
     let u = cached_kernel_tiles4(g, wt);
     let (tw, nr) = (g.tw4(), g.chunk_rows4());
     let per_row = tw * g.b;
@@ -342,8 +374,13 @@ pub fn forward(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
         });
         t0 = t1;
     }
-    pool::give(v);
     pool::give(m);
+    if keep {
+        Some(v)
+    } else {
+        pool::give(v);
+        None
+    }
 }
 
 /// A kernel transform and the kernels it came from (`o`, `c`, `wt`).
@@ -965,11 +1002,25 @@ mod tests {
             let wt = vals(g.o * g.c * 9, 4);
             let dy = vals(g.o * g.h * g.w * g.b, 5);
             let mut dw = vec![f32::NAN; wt.len()];
-            let dx = backward(&g, &x, &wt, &dy, &mut dw, true).unwrap();
+            let dx = backward(&g, &x, &wt, &dy, &mut dw, true, None).unwrap();
             let (dw64, dx64) = adjoint64(&g, &x, &wt, &dy);
             close(&dw, &dw64, &format!("dw {g:?}"));
             close(&dx, &dx64, &format!("dx {g:?}"));
-            assert!(backward(&g, &x, &wt, &dy, &mut dw, false).is_none());
+            assert!(backward(&g, &x, &wt, &dy, &mut dw, false, None).is_none());
+            // With the forward's transformed input kept (one chunk of 8+ images): the same
+            // forward output and the same weight gradient, bit for bit.
+            let (mut y, mut y_kept) = (vec![f32::NAN; dy.len()], vec![f32::NAN; dy.len()]);
+            forward(&g, &x, &wt, &mut y);
+            let v = forward_keeping(&g, &x, &wt, &mut y_kept);
+            assert!(y
+                .iter()
+                .zip(&y_kept)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            assert_eq!(v.is_some(), g.b >= 8 && g.chunk_rows4() >= g.th4(), "{g:?}");
+            let mut dw_kept = vec![f32::NAN; wt.len()];
+            backward(&g, &x, &wt, &dy, &mut dw_kept, false, v.as_deref());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&dw_kept), bits(&dw), "kept V {g:?}");
         }
     }
 
@@ -991,7 +1042,7 @@ mod tests {
         forward(&g, &x, &wt, &mut y);
         close(&y, &conv64(&g, &x, &wt), "y");
         let mut dw = vec![f32::NAN; wt.len()];
-        let dx = backward(&g, &x, &wt, &dy, &mut dw, true).unwrap();
+        let dx = backward(&g, &x, &wt, &dy, &mut dw, true, None).unwrap();
         let (dw64, dx64) = adjoint64(&g, &x, &wt, &dy);
         close(&dw, &dw64, "dw");
         close(&dx, &dx64, "dx");
@@ -1018,7 +1069,7 @@ mod tests {
             forward(&g, &x, &wt, &mut y);
             let t1 = clock();
             let mut dw = vec![0f32; wt.len()];
-            weight_grad(&g, &x, &y, &mut dw);
+            weight_grad(&g, &x, &y, &mut dw, None);
             let t2 = clock();
             eprintln!(
                 "round {round}: forward {:.2} ms, weight grad {:.2} ms",

@@ -91,6 +91,21 @@ impl NodeOp for Conv {
         let xin = cx.value(self.x)?;
         let mut y = pool::take(cx.out_len());
         let geom = (cx.b, ci, hi, wi, self.cout);
+        if cx.keep && self.kind == (ConvKind::Dense { k: 3, stride: 1 }) && winograd::applies(cx.b)
+        {
+            // Training: the transformed input stays on the tape for the weight gradient.
+            let v = winograd::forward_keeping(&wino(geom), xin, cx.param(self.w), &mut y);
+            if let Some(bi) = self.bias {
+                let bias = cx.param(bi);
+                time(Kind::Activation, 0, || {
+                    kernels::add_bias(&mut y, bias, cx.b * hh * ww)
+                });
+            }
+            return Ok((
+                y,
+                v.map_or(Saved::None, |v| Saved::Winograd(pool::Pooled(v))),
+            ));
+        }
         // The executor hands a following evaluation BatchNorm only to bias-free convs.
         let ep = cx.epilogue.filter(|_| self.bias.is_none());
         conv_fwd(self.kind, geom, xin, cx.param(self.w), &mut y, ep.as_ref());
@@ -117,7 +132,19 @@ impl NodeOp for Conv {
         let wt = cx.param(self.w);
         let want_dx = self.x != 0 || cx.need_dx;
         let geom = (b, ci, hi, wi, self.cout);
-        let dx = conv_bwd(self.kind, geom, xin, wt, &d, cx.dparam(self.w), want_dx);
+        let kept = match cx.saved {
+            Saved::Winograd(v) => Some(&v.0[..]),
+            _ => None,
+        };
+        let dx = conv_bwd(
+            self.kind,
+            geom,
+            (xin, kept),
+            wt,
+            &d,
+            cx.dparam(self.w),
+            want_dx,
+        );
         pool::give(d);
         Ok(dx.map(|dx| (self.x, dx)).into_iter().collect())
     }
@@ -295,7 +322,7 @@ fn dense_fwd(
 fn conv_bwd(
     kind: ConvKind,
     geom: Geom,
-    x: &[f32],
+    (x, kept): (&[f32], Option<&[f32]>),
     wt: &[f32],
     dy: &[f32],
     dw: &mut [f32],
@@ -305,7 +332,7 @@ fn conv_bwd(
     match kind {
         ConvKind::Pointwise => pointwise_bwd(geom, x, wt, dy, dw, want_dx),
         ConvKind::Dense { k: 3, stride: 1 } if winograd::applies(b) => {
-            winograd::backward(&wino(geom), x, wt, dy, dw, want_dx)
+            winograd::backward(&wino(geom), x, wt, dy, dw, want_dx, kept)
         }
         ConvKind::Dense { k, stride } => dense_bwd(geom, (k, stride), x, wt, dy, dw, want_dx),
         ConvKind::Depthwise { k, stride } => {

@@ -105,6 +105,8 @@ pub(super) enum Saved {
     None,
     Bn(BnSaved),
     Se(SeSaved),
+    /// A Winograd conv's transformed input (`winograd::forward_keeping`).
+    Winograd(super::pool::Pooled),
 }
 
 /// Renumbering of values, parameters and BatchNorms when a plan is pruned.

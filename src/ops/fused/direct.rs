@@ -14,8 +14,7 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{pad_phases, ConvGeom, Epilogue};
-use super::winograd::Ptr;
+use super::kernels::{pad_phases, ConvGeom, Epilogue, Ptr};
 use crate::ops::simd::multiversion;
 
 /// Output channels computed together: four groups of four accumulators (one vector register

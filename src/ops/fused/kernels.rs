@@ -291,6 +291,12 @@ fn lane_sums<F: Fn(f32, f32) -> f32>(a: &[f32], c: &[f32], b: usize, f: F, out: 
     }
 }
 
+/// A raw pointer shared by the tasks of one parallel loop that write disjoint parts of it.
+pub(super) struct Ptr(pub(super) *mut f32);
+// SAFETY: only used where every task reads shared inputs and writes its own disjoint part.
+unsafe impl Sync for Ptr {}
+unsafe impl Send for Ptr {}
+
 /// Ask for the cache lines of `buf[at .. at + len]` (for writing if `write`): a hint, no
 /// effect on the values; nothing past the end of `buf` is touched.
 #[inline(always)]
@@ -345,7 +351,7 @@ pub fn chwn_to_nchw(src: &[f32], c: usize, hw: usize, b: usize, dst: &mut [f32])
     if b == 16 {
         // 16 images: blocks of 16 pixels × 16 lanes transposed in registers, a channel per
         // task (one value per iteration, as below, read with a stride of 16).
-        let out = super::winograd::Ptr(dst.as_mut_ptr());
+        let out = Ptr(dst.as_mut_ptr());
         assert!(src.len() == c * hw * 16 && dst.len() == src.len());
         (0..c)
             .into_par_iter()

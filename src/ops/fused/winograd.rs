@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
-use super::kernels::{prefetch, serial_gemms, sgemm, sgemm_strided};
+use super::kernels::{prefetch, serial_gemms, sgemm, sgemm_strided, Ptr};
 use super::pool;
 use super::prof::{time, Kind};
 use crate::ops::simd::multiversion;
@@ -236,12 +236,6 @@ fn kernel_grad(g: &Geom, sums: &[f32], dw: &mut [f32]) {
         }
     }
 }
-
-/// A raw pointer shared by the tasks of one parallel loop that write disjoint parts of it.
-pub(super) struct Ptr(pub(super) *mut f32);
-// SAFETY: only used where every task reads shared inputs and writes its own disjoint part.
-unsafe impl Sync for Ptr {}
-unsafe impl Send for Ptr {}
 
 /// Images per vector: the transforms work on `[f32; L]` lanes (images `l0 .. l0 + L` of one
 /// tile), which the compiler turns into one AVX-512 (or two AVX2) registers per value.

@@ -91,31 +91,24 @@ impl NodeOp for Conv {
         let xin = cx.value(self.x)?;
         let mut y = pool::take(cx.out_len());
         let geom = (cx.b, ci, hi, wi, self.cout);
+        let mut saved = Saved::None;
         if cx.keep && self.kind == (ConvKind::Dense { k: 3, stride: 1 }) && winograd::applies(cx.b)
         {
             // Training: the transformed input stays on the tape for the weight gradient.
             let v = winograd::forward_keeping(&wino(geom), xin, cx.param(self.w), &mut y);
-            if let Some(bi) = self.bias {
-                let bias = cx.param(bi);
-                time(Kind::Activation, 0, || {
-                    kernels::add_bias(&mut y, bias, cx.b * hh * ww)
-                });
-            }
-            return Ok((
-                y,
-                v.map_or(Saved::None, |v| Saved::Winograd(pool::Pooled(v))),
-            ));
+            saved = v.map_or(Saved::None, |v| Saved::Winograd(pool::Pooled(v)));
+        } else {
+            // The executor hands a following evaluation BatchNorm only to bias-free convs.
+            let ep = cx.epilogue.filter(|_| self.bias.is_none());
+            conv_fwd(self.kind, geom, xin, cx.param(self.w), &mut y, ep.as_ref());
         }
-        // The executor hands a following evaluation BatchNorm only to bias-free convs.
-        let ep = cx.epilogue.filter(|_| self.bias.is_none());
-        conv_fwd(self.kind, geom, xin, cx.param(self.w), &mut y, ep.as_ref());
         if let Some(bi) = self.bias {
             let bias = cx.param(bi);
             time(Kind::Activation, 0, || {
                 kernels::add_bias(&mut y, bias, cx.b * hh * ww)
             });
         }
-        Ok((y, Saved::None))
+        Ok((y, saved))
     }
 
     fn backward(&self, cx: &mut Bwd, d: Vec<f32>) -> Result<Vec<(Id, Vec<f32>)>> {
@@ -216,7 +209,7 @@ fn pointwise_fwd_blocks(
         .next_multiple_of(threads)
         .min(n.max(1));
     let nb = n.div_ceil(blocks.max(1)).max(1);
-    let yp = winograd::Ptr(y.as_mut_ptr());
+    let yp = kernels::Ptr(y.as_mut_ptr());
     time(Kind::Gemm, (2 * cout * c * n) as u64, || {
         (0..n.div_ceil(nb)).into_par_iter().for_each(|blk| {
             let yp = &yp;

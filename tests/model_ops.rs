@@ -539,3 +539,64 @@ fn upsampled_pixel_cross_entropy_matches_resize_then_pixel_ce() {
     let bad = Tensor::from_vec(vec![7u32; 16], (1, 4, 4), &dev).unwrap();
     assert!(upsampled_pixel_cross_entropy(&logits, &bad, Some(255)).is_err());
 }
+
+/// The upsampled loss's forward makes the gradient when the logits need one and `bwd` hands
+/// it out: the bits of the gradient recomputed in the backward (a second backward of the
+/// same graph recomputes), of the loss without a gradient, and scaled for a weighted term.
+#[test]
+fn upsampled_pixel_cross_entropy_gradient_made_in_the_forward_is_the_recomputed_one() {
+    use onehead::ops::upsampled_pixel_cross_entropy;
+    let dev = Device::Cpu;
+    let (b, c, h, w, oh, ow) = (3, 21, 5, 4, 40, 32);
+    let logits = Var::randn(0f32, 3f32, (b, c, h, w), &dev).unwrap();
+    let t: Vec<u32> = (0..b * oh * ow)
+        .map(|i| {
+            if i % 13 == 2 {
+                255
+            } else {
+                ((i * 5) % c) as u32
+            }
+        })
+        .collect();
+    let targets = Tensor::from_vec(t, (b, oh, ow), &dev).unwrap();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|v| v.to_bits()).collect()
+    };
+    let loss = upsampled_pixel_cross_entropy(&logits, &targets, Some(255)).unwrap();
+    let detached =
+        upsampled_pixel_cross_entropy(&logits.as_tensor().detach(), &targets, Some(255)).unwrap();
+    assert_eq!(
+        bits(&loss),
+        bits(&detached),
+        "loss with and without the gradient"
+    );
+    let made = loss.backward().unwrap();
+    let recomputed = loss.backward().unwrap();
+    let (gm, gr) = (made.get(&logits).unwrap(), recomputed.get(&logits).unwrap());
+    assert!(
+        gm.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(
+        bits(gm),
+        bits(gr),
+        "gradient made in the forward vs recomputed"
+    );
+    // A weighted term: the made gradient times the weight, within rounding of recomputing.
+    let weighted =
+        (upsampled_pixel_cross_entropy(&logits, &targets, Some(255)).unwrap() * 0.3).unwrap();
+    let made = weighted.backward().unwrap();
+    let recomputed = weighted.backward().unwrap();
+    rel_close(
+        made.get(&logits).unwrap(),
+        recomputed.get(&logits).unwrap(),
+        1e-6,
+        "weighted gradient",
+    );
+}

@@ -18,6 +18,8 @@
 //! Rows are processed in parallel and summed sequentially in a fixed order: the loss is
 //! bit-reproducible run to run (exact resume).
 
+use std::sync::Mutex;
+
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -108,6 +110,73 @@ multiversion! {
             if tv != ignore {
                 out[tv as usize * ostride + x] -= k;
             }
+        }
+    }
+}
+
+multiversion! {
+    /// [`ce_row`] and [`ce_grad_row`] of one row in one pass: the loss summed over the valid
+    /// pixels, and `out` set to the gradient (each exponential taken once; the same bits as
+    /// the two apart).
+    #[allow(clippy::too_many_arguments)]
+    fn ce_and_grad_row(l: &[f32], stride: usize, c: usize, t: &[u32], ignore: u32, k: f32, out: &mut [f32], ostride: usize, m: &mut [f32], s: &mut [f32]) -> f64 {
+        let w = t.len();
+        m.copy_from_slice(&l[..w]);
+        for ch in 1..c {
+            for (mv, &v) in m.iter_mut().zip(&l[ch * stride..ch * stride + w]) {
+                *mv = mv.max(v);
+            }
+        }
+        s.fill(0.0);
+        for ch in 0..c {
+            let o = &mut out[ch * ostride..ch * ostride + w];
+            for (((ov, sv), &v), &mv) in o.iter_mut().zip(s.iter_mut()).zip(&l[ch * stride..ch * stride + w]).zip(&*m) {
+                *ov = fastmath::exp(v - mv);
+                *sv += *ov;
+            }
+        }
+        // Vector passes first (log-sum-exp, the per-pixel scale), then the one sequential
+        // f64 sum: the loss bits are those of `ce_row`.
+        for (mv, &sv) in m.iter_mut().zip(&*s) {
+            *mv += fastmath::ln(sv);
+        }
+        for (sv, &tv) in s.iter_mut().zip(t) {
+            *sv = if tv == ignore { 0.0 } else { k / *sv };
+        }
+        let mut acc = 0f64;
+        for (x, &tv) in t.iter().enumerate() {
+            if tv != ignore {
+                acc += (m[x] - l[tv as usize * stride + x]) as f64;
+            }
+        }
+        for ch in 0..c {
+            for (ov, &sv) in out[ch * ostride..ch * ostride + w].iter_mut().zip(&*s) {
+                *ov *= sv;
+            }
+        }
+        for (x, &tv) in t.iter().enumerate() {
+            if tv != ignore {
+                out[tv as usize * ostride + x] -= k;
+            }
+        }
+        acc
+    }
+}
+
+multiversion! {
+    /// `out = a·w0 + b·w1`, element by element (the interpolation's second pass).
+    fn lerp(out: &mut [f32], a: &[f32], b: &[f32], w0: f32, w1: f32) {
+        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+            *o = x * w0 + y * w1;
+        }
+    }
+}
+
+multiversion! {
+    /// `dst += w · src`, element by element (the interpolation's adjoint).
+    fn axpy(dst: &mut [f32], src: &[f32], w: f32) {
+        for (d, &g) in dst.iter_mut().zip(src) {
+            *d += w * g;
         }
     }
 }
@@ -270,6 +339,9 @@ pub fn pixel_cross_entropy(
 
 struct UpsampledPixelCe {
     ignore: u32,
+    /// The forward computes the gradient too (the logits need one); kept for `bwd`.
+    with_grad: bool,
+    grad: Mutex<Option<Vec<f32>>>,
 }
 
 /// Geometry and interpolation taps of one upsampled loss.
@@ -282,6 +354,9 @@ struct Up {
     ow: usize,
     ty: Vec<(usize, usize, f32, f32)>,
     tx: Vec<(usize, usize, f32, f32)>,
+    /// Per input column, the `(output column, weight)` pairs that read it, in the order
+    /// the forward's taps visit them (the adjoint sums them in that order).
+    tx_adj: Vec<Vec<(usize, f32)>>,
 }
 
 impl Up {
@@ -295,6 +370,12 @@ impl Up {
                 l.shape()
             )
         }
+        let tx = taps(w, ow);
+        let mut tx_adj = vec![Vec::new(); w];
+        for (x, &(i0, i1, w0, w1)) in tx.iter().enumerate() {
+            tx_adj[i0].push((x, w0));
+            tx_adj[i1].push((x, w1));
+        }
         Ok(Self {
             b,
             c,
@@ -303,7 +384,8 @@ impl Up {
             oh,
             ow,
             ty: taps(h, oh),
-            tx: taps(w, ow),
+            tx,
+            tx_adj,
         })
     }
 
@@ -324,10 +406,73 @@ impl Up {
         for (ch, u) in up.chunks_exact_mut(self.ow).enumerate() {
             let r0 = &tmp[ch * plane + i0 * self.ow..ch * plane + (i0 + 1) * self.ow];
             let r1 = &tmp[ch * plane + i1 * self.ow..ch * plane + (i1 + 1) * self.ow];
-            for ((o, a), bb) in u.iter_mut().zip(r0).zip(r1) {
-                *o = a * w0 + bb * w1;
+            lerp(u, r0, r1, w0, w1);
+        }
+    }
+
+    /// Image `bi` of logits `l` and targets `t`: the loss of each output row over its valid
+    /// pixels; with `grad = Some((k, out))` also `out (C, h, w)` = the gradient of
+    /// `k · Σ loss` with respect to the image's logits, the softmax gradient of each output
+    /// row pushed back through the interpolation weights as it is made.
+    fn image(
+        &self,
+        bi: usize,
+        l: &[f32],
+        t: &[u32],
+        ignore: u32,
+        grad: Option<(f32, &mut [f32])>,
+    ) -> Vec<f64> {
+        let (c, h, w, oh, ow) = (self.c, self.h, self.w, self.oh, self.ow);
+        let mut tmp = vec![0f32; c * h * ow];
+        self.widen(&l[bi * c * h * w..(bi + 1) * c * h * w], &mut tmp);
+        let mut up = vec![0f32; c * ow];
+        let (mut m, mut s) = (vec![0f32; ow], vec![0f32; ow]);
+        let target_row = |oy: usize| &t[(bi * oh + oy) * ow..(bi * oh + oy + 1) * ow];
+        let Some((k, out)) = grad else {
+            return (0..oh)
+                .map(|oy| {
+                    self.row(&tmp, oy, &mut up);
+                    ce_row(&up, ow, c, target_row(oy), ignore, &mut m, &mut s)
+                })
+                .collect();
+        };
+        let mut gup = vec![0f32; c * ow];
+        // Adjoint of the H pass, accumulated per channel row (as BilinearBwd).
+        let mut dtmp = vec![0f32; c * h * ow];
+        let mut losses = Vec::with_capacity(oh);
+        for oy in 0..oh {
+            self.row(&tmp, oy, &mut up);
+            let tr = target_row(oy);
+            losses.push(ce_and_grad_row(
+                &up, ow, c, tr, ignore, k, &mut gup, ow, &mut m, &mut s,
+            ));
+            let (i0, i1, w0, w1) = self.ty[oy];
+            for (gr, dt) in gup.chunks_exact(ow).zip(dtmp.chunks_exact_mut(h * ow)) {
+                axpy(&mut dt[i0 * ow..(i0 + 1) * ow], gr, w0);
+                axpy(&mut dt[i1 * ow..(i1 + 1) * ow], gr, w1);
             }
         }
+        // Adjoint of the W pass, gathered per input column: the same sums in the same
+        // order as scattering `out[i0] += w0·g; out[i1] += w1·g` output by output, without
+        // the chain of dependent read-modify-writes to memory (8 outputs share a column).
+        for (dr, tr) in out.chunks_exact_mut(w).zip(dtmp.chunks_exact(ow)) {
+            for (d, reads) in dr.iter_mut().zip(&self.tx_adj) {
+                *d = reads.iter().fold(*d, |acc, &(x, wt)| acc + wt * tr[x]);
+            }
+        }
+        losses
+    }
+
+    /// The gradient of `k · Σ loss` over the whole batch (images in parallel), and the loss
+    /// rows of each image.
+    fn grad(&self, l: &[f32], t: &[u32], ignore: u32, k: f32) -> (Vec<f32>, Vec<Vec<f64>>) {
+        let mut out = vec![0f32; l.len()];
+        let losses = out
+            .par_chunks_mut((self.c * self.h * self.w).max(1))
+            .enumerate()
+            .map(|(bi, ob)| self.image(bi, l, t, ignore, Some((k, ob))))
+            .collect();
+        (out, losses)
     }
 }
 
@@ -347,29 +492,27 @@ impl CustomOp2 for UpsampledPixelCe {
         let t = u32_slice(s2, l2, "upsampled_pixel_cross_entropy targets")?;
         let g = Up::new(l1, l2)?;
         let n = count_valid(t, g.c, self.ignore)?;
-        let (c, ow, oh) = (g.c, g.ow, g.oh);
         // Per (image, output row) sums, then one sequential sum (bit-reproducible).
-        let per_image: Vec<Vec<f64>> = (0..g.b)
-            .into_par_iter()
-            .map(|bi| {
-                let mut tmp = vec![0f32; c * g.h * ow];
-                g.widen(&l[bi * c * g.h * g.w..(bi + 1) * c * g.h * g.w], &mut tmp);
-                let mut up = vec![0f32; c * ow];
-                let (mut m, mut s) = (vec![0f32; ow], vec![0f32; ow]);
-                (0..oh)
-                    .map(|oy| {
-                        g.row(&tmp, oy, &mut up);
-                        let tr = &t[(bi * oh + oy) * ow..(bi * oh + oy + 1) * ow];
-                        ce_row(&up, ow, c, tr, self.ignore, &mut m, &mut s)
-                    })
-                    .collect()
-            })
-            .collect();
+        let per_image: Vec<Vec<f64>> = if self.with_grad {
+            // The gradient of the loss itself (scale 1): `bwd` scales it by the incoming one.
+            let k = if n == 0 { 0.0 } else { 1.0 / n as f32 };
+            let (grad, losses) = g.grad(l, t, self.ignore, k);
+            *self.grad.lock().expect("loss gradient") = Some(grad);
+            losses
+        } else {
+            (0..g.b)
+                .into_par_iter()
+                .map(|bi| g.image(bi, l, t, self.ignore, None))
+                .collect()
+        };
         let total: f64 = per_image.iter().flatten().sum();
         let loss = if n == 0 { 0.0 } else { total / n as f64 };
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
     }
 
+    /// The gradient the forward made, times the incoming one (bit for bit the recomputed
+    /// gradient when that is 1, as for an unweighted loss term); recomputed if the forward
+    /// made none or it was used by an earlier backward.
     fn bwd(
         &self,
         logits: &Tensor,
@@ -378,13 +521,18 @@ impl CustomOp2 for UpsampledPixelCe {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        let d = logits.apply_op2_no_bwd(
-            targets,
-            &UpsampledPixelCeGrad {
-                ignore: self.ignore,
-                scale: g,
-            },
-        )?;
+        let saved = self.grad.lock().expect("loss gradient").take();
+        let d = match saved {
+            Some(d) if g == 1.0 => Tensor::from_vec(d, logits.shape(), logits.device())?,
+            Some(d) => (Tensor::from_vec(d, logits.shape(), logits.device())? * g as f64)?,
+            None => logits.apply_op2_no_bwd(
+                targets,
+                &UpsampledPixelCeGrad {
+                    ignore: self.ignore,
+                    scale: g,
+                },
+            )?,
+        };
         Ok((Some(d), None))
     }
 }
@@ -411,49 +559,10 @@ impl CustomOp2 for UpsampledPixelCeGrad {
         let g = Up::new(l1, l2)?;
         let n = count_valid(t, g.c, self.ignore)?;
         let k = if n == 0 { 0.0 } else { self.scale / n as f32 };
-        let (c, h, w, oh, ow) = (g.c, g.h, g.w, g.oh, g.ow);
-        let mut out = vec![0f32; l.len()];
-        out.par_chunks_mut((c * h * w).max(1))
-            .enumerate()
-            .for_each(|(bi, ob)| {
-                let mut tmp = vec![0f32; c * h * ow];
-                g.widen(&l[bi * c * h * w..(bi + 1) * c * h * w], &mut tmp);
-                let mut up = vec![0f32; c * ow];
-                let mut gup = vec![0f32; c * ow];
-                let (mut m, mut s) = (vec![0f32; ow], vec![0f32; ow]);
-                // Adjoint of the H pass, accumulated per channel row (as BilinearBwd).
-                let mut dtmp = vec![0f32; c * h * ow];
-                for oy in 0..oh {
-                    g.row(&tmp, oy, &mut up);
-                    let tr = &t[(bi * oh + oy) * ow..(bi * oh + oy + 1) * ow];
-                    ce_grad_row(&up, ow, c, tr, self.ignore, k, &mut gup, ow, &mut m, &mut s);
-                    let (i0, i1, w0, w1) = g.ty[oy];
-                    for ch in 0..c {
-                        let gr = &gup[ch * ow..(ch + 1) * ow];
-                        let base = ch * h * ow;
-                        for (d, gv) in dtmp[base + i0 * ow..base + (i0 + 1) * ow]
-                            .iter_mut()
-                            .zip(gr)
-                        {
-                            *d += w0 * gv;
-                        }
-                        for (d, gv) in dtmp[base + i1 * ow..base + (i1 + 1) * ow]
-                            .iter_mut()
-                            .zip(gr)
-                        {
-                            *d += w1 * gv;
-                        }
-                    }
-                }
-                // Adjoint of the W pass.
-                for (dr, tr) in ob.chunks_exact_mut(w).zip(dtmp.chunks_exact(ow)) {
-                    for (&(i0, i1, w0, w1), &tv) in g.tx.iter().zip(tr) {
-                        dr[i0] += w0 * tv;
-                        dr[i1] += w1 * tv;
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(g.grad(l, t, self.ignore, k).0),
+            l1.shape().clone(),
+        ))
     }
 }
 
@@ -471,6 +580,8 @@ pub fn upsampled_pixel_cross_entropy(
             &targets.to_dtype(DType::U32)?.contiguous()?,
             UpsampledPixelCe {
                 ignore: ignore_code(ignore)?,
+                with_grad: logits.track_op(),
+                grad: Mutex::new(None),
             },
         );
     }

@@ -11,9 +11,15 @@ fn main() -> anyhow::Result<()> {
     let train = args.get(1).is_some_and(|a| a == "train");
     let dev = Device::Cpu;
     let logits = Var::randn(0f32, 2f32, (16, 21, 28, 28), &dev)?;
-    let t: Vec<u32> = (0..16 * 224 * 224).map(|i| ((i * 7 / 3000) % 21) as u32).collect();
+    let t: Vec<u32> = (0..16 * 224 * 224)
+        .map(|i| ((i * 7 / 3000) % 21) as u32)
+        .collect();
     let targets = Tensor::from_vec(t, (16, 224, 224), &dev)?;
-    let input = if train { logits.as_tensor().clone() } else { logits.as_tensor().detach() };
+    let input = if train {
+        logits.as_tensor().clone()
+    } else {
+        logits.as_tensor().detach()
+    };
     let mut times = Vec::new();
     for i in 0..steps + 2 {
         let t0 = std::time::Instant::now();

@@ -510,9 +510,11 @@ impl CustomOp2 for UpsampledPixelCe {
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
     }
 
-    /// The gradient the forward made, times the incoming one (bit for bit the recomputed
-    /// gradient when that is 1, as for an unweighted loss term); recomputed if the forward
-    /// made none or it was used by an earlier backward.
+    /// The gradient the forward made when the incoming one is 1 (an unweighted loss term: the
+    /// segmentation task's own loss); recomputed with the incoming scale otherwise (a
+    /// weighted term, e.g. replay's, where scaling the made gradient afterwards would round
+    /// differently and change a run's values), or if the forward made none or an earlier
+    /// backward used it.
     fn bwd(
         &self,
         logits: &Tensor,
@@ -524,8 +526,7 @@ impl CustomOp2 for UpsampledPixelCe {
         let saved = self.grad.lock().expect("loss gradient").take();
         let d = match saved {
             Some(d) if g == 1.0 => Tensor::from_vec(d, logits.shape(), logits.device())?,
-            Some(d) => (Tensor::from_vec(d, logits.shape(), logits.device())? * g as f64)?,
-            None => logits.apply_op2_no_bwd(
+            _ => logits.apply_op2_no_bwd(
                 targets,
                 &UpsampledPixelCeGrad {
                     ignore: self.ignore,

@@ -382,14 +382,14 @@ type CachedU = ((usize, usize, Vec<f32>), Arc<Vec<f32>>);
 
 /// The last few kernel transforms: an inference transforms the same kernels for every batch
 /// (~0.1–0.2 ms per convolution and call, 2–3 % of a batch-1 forward). Kernels are compared
-/// value for value, so a hit is exactly what [`kernel_tiles4`] would return; in training
+/// bit for bit, so a hit is exactly what [`kernel_tiles4`] would return; in training
 /// the kernels change every step and each call misses (a compare that stops at the first
 /// difference and a copy of the kernels).
 static U_CACHE: Mutex<Vec<CachedU>> = Mutex::new(Vec::new());
 const U_CACHE_LEN: usize = 4;
 
 fn cached_kernel_tiles4(g: &Geom, wt: &[f32]) -> Arc<Vec<f32>> {
-    let key = |k: &(usize, usize, Vec<f32>)| k.0 == g.o && k.1 == g.c && k.2 == wt;
+    let key = |k: &(usize, usize, Vec<f32>)| k.0 == g.o && k.1 == g.c && same_bits(&k.2, wt);
     let mut cache = U_CACHE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(i) = cache.iter().position(|(k, _)| key(k)) {
         let hit = cache.remove(i);
@@ -408,6 +408,17 @@ fn cached_kernel_tiles4(g: &Geom, wt: &[f32]) -> Arc<Vec<f32>> {
     }
     cache.push(((g.o, g.c, wt.to_vec()), u.clone()));
     u
+}
+
+/// Whether `a` and `b` hold the same bits: the cache's key. One `memcmp` over the bytes
+/// (the element-wise float compare of 147 K kernel values took 45 µs per call, 7 % of a
+/// batch-1 Winograd conv), and exact where `==` is not (−0 = +0, NaN ≠ NaN).
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    // SAFETY: any f32 slice is also a valid byte slice of 4× its length (no padding,
+    // alignment 1), borrowed for the same lifetime.
+    let bytes =
+        |v: &[f32]| unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), 4 * v.len()) };
+    bytes(a) == bytes(b)
 }
 
 /// `G g` down a 3-vector: G = [[¼,0,0],[−⅙,−⅙,−⅙],[−⅙,⅙,−⅙],[1/24,1/12,⅙],[1/24,−1/12,⅙],[0,0,1]].

@@ -494,7 +494,8 @@ impl CustomOp2 for UpsampledPixelCe {
         let n = count_valid(t, g.c, self.ignore)?;
         // Per (image, output row) sums, then one sequential sum (bit-reproducible).
         let per_image: Vec<Vec<f64>> = if self.with_grad {
-            // The gradient of the loss itself (scale 1): `bwd` scales it by the incoming one.
+            // The gradient of the loss itself (scale 1), what `bwd` hands out for an
+            // unweighted term.
             let k = if n == 0 { 0.0 } else { 1.0 / n as f32 };
             let (grad, losses) = g.grad(l, t, self.ignore, k);
             *self.grad.lock().expect("loss gradient") = Some(grad);

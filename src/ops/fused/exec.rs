@@ -331,9 +331,9 @@ fn release_inputs(
 /// Called from outside the pool, each of a pass's ~100 parallel loops would hand its work to
 /// the pool and sleep until it is done (a futex wake and wait per loop); run from inside,
 /// the loops split between the workers, but an idle worker sleeps after a few dozen empty
-/// polls and each loop then pays for waking it. So the pass runs beside `helpers`: jobs that
-/// poll for the pass's work until it ends (batch 1 −8 %, batch 16 −3 %, a training step −3 %
-/// against the workers' own idle loop, alternated pairs on 2 threads).
+/// polls and each loop then pays for waking it. So the pass runs beside helpers ([`help`]):
+/// jobs that poll for the pass's work until it ends (batch 1 −9 %, batch 16 −2 % against the
+/// workers' own idle loop, alternated pairs on 2 threads).
 fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return f();
@@ -353,9 +353,9 @@ fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 
 /// One helper of [`on_pool`]: run the pass's stealable work until `done`. A helper never
 /// blocks for long: it may have been picked up by a worker that is itself waiting inside
-/// the pass (its stack holds work the pass needs), so after 1024 empty polls (~0.5 ms) it hands the
-/// thread back (and the core to any other process: `yield_now`), leaving a fresh helper in
-/// its place. On the thread that runs the pass it returns at once.
+/// the pass (its stack holds work the pass needs), so after 1024 empty polls (~0.5 ms) it
+/// hands the thread back (and the core to any other process: `yield_now`), leaving a fresh
+/// helper in its place. On the thread that runs the pass it returns at once.
 fn help<'s>(s: &rayon::Scope<'s>, done: &'s AtomicBool, runner: Option<usize>) {
     if rayon::current_thread_index() == runner {
         return;

@@ -636,37 +636,59 @@ multiversion! {
     }
 }
 
-/// Map positions `(y, x)` of the top-left corner (minus one: window pixel `(r, s)` is map pixel
-/// `(y + r − 1, x + s − 1)`) of the windows of tiles `n0 .. n0 + nl` of a chunk starting at
-/// tile row `t0`, `tw` tiles per row: the lanes of the batch-1 transforms.
-#[inline(always)]
-fn b1_corners(n0: usize, nl: usize, t0: usize, tw: usize) -> ([usize; L], [usize; L]) {
-    let (mut ys, mut xs) = ([0usize; L], [0usize; L]);
-    for l in 0..nl {
-        let t = n0 + l;
-        ys[l] = 4 * (t0 + t / tw);
-        xs[l] = 4 * (t % tw);
-    }
-    (ys, xs)
-}
-
 thread_local! {
     /// Per-thread scratch of the batch-1 input transform: one channel's zero-bordered rows.
     static PLANE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Tiles per group of the batch-1 transforms: the 6-wide windows of 7 neighbouring tiles span
+/// 30 columns, inside the 32 that two vectors hold.
+const GT: usize = 7;
+
+/// Lanes `l < GT` of `[lo, hi]` at positions `4l + s`: window column `s` of the group's 7 tiles
+/// (a constant shuffle of two vectors).
+#[inline(always)]
+fn every_4th(lo: &Lane, hi: &Lane, s: usize) -> Lane {
+    std::array::from_fn(|l| {
+        let at = 4 * l + s;
+        if l >= GT {
+            0.0
+        } else if at < L {
+            lo[at]
+        } else {
+            hi[at - L]
+        }
+    })
+}
+
+/// `dst = src[..dst.len()]` for a group's run of at most [`GT`] values: a fixed-size copy for a
+/// whole group (a `memcpy` call per run of 7 values cost more than the transform's arithmetic).
+#[inline(always)]
+fn copy_run(dst: &mut [f32], src: &[f32]) {
+    if dst.len() == GT {
+        let d: &mut [f32; GT] = dst.try_into().expect("a group");
+        *d = src[..GT].try_into().expect("a group");
+    } else {
+        let n = dst.len();
+        dst.copy_from_slice(&src[..n]);
+    }
+}
+
 multiversion! {
-    /// [`input_tiles4_channel`] for one image (`b` = 1): the lanes are 16 consecutive tiles of
-    /// the chunk (gathered pixel by pixel: a tile's window is 4 pixels from its neighbour's),
-    /// so the transforms run on full vectors and store contiguous runs of `V`'s columns.
-    /// The chunk's rows are copied into a zero-bordered plane first, so that the gathers need
-    /// no bounds test per pixel (they were most of this transform's time); lanes past the last
-    /// tile read the plane's corner and are never stored.
+    /// [`input_tiles4_channel`] for one image (`b` = 1), tile row by tile row in groups of 7
+    /// tiles: the transform down the window's columns runs on whole rows of the chunk's
+    /// zero-bordered plane (two vectors of 16 neighbouring columns: contiguous loads), the
+    /// transform along its rows on each column of the 7 windows picked out of those (a
+    /// shuffle), and each of the 36 results is a run of 7 consecutive columns of `V`. The
+    /// same arithmetic in the same order as the batch ([`window_transform`]); the lanes
+    /// gathered pixel by pixel before (36 scalar loads per tile) were most of its time.
     fn input_tiles4_b1_channel(xc: &[f32], h: usize, w: usize, _b: usize, t0: usize, t1: usize, vc: &mut [f32]) {
         let tw = w.div_ceil(4);
         let n = (t1 - t0) * tw;
-        // Plane pixel (pr, pc) is map pixel (4·t0 − 1 + pr, pc − 1).
-        let (rows, cols) = (4 * (t1 - t0) + 2, 4 * tw + 2);
+        // Plane pixel (pr, pc) is map pixel (4·t0 − 1 + pr, pc − 1); every group reads 32
+        // columns from its first window's.
+        let last = (tw - 1) / GT * GT;
+        let (rows, cols) = (4 * (t1 - t0) + 2, (4 * tw + 2).max(4 * last + 2 * L));
         let mut plane = PLANE.take();
         plane.clear();
         plane.resize(rows * cols, 0.0);
@@ -677,24 +699,26 @@ multiversion! {
                 plane[pr * cols + 1..][..w].copy_from_slice(&xc[y * w..(y + 1) * w]);
             }
         }
-        let mut d = [[0f32; L]; 36];
-        for n0 in (0..n).step_by(L) {
-            let nl = (n - n0).min(L);
-            let (ys, xs) = b1_corners(n0, nl, t0, tw);
-            let base = b1_bases(&ys, &xs, nl, t0, cols);
-            // Every read below is at most base + 5·cols + 5, inside the plane.
-            assert!(base.iter().all(|&at| at + 5 * cols + 5 < plane.len()));
-            for r in 0..6 {
-                for s in 0..6 {
-                    let lane = &mut d[r * 6 + s];
-                    for l in 0..L {
-                        // SAFETY: checked by the assertion above.
-                        lane[l] = unsafe { *plane.get_unchecked(base[l] + r * cols + s) };
+        for tr in 0..t1 - t0 {
+            for tj0 in (0..tw).step_by(GT) {
+                let ng = (tw - tj0).min(GT);
+                // The window rows' two vectors, transformed down the columns.
+                let half = |k: usize| -> [Lane; 6] {
+                    let rows: [&Lane; 6] = std::array::from_fn(|r| {
+                        let at = (4 * tr + r) * cols + 4 * tj0 + k * L;
+                        plane[at..at + L].try_into().expect("a full lane")
+                    });
+                    bt6(rows)
+                };
+                let (lo, hi) = (half(0), half(1));
+                for p in 0..6 {
+                    let d: [Lane; 6] = std::array::from_fn(|s| every_4th(&lo[p], &hi[p], s));
+                    let v = bt6([&d[0], &d[1], &d[2], &d[3], &d[4], &d[5]]);
+                    for (q, vq) in v.iter().enumerate() {
+                        let at = (p * 6 + q) * n + tr * tw + tj0;
+                        copy_run(&mut vc[at..at + ng], vq);
                     }
                 }
-            }
-            for (pq, val) in window_transform::<6>(&d, &bt6).iter().flatten().enumerate() {
-                store(vc, pq * n + n0, nl, val);
             }
         }
         PLANE.set(plane);
@@ -702,32 +726,44 @@ multiversion! {
 }
 
 multiversion! {
-    /// [`output_tiles4_channel`] for one image: lanes over 16 consecutive tiles, as
-    /// [`input_tiles4_b1_channel`]; each tile's 4×4 outputs are scattered to the map.
+    /// [`output_tiles4_channel`] for one image, tile row by tile row in groups of 7 tiles (as
+    /// [`input_tiles4_b1_channel`]): each of the 36 products a run of 7 consecutive tiles, the
+    /// 4×4 outputs of the 7 tiles interleaved into 28 consecutive columns of a row (a
+    /// shuffle) instead of scattered value by value.
     fn output_tiles4_b1_channel(mo: &[f32], h: usize, w: usize, _b: usize, t0: usize, t1: usize, yo: &mut [f32]) {
         let tw = w.div_ceil(4);
         let n = (t1 - t0) * tw;
-        // The chunk's whole tiles, written without a bounds test per pixel (plane pixel (pr,
-        // pc) is map pixel (4·t0 + pr, pc)); the map's part is copied out at the end.
-        let cols = 4 * tw;
+        // The chunk's whole tiles (plane pixel (pr, pc) is map pixel (4·t0 + pr, pc)), rows
+        // long enough for the last group's 28-column write; the map's part is copied out at
+        // the end.
+        let cols = 4 * ((tw - 1) / GT * GT + GT);
         let mut plane = PLANE.take();
-        plane.clear();
-        plane.resize(4 * (t1 - t0) * cols, 0.0);
+        // Every value copied out is written below: no zeroing.
+        if plane.len() < 4 * (t1 - t0) * cols {
+            plane.resize(4 * (t1 - t0) * cols, 0.0);
+        }
         let mut e = [[0f32; L]; 36];
-        for n0 in (0..n).step_by(L) {
-            let nl = (n - n0).min(L);
-            let (ys, xs) = b1_corners(n0, nl, t0, tw);
-            for (k, ek) in e.iter_mut().enumerate() {
-                load(mo, k * n + n0, nl, ek);
-            }
-            let base = b1_bases(&ys, &xs, nl, t0, cols);
-            // Every write below is at most base + 3·cols + 3, inside the plane.
-            assert!(base.iter().all(|&at| at + 3 * cols + 3 < plane.len()));
-            for (j, out) in tile_outputs(&e).iter().enumerate() {
-                for (i, val) in out.iter().enumerate() {
-                    for l in 0..nl {
-                        // SAFETY: checked by the assertion above.
-                        unsafe { *plane.get_unchecked_mut(base[l] + i * cols + j) = val[l] };
+        for tr in 0..t1 - t0 {
+            for tj0 in (0..tw).step_by(GT) {
+                let ng = (tw - tj0).min(GT);
+                // Lanes past `ng` keep stale values: their outputs are never stored.
+                for (k, ek) in e.iter_mut().enumerate() {
+                    let at = k * n + tr * tw + tj0;
+                    copy_run(&mut ek[..ng], &mo[at..at + ng]);
+                }
+                // out[j][i]: output row i, column j of the group's tiles.
+                let out = tile_outputs(&e);
+                let by_row: [[&Lane; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| &out[j][i]));
+                for (i, js) in by_row.iter().enumerate() {
+                    // Columns 4l + j of the group's row i; past 4·ng: the next group's
+                    // columns (written after) or the row's padding.
+                    let at = (4 * tr + i) * cols + 4 * tj0;
+                    let row: &mut [f32; 4 * GT] =
+                        (&mut plane[at..at + 4 * GT]).try_into().expect("a group's columns");
+                    for l in 0..GT {
+                        for (j, v) in js.iter().enumerate() {
+                            row[4 * l + j] = v[l];
+                        }
                     }
                 }
             }
@@ -737,16 +773,6 @@ multiversion! {
         }
         PLANE.set(plane);
     }
-}
-
-/// Plane offsets `(ys − 4·t0) · cols + xs` of the batch-1 lanes' tile corners (0 past `nl`).
-#[inline(always)]
-fn b1_bases(ys: &[usize; L], xs: &[usize; L], nl: usize, t0: usize, cols: usize) -> [usize; L] {
-    let mut base = [0usize; L];
-    for l in 0..nl {
-        base[l] = (ys[l] - 4 * t0) * cols + xs[l];
-    }
-    base
 }
 
 /// `A f` for a 4-vector, A = Aᵀ's transpose: rows [1,0,0,0], [1,1,1,1], [1,−1,1,−1],
@@ -934,8 +960,8 @@ mod tests {
                 w: 3,
                 o: 3,
             },
-            // One image (lanes over tiles): 35 tiles (2 lane blocks + 3), partial edge tiles,
-            // and the head's map at 224 px in a chunk of its own.
+            // One image (tile rows in groups of 7 tiles): 5 rows of 7 tiles, partial edge
+            // tiles, and the head's map at 224 px in a chunk of its own.
             Geom {
                 b: 1,
                 c: 3,
@@ -951,7 +977,8 @@ mod tests {
                 o: 6,
             },
             // One image in two chunks (63 + 2 tile rows: the batch-1 planes of a chunk that
-            // starts below the first row), partial edge tiles.
+            // starts below the first row), 66 tiles per row (9 groups of 7 and one of 3),
+            // partial edge tiles.
             Geom {
                 b: 1,
                 c: 2,

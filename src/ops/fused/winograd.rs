@@ -93,6 +93,11 @@ impl Geom {
         by_cols.min(by_bytes).clamp(1, self.th4().max(1))
     }
 
+    /// No pixel to convolve (the parallel loops split buffers in non-empty chunks).
+    fn is_empty(&self) -> bool {
+        self.b == 0 || self.h == 0 || self.w == 0
+    }
+
     /// The same convolution with input and output channels swapped (the input gradient's).
     fn swapped(&self) -> Geom {
         Geom {
@@ -119,6 +124,11 @@ pub fn backward(
     want_dx: bool,
     v: Option<&[f32]>,
 ) -> Option<Vec<f32>> {
+    if g.is_empty() {
+        // No pixel: no tile, a zero kernel gradient, an empty input gradient.
+        dw.fill(0.0);
+        return want_dx.then(Vec::new);
+    }
     weight_grad(g, x, dy, dw, v);
     want_dx.then(|| {
         // dx[c, h, w] = Σ_o Σ_(ky,kx) wt[o, c, 2 − ky, 2 − kx] · dy[o, h + ky − 1, w + kx − 1].
@@ -309,6 +319,9 @@ pub fn forward_keeping(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32]) -> Option
 }
 
 fn forward_impl(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32], keep: bool) -> Option<Vec<f32>> {
+    if g.is_empty() {
+        return None;
+    }
     let u = cached_kernel_tiles4(g, wt);
     let (tw, nr) = (g.tw4(), g.chunk_rows4());
     let per_row = tw * g.b;
@@ -685,6 +698,9 @@ multiversion! {
     fn input_tiles4_b1_channel(xc: &[f32], h: usize, w: usize, _b: usize, t0: usize, t1: usize, vc: &mut [f32]) {
         let tw = w.div_ceil(4);
         let n = (t1 - t0) * tw;
+        if n == 0 {
+            return;
+        }
         // Plane pixel (pr, pc) is map pixel (4·t0 − 1 + pr, pc − 1); every group reads 32
         // columns from its first window's.
         let last = (tw - 1) / GT * GT;
@@ -733,6 +749,9 @@ multiversion! {
     fn output_tiles4_b1_channel(mo: &[f32], h: usize, w: usize, _b: usize, t0: usize, t1: usize, yo: &mut [f32]) {
         let tw = w.div_ceil(4);
         let n = (t1 - t0) * tw;
+        if n == 0 {
+            return;
+        }
         // The chunk's whole tiles (plane pixel (pr, pc) is map pixel (4·t0 + pr, pc)), rows
         // long enough for the last group's 28-column write; the map's part is copied out at
         // the end.
@@ -1053,6 +1072,25 @@ mod tests {
             backward(&g, &x, &wt, &dy, &mut dw_kept, false, v.as_deref());
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&dw_kept), bits(&dw), "kept V {g:?}");
+        }
+    }
+
+    #[test]
+    fn empty_maps_give_empty_outputs() {
+        for (b, h, w) in [(1, 5, 0), (1, 0, 5), (16, 4, 0), (0, 8, 8)] {
+            let g = Geom {
+                b,
+                c: 2,
+                h,
+                w,
+                o: 3,
+            };
+            let wt = vals(3 * 2 * 9, 1);
+            forward(&g, &[], &wt, &mut []);
+            let mut dw = vec![f32::NAN; wt.len()];
+            let dx = backward(&g, &[], &wt, &[], &mut dw, true, None);
+            assert_eq!(dx, Some(vec![]));
+            assert!(dw.iter().all(|&v| v == 0.0));
         }
     }
 

@@ -4,6 +4,8 @@
 //! three callers at once on a 4-worker pool (helpers of one caller meet the others' work)
 //! and checks that each finishes with the bits of a lone pass.
 
+mod common;
+
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -13,19 +15,6 @@ use onehead::model::init::init_all;
 use onehead::model::{Executor, OneHead, OneHeadConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-
-fn image(seed: u64) -> Tensor {
-    let mut s = seed;
-    let v: Vec<f32> = (0..2 * 3 * 64 * 64)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, (2, 3, 64, 64), &Device::Cpu).unwrap()
-}
 
 /// The same seeded model every call (each pass has its own: a training forward moves the
 /// running statistics).
@@ -65,7 +54,7 @@ fn passes_finish_and_agree_with_four_workers_and_three_callers() {
         .num_threads(4)
         .build_global()
         .expect("this test binary sets the global pool first");
-    let x = image(7);
+    let x = common::seeded_input(2, 64, 64, 7).as_tensor().detach();
     let lone = passes(&x);
     let (tx, rx) = mpsc::channel();
     std::thread::scope(|s| {

@@ -53,10 +53,10 @@ fn count_valid(t: &[u32], c: usize, ignore: u32) -> Result<usize> {
     Ok(n)
 }
 
-/// Per-pixel max `m` and `s = Σ_c exp(l_c − m)` of a row of `w` pixels whose class `c` values
+/// Per-pixel max `m` over the `c` classes of a row of `m.len()` pixels whose class `c` values
 /// start at `l[c·stride]`.
 #[inline(always)]
-fn row_max_sum(l: &[f32], stride: usize, c: usize, m: &mut [f32], s: &mut [f32]) {
+fn row_max(l: &[f32], stride: usize, c: usize, m: &mut [f32]) {
     let w = m.len();
     m.copy_from_slice(&l[..w]);
     for ch in 1..c {
@@ -64,6 +64,14 @@ fn row_max_sum(l: &[f32], stride: usize, c: usize, m: &mut [f32], s: &mut [f32])
             *mv = mv.max(v);
         }
     }
+}
+
+/// Per-pixel max `m` and `s = Σ_c exp(l_c − m)` of a row of `w` pixels whose class `c` values
+/// start at `l[c·stride]`.
+#[inline(always)]
+fn row_max_sum(l: &[f32], stride: usize, c: usize, m: &mut [f32], s: &mut [f32]) {
+    let w = m.len();
+    row_max(l, stride, c, m);
     s.fill(0.0);
     for ch in 0..c {
         for ((sv, &v), &mv) in s.iter_mut().zip(&l[ch * stride..ch * stride + w]).zip(&*m) {
@@ -121,12 +129,7 @@ multiversion! {
     #[allow(clippy::too_many_arguments)]
     fn ce_and_grad_row(l: &[f32], stride: usize, c: usize, t: &[u32], ignore: u32, k: f32, out: &mut [f32], ostride: usize, m: &mut [f32], s: &mut [f32]) -> f64 {
         let w = t.len();
-        m.copy_from_slice(&l[..w]);
-        for ch in 1..c {
-            for (mv, &v) in m.iter_mut().zip(&l[ch * stride..ch * stride + w]) {
-                *mv = mv.max(v);
-            }
-        }
+        row_max(l, stride, c, m);
         s.fill(0.0);
         for ch in 0..c {
             let o = &mut out[ch * ostride..ch * ostride + w];

@@ -286,7 +286,7 @@ pub fn bench_inference(
         let n = times.len() as f64;
         eprintln!("inference per node, ms per batch, {image_size}x{image_size} b{batch}:");
         for (i, (label, f, _)) in prof::nodes().iter().enumerate() {
-            eprintln!("{i:4} {label:<48} {:8.2}", f * 1e3 / n);
+            eprintln!("{i:4} {label:<48} {:8.3}", f * 1e3 / n);
         }
     }
     Ok(result(&times, batch, image_size))

@@ -1669,10 +1669,11 @@ pub fn se_fwd(
             .par_chunks_mut(b)
             .zip(x.par_chunks(plane))
             .with_min_len(grain(plane))
-            .for_each(|(p, xc)| {
-                let mut s = vec![0f64; b];
-                lane_sum(xc, b, &mut s);
-                for (pv, sv) in p.iter_mut().zip(s) {
+            .for_each_init(Vec::new, |s, (p, xc)| {
+                // One buffer per task, not an allocation per channel (576 at batch 1).
+                s.resize(b, 0f64);
+                lane_sum(xc, b, s);
+                for (pv, &sv) in p.iter_mut().zip(s.iter()) {
                     *pv = (sv / hw.max(1) as f64) as f32;
                 }
             });

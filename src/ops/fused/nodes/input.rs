@@ -31,6 +31,10 @@ impl NodeOp for Input {
     }
 
     fn forward(&self, cx: &mut Fwd) -> Result<(Vec<f32>, Saved)> {
+        if cx.input_alias == Some(cx.i) {
+            // Read as `x` itself (`Fwd::value`): nothing to convert.
+            return Ok((Vec::new(), Saved::None));
+        }
         let (c, h, w) = cx.out_dims();
         let mut v = pool::take(cx.out_len());
         kernels::nchw_to_chwn(cx.x, cx.b, c, h * w, &mut v);

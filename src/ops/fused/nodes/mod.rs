@@ -165,6 +165,9 @@ pub(super) struct Fwd<'a> {
     pub(super) stats: &'a mut [Option<BatchStats>],
     /// The op's input `(B, C, H, W)`.
     pub(super) x: &'a [f32],
+    /// The input node whose value is `x` itself, not a copy (one image in evaluation, where
+    /// the two layouts are the same): [`Fwd::value`] returns `x` for it.
+    pub(super) input_alias: Option<Id>,
     /// An evaluation BatchNorm + activation that reads only this node's output, for a
     /// convolution to apply as it writes (the executor then skips the BatchNorm's node).
     pub(super) epilogue: Option<Epilogue<'a>>,
@@ -184,6 +187,9 @@ impl<'a> Fwd<'a> {
 
     /// Value `j`; an error if it was freed already.
     pub(super) fn value(&self, j: Id) -> Result<&[f32]> {
+        if self.input_alias == Some(j) {
+            return Ok(self.x);
+        }
         match &self.values[j] {
             Some(v) => Ok(v),
             None => candle_core::bail!("fused network: value {j} freed too early"),
@@ -200,7 +206,7 @@ impl<'a> Fwd<'a> {
     /// Value `j` itself, to be overwritten in place, when this is an evaluation forward and
     /// this node is its last reader (no copy). Call after [`Fwd::value`] has checked it.
     pub(super) fn take_if_last(&mut self, j: Id) -> Option<Vec<f32>> {
-        if !self.keep && self.last_use[j] == self.i {
+        if !self.keep && self.last_use[j] == self.i && self.input_alias != Some(j) {
             Some(self.values[j].take().unwrap_or_default())
         } else {
             None

@@ -333,6 +333,12 @@ pub fn nchw_to_chwn(src: &[f32], b: usize, c: usize, hw: usize, dst: &mut [f32])
     dst.par_chunks_mut(hw * b).enumerate().for_each(|(ci, dc)| {
         dc.par_chunks_mut(T * b).enumerate().for_each(|(t, o)| {
             let (p0, np) = (t * T, o.len() / b);
+            if b.is_multiple_of(16) {
+                for l0 in (0..b).step_by(16) {
+                    to_lanes16(src, ((l0 * c + ci) * hw + p0, c * hw), np, &mut o[l0..], b);
+                }
+                return;
+            }
             for bi in 0..b {
                 let plane = &src[(bi * c + ci) * hw + p0..(bi * c + ci) * hw + p0 + np];
                 for (p, &v) in plane.iter().enumerate() {
@@ -341,6 +347,99 @@ pub fn nchw_to_chwn(src: &[f32], b: usize, c: usize, hw: usize, dst: &mut [f32])
             }
         });
     });
+}
+
+/// `dst[p·stride + l] = rows[l][p]` for `p < n`, 16 rows `l` of `src` starting at `at` and
+/// `row_gap` apart: 16 images' runs of `n` pixels into the lanes of `(n, 16)` (the first 16 of
+/// each `stride`). Through 16 × 16 blocks transposed in AVX-512 registers where the CPU has
+/// them: the 16 scalar stores per pixel took ~1 ns per value (`nchw_to_chwn` 2.3 ms for a
+/// 224 px batch of 16 on one thread).
+pub fn to_lanes16(
+    src: &[f32],
+    (at, row_gap): (usize, usize),
+    n: usize,
+    dst: &mut [f32],
+    stride: usize,
+) {
+    assert!(
+        stride >= 16
+            && (n == 0 || dst.len() >= (n - 1) * stride + 16)
+            && src.len() >= at + 15 * row_gap + n,
+        "to_lanes16: buffer sizes"
+    );
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == 2 {
+        // SAFETY: AVX-512 is present (checked); the sizes are checked above.
+        done = unsafe { to_lanes16_avx512(src, (at, row_gap), n, dst, stride) };
+    }
+    for p in done..n {
+        for l in 0..16 {
+            dst[p * stride + l] = src[at + l * row_gap + p];
+        }
+    }
+}
+
+/// [`to_lanes16`]'s whole blocks of 16 pixels; returns how many pixels it did.
+///
+/// # Safety
+/// AVX-512F must be available, and the sizes those [`to_lanes16`] checks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn to_lanes16_avx512(
+    src: &[f32],
+    (at, row_gap): (usize, usize),
+    n: usize,
+    dst: &mut [f32],
+    stride: usize,
+) -> usize {
+    use std::arch::x86_64::*;
+    let (s, d) = (src.as_ptr().add(at), dst.as_mut_ptr());
+    let blocks = n / 16;
+    for blk in 0..blocks {
+        let p0 = blk * 16;
+        let r: [__m512; 16] = std::array::from_fn(|l| _mm512_loadu_ps(s.add(l * row_gap + p0)));
+        // 32-bit, then 64-bit interleaves within each 128-bit lane: u[4g + j] holds, in lane k,
+        // rows 4g .. 4g + 4 of pixel 4k + j.
+        let lo = |a, b| _mm512_unpacklo_ps(a, b);
+        let hi = |a, b| _mm512_unpackhi_ps(a, b);
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
+            if i % 2 == 0 {
+                lo(a, b)
+            } else {
+                hi(a, b)
+            }
+        });
+        let pd = |x: __m512| _mm512_castps_pd(x);
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            // Group g = i / 4 (rows 4g ..), pixel offset j = i % 4.
+            let (g, j) = (i / 4, i % 4);
+            let (a, b) = (t[4 * g + j / 2], t[4 * g + j / 2 + 2]);
+            if j % 2 == 0 {
+                _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a), pd(b)))
+            } else {
+                _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a), pd(b)))
+            }
+        });
+        // 128-bit lanes: pixel 4k + j of the 4 groups side by side.
+        for j in 0..4 {
+            let v0 = _mm512_shuffle_f32x4::<0x88>(u[j], u[4 + j]);
+            let v1 = _mm512_shuffle_f32x4::<0xDD>(u[j], u[4 + j]);
+            let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + j], u[12 + j]);
+            let v3 = _mm512_shuffle_f32x4::<0xDD>(u[8 + j], u[12 + j]);
+            let out = [
+                (j, _mm512_shuffle_f32x4::<0x88>(v0, v2)),
+                (8 + j, _mm512_shuffle_f32x4::<0xDD>(v0, v2)),
+                (4 + j, _mm512_shuffle_f32x4::<0x88>(v1, v3)),
+                (12 + j, _mm512_shuffle_f32x4::<0xDD>(v1, v3)),
+            ];
+            for (p, v) in out {
+                _mm512_storeu_ps(d.add((p0 + p) * stride), v);
+            }
+        }
+    }
+    blocks * 16
 }
 
 /// `(C, HW, B)` (CHWN) -> `(B, C, HW)` (NCHW).

@@ -665,3 +665,32 @@ fn depthwise_parts() {
         );
     }
 }
+
+/// The register transpose of `to_lanes16` puts every value where the plain loop does, for
+/// whole blocks, a partial last block and lanes inside a wider stride.
+#[test]
+fn to_lanes16_is_the_plain_transpose() {
+    for (n, gap, stride) in [
+        (16, 40, 16),
+        (37, 50, 16),
+        (224, 300, 32),
+        (5, 9, 16),
+        (0, 3, 16),
+    ] {
+        let src: Vec<f32> = (0..7 + 15 * gap + n).map(|i| i as f32).collect();
+        let mut dst = vec![-1f32; n.max(1) * stride + 16];
+        kernels::to_lanes16(&src, (7, gap), n, &mut dst, stride);
+        for p in 0..n {
+            for l in 0..16 {
+                assert_eq!(
+                    dst[p * stride + l],
+                    src[7 + l * gap + p],
+                    "n {n} pixel {p} lane {l}"
+                );
+            }
+            for l in 16..stride {
+                assert_eq!(dst[p * stride + l], -1.0, "lane {l} past the 16 untouched");
+            }
+        }
+    }
+}

@@ -383,7 +383,7 @@ pub fn to_lanes16(
 /// [`to_lanes16`]'s whole blocks of 16 pixels; returns how many pixels it did.
 ///
 /// # Safety
-/// AVX-512F must be available, and the sizes those [`to_lanes16`] checks.
+/// AVX-512F must be available, and the sizes [`to_lanes16`] asserts must hold.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn to_lanes16_avx512(

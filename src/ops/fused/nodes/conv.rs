@@ -252,8 +252,9 @@ fn pointwise_fwd_blocks(
 /// MFLOP (every batch-1 pointwise conv of the model; the smallest at batch 16 has 24).
 /// There the weights are the larger operand, and a column split had each thread read all of
 /// them (half of them from the other core's cache) for a product of 25 columns: a batch-1
-/// forward on 2 threads took 2.44 ms, 2.23 with these convs on one thread, 2.17 split by
-/// channels (12 of 12 alternated runs; 1.59, 1.71, 1.60 ms while the two cores were close).
+/// forward on 2 threads took 2.45 ms, 2.23 with these convs on one thread, 2.22 split by
+/// channels (8 of 8 alternated runs; 1.59, 1.71 and 1.60 ms while the two cores were close,
+/// with the 576-input convs split too).
 ///
 /// `None` where the split could change a bit: the gemm crate sums up to 512 inputs in one
 /// block but splits a longer sum at a point that depends on whether `m` and `n` are at most
@@ -281,7 +282,8 @@ fn pointwise_fwd_rows(
             let yp = &yp;
             let (r0, m) = (blk * rb, rb.min(cout - blk * rb));
             // SAFETY: block blk writes only rows r0 .. r0 + m of y (cout × n): disjoint across
-            // blocks; wt (cout × c) and x (c × n) are read-only.
+            // blocks; wt (cout × c) and x (c × n) are read-only. The gemm: row-major (m × c)
+            // rows r0.. of wt, (c × n) x and (m × n) rows, inside their buffers.
             let rows = unsafe { std::slice::from_raw_parts_mut(yp.0.add(r0 * n), m * n) };
             serial_gemms(|| unsafe {
                 kernels::sgemm(

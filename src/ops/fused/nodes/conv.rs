@@ -190,9 +190,10 @@ fn conv_fwd(
     }
 }
 
-/// [`pointwise_fwd`] with `ep` applied as it goes: column blocks of about 64 K outputs (in
-/// cache until the epilogue has run), one single-threaded gemm each, blocks in parallel.
-/// The values are the one gemm's: the gemm crate splits rows and columns, never the sum.
+/// [`pointwise_fwd`] with `ep` applied as it goes: blocks of output channels where
+/// [`row_block`] says, column blocks of about 64 K outputs otherwise (in cache until the
+/// epilogue has run), one single-threaded gemm each, blocks in parallel. The values are the
+/// one gemm's: the gemm crate splits rows and columns, never the sum.
 fn pointwise_fwd_blocks(
     (b, c, h, w, cout): Geom,
     x: &[f32],
@@ -201,50 +202,72 @@ fn pointwise_fwd_blocks(
     ep: Option<&Epilogue>,
 ) {
     let n = b * h * w;
-    if let Some(rb) = row_block(cout, c, n) {
-        return pointwise_fwd_rows(rb, (n, c, cout), x, wt, y, ep);
-    }
-    // Blocks of at most ~64 K outputs, a multiple of the thread count of them, equal widths
-    // (a 576 → 96 conv at 7×7 × 16 had blocks of 704 and 80 columns: one thread did 90 %).
-    let threads = rayon::current_num_threads().max(1);
-    let blocks = (n * cout)
-        .div_ceil(65536)
-        .next_multiple_of(threads)
-        .min(n.max(1));
-    let nb = n.div_ceil(blocks.max(1)).max(1);
+    let (rb, nb) = match row_block(cout, c, n) {
+        Some(rb) => (rb, n.max(1)),
+        None => {
+            // At most ~64 K outputs, a multiple of the thread count of blocks, equal widths
+            // (a 576 → 96 conv at 7×7 × 16 had blocks of 704 and 80 columns: one thread did
+            // 90 %).
+            let threads = rayon::current_num_threads().max(1);
+            let blocks = (n * cout)
+                .div_ceil(65536)
+                .next_multiple_of(threads)
+                .min(n.max(1));
+            (cout.max(1), n.div_ceil(blocks.max(1)).max(1))
+        }
+    };
+    let cols = n.div_ceil(nb);
     let yp = kernels::Ptr(y.as_mut_ptr());
     time(Kind::Gemm, (2 * cout * c * n) as u64, || {
-        (0..n.div_ceil(nb)).into_par_iter().for_each(|blk| {
-            let yp = &yp;
-            let (j0, len) = (blk * nb, nb.min(n - blk * nb));
-            // SAFETY: block blk writes only columns j0 .. j0 + len of y (cout × n): disjoint
-            // across blocks; x (c × n) and wt (cout × c) are read-only; sizes as in
-            // `pointwise_fwd`.
-            serial_gemms(|| unsafe {
-                kernels::sgemm(
-                    cout,
-                    len,
-                    c,
-                    yp.0.add(j0),
-                    n,
-                    false,
-                    wt.as_ptr(),
-                    c,
-                    1,
-                    x.as_ptr().add(j0),
-                    n,
-                    1,
-                )
-            });
-            if let Some(e) = ep {
-                for o in 0..cout {
-                    // SAFETY: as above, row o's part of this block.
-                    let row = unsafe { std::slice::from_raw_parts_mut(yp.0.add(o * n + j0), len) };
-                    e.apply(o, row);
-                }
-            }
-        })
+        (0..cout.div_ceil(rb) * cols)
+            .into_par_iter()
+            .for_each(|blk| {
+                let (r0, j0) = (blk / cols * rb, blk % cols * nb);
+                let block = ((r0, rb.min(cout - r0)), (j0, nb.min(n - j0)));
+                // SAFETY: the blocks tile y (cout × n) without overlap, one task each; y, wt
+                // (cout × c) and x (c × n) are the sizes `pointwise_block` wants.
+                unsafe { pointwise_block(&yp, (n, c), (x, wt), block, ep) }
+            })
     })
+}
+
+/// Output channels `r0 .. r0 + m`, columns `j0 .. j0 + len` of `y (cout × n)` = `wt (cout ×
+/// c) · x (c × n)` (all row-major), one single-threaded gemm, then through `ep`.
+///
+/// # Safety
+/// `y` must hold `cout × n` values with the block inside them, and no other task may touch
+/// the block meanwhile; `wt` and `x` must hold the rows and columns the block reads.
+#[allow(clippy::type_complexity)]
+unsafe fn pointwise_block(
+    y: &kernels::Ptr,
+    (n, c): (usize, usize),
+    (x, wt): (&[f32], &[f32]),
+    ((r0, m), (j0, len)): ((usize, usize), (usize, usize)),
+    ep: Option<&Epilogue>,
+) {
+    serial_gemms(|| unsafe {
+        kernels::sgemm(
+            m,
+            len,
+            c,
+            y.0.add(r0 * n + j0),
+            n,
+            false,
+            wt.as_ptr().add(r0 * c),
+            c,
+            1,
+            x.as_ptr().add(j0),
+            n,
+            1,
+        )
+    });
+    if let Some(e) = ep {
+        for o in r0..r0 + m {
+            // SAFETY: row o's part of the block (the caller's promise).
+            let row = unsafe { std::slice::from_raw_parts_mut(y.0.add(o * n + j0), len) };
+            e.apply(o, row);
+        }
+    }
 }
 
 /// Output channels per task when a `cout × c` by `c × n` pointwise product is split by
@@ -267,53 +290,10 @@ fn row_block(cout: usize, c: usize, n: usize) -> Option<usize> {
     (2 * cout * c * n < 16 << 20 && c <= 512 && n > 16 && rb < cout).then_some(rb)
 }
 
-/// [`pointwise_fwd_blocks`] split by output channels into blocks of `rb` (see [`row_block`]).
-fn pointwise_fwd_rows(
-    rb: usize,
-    (n, c, cout): (usize, usize, usize),
-    x: &[f32],
-    wt: &[f32],
-    y: &mut [f32],
-    ep: Option<&Epilogue>,
-) {
-    let yp = kernels::Ptr(y.as_mut_ptr());
-    time(Kind::Gemm, (2 * cout * c * n) as u64, || {
-        (0..cout.div_ceil(rb)).into_par_iter().for_each(|blk| {
-            let yp = &yp;
-            let (r0, m) = (blk * rb, rb.min(cout - blk * rb));
-            // SAFETY: block blk writes only rows r0 .. r0 + m of y (cout × n): disjoint across
-            // blocks; wt (cout × c) and x (c × n) are read-only. The gemm: row-major (m × c)
-            // rows r0.. of wt, (c × n) x and (m × n) rows, inside their buffers.
-            let rows = unsafe { std::slice::from_raw_parts_mut(yp.0.add(r0 * n), m * n) };
-            serial_gemms(|| unsafe {
-                kernels::sgemm(
-                    m,
-                    n,
-                    c,
-                    rows.as_mut_ptr(),
-                    n,
-                    false,
-                    wt.as_ptr().add(r0 * c),
-                    c,
-                    1,
-                    x.as_ptr(),
-                    n,
-                    1,
-                )
-            });
-            if let Some(e) = ep {
-                for (o, row) in (r0..).zip(rows.chunks_exact_mut(n)) {
-                    e.apply(o, row);
-                }
-            }
-        })
-    })
-}
-
 fn pointwise_fwd((b, c, h, w, cout): Geom, x: &[f32], wt: &[f32], y: &mut [f32]) {
     let n = b * h * w;
-    if let Some(rb) = row_block(cout, c, n) {
-        return pointwise_fwd_rows(rb, (n, c, cout), x, wt, y, None);
+    if row_block(cout, c, n).is_some() {
+        return pointwise_fwd_blocks((b, c, h, w, cout), x, wt, y, None);
     }
     // SAFETY: y is (cout × n), wt (cout × c), x (c × n), all row-major and disjoint.
     time(Kind::Gemm, (2 * cout * c * n) as u64, || unsafe {

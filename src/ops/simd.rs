@@ -58,6 +58,34 @@ macro_rules! multiversion {
             imp($($a),*)
         }
     };
+    // The same for an `unsafe fn` (one whose caller upholds a contract the types cannot say).
+    ($(#[$m:meta])* $vis:vis unsafe fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis unsafe fn $name($($a: $t),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn imp($($a: $t),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v4($($a: $t),*) $(-> $ret)? { imp($($a),*) }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v3($($a: $t),*) $(-> $ret)? { imp($($a),*) }
+                match $crate::ops::simd::simd_level() {
+                    // SAFETY: the CPU supports the features (checked at run time); the
+                    // caller upholds the function's own contract.
+                    2 => return unsafe { v4($($a),*) },
+                    1 => return unsafe { v3($($a),*) },
+                    _ => {}
+                }
+            }
+            // SAFETY: the caller upholds the function's contract.
+            unsafe { imp($($a),*) }
+        }
+    };
 }
 
 pub(crate) use multiversion;

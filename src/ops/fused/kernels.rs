@@ -301,24 +301,34 @@ unsafe impl Send for Ptr {}
 /// effect on the values; nothing past the end of `buf` is touched.
 #[inline(always)]
 pub(super) fn prefetch(buf: &[f32], at: usize, len: usize, write: bool) {
+    let end = (at + len).min(buf.len());
+    if at < end {
+        prefetch_span(buf[at..].as_ptr(), end - at, write)
+    }
+}
+
+/// [`prefetch`] of the `len` values from `p`: for memory other threads write meanwhile
+/// (disjoint parts of one output), which no slice may cover. A prefetch neither faults nor
+/// reads or writes anything, whatever the address.
+#[inline(always)]
+pub(super) fn prefetch_span(p: *const f32, len: usize, write: bool) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
-        let end = (at + len).min(buf.len());
-        for a in (at..end).step_by(16) {
-            let p = buf[a..].as_ptr() as *const i8;
-            // SAFETY: a prefetch reads and writes nothing; `p` points into `buf`.
+        for a in (0..len).step_by(16) {
+            let q = p.wrapping_add(a) as *const i8;
+            // SAFETY: a prefetch is a hint that reads and writes nothing.
             unsafe {
                 if write {
-                    _mm_prefetch::<_MM_HINT_ET0>(p)
+                    _mm_prefetch::<_MM_HINT_ET0>(q)
                 } else {
-                    _mm_prefetch::<_MM_HINT_T0>(p)
+                    _mm_prefetch::<_MM_HINT_T0>(q)
                 }
             }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (buf, at, len, write);
+    let _ = (p, len, write);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@
 //!   products per channel pair instead of 144, 4× fewer multiplications, and 2.25 transformed
 //!   floats per input float (F(2×2, 3×3), tried first, writes 4 and was slower: the
 //!   transforms are bound by memory traffic).
+//! - **Inference runs block by block** ([`forward_blocked`], 64 columns: 4 tiles of 16
+//!   images): a block's input transform, 36 products and output transform on one thread, its
+//!   `V` and `M` (1.2 MB each) in that core's cache instead of 14 MB each through memory and
+//!   across cores; the products are the same gemm calls on fewer columns (the same bits).
+//!   Training keeps the whole `V` for the weight gradient and runs in tile-row chunks.
 //! - The input gradient is the same convolution of `dy` with the kernel flipped and its
 //!   channels swapped (stride 1, padding 1), so it reuses the forward.
 //! - **Weight gradient: F(3×3, 4×4)**: for each 4×4 tile of `dy`, the 3×3 correlation of
@@ -36,7 +41,7 @@ use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
-use super::kernels::{prefetch, serial_gemms, sgemm, sgemm_strided, Ptr};
+use super::kernels::{prefetch, prefetch_span, serial_gemms, sgemm, sgemm_strided, Ptr};
 use super::pool;
 use super::prof::{time, Kind};
 use crate::ops::simd::multiversion;
@@ -252,26 +257,40 @@ fn kernel_grad(g: &Geom, sums: &[f32], dw: &mut [f32]) {
 const L: usize = 16;
 type Lane = [f32; L];
 
-/// `src[at .. at + nl]` into `dst` (the rest zero). A full lane is a fixed-size copy (vector
-/// moves, not a `memcpy` call per value).
+/// `src[at .. at + nl]` into `dst` (the rest zero). A full lane is an array assignment (vector
+/// moves); a partial one a call: with the two copies in one function the compiler merged
+/// them into one `memcpy` call of `nl` values and a `memset` (5 % of a batch-16 conv).
 #[inline(always)]
 fn load(src: &[f32], at: usize, nl: usize, dst: &mut Lane) {
     if nl == L {
-        dst.copy_from_slice(&src[at..at + L]);
+        *dst = src[at..at + L].try_into().expect("a full lane");
     } else {
-        dst[..nl].copy_from_slice(&src[at..at + nl]);
-        dst[nl..].fill(0.0);
+        load_part(src, at, nl, dst)
     }
 }
 
-/// `val[..nl]` into `dst[at ..]`.
+#[cold]
+#[inline(never)]
+fn load_part(src: &[f32], at: usize, nl: usize, dst: &mut Lane) {
+    dst[..nl].copy_from_slice(&src[at..at + nl]);
+    dst[nl..].fill(0.0);
+}
+
+/// `val[..nl]` into `dst[at ..]` (as [`load`]).
 #[inline(always)]
 fn store(dst: &mut [f32], at: usize, nl: usize, val: &Lane) {
     if nl == L {
-        dst[at..at + L].copy_from_slice(val);
+        let d: &mut Lane = (&mut dst[at..at + L]).try_into().expect("a full lane");
+        *d = *val;
     } else {
-        dst[at..at + nl].copy_from_slice(&val[..nl]);
+        store_part(dst, at, nl, val)
     }
+}
+
+#[cold]
+#[inline(never)]
+fn store_part(dst: &mut [f32], at: usize, nl: usize, val: &Lane) {
+    dst[at..at + nl].copy_from_slice(&val[..nl]);
 }
 
 /// Lanes `l0 .. l0 + nl` of a `k×k` window of the map `xc (h, w, b)` into `d` (row-major),
@@ -323,6 +342,10 @@ fn forward_impl(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32], keep: bool) -> O
         return None;
     }
     let u = cached_kernel_tiles4(g, wt);
+    if !keep && g.b >= 8 {
+        forward_blocked(g, x, &u, y);
+        return None;
+    }
     let (tw, nr) = (g.tw4(), g.chunk_rows4());
     let per_row = tw * g.b;
     let mut v = pool::take(g.c * 36 * nr * per_row);
@@ -387,6 +410,132 @@ fn forward_impl(g: &Geom, x: &[f32], wt: &[f32], y: &mut [f32], keep: bool) -> O
     } else {
         pool::give(v);
         None
+    }
+}
+
+/// Ask for the pixels of tiles `a..z`'s windows in one channel's map at `xc` (rows and columns
+/// `4t − back ..`, `span` of each): the next channel's, while this one is transformed (the
+/// windows of a block are short runs in 128 maps, which the hardware prefetchers miss).
+fn prefetch_tiles(
+    g: &Geom,
+    xc: *const f32,
+    (a, z): (usize, usize),
+    back: usize,
+    span: usize,
+    write: bool,
+) {
+    let tw = g.tw4();
+    let (ti0, ti1) = (a / tw, (z - 1) / tw);
+    for ti in ti0..=ti1 {
+        let tj0 = if ti == ti0 { a % tw } else { 0 };
+        let tj1 = if ti == ti1 { (z - 1) % tw } else { tw - 1 };
+        let x0 = (4 * tj0).saturating_sub(back);
+        let x1 = (4 * tj1 + span - back).min(g.w);
+        for y in (4 * ti).saturating_sub(back)..(4 * ti + span - back).min(g.h) {
+            prefetch_span(
+                xc.wrapping_add((y * g.w + x0) * g.b),
+                (x1 - x0) * g.b,
+                write,
+            );
+        }
+    }
+}
+
+/// Columns (tiles × images) per block of [`forward_blocked`].
+const BLOCK_COLS: usize = 64;
+
+thread_local! {
+    /// Per-thread scratch of [`forward_blocked`]: a block's `V` and `M`.
+    static BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`forward`] block by block of ~[`BLOCK_COLS`] columns: each block's input transform, 36
+/// products and output transform on one thread, its `V` and `M` in that core's cache. At
+/// batch 16, 224 px: 4.2–4.6 → 3.0 ms per conv alone (`examples/profile_winograd.rs`), the
+/// whole forward −6 % (products on 64 columns run at ~238 GFLOP/s a thread against ~180 on
+/// the whole map's 784; 32 columns: 227, 16: 123).
+fn forward_blocked(g: &Geom, x: &[f32], u: &[f32], y: &mut [f32]) {
+    let tiles = g.th4() * g.tw4();
+    let threads = rayon::current_num_threads().max(1);
+    let per_block = (BLOCK_COLS / g.b).max(1);
+    // A multiple of the threads (13 blocks of 4 tiles on 2 threads left one waiting for the
+    // last: 16.5 against 15.9 ms per batch-16 forward), sizes within one tile of each other.
+    let blocks = (tiles.div_ceil(per_block).div_ceil(threads) * threads).min(tiles);
+    let plane = g.h * g.w * g.b;
+    let (yp, up) = (Ptr(y.as_mut_ptr()), Ptr(u.as_ptr() as *mut f32));
+    (0..blocks).into_par_iter().for_each(|k| {
+        let (yp, up) = (&yp, &up);
+        let (a, z) = (k * tiles / blocks, (k + 1) * tiles / blocks);
+        let n = (z - a) * g.b;
+        let mut buf = BLOCK.take();
+        if buf.len() < (g.c + g.o) * 36 * n {
+            buf.resize((g.c + g.o) * 36 * n, 0.0);
+        }
+        let (v, m) = buf.split_at_mut(g.c * 36 * n);
+        for (c, vc) in v.chunks_exact_mut(36 * n).enumerate() {
+            if c + 1 < g.c {
+                prefetch_tiles(g, x[(c + 1) * plane..].as_ptr(), (a, z), 1, 6, false);
+            }
+            input_tiles4_range(&x[c * plane..(c + 1) * plane], g.h, g.w, g.b, a, z, vc);
+        }
+        let (mp, vp) = (m.as_mut_ptr(), v.as_ptr());
+        for xi in 0..36 {
+            // SAFETY: M_ξ (o × n, row stride 36n) = U_ξ (o × c) · V_ξ (c × n, row stride 36n),
+            // inside m (o · 36n), u (36 · o · c) and v (c · 36n).
+            serial_gemms(|| unsafe {
+                sgemm(
+                    g.o,
+                    n,
+                    g.c,
+                    mp.add(xi * n),
+                    36 * n,
+                    false,
+                    up.0.add(xi * g.o * g.c),
+                    g.c,
+                    1,
+                    vp.add(xi * n),
+                    36 * n,
+                    1,
+                )
+            })
+        }
+        for (o, mo) in m[..g.o * 36 * n].chunks_exact(36 * n).enumerate() {
+            if o + 1 < g.o {
+                prefetch_tiles(g, yp.0.wrapping_add((o + 1) * plane), (a, z), 0, 4, true);
+            }
+            // SAFETY: tiles a..z of plane o of y (o · plane values): blocks hold disjoint
+            // tiles, so no other task writes these pixels.
+            unsafe { output_tiles4_range(mo, g.h, g.w, g.b, a, z, yp.0.add(o * plane)) }
+        }
+        BLOCK.set(buf);
+    });
+}
+
+multiversion! {
+    /// `V (c, 36, n)` of one channel of `x` (as [`input_tiles4_channel`]): tiles `a..z`.
+    fn input_tiles4_range(xc: &[f32], h: usize, w: usize, b: usize, a: usize, z: usize, vc: &mut [f32]) {
+        window_tiles::<6>(xc, (h, w, b), (a, z), 0, bt6, vc)
+    }
+}
+
+multiversion! {
+    /// [`output_tiles4_channel`] of tiles `a..z` into the map at `yo`.
+    ///
+    /// # Safety
+    /// `yo` points to an `(h, w, b)` map that no one else reads or writes at those tiles'
+    /// pixels during the call.
+    unsafe fn output_tiles4_range(mo: &[f32], h: usize, w: usize, b: usize, a: usize, z: usize, yo: *mut f32) {
+        output_tiles(mo, (h, w, b), (a, z), |at, nl, val| {
+            debug_assert!(at + nl <= h * w * b);
+            // SAFETY: `at + nl` is inside the map (a pixel of tile a..z); the caller's contract.
+            unsafe {
+                if nl == L {
+                    yo.add(at).cast::<Lane>().write_unaligned(*val)
+                } else {
+                    std::ptr::copy_nonoverlapping(val.as_ptr(), yo.add(at), nl)
+                }
+            }
+        })
     }
 }
 
@@ -573,13 +722,17 @@ fn tiles(
 fn window_transform<const K: usize>(
     d: &[Lane],
     t: &impl Fn([&Lane; K]) -> [Lane; 6],
-) -> [[Lane; 6]; 6] {
+    out: &mut [[Lane; 6]; 6],
+) {
     let mut cols = [[[0f32; L]; 6]; K];
     for (s, c) in cols.iter_mut().enumerate() {
         *c = t(std::array::from_fn(|r| &d[r * K + s]));
     }
-    // p indexes the second axis of every column: a transpose, not an iteration.
-    std::array::from_fn(|p| t(std::array::from_fn(|s| &cols[s][p])))
+    // p indexes the second axis of every column: a transpose, not an iteration. Written in
+    // place: a returned 2.3 KB array was copied by a `memcpy` call per window.
+    for (p, op) in out.iter_mut().enumerate() {
+        *op = t(std::array::from_fn(|s| &cols[s][p]));
+    }
 }
 
 /// `Aᵀ M A` of a tile's 36 products `e` (row-major 6×6): `[j][i]` is output row `i`, column
@@ -591,52 +744,60 @@ fn tile_outputs(e: &[Lane; 36]) -> [[Lane; 4]; 4] {
         let r = &e[p * 6..p * 6 + 6];
         *tp = at6([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
     }
-    std::array::from_fn(|j| at6([&t[0][j], &t[1][j], &t[2][j], &t[3][j], &t[4][j], &t[5][j]]))
+    // A loop, not `std::array::from_fn`: that was left out of line, compiled without the
+    // caller's AVX-512 (4 % of a batch-16 Winograd conv).
+    let mut out = [[[0f32; L]; 4]; 4];
+    for (j, oj) in out.iter_mut().enumerate() {
+        *oj = at6([&t[0][j], &t[1][j], &t[2][j], &t[3][j], &t[4][j], &t[5][j]]);
+    }
+    out
 }
 
 /// One channel's `K×K` windows at stride 4 (window `(r, s)` of tile `(ti, tj)` being map pixel
 /// `(4ti + shift + r − 1, 4tj + shift + s − 1)`, zero outside the map), each as `T d Tᵀ` for
-/// the 1-D transform `t` (K values to 6), into `out (36, n)`.
+/// the 1-D transform `t` (K values to 6), into `out (36, n)`: tiles `a..z` in row-major order
+/// (tile `ti · tw + tj`), column `(tile − a) · b + image`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn window_tiles<const K: usize>(
     src: &[f32],
     (h, w, b): (usize, usize, usize),
-    (t0, t1): (usize, usize),
+    (a, z): (usize, usize),
     shift: usize,
     t: impl Fn([&Lane; K]) -> [Lane; 6],
     out: &mut [f32],
 ) {
     let tw = w.div_ceil(4);
-    let n = (t1 - t0) * tw * b;
+    let n = (z - a) * b;
     let mut d = [[0f32; L]; 36];
-    for ti in t0..t1 {
-        for tj in 0..tw {
-            let col = ((ti - t0) * tw + tj) * b;
-            // The next tile's 36 outputs, one per row of `out`: 36 write streams are more
-            // than the hardware prefetchers follow, and each store missed its line (a first
-            // transform of a 28 × 28 × 16 map took 1.2 ms, 0.9 with this, 0.45 on data in
-            // cache).
-            if col + b < n {
-                for pq in 0..36 {
-                    prefetch(out, pq * n + col + b, b, true);
-                }
+    let mut tr = [[[0f32; L]; 6]; 6];
+    for tile in a..z {
+        let (ti, tj) = (tile / tw, tile % tw);
+        let col = (tile - a) * b;
+        // The next tile's 36 outputs, one per row of `out`: 36 write streams are more
+        // than the hardware prefetchers follow, and each store missed its line (a first
+        // transform of a 28 × 28 × 16 map took 1.2 ms, 0.9 with this, 0.45 on data in
+        // cache).
+        if col + b < n {
+            for pq in 0..36 {
+                prefetch(out, pq * n + col + b, b, true);
             }
-            for l0 in (0..b).step_by(L) {
-                let nl = (b - l0).min(L);
-                gather(
-                    src,
-                    (h, w, b),
-                    K,
-                    4 * ti + shift,
-                    4 * tj + shift,
-                    l0,
-                    nl,
-                    &mut d,
-                );
-                for (pq, val) in window_transform::<K>(&d, &t).iter().flatten().enumerate() {
-                    store(out, pq * n + col + l0, nl, val);
-                }
+        }
+        for l0 in (0..b).step_by(L) {
+            let nl = (b - l0).min(L);
+            gather(
+                src,
+                (h, w, b),
+                K,
+                4 * ti + shift,
+                4 * tj + shift,
+                l0,
+                nl,
+                &mut d,
+            );
+            window_transform::<K>(&d, &t, &mut tr);
+            for (pq, val) in tr.iter().flatten().enumerate() {
+                store(out, pq * n + col + l0, nl, val);
             }
         }
     }
@@ -645,7 +806,8 @@ fn window_tiles<const K: usize>(
 multiversion! {
     /// `V (c, 36, n)` of one channel of `x`: each 6×6 window (rows `4ti − 1 ..`) as `Bᵀ d B`.
     fn input_tiles4_channel(xc: &[f32], h: usize, w: usize, b: usize, t0: usize, t1: usize, vc: &mut [f32]) {
-        window_tiles::<6>(xc, (h, w, b), (t0, t1), 0, bt6, vc)
+        let tw = w.div_ceil(4);
+        window_tiles::<6>(xc, (h, w, b), (t0 * tw, t1 * tw), 0, bt6, vc)
     }
 }
 
@@ -817,49 +979,54 @@ multiversion! {
     /// `Ŷ (o, 36, n)` of one channel of `dy`: each 4×4 tile (its pixels `(4ti + i, 4tj + j)`:
     /// a window one pixel further on) as `A f Aᵀ`.
     fn grad_tiles4_channel(dyo: &[f32], h: usize, w: usize, b: usize, t0: usize, t1: usize, uo: &mut [f32]) {
-        window_tiles::<4>(dyo, (h, w, b), (t0, t1), 1, a6, uo)
+        let tw = w.div_ceil(4);
+        window_tiles::<4>(dyo, (h, w, b), (t0 * tw, t1 * tw), 1, a6, uo)
+    }
+}
+
+/// `Aᵀ M A` of tiles `a..z` (as [`window_tiles`]) of one output channel's products
+/// `mo (36, n)`: `put(at, nl, val)` stores lanes `..nl` of `val` at `at` of the channel's map
+/// `(h, w, b)`, only the map's rows and columns of each tile.
+#[inline(always)]
+fn output_tiles(
+    mo: &[f32],
+    (h, w, b): (usize, usize, usize),
+    (a, z): (usize, usize),
+    mut put: impl FnMut(usize, usize, &Lane),
+) {
+    let tw = w.div_ceil(4);
+    let n = (z - a) * b;
+    let mut e = [[0f32; L]; 36];
+    for tile in a..z {
+        let (ti, tj) = (tile / tw, tile % tw);
+        let (rows, cols) = ((h - 4 * ti).min(4), (w - 4 * tj).min(4));
+        let col = (tile - a) * b;
+        // The next tile's 36 products, one per row of `mo` (see `window_tiles`: 1.2 → 0.9 ms
+        // for a first pass over a 28 × 28 × 16 map).
+        if col + b < n {
+            for k in 0..36 {
+                prefetch(mo, k * n + col + b, b, false);
+            }
+        }
+        for l0 in (0..b).step_by(L) {
+            let nl = (b - l0).min(L);
+            for (k, ek) in e.iter_mut().enumerate() {
+                load(mo, k * n + col + l0, nl, ek);
+            }
+            for (j, out) in tile_outputs(&e).iter().enumerate().take(cols) {
+                for (i, val) in out.iter().enumerate().take(rows) {
+                    put(((4 * ti + i) * w + 4 * tj + j) * b + l0, nl, val);
+                }
+            }
+        }
     }
 }
 
 multiversion! {
-    fn output_tiles4_channel(
-        mo: &[f32],
-        h: usize,
-        w: usize,
-        b: usize,
-        t0: usize,
-        t1: usize,
-        yo: &mut [f32],
-    ) {
+    /// `y` of one output channel from `M (o, 36, n)`: tile rows `t0..t1`.
+    fn output_tiles4_channel(mo: &[f32], h: usize, w: usize, b: usize, t0: usize, t1: usize, yo: &mut [f32]) {
         let tw = w.div_ceil(4);
-        let n = (t1 - t0) * tw * b;
-        let mut e = [[0f32; L]; 36];
-        for ti in t0..t1 {
-            let rows = (h - 4 * ti).min(4);
-            for tj in 0..tw {
-                let cols = (w - 4 * tj).min(4);
-                let col = ((ti - t0) * tw + tj) * b;
-                // The next tile's 36 products, one per row of `mo` (see `window_tiles`: 1.2
-                // → 0.9 ms for a first pass over a 28 × 28 × 16 map).
-                if col + b < n {
-                    for k in 0..36 {
-                        prefetch(mo, k * n + col + b, b, false);
-                    }
-                }
-                for l0 in (0..b).step_by(L) {
-                    let nl = (b - l0).min(L);
-                    for (k, ek) in e.iter_mut().enumerate() {
-                        load(mo, k * n + col + l0, nl, ek);
-                    }
-                    // Only the map's rows and columns of the tile.
-                    for (j, out) in tile_outputs(&e).iter().enumerate().take(cols) {
-                        for (i, val) in out.iter().enumerate().take(rows) {
-                            store(yo, ((4 * ti + i) * w + 4 * tj + j) * b + l0, nl, val);
-                        }
-                    }
-                }
-            }
-        }
+        output_tiles(mo, (h, w, b), (t0 * tw, t1 * tw), |at, nl, val| store(yo, at, nl, val))
     }
 }
 
@@ -1072,6 +1239,41 @@ mod tests {
             backward(&g, &x, &wt, &dy, &mut dw_kept, false, v.as_deref());
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&dw_kept), bits(&dw), "kept V {g:?}");
+        }
+    }
+
+    /// The blocked forward (inference) against the chunked one (training's, keeping `V`) at
+    /// the model's channel counts: each block's products are the gemm crate's on fewer columns,
+    /// which sums each output over the same 128 channels in one pass: the same bits, for
+    /// blocks of 1 to 4 tiles (1, 2, 3 and 5 threads) and a batch whose tiles are 48 columns.
+    #[test]
+    fn blocked_forward_keeps_the_chunked_forwards_bits() {
+        for (b, h, w) in [(16, 12, 12), (16, 9, 17), (24, 8, 8)] {
+            let g = Geom {
+                b,
+                c: 128,
+                h,
+                w,
+                o: 128,
+            };
+            let x = vals(g.c * g.h * g.w * g.b, 9);
+            let wt = vals(g.o * g.c * 9, 10);
+            let mut y_kept = vec![f32::NAN; g.o * g.h * g.w * g.b];
+            let v = forward_keeping(&g, &x, &wt, &mut y_kept);
+            assert!(v.is_some(), "the chunked path: {g:?}");
+            for threads in [1, 2, 3, 5] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut y = vec![f32::NAN; y_kept.len()];
+                pool.install(|| forward(&g, &x, &wt, &mut y));
+                let same = y
+                    .iter()
+                    .zip(&y_kept)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{g:?} on {threads} threads");
+            }
         }
     }
 

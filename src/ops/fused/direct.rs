@@ -26,13 +26,15 @@ const G: usize = 4;
 /// Images per lane.
 const L: usize = 16;
 type Lane = [f32; L];
+/// 8 images: two neighbouring output pixels' images to a lane ([`row_pairs`]).
+const H: usize = L / 2;
 
 /// Whether the forward of a dense conv over `b` images with `c` input channels, kernel `k`
 /// and `o` output channels takes this path: whole 16-image lanes, a multiple of 16 output
 /// channels, and few input taps (each input lane feeds 16 outputs; with many taps the gemm
 /// path is better).
 pub fn applies(b: usize, c: usize, k: usize, o: usize) -> bool {
-    b.is_multiple_of(L)
+    (b.is_multiple_of(L) || b == H)
         && b > 0
         && o.is_multiple_of(OB)
         && c * k * k <= 64
@@ -222,7 +224,8 @@ pub fn forward(
             std::slice::from_raw_parts_mut(out.0.add(at), g.wo * g.b)
         });
         let mut rows = rows;
-        row(
+        let row_fn = if g.b == H { row_pairs } else { row };
+        row_fn(
             g,
             oy,
             x,
@@ -275,6 +278,57 @@ multiversion! {
                     r[ox * g.b + l0..ox * g.b + l0 + L].copy_from_slice(&acc[j / G][j % G]);
                 }
             }
+        }
+    }
+}
+
+multiversion! {
+    /// [`row`] for 8 images: output pixels `ox, ox + 1` side by side in one lane where every
+    /// tap of both lies inside the map (the next pixel's window is `stride` pixels on), one
+    /// pixel in half a lane at the borders; every output sums its taps in the order `(c, ky,
+    /// kx)` as in [`row`].
+    fn row_pairs(g: &ConvGeom, oy: usize, x: &[f32], wt: &[f32], offsets: &[usize], rows: [&mut [f32]; OB]) {
+        let (ky0, ky1) = g.taps(oy, g.h);
+        let inner_row = ky0 == 0 && ky1 == g.k;
+        let inside = |ox: usize| g.taps(ox, g.w) == (0, g.k);
+        let next = g.stride * H;
+        let mut rows = rows;
+        let mut ox = 0;
+        while ox < g.wo {
+            let mut acc = [[[0f32; L]; G]; OB / G];
+            if inner_row && ox + 1 < g.wo && inside(ox) && inside(ox + 1) {
+                let corner = ((oy * g.stride - g.pad) * g.w + ox * g.stride - g.pad) * H;
+                let xw = &x[corner..];
+                for (t, &off) in offsets.iter().enumerate() {
+                    let mut xl = [0f32; L];
+                    xl[..H].copy_from_slice(&xw[off..off + H]);
+                    xl[H..].copy_from_slice(&xw[off + next..off + next + H]);
+                    fma16(&mut acc, &wt[t * OB..t * OB + OB], &xl);
+                }
+                for (j, r) in rows.iter_mut().enumerate() {
+                    r[ox * H..ox * H + L].copy_from_slice(&acc[j / G][j % G]);
+                }
+                ox += 2;
+                continue;
+            }
+            let (kx0, kx1) = g.taps(ox, g.w);
+            for c in 0..g.c {
+                for ky in ky0..ky1 {
+                    let iy = oy * g.stride + ky - g.pad;
+                    for kx in kx0..kx1 {
+                        let ix = ox * g.stride + kx - g.pad;
+                        let at = ((c * g.h + iy) * g.w + ix) * H;
+                        let mut xl = [0f32; L];
+                        xl[..H].copy_from_slice(&x[at..at + H]);
+                        let t = (c * g.k + ky) * g.k + kx;
+                        fma16(&mut acc, &wt[t * OB..t * OB + OB], &xl);
+                    }
+                }
+            }
+            for (j, r) in rows.iter_mut().enumerate() {
+                r[ox * H..ox * H + H].copy_from_slice(&acc[j / G][j % G][..H]);
+            }
+            ox += 1;
         }
     }
 }
@@ -367,11 +421,15 @@ mod tests {
 
     #[test]
     fn forward_matches_a_direct_convolution_in_f64() {
-        // The stem's shape (small), two lanes and two channel blocks, odd sizes, stride 1.
+        // The stem's shape (small), two lanes and two channel blocks, odd sizes, stride 1; 8
+        // images (pixel pairs to a lane, single pixels at the borders and an odd row's end).
         let cases = [
             (16, 3, 16, 16, 3, 2, 16),
             (32, 3, 9, 7, 3, 2, 32),
             (16, 2, 5, 6, 3, 1, 16),
+            (8, 3, 16, 16, 3, 2, 16),
+            (8, 3, 9, 7, 3, 2, 32),
+            (8, 2, 5, 6, 3, 1, 16),
         ];
         check(&cases, 1, |g, o, x, wt, y| forward(g, o, x, wt, y, None));
     }

@@ -253,6 +253,27 @@ multiversion! {
     }
 }
 
+/// [`lane_sums`] for `N` lanes.
+#[inline(always)]
+fn lane_sums_n<const N: usize, F: Fn(f32, f32) -> f32>(
+    a: &[f32],
+    c: &[f32],
+    f: F,
+    out: &mut [f64],
+) {
+    for (ba, bc) in a.chunks(64 * N).zip(c.chunks(64 * N)) {
+        let mut acc = [0f32; N];
+        for (pa, pc) in ba.as_chunks::<N>().0.iter().zip(bc.as_chunks::<N>().0) {
+            for l in 0..N {
+                acc[l] += f(pa[l], pc[l]);
+            }
+        }
+        for (o, &s) in out.iter_mut().zip(&acc) {
+            *o += s as f64;
+        }
+    }
+}
+
 /// Per-lane sums over pixels: `out[l] = Σ_p f(a[p·b + l], c[p·b + l])` for `(P, b)` slices,
 /// f32 over blocks of 64 pixels, then f64 (fixed order).
 #[inline(always)]
@@ -261,21 +282,12 @@ fn lane_sums<F: Fn(f32, f32) -> f32>(a: &[f32], c: &[f32], b: usize, f: F, out: 
     if b == 0 {
         return;
     }
-    if b == 16 {
-        // 16 lanes: the sums in one register (the same order; the general loop below keeps
-        // them in memory, its lane count unknown to the compiler).
-        for (ba, bc) in a.chunks(64 * 16).zip(c.chunks(64 * 16)) {
-            let mut acc = [0f32; 16];
-            for (pa, pc) in ba.as_chunks::<16>().0.iter().zip(bc.as_chunks::<16>().0) {
-                for l in 0..16 {
-                    acc[l] += f(pa[l], pc[l]);
-                }
-            }
-            for (o, &s) in out.iter_mut().zip(&acc) {
-                *o += s as f64;
-            }
-        }
-        return;
+    // 16 or 8 lanes: the sums in one register (the same order; the general loop below keeps
+    // them in memory, its lane count unknown to the compiler: 3.5× the time at 8 images).
+    match b {
+        16 => return lane_sums_n::<16, F>(a, c, f, out),
+        8 => return lane_sums_n::<8, F>(a, c, f, out),
+        _ => {}
     }
     let mut acc = vec![0f32; b];
     for (ba, bc) in a.chunks(64 * b).zip(c.chunks(64 * b)) {
@@ -1720,10 +1732,34 @@ multiversion! {
             }
             return;
         }
-        for (op, xp) in o.chunks_exact_mut(b).zip(x.chunks_exact(b)) {
-            for ((ov, &xv), &gv) in op.iter_mut().zip(xp).zip(gate) {
-                *ov = xv * gv;
+        // 16 or 8 lanes as whole vectors (the general loop's lane count is unknown to the
+        // compiler: scalar code, 3.5× the time of squeeze-excite at 8 images).
+        match b {
+            16 => scale_lanes_n::<16>(o, x, gate),
+            8 => scale_lanes_n::<8>(o, x, gate),
+            _ => {
+                for (op, xp) in o.chunks_exact_mut(b).zip(x.chunks_exact(b)) {
+                    for ((ov, &xv), &gv) in op.iter_mut().zip(xp).zip(gate) {
+                        *ov = xv * gv;
+                    }
+                }
             }
+        }
+    }
+}
+
+/// [`scale_lanes`] for `N` lanes.
+#[inline(always)]
+fn scale_lanes_n<const N: usize>(o: &mut [f32], x: &[f32], gate: &[f32]) {
+    let g: &[f32; N] = gate.try_into().expect("N lanes");
+    for (op, xp) in o
+        .as_chunks_mut::<N>()
+        .0
+        .iter_mut()
+        .zip(x.as_chunks::<N>().0)
+    {
+        for l in 0..N {
+            op[l] = xp[l] * g[l];
         }
     }
 }

@@ -245,6 +245,42 @@ impl Core {
         Ok((y, Shape::from((b, oc, oh, ow)), tape))
     }
 
+    /// An evaluation forward of `groups` image groups, each group's whole pass on a
+    /// one-thread pool of its own (see [`eval_groups`]); the outputs are concatenated.
+    fn forward_groups(
+        &self,
+        x: &[f32],
+        (b, cin, h, w): (usize, usize, usize, usize),
+        flat: &[f32],
+        groups: usize,
+    ) -> Result<(Vec<f32>, Shape)> {
+        let bg = b / groups;
+        let per = cin * h * w * bg;
+        let pools = group_pools(groups)?;
+        let run = |g: usize| {
+            let xg = &x[g * per..(g + 1) * per];
+            pools[g].install(|| self.forward(xg, (bg, cin, h, w), flat, false))
+        };
+        let outs = std::thread::scope(|s| {
+            let others: Vec<_> = (1..groups).map(|g| s.spawn(move || run(g))).collect();
+            let mut outs = vec![run(0)];
+            for o in others {
+                outs.push(o.join().unwrap_or_else(|_| {
+                    candle_core::bail!("fused network: an image group's pass panicked")
+                }));
+            }
+            outs
+        });
+        let mut y = Vec::new();
+        let mut dims = (0, 0, 0, 0);
+        for out in outs {
+            let (part, shape, _) = out?;
+            dims = shape.dims4()?;
+            y.extend_from_slice(&part);
+        }
+        Ok((y, Shape::from((b, dims.1, dims.2, dims.3))))
+    }
+
     /// The backward pass: `dy (B, O, Ho, Wo)` -> (input gradient if `need_dx`, flat
     /// parameter gradient).
     fn backward(
@@ -334,6 +370,43 @@ fn release_inputs(
     }
 }
 
+/// Image groups of an evaluation batch of `b`: one per thread where each gets a multiple of 8
+/// images, else 1.
+/// `n` one-thread pools for [`Core::forward_groups`], made once and kept (a thread start
+/// per forward would cost ~50 µs).
+fn group_pools(n: usize) -> Result<Vec<Arc<rayon::ThreadPool>>> {
+    static POOLS: Mutex<Vec<Arc<rayon::ThreadPool>>> = Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    while pools.len() < n {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|i| format!("onehead-group-{i}"))
+            .build()
+            .map_err(|e| candle_core::Error::Msg(format!("fused network: a thread pool: {e}")))?;
+        pools.push(Arc::new(pool));
+    }
+    Ok(pools[..n].to_vec())
+}
+
+/// Image groups of an evaluation forward over `b` images: one per thread where each gets a
+/// multiple of 8 images (whole or paired lanes), else 1 (`ONEHEAD_EVAL_GROUPS=0`: always 1).
+///
+/// Why: with every node split between the threads, each node reads what the other core
+/// wrote, and when the machine places its two vCPUs far apart (minutes at a time) that costs
+/// a batch-16 forward ~20 % (15.0 → 18.6 ms; one thread is not slowed at all). A group's
+/// images stay on one core from the input to the output, as PyTorch's threads keep theirs.
+/// The values are the whole batch's, bit for bit: no kernel mixes images.
+pub fn eval_groups(b: usize) -> usize {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("ONEHEAD_EVAL_GROUPS").is_ok_and(|v| v == "0"));
+    let t = rayon::current_num_threads();
+    if !off && t > 1 && b.is_multiple_of(8 * t) {
+        t
+    } else {
+        1
+    }
+}
+
 /// Run `f` on a thread of rayon's pool, the other workers kept awake until it returns.
 /// Called from outside the pool, each of a pass's ~100 parallel loops would hand its work to
 /// the pool and sleep until it is done (a futex wake and wait per loop); run from inside,
@@ -402,7 +475,17 @@ impl CustomOp2 for NetOp {
         let x = f32_slice(s1, l1, "fused network input")?;
         let flat = f32_slice(s2, l2, "fused network parameters")?;
         let dims = l1.shape().dims4()?;
-        let (y, shape, tape) = on_pool(|| self.core.forward(x, dims, flat, self.keep_tape))?;
+        let groups = if self.keep_tape {
+            1
+        } else {
+            eval_groups(dims.0)
+        };
+        let (y, shape, tape) = if groups > 1 {
+            let (y, shape) = self.core.forward_groups(x, dims, flat, groups)?;
+            (y, shape, None)
+        } else {
+            on_pool(|| self.core.forward(x, dims, flat, self.keep_tape))?
+        };
         *self.tape.lock().expect("tape") = tape;
         Ok((CpuStorage::F32(y), shape))
     }

@@ -464,6 +464,7 @@ fn depthwise_forward_and_backward_match_a_naive_reference_at_strides_1_and_2() {
         (20, 2, 7, 7, 5, 2),
         (16, 1, 5, 6, 3, 2),
         (8, 2, 4, 4, 5, 1),
+        (8, 2, 9, 12, 3, 1),
     ] {
         let g = ConvGeom::new(b, c, h, w, k, s);
         let x = vals(c * h * w * b, 30, 1.0);
@@ -486,7 +487,8 @@ fn depthwise_forward_and_backward_match_a_naive_reference_at_strides_1_and_2() {
 
 /// The lane kernels' outputs are one f32 FMA chain over the valid taps in `(ky, kx)` order,
 /// bit for bit: on the plane itself and on its zero-bordered copy (stride 1 with k = 5), the
-/// blocks that overlap at a row's end (widths not a multiple of 4) included.
+/// blocks that overlap at a row's end (widths not a multiple of 4) included, and at 8 images
+/// (two outputs to a vector at stride 1).
 #[test]
 fn depthwise_lanes_sum_the_valid_taps_in_order_exactly() {
     for &(b, h, w, k, s) in &[
@@ -496,6 +498,13 @@ fn depthwise_lanes_sum_the_valid_taps_in_order_exactly() {
         (16, 9, 10, 3, 1),
         (16, 11, 9, 5, 2),
         (16, 12, 12, 3, 2),
+        // 8 images at stride 1: two outputs to a vector (blocks of 4 pairs, single pairs,
+        // single outputs at the borders and odd row ends), on the plane and padded.
+        (8, 7, 7, 5, 1),
+        (8, 14, 13, 5, 1),
+        (8, 9, 10, 3, 1),
+        (8, 28, 28, 3, 1),
+        (8, 11, 9, 5, 2),
     ] {
         let c = 2;
         let g = ConvGeom::new(b, c, h, w, k, s);

@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Result, Tensor, Var};
 
+pub use exec::eval_groups;
 use exec::{Core, NetOp};
 pub use kernels::Act;
 use nodes::BnMode;

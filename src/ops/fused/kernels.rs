@@ -1836,34 +1836,10 @@ multiversion! {
             }
             return;
         }
-        // 16 or 8 lanes as whole vectors (the general loop's lane count is unknown to the
-        // compiler: scalar code, 3.5× the time of squeeze-excite at 8 images).
-        match b {
-            16 => scale_lanes_n::<16>(o, x, gate),
-            8 => scale_lanes_n::<8>(o, x, gate),
-            _ => {
-                for (op, xp) in o.chunks_exact_mut(b).zip(x.chunks_exact(b)) {
-                    for ((ov, &xv), &gv) in op.iter_mut().zip(xp).zip(gate) {
-                        *ov = xv * gv;
-                    }
-                }
+        for (op, xp) in o.chunks_exact_mut(b).zip(x.chunks_exact(b)) {
+            for ((ov, &xv), &gv) in op.iter_mut().zip(xp).zip(gate) {
+                *ov = xv * gv;
             }
-        }
-    }
-}
-
-/// [`scale_lanes`] for `N` lanes.
-#[inline(always)]
-fn scale_lanes_n<const N: usize>(o: &mut [f32], x: &[f32], gate: &[f32]) {
-    let g: &[f32; N] = gate.try_into().expect("N lanes");
-    for (op, xp) in o
-        .as_chunks_mut::<N>()
-        .0
-        .iter_mut()
-        .zip(x.as_chunks::<N>().0)
-    {
-        for l in 0..N {
-            op[l] = xp[l] * g[l];
         }
     }
 }

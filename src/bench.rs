@@ -284,7 +284,13 @@ pub fn bench_inference(
     prof::enable(false);
     if nodes {
         let n = times.len() as f64;
-        eprintln!("inference per node, ms per batch, {image_size}x{image_size} b{batch}:");
+        let groups = crate::ops::fused::eval_groups(batch);
+        let summed = if groups > 1 {
+            format!(" (summed over {groups} image groups run side by side: thread time)")
+        } else {
+            String::new()
+        };
+        eprintln!("inference per node, ms per batch, {image_size}x{image_size} b{batch}{summed}:");
         for (i, (label, f, _)) in prof::nodes().iter().enumerate() {
             eprintln!("{i:4} {label:<48} {:8.3}", f * 1e3 / n);
         }

@@ -849,11 +849,10 @@ fn corr_pairs(
         prefetch(x, r0 * w * P, (r1 - r0) * w * P, false);
         let mut ox = 0;
         while ox < wo {
-            // NB pairs of outputs (2·NB outputs), or one pair, with every tap inside the row.
-            let pairs = if ox >= ox_in && ox + 2 * NB <= ox_out {
-                NB
-            } else if ox >= ox_in && ox + 2 <= ox_out {
-                1
+            // Up to NB pairs of outputs (independent sums: one alone waits on each FMA's
+            // latency), every tap inside the row.
+            let pairs = if ox >= ox_in {
+                (ox_out.saturating_sub(ox) / 2).min(NB)
             } else {
                 0
             };

@@ -370,8 +370,6 @@ fn release_inputs(
     }
 }
 
-/// Image groups of an evaluation batch of `b`: one per thread where each gets a multiple of 8
-/// images, else 1.
 /// `n` one-thread pools for [`Core::forward_groups`], made once and kept (a thread start
 /// per forward would cost ~50 µs).
 fn group_pools(n: usize) -> Result<Vec<Arc<rayon::ThreadPool>>> {
@@ -475,7 +473,9 @@ impl CustomOp2 for NetOp {
         let x = f32_slice(s1, l1, "fused network input")?;
         let flat = f32_slice(s2, l2, "fused network parameters")?;
         let dims = l1.shape().dims4()?;
-        let groups = if self.keep_tape {
+        // Not with a tape (training keeps the whole batch's values), nor where a BatchNorm
+        // takes batch statistics (a group's would be other statistics).
+        let groups = if self.keep_tape || self.core.bns.iter().any(|m| m.train) {
             1
         } else {
             eval_groups(dims.0)

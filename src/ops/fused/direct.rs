@@ -30,7 +30,8 @@ type Lane = [f32; L];
 const H: usize = L / 2;
 
 /// Whether the forward of a dense conv over `b` images with `c` input channels, kernel `k`
-/// and `o` output channels takes this path: whole 16-image lanes, a multiple of 16 output
+/// and `o` output channels takes this path: whole 16-image lanes (or 8 images, two pixels to a
+/// lane: [`row_pairs`]), a multiple of 16 output
 /// channels, and few input taps (each input lane feeds 16 outputs; with many taps the gemm
 /// path is better).
 pub fn applies(b: usize, c: usize, k: usize, o: usize) -> bool {

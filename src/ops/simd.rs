@@ -34,38 +34,19 @@ pub fn simd_level() -> u8 {
 /// `#[inline(always)]` to be compiled for the same level.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($a: $t),*) $(-> $ret)? {
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn imp($($a: $t),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn v4($($a: $t),*) $(-> $ret)? { imp($($a),*) }
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn v3($($a: $t),*) $(-> $ret)? { imp($($a),*) }
-                match $crate::ops::simd::simd_level() {
-                    // SAFETY: the CPU supports the features (checked at run time).
-                    2 => return unsafe { v4($($a),*) },
-                    1 => return unsafe { v3($($a),*) },
-                    _ => {}
-                }
-            }
-            imp($($a),*)
-        }
+        $crate::ops::simd::multiversion!(@gen [] $(#[$m])* $vis $name($($a: $t),*) $(-> $ret)? $body);
     };
     // The same for an `unsafe fn` (one whose caller upholds a contract the types cannot say).
     ($(#[$m:meta])* $vis:vis unsafe fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $crate::ops::simd::multiversion!(@gen [unsafe] $(#[$m])* $vis $name($($a: $t),*) $(-> $ret)? $body);
+    };
+    (@gen [$($u:tt)?] $(#[$m:meta])* $vis:vis $name:ident($($a:ident: $t:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
-        $vis unsafe fn $name($($a: $t),*) $(-> $ret)? {
+        $vis $($u)? fn $name($($a: $t),*) $(-> $ret)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
-            unsafe fn imp($($a: $t),*) $(-> $ret)? $body
+            $($u)? fn imp($($a: $t),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -75,15 +56,17 @@ macro_rules! multiversion {
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn v3($($a: $t),*) $(-> $ret)? { imp($($a),*) }
                 match $crate::ops::simd::simd_level() {
-                    // SAFETY: the CPU supports the features (checked at run time); the
-                    // caller upholds the function's own contract.
+                    // SAFETY: the CPU supports the features (checked at run time); an
+                    // `unsafe fn`'s caller upholds its own contract.
                     2 => return unsafe { v4($($a),*) },
                     1 => return unsafe { v3($($a),*) },
                     _ => {}
                 }
             }
-            // SAFETY: the caller upholds the function's contract.
-            unsafe { imp($($a),*) }
+            // SAFETY (an `unsafe fn`): the caller upholds the function's contract.
+            #[allow(unused_unsafe)]
+            let r = unsafe { imp($($a),*) };
+            r
         }
     };
 }

@@ -725,12 +725,7 @@ fn corr_lanes<const L: usize>(
         wo,
     };
     // Outputs whose taps all lie inside the row: from `ox_in` up to `ox_out`.
-    let ox_in = pad.div_ceil(s).min(wo);
-    let ox_out = if w + pad >= k {
-        ((w + pad - k) / s + 1).clamp(ox_in, wo)
-    } else {
-        ox_in
-    };
+    let (ox_in, ox_out) = inside_cols((k, s, pad), w, wo);
     for oy in 0..ho {
         let (ky0, ky1) = g.taps(oy, h);
         // The input rows that the next output row reads and this one does not: a map written
@@ -835,13 +830,7 @@ fn corr_pairs(
         ho,
         wo,
     };
-    // Outputs whose taps all lie inside the row: from `ox_in` up to `ox_out`.
-    let ox_in = pad.min(wo);
-    let ox_out = if w + pad >= k {
-        (w + pad - k + 1).clamp(ox_in, wo)
-    } else {
-        ox_in
-    };
+    let (ox_in, ox_out) = inside_cols((k, 1, pad), w, wo);
     for oy in 0..ho {
         let (ky0, ky1) = g.taps(oy, h);
         let r0 = (oy + k).saturating_sub(pad).min(h);
@@ -906,6 +895,19 @@ fn corr_pairs(
             ox += 1;
         }
     }
+}
+
+/// The outputs of a row of `wo` (from `w` inputs, kernel `k`, stride `s`, padding `pad`) whose
+/// taps all lie inside the row: `ox_in .. ox_out`.
+#[inline(always)]
+fn inside_cols((k, s, pad): (usize, usize, usize), w: usize, wo: usize) -> (usize, usize) {
+    let ox_in = pad.div_ceil(s).min(wo);
+    let ox_out = if w + pad >= k {
+        ((w + pad - k) / s + 1).clamp(ox_in, wo)
+    } else {
+        ox_in
+    };
+    (ox_in, ox_out)
 }
 
 /// Outputs per block of [`corr_lanes`]'s interior.
@@ -1248,12 +1250,7 @@ multiversion! {
 /// a load and a store per padded pixel. Same values either way (the missing taps are zeros;
 /// `kernels_tests` checks the bits).
 fn pad_plane_wins(g: &ConvGeom) -> bool {
-    let ox_in = g.pad.div_ceil(g.stride).min(g.wo);
-    let ox_out = if g.w + g.pad >= g.k {
-        ((g.w + g.pad - g.k) / g.stride + 1).clamp(ox_in, g.wo)
-    } else {
-        ox_in
-    };
+    let (ox_in, ox_out) = inside_cols((g.k, g.stride, g.pad), g.w, g.wo);
     let edge_cost = (g.wo - (ox_out - ox_in)) * g.ho * g.k * g.k * 3;
     let copy_cost = (g.h + 2 * g.pad) * (g.w + 2 * g.pad) * 2;
     // Stride 2 reads 4 input pixels per output: there the copy cost more than it saved
